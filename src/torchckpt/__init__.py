@@ -1,0 +1,59 @@
+"""torchckpt: load any PyTorch checkpoint into any model, safely and fast; save training
+checkpoints that resume bit-for-bit.
+
+``import torchckpt`` is cheap: torch is imported only when tensors are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
+                     CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
+                     StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
+                     UnsupportedFormatError, WeightsNotFoundError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
+    "Checkpointer", "TrainingState", "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
+    "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
+    "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
+    "CheckpointNotFoundError", "__version__",
+]
+
+_LAZY = {
+    "load": ("api", "load"),
+    "read_checkpoint": ("api", "read_checkpoint"),
+    "state_dict_of": ("tree", "state_dict_of"),
+    "find_state_dicts": ("tree", "find_state_dicts"),
+    "inspect": ("inspection", "inspect"),
+    "scan": ("scanning", "scan"),
+    "load_into": ("match", "load_into"),
+    "save": ("training", "save"),
+    "resume": ("training", "resume"),
+    "TrainingState": ("training", "TrainingState"),
+    "Checkpointer": ("manager", "Checkpointer"),
+    "convert": ("convert", "convert"),
+    "diff": ("diffing", "diff"),
+    "Policy": ("unpickle.policy", "Policy"),
+    "Stub": ("unpickle.stubs", "Stub"),
+    "stub_to_plain": ("unpickle.stubs", "stub_to_plain"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{target[0]}", __name__), target[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

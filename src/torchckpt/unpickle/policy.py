@@ -1,0 +1,256 @@
+"""What a pickle may import: the policy of torchckpt's one safe unpickler.
+
+Every global a pickle names (GLOBAL, STACK_GLOBAL, INST, OBJ) is decided in this order:
+
+1. **Blocklist** -> ``DANGEROUS``. Callables that run code, spawn processes, touch files or the
+   network, import modules, reach attributes by name (``getattr``, ``operator.attrgetter``), or
+   unpickle further data (``pickle.loads``, ``torch.load``, ``torch.storage._load_from_bytes``).
+   Loading raises :class:`~torchckpt.errors.UnsafeCheckpointError`; ``scan`` reports a finding.
+   No option lifts it: no legitimate checkpoint imports ``os.system``.
+2. **Allowlist** -> ``ALLOWED``. Tensor and storage rebuilders, numpy arrays/scalars/dtypes (under
+   both ``numpy.core`` and ``numpy._core``), ``OrderedDict``, ``argparse.Namespace``, pathlib paths,
+   set/frozenset, datetime ... Each maps to a reimplementation in :mod:`.safe_globals` that checks
+   its arguments (sizes against the file, views inside their storage) before doing anything.
+3. Everything else -> ``UNKNOWN``: an inert stub class (:mod:`.stubs`) that records what the pickle
+   asked for. This is how whole-model pickles load without their source code. The caller can
+   import real classes instead with ``Policy(trust=True)`` (everything not blocklisted) or
+   ``Policy(allow={"mypkg.MyModel"})`` (named ones); nothing falls back to an unsafe load by itself.
+
+The policy is an immutable value passed to the unpickler; there is no global switch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["Policy", "Verdict", "DEFAULT_POLICY", "canonical_global"]
+
+
+class Verdict(enum.Enum):
+    ALLOWED = "allowed"
+    UNKNOWN = "unknown"
+    DANGEROUS = "dangerous"
+
+
+# Whole modules (and their submodules) that a checkpoint has no business importing.
+_BLOCKED_MODULES = frozenset("""
+os posix nt posixpath ntpath sys subprocess _posixsubprocess _winapi socket _socket ssl select selectors
+shutil importlib imp runpy pickle _pickle cPickle pickletools shelve marshal ctypes _ctypes cffi
+multiprocessing _multiprocessing concurrent threading _thread thread asyncio code codeop codecs cProfile
+profile pstats pdb bdb trace tracemalloc timeit webbrowser pty tty commands popen2 platform
+http urllib urllib2 urllib3 requests httplib httpx aiohttp ftplib smtplib telnetlib poplib imaplib nntplib
+xmlrpc xmlrpclib socketserver SocketServer tempfile glob fileinput zipimport pkgutil site sysconfig
+distutils setuptools pip ensurepip venv signal resource mmap gc inspect dis ast compileall py_compile
+types dill cloudpickle joblib io _io builtins_io zipfile tarfile gzip bz2 lzma sqlite3 dbm
+numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio numpy.lib.format
+torch.hub torch.utils.cpp_extension torch.jit torch.package torch.multiprocessing torch.distributed
+torch.serialization torch._dynamo torch._inductor torch.utils.data.datapipes
+logging.config logging.handlers
+""".split())
+
+# Exceptions inside blocked modules: (module, name) pairs that are plain data.
+_BLOCK_EXEMPT = frozenset({
+    ("torch.serialization", "_get_layout"),
+    ("types", "SimpleNamespace"),
+    ("codecs", "encode"),
+})
+
+# Individual callables that are dangerous in otherwise ordinary modules.
+_BLOCKED_NAMES = frozenset({
+    ("operator", "attrgetter"), ("operator", "methodcaller"), ("_operator", "attrgetter"),
+    ("_operator", "methodcaller"),
+    ("torch", "load"), ("torch", "save"), ("torch", "from_file"), ("torch.storage", "_load_from_bytes"),
+    ("torch._weights_only_unpickler", "load"), ("torch._C", "_import_ir_module"),
+    ("torch._C", "import_ir_module"), ("torch._C", "_load_for_lite_interpreter"),
+    ("numpy", "load"), ("numpy", "save"), ("numpy", "savez"), ("numpy", "savetxt"), ("numpy", "loadtxt"),
+    ("numpy", "genfromtxt"), ("numpy", "fromfile"), ("numpy", "memmap"), ("numpy", "fromregex"),
+    ("numpy", "DataSource"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
+})
+
+# builtins is allowlist-only: every other name in it is treated as dangerous.
+_SAFE_BUILTINS = frozenset(
+    "set frozenset list dict tuple int float complex bool str bytes bytearray slice range object "
+    "NotImplemented Ellipsis".split()
+)
+
+# Allowlisted (module, name) pairs. Values are keys into safe_globals.FACTORIES.
+_TORCH_REBUILDERS = {
+    ("torch._utils", "_rebuild_tensor"): "rebuild_tensor",
+    ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor_v2",
+    ("torch._utils", "_rebuild_tensor_v3"): "rebuild_tensor_v3",
+    ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
+    ("torch._utils", "_rebuild_parameter_with_state"): "rebuild_parameter_with_state",
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"): "rebuild_device_tensor_from_numpy",
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): "rebuild_meta_tensor_no_storage",
+    ("torch._utils", "_rebuild_qtensor"): "rebuild_qtensor",
+    ("torch._tensor", "_rebuild_from_type_v2"): "rebuild_from_type_v2",
+    ("torch._tensor", "_rebuild_from_type"): "rebuild_from_type",
+    ("torch.serialization", "_get_layout"): "get_layout",
+    ("torch", "Size"): "torch_size",
+    ("torch", "device"): "torch_device",
+    ("torch", "Tensor"): "torch_tensor_class",
+    ("torch.nn.parameter", "Parameter"): "torch_parameter_class",
+    ("torch.torch_version", "TorchVersion"): "torch_version",
+}
+_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
+_NUMPY = {
+    **{(m, "_reconstruct"): "np_reconstruct" for m in _NUMPY_CORE},
+    **{(m, "scalar"): "np_scalar" for m in _NUMPY_CORE},
+    ("numpy.core.numeric", "_frombuffer"): "np_frombuffer",
+    ("numpy._core.numeric", "_frombuffer"): "np_frombuffer",
+    ("numpy", "ndarray"): "np_ndarray",
+    ("numpy", "dtype"): "np_dtype",
+    ("numpy.random._pickle", "__randomstate_ctor"): "np_randomstate_ctor",
+    ("numpy.random._pickle", "__generator_ctor"): "np_generator_ctor",
+    ("numpy.random._pickle", "__bit_generator_ctor"): "np_bit_generator_ctor",
+}
+_STDLIB = {
+    ("collections", "OrderedDict"): "ordered_dict",
+    ("collections", "defaultdict"): "defaultdict",
+    ("collections", "Counter"): "counter",
+    ("collections", "deque"): "deque",
+    ("_codecs", "encode"): "codecs_encode",
+    ("codecs", "encode"): "codecs_encode",
+    ("copyreg", "_reconstructor"): "copyreg_reconstructor",
+    ("copyreg", "__newobj__"): "copyreg_newobj",
+    ("copyreg", "__newobj_ex__"): "copyreg_newobj_ex",
+    ("argparse", "Namespace"): "argparse_namespace",
+    ("types", "SimpleNamespace"): "simple_namespace",
+    ("datetime", "datetime"): "datetime", ("datetime", "date"): "date", ("datetime", "time"): "time",
+    ("datetime", "timedelta"): "timedelta", ("datetime", "timezone"): "timezone",
+    ("decimal", "Decimal"): "decimal", ("fractions", "Fraction"): "fraction", ("uuid", "UUID"): "uuid",
+    **{("pathlib", n): "path_" + n for n in ("Path", "PosixPath", "WindowsPath", "PurePath",
+                                            "PurePosixPath", "PureWindowsPath")},
+    **{("pathlib._local", n): "path_" + n for n in ("Path", "PosixPath", "WindowsPath")},
+    **{("pathlib._local", n): "path_" + n for n in ("PurePath", "PurePosixPath", "PureWindowsPath")},
+    **{("builtins", n): "builtin_" + n for n in _SAFE_BUILTINS},
+}
+ALLOWLIST: dict[tuple[str, str], str] = {**_TORCH_REBUILDERS, **_NUMPY, **_STDLIB}
+
+# Python 2 names, as pickle's fix_imports maps them (only the ones that matter for checkpoints
+# are needed for the allowlist; the blocklist is checked on both spellings).
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg", "cPickle": "pickle",
+                "exceptions": "builtins", "UserDict": "collections", "cStringIO": "io", "StringIO": "io",
+                "urllib2": "urllib.request", "httplib": "http.client", "commands": "subprocess",
+                "Queue": "queue", "thread": "_thread"}
+_PY2_NAMES = {("__builtin__", "xrange"): ("builtins", "range"), ("__builtin__", "unicode"): ("builtins", "str"),
+              ("__builtin__", "long"): ("builtins", "int"), ("__builtin__", "basestring"): ("builtins", "str"),
+              ("__builtin__", "reduce"): ("functools", "reduce"), ("__builtin__", "intern"): ("sys", "intern"),
+              ("__builtin__", "execfile"): ("builtins", "exec"), ("__builtin__", "raw_input"): ("builtins", "input"),
+              ("__builtin__", "apply"): ("builtins", "eval")}
+
+
+def canonical_global(module: str, name: str) -> tuple[str, str]:
+    """Map Python 2 spellings (``__builtin__``, ``copy_reg``) to their Python 3 names."""
+    mapped = _PY2_NAMES.get((module, name))
+    if mapped:
+        return mapped
+    return _PY2_MODULES.get(module, module), name
+
+
+def _module_blocked(module: str) -> bool:
+    parts = module.split(".")
+    return any(".".join(parts[: i + 1]) in _BLOCKED_MODULES for i in range(len(parts)))
+
+
+def _classify_one(module: str, name: str) -> Verdict:
+    if (module, name) in _BLOCK_EXEMPT:
+        return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
+    if (module, name) in _BLOCKED_NAMES or _module_blocked(module):
+        return Verdict.DANGEROUS
+    if module == "builtins":
+        return Verdict.ALLOWED if name in _SAFE_BUILTINS else Verdict.DANGEROUS
+    if (module, name) in ALLOWLIST or _is_torch_value(module, name) or _is_numpy_type(module, name):
+        return Verdict.ALLOWED
+    return Verdict.UNKNOWN
+
+
+_TORCH_DTYPE_NAMES = frozenset("""
+float32 float float64 double float16 half bfloat16 complex32 complex64 cfloat complex128 cdouble uint8 int8
+int16 short int32 int int64 long bool qint8 quint8 qint32 quint4x2 quint2x4 float8_e4m3fn float8_e5m2
+float8_e4m3fnuz float8_e5m2fnuz uint16 uint32 uint64 float8_e8m0fnu float4_e2m1fn_x2
+strided sparse_coo sparse_csr sparse_csc sparse_bsr sparse_bsc _mkldnn
+contiguous_format channels_last channels_last_3d preserve_format
+""".split())
+
+
+def _is_torch_value(module: str, name: str) -> bool:
+    """dtype / layout / memory-format constants and legacy storage classes."""
+    if module == "torch" and name in _TORCH_DTYPE_NAMES:
+        return True
+    return module in ("torch", "torch.cuda") and name.endswith("Storage") and name.isidentifier()
+
+
+_NUMPY_SCALAR_TYPES = frozenset("""
+bool_ bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 intp uintp float16 float32 float64 longdouble
+complex64 complex128 clongdouble str_ bytes_ void object_ datetime64 timedelta64 half single double
+byte ubyte short ushort intc uintc int_ uint longlong ulonglong csingle cdouble generic number
+""".split())
+
+
+def _is_numpy_type(module: str, name: str) -> bool:
+    return module in ("numpy", "numpy.dtypes") and (name in _NUMPY_SCALAR_TYPES or name.endswith("DType"))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which globals a pickle may import.
+
+    Args:
+        trust: import the real object for every global that is not blocklisted. Dangerous:
+            importing a module runs its code, and a class's ``__setstate__`` runs too. Use it only
+            for files you would also ``exec``.
+        allow: dotted names (``"mypkg.models.Net"``) or module prefixes (``"mypkg.*"``) to import
+            for real while everything else stays stubbed. Cannot lift the blocklist.
+        construct: build real objects for allowlisted globals. ``False`` (used by ``scan``) turns
+            every global into a stub, so no constructor of any kind runs.
+    """
+
+    trust: bool = False
+    allow: frozenset[str] = field(default_factory=frozenset)
+    construct: bool = True
+
+    @classmethod
+    def make(cls, trust: bool = False, allow: Iterable[str] | str | None = None, construct: bool = True) -> "Policy":
+        if isinstance(allow, str):
+            allow = [allow]
+        return cls(trust=bool(trust), allow=frozenset(allow or ()), construct=construct)
+
+    def classify(self, module: str, name: str) -> Verdict:
+        """Verdict for a global as written in the pickle (Python 2 spellings included)."""
+        if not isinstance(module, str) or not isinstance(name, str):
+            return Verdict.DANGEROUS
+        if _has_dunder_component(module, name) and (module, name) not in ALLOWLIST:
+            return Verdict.DANGEROUS
+        verdicts = {_classify_one(module, n) for n in _name_prefixes(name)}
+        verdicts.add(_classify_one(*canonical_global(module, name)))
+        if Verdict.DANGEROUS in verdicts:
+            return Verdict.DANGEROUS
+        if "." in name:  # attribute chains: only exact allowlist entries are allowed
+            return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
+        return _classify_one(*canonical_global(module, name))
+
+    def imports_real(self, module: str, name: str) -> bool:
+        """Whether an UNKNOWN global is imported for real under this policy."""
+        if self.trust:
+            return True
+        full = f"{module}.{name}"
+        return any(full == a or (a.endswith(".*") and full.startswith(a[:-1])) for a in self.allow)
+
+
+def _name_prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _has_dunder_component(module: str, name: str) -> bool:
+    for part in name.split("."):
+        if part.startswith("__") and part.endswith("__"):
+            return True
+    return any(p.startswith("__") and p.endswith("__") and p not in ("__main__", "__builtin__", "__torch__")
+               for p in module.split("."))
+
+
+DEFAULT_POLICY = Policy()

@@ -1,0 +1,573 @@
+"""What allowlisted globals become, and how the unpickler builds objects safely.
+
+Each allowlisted name maps to a small reimplementation that validates its arguments before doing
+anything: a tensor view must lie inside its storage, a numpy buffer must match its shape, ``bytes``
+accepts data but never a size, container constructors accept materialised containers but never
+iterators or ranges. Anything a pickle could use to make us allocate or loop far beyond the size of
+the file is rejected here. torch and numpy are imported only when a pickle actually needs them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import importlib
+import math
+from typing import Any, Callable
+
+from ..errors import CorruptCheckpointError
+from .policy import ALLOWLIST, Policy, Verdict, canonical_global
+from .stubs import Stub, stub_class
+
+__all__ = ["StorageType", "resolve", "new_object", "build", "extend", "set_items", "add_items"]
+
+MAX_DIMS = 64
+
+
+class StorageType:
+    """Stands for ``torch.FloatStorage`` & co. in persistent ids; carries the element dtype."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: Any) -> None:
+        self.name = name
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"StorageType({self.name})"
+
+
+class _Marker:
+    """A class reference that may be passed around (``new_type`` arguments) but never called."""
+
+    __slots__ = ("name", "target")
+
+    def __init__(self, name: str, target: Any) -> None:
+        self.name = name
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"<class {self.name}>"
+
+
+def _bad(message: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message)
+
+
+# --------------------------------------------------------------------------- torch rebuilders
+def _check_int(value: Any, what: str) -> int:
+    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+        raise _bad(f"{what} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int | None = None) -> tuple:
+    """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
+    from torch.storage import TypedStorage, UntypedStorage
+
+    if not isinstance(storage, (TypedStorage, UntypedStorage)):
+        raise _bad(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    offset = _check_int(offset, "storage offset")
+    size = tuple(_check_int(s, "tensor size") for s in size)
+    stride = tuple(_check_int(s, "tensor stride") for s in stride)
+    if len(size) != len(stride) or len(size) > MAX_DIMS:
+        raise _bad(f"tensor with {len(size)} sizes and {len(stride)} strides")
+    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise _bad(f"negative tensor offset, size or stride ({offset}, {size}, {stride})")
+    untyped = storage._untyped_storage if isinstance(storage, TypedStorage) else storage
+    nbytes = untyped.nbytes()
+    if itemsize is None:
+        itemsize = storage.dtype.itemsize if isinstance(storage, TypedStorage) else 1
+    capacity = nbytes // max(itemsize, 1)
+    if 0 in size:
+        needed = offset
+    else:
+        needed = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
+    if needed > capacity:
+        raise _bad(f"tensor view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element "
+                   f"{needed} of a storage of {capacity} elements")
+    return offset, size, stride
+
+
+def _tensor_from_view(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> Any:
+    import torch
+
+    untyped = storage._untyped_storage if hasattr(storage, "_untyped_storage") else storage
+    dtype = dtype if dtype is not None else storage.dtype
+    itemsize = dtype.itemsize
+    offset, size, stride = _check_view(storage, offset, size, stride, itemsize)
+    t = torch.empty((0,), dtype=dtype, device=untyped.device)
+    return t.set_(untyped, offset, size, stride)
+
+
+def _set_requires_grad(t: Any, requires_grad: Any) -> None:
+    if requires_grad is True and (t.is_floating_point() or t.is_complex()):
+        t.requires_grad_(True)
+
+
+def _apply_metadata(t: Any, metadata: Any) -> None:
+    if isinstance(metadata, dict) and metadata and all(isinstance(k, str) for k in metadata):
+        import torch._utils as tu
+
+        try:
+            tu.set_tensor_metadata(t, metadata)
+        except Exception as exc:  # noqa: BLE001 - report as corrupt
+            raise _bad(f"invalid tensor metadata {metadata!r}: {exc}") from None
+
+
+def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
+    return _tensor_from_view(storage, storage_offset, size, stride)
+
+
+def rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                      backward_hooks: Any = None, metadata: Any = None) -> Any:
+    t = _tensor_from_view(storage, storage_offset, size, stride)
+    _set_requires_grad(t, requires_grad)
+    _apply_metadata(t, metadata)
+    return t
+
+
+def rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+                      backward_hooks: Any, dtype: Any, metadata: Any = None) -> Any:
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(f"tensor dtype must be a torch.dtype, got {type(dtype).__name__}")
+    t = _tensor_from_view(storage, storage_offset, size, stride, dtype=dtype)
+    _set_requires_grad(t, requires_grad)
+    _apply_metadata(t, metadata)
+    return t
+
+
+def rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any = None) -> Any:
+    import torch
+
+    if not isinstance(data, torch.Tensor):
+        raise _bad(f"Parameter rebuilt from a {type(data).__name__}")
+    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
+
+
+def rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> Any:
+    param = rebuild_parameter(data, requires_grad, backward_hooks)
+    _set_plain_attributes(param, state)
+    return param
+
+
+def _set_plain_attributes(obj: Any, state: Any) -> None:
+    if isinstance(state, tuple) and len(state) == 2:
+        for part in state:
+            _set_plain_attributes(obj, part)
+        return
+    if isinstance(state, dict):
+        for k, v in state.items():
+            if isinstance(k, str) and not k.startswith("__"):
+                try:
+                    setattr(obj, k, v)
+                except (AttributeError, TypeError):
+                    pass
+
+
+def rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    import torch
+
+    if not isinstance(args, tuple):
+        raise _bad("tensor subclass arguments must be a tuple")
+    if isinstance(func, _Marker) or not callable(func):
+        raise _bad(f"tensor subclass rebuilt through {func!r}")
+    ret = func(*args)
+    target = new_type.target if isinstance(new_type, _Marker) else new_type
+    if isinstance(ret, torch.Tensor) and isinstance(target, type) and issubclass(target, torch.Tensor) \
+            and type(ret) is not target:
+        ret = ret.as_subclass(target)
+    if isinstance(ret, torch.Tensor):
+        _set_plain_attributes(ret, state)
+    return ret
+
+
+def rebuild_from_type(func: Any, type_: Any, args: Any, dict_: Any) -> Any:
+    return rebuild_from_type_v2(func, type_, args, dict_)
+
+
+def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if not isinstance(data, np.ndarray) or not isinstance(dtype, torch.dtype):
+        raise _bad("device tensor rebuilt from something other than a numpy array")
+    t = torch.from_numpy(np.ascontiguousarray(data)).to(dtype=dtype)
+    _set_requires_grad(t, requires_grad)
+    return t
+
+
+def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> Any:
+    import torch
+
+    size = tuple(_check_int(s, "size") for s in size)
+    stride = tuple(_check_int(s, "stride") for s in stride)
+    return torch.empty_strided(size, stride, dtype=dtype, device="meta", requires_grad=bool(requires_grad))
+
+
+def get_layout(name: Any) -> Any:
+    import torch
+
+    value = getattr(torch, str(name).rsplit(".", 1)[-1], None) if isinstance(name, str) else None
+    if not isinstance(value, torch.layout):
+        raise _bad(f"unknown tensor layout {name!r}")
+    return value
+
+
+def torch_version(value: Any = "") -> str:
+    return str(value) if isinstance(value, str) else str(value)[:64]
+
+
+# --------------------------------------------------------------------------- numpy
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+def np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    np = _np()
+    if isinstance(subtype, type) and issubclass(subtype, Stub):
+        return subtype(shape, dtype)
+    if not (isinstance(subtype, _Marker) and subtype.target is np.ndarray):
+        raise _bad(f"numpy array reconstructed as {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, (0,), np.dtype("b"))
+
+
+def _validate_ndarray_state(state: Any) -> Any:
+    np = _np()
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise _bad("malformed numpy array state")
+    shape, dtype, raw = state[-4], state[-3], state[-1]
+    if not isinstance(dtype, np.dtype):
+        raise _bad(f"numpy array with dtype {dtype!r}")
+    shape = tuple(_check_int(s, "array dimension") for s in shape)
+    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+        raise _bad(f"numpy array shape {shape}")
+    count = math.prod(shape)
+    if dtype.hasobject:
+        if not isinstance(raw, list) or len(raw) != count:
+            raise _bad(f"object array of shape {shape} with {len(raw) if isinstance(raw, list) else '?'} items")
+        return state
+    if isinstance(raw, str):  # Python 2 data read as text: its code points are the bytes
+        raw = raw.encode("latin-1")
+        state = state[:-1] + (raw,)
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dtype.itemsize:
+        size = len(raw) if isinstance(raw, (bytes, bytearray)) else "?"
+        raise _bad(f"numpy array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, "
+                   f"the pickle holds {size}")
+    return state
+
+
+def np_scalar(dtype: Any, data: Any = None) -> Any:
+    np = _np()
+    if not isinstance(dtype, np.dtype):
+        raise _bad(f"numpy scalar with dtype {dtype!r}")
+    if dtype.hasobject:
+        return data
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise _bad(f"numpy scalar of dtype {dtype} with {len(data) if isinstance(data, bytes) else '?'} bytes")
+    return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
+
+
+def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> Any:
+    np = _np()
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _bad("numpy buffer array with invalid arguments")
+    shape = tuple(_check_int(s, "array dimension") for s in shape)
+    arr = np.frombuffer(bytearray(buf), dtype=dtype)
+    return arr.reshape(shape, order="F" if order == "F" else "C")
+
+
+def np_dtype(obj: Any, align: Any = False, copy: Any = False) -> Any:
+    np = _np()
+    if isinstance(obj, bytes):
+        obj = obj.decode("latin-1")
+    if not isinstance(obj, str) or len(obj) > 64:
+        raise _bad(f"numpy dtype {obj!r}")
+    return np.dtype(obj, align=bool(align), copy=bool(copy))
+
+
+def _np_random(name: str) -> Callable[..., Any]:
+    def ctor(*args: Any) -> Any:
+        if not all(isinstance(a, (str, type(None))) or isinstance(a, type) or hasattr(a, "state") for a in args):
+            raise _bad(f"numpy random generator rebuilt from {args!r}")
+        module = importlib.import_module("numpy.random._pickle")
+        return getattr(module, name)(*args)
+    return ctor
+
+
+# --------------------------------------------------------------------------- stdlib
+_MATERIAL = (list, tuple, dict, set, frozenset, str, bytes, bytearray)
+
+
+def _material(args: tuple, what: str, max_args: int = 1) -> None:
+    if len(args) > max_args or any(not isinstance(a, _MATERIAL) for a in args[:1]):
+        raise _bad(f"{what}() called with {', '.join(type(a).__name__ for a in args)}: only materialised "
+                   "data is accepted")
+
+
+def codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise _bad(f"_codecs.encode({type(obj).__name__}, {encoding!r})")
+    return obj.encode(encoding)
+
+
+def _bytes_like(kind: type) -> Callable[..., Any]:
+    def make(*args: Any) -> Any:
+        if not args:
+            return kind()
+        if len(args) == 2 and isinstance(args[0], str):
+            return kind(codecs_encode(args[0], args[1]))
+        if len(args) == 1 and isinstance(args[0], (bytes, bytearray, list, tuple)):
+            return kind(args[0])
+        raise _bad(f"{kind.__name__}() called with {', '.join(type(a).__name__ for a in args)}")
+    return make
+
+
+def _container(kind: type) -> Callable[..., Any]:
+    def make(*args: Any) -> Any:
+        _material(args, kind.__name__, max_args=2 if kind is collections.deque else 1)
+        return kind(*args)
+    return make
+
+
+def ordered_dict_factory(*args: Any) -> Any:
+    _material(args, "OrderedDict")
+    return collections.OrderedDict(*args)
+
+
+def defaultdict_factory(default_factory: Any = None, *args: Any) -> Any:
+    if default_factory is not None and not (isinstance(default_factory, type) and issubclass(default_factory, Stub)) \
+            and default_factory not in (list, dict, set, int, float, str, tuple, collections.OrderedDict):
+        default_factory = None
+    _material(args, "defaultdict")
+    return collections.defaultdict(default_factory, *args)
+
+
+def copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        obj = cls()
+        if state is not None:
+            obj.__dict__["stub_args"] = (state,)
+        return obj
+    if not isinstance(cls, type):
+        raise _bad(f"copyreg._reconstructor of {cls!r}")
+    if base is object:
+        return object.__new__(cls)
+    if base in (dict, list, set, int, float, str, bytes, tuple) and issubclass(cls, base):
+        _material((state,) if state is not None else (), base.__name__)
+        return base.__new__(cls, state) if state is not None else base.__new__(cls)
+    raise _bad(f"copyreg._reconstructor({cls!r}, {base!r})")
+
+
+def copyreg_newobj(cls: Any, *args: Any) -> Any:
+    return new_object(cls, args, {}, _CONSTRUCT, False)
+
+
+def copyreg_newobj_ex(cls: Any, args: Any, kwargs: Any) -> Any:
+    return new_object(cls, args, kwargs, _CONSTRUCT, False)
+
+
+_CONSTRUCT = Policy()
+
+
+def _path(name: str) -> Callable[[], Any]:
+    def get() -> Any:
+        import pathlib
+        import sys
+
+        if name == "WindowsPath" and sys.platform != "win32":
+            return pathlib.PureWindowsPath
+        if name == "PosixPath" and sys.platform == "win32":
+            return pathlib.PurePosixPath
+        return getattr(pathlib, name)
+    return get
+
+
+def _attr(module: str, name: str) -> Callable[[], Any]:
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def _const(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _torch_attr(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _marker(module: str, name: str) -> Callable[[], Any]:
+    return lambda: _Marker(f"{module}.{name}", getattr(importlib.import_module(module), name))
+
+
+# Factories: each returns the object a GLOBAL opcode pushes.
+FACTORIES: dict[str, Callable[[], Any]] = {
+    "rebuild_tensor": _const(rebuild_tensor), "rebuild_tensor_v2": _const(rebuild_tensor_v2),
+    "rebuild_tensor_v3": _const(rebuild_tensor_v3), "rebuild_parameter": _const(rebuild_parameter),
+    "rebuild_parameter_with_state": _const(rebuild_parameter_with_state),
+    "rebuild_device_tensor_from_numpy": _const(rebuild_device_tensor_from_numpy),
+    "rebuild_meta_tensor_no_storage": _const(rebuild_meta_tensor_no_storage),
+    "rebuild_qtensor": lambda: stub_class("torch._utils", "_rebuild_qtensor"),
+    "rebuild_from_type_v2": _const(rebuild_from_type_v2), "rebuild_from_type": _const(rebuild_from_type),
+    "get_layout": _const(get_layout), "torch_size": _attr("torch", "Size"), "torch_device": _attr("torch", "device"),
+    "torch_tensor_class": _marker("torch", "Tensor"),
+    "torch_parameter_class": _marker("torch.nn.parameter", "Parameter"),
+    "torch_version": _const(torch_version),
+    "np_reconstruct": _const(np_reconstruct), "np_scalar": _const(np_scalar), "np_frombuffer": _const(np_frombuffer),
+    "np_ndarray": lambda: _Marker("numpy.ndarray", _np().ndarray), "np_dtype": _const(np_dtype),
+    "np_randomstate_ctor": lambda: _np_random("__randomstate_ctor"),
+    "np_generator_ctor": lambda: _np_random("__generator_ctor"),
+    "np_bit_generator_ctor": lambda: _np_random("__bit_generator_ctor"),
+    "ordered_dict": _const(ordered_dict_factory), "defaultdict": _const(defaultdict_factory),
+    "counter": _const(_container(collections.Counter)), "deque": _const(_container(collections.deque)),
+    "codecs_encode": _const(codecs_encode), "copyreg_reconstructor": _const(copyreg_reconstructor),
+    "copyreg_newobj": _const(copyreg_newobj), "copyreg_newobj_ex": _const(copyreg_newobj_ex),
+    "argparse_namespace": _attr("argparse", "Namespace"), "simple_namespace": _attr("types", "SimpleNamespace"),
+    "datetime": _attr("datetime", "datetime"), "date": _attr("datetime", "date"), "time": _attr("datetime", "time"),
+    "timedelta": _attr("datetime", "timedelta"), "timezone": _attr("datetime", "timezone"),
+    "decimal": _attr("decimal", "Decimal"), "fraction": _attr("fractions", "Fraction"), "uuid": _attr("uuid", "UUID"),
+    **{f"path_{n}": _path(n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
+                                       "PureWindowsPath")},
+    "builtin_bytes": _const(_bytes_like(bytes)), "builtin_bytearray": _const(_bytes_like(bytearray)),
+    **{f"builtin_{k.__name__}": _const(_container(k)) for k in (list, tuple, dict, set, frozenset)},
+    **{f"builtin_{n}": _const(getattr(builtins, n))
+       for n in ("int", "float", "complex", "bool", "str", "slice", "range", "object", "NotImplemented", "Ellipsis")},
+}
+
+
+def resolve(module: str, name: str, verdict: Verdict, policy: Policy) -> Any:
+    """The object a GLOBAL pushes, for a global the policy did not block."""
+    cmod, cname = canonical_global(module, name)
+    if verdict is Verdict.ALLOWED:
+        key = ALLOWLIST.get((module, name)) or ALLOWLIST.get((cmod, cname))
+        if key is not None:
+            return FACTORIES[key]()
+        if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
+            return _storage_type(cname)
+        if cmod == "torch":
+            return _torch_attr(cname)
+        if cmod in ("numpy", "numpy.dtypes"):
+            return _marker(cmod, cname)()
+    if policy.imports_real(module, name):
+        try:
+            obj: Any = importlib.import_module(cmod)
+            for part in cname.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except Exception:  # noqa: BLE001 - the class's code is gone: fall back to a stub
+            pass
+    return stub_class(module, name)
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+    "UntypedStorage": "uint8", "_UntypedStorage": "uint8",
+}
+
+
+def _storage_type(name: str) -> Any:
+    import torch
+
+    dtype_name = _STORAGE_DTYPES.get(name)
+    if dtype_name is None:
+        raise _bad(f"unknown storage type torch.{name}")
+    return StorageType(name, getattr(torch, dtype_name))
+
+
+# --------------------------------------------------------------------------- object protocol
+def new_object(cls: Any, args: Any, kwargs: Any, policy: Policy, record_only: bool) -> Any:
+    """NEWOBJ / NEWOBJ_EX: ``cls.__new__(cls, *args, **kwargs)`` for real classes, a record for stubs."""
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise _bad("NEWOBJ arguments must be a tuple and a dict")
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        return cls(*args, **kwargs)
+    if record_only:
+        return Stub()
+    if isinstance(cls, _Marker) or not isinstance(cls, type):
+        raise _bad(f"NEWOBJ on {cls!r}, which is not a class")
+    if cls in (bytes, bytearray, list, tuple, set, frozenset, dict):
+        _material(args, cls.__name__)
+    return cls.__new__(cls, *args, **kwargs)
+
+
+def build(inst: Any, state: Any, policy: Policy, record_only: bool) -> None:
+    """BUILD: restore ``state`` into ``inst`` (stubs record it)."""
+    if isinstance(inst, Stub):
+        inst.__setstate__(state)
+        return
+    if record_only:
+        return
+    np = _np() if type(inst).__module__ == "numpy" else None
+    if np is not None and isinstance(inst, np.ndarray):
+        state = _validate_ndarray_state(state)
+        inst.__setstate__(state)
+        return
+    setstate = getattr(type(inst), "__setstate__", None)
+    if setstate is not None:
+        setstate(inst, state)
+        return
+    slotstate = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slotstate = state
+    if state:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise _bad(f"BUILD state for {type(inst).__name__} must be a dict with string keys")
+        try:
+            inst.__dict__.update(state)
+        except AttributeError:
+            raise _bad(f"BUILD state for {type(inst).__name__}, which has no attributes") from None
+    if slotstate:
+        if not isinstance(slotstate, dict):
+            raise _bad("BUILD slot state must be a dict")
+        for k, v in slotstate.items():
+            if not isinstance(k, str) or k.startswith("__"):
+                raise _bad(f"BUILD slot name {k!r}")
+            setattr(inst, k, v)
+
+
+def extend(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+    """APPEND / APPENDS."""
+    if isinstance(target, list):
+        target.extend(items)
+    elif isinstance(target, (Stub, collections.deque)):
+        for item in items:
+            target.append(item)
+    elif record_only:
+        return
+    elif policy.trust and hasattr(target, "append"):
+        for item in items:
+            target.append(item)
+    else:
+        raise _bad(f"APPENDS on a {type(target).__name__}")
+
+
+def set_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+    """SETITEM / SETITEMS (``items`` alternates keys and values)."""
+    if isinstance(target, (dict, Stub)) or (policy.trust and hasattr(target, "__setitem__")):
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+    elif not record_only:
+        raise _bad(f"SETITEMS on a {type(target).__name__}")
+
+
+def add_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+    """ADDITEMS."""
+    if isinstance(target, set):
+        target.update(items)
+    elif isinstance(target, Stub):
+        for item in items:
+            target.add(item)
+    elif not record_only:
+        raise _bad(f"ADDITEMS on a {type(target).__name__}")
+
