@@ -1,0 +1,3 @@
+from torchckpt.cli.main import run
+
+run()

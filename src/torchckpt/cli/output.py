@@ -1,0 +1,57 @@
+"""One output sink for every subcommand: rich tables on a terminal, plain text in a pipe, or JSON.
+
+Colour only when stdout is a terminal (and NO_COLOR is unset); ``--json`` prints exactly one JSON
+document on stdout. Errors go to stderr through :func:`error`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["Output", "to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "to_dict"):
+        return to_jsonable(value.to_dict())
+    return repr(value)
+
+
+class Output:
+    def __init__(self, json_mode: bool = False) -> None:
+        from rich.console import Console
+
+        self.json_mode = json_mode
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        self.console = Console(no_color=not colour, highlight=False, soft_wrap=not sys.stdout.isatty(),
+                               force_terminal=None if colour else False, width=None if colour else 120)
+        self.err = Console(stderr=True, no_color=not sys.stderr.isatty() or "NO_COLOR" in os.environ,
+                           highlight=False, soft_wrap=True)
+
+    def json(self, document: Any) -> None:
+        sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.console.print(*objects, **kwargs)
+
+    def error(self, message: str) -> None:
+        self.err.print(f"[bold red]error:[/] {message}" if self.err.is_terminal else f"error: {message}",
+                       markup=self.err.is_terminal)
+
+    def progress(self, total: int, description: str) -> Any:
+        """A progress bar on a terminal; a no-op elsewhere (and in --json mode)."""
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        enabled = self.console.is_terminal and not self.json_mode
+        progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                            TimeRemainingColumn(), console=self.err, disable=not enabled, transient=True)
+        return progress, total, description
