@@ -128,7 +128,7 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
     import torch
 
     size = src.size
-    for key in keys:
+    for index, key in enumerate(keys):
         if key not in storages.declared:
             raise CorruptCheckpointError(f"storage {key!r} is listed but never used by the pickle")
         dtype, numel = storages.declared[key]
@@ -136,7 +136,7 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
         if len(header) < 8:
             raise TruncatedCheckpointError(
                 f"the file ends at byte {size} before the data of storage {key!r}",
-                expected_size=_expected_end(storages, keys, pos), actual_size=size)
+                expected_size=_expected_end(storages, keys[index:], pos), actual_size=size)
         (count,) = struct.unpack("<q", header)
         if count != numel:
             raise CorruptCheckpointError(f"storage {key!r}: the pickle declares {numel} elements, the data "
@@ -146,7 +146,7 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
         if start + nbytes > size:
             raise TruncatedCheckpointError(
                 f"storage {key!r} needs bytes {start}..{start + nbytes} but the file has {size}",
-                expected_size=_expected_end(storages, keys, pos), actual_size=size, offset=start)
+                expected_size=_expected_end(storages, keys[index:], pos), actual_size=size, offset=start)
         if not opts.meta:
             src.read_into(storages.roots[key]._untyped_storage, start, nbytes)
         pos = start + nbytes
@@ -232,9 +232,10 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Loaded:
         def persistent_load(saved_id: Any) -> Any:
             if isinstance(saved_id, tuple):
                 return saved_id[0]
-            if saved_id not in objects and str(saved_id) not in objects:
-                raise CorruptCheckpointError(f"unknown persistent id {saved_id!r:.60}")
-            return objects.get(saved_id, objects.get(str(saved_id)))
+            try:
+                return objects[int(saved_id)]
+            except (KeyError, ValueError, TypeError):
+                raise CorruptCheckpointError(f"unknown persistent id {saved_id!r:.60}") from None
 
         u = Unpickler(member("pickle"), policy=opts.policy, persistent_load=persistent_load, member="pickle")
         loaded.obj = u.load()

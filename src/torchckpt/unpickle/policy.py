@@ -69,6 +69,15 @@ _BLOCKED_NAMES = frozenset({
     ("numpy", "DataSource"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
 })
 
+# Leaf names that execute code, spawn processes or unpickle, in whatever module they appear.
+_DANGEROUS_LEAVES = frozenset("""
+eval exec execfile system popen popen2 popen3 popen4 spawnl spawnle spawnlp spawnv spawnve spawnvp execl execle
+execlp execv execve execvp fork forkpty __import__ import_module run_path run_module runstring runsource runcode
+runctx runcall sympify parse_expr _exec_with_source _forward_from_src reduce_graph_module
+reduce_package_graph_module reduce_deploy_graph_module load_source load_module load loads unsafe_load full_load
+load_all unsafe_load_all open check_output check_call getoutput getstatusoutput
+""".split())
+
 # builtins is allowlist-only: every other name in it is treated as dangerous.
 _SAFE_BUILTINS = frozenset(
     "set frozenset list dict tuple int float complex bool str bytes bytearray slice range object "
@@ -158,7 +167,7 @@ def _module_blocked(module: str) -> bool:
 def _classify_one(module: str, name: str) -> Verdict:
     if (module, name) in _BLOCK_EXEMPT:
         return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
-    if (module, name) in _BLOCKED_NAMES or _module_blocked(module):
+    if (module, name) in _BLOCKED_NAMES or _module_blocked(module) or name in _DANGEROUS_LEAVES:
         return Verdict.DANGEROUS
     if module == "builtins":
         return Verdict.ALLOWED if name in _SAFE_BUILTINS else Verdict.DANGEROUS
@@ -226,6 +235,10 @@ class Policy:
             return Verdict.DANGEROUS
         verdicts = {_classify_one(module, n) for n in _name_prefixes(name)}
         verdicts.add(_classify_one(*canonical_global(module, name)))
+        parts = name.split(".")
+        for i in range(1, len(parts)):  # ("torch", "storage._load_from_bytes") is torch.storage._load_from_bytes
+            verdicts.add(_classify_one(".".join([module, *parts[:i]]), ".".join(parts[i:])))
+            verdicts.add(_classify_one(".".join([module, *parts[:i]]), parts[i]))
         if Verdict.DANGEROUS in verdicts:
             return Verdict.DANGEROUS
         if "." in name:  # attribute chains: only exact allowlist entries are allowed

@@ -1,0 +1,65 @@
+"""The command line: output, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import torch
+
+from torchckpt.cli.main import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "torchckpt", *args], capture_output=True, text=True, env=env)
+
+
+def test_inspect_human_and_json(tmp_path, net):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 4, "arch": "small", "state_dict": net.state_dict()}, path,
+               _use_new_zipfile_serialization=False)
+    res = run_cli("inspect", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "legacy stream format" in res.stdout and "conv1.weight" in res.stdout
+    assert "epoch" in res.stdout and "small" in res.stdout
+    total = sum(v.numel() for v in net.state_dict().values())
+    assert f"{total:,} parameters" in res.stdout
+    doc = json.loads(run_cli("inspect", "--json", str(path)).stdout)
+    assert doc["format"] == "torch-legacy" and doc["totals"]["parameters"] == total
+    keys = {t["key"]: t for t in doc["tensors"]}
+    assert keys["state_dict.conv1.weight"]["shape"] == [8, 3, 3, 3]
+    assert keys["state_dict.conv1.weight"]["bytes"] == 8 * 3 * 3 * 3 * 4
+    assert {"path": "epoch", "type": "int", "value": "4"} in doc["values"]
+
+
+def test_exit_codes(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.pt")]) == 3
+    (tmp_path / "lfs.bin").write_bytes(b"version https://git-lfs.github.com/spec/v1\nsize 10\n")
+    assert main(["inspect", str(tmp_path / "lfs.bin")]) == 3
+    assert "git lfs pull" in capsys.readouterr().err
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    assert main(["inspect", str(tmp_path / "evil.pt")]) == 4
+    assert main(["inspect"]) == 2
+    assert main(["no-such-command"]) == 2
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["inspect", "--help"], ["tour", "--help"]):
+        res = run_cli(*args)
+        assert res.returncode == 0 and "Usage" in res.stdout
+
+
+def test_tour_runs_every_scenario(tmp_path):
+    res = run_cli("tour", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    outcomes = json.loads(res.stdout)
+    assert len(outcomes) >= 12 and all(o["ok"] for o in outcomes)
