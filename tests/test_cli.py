@@ -63,3 +63,24 @@ def test_tour_runs_every_scenario(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     outcomes = json.loads(res.stdout)
     assert len(outcomes) >= 12 and all(o["ok"] for o in outcomes)
+
+
+def test_inspect_never_imports_torch(tmp_path, net):
+    """inspect reads structure only: no torch import, so it is fast whatever the file size."""
+    from safetensors.torch import save_file
+
+    from torchckpt.samples import write_py2_legacy
+
+    files = [tmp_path / "a.pt", tmp_path / "b.pth", tmp_path / "c.pth", tmp_path / "d.safetensors"]
+    torch.save({"sd": net.state_dict(), "epoch": 1}, files[0])
+    torch.save(net, files[1], _use_new_zipfile_serialization=False)
+    write_py2_legacy({"state_dict": net.state_dict()}, files[2])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, files[3])
+    code = ("import sys, torchckpt\n"
+            f"reports = [torchckpt.inspect(p) for p in {[str(f) for f in files]!r}]\n"
+            "assert 'torch' not in sys.modules\n"
+            "print([r.total_parameters for r in reports])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    total = sum(v.numel() for v in net.state_dict().values())
+    assert json.loads(res.stdout) == [total] * 4

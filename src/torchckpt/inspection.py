@@ -115,7 +115,7 @@ def _size_of(source: Any) -> int:
 def _tensor_info(key: str, t: Any) -> TensorInfo:
     shape = tuple(int(s) for s in t.shape)
     dtype = str(t.dtype).replace("torch.", "")
-    itemsize = t.dtype.itemsize if hasattr(t.dtype, "itemsize") else t.element_size()
+    itemsize = t.dtype.itemsize
     return TensorInfo(key, shape, dtype, math.prod(shape) * itemsize)
 
 

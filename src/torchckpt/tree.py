@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import LimitExceededError, WeightsNotFoundError
+from .unpickle.meta import TensorMeta
 from .unpickle.stubs import Stub, stub_name
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
@@ -23,7 +24,7 @@ MAX_DEPTH = 64
 
 def is_tensor_like(value: Any) -> bool:
     t = type(value)
-    if t.__module__.startswith("torch") and hasattr(value, "untyped_storage"):
+    if t is TensorMeta or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
         return True
     return t.__module__ == "numpy" and t.__name__ == "ndarray" and value.dtype.kind in "biufc"
 
@@ -34,11 +35,10 @@ def is_module_like(obj: Any) -> bool:
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
             type(obj)._stub_module.startswith("__torch__")
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, torch.nn.Module)
+    import sys
+
+    torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
@@ -63,14 +63,8 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
             return out
     elif is_state_dict(obj):
         return obj  # type: ignore[return-value]
-    else:
-        try:
-            import torch
-
-            if isinstance(obj, torch.nn.Module):
-                return obj.state_dict()
-        except ImportError:  # pragma: no cover
-            pass
+    elif is_module_like(obj):
+        return obj.state_dict()
     what = stub_name(obj) if isinstance(obj, Stub) else type(obj).__name__
     raise WeightsNotFoundError(f"{what} is not a module or a state dict",
                                hint="Pass the model object, or use find_state_dicts() on a training dict.")

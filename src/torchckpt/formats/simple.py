@@ -67,9 +67,8 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
 
 
 def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
-    import torch
-
     from ..sniff import DESCRIPTIONS, SAFETENSORS
+    from ..unpickle.meta import TensorMeta, meta_dtype
 
     entries, metadata, data_start = safetensors_header(src)
     loaded = Loaded(obj=None, kind=SAFETENSORS, description=DESCRIPTIONS[SAFETENSORS])
@@ -77,9 +76,15 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
     out: OrderedDict[str, Any] = OrderedDict()
     if opts.meta:
         for name, e in entries.items():
-            dtype = getattr(torch, SAFETENSORS_DTYPES[e["dtype"]][0])
-            out[name] = torch.empty(e["shape"], dtype=dtype, device="meta")
-    elif src.path is not None and opts.mmap is not False:
+            shape = tuple(e["shape"])
+            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            out[name] = TensorMeta(shape, stride, meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0]))
+        loaded.obj = out
+        loaded.details["storage_bytes"] = src.size - data_start
+        return loaded
+    import torch
+
+    if src.path is not None and opts.mmap is not False:
         from safetensors import safe_open
 
         with safe_open(src.path, framework="pt", device="cpu") as f:
@@ -91,12 +96,11 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
         tensors = st_load(bytes(src.buffer()))
         for name in entries:
             out[name] = tensors[name]
-    if not opts.meta:
-        for name, t in out.items():
-            moved = opts.relocator(t.untyped_storage(), "cpu")
-            if moved.device != t.device:
-                out[name] = torch.empty(0, dtype=t.dtype, device=moved.device).set_(
-                    moved, t.storage_offset(), t.shape, t.stride())
+    for name, t in out.items():
+        moved = opts.relocator(t.untyped_storage(), "cpu")
+        if moved.device != t.device:
+            out[name] = torch.empty(0, dtype=t.dtype, device=moved.device).set_(
+                moved, t.storage_offset(), t.shape, t.stride())
     _restore_aliases(out, metadata, loaded)
     loaded.obj = out
     loaded.details["storage_bytes"] = src.size - data_start

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ..source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from .base import Loaded, ReadOptions, StorageBudget
 
@@ -31,13 +32,11 @@ class _LegacyStorages:
         self.opts = opts
         self.roots: dict[str, Any] = {}  # key -> (TypedStorage on its final device)
         self.views: dict[str, Any] = {}
-        self.declared: dict[str, tuple[Any, int]] = {}  # key -> (dtype, numel)
+        self.declared: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
         self.locations: dict[str, int] = {}
         self.budget = StorageBudget(size)
 
     def __call__(self, pid: Any) -> Any:
-        import torch
-
         if not isinstance(pid, tuple) or not pid:
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
         typename = _text(pid[0])
@@ -46,20 +45,23 @@ class _LegacyStorages:
         if typename != "storage" or len(pid) < 6:
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
         storage_type, root_key, location, numel, view = pid[1], _text(pid[2]), _text(pid[3]), pid[4], pid[5]
-        if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0:
+        if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0 \
+                or not isinstance(location, str):
             raise CorruptCheckpointError(f"malformed storage reference {pid!r:.100}")
-        dtype = storage_type.dtype
+        item = storage_type.itemsize
         root = self.roots.get(root_key)
         if root is None:
-            nbytes = numel * dtype.itemsize
+            nbytes = numel * item
             self.budget.charge(nbytes, root_key)
-            self.declared[root_key] = (dtype, numel)
+            self.declared[root_key] = (item, numel)
             self.locations[location] = self.locations.get(location, 0) + nbytes
             if self.opts.meta:
-                untyped = torch.UntypedStorage(nbytes, device="meta")
+                root = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
             else:
+                import torch
+
                 untyped = self.opts.relocator(torch.UntypedStorage(nbytes), location)
-            root = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+                root = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
             self.roots[root_key] = root
         if view is None:
             return root
@@ -67,15 +69,20 @@ class _LegacyStorages:
             raise CorruptCheckpointError(f"malformed storage view {view!r:.100}")
         view_key, offset, view_size = _text(view[0]), view[1], view[2]
         if view_key not in self.views:
-            item = root.dtype.itemsize
-            capacity = root._untyped_storage.nbytes() // item
+            root_bytes = root.nbytes if isinstance(root, MetaStorage) else root._untyped_storage.nbytes()
+            capacity = root_bytes // item
             if not (isinstance(offset, int) and isinstance(view_size, int) and 0 <= offset
                     and 0 <= view_size and offset + view_size <= capacity):
                 raise CorruptCheckpointError(f"storage view {view!r:.100} lies outside its storage of "
                                              f"{capacity} elements")
-            self.views[view_key] = torch.storage.TypedStorage(
-                wrap_storage=root._untyped_storage[offset * item:(offset + view_size) * item], dtype=root.dtype,
-                _internal=True)
+            if isinstance(root, MetaStorage):
+                self.views[view_key] = MetaStorage(root.dtype, view_size * item, root.location)
+            else:
+                import torch
+
+                self.views[view_key] = torch.storage.TypedStorage(
+                    wrap_storage=root._untyped_storage[offset * item:(offset + view_size) * item],
+                    dtype=root.dtype, _internal=True)
         return self.views[view_key]
 
 
@@ -106,7 +113,8 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
         raise UnsupportedFormatError("the checkpoint was written on a big-endian machine",
                                      hint="Load it with torch.load on that machine and save it again.")
     storages = _LegacyStorages(src.size, opts)
-    u = Unpickler(buf, policy=opts.policy, persistent_load=storages, start=pos, member="<object pickle>")
+    u = Unpickler(buf, policy=opts.policy, persistent_load=storages, start=pos, member="<object pickle>",
+                  meta=opts.meta)
     obj = u.load()
     loaded.globals.extend(u.globals)
     py2 = py2 or u.saw_binstring
@@ -125,13 +133,11 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
 
 
 def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos: int, opts: ReadOptions) -> None:
-    import torch
-
     size = src.size
     for index, key in enumerate(keys):
         if key not in storages.declared:
             raise CorruptCheckpointError(f"storage {key!r} is listed but never used by the pickle")
-        dtype, numel = storages.declared[key]
+        itemsize, numel = storages.declared[key]
         header = src.read_at(pos, 8)
         if len(header) < 8:
             raise TruncatedCheckpointError(
@@ -141,7 +147,7 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
         if count != numel:
             raise CorruptCheckpointError(f"storage {key!r}: the pickle declares {numel} elements, the data "
                                          f"section {count}", offset=pos)
-        nbytes = numel * dtype.itemsize
+        nbytes = numel * itemsize
         start = pos + 8
         if start + nbytes > size:
             raise TruncatedCheckpointError(
@@ -155,8 +161,8 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
 def _expected_end(storages: _LegacyStorages, keys: list[str], pos: int) -> int:
     total = pos
     for key in keys:
-        dtype, numel = storages.declared.get(key, (None, 0))
-        total += 8 + numel * (dtype.itemsize if dtype is not None else 0)
+        itemsize, numel = storages.declared.get(key, (0, 0))
+        total += 8 + numel * itemsize
     return total
 
 
@@ -193,7 +199,7 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Loaded:
             if not isinstance(storage_type, StorageType):
                 raise CorruptCheckpointError(f"storage {key!r} has type {storage_type!r}")
             (numel,) = struct.unpack("<q", data[pos:pos + 8])
-            nbytes = numel * storage_type.dtype.itemsize
+            nbytes = numel * storage_type.itemsize
             budget.charge(nbytes, key)
             raw = data[pos + 8:pos + 8 + nbytes]
             if len(raw) != nbytes:

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from ..source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
 from .base import Loaded, ReadOptions, StorageBudget
@@ -55,7 +56,7 @@ class _ZipStorages:
         self.budget = StorageBudget(src.size)
         self.overall = None
         use_mmap = opts.mmap if opts.mmap is not None else True
-        if use_mmap and src.path is not None and not opts.meta:
+        if use_mmap and src.path is not None and not opts.meta and src.size:
             import torch
 
             self.overall = torch.UntypedStorage.from_file(src.path, False, src.size)
@@ -63,20 +64,16 @@ class _ZipStorages:
             loaded.notes.append("mmap=True needs a local file path; the storages were copied into memory")
 
     def __call__(self, pid: Any) -> Any:
-        import torch
-
         if not isinstance(pid, tuple) or len(pid) < 5 or _text(pid[0]) != "storage":
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
         storage_type, key, location, numel = pid[1], _text(pid[2]), _text(pid[3]), pid[4]
-        if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0:
+        if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0 \
+                or not isinstance(key, str) or not isinstance(location, str):
             raise CorruptCheckpointError(f"malformed storage reference {pid!r:.100}")
-        dtype = storage_type.dtype
         cached = self.cache.get(key)
         if cached is not None:
-            if cached.dtype != dtype:
-                return torch.storage.TypedStorage(wrap_storage=cached._untyped_storage, dtype=dtype, _internal=True)
-            return cached
-        nbytes = numel * dtype.itemsize
+            return self._retyped(cached, storage_type)
+        nbytes = numel * storage_type.itemsize
         name = f"{self.prefix}/data/{key}"
         info = self.infos.get(name)
         if info is None:
@@ -89,13 +86,26 @@ class _ZipStorages:
         self.budget.charge(nbytes, key)
         self.locations[location] = self.locations.get(location, 0) + nbytes
         if self.opts.meta:
-            untyped = torch.UntypedStorage(nbytes, device="meta")
+            storage: Any = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
         else:
-            untyped = self._read(info, nbytes)
-            untyped = self.opts.relocator(untyped, location)
-        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        self.cache[key] = typed
-        return typed
+            import torch
+
+            untyped = self.opts.relocator(self._read(info, nbytes), location)
+            storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+        self.cache[key] = storage
+        return storage
+
+    def _retyped(self, cached: Any, storage_type: StorageType) -> Any:
+        if isinstance(cached, MetaStorage):
+            if cached.dtype == storage_type.dtype_name:
+                return cached
+            return MetaStorage(meta_dtype(storage_type.dtype_name), cached.nbytes, cached.location)
+        if cached.dtype == storage_type.dtype:
+            return cached
+        import torch
+
+        return torch.storage.TypedStorage(wrap_storage=cached._untyped_storage, dtype=storage_type.dtype,
+                                          _internal=True)
 
     def _read(self, info: zipfile.ZipInfo, nbytes: int) -> Any:
         if info.flag_bits & 0x1:
@@ -140,7 +150,8 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         data_pkl = f"{prefix}/data.pkl"
         if data_pkl not in names:
             raise CorruptCheckpointError(f"the archive has no {data_pkl}", member=data_pkl)
-        u = Unpickler(zf.read(data_pkl), policy=opts.policy, persistent_load=storages, member=data_pkl)
+        u = Unpickler(zf.read(data_pkl), policy=opts.policy, persistent_load=storages, member=data_pkl,
+                      meta=opts.meta)
         loaded.obj = u.load()
         loaded.globals.extend(u.globals)
         if torchscript:
@@ -149,7 +160,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
                 loaded.obj.__dict__["stub_declarations"] = loaded.details["declarations"]
             if f"{prefix}/constants.pkl" in names:
                 cu = Unpickler(zf.read(f"{prefix}/constants.pkl"), policy=opts.policy, persistent_load=storages,
-                               member=f"{prefix}/constants.pkl")
+                               member=f"{prefix}/constants.pkl", meta=opts.meta)
                 loaded.details["constants"] = cu.load()
                 loaded.globals.extend(cu.globals)
         loaded.details["locations"] = dict(storages.locations)

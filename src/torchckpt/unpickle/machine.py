@@ -74,12 +74,13 @@ class Unpickler:
         persistent_load: the container's handler for persistent ids (storages), or None.
         record_only: scan mode. Nothing is constructed (every global becomes a stub) and a
             dangerous global is recorded instead of raised.
+        meta: structure only, without torch: tensors become :class:`~.meta.TensorMeta`.
         member: name of the zip/tar member or stream, for messages.
     """
 
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
                  start: int = 0, end: int | None = None, member: str | None = None, record_only: bool = False,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 meta: bool = False, limits: Limits = DEFAULT_LIMITS) -> None:
         self.data = data
         self.pos = start
         self.start = start
@@ -88,6 +89,7 @@ class Unpickler:
         self.persistent_load = persistent_load
         self.member = member
         self.record_only = record_only
+        self.meta = meta
         self.limits = limits
         self.globals: list[GlobalRef] = []
         self.py2_strings = False  # saw a Python 2 str that was not ASCII
@@ -217,7 +219,7 @@ class Unpickler:
         key = (module, name)
         obj = self._resolved.get(key)
         if obj is None:
-            obj = self._resolved[key] = safe_globals.resolve(module, name, verdict, self.policy)
+            obj = self._resolved[key] = safe_globals.resolve(module, name, verdict, self.policy, self.meta)
         return obj
 
     # ------------------------------------------------------------------ strings

@@ -27,11 +27,20 @@ MAX_DIMS = 64
 class StorageType:
     """Stands for ``torch.FloatStorage`` & co. in persistent ids; carries the element dtype."""
 
-    __slots__ = ("name", "dtype")
+    __slots__ = ("name", "dtype_name", "itemsize")
 
-    def __init__(self, name: str, dtype: Any) -> None:
+    def __init__(self, name: str, dtype_name: str) -> None:
+        from .meta import DTYPE_SIZES
+
         self.name = name
-        self.dtype = dtype
+        self.dtype_name = dtype_name
+        self.itemsize = DTYPE_SIZES[dtype_name]
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     def __repr__(self) -> str:
         return f"StorageType({self.name})"
@@ -61,32 +70,16 @@ def _check_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int | None = None) -> tuple:
+def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     from torch.storage import TypedStorage, UntypedStorage
 
+    from .meta import check_view
+
     if not isinstance(storage, (TypedStorage, UntypedStorage)):
         raise _bad(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    offset = _check_int(offset, "storage offset")
-    size = tuple(_check_int(s, "tensor size") for s in size)
-    stride = tuple(_check_int(s, "tensor stride") for s in stride)
-    if len(size) != len(stride) or len(size) > MAX_DIMS:
-        raise _bad(f"tensor with {len(size)} sizes and {len(stride)} strides")
-    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-        raise _bad(f"negative tensor offset, size or stride ({offset}, {size}, {stride})")
     untyped = storage._untyped_storage if isinstance(storage, TypedStorage) else storage
-    nbytes = untyped.nbytes()
-    if itemsize is None:
-        itemsize = storage.dtype.itemsize if isinstance(storage, TypedStorage) else 1
-    capacity = nbytes // max(itemsize, 1)
-    if 0 in size:
-        needed = offset
-    else:
-        needed = offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
-    if needed > capacity:
-        raise _bad(f"tensor view (offset {offset}, size {list(size)}, stride {list(stride)}) reaches element "
-                   f"{needed} of a storage of {capacity} elements")
-    return offset, size, stride
+    return check_view(untyped.nbytes() // max(itemsize, 1), offset, size, stride)
 
 
 def _tensor_from_view(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> Any:
@@ -442,16 +435,30 @@ FACTORIES: dict[str, Callable[[], Any]] = {
 }
 
 
-def resolve(module: str, name: str, verdict: Verdict, policy: Policy) -> Any:
-    """The object a GLOBAL pushes, for a global the policy did not block."""
+def resolve(module: str, name: str, verdict: Verdict, policy: Policy, meta: bool = False) -> Any:
+    """The object a GLOBAL pushes, for a global the policy did not block.
+
+    ``meta=True`` (structure only): torch is never imported; tensors become TensorMeta.
+    """
     cmod, cname = canonical_global(module, name)
     if verdict is Verdict.ALLOWED:
         key = ALLOWLIST.get((module, name)) or ALLOWLIST.get((cmod, cname))
         if key is not None:
+            if meta:
+                from .meta import META_FACTORIES
+
+                if key in META_FACTORIES:
+                    return META_FACTORIES[key]()
+                if key in ("torch_tensor_class", "torch_parameter_class", "torch_version"):
+                    return _Marker(f"{cmod}.{cname}", None) if key != "torch_version" else torch_version
             return FACTORIES[key]()
         if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
             return _storage_type(cname)
         if cmod == "torch":
+            if meta:
+                from .meta import meta_dtype
+
+                return meta_dtype(cname)
             return _torch_attr(cname)
         if cmod in ("numpy", "numpy.dtypes"):
             return _marker(cmod, cname)()
@@ -477,12 +484,10 @@ _STORAGE_DTYPES = {
 
 
 def _storage_type(name: str) -> Any:
-    import torch
-
     dtype_name = _STORAGE_DTYPES.get(name)
     if dtype_name is None:
         raise _bad(f"unknown storage type torch.{name}")
-    return StorageType(name, getattr(torch, dtype_name))
+    return StorageType(name, dtype_name)
 
 
 # --------------------------------------------------------------------------- object protocol

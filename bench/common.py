@@ -1,0 +1,81 @@
+"""Shared helpers for the benchmarks: a realistic ~N MiB state dict, child-process timing with peak RSS,
+and a results table. Every measurement runs in a fresh Python process so peak RSS is its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def transformer_state_dict(size_mib: int, dtype: str = "float32"):
+    """A GPT-like state dict of about ``size_mib`` MiB: embeddings + layers of 4 square matrices."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    d = 1024
+    per_layer = 4 * d * d + 4 * d * 4 + 4 * d
+    layer_bytes = per_layer * dt.itemsize
+    vocab = 8192
+    n_layers = max(1, (size_mib * 2**20 - vocab * d * dt.itemsize) // layer_bytes)
+    g = torch.Generator().manual_seed(0)
+    sd = OrderedDict()
+    sd["embed.weight"] = torch.randn(vocab, d, generator=g).to(dt)
+    for i in range(int(n_layers)):
+        for name in ("q", "k", "v", "o"):
+            sd[f"layers.{i}.attn.{name}.weight"] = torch.randn(d, d, generator=g).to(dt)
+            sd[f"layers.{i}.attn.{name}.bias"] = torch.zeros(d, dtype=dt)
+        sd[f"layers.{i}.ln.weight"] = torch.ones(d, dtype=dt)
+        sd[f"layers.{i}.ln.bias"] = torch.zeros(d, dtype=dt)
+        sd[f"layers.{i}.ln.running"] = torch.zeros(d, dtype=dt)
+        sd[f"layers.{i}.ln.extra"] = torch.zeros(d, dtype=dt)
+    return sd
+
+
+CHILD_PRELUDE = textwrap.dedent("""
+    import json, resource, sys, time, gc
+    import torch, numpy, torchckpt
+    sys.path.insert(0, {here!r})
+    gc.collect()
+    def rss_mib():  # VmHWM: peak RSS of this process image (ru_maxrss survives execve from the parent)
+        with open('/proc/self/status') as fh:
+            return next(int(l.split()[1]) for l in fh if l.startswith('VmHWM')) / 1024
+    def current_mib():
+        with open('/proc/self/statm') as fh:
+            return int(fh.read().split()[1]) * 4096 / 2**20
+    base = current_mib()
+""")
+
+
+def measure(code: str, repeats: int = 3) -> dict:
+    """Run ``code`` (which sets ``result`` seconds) in fresh processes; median seconds, max peak RSS over base."""
+    times, peaks = [], []
+    for _ in range(repeats):
+        script = CHILD_PRELUDE.format(here=HERE) + textwrap.dedent(code) + textwrap.dedent("""
+            print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base}))
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        times.append(out["seconds"])
+        peaks.append(out["peak_mib"])
+    return {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
+
+
+def print_table(title: str, rows: list[tuple[str, dict, dict | None]]) -> None:
+    """rows: (label, result, baseline result or None)."""
+    print(f"\n{title}")
+    print(f"{'case':58s} {'median s':>9s} {'ratio':>7s} {'peak RSS MiB':>13s}")
+    for label, res, base in rows:
+        if "error" in res:
+            print(f"{label:58s} {'error: ' + res['error'][:60]}")
+            continue
+        ratio = f"{res['seconds'] / base['seconds']:.2f}x" if base and "seconds" in base else "-"
+        print(f"{label:58s} {res['seconds']:9.3f} {ratio:>7s} {res['peak_mib']:13.0f}")
