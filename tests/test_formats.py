@@ -216,3 +216,15 @@ def test_lazy_import_does_not_load_torch():
 
     code = "import sys, torchckpt; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_mapped_tensors_outlive_the_reader(tmp_path, net):
+    import gc
+
+    path = tmp_path / "m.pt"
+    torch.save(net.state_dict(), path)
+    out = torchckpt.load(path, mmap=True)
+    gc.collect()
+    assert_same_state(net.state_dict(), out)  # the mapping lives as long as its tensors
+    out["fc.bias"].add_(1)  # copy-on-write: the file is untouched
+    assert_same_state(net.state_dict(), torchckpt.load(path))

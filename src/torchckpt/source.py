@@ -26,6 +26,8 @@ class Source:
         self._owned: list[Any] = []
         self.path: str | None = None
         self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._exported = False
         self._bytes: bytes | None = None
         self._file: IO[bytes] | None = None
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -79,18 +81,24 @@ class Source:
             return self._bytes[:n]
         return self.read_at(0, min(n, self.size))
 
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            assert self.path is not None
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self._fd
+
     def read_at(self, offset: int, n: int) -> bytes:
-        """Exactly the bytes ``[offset, offset+n)`` clipped to the end of the file."""
+        """Exactly the bytes ``[offset, offset+n)`` clipped to the end of the file (no mmap involved)."""
         if self._bytes is not None:
             return self._bytes[offset:offset + n]
         if self.path is not None:
-            return bytes(self.buffer()[offset:offset + n])
+            return os.pread(self._descriptor(), max(0, min(n, self.size - offset)), offset) if n > 0 else b""
         assert self._file is not None
         self._file.seek(self._base + offset)
         return self._file.read(n)
 
     def buffer(self) -> Any:
-        """The whole content as a bytes-like object with slicing (an mmap for local files)."""
+        """The whole content as a bytes-like object with slicing (a private mmap for local files)."""
         if self._bytes is not None:
             return self._bytes
         if self.path is not None:
@@ -98,7 +106,7 @@ class Source:
                 if self.size == 0:
                     return b""
                 with open(self.path, "rb") as fh:
-                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._owned.append(self._mmap)
             return self._mmap
         assert self._file is not None
@@ -120,43 +128,88 @@ class Source:
             return self._file
         return io.BytesIO(self.buffer())
 
-    def read_into_storage(self, offset: int, nbytes: int) -> Any:
-        """A new CPU ``UntypedStorage`` holding ``[offset, offset+nbytes)`` (64-byte aligned copy)."""
-        import numpy as np
+    @property
+    def can_map(self) -> bool:
+        return self.path is not None and self.size > 0
+
+    def mapped_storage(self, offset: int, nbytes: int) -> Any:
+        """A CPU ``UntypedStorage`` viewing ``[offset, offset+nbytes)`` of the file, zero copy (copy-on-write)."""
         import torch
 
-        t = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = t.numpy()
-            if self.path is not None:
-                view[:] = np.frombuffer(self.buffer(), dtype=np.uint8, count=nbytes, offset=offset)
-            else:
-                view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
-        return t.untyped_storage()
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
+        # torch keeps a reference to the mmap object (not a buffer export): the mapping lives exactly as
+        # long as the last tensor on it, so close() must never unmap it explicitly.
+        self._exported = True
+        return torch.frombuffer(self.buffer(), dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop mapped pages of ``[offset, offset+nbytes)`` from memory (they are re-read if touched again).
+
+        Only for ranges whose tensors were never written to (copy-on-write pages would be lost).
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        end = (offset + nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def read_into_storage(self, offset: int, nbytes: int) -> Any:
+        """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned)."""
+        import torch
+
+        storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        self.read_into(storage, offset, nbytes)
+        return storage
 
     def read_into(self, target: Any, offset: int, nbytes: int) -> None:
-        """Copy ``[offset, offset+nbytes)`` into an existing ``UntypedStorage`` on any device."""
+        """Copy ``[offset, offset+nbytes)`` into an existing ``UntypedStorage`` on any device.
+
+        Local files are read with pread straight into the destination: the data never passes
+        through a mapping, so it does not count twice in the process's memory.
+        """
         import numpy as np
         import torch
 
         if nbytes == 0:
             return
-        dst = torch.empty(0, dtype=torch.uint8, device=target.device).set_(target)[:nbytes]
-        if target.device.type == "cpu":
-            raw = self.buffer() if self.path is not None else self.read_at(offset, nbytes)
-            start = offset if self.path is not None else 0
-            dst.numpy()[:] = np.frombuffer(raw, dtype=np.uint8, count=nbytes, offset=start)
+        if target.device.type != "cpu":
+            staged = self.read_into_storage(offset, nbytes)
+            dst = torch.empty(0, dtype=torch.uint8, device=target.device).set_(target)[:nbytes]
+            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
+            return
+        view = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
+        if self.path is not None:
+            fd = self._descriptor()
+            done = 0
+            while done < nbytes:
+                chunk = min(nbytes - done, 1 << 28)
+                got = os.preadv(fd, [view[done:done + chunk]], offset + done)
+                if got <= 0:
+                    from .errors import TruncatedCheckpointError
+
+                    raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
+                                                   f"{nbytes} bytes at {offset}", expected_size=offset + nbytes,
+                                                   actual_size=self.size)
+                done += got
         else:
-            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(self.read_into_storage(offset, nbytes)))
+            view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
 
     def close(self) -> None:
         for obj in reversed(self._owned):
+            if obj is self._mmap and self._exported:
+                continue  # tensors view it; refcounting unmaps it with the last of them
             try:
                 obj.close()
             except (BufferError, OSError):
                 pass  # an exported view keeps an mmap alive; it is released with the last view
         self._owned.clear()
         self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "Source":
         return self

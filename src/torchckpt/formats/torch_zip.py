@@ -54,13 +54,10 @@ class _ZipStorages:
         self.infos = {i.filename: i for i in zf.infolist()}
         self.locations: dict[str, int] = {}
         self.budget = StorageBudget(src.size)
-        self.overall = None
         use_mmap = opts.mmap if opts.mmap is not None else True
-        if use_mmap and src.path is not None and not opts.meta and src.size:
-            import torch
-
-            self.overall = torch.UntypedStorage.from_file(src.path, False, src.size)
-        elif opts.mmap and src.path is None:
+        self.mapped = use_mmap and src.can_map and not opts.meta
+        self.offsets: dict[str, tuple[int, int]] = {}  # key -> (file offset, nbytes) of mapped storages
+        if opts.mmap and not src.can_map:
             loaded.notes.append("mmap=True needs a local file path; the storages were copied into memory")
 
     def __call__(self, pid: Any) -> Any:
@@ -123,8 +120,9 @@ class _ZipStorages:
             raise TruncatedCheckpointError(f"member {info.filename} runs past the end of the file",
                                            member=info.filename, expected_size=offset + nbytes,
                                            actual_size=self.src.size)
-        if self.overall is not None:
-            return self.overall[offset:offset + nbytes]
+        if self.mapped:
+            self.offsets[info.filename] = (offset, nbytes)
+            return self.src.mapped_storage(offset, nbytes)
         return self.src.read_into_storage(offset, nbytes)
 
 
@@ -164,6 +162,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
                 loaded.details["constants"] = cu.load()
                 loaded.globals.extend(cu.globals)
         loaded.details["locations"] = dict(storages.locations)
+        loaded.details["mapped_ranges"] = list(storages.offsets.values())
         loaded.details["storage_bytes"] = storages.budget.total
         return loaded
     except zipfile.BadZipFile as exc:
