@@ -28,6 +28,7 @@ class Source:
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
         self._exported = False
+        self._map_base: int | None = None
         self._bytes: bytes | None = None
         self._file: IO[bytes] | None = None
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -141,7 +142,10 @@ class Source:
         # torch keeps a reference to the mmap object (not a buffer export): the mapping lives exactly as
         # long as the last tensor on it, so close() must never unmap it explicitly.
         self._exported = True
-        return torch.frombuffer(self.buffer(), dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+        storage = torch.frombuffer(self.buffer(), dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+        if self._map_base is None:
+            self._map_base = storage.data_ptr() - offset
+        return storage
 
     def release(self, offset: int, nbytes: int) -> None:
         """Drop mapped pages of ``[offset, offset+nbytes)`` from memory (they are re-read if touched again).
@@ -155,6 +159,14 @@ class Source:
         end = (offset + nbytes) // page * page
         if end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def release_pointer(self, pointer: int, nbytes: int) -> None:
+        """:meth:`release` for a mapped storage given by its data pointer (no-op if not ours)."""
+        if self._mmap is None or self._map_base is None:
+            return
+        offset = pointer - self._map_base
+        if 0 <= offset and offset + nbytes <= self.size:
+            self.release(offset, nbytes)
 
     def read_into_storage(self, offset: int, nbytes: int) -> Any:
         """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned)."""
