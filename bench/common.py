@@ -79,3 +79,19 @@ def print_table(title: str, rows: list[tuple[str, dict, dict | None]]) -> None:
             continue
         ratio = f"{res['seconds'] / base['seconds']:.2f}x" if base and "seconds" in base else "-"
         print(f"{label:58s} {res['seconds']:9.3f} {ratio:>7s} {res['peak_mib']:13.0f}")
+
+
+def model_like(state_dict):
+    """An nn.Module whose state_dict() has exactly the keys and shapes of ``state_dict`` (zero-filled)."""
+    import torch
+
+    root = torch.nn.Module()
+    for key, value in state_dict.items():
+        *path, name = key.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(name, torch.nn.Parameter(torch.zeros(value.shape, dtype=value.dtype)))
+    return root

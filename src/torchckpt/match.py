@@ -16,6 +16,7 @@ from .align import RenameRules, align_keys
 from .errors import AmbiguousCheckpointError, CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from .report import LoadReport, Mismatch
 from .tree import Candidate, find_state_dicts, is_module_like, is_state_dict, state_dict_of
+from .unpickle.meta import TensorMeta
 
 __all__ = ["load_into"]
 
@@ -73,11 +74,16 @@ def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list
         yield source, "<in-memory checkpoint>", "in-memory", [], None
         return
     from .formats import ReadOptions, read
+    from .sniff import TORCH_LEGACY, sniff
     from .source import Source
     from .unpickle.policy import Policy
 
     with Source(source) as src:
-        loaded = read(src, ReadOptions(policy=Policy.make(trust)))
+        sniffed = sniff(src)
+        # Legacy files cannot be mapped: read the structure only and stream each tensor from the file
+        # into its parameter later, so the checkpoint is never held in memory as a whole.
+        lazy = sniffed.kind == TORCH_LEGACY and src.path is not None
+        loaded = read(src, ReadOptions(policy=Policy.make(trust), meta=lazy), sniffed)
         yield loaded.obj, src.name, loaded.description, list(loaded.notes), src
 
 
@@ -158,6 +164,18 @@ def _as_tensor(value: Any) -> Any:
     return value
 
 
+def _dtype(value: Any) -> Any:
+    return value.torch_dtype() if isinstance(value, TensorMeta) else value.dtype
+
+
+def _numel(value: Any) -> int:
+    return value.numel if isinstance(value, TensorMeta) else value.numel()
+
+
+def _materialize(value: Any, src: Any) -> Any:
+    return value.materialize(src) if isinstance(value, TensorMeta) else value
+
+
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
                     key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
                     map_location: Any, dry_run: bool) -> LoadReport:
@@ -200,9 +218,9 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
             report.loaded.append(mkey)
             continue
         if tuple(value.shape) != tuple(target.shape):
-            if value.numel() == target.numel() and [s for s in value.shape if s != 1] == \
+            if _numel(value) == target.numel() and [s for s in value.shape if s != 1] == \
                     [s for s in target.shape if s != 1]:
-                value = value.reshape(target.shape)
+                value = ("reshape", value)
                 report.notes.append(f"{mkey}: reshaped {list(tensors[ckey].shape)} -> {list(target.shape)}")
             else:
                 action = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}[on_mismatch]
@@ -212,11 +230,12 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                 if action == "copied overlap":
                     prepared[mkey] = ("overlap", value)
                 continue
-        if value.dtype != target.dtype:
+        vdtype = _dtype(tensors[ckey])
+        if vdtype != target.dtype:
             if dtype == "error":
-                raise StateDictMismatchError(f"{ckey} is {value.dtype} but the model's {mkey} is {target.dtype}",
+                raise StateDictMismatchError(f"{ckey} is {vdtype} but the model's {mkey} is {target.dtype}",
                                              hint="Pass dtype='model' to cast (the default).", report=report)
-            report.cast.append((mkey, str(value.dtype).replace("torch.", ""), str(target.dtype).replace("torch.", "")))
+            report.cast.append((mkey, str(vdtype).replace("torch.", ""), str(target.dtype).replace("torch.", "")))
         prepared[mkey] = value
         report.loaded.append(mkey)
     report.unexpected = [c for c in ckpt if c not in alignment.mapping and hasattr(ckpt[c], "shape")
@@ -266,8 +285,12 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
             value = prepared[full]
             target = module._parameters.get(name, module._buffers.get(name))
             if isinstance(value, tuple) and value[0] == "overlap":
-                value = _overlap(target, value[1])
-            elif on_meta and isinstance(value, torch.Tensor):
+                value = _overlap(target, _materialize(value[1], src))
+            elif isinstance(value, tuple) and value[0] == "reshape":
+                value = _materialize(value[1], src).reshape(target.shape)
+            else:
+                value = _materialize(value, src)
+            if on_meta and isinstance(value, torch.Tensor):
                 value = value.to(device=target_device, dtype=target.dtype if target is not None else None,
                                  copy=True)
             elif isinstance(value, torch.Tensor) and target is not None and value.dtype != target.dtype:

@@ -76,7 +76,7 @@ class _LegacyStorages:
                 raise CorruptCheckpointError(f"storage view {view!r:.100} lies outside its storage of "
                                              f"{capacity} elements")
             if isinstance(root, MetaStorage):
-                self.views[view_key] = MetaStorage(root.dtype, view_size * item, root.location)
+                self.views[view_key] = MetaStorage(root.dtype, view_size * item, root.location, root, offset * item)
             else:
                 import torch
 
@@ -153,7 +153,9 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
             raise TruncatedCheckpointError(
                 f"storage {key!r} needs bytes {start}..{start + nbytes} but the file has {size}",
                 expected_size=_expected_end(storages, keys[index:], pos), actual_size=size, offset=start)
-        if not opts.meta:
+        if opts.meta:
+            storages.roots[key].file_offset = start
+        else:
             src.read_into(storages.roots[key]._untyped_storage, start, nbytes)
         pos = start + nbytes
 

@@ -38,10 +38,23 @@ def meta_dtype(name: str) -> MetaDType:
 
 
 class MetaStorage:
-    __slots__ = ("dtype", "nbytes", "location")
+    """A storage that was not read: its dtype, size, saved location and (when known) where its bytes are.
 
-    def __init__(self, dtype: MetaDType, nbytes: int, location: str = "cpu") -> None:
+    A view storage (legacy format) points at its ``root`` with a byte offset.
+    """
+
+    __slots__ = ("dtype", "nbytes", "location", "file_offset", "root", "root_offset")
+
+    def __init__(self, dtype: MetaDType, nbytes: int, location: str = "cpu", root: "MetaStorage | None" = None,
+                 root_offset: int = 0) -> None:
         self.dtype, self.nbytes, self.location = dtype, nbytes, location
+        self.file_offset: int | None = None
+        self.root, self.root_offset = root, root_offset
+
+    def data_offset(self) -> int | None:
+        """Absolute file offset of this storage's first byte, if known."""
+        base = self.root.file_offset if self.root is not None else self.file_offset
+        return None if base is None else base + self.root_offset
 
 
 class TensorMeta:
@@ -66,6 +79,32 @@ class TensorMeta:
 
     def detach(self) -> "TensorMeta":
         return self
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, str(self.dtype))
+
+    def materialize(self, source: Any) -> Any:
+        """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.source.Source`) into a CPU tensor."""
+        import torch
+
+        from ..errors import CorruptCheckpointError
+
+        offset = self.storage.data_offset() if self.storage is not None else None
+        if offset is None:
+            raise CorruptCheckpointError("tensor data location unknown (structure-only read)")
+        item = self.dtype.itemsize
+        if 0 in self.shape:
+            return torch.empty(self.shape, dtype=self.torch_dtype())
+        extent = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        start = offset + self.storage_offset * item
+        raw = source.read_into_storage(start, extent * item)
+        flat = torch.empty(0, dtype=self.torch_dtype()).set_(raw, 0, (extent,), (1,))
+        return flat.as_strided(self.shape, self.stride)
 
     def __repr__(self) -> str:
         return f"TensorMeta(shape={list(self.shape)}, dtype={self.dtype!r})"
