@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
-    "Checkpointer", "TrainingState", "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
+    "convert", "diff", "Policy", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -36,6 +37,11 @@ _LAZY = {
     "resume": ("training", "resume"),
     "TrainingState": ("training", "TrainingState"),
     "Checkpointer": ("manager", "Checkpointer"),
+    "KeepLast": ("manager", "KeepLast"),
+    "KeepBest": ("manager", "KeepBest"),
+    "KeepEvery": ("manager", "KeepEvery"),
+    "ResumableSampler": ("data", "ResumableSampler"),
+    "LoadReport": ("report", "LoadReport"),
     "convert": ("convert", "convert"),
     "diff": ("diffing", "diff"),
     "Policy": ("unpickle.policy", "Policy"),

@@ -209,8 +209,11 @@ def get_layout(name: Any) -> Any:
     return value
 
 
-def torch_version(value: Any = "") -> str:
-    return str(value) if isinstance(value, str) else str(value)[:64]
+class torch_version(str):  # noqa: N801 - stands for torch.torch_version.TorchVersion
+    """A version string (``torch.__version__`` pickles as this ``str`` subclass via REDUCE or NEWOBJ)."""
+
+    def __new__(cls, value: Any = "") -> "torch_version":
+        return super().__new__(cls, value if isinstance(value, str) else str(value)[:64])
 
 
 # --------------------------------------------------------------------------- numpy

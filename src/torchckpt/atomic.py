@@ -1,0 +1,160 @@
+"""Atomic, durable file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+A crash at any moment leaves either the old file or the new one under the final name, never a
+partial file. Temp files are named ``.<name>.tmp-<pid>-<random>`` so that leftovers from a crash
+can be recognised and removed (:func:`clean_temp_files`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import threading
+from typing import IO, Any, Callable, Iterator
+
+from .errors import CheckpointWriteError
+
+__all__ = ["atomic_write", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "TEMP_MARK"]
+
+TEMP_MARK = ".tmp-"
+
+
+def fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform/filesystem
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    if exc.errno == errno.ENOSPC:
+        why, hint = "the disk is full", "Free space or choose another directory; the previous checkpoints are intact."
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why, hint = "the directory is not writable", "Check the permissions or choose another directory."
+    else:
+        why, hint = f"{exc.strerror or exc}", "The previous checkpoints are intact."
+    return CheckpointWriteError(f"could not write the checkpoint: {why}", path=path, hint=hint)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, *, hash_result: dict | None = None) -> Iterator[IO[bytes]]:
+    """Yield a binary file; on success it replaces ``path`` atomically and durably.
+
+    If ``hash_result`` is given, the sha256 and size of the written bytes are stored in it
+    (computed while the data is being synced to disk, on another core).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointWriteError("the directory does not exist", path=directory,
+                                   hint="Create it first (os.makedirs) or fix the path.")
+    tmp = _temp_path(path)
+    try:
+        fh = open(tmp, "wb")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+            _sync_and_hash(fh, tmp, hash_result)
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _write_error(path, exc) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _sync_and_hash(fh: IO[bytes], tmp: str, hash_result: dict | None) -> None:
+    if hash_result is None:
+        os.fsync(fh.fileno())
+        return
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["sha256"], box["size"] = file_sha256(tmp)
+        except OSError as exc:  # pragma: no cover - reported below
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="torchckpt-hash")
+    thread.start()
+    try:
+        os.fsync(fh.fileno())  # releases the GIL: hashing and syncing overlap
+    finally:
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    hash_result.update(sha256=box["sha256"], size=box["size"])
+
+
+def file_sha256(path: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(view)
+            if not n:
+                break
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def write_json_atomic(path: str, document: Any) -> None:
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def clean_temp_files(directory: str, *, only_dead: bool = True, is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
+    """Remove ``.*.tmp-<pid>-*`` leftovers of crashed writers. Temp files of live processes are kept."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or TEMP_MARK not in name or not is_ours(name):
+            continue
+        pid_text = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if only_dead and pid_text.isdigit() and _alive(int(pid_text)):
+            continue
+        _remove_quietly(os.path.join(directory, name))
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
