@@ -5,8 +5,17 @@ epoch; once that moment has passed, no RNG state restores the order of the epoch
 ``ResumableSampler`` derives each epoch's permutation from ``seed + epoch`` and counts the indices it
 has handed out; pass it to ``torchckpt.save(..., stateful={"sampler": sampler})`` and to ``resume``.
 
+For a run that resumes bit-for-bit, the DataLoader needs two things:
+
+* ``sampler=ResumableSampler(dataset, seed=...)``: the order of the epoch in progress is restored;
+* ``generator=torch.Generator()``: every new DataLoader iterator draws a base seed from the
+  loader's generator, or from the *global* torch RNG when it has none. A resumed run creates its
+  iterator at a different moment than the uninterrupted run did, so without its own generator
+  that draw shifts every random number after it (dropout, augmentation).
+
 With ``num_workers > 0`` the loader prefetches ahead of the training loop: set
-``sampler.consumed = batches_done_this_epoch * batch_size`` before saving.
+``sampler.consumed = batches_done_this_epoch * batch_size`` before saving, and seed the workers
+from the epoch (``worker_init_fn``) if they use randomness.
 """
 
 from __future__ import annotations

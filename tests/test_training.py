@@ -1,0 +1,212 @@
+"""Training checkpoints: bit-exact resume in a fresh process, crash safety, write errors, layouts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt import CheckpointWriteError, ResumeError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(*args: str) -> None:
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train_script.py"), *args], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("k", [5, 9, 13])  # mid-epoch, epoch boundary (9 batches/epoch), next epoch
+def test_bit_exact_resume_in_a_fresh_process(tmp_path, k):
+    n = 24
+    _run("full", str(n), str(tmp_path / "full.pt"))
+    _run("first", str(k), str(n), str(tmp_path / "ckpts"))
+    _run("resume", str(n), str(tmp_path / "ckpts"), str(tmp_path / "resumed.pt"))
+    full = torch.load(tmp_path / "full.pt")
+    resumed = torch.load(tmp_path / "resumed.pt")
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for pid, state in full["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][pid][name]), (pid, name)
+
+
+def test_without_rng_restore_the_run_differs(tmp_path):
+    from train_script import build, train
+
+    model, opt, sched, loader, sampler = build(10)
+    train(model, opt, sched, loader, 0, 4)
+    torchckpt.save(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched, step=4,
+                   stateful={"sampler": sampler})
+    train(model, opt, sched, loader, 4, 10)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    outcomes = []
+    for restore in (True, False):
+        model2, opt2, sched2, loader2, sampler2 = build(10)
+        torch.manual_seed(999)
+        state = torchckpt.resume(tmp_path / "c.pt", model=model2, optimizer=opt2, scheduler=sched2,
+                                 stateful={"sampler": sampler2}, restore_rng=restore)
+        train(model2, opt2, sched2, loader2, state.step, 10)
+        outcomes.append(all(torch.equal(reference[k], v) for k, v in model2.state_dict().items()))
+    assert outcomes == [True, False]
+
+
+def test_crash_at_random_moments_never_loses_work(tmp_path):
+    rng = random.Random(0)
+    directory = tmp_path / "ckpts"
+    committed = 0
+    for trial in range(20):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_saver.py"), str(directory)],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(1.2, 2.2) if trial == 0 else rng.uniform(0.3, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        lines = [ln for ln in out.splitlines() if ln.startswith("committed")]
+        if lines:
+            committed = int(lines[-1].split()[1])
+        ckpt = torchckpt.Checkpointer(directory, keep_last=2)
+        found = ckpt.checkpoints()
+        # every file under a final name is complete, and the retention promise holds
+        for name in os.listdir(directory):
+            if name.startswith("ckpt-") and name.endswith(".pt"):
+                obj = torchckpt.load(directory / name)
+                assert obj["step"] == int(name[5:15])
+        assert found and found[-1].step >= committed
+        if committed >= 2:
+            assert len(found) >= 2 and {committed - 1, committed} <= {c.step for c in found} | {found[-1].step}
+        model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)])
+        state = ckpt.resume(model=model)
+        assert state.step == found[-1].step and float(model[0].bias[0]) == state.step
+    assert committed >= 5, "the saver should have committed several checkpoints"
+    leftovers = [n for n in os.listdir(directory) if ".tmp-" in n]
+    assert not leftovers or all(".tmp-" in n for n in leftovers)
+    torchckpt.Checkpointer(directory)
+    assert not [n for n in os.listdir(directory) if ".tmp-" in n], "temp files of dead writers are cleaned"
+
+
+def test_disk_full_keeps_previous_checkpoints(tmp_path, monkeypatch, net):
+    ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(1, model=net)
+    good = ckpt.latest()
+    import torchckpt.training as training
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.torch if hasattr(training, "torch") else torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        ckpt.save(2, model=net)
+    assert "disk is full" in str(info.value) and isinstance(info.value, OSError)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [c.step for c in ckpt.checkpoints()] == [1] and ckpt.latest().meta == good.meta
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_unwritable_destination(tmp_path, net):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointWriteError):
+        torchckpt.save(blocker / "ckpt.pt", model=net)
+
+
+@pytest.mark.parametrize("save_wrapped,resume_wrapped", [(True, False), (False, True)])
+def test_resume_across_layouts(tmp_path, net, save_wrapped, resume_wrapped):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    torchckpt.save(tmp_path / "c.pt", model=torch.nn.DataParallel(net) if save_wrapped else net, optimizer=opt,
+                   epoch=3, step=30, metrics={"acc": torch.tensor(0.5)})
+    from conftest import small_net
+
+    fresh = small_net()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    target = torch.nn.DataParallel(fresh) if resume_wrapped else fresh
+    opt2 = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    state = torchckpt.resume(tmp_path / "c.pt", model=target, optimizer=opt2)
+    assert (state.epoch, state.step, state.metrics) == (3, 30, {"acc": 0.5})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_optimizer_groups_that_do_not_fit(tmp_path, net):
+    opt = torch.optim.Adam(net.parameters())
+    torchckpt.save(tmp_path / "c.pt", model=net, optimizer=opt)
+    params = list(net.parameters())
+    wrong = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}])
+    with pytest.raises(ResumeError) as info:
+        torchckpt.resume(tmp_path / "c.pt", model=net, optimizer=wrong)
+    assert "parameter groups do not fit" in str(info.value) and "c.pt" in str(info.value)
+
+
+def test_scaler_and_safetensors_weights(tmp_path, net):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    meta = torchckpt.save(tmp_path / "c.pt", model=net, scaler=scaler, step=1, weights_format="safetensors")
+    assert os.path.exists(tmp_path / "c.pt.safetensors") and meta["files"] == ["c.pt", "c.pt.safetensors"]
+    from conftest import small_net
+
+    fresh = small_net()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=1.0)
+    torchckpt.resume(tmp_path / "c.pt", model=fresh, scaler=scaler2)
+    assert scaler2.get_scale() == 1024.0
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+
+
+def test_retention_policies_are_pure():
+    from torchckpt.manager import CheckpointInfo, KeepBest, KeepEvery, KeepLast
+
+    infos = [CheckpointInfo(s, f"p{s}", {"loss": l}, {}) for s, l in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0)]]
+    assert KeepLast(2).keep(infos) == {3, 4}
+    assert KeepBest(1, "loss", "min").keep(infos) == {2}
+    assert KeepBest(2, "loss", "max").keep(infos) == {1, 3}
+    assert KeepEvery(2).keep(infos) == {2, 4}
+
+
+def test_async_save_and_best(tmp_path, net):
+    with torchckpt.Checkpointer(tmp_path, keep_last=1, keep_best=1, monitor="loss", async_save=True) as ckpt:
+        for step, loss in enumerate([3.0, 1.0, 2.0, 4.0], start=1):
+            with torch.no_grad():
+                net.fc.bias.fill_(step)
+            ckpt.save(step, model=net, metrics={"loss": loss})
+            with torch.no_grad():
+                net.fc.bias.fill_(-1)  # mutating right after save must not leak into the file
+    ckpt = torchckpt.Checkpointer(tmp_path, monitor="loss")
+    assert [c.step for c in ckpt.checkpoints()] == [2, 4] and ckpt.best().step == 2
+    assert float(torchckpt.load(ckpt.latest().path)["model"]["fc.bias"][0]) == 4.0
+
+
+def test_async_errors_surface(tmp_path, net, monkeypatch):
+    ckpt = torchckpt.Checkpointer(tmp_path, async_save=True)
+    import torchckpt.manager as manager
+
+    def broken(path, payload, fmt):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager, "write_payload", broken)
+    ckpt.save(1, model=net)
+    with pytest.raises(CheckpointWriteError):
+        ckpt.wait()
+    ckpt.close()
+
+
+def test_every_n_steps(tmp_path, net):
+    ckpt = torchckpt.Checkpointer(tmp_path, every_n_steps=5, keep_last=10)
+    saved = [ckpt.save(s, model=net) for s in range(1, 12)]
+    assert [s for s, p in zip(range(1, 12), saved) if p] == [5, 10]
