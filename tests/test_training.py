@@ -210,3 +210,36 @@ def test_every_n_steps(tmp_path, net):
     ckpt = torchckpt.Checkpointer(tmp_path, every_n_steps=5, keep_last=10)
     saved = [ckpt.save(s, model=net) for s in range(1, 12)]
     assert [s for s, p in zip(range(1, 12), saved) if p] == [5, 10]
+
+
+@pytest.mark.parametrize("damage", ["flip-data-byte", "truncate"])
+def test_damaged_latest_falls_back_to_previous(tmp_path, net, damage):
+    ckpt = torchckpt.Checkpointer(tmp_path, keep_last=3)
+    for step in (1, 2):
+        with torch.no_grad():
+            net.fc.bias.fill_(step)
+        ckpt.save(step, model=net, metrics={"loss": 1.0})
+    path = ckpt.latest().path
+    data = bytearray(open(path, "rb").read())
+    if damage == "flip-data-byte":
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:
+            info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 64)
+        from torchckpt.formats.torch_zip import member_data_offset
+        from torchckpt.source import Source
+
+        with Source(path) as src:
+            where = member_data_offset(src, info) + 10
+        data[where] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        meta_size_ok = True
+    else:
+        open(path, "wb").write(bytes(data[: len(data) // 2]))
+        meta_size_ok = False
+    with pytest.raises(torchckpt.CorruptCheckpointError):
+        torchckpt.resume(path, model=net)
+    state = ckpt.resume(model=net)
+    assert state.step == 1 and float(net.fc.bias[0]) == 1.0
+    if meta_size_ok:
+        assert any("skipped damaged" in n for n in state.notes)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import secrets
-import threading
 from typing import IO, Any, Callable, Iterator
 
 from .errors import CheckpointWriteError
@@ -52,12 +51,8 @@ def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, *, hash_result: dict | None = None) -> Iterator[IO[bytes]]:
-    """Yield a binary file; on success it replaces ``path`` atomically and durably.
-
-    If ``hash_result`` is given, the sha256 and size of the written bytes are stored in it
-    (computed while the data is being synced to disk, on another core).
-    """
+def atomic_write(path: str) -> Iterator[IO[bytes]]:
+    """Yield a binary file; on success it replaces ``path`` atomically and durably."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointWriteError("the directory does not exist", path=directory,
@@ -71,7 +66,7 @@ def atomic_write(path: str, *, hash_result: dict | None = None) -> Iterator[IO[b
         with fh:
             yield fh
             fh.flush()
-            _sync_and_hash(fh, tmp, hash_result)
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(directory)
     except OSError as exc:
@@ -80,29 +75,6 @@ def atomic_write(path: str, *, hash_result: dict | None = None) -> Iterator[IO[b
     except BaseException:
         _remove_quietly(tmp)
         raise
-
-
-def _sync_and_hash(fh: IO[bytes], tmp: str, hash_result: dict | None) -> None:
-    if hash_result is None:
-        os.fsync(fh.fileno())
-        return
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["sha256"], box["size"] = file_sha256(tmp)
-        except OSError as exc:  # pragma: no cover - reported below
-            box["error"] = exc
-
-    thread = threading.Thread(target=work, name="torchckpt-hash")
-    thread.start()
-    try:
-        os.fsync(fh.fileno())  # releases the GIL: hashing and syncing overlap
-    finally:
-        thread.join()
-    if "error" in box:
-        raise box["error"]
-    hash_result.update(sha256=box["sha256"], size=box["size"])
 
 
 def file_sha256(path: str, chunk: int = 8 << 20) -> tuple[str, int]:

@@ -2,8 +2,9 @@
 
 A training checkpoint is one zip-format ``.pt`` file written atomically, plus a small JSON sidecar
 (``<file>.meta.json``) that is written last. The sidecar is the commit marker: it holds step, epoch,
-metrics, versions and the sha256 of the data file, so a directory can be listed and a corrupt file
-detected without unpickling anything.
+metrics, versions, the size and a content digest (sha256 over the members' names, sizes and the
+CRC-32s torch computes while writing), so a directory can be listed without unpickling anything and
+a truncated or damaged file is detected (every byte is checked against its CRC on resume).
 
 Besides the objects given, the file records every RNG (Python ``random``, numpy, torch CPU, every
 CUDA device). :class:`~torchckpt.data.ResumableSampler` (or any object with ``state_dict`` /
@@ -13,10 +14,12 @@ CUDA device). :class:`~torchckpt.data.ResumableSampler` (or any object with ``st
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
 import random
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -173,17 +176,20 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
         from safetensors.torch import save as st_save
 
         weights_path = path + ".safetensors"
-        with atomic_write(weights_path, hash_result=(wd := {})) as fh:
-            fh.write(st_save(_safetensors_ready(payload["model"])))
+        data = st_save(_safetensors_ready(payload["model"]))
+        with atomic_write(weights_path) as fh:
+            fh.write(data)
+        digest["weights_sha256"] = hashlib.sha256(data).hexdigest()
+        digest["weights_size"] = len(data)
+        del data
         payload = {**payload, "model": None, "model_file": os.path.basename(weights_path)}
         files.append(os.path.basename(weights_path))
-        digest["weights_sha256"] = wd["sha256"]
     elif weights_format != "pt":
         raise ValueError(f"weights_format must be 'pt' or 'safetensors', not {weights_format!r}")
-    with atomic_write(path, hash_result=(hd := {})) as fh:
+    with atomic_write(path) as fh:
         torch.save(payload, fh)
-    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "sha256": hd["sha256"],
-            "size": hd["size"], "epoch": payload.get("epoch"), "step": payload.get("step"),
+    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(path),
+            "size": os.path.getsize(path), "epoch": payload.get("epoch"), "step": payload.get("step"),
             "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
     write_json_atomic(meta_path(path), meta)
@@ -219,22 +225,49 @@ def read_meta(path: str) -> dict[str, Any] | None:
         return None
 
 
+def zip_digest(path: str) -> str:
+    """sha256 over every member's name, size and CRC-32 (which torch computes while writing the zip).
+
+    Recording it costs a read of the zip directory, not of the data; :func:`verify` then checks the
+    data against the member CRCs.
+    """
+    with zipfile.ZipFile(path) as zf:
+        records = [(i.filename, i.file_size, i.CRC) for i in zf.infolist()]
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
+
+
 def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
-    """Check size and sha256 against the sidecar. Raises CorruptCheckpointError on mismatch."""
+    """Check a checkpoint against its sidecar: size, content digest, and every byte against its CRC-32.
+
+    Raises CorruptCheckpointError naming what does not match. Files without a sidecar are not checked.
+    """
     meta = meta if meta is not None else read_meta(path)
     if meta is None:
         return
+    damaged = "The file was modified or damaged after it was saved."
     try:
         size = os.path.getsize(path)
     except OSError:
         raise CorruptCheckpointError("the checkpoint file is missing although its sidecar exists", path=path) from None
     if size != meta.get("size"):
         raise CorruptCheckpointError(f"the file is {size} bytes but {meta.get('size')} were written (truncated?)",
-                                     path=path)
-    digest, _ = file_sha256(path)
-    if digest != meta.get("sha256"):
-        raise CorruptCheckpointError("the sha256 of the file does not match the one recorded when it was written",
-                                     path=path, hint="The file was modified or damaged after it was saved.")
+                                     path=path, hint=damaged)
+    try:
+        if zip_digest(path) != meta.get("content_sha256"):
+            raise CorruptCheckpointError("the content digest does not match the one recorded when it was written",
+                                         path=path, hint=damaged)
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"the zip structure is damaged ({exc})", path=path, hint=damaged) from None
+    if bad is not None:
+        raise CorruptCheckpointError(f"member {bad} fails its CRC-32 check", path=path, hint=damaged)
+    weights = meta.get("weights_sha256")
+    if weights:
+        wpath = path + ".safetensors"
+        if not os.path.exists(wpath) or file_sha256(wpath)[0] != weights:
+            raise CorruptCheckpointError("the weights file is missing or does not match its sha256", path=wpath,
+                                         hint=damaged)
 
 
 def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
