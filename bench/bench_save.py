@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)
+    # Cases alternate (plain, ours, plain, ours, ...) in fresh processes, each starting after os.sync().
     setup = f"""
 from common import transformer_state_dict, model_like
 import os, shutil
@@ -28,6 +29,9 @@ model = model_like(sd)
 del sd
 opt = None
 folder = {folder!r}
+shutil.rmtree(folder, ignore_errors=True)
+os.makedirs(folder)
+os.sync()  # every case starts without dirty pages left by the previous one
 """
     r = args.repeats
     plain = measure(setup + """

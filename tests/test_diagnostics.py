@@ -133,3 +133,17 @@ def test_bytes_of_size_bomb_refused():
         torchckpt.load(PROTO2 + call(glob("builtins", "bytes"), i(1 << 30)) + STOP)
     with pytest.raises(CorruptCheckpointError):
         torchckpt.load(PROTO2 + call(glob("builtins", "list"), call(glob("builtins", "range"), i(1 << 30))) + STOP)
+
+
+def test_fuzz_regression_zip64_record_with_bad_offsets(tmp_path, net):
+    """Found by tests/test_fuzz.py: a damaged zip64 end record made zipfile seek to a negative offset."""
+    data = bytearray(_saved(net))
+    i = data.rfind(b"PK\x06\x06")  # zip64 end of central directory record
+    assert i > 0
+    data[i + 48:i + 56] = (2**63 - 1).to_bytes(8, "little")  # offset of the central directory
+    for fn in (torchckpt.load, torchckpt.inspect):
+        path = tmp_path / "z.pt"
+        path.write_bytes(bytes(data))
+        with pytest.raises(torchckpt.CheckpointError):
+            fn(path)
+    assert torchckpt.scan(tmp_path / "z.pt").exit_code in (1, 3)

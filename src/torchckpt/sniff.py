@@ -101,7 +101,7 @@ def _sniff_zip(src: Source) -> Sniffed:
     try:
         with zipfile.ZipFile(src.open()) as zf:
             names = zf.namelist()
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         return Sniffed("bad-zip", [f"starts like a zip archive but its directory is unreadable ({exc})"],
                        {"size": src.size})
     tops = {n.split("/", 1)[0] for n in names if "/" in n}

@@ -6,6 +6,10 @@ Post-processing common to every format: Python 2 byte strings left in the tree a
 
 from __future__ import annotations
 
+import struct
+import tarfile
+import zipfile
+
 from ..errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, TruncatedCheckpointError, \
     UnsupportedFormatError
 from ..sniff import LUA_T7, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
@@ -34,6 +38,11 @@ def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Load
         raise CorruptCheckpointError("object graph too deeply nested", path=src.name) from None
     except MemoryError:
         raise CorruptCheckpointError("not enough memory to read this checkpoint", path=src.name) from None
+    except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError, OverflowError, struct.error,
+            zipfile.BadZipFile, tarfile.TarError) as exc:
+        # A malformed structure that a container library tripped over: still a typed, named error.
+        raise CorruptCheckpointError(f"malformed {getattr(sniffed, 'description', 'file')} "
+                                     f"({type(exc).__name__}: {exc})", path=src.name) from None
 
 
 def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Loaded:

@@ -15,7 +15,7 @@ import struct
 import zipfile
 from typing import Any
 
-from ..errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
+from ..errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from ..source import Source
 from ..unpickle.machine import Unpickler
 from ..unpickle.meta import MetaStorage, meta_dtype
@@ -29,7 +29,7 @@ __all__ = ["read_torch_zip", "open_zip", "member_data_offset", "torchscript_decl
 def open_zip(src: Source) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(src.open())
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
         raise TruncatedCheckpointError(
             f"zip archive without a readable central directory ({exc}); the file is {src.size} bytes",
             path=src.name, actual_size=src.size) from None
@@ -165,8 +165,10 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         loaded.details["mapped_ranges"] = list(storages.offsets.values())
         loaded.details["storage_bytes"] = storages.budget.total
         return loaded
-    except zipfile.BadZipFile as exc:
-        raise CorruptCheckpointError(f"damaged zip member: {exc}") from None
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise CorruptCheckpointError(f"damaged zip archive or member: {exc}") from None
     except (zipfile.LargeZipFile, struct.error) as exc:
         raise LimitExceededError(f"zip archive beyond limits: {exc}") from None
     finally:

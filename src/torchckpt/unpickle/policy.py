@@ -53,6 +53,8 @@ logging.config logging.handlers
 # Exceptions inside blocked modules: (module, name) pairs that are plain data.
 _BLOCK_EXEMPT = frozenset({
     ("torch.serialization", "_get_layout"),
+    *(("torch.jit._pickle", n) for n in ("build_intlist", "build_tensorlist", "build_doublelist",
+                                         "build_boollist", "restore_type_tag")),
     ("types", "SimpleNamespace"),
     ("codecs", "encode"),
 })
@@ -102,6 +104,9 @@ _TORCH_REBUILDERS = {
     ("torch", "Tensor"): "torch_tensor_class",
     ("torch.nn.parameter", "Parameter"): "torch_parameter_class",
     ("torch.torch_version", "TorchVersion"): "torch_version",
+    **{("torch.jit._pickle", n): "jit_list" for n in ("build_intlist", "build_tensorlist", "build_doublelist",
+                                                       "build_boollist")},
+    ("torch.jit._pickle", "restore_type_tag"): "jit_type_tag",
 }
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 _NUMPY = {

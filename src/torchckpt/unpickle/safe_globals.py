@@ -63,6 +63,10 @@ def _bad(message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message)
 
 
+def _fail(what: str, value: Any) -> Any:
+    raise _bad(f"expected a {what}, got {type(value).__name__}")
+
+
 # --------------------------------------------------------------------------- torch rebuilders
 def _check_int(value: Any, what: str) -> int:
     if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
@@ -416,6 +420,8 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "torch_tensor_class": _marker("torch", "Tensor"),
     "torch_parameter_class": _marker("torch.nn.parameter", "Parameter"),
     "torch_version": _const(torch_version),
+    "jit_list": _const(lambda items: list(items) if isinstance(items, (list, tuple)) else _fail("list", items)),
+    "jit_type_tag": _const(lambda value, type_str=None: value),
     "np_reconstruct": _const(np_reconstruct), "np_scalar": _const(np_scalar), "np_frombuffer": _const(np_frombuffer),
     "np_ndarray": lambda: _Marker("numpy.ndarray", _np().ndarray), "np_dtype": _const(np_dtype),
     "np_randomstate_ctor": lambda: _np_random("__randomstate_ctor"),

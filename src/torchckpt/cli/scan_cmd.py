@@ -1,0 +1,50 @@
+"""``torchckpt scan PATH...``: find code-execution attempts and container tricks without running anything."""
+
+from __future__ import annotations
+
+import click
+
+from .output import Output
+
+
+@click.command("scan")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-r", "--recursive", is_flag=True, help="Walk directories.")
+@click.option("--strict", is_flag=True, help="Also report classes that would be stubbed (not on the allowlist).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("-v", "--verbose", is_flag=True, help="List every global of every stream, not only findings.")
+def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool, verbose: bool) -> int:
+    """Scan checkpoints with the same parser and policy that `load` uses; nothing is executed.
+
+    Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
+    """
+    from ..scanning import scan
+
+    out = Output(json_mode=as_json)
+    report = scan(paths, recursive=recursive, strict=strict)
+    if as_json:
+        out.json(report.to_dict())
+        return report.exit_code
+    for f in report.files:
+        label = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable"}[f.status]
+        out.print(f"{f.path}: {label} ({f.format}, {len(f.streams)} pickle streams, {len(f.globals)} globals)",
+                  markup=False)
+        if f.error:
+            out.print(f"  {f.error}", markup=False)
+        for finding in f.findings:
+            where = "".join([f" [{finding.member}]" if finding.member else "",
+                             f" @{finding.offset}" if finding.offset is not None else ""])
+            out.print(f"  {finding.kind}: {finding.message}{where}", markup=False)
+        stubbed = sorted({g.fullname for g in f.globals if g.verdict.value == "unknown"})
+        if stubbed and not strict:
+            out.print(f"  would be stubbed (not imported): {', '.join(stubbed[:8])}"
+                      + (f" and {len(stubbed) - 8} more" if len(stubbed) > 8 else ""), markup=False)
+        if verbose:
+            for s in f.streams:
+                for g in s["globals"]:
+                    out.print(f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})",
+                              markup=False)
+    counts = {k: sum(f.status == k for f in report.files) for k in ("clean", "findings", "unreadable")}
+    out.print(f"{len(report.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
+              f"{counts['unreadable']} unreadable")
+    return report.exit_code
