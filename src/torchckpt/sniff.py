@@ -186,12 +186,17 @@ def _sniff_t7(head: bytes) -> Sniffed | None:
     if len(head) < 12:
         return None
     tag, index = struct.unpack("<ii", head[:8])
-    if tag == 4 and index >= 1 and b"V 1" in head[8:20]:
+    strlen = struct.unpack("<i", head[8:12])[0]
+    text = head[12:12 + strlen] if 0 < strlen <= 200 else b""
+    if tag == 4 and index >= 1 and text and (text.startswith(b"V ") or re.fullmatch(rb"[A-Za-z_][\w.]*", text)):
         m = re.search(rb"(torch|nn|cudnn|tds)\.[A-Za-z0-9_.]+", head[:200])
         cls = m.group(0).decode() if m else "a torch class"
         return Sniffed(LUA_T7, [f"Torch7 object record (class {cls})"], {"class": cls})
     if tag == 3 and index >= 1 and 0 <= struct.unpack("<i", head[8:12])[0] < 1 << 24:
         return Sniffed(LUA_T7, ["Torch7 table record"])
+    if tag in (6, 7, 8) and index >= 1 and 0 < struct.unpack("<i", head[8:12])[0] < 1 << 26 \
+            and head[12:14] == b"\x1bL":
+        return Sniffed(LUA_T7, ["Torch7 serialized Lua function (bytecode is never executed)"])
     if tag in (1, 2, 5) and index >= 0 and len(head) < 64 and head[:4] != b"\x80\x02":
         return Sniffed(LUA_T7, ["Torch7 scalar record"])
     return None

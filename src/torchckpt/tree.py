@@ -30,7 +30,9 @@ def is_tensor_like(value: Any) -> bool:
 
 
 def is_module_like(obj: Any) -> bool:
-    """An ``nn.Module``, a stub of one (whole-model pickle), or a TorchScript module stub."""
+    """An ``nn.Module``, a stub of one (whole-model pickle), a TorchScript module stub, or a Lua ``nn`` object."""
+    if type(obj).__name__ == "T7Object":
+        return obj.typename.startswith(("nn.", "cudnn.", "cunn.", "fbnn.", "inn.", "nngraph."))
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
@@ -61,6 +63,10 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
             _stub_state(obj, "", out, set(), 0)
         if out or is_module_like(obj):
             return out
+    elif type(obj).__name__ == "T7Object":
+        from .formats.lua_t7 import t7_state_dict
+
+        return t7_state_dict(obj)
     elif is_state_dict(obj):
         return obj  # type: ignore[return-value]
     elif is_module_like(obj):
