@@ -102,7 +102,7 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
             out[name] = torch.empty(0, dtype=t.dtype, device=moved.device).set_(
                 moved, t.storage_offset(), t.shape, t.stride())
     _restore_aliases(out, metadata, loaded)
-    loaded.obj = out
+    loaded.obj = _restore_tree(out, metadata, loaded)
     loaded.details["storage_bytes"] = src.size - data_start
     return loaded
 
@@ -123,6 +123,29 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
             restored.append(alias)
     if restored:
         loaded.notes.append(f"restored {len(restored)} tied tensor(s) stored once: {', '.join(restored[:5])}")
+
+
+def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> Any:
+    """Rebuild the nested tree torchckpt.convert recorded as JSON (tensors by dotted path)."""
+    raw = metadata.get("torchckpt.tree")
+    if not raw:
+        return tensors
+    try:
+        skeleton = json.loads(raw)
+    except json.JSONDecodeError:
+        return tensors
+
+    def build(node: Any, path: str) -> Any:
+        if isinstance(node, dict) and node == {"__tensor__": True}:
+            return tensors.get(path or "tensor")
+        if isinstance(node, dict):
+            return {k: build(v, f"{path}.{k}" if path else k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [build(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)]
+        return node
+
+    loaded.notes.append("nested structure restored from the torchckpt.tree metadata")
+    return build(skeleton, "")
 
 
 def read_pickle(src: Source, opts: ReadOptions) -> Loaded:

@@ -84,6 +84,8 @@ class _ZipStorages:
         self.locations[location] = self.locations.get(location, 0) + nbytes
         if self.opts.meta:
             storage: Any = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
+                storage.file_offset = member_data_offset(self.src, info)
         else:
             import torch
 

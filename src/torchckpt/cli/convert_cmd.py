@@ -1,0 +1,39 @@
+"""``torchckpt convert SRC DST``: any readable checkpoint to a modern .pt or .safetensors, verified."""
+
+from __future__ import annotations
+
+import click
+
+from .output import Output
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
+@click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
+@click.option("--key", help="Dotted path of the weights inside a training dict.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
+            as_json: bool) -> int:
+    """Convert SRC (any era or format) to DST, reload it and check every tensor.
+
+    The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
+    """
+    from ..convert import convert
+
+    out = Output(json_mode=as_json)
+    progress, _, _ = out.progress(0, "converting")
+    with progress:
+        task = progress.add_task("converting", total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, progress=update)
+    if as_json:
+        out.json(report.to_dict())
+    else:
+        out.print(str(report), markup=False)
+    return 0

@@ -1,0 +1,30 @@
+"""``torchckpt diff A B``: keys, shapes, dtypes and (with --values) tensor values that differ."""
+
+from __future__ import annotations
+
+import click
+
+from .output import Output
+
+
+@click.command("diff")
+@click.argument("a", type=click.Path(exists=True, dir_okay=False))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False))
+@click.option("--values", is_flag=True, help="Compare tensor values too (max abs/relative difference, NaN/Inf).")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Differences up to this count as equal.")
+@click.option("--key", help="Dotted path of the weights inside training dicts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json: bool) -> int:
+    """Compare two checkpoints. Exit code 0 when equal, 1 when different.
+
+    A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.
+    """
+    from ..diffing import diff
+
+    out = Output(json_mode=as_json)
+    report = diff(a, b, values=values, key=key, atol=atol)
+    if as_json:
+        out.json(report.to_dict())
+    else:
+        out.print(str(report), markup=False)
+    return 0 if report.equal else 1
