@@ -78,7 +78,7 @@ ck.close()
     print_table("durable save", [
         ("torch.save(obj, path)                          [baseline]", plain, None),
         ("torch.save + fsync (what durability costs)", plain_fsync, plain),
-        ("torchckpt.save (temp, fsync, rename, sha256, sidecar)", ours, plain),
+        ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", ours, plain),
     ])
     print_table("async save: time the training loop is blocked", [
         ("Checkpointer.save, sync                        [baseline]", ckpt_sync, None),

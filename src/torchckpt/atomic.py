@@ -64,7 +64,7 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
         raise _write_error(path, exc) from None
     try:
         with fh:
-            yield fh
+            yield _Writeback(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -75,6 +75,53 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+class _Writeback:
+    """File wrapper that starts disk writeback while the rest is still being serialized (Linux).
+
+    The final fsync then has little left to flush, so durability costs little more than the write.
+    """
+
+    STEP = 32 << 20
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self._fd = fh.fileno()
+        self._flushed = 0
+        self._written = 0
+
+    def write(self, data: Any) -> int:
+        n = self._fh.write(data)
+        self._written += n
+        if self._written - self._flushed >= self.STEP and _sync_file_range is not None:
+            self._fh.flush()
+            _sync_file_range(self._fd, self._flushed, self._written - self._flushed, 2)  # SYNC_FILE_RANGE_WRITE
+            self._flushed = self._written
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def _load_sync_file_range() -> Any:
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def file_sha256(path: str, chunk: int = 8 << 20) -> tuple[str, int]:

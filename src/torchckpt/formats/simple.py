@@ -61,7 +61,16 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
                                                f"{data_size}", expected_size=8 + n + end, actual_size=src.size)
             raise CorruptCheckpointError(f"safetensors entry {name!r} has inconsistent shape/offsets: {e!r:.200}")
         entries.append((begin, name, e))
-    entries.sort(key=lambda t: t[0])
+    entries.sort(key=lambda t: (t[0], t[2]["data_offsets"][1]))
+    expected = 0
+    for begin, name, e in entries:  # the data section must be covered exactly, without gaps or overlaps
+        if begin != expected:
+            raise CorruptCheckpointError(f"safetensors data of {name!r} starts at {begin}, expected {expected} "
+                                         "(gap or overlap)")
+        expected = e["data_offsets"][1]
+    if expected != data_size:
+        raise CorruptCheckpointError(f"safetensors tensors cover {expected} bytes but the data section has "
+                                     f"{data_size}")
     ordered = OrderedDict((name, e) for _, name, e in entries)
     return ordered, {str(k): str(v) for k, v in metadata.items()}, 8 + n
 
