@@ -80,9 +80,10 @@ def test_crash_at_random_moments_never_loses_work(tmp_path):
             if name.startswith("ckpt-") and name.endswith(".pt"):
                 obj = torchckpt.load(directory / name)
                 assert obj["step"] == int(name[5:15])
-        assert found and found[-1].step >= committed
-        if committed >= 2:
-            assert len(found) >= 2 and {committed - 1, committed} <= {c.step for c in found} | {found[-1].step}
+        steps = [c.step for c in found]
+        assert found and steps[-1] >= committed  # a commit may land after the last line printed
+        if committed >= 2:  # keep_last=2 with a save every step: the two newest, consecutive, are kept
+            assert steps[-2:] == [steps[-1] - 1, steps[-1]], steps
         model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)])
         state = ckpt.resume(model=model)
         assert state.step == found[-1].step and float(model[0].bias[0]) == state.step
