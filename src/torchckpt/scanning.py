@@ -46,7 +46,7 @@ class Finding:
 class FileScan:
     path: str
     format: str = "unknown"
-    status: str = "clean"  # "clean" | "findings" | "unreadable"
+    status: str = "clean"  # "clean" | "findings" | "unreadable" | "skipped" (not a checkpoint, met in a walk)
     streams: list[dict[str, Any]] = field(default_factory=list)  # member, offset, globals, complete
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
@@ -98,13 +98,17 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
             for root, dirs, names in os.walk(p):
                 dirs.sort()
                 for name in sorted(names):
-                    files.append(scan_file(os.path.join(root, name), strict=strict))
+                    files.append(scan_file(os.path.join(root, name), strict=strict, explicit=False))
         else:
             files.append(scan_file(p, strict=strict))
     return ScanReport(files)
 
 
-def scan_file(path: str, *, strict: bool = False) -> FileScan:
+def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> FileScan:
+    """Scan one file. Files met while walking a directory that are not checkpoints at all (JSON,
+    text, HTML) are ``skipped``; named explicitly, they are ``unreadable``."""
+    from .errors import NotACheckpointError
+
     result = FileScan(path)
     try:
         with Source(path) as src:
@@ -112,7 +116,9 @@ def scan_file(path: str, *, strict: bool = False) -> FileScan:
             result.format = sniffed.kind
             _scan_container(src, sniffed, result)
     except CheckpointError as exc:
-        result.status, result.error = "unreadable", exc.reason
+        not_checkpoint = isinstance(exc, NotACheckpointError) or result.format == "unknown"
+        result.status = "skipped" if not_checkpoint and not explicit else "unreadable"
+        result.error = exc.reason
         return result
     except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError, OverflowError, struct.error,
             zipfile.BadZipFile) as exc:

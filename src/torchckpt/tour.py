@@ -162,6 +162,68 @@ def _make_malicious(path: str) -> None:
         pickle.dump({"state_dict": {}, "x": Payload()}, fh, protocol=2)
 
 
+def _net_classes(classes: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict([
+        ("conv1", torch.nn.Conv2d(3, 8, 3)), ("pool", torch.nn.AdaptiveAvgPool2d(1)), ("flat", torch.nn.Flatten()),
+        ("fc", torch.nn.Linear(8, classes))]))
+
+
+def _check_load_into(**kwargs: Any) -> Callable[[Any, str], list[str]]:
+    def check(obj: Any, path: str) -> list[str]:
+        from . import load_into
+
+        model = _net_classes(10) if kwargs.pop("classes10", False) else _net()
+        report = load_into(model, path, **kwargs)
+        return ["load_into: " + line.strip() for line in str(report).splitlines()]
+    return check
+
+
+def _make_dp(path: str) -> None:
+    import torch
+
+    torch.save({"epoch": 5, "state_dict": torch.nn.DataParallel(_net()).state_dict()}, path)
+
+
+def _make_imagenet(path: str) -> None:
+    import torch
+
+    torch.save(_net_classes(1000).state_dict(), path)
+
+
+def _make_training(path: str) -> None:
+    import torch
+
+    from .training import save
+
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    save(path, model=torch.nn.DataParallel(net), optimizer=opt, epoch=3, step=300, metrics={"val_loss": 0.42})
+
+
+def _check_resume(obj: Any, path: str) -> list[str]:
+    import torch
+
+    from .training import resume
+
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    state = resume(path, model=net, optimizer=opt)
+    return [f"resume: epoch {state.epoch}, step {state.step}, metrics {state.metrics}; model, optimizer and "
+            f"{len(state.rng or {})} RNG states restored (sha-checked: {os.path.exists(path + '.meta.json')})"]
+
+
+def _check_convert(obj: Any, path: str) -> list[str]:
+    from .convert import convert
+
+    report = convert(path, path + ".safetensors", weights_only=True)
+    return ["convert: " + line.strip() for line in str(report).splitlines()[:2]]
+
+
 _LFS = (b"version https://git-lfs.github.com/spec/v1\n"
         b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 102502400\n")
 _HTML = b"<!DOCTYPE html><html><head><title>Sign in - Google Accounts</title></head><body></body></html>"
@@ -171,7 +233,12 @@ SCENARIOS = [
     Scenario("training dict with Namespace + numpy scalar", "checkpoint.pth.tar", _save(_training_dict)),
     Scenario("legacy stream format (torch 0.4-1.5)", "legacy.pth",
              _save(lambda: _net().state_dict(), _use_new_zipfile_serialization=False)),
-    Scenario("Python 2 era file, saved on cuda:0", "py2_model_best.pth.tar", _make_py2),
+    Scenario("Python 2 era file, saved on cuda:0", "py2_model_best.pth.tar", _make_py2, check=_check_convert),
+    Scenario("DataParallel checkpoint into a single-GPU model", "dp_best.pth", _make_dp,
+             check=_check_load_into()),
+    Scenario("classifier resized 1000 -> 10 classes", "imagenet.pth", _make_imagenet,
+             check=_check_load_into(classes10=True, strict=False, on_mismatch="skip")),
+    Scenario("training checkpoint: atomic save, then resume", "train.ckpt", _make_training, check=_check_resume),
     Scenario("whole model, its class's module deleted", "whole_model.pkl", _make_whole_model),
     Scenario("saved on cuda:3, loaded on a CPU machine", "gpu3.ckpt", _make_cuda3),
     Scenario("safetensors", "model.safetensors", _make_safetensors),
@@ -205,10 +272,14 @@ def run_scenario(sc: Scenario, folder: str) -> Outcome:
     from .errors import CheckpointError
     from .tree import find_state_dicts
 
+    from .scanning import scan
+
     path = os.path.join(folder, sc.filename)
     sc.make(path)
     baseline = _torch_load_result(path)
     outcome = Outcome(sc.name, sc.filename, "", baseline, "")
+    scanned = scan(path).files[0]
+    scan_line = f"scan: {scanned.status}" + (f" ({scanned.findings[0].message})" if scanned.findings else "")
     try:
         obj, info = load(path, return_info=True)
     except CheckpointError as exc:
@@ -216,7 +287,9 @@ def run_scenario(sc: Scenario, folder: str) -> Outcome:
         outcome.torchckpt = f"{type(exc).__name__}"
         outcome.details.append(str(exc).replace(path, sc.filename))
         outcome.ok = type(exc).__name__ == sc.expect_error
+        outcome.details.append(scan_line)
         if sc.expect_error == "UnsafeCheckpointError":
+            outcome.ok = outcome.ok and scanned.status == "findings"
             ran = os.path.exists(path + ".canary")
             outcome.details.append("payload did not run" if not ran else "PAYLOAD RAN")
             outcome.ok = outcome.ok and not ran
@@ -235,8 +308,10 @@ def run_scenario(sc: Scenario, folder: str) -> Outcome:
     outcome.details.extend(f"fixed: {n}" for n in info.notes)
     if report.stubbed_classes:
         outcome.details.append(f"stubbed (not imported): {', '.join(report.stubbed_classes[:3])}")
+    outcome.details.append(scan_line)
+    outcome.ok = scanned.status == "clean"
     if sc.check is not None:
-        outcome.details.extend(sc.check(obj, path))
+        outcome.details.extend(line.replace(folder + os.sep, "") for line in sc.check(obj, path))
     return outcome
 
 

@@ -84,7 +84,11 @@ def get_rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as a tensor and plain values: the file stays loadable by torch.load(weights_only=True)
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -105,7 +109,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
-        np.random.set_state(tuple(state["numpy"]))
+        saved = state["numpy"]
+        if isinstance(saved, dict):
+            keys = np.asarray(saved["keys"].numpy() if hasattr(saved["keys"], "numpy") else saved["keys"], np.uint32)
+            saved = (saved["bit_generator"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+        np.random.set_state(tuple(saved))
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
     if "cuda" in state and torch.cuda.is_available():

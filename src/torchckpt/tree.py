@@ -156,6 +156,8 @@ def walk_tree(obj: Any, max_depth: int = 8) -> Iterator[tuple[str, Any]]:
             continue
         seen.add(id(value))
         children: list[tuple[Any, Any]] = []
+        if isinstance(value, dict) and _is_optimizer_state(value):
+            continue  # per-parameter optimizer slots (exp_avg, momentum_buffer ...) are not weights
         if isinstance(value, dict):
             children = list(value.items())
         elif isinstance(value, (list, tuple)) and len(value) <= 64:
@@ -166,6 +168,10 @@ def walk_tree(obj: Any, max_depth: int = 8) -> Iterator[tuple[str, Any]]:
             if is_tensor_like(child) or isinstance(child, (str, bytes, int, float)) or child is None:
                 continue
             stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+
+
+def _is_optimizer_state(d: dict) -> bool:
+    return "param_groups" in d and "state" in d
 
 
 def find_state_dicts(obj: Any, max_depth: int = 8) -> list[Candidate]:

@@ -26,7 +26,7 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
         out.json(report.to_dict())
         return report.exit_code
     for f in report.files:
-        label = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable"}[f.status]
+        label = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}[f.status]
         out.print(f"{f.path}: {label} ({f.format}, {len(f.streams)} pickle streams, {len(f.globals)} globals)",
                   markup=False)
         if f.error:
@@ -44,7 +44,7 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
                 for g in s["globals"]:
                     out.print(f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})",
                               markup=False)
-    counts = {k: sum(f.status == k for f in report.files) for k in ("clean", "findings", "unreadable")}
+    counts = {k: sum(f.status == k for f in report.files) for k in ("clean", "findings", "unreadable", "skipped")}
     out.print(f"{len(report.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
-              f"{counts['unreadable']} unreadable")
+              f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
     return report.exit_code
