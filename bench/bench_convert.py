@@ -8,20 +8,15 @@ baseline's, time no slower. torchckpt.convert also reloads and verifies every te
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 
-from common import measure, print_table, transformer_state_dict
+from common import bench_args, measure, print_table, transformer_state_dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dir", default=None)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     import torch
 
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)

@@ -7,18 +7,13 @@ Targets (issue 4): durable save within 1.2x of torch.save; async blocking time u
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
-from common import measure, print_table
+from common import bench_args, measure, print_table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dir", default=None)
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)
     # Cases alternate (plain, ours, plain, ours, ...) in fresh processes, each starting after os.sync().
     setup = f"""

@@ -14,6 +14,17 @@ from collections import OrderedDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def bench_args(doc: str | None, size_mib: int = 1024):
+    """The arguments every benchmark takes: --size-mib, --repeats, --dir."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=size_mib, help="checkpoint size")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per case (the median is shown)")
+    ap.add_argument("--dir", default=None, help="where to write the temporary files")
+    return ap.parse_args()
+
+
 def transformer_state_dict(size_mib: int, dtype: str = "float32"):
     """A GPT-like state dict of about ``size_mib`` MiB: embeddings + layers of 4 square matrices."""
     import torch
