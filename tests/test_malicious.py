@@ -267,3 +267,13 @@ def test_zip_member_compressed_payload_still_checked(tmp_path):
         zf.writestr("archive/data.pkl", evil)
     with pytest.raises(UnsafeCheckpointError):
         torchckpt.load(buf.getvalue())
+
+
+@pytest.mark.parametrize("module,name", [("pathlib", "Path.write_text"), ("pandas.io.pickle", "read_pickle"),
+                                         ("shutil", "rmtree"), ("pkg_resources", "load_entry_point"),
+                                         ("os", "kill"), ("yaml", "unsafe_load")])
+def test_file_and_process_side_effects_are_dangerous(tmp_path, module, name):
+    data = _payload_pickle(call(glob(module, name), s(str(tmp_path / "canary"))))
+    with pytest.raises(UnsafeCheckpointError):
+        torchckpt.load(data)
+    assert not (tmp_path / "canary").exists()

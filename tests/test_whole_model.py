@@ -154,3 +154,22 @@ def test_benign_framework_objects_load_as_stubs(tmp_path):
     assert torch.equal(out["state_dict"]["w"], torch.ones(2))
     plain = torchckpt.stub_to_plain(out["color"])
     assert plain == {"__class__": "fw_fake.Color", "args": (1,)}
+
+
+def test_torch_03_style_parameters(tmp_path, vanished_module, monkeypatch):
+    """torch <= 0.3 pickled Parameters as REDUCE(Parameter, (data,)) + BUILD((requires_grad, volatile, hooks))."""
+    from collections import OrderedDict
+
+    make, pkg = vanished_module
+    model = make()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch.nn.Parameter, "__reduce_ex__", lambda self, proto: (
+        torch.nn.parameter.Parameter, (self.data,), (self.requires_grad, False, OrderedDict())))
+    path = tmp_path / "old_whole.pth"
+    _save_and_forget(model, path, pkg)
+    monkeypatch.undo()
+    obj = torchckpt.load(path)
+    sd = torchckpt.state_dict_of(obj)
+    assert_same_state(expected, sd)
+    assert obj.stem._modules["0"]._parameters["weight"].requires_grad
+    assert {t.key for t in torchckpt.inspect(path).tensors} == set(expected)

@@ -27,10 +27,18 @@ __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery"
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """A committed checkpoint. Usable wherever a path is (``torchckpt.load(ckpt.latest())``)."""
+
     step: int
     path: str
     metrics: Mapping[str, Any]
     meta: Mapping[str, Any]
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
 
 
 class RetentionPolicy(Protocol):

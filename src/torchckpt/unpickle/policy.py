@@ -47,7 +47,7 @@ types dill cloudpickle joblib io _io builtins_io zipfile tarfile gzip bz2 lzma s
 numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio numpy.lib.format
 torch.hub torch.utils.cpp_extension torch.jit torch.package torch.multiprocessing torch.distributed
 torch.serialization torch._dynamo torch._inductor torch.utils.data.datapipes
-logging.config logging.handlers
+logging.config logging.handlers pkg_resources importlib_metadata importlib_resources jinja2 IPython
 """.split())
 
 # Exceptions inside blocked modules: (module, name) pairs that are plain data.
@@ -77,7 +77,9 @@ eval exec execfile system popen popen2 popen3 popen4 spawnl spawnle spawnlp spaw
 execlp execv execve execvp fork forkpty __import__ import_module run_path run_module runstring runsource runcode
 runctx runcall sympify parse_expr _exec_with_source _forward_from_src reduce_graph_module
 reduce_package_graph_module reduce_deploy_graph_module load_source load_module load loads unsafe_load full_load
-load_all unsafe_load_all open check_output check_call getoutput getstatusoutput
+load_all unsafe_load_all open check_output check_call getoutput getstatusoutput read_pickle load_entry_point
+write_text write_bytes unlink rmtree rmdir removedirs touch chmod chown symlink_to hardlink_to kill killpg startfile
+putenv unsetenv
 """.split())
 
 # builtins is allowlist-only: every other name in it is treated as dangerous.
@@ -103,6 +105,7 @@ _TORCH_REBUILDERS = {
     ("torch", "device"): "torch_device",
     ("torch", "Tensor"): "torch_tensor_class",
     ("torch.nn.parameter", "Parameter"): "torch_parameter_class",
+    ("torch.autograd.variable", "Variable"): "torch_variable_class",
     ("torch.torch_version", "TorchVersion"): "torch_version",
     **{("torch.jit._pickle", n): "jit_list" for n in ("build_intlist", "build_tensorlist", "build_doublelist",
                                                        "build_boollist")},

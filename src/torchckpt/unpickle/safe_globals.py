@@ -21,7 +21,7 @@ from .stubs import Stub, stub_class
 from .torch_rebuild import (MAX_DIMS, _check_int, _Marker, get_layout, rebuild_device_tensor_from_numpy,
                             rebuild_from_type, rebuild_from_type_v2, rebuild_meta_tensor_no_storage,
                             rebuild_parameter, rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2,
-                            rebuild_tensor_v3, torch_version)
+                            rebuild_tensor_v3, torch_version, legacy_parameter, legacy_variable)
 
 __all__ = ["StorageType", "resolve", "new_object", "build", "extend", "set_items", "add_items"]
 
@@ -255,7 +255,9 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "rebuild_from_type_v2": _const(rebuild_from_type_v2), "rebuild_from_type": _const(rebuild_from_type),
     "get_layout": _const(get_layout), "torch_size": _attr("torch", "Size"), "torch_device": _attr("torch", "device"),
     "torch_tensor_class": _marker("torch", "Tensor"),
-    "torch_parameter_class": _marker("torch.nn.parameter", "Parameter"),
+    "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter", _attr("torch.nn.parameter", "Parameter")(),
+                                             legacy_parameter),
+    "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
     "torch_version": _const(torch_version),
     "jit_list": _const(lambda items: list(items) if isinstance(items, (list, tuple)) else _fail("list", items)),
     "jit_type_tag": _const(lambda value, type_str=None: value),
@@ -295,8 +297,11 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, meta: bool
 
                 if key in META_FACTORIES:
                     return META_FACTORIES[key]()
-                if key in ("torch_tensor_class", "torch_parameter_class", "torch_version"):
-                    return _Marker(f"{cmod}.{cname}", None) if key != "torch_version" else torch_version
+                if key == "torch_tensor_class":
+                    return _Marker(f"{cmod}.{cname}", None)
+                if key in ("torch_parameter_class", "torch_variable_class"):
+                    ctor = legacy_parameter if key == "torch_parameter_class" else legacy_variable
+                    return _Marker(f"{cmod}.{cname}", None, ctor)
             return FACTORIES[key]()
         if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
             return _storage_type(cname)
@@ -345,6 +350,8 @@ def new_object(cls: Any, args: Any, kwargs: Any, policy: Policy, record_only: bo
         return cls(*args, **kwargs)
     if record_only:
         return Stub()
+    if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
+        return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
     if isinstance(cls, _Marker) or not isinstance(cls, type):
         raise _bad(f"NEWOBJ on {cls!r}, which is not a class")
     if cls in (bytes, bytearray, list, tuple, set, frozenset, dict):
@@ -358,6 +365,15 @@ def build(inst: Any, state: Any, policy: Policy, record_only: bool) -> None:
         inst.__setstate__(state)
         return
     if record_only:
+        return
+    if type(inst).__name__ == "TensorMeta" and type(inst).__module__.endswith("unpickle.meta"):
+        if isinstance(state, tuple) and len(state) in (3, 4) and isinstance(state[-3], bool):
+            inst.requires_grad = state[-3]
+        return
+    if type(inst).__module__.startswith("torch") and hasattr(inst, "requires_grad_") and isinstance(state, tuple):
+        # torch <= 0.3 Variable/Parameter state: (requires_grad, volatile, backward_hooks) [+ data first]
+        if len(state) in (3, 4) and isinstance(state[-3], bool) and (inst.is_floating_point() or inst.is_complex()):
+            inst.requires_grad_(state[-3])
         return
     np = _np() if type(inst).__module__ == "numpy" else None
     if np is not None and isinstance(inst, np.ndarray):

@@ -18,16 +18,55 @@ def _bad(message: str) -> CorruptCheckpointError:
 
 
 class _Marker:
-    """A class reference that may be passed around (``new_type`` arguments) but never called."""
+    """A class reference that may be passed around (``new_type`` arguments). Calling it runs only the
+    given safe constructor (``ctor``); without one it refuses."""
 
-    __slots__ = ("name", "target")
+    __slots__ = ("name", "target", "ctor")
 
-    def __init__(self, name: str, target: Any) -> None:
+    def __init__(self, name: str, target: Any, ctor: Any = None) -> None:
         self.name = name
         self.target = target
+        self.ctor = ctor
+
+    def __call__(self, *args: Any) -> Any:
+        if self.ctor is None:
+            raise _bad(f"{self.name} cannot be called from a checkpoint")
+        return self.ctor(*args)
 
     def __repr__(self) -> str:
         return f"<class {self.name}>"
+
+
+def legacy_parameter(data: Any = None, requires_grad: Any = True) -> Any:
+    """``Parameter(data)`` as torch <= 0.3 pickled it (``Variable.__reduce_ex__``); BUILD sets the rest."""
+    from .meta import TensorMeta
+
+    if isinstance(data, TensorMeta):
+        data.is_parameter = True
+        return data
+    import torch
+
+    if data is None:
+        data = torch.empty(0)
+    if not isinstance(data, torch.Tensor):
+        raise _bad(f"Parameter built from a {type(data).__name__}")
+    return torch.nn.Parameter(data, requires_grad=bool(requires_grad) and (data.is_floating_point()
+                                                                         or data.is_complex()))
+
+
+def legacy_variable(data: Any = None, *rest: Any) -> Any:
+    """``Variable(data)`` of torch <= 0.3: today simply the tensor."""
+    from .meta import TensorMeta
+
+    if isinstance(data, TensorMeta):
+        return data
+    import torch
+
+    if data is None:
+        return torch.empty(0)
+    if not isinstance(data, torch.Tensor):
+        raise _bad(f"Variable built from a {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------- torch rebuilders
