@@ -24,22 +24,6 @@ class Relocator:
         self.fallbacks: set[str] = set()  # saved locations not available here, loaded to the CPU
         self._fn = self._build(map_location)
 
-    @property
-    def is_meta(self) -> bool:
-        return isinstance(self.map_location, str) and self.map_location == "meta" or \
-            type(self.map_location).__name__ == "device" and str(self.map_location) == "meta"
-
-    def target_of(self, location: str) -> str:
-        """Where a storage saved at ``location`` goes (for simple forms), as a device string."""
-        ml = self.map_location
-        if ml is None:
-            return location if _available(location) else "cpu"
-        if isinstance(ml, dict):
-            return str(ml.get(location, location))
-        if callable(ml):
-            return "callable"
-        return str(ml)
-
     def __call__(self, storage: Any, location: str) -> Any:
         result = self._fn(storage, location)
         dest = str(result.device)

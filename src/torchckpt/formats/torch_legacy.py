@@ -124,6 +124,8 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
     if not isinstance(keys, list):
         raise CorruptCheckpointError("the storage key list is not a list")
     _fill_storages(src, storages, [_text(key) for key in keys], k.pos, opts)
+    if opts.mmap and not opts.meta:
+        loaded.notes.append("mmap=True has no effect on the legacy format: its tensors were read into memory")
     loaded.obj = obj
     loaded.details.update(python2=py2, py2_nonascii=u.py2_strings, locations=dict(storages.locations),
                           storage_bytes=storages.budget.total, sys_info=sys_info)
