@@ -147,3 +147,28 @@ def test_fuzz_regression_zip64_record_with_bad_offsets(tmp_path, net):
         with pytest.raises(torchckpt.CheckpointError):
             fn(path)
     assert torchckpt.scan(tmp_path / "z.pt").exit_code in (1, 3)
+
+
+def test_decompression_bomb_member_is_refused(tmp_path):
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02N." + b"\x00" * (300 << 20))  # 300 MiB of zeros
+    assert len(buf.getvalue()) < 1 << 20
+    err = _load_error(tmp_path, buf.getvalue())
+    assert isinstance(err, LimitExceededError) and "decompression bomb" in str(err)
+
+
+def test_hash_collision_keys_are_refused():
+    import pickle
+    import time
+
+    modulus = (1 << 61) - 1
+    colliding = {i * modulus: 0 for i in range(1, 50)}  # every key hashes to 0
+    start = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError):
+        torchckpt.load(pickle.dumps(colliding, protocol=2))
+    assert time.perf_counter() - start < 1
+    ordinary = {0: {"step": 1}, 3: {"step": 2}, -5: 1.5, 2**60: "big but fine"}
+    assert torchckpt.load(pickle.dumps(ordinary, protocol=2)) == ordinary

@@ -112,7 +112,7 @@ class _ZipStorages:
         if info.compress_type != zipfile.ZIP_STORED:
             import torch
 
-            data = bytearray(self.zf.read(info.filename)[:nbytes])
+            data = bytearray(read_member(self.zf, info, self.src)[:nbytes])
             note = "some storages were compressed inside the zip (re-zipped file?); they were decompressed"
             if note not in self.loaded.notes:
                 self.loaded.notes.append(note)
@@ -126,6 +126,21 @@ class _ZipStorages:
             self.offsets[info.filename] = (offset, nbytes)
             return self.src.mapped_storage(offset, nbytes)
         return self.src.read_into_storage(offset, nbytes)
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source) -> bytes:
+    """A member's bytes; a compressed member may not inflate past a bound (decompression bombs)."""
+    if info.flag_bits & 0x1:
+        raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
+    limit = max(256 << 20, 8 * src.size) if info.compress_type != zipfile.ZIP_STORED else src.size
+    if info.file_size > limit:
+        raise LimitExceededError(f"member {info.filename} declares {info.file_size} bytes, more than this "
+                                 f"{src.size}-byte file can plausibly hold (decompression bomb?)", member=info.filename)
+    with zf.open(info) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise LimitExceededError(f"member {info.filename} inflates past {limit} bytes", member=info.filename)
+    return data
 
 
 def _text(value: Any) -> Any:
@@ -150,7 +165,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         data_pkl = f"{prefix}/data.pkl"
         if data_pkl not in names:
             raise CorruptCheckpointError(f"the archive has no {data_pkl}", member=data_pkl)
-        u = Unpickler(zf.read(data_pkl), policy=opts.policy, persistent_load=storages, member=data_pkl,
+        u = Unpickler(read_member(zf, zf.getinfo(data_pkl), src), policy=opts.policy, persistent_load=storages, member=data_pkl,
                       meta=opts.meta)
         loaded.obj = u.load()
         loaded.globals.extend(u.globals)
@@ -159,7 +174,8 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
             if isinstance(loaded.obj, Stub):
                 loaded.obj.__dict__["stub_declarations"] = loaded.details["declarations"]
             if f"{prefix}/constants.pkl" in names:
-                cu = Unpickler(zf.read(f"{prefix}/constants.pkl"), policy=opts.policy, persistent_load=storages,
+                cu = Unpickler(read_member(zf, zf.getinfo(f"{prefix}/constants.pkl"), src), policy=opts.policy,
+                               persistent_load=storages,
                                member=f"{prefix}/constants.pkl", meta=opts.meta)
                 loaded.details["constants"] = cu.load()
                 loaded.globals.extend(cu.globals)

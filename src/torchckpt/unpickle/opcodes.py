@@ -242,7 +242,7 @@ def _dict(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise u._error("DICT with an odd number of items", u.pos - 1)
-    u._stack.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+    u._stack.append({safe_globals.check_key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
 
 
 @_op("\x8f")
@@ -252,7 +252,7 @@ def _empty_set(u: Unpickler) -> None:
 
 @_op("\x91")
 def _frozenset(u: Unpickler) -> None:
-    u._stack.append(frozenset(u._pop_mark()))
+    u._stack.append(frozenset(safe_globals.check_key(item) for item in u._pop_mark()))
 
 
 @_op("a")

@@ -419,11 +419,26 @@ def extend(target: Any, items: list, policy: Policy, record_only: bool) -> None:
         raise _bad(f"APPENDS on a {type(target).__name__}")
 
 
+_HASH_MODULUS = (1 << 61) - 1
+
+
+def check_key(key: Any) -> Any:
+    """Refuse dict/set keys that can be crafted to share a hash (ints and floats beyond 2**61, where
+    Python's numeric hash wraps): thousands of them would make one SETITEMS take quadratic time."""
+    t = type(key)
+    if (t is int or t is float) and not -_HASH_MODULUS < key < _HASH_MODULUS:
+        raise _bad(f"dict key {key!r:.40} is out of range (hash-collision attack?)")
+    if t is tuple:
+        for part in key:
+            check_key(part)
+    return key
+
+
 def set_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
     if isinstance(target, (dict, Stub)) or (policy.trust and hasattr(target, "__setitem__")):
         for i in range(0, len(items), 2):
-            target[items[i]] = items[i + 1]
+            target[check_key(items[i])] = items[i + 1]
     elif not record_only:
         raise _bad(f"SETITEMS on a {type(target).__name__}")
 
@@ -431,7 +446,7 @@ def set_items(target: Any, items: list, policy: Policy, record_only: bool) -> No
 def add_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
     """ADDITEMS."""
     if isinstance(target, set):
-        target.update(items)
+        target.update(check_key(item) for item in items)
     elif isinstance(target, Stub):
         for item in items:
             target.add(item)
