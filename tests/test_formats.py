@@ -228,3 +228,31 @@ def test_mapped_tensors_outlive_the_reader(tmp_path, net):
     assert_same_state(net.state_dict(), out)  # the mapping lives as long as its tensors
     out["fc.bias"].add_(1)  # copy-on-write: the file is untouched
     assert_same_state(net.state_dict(), torchckpt.load(path))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoint_index(tmp_path, net, fmt):
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    keys = list(sd)
+    shards = {f"model-0000{i + 1}-of-00002.{fmt}": keys[i::2] for i in range(2)}
+    for name, part in shards.items():
+        tensors = {k: sd[k] for k in part}
+        if fmt == "safetensors":
+            save_file(tensors, tmp_path / name)
+        else:
+            torch.save(tensors, tmp_path / name)
+    index = {"metadata": {"total_size": 1}, "weight_map": {k: n for n, part in shards.items() for k in part}}
+    (tmp_path / f"model.{fmt}.index.json").write_text(json.dumps(index))
+    out, info = torchckpt.load(tmp_path / f"model.{fmt}.index.json", return_info=True)
+    assert info.kind == "sharded" and set(out) == set(sd)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    fresh = small_net()
+    assert torchckpt.load_into(fresh, tmp_path / f"model.{fmt}.index.json").ok
+    assert_same_state(net.state_dict(), fresh.state_dict())
+    (tmp_path / list(shards)[1]).unlink()
+    with pytest.raises(torchckpt.CheckpointNotFoundError):
+        torchckpt.load(tmp_path / f"model.{fmt}.index.json")

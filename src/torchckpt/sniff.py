@@ -37,6 +37,7 @@ DESCRIPTIONS = {
     TORCH_LEGACY: "PyTorch legacy stream format (torch 0.4 - 1.5)",
     TORCH_TAR: "PyTorch legacy tar format (torch < 0.4)",
     SAFETENSORS: "safetensors",
+    "sharded": "sharded checkpoint index",
     PICKLE: "plain Python pickle",
     NUMPY: "numpy .npy/.npz",
     LUA_T7: "Lua Torch7 binary file",

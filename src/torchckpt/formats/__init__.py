@@ -71,6 +71,12 @@ def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Loaded:
         from .simple import read_numpy
 
         return read_numpy(src, opts)
+    if kind == "json" and src.path is not None:
+        from .sharded import read_sharded_index
+
+        loaded = read_sharded_index(src, opts)
+        if loaded is not None:
+            return loaded
     if kind == LUA_T7:
         try:
             from .lua_t7 import read_t7
