@@ -154,8 +154,7 @@ def stub_to_plain(obj: Any, _depth: int = 0) -> Any:
                 out[label] = stub_to_plain(value, d)
         return out
     if isinstance(obj, dict):
-        return type(obj)((k, stub_to_plain(v, d)) for k, v in obj.items()) if type(obj) in (dict,) else \
-            {k: stub_to_plain(v, d) for k, v in obj.items()}
+        return {k: stub_to_plain(v, d) for k, v in obj.items()}
     if isinstance(obj, list):
         return [stub_to_plain(v, d) for v in obj]
     if isinstance(obj, tuple):
