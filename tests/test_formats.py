@@ -6,7 +6,6 @@ import argparse
 import io
 import pathlib
 import pickle
-from collections import OrderedDict
 
 import numpy as np
 import pytest
