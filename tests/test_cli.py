@@ -84,3 +84,11 @@ def test_inspect_never_imports_torch(tmp_path, net):
     assert res.returncode == 0, res.stderr
     total = sum(v.numel() for v in net.state_dict().values())
     assert json.loads(res.stdout) == [total] * 4
+
+
+def test_json_mode_reports_errors_as_json(tmp_path):
+    (tmp_path / "page.bin").write_bytes(b"<html><title>Error 403</title></html>")
+    res = run_cli("inspect", "--json", str(tmp_path / "page.bin"))
+    assert res.returncode == 3
+    doc = json.loads(res.stdout)
+    assert doc["error"] == "NotACheckpointError" and "403" in doc["reason"] and doc["exit_code"] == 3

@@ -333,3 +333,33 @@ def test_numpy_weights_into_model():
     lin = nn.Linear(3, 2)
     report = torchckpt.load_into(lin, {"weight": np.ones((2, 3), np.float64), "bias": np.zeros(2, np.float32)})
     assert report.ok and torch.equal(lin.weight, torch.ones(2, 3))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.layer = nn.Linear(4, 4)
+
+
+class Classifier(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.bert = Encoder()
+        self.classifier = nn.Linear(4, classes)
+
+
+def test_whole_network_into_its_part_and_back_without_prefix():
+    torch.manual_seed(0)
+    full = Classifier()
+    encoder = Encoder()
+    report = torchckpt.load_into(encoder, full.state_dict(), strict=False)
+    assert torch.equal(encoder.layer.weight, full.bert.layer.weight) and not report.missing
+    assert report.unexpected == ["classifier.weight", "classifier.bias"] and "'bert.'" in str(report)
+    torch.manual_seed(1)
+    other = Classifier(classes=7)
+    report = torchckpt.load_into(other, encoder.state_dict(), strict=False)
+    assert torch.equal(other.bert.embed.weight, full.bert.embed.weight)
+    assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
+    with pytest.raises(StateDictMismatchError):  # strict still says that the classifier is missing
+        torchckpt.load_into(Classifier(), encoder.state_dict())

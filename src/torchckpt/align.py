@@ -141,6 +141,13 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
         target = norm_m.get(pre_m + _drop(v, i))
         if target is not None:
             mapping[c] = target
+    if not prefix and rename is None and len(mapping) < min(len(norm_c), len(norm_m)):
+        part = _submodule_alignment(norm_c, norm_m, ckpt_shapes, model_shapes, len(mapping))
+        if part is not None:
+            mapping, description = part
+            for c, m in mapping.items():
+                rules[c] = description
+            return Alignment(mapping, rules, description)
     parts = []
     if i:
         removed = ".".join(ckpt_lead[:i]) + "."
@@ -154,6 +161,32 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
         if c != m and c not in rules:
             rules[c] = description or "normalised name"
     return Alignment(mapping, rules, description)
+
+
+def _submodule_alignment(norm_c: dict[str, str], norm_m: dict[str, str], ckpt_shapes: Mapping[str, tuple],
+                         model_shapes: Mapping[str, tuple], baseline: int) -> tuple[dict[str, str], str] | None:
+    """A whole network's checkpoint into one of its parts (select ``bert.``), or a part's checkpoint into
+    the whole network (prepend ``bert.``). Applied only when exactly one choice maps every key of one
+    side, one-to-one, with equal shapes."""
+    options: list[tuple[int, dict[str, str], str]] = []
+    for first in sorted({v.split(".", 1)[0] for v in norm_c.values() if "." in v}):
+        p = first + "."
+        mapping = {c: norm_m[v[len(p):]] for c, v in norm_c.items()
+                   if v.startswith(p) and v[len(p):] in norm_m
+                   and tuple(ckpt_shapes[c]) == tuple(model_shapes[norm_m[v[len(p):]]])}
+        if len(mapping) == len(norm_m):
+            options.append((len(mapping), mapping, f"selecting the checkpoint's sub-module {p!r}"))
+    for first in sorted({k.split(".", 1)[0] for k in norm_m if "." in k}):
+        p = first + "."
+        mapping = {c: norm_m[p + v] for c, v in norm_c.items()
+                   if p + v in norm_m and tuple(ckpt_shapes[c]) == tuple(model_shapes[norm_m[p + v]])}
+        if len(mapping) == len(norm_c):
+            options.append((len(mapping), mapping, f"loading into the model's sub-module {p!r}"))
+    options = [o for o in options if o[0] > baseline]
+    if len(options) != 1:
+        return None
+    _, mapping, description = options[0]
+    return mapping, description + " (pass prefix= to choose another)"
 
 
 def _drop(key: str, n: int) -> str:

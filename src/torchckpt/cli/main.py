@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> Any:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except CheckpointError as exc:
-        Output().error(str(exc))
+        out = Output()
+        out.error(str(exc))
+        args = sys.argv[1:] if argv is None else argv
+        if "--json" in args:  # machine output stays machine-readable on failure too
+            out.json({**exc.to_dict(), "exit_code": exit_code_for(exc)})
         return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
