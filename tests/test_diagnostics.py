@@ -172,3 +172,25 @@ def test_hash_collision_keys_are_refused():
     assert time.perf_counter() - start < 1
     ordinary = {0: {"step": 1}, 3: {"step": 2}, -5: 1.5, 2**60: "big but fine"}
     assert torchckpt.load(pickle.dumps(ordinary, protocol=2)) == ordinary
+
+
+def test_index_that_lists_itself_is_refused(tmp_path):
+    import json
+
+    (tmp_path / "m.index.json").write_text(json.dumps({"weight_map": {"a": "m.index.json"}}))
+    (tmp_path / "n.index.json").write_text(json.dumps({"weight_map": {"a": "../etc/passwd"}}))
+    for name in ("m.index.json", "n.index.json"):
+        with pytest.raises(CorruptCheckpointError):
+            torchckpt.load(tmp_path / name)
+
+
+def test_deeply_nested_t7_is_bounded(tmp_path):
+    import struct
+
+    depth = 5000
+    data = b"".join(struct.pack("<iii", 3, i + 1, 1) + struct.pack("<i", 1) + struct.pack("<d", 1.0)
+                    for i in range(depth))
+    path = tmp_path / "deep.t7"
+    path.write_bytes(data + struct.pack("<i", 0) * depth)
+    with pytest.raises(LimitExceededError):
+        torchckpt.load(path)

@@ -21,7 +21,7 @@ from .base import Loaded, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
 
-MAX_DEPTH = 500
+MAX_DEPTH = 200
 _TENSOR_DTYPES = {"Double": "float64", "Float": "float32", "Half": "float16", "Byte": "uint8", "Char": "int8",
                   "Short": "int16", "Int": "int32", "Long": "int64", "Bool": "bool", "Cuda": "float32",
                   "CudaDouble": "float64", "CudaHalf": "float16", "CudaByte": "uint8", "CudaChar": "int8",

@@ -38,6 +38,8 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
             raise CorruptCheckpointError(f"the index names shard {shard!r} outside its folder")
         path = os.path.join(folder, shard)
+        if shard.endswith(".json") or os.path.abspath(path) == os.path.abspath(src.path or ""):
+            raise CorruptCheckpointError(f"the index names another index ({shard!r}) as a shard")
         if not os.path.exists(path):
             raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=path,
                                           hint="Download every shard next to the index file.")
