@@ -46,6 +46,10 @@ def _seeds() -> dict[str, bytes]:
     buf = io.BytesIO()
     torch.save(net, buf)
     out["whole"] = buf.getvalue()
+    t7 = os.path.join(os.path.dirname(__file__), "data", "t7")
+    for name in ("floattensor.t7", "recursive_class.t7", "tds_hash.t7"):
+        with open(os.path.join(t7, name), "rb") as fh:
+            out[f"t7-{name[:-3]}"] = fh.read()
     return out
 
 
