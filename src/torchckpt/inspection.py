@@ -137,6 +137,10 @@ def _collect(obj: Any, report: InspectReport) -> None:
             if path:
                 report.values.append((path, _type_name(value), repr(value)))
             continue
+        if isinstance(value, dict) and "param_groups" in value and "state" in value:
+            report.values.append((path or "<root>", "optimizer state", _optimizer_summary(value)))
+            stack.append((f"{path}.state" if path else "state", value["state"], depth + 1))
+            continue
         children = _children(value)
         if children is None:
             if len(report.values) < MAX_VALUES:
@@ -146,6 +150,17 @@ def _collect(obj: Any, report: InspectReport) -> None:
             report.values.append((path, _type_name(value), repr(value)))
         for key, child in reversed(children):
             stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+
+
+def _optimizer_summary(opt: dict) -> str:
+    groups = opt.get("param_groups") if isinstance(opt.get("param_groups"), list) else []
+    params = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
+    lrs = sorted({g.get("lr") for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))})
+    state = opt.get("state") if isinstance(opt.get("state"), dict) else {}
+    slots = sorted({k for v in state.values() if isinstance(v, dict) for k in v})
+    lr = f", lr {', '.join(f'{x:g}' for x in lrs)}" if lrs else ""
+    return (f"{len(groups)} param group(s), {params} params{lr}; state for {len(state)} params"
+            + (f" ({', '.join(map(str, slots))})" if slots else ""))
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
