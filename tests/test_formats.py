@@ -255,3 +255,14 @@ def test_sharded_checkpoint_index(tmp_path, net, fmt):
     (tmp_path / list(shards)[1]).unlink()
     with pytest.raises(torchckpt.CheckpointNotFoundError):
         torchckpt.load(tmp_path / f"model.{fmt}.index.json")
+
+
+def test_remote_url_through_fsspec(net):
+    fsspec = pytest.importorskip("fsspec")  # the [remote] extra; installed with the test extras here
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    with fsspec.open("memory://ckpts/model.pt", "wb") as fh:
+        fh.write(buf.getvalue())
+    assert_same_state(net.state_dict(), torchckpt.load("memory://ckpts/model.pt"))
+    with pytest.raises(torchckpt.CheckpointNotFoundError):
+        torchckpt.load("memory://ckpts/missing.pt")
