@@ -109,8 +109,12 @@ def _dtype(t: Any) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0) -> DiffReport:
-    """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch)."""
+def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
+         progress: Any = None) -> DiffReport:
+    """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
+
+    ``progress(done, total)`` is called after each tensor pair when comparing values.
+    """
     from .formats import ReadOptions, read
     from .source import Source
 
@@ -143,7 +147,9 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
         if values:
             report.values_compared = True
             skip = {k for k, _, _ in report.shape_changes}
-            for ka, kb in mapping.items():
+            for n, (ka, kb) in enumerate(mapping.items(), 1):
+                if progress is not None:
+                    progress(n, len(mapping))
                 if ka in skip:
                     continue
                 d = _compare(_real(ta[ka], sa), _real(tb[kb], sb), ka, atol)

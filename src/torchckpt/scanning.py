@@ -16,7 +16,7 @@ import os
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import CheckpointError
 from .sniff import LEGACY_MAGIC_PICKLE, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
@@ -84,10 +84,14 @@ class ScanReport:
 
 
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
-         strict: bool = False) -> ScanReport:
-    """Scan files (directories with ``recursive=True``) without executing anything from them."""
+         strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
+    """Scan files (directories with ``recursive=True``) without executing anything from them.
+
+    ``progress(done, total)`` is called after each file.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
     for p in paths:
         p = os.fspath(p)
@@ -97,10 +101,13 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
                 continue
             for root, dirs, names in os.walk(p):
                 dirs.sort()
-                for name in sorted(names):
-                    files.append(scan_file(os.path.join(root, name), strict=strict, explicit=False))
+                todo.extend((os.path.join(root, name), False) for name in sorted(names))
         else:
-            files.append(scan_file(p, strict=strict))
+            todo.append((p, True))
+    for i, (path, explicit) in enumerate(todo, 1):
+        files.append(scan_file(path, strict=strict, explicit=explicit))
+        if progress is not None:
+            progress(i, len(todo))
     return ScanReport(files)
 
 

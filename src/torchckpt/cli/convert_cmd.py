@@ -24,8 +24,7 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     from ..convert import convert
 
     out = Output(json_mode=as_json)
-    progress, _, _ = out.progress(0, "converting")
-    with progress:
+    with out.progress(bytes_=True) as progress:
         task = progress.add_task("converting", total=None)
 
         def update(done: int, total: int) -> None:

@@ -22,7 +22,10 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
     from ..diffing import diff
 
     out = Output(json_mode=as_json)
-    report = diff(a, b, values=values, key=key, atol=atol)
+    with out.progress() as progress:
+        task = progress.add_task("comparing", total=None)
+        report = diff(a, b, values=values, key=key, atol=atol,
+                      progress=lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         out.json(report.to_dict())
     else:

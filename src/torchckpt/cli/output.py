@@ -47,11 +47,11 @@ class Output:
         self.err.print(f"[bold red]error:[/] {message}" if self.err.is_terminal else f"error: {message}",
                        markup=self.err.is_terminal)
 
-    def progress(self, total: int, description: str) -> Any:
-        """A progress bar on a terminal; a no-op elsewhere (and in --json mode)."""
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    def progress(self, *, bytes_: bool = False) -> Any:
+        """A rich Progress drawn on stderr when it is a terminal; disabled elsewhere and in --json mode."""
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        enabled = self.console.is_terminal and not self.json_mode
-        progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                            TimeRemainingColumn(), console=self.err, disable=not enabled, transient=True)
-        return progress, total, description
+        enabled = self.err.is_terminal and not self.json_mode
+        counter = DownloadColumn() if bytes_ else MofNCompleteColumn()
+        return Progress("[progress.description]{task.description}", BarColumn(), counter, TimeRemainingColumn(),
+                        console=self.err, disable=not enabled, transient=True)

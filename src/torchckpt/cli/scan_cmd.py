@@ -21,7 +21,10 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
     from ..scanning import scan
 
     out = Output(json_mode=as_json)
-    report = scan(paths, recursive=recursive, strict=strict)
+    with out.progress() as progress:
+        task = progress.add_task("scanning", total=None)
+        report = scan(paths, recursive=recursive, strict=strict,
+                      progress=lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         out.json(report.to_dict())
         return report.exit_code
