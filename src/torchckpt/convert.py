@@ -74,10 +74,18 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with Source(src) as source:
-        sniffed = sniff(source)
-        lazy = sniffed.kind == TORCH_LEGACY and source.path is not None
-        loaded = read(source, ReadOptions(policy=Policy.make(trust), meta=lazy), sniffed)
+    from .formats.dcp import is_dcp_dir
+
+    dcp = isinstance(src, (str, os.PathLike)) and is_dcp_dir(os.fspath(src))
+    with (Source(b"", name=os.fspath(src)) if dcp else Source(src)) as source:
+        if dcp:
+            from .api import read_checkpoint
+
+            loaded = read_checkpoint(src, trust=trust)
+        else:
+            sniffed = sniff(source)
+            lazy = sniffed.kind == TORCH_LEGACY and source.path is not None
+            loaded = read(source, ReadOptions(policy=Policy.make(trust), meta=lazy), sniffed)
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:

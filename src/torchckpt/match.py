@@ -10,6 +10,7 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator, Mapping
 
 from .align import RenameRules, align_keys
@@ -74,9 +75,17 @@ def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list
         yield source, "<in-memory checkpoint>", "in-memory", [], None
         return
     from .formats import ReadOptions, read
+    from .formats.dcp import is_dcp_dir
     from .sniff import TORCH_LEGACY, sniff
     from .source import Source
     from .unpickle.policy import Policy
+
+    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
+        from .api import read_checkpoint
+
+        loaded = read_checkpoint(source, trust=trust)
+        yield loaded.obj, os.fspath(source), loaded.description, list(loaded.notes), None
+        return
 
     with Source(source) as src:
         sniffed = sniff(src)

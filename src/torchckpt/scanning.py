@@ -163,6 +163,10 @@ def _scan_stream(data: Any, result: FileScan, member: str | None, start: int = 0
 
 def _scan_container(src: Source, sniffed: Sniffed, result: FileScan) -> None:
     kind = sniffed.kind
+    if src.path is not None and src.path.endswith(".distcp") and \
+            os.path.isfile(os.path.join(os.path.dirname(src.path), ".metadata")):
+        _scan_distcp(src, result)
+        return
     if kind in (TORCH_ZIP, TORCHSCRIPT, "zip", "ambiguous-zip", "bad-zip"):
         _scan_zip(src, result)
     elif kind == TORCH_LEGACY:
@@ -189,6 +193,43 @@ def _scan_container(src: Source, sniffed: Sniffed, result: FileScan) -> None:
         tail = src.read_at(max(0, src.size - 65_557), 65_557)
         if b"PK\x05\x06" in tail and kind != NUMPY:
             result.findings.append(Finding("container", "a zip archive is appended to the file (polyglot)"))
+
+
+def _scan_distcp(src: Source, result: FileScan) -> None:
+    """A DCP data file is a run of torch.save streams at the ranges .metadata records: scan each one."""
+    from .formats.dcp import _attrs
+    from .unpickle.stubs import Stub
+
+    assert src.path is not None
+    name = os.path.basename(src.path)
+    meta = os.path.join(os.path.dirname(src.path), ".metadata")
+    try:
+        with Source(meta) as msrc:
+            metadata = Unpickler(msrc.buffer(), policy=Policy(), meta=True).load()
+        storage = metadata.stub_attributes().get("storage_data") if isinstance(metadata, Stub) else None
+        ranges = sorted((info["offset"], info["length"], _attrs(index, "index").get("fqn"))
+                        for index, info in ((i, _attrs(v, "record")) for i, v in (storage or {}).items())
+                        if info.get("relative_path") == name)
+    except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
+        result.findings.append(Finding("container", f"its .metadata cannot describe it ({exc}); scanned as a "
+                                                    "single archive"))
+        _scan_zip(src, result)
+        return
+    covered = 0
+    for offset, length, fqn in ranges:
+        if not (isinstance(offset, int) and isinstance(length, int)) or offset + length > src.size or offset < 0:
+            result.findings.append(Finding("container", f"item {fqn} lies outside the file", None, offset))
+            continue
+        with Source(src.read_at(offset, length), name=f"{name}[{fqn}]") as item:
+            sub = FileScan(item.name)
+            _scan_container(item, sniff(item), sub)
+            for stream in sub.streams:
+                stream["member"] = f"{fqn}: {stream['member']}"
+            result.streams.extend(sub.streams)
+            result.findings.extend(Finding(f.kind, f.message, f"{fqn}: {f.member}", f.offset) for f in sub.findings)
+        covered += length
+    if covered < src.size:
+        result.findings.append(Finding("container", f"{src.size - covered} bytes are not described by .metadata"))
 
 
 def _scan_pickles(data: Any, result: FileScan, member: str | None) -> None:

@@ -47,7 +47,8 @@ class Source:
                 if os.path.isdir(path):
                     raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
                                               hint="Pass one file inside it, or use torchckpt.Checkpointer(dir) "
-                                                   "for a directory of training checkpoints.")
+                                                   "for a directory of training checkpoints (torchckpt.load "
+                                                   "reads torch.distributed.checkpoint directories).")
                 if not os.path.exists(path):
                     raise CheckpointNotFoundError("no such file", path=path,
                                                   hint="Check the path and the current directory.")

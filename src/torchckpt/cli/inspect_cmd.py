@@ -17,7 +17,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 @click.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+@click.argument("file", type=click.Path(allow_dash=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 @click.option("--max-tensors", default=60, show_default=True, help="Tensors listed in the table (all in --json).")
 @click.option("--against", metavar="MODULE:FACTORY",

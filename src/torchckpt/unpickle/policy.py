@@ -45,8 +45,9 @@ xmlrpc xmlrpclib socketserver SocketServer tempfile glob fileinput zipimport pkg
 distutils setuptools pip ensurepip venv signal resource mmap gc inspect dis ast compileall py_compile
 types dill cloudpickle joblib io _io builtins_io zipfile tarfile gzip bz2 lzma sqlite3 dbm
 numpy.testing numpy.f2py numpy.distutils numpy.ctypeslib numpy.lib.npyio numpy.lib.format
-torch.hub torch.utils.cpp_extension torch.jit torch.package torch.multiprocessing torch.distributed
-torch.serialization torch._dynamo torch._inductor torch.utils.data.datapipes
+torch.hub torch.utils.cpp_extension torch.jit torch.package torch.multiprocessing torch.distributed.rpc
+torch.distributed.elastic torch.distributed.launcher torch.distributed.run torch.distributed.launch
+torch.distributed.distributed_c10d torch.serialization torch._dynamo torch._inductor torch.utils.data.datapipes
 logging.config logging.handlers pkg_resources importlib_metadata importlib_resources jinja2 IPython
 """.split())
 
