@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 from .devices import MapLocation, Relocator
-from .errors import CheckpointError
-from .formats import Loaded, ReadOptions, read
-from .source import Source, SourceLike
+from .formats import Loaded, ReadOptions, open_checkpoint
+from .source import SourceLike
 from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
@@ -18,20 +16,8 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
     opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
-    from .formats.dcp import is_dcp_dir, read_dcp
-
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
-        try:
-            loaded = read_dcp(os.fspath(source), opts)
-        except CheckpointError as exc:
-            raise exc.with_path(os.fspath(source))
-        return _with_device_notes(loaded, opts, meta)
-    with Source(source) as src:
-        loaded = read(src, opts)
-    return _with_device_notes(loaded, opts, meta)
-
-
-def _with_device_notes(loaded: Loaded, opts: ReadOptions, meta: bool) -> Loaded:
+    with open_checkpoint(source, opts) as (loaded, _):
+        pass
     relocator = opts.relocator
     if relocator.fallbacks:
         loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "

@@ -64,9 +64,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
         key: dotted path of the weights when several candidates exist.
     """
-    from .formats import ReadOptions, read
-    from .sniff import TORCH_LEGACY, sniff
-    from .source import Source
+    from .formats import ReadOptions, open_checkpoint
     from .unpickle.policy import Policy
 
     dst = os.fspath(dst)
@@ -74,18 +72,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    from .formats.dcp import is_dcp_dir
-
-    dcp = isinstance(src, (str, os.PathLike)) and is_dcp_dir(os.fspath(src))
-    with (Source(b"", name=os.fspath(src)) if dcp else Source(src)) as source:
-        if dcp:
-            from .api import read_checkpoint
-
-            loaded = read_checkpoint(src, trust=trust)
-        else:
-            sniffed = sniff(source)
-            lazy = sniffed.kind == TORCH_LEGACY and source.path is not None
-            loaded = read(source, ReadOptions(policy=Policy.make(trust), meta=lazy), sniffed)
+    with open_checkpoint(src, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, source):
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:
@@ -97,7 +84,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             cast = sum(1 for _, t in tensors if _is_float(t) and _dtype_name(t) != str(target_dtype)[6:])
             if cast:
                 changes[f"floating-point tensors cast to {str(target_dtype)[6:]}"] += cast
-        materialize = _materializer(source, target_dtype)
+        materialize = _Materializer(source, target_dtype)
         if to == "safetensors":
             metadata = {"format": "pt"}
             if not weights_only:
@@ -300,10 +287,6 @@ class _Materializer:
                 self.source.release_pointer(storage.data_ptr(), storage.nbytes())
 
 
-def _materializer(source: Any, target_dtype: Any) -> _Materializer:
-    return _Materializer(source, target_dtype)
-
-
 def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     if is_tensor_like(tree):
         return materialize(tree)
@@ -342,7 +325,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         out_dtype = _dtype_name(probe) if probe is not None else _cast_name(dtype, materialize)
         if out_dtype not in ST_NAMES:
             raise CorruptCheckpointError(f"tensor {name} has dtype {out_dtype}, which safetensors cannot store")
-        nbytes = _numel(t) * getattr(torch, out_dtype).itemsize
+        nbytes = t.numel() * getattr(torch, out_dtype).itemsize
         header[name] = {"dtype": ST_NAMES[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         order.append((name, t))
@@ -368,9 +351,6 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
     return 8 + len(raw) + offset
 
 
-def _numel(t: Any) -> int:
-    n = t.numel
-    return n() if callable(n) else n
 
 
 def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:

@@ -10,7 +10,6 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Iterator, Mapping
 
 from .align import RenameRules, align_keys
@@ -74,25 +73,10 @@ def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list
     if isinstance(source, (dict, list)) or type(source).__name__ == "Stub" or is_module_like(source):
         yield source, "<in-memory checkpoint>", "in-memory", [], None
         return
-    from .formats import ReadOptions, read
-    from .formats.dcp import is_dcp_dir
-    from .sniff import TORCH_LEGACY, sniff
-    from .source import Source
+    from .formats import ReadOptions, open_checkpoint
     from .unpickle.policy import Policy
 
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
-        from .api import read_checkpoint
-
-        loaded = read_checkpoint(source, trust=trust)
-        yield loaded.obj, os.fspath(source), loaded.description, list(loaded.notes), None
-        return
-
-    with Source(source) as src:
-        sniffed = sniff(src)
-        # Legacy files cannot be mapped: read the structure only and stream each tensor from the file
-        # into its parameter later, so the checkpoint is never held in memory as a whole.
-        lazy = sniffed.kind == TORCH_LEGACY and src.path is not None
-        loaded = read(src, ReadOptions(policy=Policy.make(trust), meta=lazy), sniffed)
+    with open_checkpoint(source, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, src):
         yield loaded.obj, src.name, loaded.description, list(loaded.notes), src
 
 
@@ -177,8 +161,6 @@ def _dtype(value: Any) -> Any:
     return value.torch_dtype() if isinstance(value, TensorMeta) else value.dtype
 
 
-def _numel(value: Any) -> int:
-    return value.numel if isinstance(value, TensorMeta) else value.numel()
 
 
 def _materialize(value: Any, src: Any) -> Any:
@@ -227,7 +209,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
             report.loaded.append(mkey)
             continue
         if tuple(value.shape) != tuple(target.shape):
-            if _numel(value) == target.numel() and [s for s in value.shape if s != 1] == \
+            if value.numel() == target.numel() and [s for s in value.shape if s != 1] == \
                     [s for s in target.shape if s != 1]:
                 value = ("reshape", value)
                 report.notes.append(f"{mkey}: reshaped {list(tensors[ckey].shape)} -> {list(target.shape)}")

@@ -6,9 +6,13 @@ Post-processing common to every format: Python 2 byte strings left in the tree a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import struct
 import tarfile
 import zipfile
+from typing import Any, Iterator
 
 from ..errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, TruncatedCheckpointError, \
     UnsupportedFormatError
@@ -18,7 +22,34 @@ from ..source import Source
 from ..unpickle.py2 import decode_py2_text
 from .base import Loaded, ReadOptions
 
-__all__ = ["read", "ReadOptions", "Loaded", "diagnose"]
+__all__ = ["read", "open_checkpoint", "ReadOptions", "Loaded", "diagnose"]
+
+
+@contextlib.contextmanager
+def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = False) -> Iterator[tuple[Loaded, Source]]:
+    """Read any source (path, bytes, file object, torch.distributed.checkpoint directory) and keep its
+    :class:`Source` open while the caller uses the result.
+
+    ``stream_legacy``: legacy files, which cannot be mapped, are read as structure with file offsets
+    (``TensorMeta``); the caller reads each tensor from the open Source when it needs it, so the
+    checkpoint is never held in memory as a whole.
+    """
+    from .dcp import is_dcp_dir, read_dcp
+
+    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
+        path = os.fspath(source)
+        with Source(b"", name=path) as src:  # the items are read inside read_dcp
+            try:
+                loaded = read_dcp(path, opts)
+            except CheckpointError as exc:
+                raise exc.with_path(path)
+            yield loaded, src
+        return
+    with Source(source) as src:
+        sniffed = sniff(src)
+        if stream_legacy and sniffed.kind == TORCH_LEGACY and src.path is not None:
+            opts = dataclasses.replace(opts, meta=True)
+        yield read(src, opts, sniffed), src
 
 
 def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Loaded:

@@ -9,7 +9,12 @@ from ..devices import Relocator
 from ..unpickle.machine import GlobalRef
 from ..unpickle.policy import Policy
 
-__all__ = ["ReadOptions", "Loaded", "StorageBudget"]
+__all__ = ["ReadOptions", "Loaded", "StorageBudget", "ascii_text"]
+
+
+def ascii_text(value: Any) -> Any:
+    """Persistent-id fields ("storage", keys, locations) may be bytes in Python 2 files."""
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
 @dataclass

@@ -290,16 +290,18 @@ def t7_state_dict(obj: Any, notes: list[str] | None = None) -> "OrderedDict[str,
 
 
 def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, depth: int) -> None:
+    from ..tree import is_tensor_like
+
     if not isinstance(module, T7Object) or id(module) in seen or depth > MAX_DEPTH:
         return
     seen.add(id(module))
     data = module.data if isinstance(module.data, dict) else {}
     for name in _PARAMS + _BUFFERS:
         value = data.get(name)
-        if _is_tensor(value) and _numel(value):
+        if is_tensor_like(value) and value.numel():
             out[prefix + name] = value
     std = data.get("running_std")
-    if _is_tensor(std) and "running_var" not in data and _numel(std):
+    if is_tensor_like(std) and "running_var" not in data and std.numel():
         eps = data.get("eps", 1e-5)
         if hasattr(std, "pow"):
             out[prefix + "running_var"] = std.pow(-2) - eps
@@ -312,12 +314,3 @@ def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, dept
             ((k - 1, v) for k, v in children.items() if isinstance(k, int)))
         for i, child in items:
             _walk(child, f"{prefix}{i}.", out, notes, seen, depth + 1)
-
-
-def _is_tensor(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype")
-
-
-def _numel(value: Any) -> int:
-    n = value.numel
-    return n() if callable(n) else n

@@ -17,7 +17,7 @@ from ..source import Source
 from ..unpickle.machine import Unpickler
 from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
-from .base import Loaded, ReadOptions, StorageBudget
+from .base import Loaded, ReadOptions, StorageBudget, ascii_text
 
 __all__ = ["read_torch_legacy", "read_torch_tar"]
 
@@ -39,12 +39,12 @@ class _LegacyStorages:
     def __call__(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
-        typename = _text(pid[0])
+        typename = ascii_text(pid[0])
         if typename == "module":  # whole-model pickles of torch < 1.0 record the class and its source
             return pid[1] if len(pid) > 1 else None
         if typename != "storage" or len(pid) < 6:
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
-        storage_type, root_key, location, numel, view = pid[1], _text(pid[2]), _text(pid[3]), pid[4], pid[5]
+        storage_type, root_key, location, numel, view = pid[1], ascii_text(pid[2]), ascii_text(pid[3]), pid[4], pid[5]
         if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0 \
                 or not isinstance(location, str):
             raise CorruptCheckpointError(f"malformed storage reference {pid!r:.100}")
@@ -67,7 +67,7 @@ class _LegacyStorages:
             return root
         if not (isinstance(view, tuple) and len(view) == 3):
             raise CorruptCheckpointError(f"malformed storage view {view!r:.100}")
-        view_key, offset, view_size = _text(view[0]), view[1], view[2]
+        view_key, offset, view_size = ascii_text(view[0]), view[1], view[2]
         if view_key not in self.views:
             root_bytes = root.nbytes if isinstance(root, MetaStorage) else root._untyped_storage.nbytes()
             capacity = root_bytes // item
@@ -85,9 +85,6 @@ class _LegacyStorages:
                     dtype=root.dtype, _internal=True)
         return self.views[view_key]
 
-
-def _text(value: Any) -> Any:
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
 def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
@@ -123,7 +120,7 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
     loaded.globals.extend(k.globals)
     if not isinstance(keys, list):
         raise CorruptCheckpointError("the storage key list is not a list")
-    _fill_storages(src, storages, [_text(key) for key in keys], k.pos, opts)
+    _fill_storages(src, storages, [ascii_text(key) for key in keys], k.pos, opts)
     if opts.mmap and not opts.meta:
         loaded.notes.append("mmap=True has no effect on the legacy format: its tensors were read into memory")
     loaded.obj = obj
@@ -212,7 +209,7 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Loaded:
             pos += 8 + nbytes
             untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
                 torch.UntypedStorage(0)
-            untyped = opts.relocator(untyped, _text(location))
+            untyped = opts.relocator(untyped, ascii_text(location))
             objects[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
         u = Unpickler(data, policy=opts.policy, start=pos, member="storages")
         for target, root, offset, numel in u.load():

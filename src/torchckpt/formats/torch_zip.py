@@ -21,7 +21,7 @@ from ..unpickle.machine import Unpickler
 from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
-from .base import Loaded, ReadOptions, StorageBudget
+from .base import Loaded, ReadOptions, StorageBudget, ascii_text
 
 __all__ = ["read_torch_zip", "open_zip", "member_data_offset", "torchscript_declarations"]
 
@@ -61,9 +61,9 @@ class _ZipStorages:
             loaded.notes.append("mmap=True needs a local file path; the storages were copied into memory")
 
     def __call__(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or len(pid) < 5 or _text(pid[0]) != "storage":
+        if not isinstance(pid, tuple) or len(pid) < 5 or ascii_text(pid[0]) != "storage":
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
-        storage_type, key, location, numel = pid[1], _text(pid[2]), _text(pid[3]), pid[4]
+        storage_type, key, location, numel = pid[1], ascii_text(pid[2]), ascii_text(pid[3]), pid[4]
         if not isinstance(storage_type, StorageType) or not isinstance(numel, int) or numel < 0 \
                 or not isinstance(key, str) or not isinstance(location, str):
             raise CorruptCheckpointError(f"malformed storage reference {pid!r:.100}")
@@ -142,9 +142,6 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source) -> byte
         raise LimitExceededError(f"member {info.filename} inflates past {limit} bytes", member=info.filename)
     return data
 
-
-def _text(value: Any) -> Any:
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
 def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False) -> Loaded:

@@ -69,13 +69,12 @@ class TensorMeta:
         self.requires_grad = False
         self.is_parameter = False
 
-    @property
-    def numel(self) -> int:
+    def numel(self) -> int:  # a method, as on torch.Tensor, so callers need not tell them apart
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel() * self.dtype.itemsize
 
     def detach(self) -> "TensorMeta":
         return self
@@ -110,14 +109,20 @@ class TensorMeta:
         return f"TensorMeta(shape={list(self.shape)}, dtype={self.dtype!r})"
 
 
+def check_int(value: Any, what: str) -> int:
+    """An int from the file (numpy integer scalars accepted). Raises CorruptCheckpointError."""
+    from ..errors import CorruptCheckpointError
+
+    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+        raise CorruptCheckpointError(f"{what} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
 def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple, tuple]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
     from ..errors import CorruptCheckpointError
 
-    def as_int(v: Any, what: str) -> int:
-        if type(v) is not int and type(v).__name__ not in ("int64", "int32"):
-            raise CorruptCheckpointError(f"{what} must be an integer, got {type(v).__name__}")
-        return int(v)
+    as_int = check_int
 
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
         raise CorruptCheckpointError("tensor size and stride must be tuples")

@@ -15,10 +15,10 @@ import importlib
 import math
 from typing import Any, Callable
 
-from ..errors import CorruptCheckpointError
+from .meta import check_int
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
-from .torch_rebuild import (MAX_DIMS, _check_int, _Marker, get_layout, rebuild_device_tensor_from_numpy,
+from .torch_rebuild import (MAX_DIMS, _bad, _Marker, get_layout, rebuild_device_tensor_from_numpy,
                             rebuild_from_type, rebuild_from_type_v2, rebuild_meta_tensor_no_storage,
                             rebuild_parameter, rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2,
                             rebuild_tensor_v3, torch_version, legacy_parameter, legacy_variable)
@@ -49,10 +49,6 @@ class StorageType:
         return f"StorageType({self.name})"
 
 
-def _bad(message: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(message)
-
-
 def _fail(what: str, value: Any) -> Any:
     raise _bad(f"expected a {what}, got {type(value).__name__}")
 
@@ -80,7 +76,7 @@ def _validate_ndarray_state(state: Any) -> Any:
     shape, dtype, raw = state[-4], state[-3], state[-1]
     if not isinstance(dtype, np.dtype):
         raise _bad(f"numpy array with dtype {dtype!r}")
-    shape = tuple(_check_int(s, "array dimension") for s in shape)
+    shape = tuple(check_int(s, "array dimension") for s in shape)
     if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
         raise _bad(f"numpy array shape {shape}")
     count = math.prod(shape)
@@ -115,7 +111,7 @@ def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> Any:
     np = _np()
     if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise _bad("numpy buffer array with invalid arguments")
-    shape = tuple(_check_int(s, "array dimension") for s in shape)
+    shape = tuple(check_int(s, "array dimension") for s in shape)
     arr = np.frombuffer(bytearray(buf), dtype=dtype)
     return arr.reshape(shape, order="F" if order == "F" else "C")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CorruptCheckpointError
+from .meta import check_int
 
 MAX_DIMS = 64
 
@@ -70,12 +71,6 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- torch rebuilders
-def _check_int(value: Any, what: str) -> int:
-    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
-        raise _bad(f"{what} must be an integer, got {type(value).__name__}")
-    return int(value)
-
-
 def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     from torch.storage import TypedStorage, UntypedStorage
@@ -201,8 +196,8 @@ def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, require
 def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> Any:
     import torch
 
-    size = tuple(_check_int(s, "size") for s in size)
-    stride = tuple(_check_int(s, "stride") for s in stride)
+    size = tuple(check_int(s, "size") for s in size)
+    stride = tuple(check_int(s, "stride") for s in stride)
     return torch.empty_strided(size, stride, dtype=dtype, device="meta", requires_grad=bool(requires_grad))
 
 
