@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 from .errors import AmbiguousCheckpointError
 
-__all__ = ["Alignment", "align_keys", "RenameRules"]
+__all__ = ["Alignment", "align_keys", "RenameRules", "strip_compile"]
 
 RenameRules = Union[Mapping[str, str], Sequence[tuple[str, str]], Callable[[str], str], None]
 COMPILE = "_orig_mod"
@@ -31,7 +31,8 @@ class Alignment:
     description: str = ""
 
 
-def _strip_compile(key: str) -> str:
+def strip_compile(key: str) -> str:
+    """``a._orig_mod.b`` -> ``a.b`` (the marker torch.compile puts in state-dict keys)."""
     if COMPILE not in key:
         return key
     return ".".join(p for p in key.split(".") if p != COMPILE)
@@ -107,8 +108,8 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
     model_keys = set(model_shapes)
     renamed = _prefix_rule(renamed, model_keys, prefix, rules)
     # torch.compile markers are normalised away on both sides when that is one-to-one.
-    norm_c = {c: _strip_compile(v) for c, v in renamed.items()}
-    norm_m = {_strip_compile(k): k for k in model_keys}
+    norm_c = {c: strip_compile(v) for c, v in renamed.items()}
+    norm_m = {strip_compile(k): k for k in model_keys}
     if len(set(norm_c.values())) != len(norm_c) or len(norm_m) != len(model_keys):
         norm_c = dict(renamed)
         norm_m = {k: k for k in model_keys}

@@ -76,7 +76,9 @@ def clean_state_dict(model: Any) -> dict[str, Any]:
     if any("_orig_mod." in k for k in sd):  # compiled sub-modules
         from collections import OrderedDict
 
-        sd = OrderedDict((".".join(p for p in k.split(".") if p != "_orig_mod"), v) for k, v in sd.items())
+        from .align import strip_compile
+
+        sd = OrderedDict((strip_compile(k), v) for k, v in sd.items())
     return sd
 
 

@@ -15,7 +15,7 @@ import importlib
 import math
 from typing import Any, Callable
 
-from .meta import check_int
+from .meta import TensorMeta, check_int
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
 from .torch_rebuild import (MAX_DIMS, _bad, _Marker, get_layout, rebuild_device_tensor_from_numpy,
@@ -362,7 +362,7 @@ def build(inst: Any, state: Any, policy: Policy, record_only: bool) -> None:
         return
     if record_only:
         return
-    if type(inst).__name__ == "TensorMeta" and type(inst).__module__.endswith("unpickle.meta"):
+    if isinstance(inst, TensorMeta):
         if isinstance(state, tuple) and len(state) in (3, 4) and isinstance(state[-3], bool):
             inst.requires_grad = state[-3]
         return
