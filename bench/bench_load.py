@@ -23,7 +23,7 @@ def main() -> None:
 
     import torch
 
-    from torchckpt.samples import write_py2_legacy
+    from torchckpt.demo.samples import write_py2_legacy
 
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)
     sd = transformer_state_dict(args.size_mib)

@@ -69,7 +69,7 @@ def test_inspect_never_imports_torch(tmp_path, net):
     """inspect reads structure only: no torch import, so it is fast whatever the file size."""
     from safetensors.torch import save_file
 
-    from torchckpt.samples import write_py2_legacy
+    from torchckpt.demo.samples import write_py2_legacy
 
     files = [tmp_path / "a.pt", tmp_path / "b.pth", tmp_path / "c.pth", tmp_path / "d.safetensors"]
     torch.save({"sd": net.state_dict(), "epoch": 1}, files[0])

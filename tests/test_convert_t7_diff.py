@@ -16,7 +16,7 @@ from conftest import LOCAL_T7, assert_same_state, small_net
 from t7_writer import Obj, write_t7
 
 import torchckpt
-from torchckpt.samples import write_py2_legacy
+from torchckpt.demo.samples import write_py2_legacy
 
 T7 = LOCAL_T7
 

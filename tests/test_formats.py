@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_state, small_net
 
 import torchckpt
-from torchckpt.samples import saved_on_device, write_py2_legacy
+from torchckpt.demo.samples import saved_on_device, write_py2_legacy
 
 
 @pytest.mark.parametrize("ext", [".pt", ".pth", ".pkl", ".bin", ".tar", ".t7", ".ckpt", ""])
@@ -190,8 +190,8 @@ def test_lua_t7_is_recognised_and_named(tmp_path):
 
     from conftest import LOCAL_T7, SHARED_T7
     folder = LOCAL_T7 if os.path.isdir(LOCAL_T7) else SHARED_T7
-    from torchckpt.sniff import sniff
-    from torchckpt.source import Source
+    from torchckpt.read.sniff import sniff
+    from torchckpt.storage.source import Source
 
     with Source(os.path.join(folder, "doubletensor.t7")) as src:
         sniffed = sniff(src)

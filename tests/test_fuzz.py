@@ -28,7 +28,7 @@ TIME_BOUND = 5.0
 def _seeds() -> dict[str, bytes]:
     from safetensors.torch import save as st_save
 
-    from torchckpt.samples import write_py2_legacy
+    from torchckpt.demo.samples import write_py2_legacy
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))

@@ -262,7 +262,7 @@ def test_custom_load_hooks_and_non_persistent_buffers():
 
 
 def test_python2_checkpoint(tmp_path):
-    from torchckpt.samples import write_py2_legacy
+    from torchckpt.demo.samples import write_py2_legacy
 
     src = make(0)
     path = tmp_path / "py2.pth.tar"

@@ -34,8 +34,8 @@ def test_every_attack_is_a_finding(tmp_path, technique, container):
 def _benign_corpus(folder, net) -> list:
     from tar_writer import write_torch_tar
 
-    from torchckpt.samples import write_py2_legacy
-    from torchckpt.tour import SCENARIOS
+    from torchckpt.demo.samples import write_py2_legacy
+    from torchckpt.demo.tour import SCENARIOS
 
     files = []
     for sc in SCENARIOS:

@@ -103,7 +103,7 @@ def test_disk_full_keeps_previous_checkpoints(tmp_path, monkeypatch, net):
     ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
     ckpt.save(1, model=net)
     good = ckpt.latest()
-    import torchckpt.training as training
+    import torchckpt.train.training as training
 
     real_save = torch.save
 
@@ -176,7 +176,7 @@ def test_scaler_and_safetensors_weights(tmp_path, net):
 
 
 def test_retention_policies_are_pure():
-    from torchckpt.manager import CheckpointInfo, KeepBest, KeepEvery, KeepLast
+    from torchckpt.train.checkpointer import CheckpointInfo, KeepBest, KeepEvery, KeepLast
 
     infos = [CheckpointInfo(s, f"p{s}", {"loss": l}, {}) for s, l in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0)]]
     assert KeepLast(2).keep(infos) == {3, 4}
@@ -200,7 +200,7 @@ def test_async_save_and_best(tmp_path, net):
 
 def test_async_errors_surface(tmp_path, net, monkeypatch):
     ckpt = torchckpt.Checkpointer(tmp_path, async_save=True)
-    import torchckpt.manager as manager
+    import torchckpt.train.checkpointer as manager
 
     def broken(path, payload, fmt):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -232,8 +232,8 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, net, damage):
 
         with zipfile.ZipFile(path) as zf:
             info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 64)
-        from torchckpt.formats.torch_zip import member_data_offset
-        from torchckpt.source import Source
+        from torchckpt.read.formats.torch_zip import member_data_offset
+        from torchckpt.storage.source import Source
 
         with Source(path) as src:
             where = member_data_offset(src, info) + 10

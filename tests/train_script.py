@@ -24,7 +24,7 @@ def build(total_steps: int):
     g = torch.Generator().manual_seed(99)
     data = torch.utils.data.TensorDataset(torch.randn(72, 8, generator=g), torch.randint(0, 4, (72,), generator=g))
     sampler = torchckpt.ResumableSampler(data, seed=7)
-    # generator=: creating an iterator must not draw from the global RNG (see torchckpt.data)
+    # generator=: creating an iterator must not draw from the global RNG (see torchckpt.train.sampler)
     loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler, generator=torch.Generator())
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)

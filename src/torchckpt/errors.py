@@ -150,7 +150,7 @@ class AmbiguousCheckpointError(CheckpointError, LookupError):
 class StateDictMismatchError(CheckpointError, RuntimeError):
     """The checkpoint does not fit the model under the requested strictness.
 
-    ``report`` is the :class:`~torchckpt.report.LoadReport` describing every key.
+    ``report`` is the :class:`~torchckpt.fit.report.LoadReport` describing every key.
     """
 
     def __init__(self, reason: str, *, path: Any = None, hint: str | None = None, report: Any = None):

@@ -19,7 +19,7 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
 
     A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.
     """
-    from ..diffing import diff
+    from ..tools.diffing import diff
 
     out = Output(json_mode=as_json)
     with out.progress() as progress:

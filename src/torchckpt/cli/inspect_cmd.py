@@ -28,7 +28,7 @@ def inspect_command(file: str, as_json: bool, max_tensors: int, against: str | N
 
     Tensor data is never read, so this takes the same time for a 1 KiB or a 100 GiB file.
     """
-    from ..inspection import inspect
+    from ..tools.inspection import inspect
 
     out = Output(json_mode=as_json)
     report = inspect(file, trust=trust)

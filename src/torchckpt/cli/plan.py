@@ -41,7 +41,7 @@ class Plan:
 
 
 def plan_against(file: str, spec: str, *, trust: bool = False) -> Plan:
-    from ..match import load_into
+    from ..fit.load_into import load_into
 
     model = build_model(spec)
     report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, trust=trust)

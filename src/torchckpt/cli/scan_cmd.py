@@ -18,7 +18,7 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
 
     Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
     """
-    from ..scanning import scan
+    from ..tools.scanning import scan
 
     out = Output(json_mode=as_json)
     with out.progress() as progress:

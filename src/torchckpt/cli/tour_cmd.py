@@ -20,7 +20,7 @@ def tour_command(keep: str | None, as_json: bool) -> int:
     """
     import os
 
-    from ..tour import run_tour
+    from ..demo.tour import run_tour
 
     out = Output(json_mode=as_json)
     if keep:

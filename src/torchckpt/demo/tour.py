@@ -1,0 +1,319 @@
+"""``torchckpt tour``: generate a checkpoint for every real-world scenario, then load and inspect it.
+
+Each scenario writes a file the way real code does (or did, for old eras), tries what a user would
+try first (``torch.load``), then shows what torchckpt found and fixed. Used as the project's main job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["Scenario", "run_tour", "SCENARIOS"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    filename: str
+    make: Callable[[str], None]
+    expect_error: str | None = None  # CheckpointError subclass name torchckpt must raise
+    check: Callable[[Any, str], list[str]] | None = None  # extra actions -> result lines
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    file: str
+    format: str
+    torch_load: str
+    torchckpt: str
+    details: list[str] = field(default_factory=list)
+    ok: bool = True
+
+
+def _net() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict([
+        ("conv1", torch.nn.Conv2d(3, 8, 3)), ("bn1", torch.nn.BatchNorm2d(8)), ("relu", torch.nn.ReLU()),
+        ("pool", torch.nn.AdaptiveAvgPool2d(1)), ("flat", torch.nn.Flatten()), ("fc", torch.nn.Linear(8, 10))]))
+
+
+def _save(obj_factory: Callable[[], Any], **kwargs: Any) -> Callable[[str], None]:
+    def make(path: str) -> None:
+        import torch
+
+        torch.save(obj_factory(), path, **kwargs)
+    return make
+
+
+def _training_dict() -> Any:
+    import numpy as np
+    import torch
+
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    return {"epoch": 12, "arch": "smallnet", "model_state_dict": net.state_dict(),
+            "optimizer_state_dict": opt.state_dict(), "loss": 0.4321, "best_acc": np.float64(0.9137),
+            "args": argparse.Namespace(lr=0.1, batch_size=64, data="/data/imagenet")}
+
+
+def _make_py2(path: str) -> None:
+    import numpy as np
+
+    from .samples import write_py2_legacy
+
+    net = _net()
+    write_py2_legacy({"epoch": 90, "arch": "resnet18", "state_dict": net.state_dict(),
+                      "best_prec1": np.float64(69.758), "optimizer": {"lr": 0.001}}, path, location="cuda:0")
+
+
+def _make_whole_model(path: str) -> None:
+    import sys
+    import tempfile
+    import textwrap
+
+    import torch
+
+    code = textwrap.dedent("""
+        import torch
+        class TinyNet(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+                self.head = torch.nn.Linear(4, 2)
+    """)
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = os.path.join(tmp, "tour_models")
+        os.makedirs(pkg)
+        with open(os.path.join(pkg, "__init__.py"), "w") as fh:
+            fh.write(code)
+        sys.path.insert(0, tmp)
+        try:
+            import tour_models  # type: ignore[import-not-found]
+
+            torch.save(tour_models.TinyNet(), path)
+        finally:
+            sys.path.remove(tmp)
+            sys.modules.pop("tour_models", None)
+
+
+def _make_cuda3(path: str) -> None:
+    import torch
+
+    from .samples import saved_on_device
+
+    with saved_on_device("cuda:3"):
+        torch.save(_net().state_dict(), path)
+
+
+def _make_safetensors(path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in _net().state_dict().items()}, path, metadata={"format": "pt"})
+
+
+def _make_torchscript(path: str) -> None:
+    import torch
+
+    torch.jit.trace(_net().eval(), torch.randn(1, 3, 8, 8)).save(path)
+
+
+def _make_detectron_pkl(path: str) -> None:
+    import numpy as np
+
+    blobs = {"conv1_w": np.ones((8, 3, 3, 3), np.float32), "fc_b": np.zeros(10, np.float32)}
+    with open(path, "wb") as fh:
+        pickle.dump({"blobs": blobs, "model_iter": 90000}, fh, protocol=2)
+
+
+def _text_file(content: bytes) -> Callable[[str], None]:
+    def make(path: str) -> None:
+        with open(path, "wb") as fh:
+            fh.write(content)
+    return make
+
+
+def _make_truncated(path: str) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(_net().state_dict(), buf)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _make_malicious(path: str) -> None:
+    canary = path + ".canary"
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return os.system, (f"touch {canary}",)
+
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": {}, "x": Payload()}, fh, protocol=2)
+
+
+def _net_classes(classes: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict([
+        ("conv1", torch.nn.Conv2d(3, 8, 3)), ("pool", torch.nn.AdaptiveAvgPool2d(1)), ("flat", torch.nn.Flatten()),
+        ("fc", torch.nn.Linear(8, classes))]))
+
+
+def _check_load_into(**kwargs: Any) -> Callable[[Any, str], list[str]]:
+    def check(obj: Any, path: str) -> list[str]:
+        from .. import load_into
+
+        model = _net_classes(10) if kwargs.pop("classes10", False) else _net()
+        report = load_into(model, path, **kwargs)
+        return ["load_into: " + line.strip() for line in str(report).splitlines()]
+    return check
+
+
+def _make_dp(path: str) -> None:
+    import torch
+
+    torch.save({"epoch": 5, "state_dict": torch.nn.DataParallel(_net()).state_dict()}, path)
+
+
+def _make_imagenet(path: str) -> None:
+    import torch
+
+    torch.save(_net_classes(1000).state_dict(), path)
+
+
+def _make_training(path: str) -> None:
+    import torch
+
+    from ..train.training import save
+
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    save(path, model=torch.nn.DataParallel(net), optimizer=opt, epoch=3, step=300, metrics={"val_loss": 0.42})
+
+
+def _check_resume(obj: Any, path: str) -> list[str]:
+    import torch
+
+    from ..train.training import resume
+
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    state = resume(path, model=net, optimizer=opt)
+    return [f"resume: epoch {state.epoch}, step {state.step}, metrics {state.metrics}; model, optimizer and "
+            f"{len(state.rng or {})} RNG states restored (sha-checked: {os.path.exists(path + '.meta.json')})"]
+
+
+def _check_convert(obj: Any, path: str) -> list[str]:
+    from ..tools.convert import convert
+
+    report = convert(path, path + ".safetensors", weights_only=True)
+    return ["convert: " + line.strip() for line in str(report).splitlines()[:2]]
+
+
+_LFS = (b"version https://git-lfs.github.com/spec/v1\n"
+        b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 102502400\n")
+_HTML = b"<!DOCTYPE html><html><head><title>Sign in - Google Accounts</title></head><body></body></html>"
+
+SCENARIOS = [
+    Scenario("state_dict, zip format", "resnet_state.pt", _save(lambda: _net().state_dict())),
+    Scenario("training dict with Namespace + numpy scalar", "checkpoint.pth.tar", _save(_training_dict)),
+    Scenario("legacy stream format (torch 0.4-1.5)", "legacy.pth",
+             _save(lambda: _net().state_dict(), _use_new_zipfile_serialization=False)),
+    Scenario("Python 2 era file, saved on cuda:0", "py2_model_best.pth.tar", _make_py2, check=_check_convert),
+    Scenario("DataParallel checkpoint into a single-GPU model", "dp_best.pth", _make_dp,
+             check=_check_load_into()),
+    Scenario("classifier resized 1000 -> 10 classes", "imagenet.pth", _make_imagenet,
+             check=_check_load_into(classes10=True, strict=False, on_mismatch="skip")),
+    Scenario("training checkpoint: atomic save, then resume", "train.ckpt", _make_training, check=_check_resume),
+    Scenario("whole model, its class's module deleted", "whole_model.pkl", _make_whole_model),
+    Scenario("saved on cuda:3, loaded on a CPU machine", "gpu3.ckpt", _make_cuda3),
+    Scenario("safetensors", "model.safetensors", _make_safetensors),
+    Scenario("TorchScript archive", "traced.t7", _make_torchscript),
+    Scenario("Detectron-style numpy pickle", "R-50.pkl", _make_detectron_pkl),
+    Scenario("git-lfs pointer instead of the model", "pytorch_model.bin", _text_file(_LFS), "NotACheckpointError"),
+    Scenario("HTML page saved by a failed download", "weights.pth", _text_file(_HTML), "NotACheckpointError"),
+    Scenario("truncated download", "partial.pt", _make_truncated, "TruncatedCheckpointError"),
+    Scenario("malicious pickle (os.system)", "evil.bin", _make_malicious, "UnsafeCheckpointError"),
+]
+
+
+def _torch_load_result(path: str) -> str:
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(path, weights_only=True, map_location=None)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - shown to the user as the baseline
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first[:70]}"
+
+
+def run_scenario(sc: Scenario, folder: str) -> Outcome:
+    from .. import inspect as inspect_file
+    from .. import load
+    from ..errors import CheckpointError
+    from ..fit.tree import find_state_dicts
+
+    from ..tools.scanning import scan
+
+    path = os.path.join(folder, sc.filename)
+    sc.make(path)
+    baseline = _torch_load_result(path)
+    outcome = Outcome(sc.name, sc.filename, "", baseline, "")
+    scanned = scan(path).files[0]
+    scan_line = f"scan: {scanned.status}" + (f" ({scanned.findings[0].message})" if scanned.findings else "")
+    try:
+        obj, info = load(path, return_info=True)
+    except CheckpointError as exc:
+        outcome.format = "-"
+        outcome.torchckpt = f"{type(exc).__name__}"
+        outcome.details.append(str(exc).replace(path, sc.filename))
+        outcome.ok = type(exc).__name__ == sc.expect_error
+        outcome.details.append(scan_line)
+        if sc.expect_error == "UnsafeCheckpointError":
+            outcome.ok = outcome.ok and scanned.status == "findings"
+            ran = os.path.exists(path + ".canary")
+            outcome.details.append("payload did not run" if not ran else "PAYLOAD RAN")
+            outcome.ok = outcome.ok and not ran
+        return outcome
+    if sc.expect_error:
+        outcome.ok = False
+        outcome.torchckpt = f"loaded, but {sc.expect_error} was expected"
+        return outcome
+    report = inspect_file(path)
+    outcome.format = info.description
+    candidates = find_state_dicts(obj)
+    weights = ", ".join(f"{c.path or '<root>'} ({len(c.state_dict)} tensors)" for c in candidates) or "none"
+    outcome.torchckpt = f"ok: {len(report.tensors)} tensors, {report.total_parameters:,} params"
+    outcome.details.extend(e for e in info.evidence[1:])
+    outcome.details.append(f"weights at: {weights}")
+    outcome.details.extend(f"fixed: {n}" for n in info.notes)
+    if report.stubbed_classes:
+        outcome.details.append(f"stubbed (not imported): {', '.join(report.stubbed_classes[:3])}")
+    outcome.details.append(scan_line)
+    outcome.ok = scanned.status == "clean"
+    if sc.check is not None:
+        outcome.details.extend(line.replace(folder + os.sep, "") for line in sc.check(obj, path))
+    return outcome
+
+
+def run_tour(folder: str, scenarios: list[Scenario] | None = None) -> list[Outcome]:
+    return [run_scenario(sc, folder) for sc in (scenarios or SCENARIOS)]

@@ -1,0 +1,202 @@
+"""safetensors, plain pickles (Caffe/Detectron ``.pkl`` weights) and numpy ``.npy``/``.npz``."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zipfile
+from collections import OrderedDict
+from typing import Any
+
+from ...errors import CorruptCheckpointError, TruncatedCheckpointError
+from ...storage.source import Source
+from ..unpickle.machine import Unpickler
+from .base import Loaded, ReadOptions
+
+__all__ = ["read_safetensors", "safetensors_header", "read_pickle", "read_numpy", "SAFETENSORS_DTYPES"]
+
+SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "C64": ("complex64", 8),
+}
+MAX_HEADER = 100 << 20
+
+
+def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Parse and validate the header: ``(entries, metadata, data_start)``. Reads no tensor data.
+
+    ``entries`` maps names to ``{"dtype", "shape", "data_offsets"}`` in data order.
+    """
+    head = src.read_at(0, 8)
+    if len(head) < 8:
+        raise TruncatedCheckpointError("safetensors file shorter than its 8-byte header", actual_size=src.size)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > src.size:
+        raise TruncatedCheckpointError(f"safetensors header declares {n} bytes; the file has {src.size}",
+                                       expected_size=8 + n, actual_size=src.size)
+    try:
+        header = json.loads(src.read_at(8, n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError("safetensors __metadata__ is not an object")
+    data_size = src.size - 8 - n
+    entries = []
+    for name, e in header.items():
+        try:
+            dtype, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
+            itemsize = SAFETENSORS_DTYPES[dtype][1]
+            ok = all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= begin <= end <= data_size
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"safetensors entry {name!r} is malformed: {e!r:.200}") from None
+        if not ok or (end - begin) != math.prod(shape) * itemsize:
+            if end > data_size:
+                raise TruncatedCheckpointError(f"tensor {name!r} ends at data byte {end}; the data section has "
+                                               f"{data_size}", expected_size=8 + n + end, actual_size=src.size)
+            raise CorruptCheckpointError(f"safetensors entry {name!r} has inconsistent shape/offsets: {e!r:.200}")
+        entries.append((begin, name, e))
+    entries.sort(key=lambda t: (t[0], t[2]["data_offsets"][1]))
+    expected = 0
+    for begin, name, e in entries:  # the data section must be covered exactly, without gaps or overlaps
+        if begin != expected:
+            raise CorruptCheckpointError(f"safetensors data of {name!r} starts at {begin}, expected {expected} "
+                                         "(gap or overlap)")
+        expected = e["data_offsets"][1]
+    if expected != data_size:
+        raise CorruptCheckpointError(f"safetensors tensors cover {expected} bytes but the data section has "
+                                     f"{data_size}")
+    ordered = OrderedDict((name, e) for _, name, e in entries)
+    return ordered, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+
+def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
+    from ..sniff import DESCRIPTIONS, SAFETENSORS
+    from ..unpickle.meta import TensorMeta, meta_dtype
+
+    entries, metadata, data_start = safetensors_header(src)
+    loaded = Loaded(obj=None, kind=SAFETENSORS, description=DESCRIPTIONS[SAFETENSORS])
+    loaded.details["metadata"] = metadata
+    out: OrderedDict[str, Any] = OrderedDict()
+    if opts.meta:
+        for name, e in entries.items():
+            shape = tuple(e["shape"])
+            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            out[name] = TensorMeta(shape, stride, meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0]))
+        loaded.obj = out
+        loaded.details["storage_bytes"] = src.size - data_start
+        return loaded
+    import torch
+
+    if src.path is not None and opts.mmap is not False:
+        from safetensors import safe_open
+
+        with safe_open(src.path, framework="pt", device="cpu") as f:
+            for name in entries:
+                out[name] = f.get_tensor(name)
+    else:
+        from safetensors.torch import load as st_load
+
+        tensors = st_load(bytes(src.buffer()))
+        for name in entries:
+            out[name] = tensors[name]
+    for name, t in out.items():
+        moved = opts.relocator(t.untyped_storage(), "cpu")
+        if moved.device != t.device:
+            out[name] = torch.empty(0, dtype=t.dtype, device=moved.device).set_(
+                moved, t.storage_offset(), t.shape, t.stride())
+    _restore_aliases(out, metadata, loaded)
+    loaded.obj = _restore_tree(out, metadata, loaded)
+    loaded.details["storage_bytes"] = src.size - data_start
+    return loaded
+
+
+def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> None:
+    """torchckpt stores a tied tensor once and records ``{"alias": "original"}`` under torchckpt.aliases."""
+    raw = metadata.get("torchckpt.aliases")
+    if not raw:
+        return
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError:
+        return
+    restored = []
+    for alias, original in aliases.items():
+        if original in out:
+            out[alias] = out[original]
+            restored.append(alias)
+    if restored:
+        loaded.notes.append(f"restored {len(restored)} tied tensor(s) stored once: {', '.join(restored[:5])}")
+
+
+def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> Any:
+    """Rebuild the nested tree torchckpt.convert recorded as JSON (tensors by dotted path)."""
+    raw = metadata.get("torchckpt.tree")
+    if not raw:
+        return tensors
+    try:
+        skeleton = json.loads(raw)
+    except json.JSONDecodeError:
+        return tensors
+
+    def build(node: Any, path: str) -> Any:
+        if isinstance(node, dict) and node == {"__tensor__": True}:
+            return tensors.get(path or "tensor")
+        if isinstance(node, dict):
+            return {k: build(v, f"{path}.{k}" if path else k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [build(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)]
+        return node
+
+    loaded.notes.append("nested structure restored from the torchckpt.tree metadata")
+    return build(skeleton, "")
+
+
+def read_pickle(src: Source, opts: ReadOptions) -> Loaded:
+    from ..sniff import DESCRIPTIONS, PICKLE
+
+    loaded = Loaded(obj=None, kind=PICKLE, description=DESCRIPTIONS[PICKLE])
+    u = Unpickler(src.buffer(), policy=opts.policy, member=None)
+    loaded.obj = u.load()
+    loaded.globals.extend(u.globals)
+    loaded.details["python2"] = u.saw_binstring
+    loaded.details["py2_nonascii"] = u.py2_strings
+    if u.saw_binstring:
+        loaded.evidence.append("written by Python 2 (str pickled as byte strings)")
+    if u.pos < src.size:
+        trailing = src.read_at(u.pos, 16)
+        if trailing.strip(b"\x00\n ") and trailing[:1] in (b"\x80",):
+            loaded.notes.append(f"the file holds more data after the first pickle (at byte {u.pos}); only the first "
+                                "object was read")
+    return loaded
+
+
+def read_numpy(src: Source, opts: ReadOptions) -> Loaded:
+    import io
+
+    import numpy as np
+
+    from ..sniff import DESCRIPTIONS, NUMPY
+
+    loaded = Loaded(obj=None, kind=NUMPY, description=DESCRIPTIONS[NUMPY])
+    try:
+        result = np.load(io.BytesIO(bytes(src.buffer())), allow_pickle=False)  # safe-door: pickles refused
+        if isinstance(result, np.lib.npyio.NpzFile):
+            with result:
+                result = OrderedDict((k, result[k]) for k in result.files)
+        loaded.obj = result
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CorruptCheckpointError("the .npy/.npz holds pickled objects",
+                                         hint="Object arrays are refused; save the arrays with a numeric dtype.") \
+                from None
+        raise CorruptCheckpointError(f"invalid numpy file: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise TruncatedCheckpointError(f"numpy file cut short: {exc}") from None
+    return loaded
+

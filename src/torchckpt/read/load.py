@@ -1,0 +1,62 @@
+"""``torchckpt.load``: read any checkpoint, safely."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .devices import MapLocation, Relocator
+from .formats import Loaded, ReadOptions, open_checkpoint
+from ..storage.source import SourceLike
+from .unpickle.policy import Policy
+
+__all__ = ["load", "read_checkpoint"]
+
+
+def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
+    """Read ``source`` and return the tree together with its format, evidence and notes."""
+    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
+    with open_checkpoint(source, opts) as (loaded, _):
+        pass
+    relocator = opts.relocator
+    if relocator.fallbacks:
+        loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
+                            "(that device is not available here)")
+    elif relocator.moves and not meta:
+        moves = ", ".join(f"{a} -> {b}" for a, b in sorted(relocator.moves.items()))
+        loaded.notes.append(f"storages moved: {moves}")
+    return loaded
+
+
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: bool = False) -> Any:
+    """Load a checkpoint of any format and era without running code from it.
+
+    Args:
+        source: a path (any extension, or none), an open binary file, bytes, or a URL that
+            fsspec can open (``pip install torchckpt[remote]``).
+        map_location: where tensors go; every form ``torch.load`` accepts. The default ``"cpu"``
+            loads checkpoints saved on ``cuda:N`` on a machine without a GPU. ``None`` restores the
+            saved devices, falling back to the CPU for devices this machine lacks.
+        mmap: map tensor data from the file instead of reading it (zip format, local paths). The
+            default maps when it can. Mapped tensors are copy-on-write; do not truncate or overwrite
+            the file in place while they are alive (``torchckpt.save`` replaces files atomically).
+        trust: import the real classes the file names (whole-model pickles) instead of inert stubs.
+            **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
+            (``os.system`` & co.) are refused even then.
+        allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
+            with the detected format, its evidence and every automatic fix applied.
+
+    Returns:
+        The checkpoint object: dicts, tensors, numpy arrays, plain values, and stubs for classes that
+        were not imported (see :func:`torchckpt.state_dict_of` for whole-model pickles).
+
+    Raises:
+        CheckpointError: subclasses name the file, the problem and the next step:
+        ``UnsafeCheckpointError`` (code execution attempt), ``TruncatedCheckpointError``,
+        ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
+        ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
+    """
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow)
+    return (loaded.obj, loaded) if return_info else loaded.obj

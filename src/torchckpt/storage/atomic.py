@@ -1,0 +1,179 @@
+"""Atomic, durable file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+A crash at any moment leaves either the old file or the new one under the final name, never a
+partial file. Temp files are named ``.<name>.tmp-<pid>-<random>`` so that leftovers from a crash
+can be recognised and removed (:func:`clean_temp_files`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+from typing import IO, Any, Callable, Iterator
+
+from ..errors import CheckpointWriteError
+
+__all__ = ["atomic_write", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "TEMP_MARK"]
+
+TEMP_MARK = ".tmp-"
+
+
+def fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform/filesystem
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    if exc.errno == errno.ENOSPC:
+        why, hint = "the disk is full", "Free space or choose another directory; the previous checkpoints are intact."
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why, hint = "the directory is not writable", "Check the permissions or choose another directory."
+    else:
+        why, hint = f"{exc.strerror or exc}", "The previous checkpoints are intact."
+    return CheckpointWriteError(f"could not write the checkpoint: {why}", path=path, hint=hint)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[IO[bytes]]:
+    """Yield a binary file; on success it replaces ``path`` atomically and durably."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointWriteError("the directory does not exist", path=directory,
+                                   hint="Create it first (os.makedirs) or fix the path.")
+    tmp = _temp_path(path)
+    try:
+        fh = open(tmp, "wb")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        with fh:
+            yield _Writeback(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _write_error(path, exc) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+class _Writeback:
+    """File wrapper that starts disk writeback while the rest is still being serialized (Linux).
+
+    The final fsync then has little left to flush, so durability costs little more than the write.
+    """
+
+    STEP = 32 << 20
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self._fd = fh.fileno()
+        self._flushed = 0
+        self._written = 0
+
+    def write(self, data: Any) -> int:
+        n = self._fh.write(data)
+        self._written += n
+        if self._written - self._flushed >= self.STEP and _sync_file_range is not None:
+            self._fh.flush()
+            _sync_file_range(self._fd, self._flushed, self._written - self._flushed, 2)  # SYNC_FILE_RANGE_WRITE
+            self._flushed = self._written
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def _load_sync_file_range() -> Any:
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def file_sha256(path: str, chunk: int = 8 << 20) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = fh.readinto(view)
+            if not n:
+                break
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def write_json_atomic(path: str, document: Any) -> None:
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def clean_temp_files(directory: str, *, only_dead: bool = True, is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
+    """Remove ``.*.tmp-<pid>-*`` leftovers of crashed writers. Temp files of live processes are kept."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or TEMP_MARK not in name or not is_ours(name):
+            continue
+        pid_text = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if only_dead and pid_text.isdigit() and _alive(int(pid_text)):
+            continue
+        _remove_quietly(os.path.join(directory, name))
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,251 @@
+"""Where checkpoint bytes come from: a path, an open binary file, bytes, or a remote URL.
+
+:class:`Source` gives every reader the same few operations (size, head, random access buffer,
+file-range reads into tensors) and owns what it opened. Local paths are memory-mapped read-only,
+so reading a pickle at the start of a large file never reads the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from typing import IO, Any, Union
+
+from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+
+__all__ = ["Source", "SourceLike"]
+
+SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
+
+
+class Source:
+    """A readable checkpoint source. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, source: SourceLike, *, name: str | None = None) -> None:
+        self._owned: list[Any] = []
+        self.path: str | None = None
+        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._exported = False
+        self._map_base: int | None = None
+        self._bytes: bytes | None = None
+        self._file: IO[bytes] | None = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._bytes = bytes(source)
+            self.name = name or "<bytes>"
+        elif isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if isinstance(path, bytes):
+                path = os.fsdecode(path)
+            if "://" in path and not path.startswith("file://"):
+                self._bytes = _read_remote(path)
+                self.name = name or path
+            else:
+                path = path[len("file://"):] if path.startswith("file://") else path
+                self.name = name or path
+                if os.path.isdir(path):
+                    raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
+                                              hint="Pass one file inside it, or use torchckpt.Checkpointer(dir) "
+                                                   "for a directory of training checkpoints (torchckpt.load "
+                                                   "reads torch.distributed.checkpoint directories).")
+                if not os.path.exists(path):
+                    raise CheckpointNotFoundError("no such file", path=path,
+                                                  hint="Check the path and the current directory.")
+                self.path = path
+        elif hasattr(source, "read"):
+            self.name = name or str(getattr(source, "name", "<file object>"))
+            if _seekable(source):
+                self._file = source  # type: ignore[assignment]
+            else:
+                self._bytes = source.read()  # type: ignore[union-attr]
+        else:
+            raise TypeError(f"cannot read a checkpoint from a {type(source).__name__}; pass a path, "
+                            "an open binary file or bytes")
+        self.size = self._compute_size()
+
+    def _compute_size(self) -> int:
+        if self._bytes is not None:
+            return len(self._bytes)
+        if self.path is not None:
+            return os.path.getsize(self.path)
+        assert self._file is not None
+        here = self._file.tell()
+        self._file.seek(0, io.SEEK_END)
+        size = self._file.tell() - here
+        self._file.seek(here)
+        self._base = here
+        return size
+
+    # ------------------------------------------------------------------ access
+    def head(self, n: int) -> bytes:
+        if self._bytes is not None:
+            return self._bytes[:n]
+        return self.read_at(0, min(n, self.size))
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            assert self.path is not None
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self._fd
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Exactly the bytes ``[offset, offset+n)`` clipped to the end of the file (no mmap involved)."""
+        if self._bytes is not None:
+            return self._bytes[offset:offset + n]
+        if self.path is not None:
+            return os.pread(self._descriptor(), max(0, min(n, self.size - offset)), offset) if n > 0 else b""
+        assert self._file is not None
+        self._file.seek(self._base + offset)
+        return self._file.read(n)
+
+    def buffer(self) -> Any:
+        """The whole content as a bytes-like object with slicing (a private mmap for local files)."""
+        if self._bytes is not None:
+            return self._bytes
+        if self.path is not None:
+            if self._mmap is None:
+                if self.size == 0:
+                    return b""
+                with open(self.path, "rb") as fh:
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._owned.append(self._mmap)
+            return self._mmap
+        assert self._file is not None
+        self._file.seek(self._base)
+        self._bytes = self._file.read()
+        return self._bytes
+
+    def open(self) -> IO[bytes]:
+        """A seekable binary file positioned at the start of the checkpoint (owned by this Source)."""
+        if self.path is not None:
+            fh = open(self.path, "rb")
+            self._owned.append(fh)
+            return fh
+        if self._bytes is not None:
+            return io.BytesIO(self._bytes)
+        assert self._file is not None
+        if self._base == 0:
+            self._file.seek(0)
+            return self._file
+        return io.BytesIO(self.buffer())
+
+    @property
+    def can_map(self) -> bool:
+        return self.path is not None and self.size > 0
+
+    def mapped_storage(self, offset: int, nbytes: int) -> Any:
+        """A CPU ``UntypedStorage`` viewing ``[offset, offset+nbytes)`` of the file, zero copy (copy-on-write)."""
+        import torch
+
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
+        # torch keeps a reference to the mmap object (not a buffer export): the mapping lives exactly as
+        # long as the last tensor on it, so close() must never unmap it explicitly.
+        self._exported = True
+        storage = torch.frombuffer(self.buffer(), dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+        if self._map_base is None:
+            self._map_base = storage.data_ptr() - offset
+        return storage
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop mapped pages of ``[offset, offset+nbytes)`` from memory (they are re-read if touched again).
+
+        Only for ranges whose tensors were never written to (copy-on-write pages would be lost).
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        end = (offset + nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def release_pointer(self, pointer: int, nbytes: int) -> None:
+        """:meth:`release` for a mapped storage given by its data pointer (no-op if not ours)."""
+        if self._mmap is None or self._map_base is None:
+            return
+        offset = pointer - self._map_base
+        if 0 <= offset and offset + nbytes <= self.size:
+            self.release(offset, nbytes)
+
+    def read_into_storage(self, offset: int, nbytes: int) -> Any:
+        """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned)."""
+        import torch
+
+        storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        self.read_into(storage, offset, nbytes)
+        return storage
+
+    def read_into(self, target: Any, offset: int, nbytes: int) -> None:
+        """Copy ``[offset, offset+nbytes)`` into an existing ``UntypedStorage`` on any device.
+
+        Local files are read with pread straight into the destination: the data never passes
+        through a mapping, so it does not count twice in the process's memory.
+        """
+        import numpy as np
+        import torch
+
+        if nbytes == 0:
+            return
+        if target.device.type != "cpu":
+            staged = self.read_into_storage(offset, nbytes)
+            dst = torch.empty(0, dtype=torch.uint8, device=target.device).set_(target)[:nbytes]
+            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
+            return
+        view = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
+        if self.path is not None:
+            fd = self._descriptor()
+            done = 0
+            while done < nbytes:
+                chunk = min(nbytes - done, 1 << 28)
+                got = os.preadv(fd, [view[done:done + chunk]], offset + done)
+                if got <= 0:
+                    from ..errors import TruncatedCheckpointError
+
+                    raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
+                                                   f"{nbytes} bytes at {offset}", expected_size=offset + nbytes,
+                                                   actual_size=self.size)
+                done += got
+        else:
+            view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
+
+    def close(self) -> None:
+        for obj in reversed(self._owned):
+            if obj is self._mmap and self._exported:
+                continue  # tensors view it; refcounting unmaps it with the last of them
+            try:
+                obj.close()
+            except (BufferError, OSError):
+                pass  # an exported view keeps an mmap alive; it is released with the last view
+        self._owned.clear()
+        self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable()) if hasattr(f, "seekable") else False
+    except (OSError, ValueError):
+        return False
+
+
+def _read_remote(url: str) -> bytes:
+    try:
+        import fsspec
+    except ImportError:
+        raise CheckpointError("reading remote URLs needs fsspec", path=url,
+                              hint="pip install 'torchckpt[remote]'") from None
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such remote file", path=url) from None
