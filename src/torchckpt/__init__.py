@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -45,6 +45,7 @@ _LAZY = {
     "convert": ("tools.convert", "convert"),
     "diff": ("tools.diffing", "diff"),
     "Policy": ("read.unpickle.policy", "Policy"),
+    "Budget": ("read.unpickle.budget", "Budget"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 from .devices import MapLocation, Relocator
@@ -13,9 +14,10 @@ __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
-                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
+                    policy: Policy | None = None) -> Loaded:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
+    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=_policy(policy, trust, allow), meta=meta)
     with open_checkpoint(source, opts) as (loaded, _):
         pass
     relocator = opts.relocator
@@ -28,8 +30,16 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
     return loaded
 
 
+def _policy(policy: Policy | None, trust: bool, allow: Iterable[str] | str | None) -> Policy:
+    """``policy=`` with the ``trust``/``allow`` shorthands folded in."""
+    if policy is None:
+        return Policy.make(trust, allow)
+    extra = Policy.make(trust, allow)
+    return dataclasses.replace(policy, trust=policy.trust or extra.trust, allow=policy.allow | extra.allow)
+
+
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False) -> Any:
+         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
@@ -45,6 +55,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        policy: the whole :class:`~torchckpt.Policy` (``trust``/``allow`` are shorthands for it), including
+            its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -58,5 +70,5 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
         ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow)
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
     return (loaded.obj, loaded) if return_info else loaded.obj

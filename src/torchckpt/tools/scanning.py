@@ -23,11 +23,11 @@ from ..read.sniff import LEGACY_MAGIC_PICKLE, NUMPY, PICKLE, SAFETENSORS, TORCH_
     Sniffed, sniff
 from ..storage.source import Source
 from ..read.unpickle.machine import GlobalRef, Unpickler
-from ..read.unpickle.policy import Policy, Verdict
+from ..read.unpickle.policy import Mode, Policy, Verdict
 
 __all__ = ["scan", "ScanReport", "FileScan", "Finding"]
 
-_SCAN_POLICY = Policy(construct=False)
+_SCAN_POLICY = Policy()
 _OK_FLAGS = 0x0008 | 0x0800  # data descriptor, UTF-8 names: what torch writes
 
 
@@ -147,7 +147,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> File
 
 def _scan_stream(data: Any, result: FileScan, member: str | None, start: int = 0, end: int | None = None) -> int:
     """Record one pickle stream; returns the offset after it (or the end if it broke)."""
-    u = Unpickler(data, policy=_SCAN_POLICY, record_only=True, start=start, end=end, member=member)
+    u = Unpickler(data, policy=_SCAN_POLICY, mode=Mode.RECORD, start=start, end=end, member=member)
     stream = {"member": member, "offset": start, "globals": u.globals, "complete": True}
     result.streams.append(stream)
     try:
@@ -205,7 +205,7 @@ def _scan_distcp(src: Source, result: FileScan) -> None:
     meta = os.path.join(os.path.dirname(src.path), ".metadata")
     try:
         with Source(meta) as msrc:
-            metadata = Unpickler(msrc.buffer(), policy=Policy(), meta=True).load()
+            metadata = Unpickler(msrc.buffer(), policy=Policy(), mode=Mode.STRUCTURE).load()
         storage = metadata.stub_attributes().get("storage_data") if isinstance(metadata, Stub) else None
         ranges = sorted((info["offset"], info["length"], _attrs(index, "index").get("fqn"))
                         for index, info in ((i, _attrs(v, "record")) for i, v in (storage or {}).items())

@@ -15,6 +15,7 @@ from typing import Any
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.policy import Mode
 from ..unpickle.stubs import Stub, stub_name
 from .base import Loaded, ReadOptions
 
@@ -35,7 +36,8 @@ def read_dcp(directory: str, opts: ReadOptions) -> Loaded:
     """Read a DCP checkpoint directory into a (nested) state dict."""
     meta_path = os.path.join(directory, ".metadata")
     with Source(meta_path) as src:
-        u = Unpickler(src.buffer(), policy=opts.policy, member=".metadata", meta=opts.meta)
+        u = Unpickler(src.buffer(), policy=opts.policy, member=".metadata",
+                      mode=Mode.STRUCTURE if opts.meta else Mode.BUILD)
         metadata = u.load()
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)

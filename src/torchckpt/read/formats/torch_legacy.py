@@ -15,6 +15,7 @@ from typing import Any
 from ...errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.policy import Mode
 from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from .base import Loaded, ReadOptions, StorageBudget, ascii_text
@@ -111,7 +112,7 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
                                      hint="Load it with torch.load on that machine and save it again.")
     storages = _LegacyStorages(src.size, opts)
     u = Unpickler(buf, policy=opts.policy, persistent_load=storages, start=pos, member="<object pickle>",
-                  meta=opts.meta)
+                  mode=Mode.STRUCTURE if opts.meta else Mode.BUILD)
     obj = u.load()
     loaded.globals.extend(u.globals)
     py2 = py2 or u.saw_binstring

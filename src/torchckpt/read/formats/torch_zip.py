@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.policy import Mode
 from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
@@ -163,7 +164,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         if data_pkl not in names:
             raise CorruptCheckpointError(f"the archive has no {data_pkl}", member=data_pkl)
         u = Unpickler(read_member(zf, zf.getinfo(data_pkl), src), policy=opts.policy, persistent_load=storages, member=data_pkl,
-                      meta=opts.meta)
+                      mode=Mode.STRUCTURE if opts.meta else Mode.BUILD)
         loaded.obj = u.load()
         loaded.globals.extend(u.globals)
         if torchscript:
@@ -173,7 +174,8 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
             if f"{prefix}/constants.pkl" in names:
                 cu = Unpickler(read_member(zf, zf.getinfo(f"{prefix}/constants.pkl"), src), policy=opts.policy,
                                persistent_load=storages,
-                               member=f"{prefix}/constants.pkl", meta=opts.meta)
+                               member=f"{prefix}/constants.pkl",
+                               mode=Mode.STRUCTURE if opts.meta else Mode.BUILD)
                 loaded.details["constants"] = cu.load()
                 loaded.globals.extend(cu.globals)
         loaded.details["locations"] = dict(storages.locations)
