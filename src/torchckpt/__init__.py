@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -44,6 +44,7 @@ _LAZY = {
     "LoadReport": ("fit.report", "LoadReport"),
     "convert": ("tools.convert", "convert"),
     "diff": ("tools.diffing", "diff"),
+    "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
