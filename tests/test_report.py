@@ -47,11 +47,12 @@ def _expect_stats(s, t: torch.Tensor) -> None:
     assert s.nan == int(torch.isnan(x).sum()) and s.inf == int(torch.isinf(x).sum())
     assert s.zeros == int((x == 0).sum())
     if finite.numel():
-        assert s.mean == pytest.approx(float(finite.mean()), rel=1e-9, abs=1e-12)
+        # float32 chunks give float32-rounded chunk moments (accumulated in float64 by torch)
+        assert s.mean == pytest.approx(float(finite.mean()), rel=1e-6, abs=1e-9)
         assert s.min == float(finite.min()) and s.max == float(finite.max())
-        assert s.norm == pytest.approx(float(torch.linalg.vector_norm(finite)), rel=1e-9, abs=1e-12)
+        assert s.norm == pytest.approx(float(torch.linalg.vector_norm(finite)), rel=1e-6, abs=1e-9)
         if finite.numel() > 1:
-            assert s.std == pytest.approx(float(finite.std()), rel=1e-7, abs=1e-12)
+            assert s.std == pytest.approx(float(finite.std()), rel=1e-6, abs=1e-9)
 
 
 def test_training_checkpoint_numbers_equal_torch(tmp_path):
@@ -229,3 +230,29 @@ def test_page_renders_in_headless_chromium(tmp_path):
     proc = subprocess.run([_chromium(), *flags, "--window-size=1200,1600", f"--screenshot={shot}", out.as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and shot.stat().st_size > 20_000  # a real picture, not a blank page
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.uint8, torch.bool])
+def test_chunked_statistics_merge_exactly(dtype):
+    from torchckpt.tools.tensor_stats import tensor_stats
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1000, generator=g) * 3 + 5)
+    if dtype.is_floating_point:
+        x = x.to(dtype)
+        x[[3, 500]] = float("nan")
+        x[77] = float("inf")
+        x[10:20] = 0
+    else:
+        x = x.abs().to(dtype)
+    t = x.reshape(10, 100).t()  # non-contiguous: the walk must follow the logical order
+    for chunk in (7, 64, 1 << 20):  # uneven chunks exercise the parallel merge
+        _expect_stats(tensor_stats("x", t, chunk=chunk), t)
+    s = tensor_stats("x", t, bins=10, chunk=13)
+    finite = t.to(torch.float64)[torch.isfinite(t.to(torch.float64))]
+    assert sum(s.histogram[1]) == finite.numel()
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo == hi:  # one value: the histogram spans value ± 0.5
+        lo, hi = lo - 0.5, hi + 0.5
+    assert s.histogram[0][0] == lo and s.histogram[0][-1] == pytest.approx(hi)

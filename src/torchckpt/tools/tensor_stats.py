@@ -1,7 +1,8 @@
 """Statistics of one tensor, computed in bounded chunks: mean, std, min, max, zeros, NaN/Inf, norm, histogram.
 
-Every statistic is accumulated in float64 over chunks of at most ``CHUNK`` elements, so the memory
-needed beyond the tensor itself is a few times the chunk, whatever the tensor's size. Means and
+Every statistic is accumulated in float64 (torch's CPU accumulation type for float reductions) over
+chunks of at most ``CHUNK`` elements, so the memory needed beyond the tensor itself is a few times
+the chunk, whatever the tensor's size. Means and
 variances of chunks are merged with Chan's parallel update, which keeps the result as accurate
 as a single float64 pass. NaN and Inf are counted and left out of the other statistics.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 __all__ = ["TensorStats", "tensor_stats", "relative_change", "CHUNK"]
 
-CHUNK = 1 << 20  # elements per chunk: about 8 MiB of float64 temporaries
+CHUNK = 1 << 20  # elements per chunk: at most 8 MiB of temporaries
 
 
 @dataclass
@@ -54,14 +55,20 @@ class TensorStats:
         return out
 
 
-def _chunks(t: Any, chunk: int) -> Any:
+def _chunks(t: Any, chunk: int, exact: bool = False) -> Any:
+    """Flat chunks of ``t`` as float32 or float64. Reductions on them accumulate in float64 on the CPU
+    (torch's accumulation type for float), so only half types and integers need converting;
+    ``exact`` converts everything to float64 for elementwise arithmetic."""
     import torch
 
     flat = t.detach().reshape(-1)  # a view for contiguous tensors; strided views are copied once
     if flat.dtype.is_complex:
         flat = torch.view_as_real(flat).reshape(-1)
+    keep = flat.dtype == torch.float64 or (flat.dtype == torch.float32 and not exact)
+    target = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) and not exact else torch.float64
     for start in range(0, flat.numel(), chunk):
-        yield flat[start:start + chunk].to(torch.float64)
+        part = flat[start:start + chunk]
+        yield part if keep else part.to(target)
 
 
 def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK) -> TensorStats:
@@ -112,7 +119,9 @@ def _histogram(t: Any, bins: int, lo: float, hi: float, chunk: int) -> tuple[lis
         lo, hi = lo - 0.5, hi + 0.5
     counts = torch.zeros(bins, dtype=torch.float64)
     for c in _chunks(t, chunk):
-        counts += torch.histc(c[torch.isfinite(c)], bins=bins, min=lo, max=hi)
+        if not bool(torch.isfinite(c).all()):
+            c = c[torch.isfinite(c)]
+        counts += torch.histc(c, bins=bins, min=lo, max=hi).to(torch.float64)
     step = (hi - lo) / bins
     return [lo + i * step for i in range(bins + 1)], [int(x) for x in counts.tolist()]
 
@@ -122,7 +131,7 @@ def relative_change(a: Any, b: Any, *, chunk: int = CHUNK) -> tuple[float, float
     import torch
 
     diff_sq, base_sq = 0.0, 0.0
-    for ca, cb in zip(_chunks(a, chunk), _chunks(b, chunk)):
+    for ca, cb in zip(_chunks(a, chunk, exact=True), _chunks(b, chunk, exact=True)):
         diff_sq += float(((ca - cb) ** 2).sum())
         base_sq += float((ca * ca).sum())
     if not (math.isfinite(diff_sq) and math.isfinite(base_sq)):
