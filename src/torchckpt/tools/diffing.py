@@ -116,11 +116,12 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     """
     from ..read.formats import ReadOptions, read
+    from ..read.unpickle.mode import Mode
     from ..storage.source import Source
 
     with Source(a) as sa, Source(b) as sb:
-        la = read(sa, ReadOptions(meta=True))
-        lb = read(sb, ReadOptions(meta=True))
+        la = read(sa, ReadOptions(mode=Mode.STRUCTURE))
+        lb = read(sb, ReadOptions(mode=Mode.STRUCTURE))
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
