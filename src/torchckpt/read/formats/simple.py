@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpointError
 from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, NUMPY, PICKLE, SAFETENSORS
-from ..unpickle.meta import TensorMeta, meta_dtype
+from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
 from ..unpickle.mode import Mode
 from .base import Check, Checkpoint, ReadOptions, run_pickle
 from .torch_zip import open_zip, read_member
@@ -94,31 +94,37 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Checkpoint:
         for name, e in entries.items():
             shape = tuple(e["shape"])
             stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-            out[name] = TensorMeta(shape, stride, meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0]))
+            dtype = meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0])
+            begin, end = e["data_offsets"]
+            storage = MetaStorage(dtype, end - begin)
+            storage.file_offset = data_start + begin  # so a structure-only read can still fetch each tensor
+            out[name] = TensorMeta(shape, stride, dtype, 0, storage)
     else:
-        _read_safetensors_data(src, opts, entries, out)
+        _read_safetensors_data(src, opts, entries, data_start, out)
     _restore_aliases(out, metadata, loaded)
     loaded.tree = _restore_tree(out, metadata, loaded)
     loaded.details["storage_bytes"] = src.size - data_start
     return loaded
 
 
-def _read_safetensors_data(src: Source, opts: ReadOptions, entries: dict[str, Any], out: dict[str, Any]) -> None:
+def _read_safetensors_data(src: Source, opts: ReadOptions, entries: dict[str, Any], data_start: int,
+                           out: dict[str, Any]) -> None:
     import torch  # lazy: structure-only reads never import torch
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load as st_load
 
-    try:
-        if src.path is not None and opts.mmap is not False:
-            with safe_open(src.path, framework="pt", device="cpu") as f:
-                for name in entries:
-                    out[name] = f.get_tensor(name)
+    # Our own mapping (or pread), not safe_open's: the Source owns the pages, so load_into can release
+    # each tensor's pages once it is placed, and a copy is never made when the bytes can be viewed.
+    mapped = src.can_map and opts.mmap is not False
+    for name, e in entries.items():
+        dtype_name, itemsize = SAFETENSORS_DTYPES[e["dtype"]]
+        begin, end = e["data_offsets"]
+        offset = data_start + begin
+        if mapped and offset % itemsize == 0:
+            storage = src.mapped_storage(offset, end - begin)
         else:
-            tensors = st_load(bytes(src.buffer()))
-            for name in entries:
-                out[name] = tensors[name]
-    except SafetensorError as exc:
-        raise CorruptCheckpointError(f"the safetensors library refused the file: {exc}") from None
+            storage = src.read_into_storage(offset, end - begin)
+        shape = tuple(e["shape"])
+        out[name] = torch.empty(0, dtype=getattr(torch, dtype_name)).set_(
+            storage, 0, shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))))
     for name, t in out.items():
         moved = opts.relocator(t.untyped_storage(), "cpu")
         if moved.device != t.device:
@@ -126,7 +132,7 @@ def _read_safetensors_data(src: Source, opts: ReadOptions, entries: dict[str, An
                 moved, t.storage_offset(), t.shape, t.stride())
 
 
-def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> None:
+def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint) -> None:
     """torchckpt stores a tied tensor once and records ``{"alias": "original"}`` under torchckpt.aliases."""
     raw = metadata.get("torchckpt.aliases")
     if not raw:
@@ -148,7 +154,7 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
         loaded.notes.append(f"restored {len(restored)} tied tensor(s) stored once: {', '.join(restored[:5])}")
 
 
-def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> Any:
+def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint) -> Any:
     """Rebuild the nested tree torchckpt.convert recorded as JSON (tensors by dotted path)."""
     raw = metadata.get("torchckpt.tree")
     if not raw:
