@@ -27,20 +27,22 @@ __all__ = ["read", "open_checkpoint", "ReadOptions", "Loaded", "diagnose"]
 
 @contextlib.contextmanager
 def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = False) -> Iterator[tuple[Loaded, Source]]:
-    """Read any source (path, bytes, file object, torch.distributed.checkpoint directory) and keep its
-    :class:`Source` open while the caller uses the result.
+    """Read any source (path, bytes, file object; torch.distributed.checkpoint, Hugging Face or accelerate
+    directory) and keep its :class:`Source` open while the caller uses the result.
 
     ``stream_legacy``: legacy files, which cannot be mapped, are read as structure with file offsets
     (``TensorMeta``); the caller reads each tensor from the open Source when it needs it, so the
     checkpoint is never held in memory as a whole.
     """
     from .dcp import is_dcp_dir, read_dcp
+    from .folders import folder_kind, read_folder
 
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
-        path = os.fspath(source)
-        with Source(b"", name=path) as src:  # the items are read inside read_dcp
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
+        reader = read_dcp if is_dcp_dir(path) else read_folder  # DCP, Hugging Face or accelerate folders
+        with Source(b"", name=path) as src:  # the files inside are read by the reader
             try:
-                loaded = read_dcp(path, opts)
+                loaded = reader(path, opts)
             except CheckpointError as exc:
                 raise exc.with_path(path)
             yield loaded, src
