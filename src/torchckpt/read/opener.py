@@ -20,7 +20,7 @@ from typing import Iterator
 from ..errors import CheckpointError
 from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
-from .formats import Checkpoint, ReadOptions, Trace, is_dcp_dir, read, read_dcp
+from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
 from .sniff import TORCH_LEGACY, sniff
 from .unpickle.mode import Mode
 from .unpickle.policy import Policy
@@ -32,7 +32,8 @@ __all__ = ["open_checkpoint", "Checkpoint", "Mode", "Trace"]
 def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: Policy | None = None, *,
                     map_location: MapLocation = "cpu", mmap: bool | None = None, lazy: bool = False,
                     trace: Trace | None = None) -> Iterator[Checkpoint]:
-    """Open any checkpoint (file path, bytes, binary file, URL, torch.distributed.checkpoint directory).
+    """Open any checkpoint: a file path, bytes, a binary file, a URL, or a directory (torch.distributed.checkpoint,
+    Hugging Face ``save_pretrained`` or accelerate ``save_state``).
 
     Args:
         mode: ``"build"``, ``"structure"`` or ``"record"`` (see the module docstring).
@@ -50,10 +51,11 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
     relocator = Relocator(map_location)
     opts = ReadOptions(relocator=relocator, mmap=mmap, policy=policy or Policy(), mode=mode, trace=trace,
                        read_child=read)
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
-        path = os.fspath(source)
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
+        reader = read_dcp if is_dcp_dir(path) else read_folder  # DCP, Hugging Face or accelerate folders
         try:
-            ckpt = read_dcp(path, opts)
+            ckpt = reader(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
         with Source(b"", name=path) as empty:  # items were read inside read_dcp; nothing lazy remains
