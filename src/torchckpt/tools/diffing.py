@@ -118,14 +118,15 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     """
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
+    from ..read.unpickle.mode import Mode
 
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
-    opts = ReadOptions(meta=not values)
+    mode = Mode.BUILD if values else Mode.STRUCTURE
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, opts, stream_legacy=True) as (la, sa), \
-            open_checkpoint(b, opts, stream_legacy=True) as (lb, sb):
+    with open_checkpoint(a, mode, lazy=True) as la, open_checkpoint(b, mode, lazy=True) as lb:
+        sa, sb = la.reader, lb.reader
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
