@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from .devices import MapLocation, Relocator
-from .formats import Loaded, ReadOptions, open_checkpoint
 from ..storage.source import SourceLike
+from .devices import MapLocation
+from .formats import Checkpoint
+from .opener import open_checkpoint
+from .unpickle.mode import Mode
 from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
@@ -15,26 +17,20 @@ __all__ = ["load", "read_checkpoint"]
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
-                    policy: Policy | None = None) -> Loaded:
+                    policy: Policy | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=_policy(policy, trust, allow), meta=meta)
-    with open_checkpoint(source, opts) as (loaded, _):
-        pass
-    relocator = opts.relocator
-    if relocator.fallbacks:
-        loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
-                            "(that device is not available here)")
-    elif relocator.moves and not meta:
-        moves = ", ".join(f"{a} -> {b}" for a, b in sorted(relocator.moves.items()))
-        loaded.notes.append(f"storages moved: {moves}")
-    return loaded
+    mode = Mode.STRUCTURE if meta else Mode.BUILD
+    with open_checkpoint(source, mode, make_policy(policy, trust, allow), map_location=map_location,
+                         mmap=mmap) as ckpt:
+        ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
+        return ckpt
 
 
-def _policy(policy: Policy | None, trust: bool, allow: Iterable[str] | str | None) -> Policy:
+def make_policy(policy: Policy | None, trust: bool = False, allow: Iterable[str] | str | None = None) -> Policy:
     """``policy=`` with the ``trust``/``allow`` shorthands folded in."""
-    if policy is None:
-        return Policy.make(trust, allow)
     extra = Policy.make(trust, allow)
+    if policy is None:
+        return extra
     return dataclasses.replace(policy, trust=policy.trust or extra.trust, allow=policy.allow | extra.allow)
 
 
@@ -57,7 +53,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
         policy: the whole :class:`~torchckpt.Policy` (``trust``/``allow`` are shorthands for it), including
             its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
-        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
+        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
     Returns:
@@ -68,7 +64,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         CheckpointError: subclasses name the file, the problem and the next step:
         ``UnsafeCheckpointError`` (code execution attempt), ``TruncatedCheckpointError``,
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
-        ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
+        ``CorruptCheckpointError``, ``CheckpointNotFoundError``, ``LimitExceededError`` (the file asks for
+        more work than its :class:`~torchckpt.Budget` allows; the message names the limit to raise).
     """
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -7,8 +7,8 @@ Why not ``pickle.Unpickler``? Four reasons, all about hostile or old input:
   becomes ``str``, anything else stays raw bytes for numpy and is decoded afterwards (see py2.py);
 * work is bounded by the input: no pre-allocated memo (``LONG_BINPUT 0xffffffff`` costs nothing),
   capped nesting and integer sizes, declared lengths checked against the data before slicing;
-* in *record* mode (``scan``) it constructs nothing, walks every opcode, and reports the globals
-  it met, so the scanner and the loader cannot disagree about what a stream contains.
+* in *record* mode (``scan``) it runs exactly as ``load`` does (same constructors, same checks) but
+  records a blocklisted global instead of refusing it, so scanner and loader cannot disagree.
 
 Any failure surfaces as a :class:`~torchckpt.errors.CheckpointError` naming the byte offset.
 """
@@ -27,7 +27,8 @@ from .budget import Meter
 from .keys import KeyGuard, graph_depth
 from .meta import MetaStorage, TensorMeta
 from .opcodes import DISPATCH
-from .policy import Mode, Policy, Verdict
+from .mode import Mode
+from .policy import Policy, Verdict
 from .py2 import Py2Bytes
 from .safe_globals import SafeCallable, StorageType
 from .stubs import Stub, stub_class

@@ -12,8 +12,6 @@ from typing import Any, Callable
 
 from ...errors import UnsupportedFormatError
 from . import safe_globals
-from .policy import Mode
-from .stubs import Stub
 
 Unpickler = Any  # the handlers receive machine.Unpickler; machine imports this module, never the reverse
 
@@ -401,26 +399,9 @@ def _binpersid(u: Unpickler) -> None:
 
 
 def _push_persistent(u: Unpickler, pid: Any) -> None:
-    if u.persistent_load is None and u.mode is Mode.RECORD:
-        u._stack.append(_declared_storage(pid))
-        return
     if u.persistent_load is None:
         raise u._error("persistent id in a pickle that is not inside a checkpoint container", u.pos - 1)
     u._stack.append(u.persistent_load(pid))
-
-
-def _declared_storage(pid: Any) -> Any:
-    """RECORD mode without a container: a storage as its persistent id declares it (dtype, element count),
-    so tensor views are still checked against it; anything else is recorded as a stub."""
-    from .meta import MetaStorage, meta_dtype
-    from .safe_globals import StorageType
-
-    if isinstance(pid, tuple) and len(pid) in (5, 6) and isinstance(pid[1], StorageType) \
-            and type(pid[4]) is int and pid[4] >= 0:
-        return MetaStorage(meta_dtype(pid[1].dtype_name), pid[4] * pid[1].itemsize)
-    if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
-        return pid[1]  # legacy whole-model files name each module class this way (with its source text)
-    return Stub(pid)
 
 
 def _unsupported(what: str) -> Callable[[Unpickler], None]:

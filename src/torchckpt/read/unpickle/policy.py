@@ -28,27 +28,13 @@ from typing import Iterable
 
 from .budget import Budget
 
-__all__ = ["Policy", "Verdict", "Mode", "Budget", "canonical_global"]
+__all__ = ["Policy", "Verdict", "Budget", "canonical_global"]
 
 
 class Verdict(enum.Enum):
     ALLOWED = "allowed"
     UNKNOWN = "unknown"
     DANGEROUS = "dangerous"
-
-
-class Mode(enum.Enum):
-    """What the unpickler builds.
-
-    ``BUILD``: real values (tensors, arrays); a dangerous global raises. ``STRUCTURE``: the same
-    values without torch (tensors become :class:`~.meta.TensorMeta`). ``RECORD`` (``scan``): like
-    ``STRUCTURE``, but a dangerous global is recorded and replaced by an inert stub so the whole
-    stream is read; nothing is ever imported for real, whatever the policy says.
-    """
-
-    BUILD = "build"
-    STRUCTURE = "structure"
-    RECORD = "record"
 
 
 # Whole modules (and their submodules) that a checkpoint has no business importing.

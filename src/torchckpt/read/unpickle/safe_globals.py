@@ -21,7 +21,8 @@ from .constructors import CONSTANTS, CONSTRUCTORS
 from .meta import DTYPE_SIZES, TensorMeta, check_int
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
-from .policy import ALLOWLIST, Mode, Policy, Verdict, canonical_global
+from .mode import Mode
+from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
 from .torch_rebuild import (_Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
                             rebuild_from_type_v2, rebuild_meta_tensor_no_storage, rebuild_parameter,
