@@ -21,6 +21,7 @@ from ..storage.atomic import atomic_write
 from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, WeightsNotFoundError
 from ..fit.tree import find_state_dicts, is_module_like, is_state_dict, is_tensor_like, state_dict_of
 from ..read.unpickle.meta import TensorMeta
+from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
 
@@ -281,6 +282,32 @@ class _Materializer:
             value = value.to(self.target_dtype)
         return value
 
+    def file_range(self, t: Any) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` when ``t``'s output bytes are exactly one range of the local source file.
+
+        True for a contiguous tensor still on disk (legacy storages) that keeps its dtype: such a
+        tensor is copied file to file (``copy_file_range``) and verified against the file, never read
+        into memory.
+        """
+        if not isinstance(t, TensorMeta) or t.storage is None or getattr(self.source, "path", None) is None:
+            return None
+        if self.target_dtype is not None and _is_float(t) and _dtype_name(t) != str(self.target_dtype)[6:]:
+            return None
+        base = t.storage.data_offset()
+        expected = 1
+        for size, stride in zip(reversed(t.shape), reversed(t.stride)):
+            if size != 1 and stride != expected:
+                return None
+            expected *= size
+        nbytes = t.nbytes
+        if base is None or nbytes == 0:
+            return None
+        offset = base + t.storage_offset * t.dtype.itemsize
+        if offset + nbytes > self.source.size:
+            return None  # past the end: reading it reports the truncation
+        self.source.buffer()  # map the source now, before the output may replace it (convert onto itself)
+        return offset, nbytes
+
     def release(self, t: Any) -> None:
         if not isinstance(t, TensorMeta) and hasattr(t, "untyped_storage"):
             storage = t.untyped_storage()
@@ -341,6 +368,12 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name, t in order:
+            span = materialize.file_range(t)
+            if span is not None and copy_range(materialize.source, fh, *span):
+                done += span[1]
+                if progress is not None:
+                    progress(done, offset)
+                continue
             value = materialize(t).detach().to("cpu").contiguous()
             data = value.view(torch.uint8) if value.dim() else value.reshape(1).view(torch.uint8)
             fh.write(memoryview(data.numpy()))
@@ -352,8 +385,6 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
     return 8 + len(raw) + offset
 
 
-
-
 def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
     import torch
 
@@ -362,7 +393,7 @@ def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
 
 def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: _Materializer,
             report: ConvertReport) -> None:
-    """Reload the output and compare every tensor with the source, one tensor at a time."""
+    """Reload the output and compare every tensor with the source bit for bit, one tensor at a time."""
     import torch
 
     if to == "pt":
@@ -371,44 +402,11 @@ def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: _Mat
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None
-    written = _written_tensors(dst, to)
-    for name, t in tensors:
-        want = materialize(t)
-        got = written(name)
-        ok = got is not None and got.shape == want.shape and torch.equal(
-            got.to(want.dtype) if got.dtype != want.dtype else got, want)
-        materialize.release(t)
-        if not ok:
-            raise CorruptCheckpointError(f"verification failed: tensor {name} differs after writing",
-                                         path=dst, hint="Please report this; the destination is not trustworthy.")
-    report.verified = True
-
-
-def _written_tensors(dst: str, to: str) -> Callable[[str], Any]:
-    """Name -> tensor read back from ``dst`` (safetensors: each read on demand with pread)."""
-    if to == "pt":
         from ..read.load import load
 
-        flat = dict(_flatten(load(dst, mmap=True)))
-        return flat.get
-    import json as _json
-
-    import torch
-
-    from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
-    from ..storage.source import Source
-
-    src = Source(dst)
-    entries, metadata, start = safetensors_header(src)
-    aliases = _json.loads(metadata.get("torchckpt.aliases", "{}"))
-
-    def get(name: str) -> Any:
-        e = entries.get(aliases.get(name, name))
-        if e is None:
-            return None
-        begin, end = e["data_offsets"]
-        dtype = getattr(torch, SAFETENSORS_DTYPES[e["dtype"]][0])
-        raw = src.read_into_storage(start + begin, end - begin)
-        return torch.empty(0, dtype=dtype).set_(raw, 0, tuple(e["shape"]),
-                                                torch.empty(e["shape"], device="meta").stride())
-    return get
+        written = dict(_flatten(load(dst, mmap=True)))
+        same = lambda name, t: same_bits(written.get(name), materialize(t))  # noqa: E731
+        compare_all(dst, tensors, materialize, same)
+    else:
+        verify_safetensors(dst, tensors, materialize)
+    report.verified = True
