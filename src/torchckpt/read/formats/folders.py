@@ -21,7 +21,7 @@ from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
-from .base import Loaded, ReadOptions
+from .base import Checkpoint, ReadOptions
 
 __all__ = ["folder_kind", "read_folder", "is_accelerate_folder"]
 
@@ -50,21 +50,20 @@ def is_accelerate_folder(path: str) -> bool:
     return os.path.isdir(path) and folder_kind(path) == "accelerate"
 
 
-def read_folder(directory: str, opts: ReadOptions) -> Loaded:
+def read_folder(directory: str, opts: ReadOptions) -> Checkpoint:
     """Read a Hugging Face or accelerate folder (see the module docstring; :func:`folder_kind` says which)."""
     if folder_kind(directory) == "accelerate":
         return _read_accelerate(directory, opts)
     return _read_huggingface(directory, opts)
 
 
-def _read_file(path: str, opts: ReadOptions) -> Loaded:
-    from . import read
-
+def _read_file(path: str, opts: ReadOptions) -> Checkpoint:
+    assert opts.read_child is not None, "the opener passes the format dispatcher"
     with Source(path) as src:
-        return read(src, opts)
+        return opts.read_child(src, opts)
 
 
-def _read_huggingface(directory: str, opts: ReadOptions) -> Loaded:
+def _read_huggingface(directory: str, opts: ReadOptions) -> Checkpoint:
     names = set(os.listdir(directory))
     present = [n for n in HF_WEIGHTS if n in names]
     if not present:
@@ -74,7 +73,7 @@ def _read_huggingface(directory: str, opts: ReadOptions) -> Loaded:
                                                           "(from_pretrained(..., from_tf=True)) and save it again.")
     chosen = present[0]
     part = _read_file(os.path.join(directory, chosen), opts)
-    loaded = Loaded(obj=part.obj, kind="huggingface", description=f"Hugging Face model folder ({chosen})",
+    loaded = Checkpoint(tree=part.tree, format="huggingface", description=f"Hugging Face model folder ({chosen})",
                     evidence=[f"directory with {chosen}" + (" and config.json" if "config.json" in names else "")],
                     notes=[f"{chosen}: {note}" for note in part.notes], globals=part.globals,
                     details={"weights_file": chosen, **part.details})
@@ -111,10 +110,10 @@ def _describe_config(config: dict[str, Any]) -> str:
     return ", ".join(parts) or f"{len(config)} entries"
 
 
-def _read_accelerate(directory: str, opts: ReadOptions) -> Loaded:
+def _read_accelerate(directory: str, opts: ReadOptions) -> Checkpoint:
     names = sorted(os.listdir(directory))
     tree: dict[str, Any] = {}
-    loaded = Loaded(obj=tree, kind="accelerate", description="accelerate save_state folder",
+    loaded = Checkpoint(tree=tree, format="accelerate", description="accelerate save_state folder",
                     evidence=["directory with " + ", ".join(n for n in names if _NUMBERED.match(n)
                                                             or _RANDOM_STATES.match(n))])
     groups: dict[str, dict[int, Any]] = {}
@@ -152,11 +151,11 @@ def _read_accelerate(directory: str, opts: ReadOptions) -> Loaded:
     return loaded
 
 
-def _part(directory: str, name: str, opts: ReadOptions, loaded: Loaded) -> Any:
+def _part(directory: str, name: str, opts: ReadOptions, loaded: Checkpoint) -> Any:
     part = _read_file(os.path.join(directory, name), opts)
     loaded.notes.extend(f"{name}: {note}" for note in part.notes)
     loaded.globals.extend(part.globals)
-    return part.obj
+    return part.tree
 
 
 def _torchckpt_rng(states: dict[str, Any]) -> dict[str, Any]:
