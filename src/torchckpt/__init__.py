@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
+                     CorruptCheckpointError, DeviceUnavailableError, LimitExceededError, NotACheckpointError, ResumeError,
                      StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
                      UnsupportedFormatError, WeightsNotFoundError)
 
@@ -22,7 +22,7 @@ __all__ = [
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "__version__",
+    "CheckpointNotFoundError", "DeviceUnavailableError", "__version__",
 ]
 
 _LAZY = {

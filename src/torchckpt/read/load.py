@@ -7,15 +7,17 @@ from typing import Any, Iterable
 from .devices import MapLocation, Relocator
 from .formats import Loaded, ReadOptions, open_checkpoint
 from ..storage.source import SourceLike
-from .unpickle.policy import Policy
+from .trust import Policy, resolve_policy
 
 __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
-                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
+                    policy: Policy | None = None) -> Loaded:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
+    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=resolve_policy(policy, trust, allow),
+                       meta=meta)
     with open_checkpoint(source, opts) as (loaded, _):
         pass
     relocator = opts.relocator
@@ -29,7 +31,7 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False) -> Any:
+         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
@@ -45,6 +47,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -58,5 +61,5 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
         ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow)
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fit.align import align_keys
-from ..errors import AmbiguousCheckpointError
+from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
-from ..fit.tree import find_state_dicts, is_tensor_like
+from ..fit.tree import flatten, is_tensor_like, select
+from ..read.formats import ReadOptions, read
+from ..read.trust import resolve_policy
 from ..read.unpickle.meta import TensorMeta
+from ..storage.source import Source
 
 __all__ = ["diff", "DiffReport"]
 
@@ -89,20 +92,12 @@ class DiffReport:
 
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
-    if key is not None:
-        from ..fit.load_into import _lookup
-        from ..fit.tree import state_dict_of
-
-        return dict(state_dict_of(_lookup(obj, key)))
-    found = find_state_dicts(obj)
-    if len(found) == 1:
-        return dict(found[0].state_dict)
-    if len(found) > 1:
-        raise AmbiguousCheckpointError(f"{len(found)} sets of weights: {', '.join(c.path or '<root>' for c in found)}",
-                                       candidates=[c.path for c in found], hint="Choose one with key=...")
-    from .convert import _flatten
-
-    return dict(_flatten(obj))
+    try:
+        return dict(select(obj, key).state_dict)
+    except WeightsNotFoundError:
+        if key is not None:
+            raise
+        return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
 def _dtype(t: Any) -> str:
@@ -110,17 +105,18 @@ def _dtype(t: Any) -> str:
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None) -> DiffReport:
+         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     ``progress(done, total)`` is called after each tensor pair when comparing values.
+    ``policy``/``trust``/``allow``: what the files' pickles may import, as in :func:`torchckpt.load`.
     """
-    from ..read.formats import ReadOptions, read
-    from ..storage.source import Source
-
+    if not atol >= 0:
+        raise ValueError(f"atol must be a number >= 0, not {atol!r}")
+    opts = ReadOptions(meta=True, policy=resolve_policy(policy, trust, allow))
     with Source(a) as sa, Source(b) as sb:
-        la = read(sa, ReadOptions(meta=True))
-        lb = read(sb, ReadOptions(meta=True))
+        la = read(sa, opts)
+        lb = read(sb, opts)
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}

@@ -35,12 +35,12 @@ class ReadOptions:
 class Loaded:
     """The result of reading one file."""
 
-    obj: Any
+    obj: Any = field(repr=False)  # print(info) describes the read; it does not dump the tensors
     kind: str
     description: str
     evidence: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # every automatic fix, in words
-    globals: list[GlobalRef] = field(default_factory=list)
+    globals: list[GlobalRef] = field(default_factory=list, repr=False)
     details: dict[str, Any] = field(default_factory=dict)  # python2, locations, metadata, ...
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ...errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError
 from ...storage.source import Source
+from ..tensors import is_tensor_like
 from .base import Loaded, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
@@ -290,8 +291,6 @@ def t7_state_dict(obj: Any, notes: list[str] | None = None) -> "OrderedDict[str,
 
 
 def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, depth: int) -> None:
-    from ...fit.tree import is_tensor_like
-
     if not isinstance(module, T7Object) or id(module) in seen or depth > MAX_DEPTH:
         return
     seen.add(id(module))

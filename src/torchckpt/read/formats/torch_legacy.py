@@ -16,12 +16,12 @@ from ...errors import CorruptCheckpointError, TruncatedCheckpointError, Unsuppor
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
 from ..unpickle.meta import MetaStorage, meta_dtype
+from ..sniff import LEGACY_MAGIC
 from ..unpickle.safe_globals import StorageType
 from .base import Loaded, ReadOptions, StorageBudget, ascii_text
 
 __all__ = ["read_torch_legacy", "read_torch_tar"]
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
@@ -102,7 +102,7 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
         py2 = py2 or u.saw_binstring
         pos = u.pos
     magic, protocol, sys_info = headers
-    if magic != MAGIC_NUMBER:
+    if magic != LEGACY_MAGIC:
         raise CorruptCheckpointError("the first pickle is not the PyTorch magic number")
     if protocol != PROTOCOL_VERSION:
         raise UnsupportedFormatError(f"legacy protocol version {protocol!r} (expected {PROTOCOL_VERSION})")

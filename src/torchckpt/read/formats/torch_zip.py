@@ -209,7 +209,3 @@ def torchscript_declarations(zf: zipfile.ZipFile, prefix: str) -> dict[str, dict
                 decl[lm.group(1)] = re.findall(r'"([^"]*)"', lm.group(2))
             out[f"{module}.{m.group(1)}"] = decl
     return out
-
-
-def is_torchscript_module(obj: Any) -> bool:
-    return isinstance(obj, Stub) and type(obj)._stub_module.startswith("__torch__")
