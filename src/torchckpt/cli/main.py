@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import CheckpointError
-from . import convert_cmd, diff_cmd, inspect_cmd, scan_cmd, tour_cmd
+from . import convert_cmd, diff_cmd, inspect_cmd, report_cmd, scan_cmd, tour_cmd
 from .codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
 from .output import Output
 
@@ -43,7 +43,8 @@ def cli() -> None:
     """
 
 
-for _command in (inspect_cmd.command, tour_cmd.command, scan_cmd.command, convert_cmd.command, diff_cmd.command):
+for _command in (inspect_cmd.command, tour_cmd.command, scan_cmd.command, convert_cmd.command, diff_cmd.command,
+                 report_cmd.command):
     cli.add_command(_command)
 
 
