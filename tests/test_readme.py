@@ -8,6 +8,9 @@ import ast
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import textwrap
 import warnings
 from collections import OrderedDict
@@ -22,7 +25,8 @@ from torch import nn
 from torchckpt.cli.main import main
 from torchckpt.demo.samples import saved_on_device, write_py2_legacy
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, os.pardir, "README.md")
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.S)
 SKIP = ("pip ", "python3 -m pip", "python3 -m pytest", "python -m pytest")
 # Statements not run here, and where they are tested instead:
@@ -134,7 +138,8 @@ def namespace() -> dict:
 
 
 def run_python(code: str, ns: dict) -> None:
-    """Run a block statement by statement; ``expr  # <literal>`` compares the value with the literal."""
+    """Run a block statement by statement; ``expr  # <literal>`` compares the value with the literal
+    (``{'a': ..., ...}``: a dict holding at least the key ``a``)."""
     tree = ast.parse(code)
     lines = code.splitlines()
     for node in tree.body:
@@ -142,16 +147,50 @@ def run_python(code: str, ns: dict) -> None:
         if src.startswith(tuple(NOT_HERE)):
             continue
         comment = lines[node.end_lineno - 1].partition("#")[2].strip()
-        if isinstance(node, ast.Expr) and comment[:1] in ("[", "{", "("):
+        if isinstance(node, ast.Expr) and comment[:1] in ("[", "{", "(", "'", '"'):
             value = eval(compile(ast.Expression(node.value), "README.md", "eval"), ns)
-            assert value == ast.literal_eval(comment), f"{src}: {value!r} != {comment}"
+            if comment.startswith("{") and comment.endswith(", ...}"):
+                expected = ast.literal_eval(comment[:-len(", ...}")] + "}")
+                assert isinstance(value, dict) and set(value) >= set(expected), f"{src}: {value!r} != {comment}"
+                assert all(v is Ellipsis or value[k] == v for k, v in expected.items()), f"{src}: {value!r}"
+            else:
+                assert value == ast.literal_eval(comment), f"{src}: {value!r} != {comment}"
         else:
             exec(compile(ast.Module([node], []), "README.md", "exec"), ns)
+
+
+def _hugging_face(ns: dict, files) -> None:
+    """``bert-base-uncased/`` as ``save_pretrained`` writes it (a small BertModel), and a fresh model for it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    if not (files / "bert-base-uncased").exists():
+        torch.manual_seed(0)
+        transformers.BertModel(config).save_pretrained(str(files / "bert-base-uncased"))
+    ns["model"] = transformers.BertModel(config)
+
+
+def _accelerate(ns: dict, files) -> None:
+    """``output/checkpoint_3/`` written by a real accelerate run (tests/accelerate_app.py), and its objects."""
+    pytest.importorskip("accelerate")
+    import accelerate_app
+
+    if not (files / "output" / "checkpoint_3").exists():
+        subprocess.run([sys.executable, os.path.join(HERE, "accelerate_app.py"), str(files / "acc")], check=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([HERE] + sys.path)},
+                       stdout=subprocess.DEVNULL)
+        shutil.copytree(files / "acc" / "safe", files / "output" / "checkpoint_3")
+    ns["model"] = accelerate_app.make_net()
+    ns["opt"], ns["sched"] = accelerate_app.make_training(ns["model"])
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block(workdir, index):
     ns = namespace()
+    if "bert-base-uncased/" in blocks("python")[index]:
+        _hugging_face(ns, workdir)
+    if "output/checkpoint_3/" in blocks("python")[index]:
+        _accelerate(ns, workdir)
     if "lightning" in blocks("python")[index]:
         ns["lightning"] = pytest.importorskip("lightning")
         ns["ModelCheckpoint"] = ns["lightning"].pytorch.callbacks.ModelCheckpoint

@@ -13,10 +13,10 @@ import contextlib
 from typing import Any, Iterable, Iterator
 
 from ..errors import CheckpointError, StateDictMismatchError
-from ..read.devices import Relocator
-from ..read.formats import ReadOptions, open_checkpoint
+from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
+from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub
 from .align import RenameRules, align_keys
 from .placement import Placer
@@ -90,11 +90,9 @@ def _open_source(source: Any, policy: Policy) -> Iterator[tuple[Any, str, str, l
         what = "in-memory module" if is_module_like(source) and not isinstance(source, Stub) else "in-memory"
         yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
-    opts = ReadOptions(relocator=Relocator("cpu"), policy=policy)
-    with open_checkpoint(source, opts, stream_legacy=True) as (loaded, src):
-        saved_on = {loc for loc in (loaded.details.get("locations") or {}) if loc not in ("cpu", "meta")}
-        saved_on |= set(opts.relocator.moves) | opts.relocator.fallbacks
-        yield loaded.obj, src.name, loaded.description, list(loaded.notes), src, saved_on
+    with open_checkpoint(source, Mode.BUILD, policy, lazy=True) as ckpt:
+        saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
+        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
 
 
 def _as_tensor(value: Any) -> Any:

@@ -24,12 +24,13 @@ import numpy as np
 from ..errors import CorruptCheckpointError, LimitExceededError
 from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
-from ..read.formats import ReadOptions, open_checkpoint
+from ..read.opener import open_checkpoint
 from ..read.formats.lua_t7 import LuaFunction, T7Object
 from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
 from ..read.load import load
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
+from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 from ..storage.atomic import atomic_write
 from ..storage.source import Source
@@ -93,8 +94,8 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    opts = ReadOptions(policy=resolve_policy(policy, trust, allow))
-    with open_checkpoint(src, opts, stream_legacy=True) as (loaded, source):
+    with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True) as loaded:
+        source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         tree, classes = _part(loaded.obj, key, weights_only, changes)
