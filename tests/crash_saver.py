@@ -7,6 +7,7 @@ import torch
 import torchckpt
 
 directory = sys.argv[1]
+print("started", flush=True)  # imports done (slow on a busy machine): the kill window starts here
 torch.manual_seed(0)
 model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)])  # ~4 MiB per checkpoint
 ckpt = torchckpt.Checkpointer(directory, keep_last=2)

@@ -34,7 +34,7 @@ _LAZY = {
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
     "save": ("train.training", "save"),
-    "resume": ("train.training", "resume"),
+    "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
     "KeepLast": ("train.checkpointer", "KeepLast"),

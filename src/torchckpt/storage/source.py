@@ -12,11 +12,28 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
 
-__all__ = ["Source", "SourceLike"]
+__all__ = ["Source", "SourceLike", "confine"]
 
 SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
+
+
+def confine(directory: str, name: str, *, referrer: str | None = None) -> str:
+    """The path of ``name`` (a file a checkpoint refers to) inside ``directory``, symlinks resolved.
+
+    A checkpoint is untrusted: a name that is absolute, climbs out with ``..``, or is a symlink leading
+    out of ``directory`` is refused with :class:`UnsafeCheckpointError`, before anything is opened.
+    """
+    base = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(base, name.replace("\x00", "")))
+    if not name or "\x00" in name or os.path.isabs(name) or os.path.commonpath([base, target]) != base \
+            or target == base:
+        raise UnsafeCheckpointError(f"it refers to {name!r}, which lies outside its directory {base}",
+                                    path=referrer or directory,
+                                    hint="A checkpoint may only name files beside it; this one was crafted or "
+                                         "moved apart from its files. Nothing outside was read.")
+    return target
 
 
 class Source:
