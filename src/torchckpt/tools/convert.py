@@ -64,7 +64,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
         key: dotted path of the weights when several candidates exist.
     """
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
     from ..read.unpickle.policy import Policy
 
     dst = os.fspath(dst)
@@ -72,7 +72,8 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, source):
+    with open_checkpoint(src, "build", Policy.make(trust), lazy=True) as loaded:
+        source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:

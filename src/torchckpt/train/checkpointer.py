@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
+from ..read.formats.folders import is_accelerate_folder
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
 from . import store
@@ -301,12 +302,13 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     the optimizer's parameter groups or type do not fit. A file that does not match its sidecar is
     refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
     Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
-    ``arch`` ...) are kept in ``state.extra``.
+    ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
+    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
     """
     path = os.fspath(path_or_dir)
     kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                   map_location=map_location, restore_rng=restore_rng, strict=strict)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
     return resume_file(path, **kwargs)  # type: ignore[arg-type]
 

@@ -12,8 +12,8 @@ import functools
 import os
 from typing import Any, Mapping
 
-from ..errors import CheckpointError, CorruptCheckpointError, ResumeError
-from ..storage.source import confine
+from ..errors import CheckpointError, ResumeError
+from ..storage.source import confined_path
 from .training import FORMAT, TrainingState, get_rng_state, set_rng_state, verify
 
 __all__ = ["resume_file"]
@@ -31,11 +31,9 @@ def _load_payload(path: str, map_location: Any) -> dict[str, Any]:
                           hint="Use torchckpt.load_into(model, path) to load weights only.")
     model_file = payload.get("model_file")
     if model_file is not None and payload.get("model") is None:
-        if not isinstance(model_file, str):
-            raise CorruptCheckpointError(f"model_file must name a file, not a {type(model_file).__name__}", path=path)
         # the payload is untrusted: the weights file it names must lie beside it
-        payload["model"] = load(confine(os.path.dirname(os.path.abspath(path)), model_file, referrer=path),
-                                map_location=map_location or "cpu")
+        payload["model"] = load(confined_path(os.path.dirname(os.path.abspath(path)), model_file,
+                                              what="weights file", checkpoint=path), map_location=map_location or "cpu")
     return payload
 
 

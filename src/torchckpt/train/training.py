@@ -149,7 +149,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"torch": str(torch.__version__), "torchckpt": __version__, "python": platform.python_version(),
             "numpy": str(numpy.__version__)}
@@ -383,5 +383,3 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
                       metrics=metrics, extra=extra, stateful=stateful, rng=rng)
     return write_payload(os.fspath(path), payload, weights_format)
-
-

@@ -17,7 +17,8 @@ from typing import Any
 
 from ...errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError
 from ...storage.source import Source
-from .base import Loaded, ReadOptions
+from ..sniff import DESCRIPTIONS, LUA_T7
+from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
 
@@ -266,12 +267,11 @@ def _listify(obj: Any, done: dict[int, Any], depth: int = 0) -> Any:
     return obj
 
 
-def read_t7(src: Source, opts: ReadOptions) -> Loaded:
-    from ..sniff import DESCRIPTIONS, LUA_T7
-
+def read_t7(src: Source, opts: ReadOptions) -> Checkpoint:
     reader = _Reader(src, opts.meta)
     obj = _listify(reader.read(), {})
-    loaded = Loaded(obj=obj, kind=LUA_T7, description=DESCRIPTIONS[LUA_T7])
+    opts.trace.ranges.append((src.name, 0, reader.pos))
+    loaded = Checkpoint(tree=obj, format=LUA_T7, description=DESCRIPTIONS[LUA_T7])
     if reader.pos < src.size:
         loaded.notes.append(f"{src.size - reader.pos} bytes after the Torch7 object were not read")
     return loaded
