@@ -16,12 +16,13 @@ from ..errors import CheckpointError, ResumeError
 from ..storage.source import confined_path
 from .training import FORMAT, TrainingState, get_rng_state, set_rng_state, verify
 
-__all__ = ["resume_file"]
+__all__ = ["resume_file", "load_payload"]
 
 IN_MEMORY = "<in-memory checkpoint>"  # the name load_into gives a dict; resume puts the file name back
 
 
-def _load_payload(path: str, map_location: Any) -> dict[str, Any]:
+def load_payload(path: str, map_location: Any) -> dict[str, Any]:
+    """The payload of a training checkpoint file as a dict, its separate weights file (confined) loaded in."""
     from ..read.load import load
 
     payload = load(path, map_location=map_location or "cpu")
@@ -187,7 +188,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     path = os.fspath(path)
     if not verified:
         verify(path)
-    payload = _load_payload(path, map_location)
+    payload = load_payload(path, map_location)
     ours = payload.get("format") == FORMAT
     step = payload.get("step", payload.get("global_step"))
     state = TrainingState(path=path, epoch=payload.get("epoch"), step=step,
