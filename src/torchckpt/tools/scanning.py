@@ -48,6 +48,7 @@ class FileScan:
     streams: list[dict[str, Any]] = field(default_factory=list)  # member, offset, globals, complete
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
+    hint: str | None = None  # what to do about the error
     ranges: list[tuple[str, int, int]] = field(default_factory=list)  # (file, offset, length) load would read
 
     @property
@@ -55,7 +56,7 @@ class FileScan:
         return [g for s in self.streams for g in s["globals"]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "status": self.status, "error": self.error,
+        return {"path": self.path, "format": self.format, "status": self.status, "error": self.error, "hint": self.hint,
                 "findings": [f.to_dict() for f in self.findings],
                 "streams": [{"member": s["member"], "offset": s["offset"], "complete": s["complete"],
                              "globals": [{"name": g.fullname, "verdict": g.verdict.value, "offset": g.offset}
@@ -154,6 +155,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> File
                                        getattr(exc, "offset", None)))
     except CheckpointError as exc:
         result.error = exc.reason
+        result.hint = exc.hint
         if not explicit and _not_a_checkpoint(exc, path):
             result.status = "skipped"
             return result
@@ -174,7 +176,9 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> File
         elif strict and g.verdict is Verdict.UNKNOWN:
             result.findings.append(Finding("stubbed-class", f"imports {g.fullname} (not on the allowlist)",
                                            g.member, g.offset))
-    result.status = "findings" if result.findings else "unreadable" if result.error is not None else "clean"
+    # a stream that breaks is a finding beside what it imported; alone, the file is unreadable (load refuses it)
+    flagged = any(f.kind != "unparsable-pickle" for f in result.findings)
+    result.status = "findings" if flagged else "unreadable" if result.error is not None else "clean"
     return result
 
 

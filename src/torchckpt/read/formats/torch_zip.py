@@ -215,7 +215,7 @@ def _loaded_members(prefix: str, torchscript: bool) -> Callable[[str], bool]:
     return loaded
 
 
-_TORCHSCRIPT_EXTRAS = (".debug_pkl", "/traced_inputs.pkl")  # written by torch.jit.save, never loaded
+_TORCHSCRIPT_EXTRAS = (".debug_pkl", "/traced_inputs.pkl", "/bytecode.pkl")  # written by torch.jit.save, never loaded
 _OK_FLAGS = 0x0008 | 0x0800  # data descriptor, UTF-8 names: what torch writes
 
 
