@@ -218,19 +218,27 @@ def _compare(x: Any, y: Any, key: str) -> TensorDiff:
     buf = torch.empty(min(step, total), dtype=ct)
     max_abs, scale, bad_a, bad_b = 0.0, 0.0, 0, 0
     skipped: list[tuple[int, int]] = []  # chunks found bitwise equal: their scale is needed only if others differ
+    maybe_equal = same_dtype and bits is not None  # test chunks for bitwise equality until one differs
     for start in range(0, total, step):
         stop = min(total, start + step)
         xa, yb = xf[start:stop], yf[start:stop]
-        if same_dtype and bits is not None and torch.equal(xa.view(bits), yb.view(bits)):
+        if maybe_equal and torch.equal(xa.view(bits), yb.view(bits)):
             if ct.is_floating_point and not _all_finite(xa):
                 bad = int((~torch.isfinite(xa)).sum())
                 bad_a, bad_b = bad_a + bad, bad_b + bad
             skipped.append((start, stop))
             continue
+        maybe_equal = False
         out = buf[:stop - start]
-        out.copy_(xa)
-        out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
-        chunk_max = float(out.abs_().amax()) if not out.is_complex() else float(out.abs().amax())
+        if xa.dtype == ct and yb.dtype == ct:
+            torch.sub(xa, yb, out=out)
+        else:  # upcast this chunk only
+            out.copy_(xa)
+            out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
+        if ct.is_floating_point or ct.is_complex:
+            chunk_max = float(torch.linalg.vector_norm(out, float("inf")))  # max |delta| in one pass
+        else:
+            chunk_max = float(out.abs_().amax())
         if chunk_max == chunk_max and chunk_max != float("inf"):
             max_abs = max(max_abs, chunk_max)  # every delta finite: so is every value of both
             scale = max(scale, _abs_max(xa))
