@@ -26,8 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
-from ..train.checkpointer import Checkpointer, _to_cpu_copy
-from ..train.training import FORMAT, _load_payload, verify, write_payload
+from ..train.checkpointer import _to_cpu_copy
+from ..train.restore import load_payload
+from ..train.training import FORMAT, discard, verify, write_payload
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -79,7 +80,7 @@ class TorchckptIO(CheckpointIO):
             previous = self._pending
             self._pending = self._pool().submit(_remove_after, previous, path)
             return
-        Checkpointer._delete(path)
+        discard(path)
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class TorchckptIO(CheckpointIO):
         self._wait()
         path = os.fspath(path)
         verify(path)
-        payload = _load_payload(path, map_location)
+        payload = load_payload(path, map_location)
         if payload.get("format") == FORMAT:
             return to_lightning(payload, prefix=self.prefix, path=path)
         if "pytorch-lightning_version" not in payload:
@@ -129,7 +130,7 @@ class TorchckptIO(CheckpointIO):
 
 def _remove_after(previous: Future[Any], path: str) -> None:
     previous.result()  # a failed write is reported, and the older checkpoint is kept
-    Checkpointer._delete(path)
+    discard(path)
 
 
 def to_lightning(payload: Mapping[str, Any], *, prefix: str = "", path: str | None = None) -> dict[str, Any]:
