@@ -80,6 +80,10 @@ def same_bits(got: Any, want: Any) -> bool:
         return False
     if got.dtype != want.dtype:
         got = got.to(want.dtype)
+    if want.numel() and got.stride() == want.stride():
+        extent = 1 + sum((n - 1) * st for n, st in zip(want.shape, want.stride()))
+        if extent < want.numel():  # an expanded view: compare the stored elements, not every repetition
+            got, want = got.as_strided((extent,), (1,)), want.as_strided((extent,), (1,))
     try:
         return equal_bytes(_bytes_of(got), _bytes_of(want))
     except (RuntimeError, TypeError):  # dtypes without a byte view (quantized): compare values
@@ -106,34 +110,33 @@ def verify_safetensors(dst: str, tensors: list[tuple[str, Any]], materialize: An
     """Each entry's header and bytes (viewed in the mapped output) against the source's bytes."""
     import json as _json
 
-    from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
+    from ..read.formats.simple import safetensors_header
     from ..storage.source import Source
 
-    out = Source(dst)
-    entries, metadata, start = safetensors_header(out)
-    aliases = _json.loads(metadata.get("torchckpt.aliases", "{}"))
+    with Source(dst) as out:
+        entries, metadata, start = safetensors_header(out)
+        aliases = _json.loads(metadata.get("torchckpt.aliases", "{}"))
+        compare_all(dst, tensors, materialize, lambda name, t: _same_entry(out, start, entries.get(
+            aliases.get(name, name)), t, materialize))
 
-    def same(name: str, t: Any) -> bool:
-        e = entries.get(aliases.get(name, name))
-        if e is None:
-            return False
-        span = materialize.file_range(t)
-        if span is not None:  # compare with the source file's bytes, mapped: nothing is copied
-            shape, dtype, want = tuple(t.shape), str(t.dtype), _mapped_bytes(materialize.source, *span)
-        else:
-            value = materialize(t)
-            shape, dtype, want = tuple(value.shape), str(value.dtype).replace("torch.", ""), _bytes_of(value)
-        begin, end = e["data_offsets"]
-        ok = tuple(e["shape"]) == shape and SAFETENSORS_DTYPES[e["dtype"]][0] == dtype and \
-            end - begin == want.numel() and (want.numel() == 0 or
-                                             equal_bytes(_mapped_bytes(out, start + begin, end - begin), want))
-        del want
-        out.release(start + begin, end - begin)
-        if span is not None:
-            materialize.source.release(*span)
-        return ok
 
-    try:
-        compare_all(dst, tensors, materialize, same)
-    finally:
-        out.close()
+def _same_entry(out: Any, start: int, e: Any, t: Any, materialize: Any) -> bool:
+    from ..read.formats.simple import SAFETENSORS_DTYPES
+
+    if e is None:
+        return False
+    span = materialize.file_range(t)
+    if span is not None:  # compare with the source file's bytes, mapped: nothing is copied
+        shape, dtype, want = tuple(t.shape), str(t.dtype), _mapped_bytes(materialize.source, *span)
+    else:
+        value = materialize(t)
+        shape, dtype, want = tuple(value.shape), str(value.dtype).replace("torch.", ""), _bytes_of(value)
+    begin, end = e["data_offsets"]
+    ok = tuple(e["shape"]) == shape and SAFETENSORS_DTYPES[e["dtype"]][0] == dtype and \
+        end - begin == want.numel() and (want.numel() == 0 or
+                                         equal_bytes(_mapped_bytes(out, start + begin, end - begin), want))
+    del want
+    out.release(start + begin, end - begin)
+    if span is not None:
+        materialize.source.release(*span)
+    return ok
