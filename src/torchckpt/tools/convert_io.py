@@ -9,10 +9,13 @@ for bit, so a NaN equals the same NaN.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Any, Callable
 
 from ..errors import CorruptCheckpointError
+from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
+from ..storage.source import Source
 
 __all__ = ["copy_range", "equal_bytes", "same_bits", "compare_all", "verify_safetensors"]
 
@@ -108,21 +111,14 @@ def compare_all(dst: str, tensors: list[tuple[str, Any]], materialize: Any,
 
 def verify_safetensors(dst: str, tensors: list[tuple[str, Any]], materialize: Any) -> None:
     """Each entry's header and bytes (viewed in the mapped output) against the source's bytes."""
-    import json as _json
-
-    from ..read.formats.simple import safetensors_header
-    from ..storage.source import Source
-
     with Source(dst) as out:
         entries, metadata, start = safetensors_header(out)
-        aliases = _json.loads(metadata.get("torchckpt.aliases", "{}"))
+        aliases = json.loads(metadata.get("torchckpt.aliases", "{}"))
         compare_all(dst, tensors, materialize, lambda name, t: _same_entry(out, start, entries.get(
             aliases.get(name, name)), t, materialize))
 
 
 def _same_entry(out: Any, start: int, e: Any, t: Any, materialize: Any) -> bool:
-    from ..read.formats.simple import SAFETENSORS_DTYPES
-
     if e is None:
         return False
     span = materialize.file_range(t)
