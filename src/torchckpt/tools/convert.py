@@ -27,7 +27,7 @@ from ..read.opener import open_checkpoint
 from ..read.formats.lua_t7 import LuaFunction, T7Object
 from ..read.formats.simple import SAFETENSORS_DTYPES
 from ..read.load import load
-from ..read.tensors import dtype_name
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
@@ -291,7 +291,7 @@ class _Materializer:
         self.source, self.target_dtype = source, target_dtype
 
     def __call__(self, t: Any) -> Any:
-        value = t.materialize(self.source) if isinstance(t, TensorMeta) else t
+        value = to_torch(t, self.source) if isinstance(t, TensorMeta) else t  # a Parameter stays one
         if self.target_dtype is not None and value.is_floating_point():
             value = value.to(self.target_dtype)
         return value
@@ -323,10 +323,8 @@ class _Materializer:
         return offset, nbytes
 
     def release(self, t: Any) -> None:
-        if not isinstance(t, TensorMeta) and hasattr(t, "untyped_storage"):
-            storage = t.untyped_storage()
-            if storage.device.type == "cpu":
-                self.source.release_pointer(storage.data_ptr(), storage.nbytes())
+        if not isinstance(t, TensorMeta):
+            release(self.source, t)
 
 
 def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
