@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable
 
 from ..storage.source import SourceLike
 from .devices import MapLocation
 from .formats import Checkpoint
 from .opener import open_checkpoint
+from .trust import Policy, resolve_policy
 from .unpickle.mode import Mode
-from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
 
@@ -20,18 +19,10 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
                     policy: Policy | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
-    with open_checkpoint(source, mode, make_policy(policy, trust, allow), map_location=map_location,
-                         mmap=mmap) as ckpt:
+    with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
+                         map_location=map_location, mmap=mmap) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
-
-
-def make_policy(policy: Policy | None, trust: bool = False, allow: Iterable[str] | str | None = None) -> Policy:
-    """``policy=`` with the ``trust``/``allow`` shorthands folded in."""
-    extra = Policy.make(trust, allow)
-    if policy is None:
-        return extra
-    return dataclasses.replace(policy, trust=policy.trust or extra.trust, allow=policy.allow | extra.allow)
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
@@ -51,7 +42,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
-        policy: the whole :class:`~torchckpt.Policy` (``trust``/``allow`` are shorthands for it), including
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands, including
             its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
@@ -64,8 +55,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         CheckpointError: subclasses name the file, the problem and the next step:
         ``UnsafeCheckpointError`` (code execution attempt), ``TruncatedCheckpointError``,
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
-        ``CorruptCheckpointError``, ``CheckpointNotFoundError``, ``LimitExceededError`` (the file asks for
-        more work than its :class:`~torchckpt.Budget` allows; the message names the limit to raise).
+        ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
     return (loaded.obj, loaded) if return_info else loaded.obj
