@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ...errors import CorruptCheckpointError
+
 __all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "META_FACTORIES"]
 
 DTYPE_SIZES = {
@@ -91,7 +93,6 @@ class TensorMeta:
         """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor."""
         import torch
 
-        from ...errors import CorruptCheckpointError
 
         offset = self.storage.data_offset() if self.storage is not None else None
         if offset is None:
@@ -111,17 +112,15 @@ class TensorMeta:
 
 def check_int(value: Any, what: str) -> int:
     """An int from the file (numpy integer scalars accepted). Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
-    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+    if type(value) is int:
+        return value
+    if type(value).__name__ not in ("int64", "int32"):
         raise CorruptCheckpointError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
 
 
 def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple, tuple]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
     as_int = check_int
 
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
@@ -141,8 +140,6 @@ def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int,
 
 
 def _meta_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> TensorMeta:
-    from ...errors import CorruptCheckpointError
-
     if not isinstance(storage, MetaStorage):
         raise CorruptCheckpointError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
     dtype = meta_dtype(str(dtype)) if dtype is not None else storage.dtype
