@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
-                     StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
+                     CorruptCheckpointError, DeviceUnavailableError, LimitExceededError, NotACheckpointError,
+                     ResumeError, StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
                      UnsupportedFormatError, WeightsNotFoundError)
 from ._version import __version__
 
@@ -34,11 +34,11 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "__version__",
+    "CheckpointNotFoundError", "DeviceUnavailableError", "__version__",
 ]
 
 _LAZY = {
@@ -62,6 +62,7 @@ _LAZY = {
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
+    "Budget": ("read.unpickle.budget", "Budget"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
 }

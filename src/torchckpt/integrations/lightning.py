@@ -56,7 +56,7 @@ class TorchckptIO(CheckpointIO):
         self.async_save = async_save
         self.prefix = prefix
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ saving
@@ -128,7 +128,7 @@ class TorchckptIO(CheckpointIO):
             raise CheckpointWriteError(f"background save failed: {exc}") from exc
 
 
-def _remove_after(previous: Future[None], path: str) -> None:
+def _remove_after(previous: Future[Any], path: str) -> None:
     previous.result()  # a failed write is reported, and the older checkpoint is kept
     discard(path)
 
@@ -141,7 +141,7 @@ def to_lightning(payload: Mapping[str, Any], *, prefix: str = "", path: str | No
     The epoch restarts from its first batch. RNG states, the scaler and ``stateful`` objects are not
     restored by Lightning.
     """
-    from lightning.pytorch.utilities.migration import migrate_checkpoint
+    from lightning.pytorch.utilities.migration.utils import migrate_checkpoint
 
     weights = payload.get("model")
     if not isinstance(weights, Mapping):
