@@ -25,7 +25,8 @@ ON_MISMATCH = ("error", "skip", "copy_overlap")
 
 def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
               rename: RenameRules = None, on_mismatch: str = "error", dtype: str = "model",
-              map_location: Any = None, dry_run: bool = False, trust: bool = False) -> LoadReport:
+              map_location: Any = None, dry_run: bool = False, trust: bool = False,
+              storage_options: Mapping[str, Any] | None = None) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
@@ -44,7 +45,7 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
         map_location: device for a model built on ``meta`` (default: CPU). Otherwise each tensor goes
             to the device of the parameter it loads into.
         dry_run: plan only; the model is not modified.
-        trust: see :func:`torchckpt.load`.
+        trust, storage_options: see :func:`torchckpt.load`.
 
     Returns:
         A :class:`~torchckpt.fit.report.LoadReport`; ``print(report)`` summarises it.
@@ -53,7 +54,7 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
         raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, not {on_mismatch!r}")
     if dtype not in ("model", "error"):
         raise ValueError(f"dtype must be 'model' or 'error', not {dtype!r}")
-    with _open_source(source, trust) as (obj, name, fmt, notes, src):
+    with _open_source(source, trust, storage_options) as (obj, name, fmt, notes, src):
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
@@ -64,7 +65,8 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
 
 
 @contextlib.contextmanager
-def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list[str], Any]]:
+def _open_source(source: Any, trust: bool,
+                 storage_options: Mapping[str, Any] | None = None) -> Iterator[tuple[Any, str, str, list[str], Any]]:
     import torch
 
     if isinstance(source, torch.nn.Module):
@@ -76,7 +78,8 @@ def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list
     from ..read.formats import ReadOptions, open_checkpoint
     from ..read.unpickle.policy import Policy
 
-    with open_checkpoint(source, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, src):
+    opts = ReadOptions(policy=Policy.make(trust), storage_options=dict(storage_options) if storage_options else None)
+    with open_checkpoint(source, opts, stream_legacy=True) as (loaded, src):
         yield loaded.obj, src.name, loaded.description, list(loaded.notes), src
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .devices import MapLocation, Relocator
 from .formats import Loaded, ReadOptions, open_checkpoint
@@ -13,11 +13,13 @@ __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
-                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
+                    storage_options: Mapping[str, Any] | None = None) -> Loaded:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
-    with open_checkpoint(source, opts) as (loaded, _):
-        pass
+    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta,
+                       storage_options=dict(storage_options) if storage_options else None)
+    with open_checkpoint(source, opts) as (loaded, src):
+        loaded.details.setdefault("source_size", src.size)
     relocator = opts.relocator
     if relocator.fallbacks:
         loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
@@ -29,12 +31,14 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False) -> Any:
+         allow: Iterable[str] | str | None = None, return_info: bool = False,
+         storage_options: Mapping[str, Any] | None = None) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
         source: a path (any extension, or none), an open binary file, bytes, or a URL that
-            fsspec can open (``pip install torchckpt[remote]``).
+            fsspec can open (``s3://``, ``gs://``, ``hf://``, ``https://`` ...; ``pip install
+            'torchckpt[s3]'`` and so on). Remote files are read by byte ranges.
         map_location: where tensors go; every form ``torch.load`` accepts. The default ``"cpu"``
             loads checkpoints saved on ``cuda:N`` on a machine without a GPU. ``None`` restores the
             saved devices, falling back to the CPU for devices this machine lacks.
@@ -45,6 +49,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
+            ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -58,5 +64,6 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
         ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow)
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow,
+                             storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj

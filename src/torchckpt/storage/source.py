@@ -2,7 +2,9 @@
 
 :class:`Source` gives every reader the same few operations (size, head, random access buffer,
 file-range reads into tensors) and owns what it opened. Local paths are memory-mapped read-only,
-so reading a pickle at the start of a large file never reads the rest.
+so reading a pickle at the start of a large file never reads the rest. URLs (any fsspec protocol,
+with ``storage_options``) are read by byte ranges: a zip's central directory or a safetensors
+header costs kilobytes, whatever the size of the object; only :meth:`Source.buffer` reads it whole.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
+from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
 
 __all__ = ["Source", "SourceLike"]
 
@@ -22,9 +25,13 @@ SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[byt
 class Source:
     """A readable checkpoint source. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, source: SourceLike, *, name: str | None = None) -> None:
+    def __init__(self, source: SourceLike, *, name: str | None = None,
+                 storage_options: StorageOptions | None = None) -> None:
         self._owned: list[Any] = []
         self.path: str | None = None
+        self.url: str | None = None
+        self.storage_options = dict(storage_options or {})
+        self._remote: RemoteFile | None = None
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
         self._exported = False
@@ -38,11 +45,16 @@ class Source:
             path = os.fspath(source)
             if isinstance(path, bytes):
                 path = os.fsdecode(path)
-            if "://" in path and not path.startswith("file://"):
-                self._bytes = _read_remote(path)
+            if is_url(path):
                 self.name = name or path
+                self.url = path
+                self._remote = RemoteFile(path, storage_options)
+                if self._remote.is_dir:
+                    raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
+                                              hint="Pass one object inside it, or use torchckpt.Checkpointer(url) "
+                                                   "for a directory of training checkpoints.")
             else:
-                path = path[len("file://"):] if path.startswith("file://") else path
+                path = strip_file_scheme(path)
                 self.name = name or path
                 if os.path.isdir(path):
                     raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
@@ -67,6 +79,8 @@ class Source:
     def _compute_size(self) -> int:
         if self._bytes is not None:
             return len(self._bytes)
+        if self._remote is not None:
+            return self._remote.size
         if self.path is not None:
             return os.path.getsize(self.path)
         assert self._file is not None
@@ -93,6 +107,8 @@ class Source:
         """Exactly the bytes ``[offset, offset+n)`` clipped to the end of the file (no mmap involved)."""
         if self._bytes is not None:
             return self._bytes[offset:offset + n]
+        if self._remote is not None:
+            return self._remote.read_range(offset, offset + n)
         if self.path is not None:
             return os.pread(self._descriptor(), max(0, min(n, self.size - offset)), offset) if n > 0 else b""
         assert self._file is not None
@@ -111,6 +127,9 @@ class Source:
                     self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._owned.append(self._mmap)
             return self._mmap
+        if self._remote is not None:  # the whole object, once
+            self._bytes = self._remote.read_range(0, self.size)
+            return self._bytes
         assert self._file is not None
         self._file.seek(self._base)
         self._bytes = self._file.read()
@@ -124,11 +143,33 @@ class Source:
             return fh
         if self._bytes is not None:
             return io.BytesIO(self._bytes)
+        if self._remote is not None:
+            reader = self._remote.reader()
+            self._owned.append(reader)
+            return reader
         assert self._file is not None
         if self._base == 0:
             self._file.seek(0)
             return self._file
         return io.BytesIO(self.buffer())
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes moved from remote storage so far (0 for local sources)."""
+        return self._remote.bytes_read if self._remote is not None else 0
+
+    def sibling(self, relative: str) -> "Source":
+        """The file ``relative`` next to this one (a shard, a DCP data file), same storage options.
+
+        Refuses names that leave this file's folder (absolute paths, ``..``).
+        """
+        parts = relative.replace("\\", "/").split("/")
+        if os.path.isabs(relative) or "://" in relative or ".." in parts:
+            raise CorruptCheckpointError(f"the checkpoint names {relative!r}, outside its own folder", path=self.name)
+        if self.url is not None:
+            return Source(join(self.url.rsplit("/", 1)[0], relative), storage_options=self.storage_options)
+        folder = os.path.dirname(os.path.abspath(self.path or "."))
+        return Source(os.path.join(folder, relative))
 
     @property
     def can_map(self) -> bool:
@@ -194,7 +235,17 @@ class Source:
             dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
             return
         view = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
-        if self.path is not None:
+        if self._remote is not None:  # ranged reads of bounded size straight into the destination
+            step = 64 << 20
+            for start in range(0, nbytes, step):
+                data = self._remote.read_range(offset + start, offset + min(nbytes, start + step))
+                if len(data) != min(step, nbytes - start):
+                    from ..errors import TruncatedCheckpointError
+
+                    raise TruncatedCheckpointError(f"object ended while reading {nbytes} bytes at {offset}",
+                                                   expected_size=offset + nbytes, actual_size=self.size)
+                view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        elif self.path is not None:
             fd = self._descriptor()
             done = 0
             while done < nbytes:
@@ -236,16 +287,3 @@ def _seekable(f: Any) -> bool:
         return bool(f.seekable()) if hasattr(f, "seekable") else False
     except (OSError, ValueError):
         return False
-
-
-def _read_remote(url: str) -> bytes:
-    try:
-        import fsspec
-    except ImportError:
-        raise CheckpointError("reading remote URLs needs fsspec", path=url,
-                              hint="pip install 'torchckpt[remote]'") from None
-    try:
-        with fsspec.open(url, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such remote file", path=url) from None

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from ..read.load import read_checkpoint
+from ..storage.remote import is_url
 from ..storage.source import SourceLike
 from ..fit.tree import find_state_dicts, is_module_like, is_tensor_like, state_dict_of
 from ..read.unpickle.policy import Verdict
@@ -77,14 +78,17 @@ class InspectReport:
         }
 
 
-def inspect(source: SourceLike, *, trust: bool = False, allow: Iterable[str] | str | None = None) -> InspectReport:
+def inspect(source: SourceLike, *, trust: bool = False, allow: Iterable[str] | str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> InspectReport:
     """Describe a checkpoint: format and evidence, tree values, tensors, totals, referenced classes.
 
-    No tensor data is read. Raises the same errors as :func:`torchckpt.load`.
+    No tensor data is read (a remote file moves its header or zip directory only). Raises the same
+    errors as :func:`torchckpt.load`.
     """
-    loaded = read_checkpoint(source, map_location="meta", trust=trust, allow=allow, meta=True)
+    loaded = read_checkpoint(source, map_location="meta", trust=trust, allow=allow, meta=True,
+                             storage_options=storage_options)
     name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
-    size = _size_of(source)
+    size = loaded.details.get("source_size", -1) if is_url(source) else _size_of(source)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")

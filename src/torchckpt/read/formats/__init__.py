@@ -36,7 +36,7 @@ def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = Fal
     """
     from .dcp import is_dcp_dir, read_dcp
 
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
+    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source), opts.storage_options):
         path = os.fspath(source)
         with Source(b"", name=path) as src:  # the items are read inside read_dcp
             try:
@@ -45,7 +45,7 @@ def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = Fal
                 raise exc.with_path(path)
             yield loaded, src
         return
-    with Source(source) as src:
+    with Source(source, storage_options=opts.storage_options) as src:
         sniffed = sniff(src)
         if stream_legacy and sniffed.kind == TORCH_LEGACY and src.path is not None:
             opts = dataclasses.replace(opts, meta=True)
@@ -102,7 +102,7 @@ def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Loaded:
         from .simple import read_numpy
 
         return read_numpy(src, opts)
-    if kind == "json" and src.path is not None:
+    if kind == "json" and (src.path is not None or src.url is not None):
         from .sharded import read_sharded_index
 
         loaded = read_sharded_index(src, opts)

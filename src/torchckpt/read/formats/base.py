@@ -29,6 +29,7 @@ class ReadOptions:
     mmap: bool | None = None
     policy: Policy = field(default_factory=Policy)
     meta: bool = False
+    storage_options: dict[str, Any] | None = None  # fsspec options for URLs (shards, DCP files beside them)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
+from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
 from ..unpickle.stubs import Stub, stub_name
@@ -21,7 +22,12 @@ from .base import Loaded, ReadOptions
 __all__ = ["read_dcp", "is_dcp_dir"]
 
 
-def is_dcp_dir(path: str) -> bool:
+def is_dcp_dir(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """A directory (local, or a URL prefix) holding ``.metadata``."""
+    if is_url(path):
+        fs, inner = filesystem(path, storage_options)
+        with remote_errors(path, "list", storage_options):
+            return bool(fs.isfile(join(inner, ".metadata")))
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
@@ -33,8 +39,8 @@ def _attrs(obj: Any, what: str) -> dict[str, Any]:
 
 def read_dcp(directory: str, opts: ReadOptions) -> Loaded:
     """Read a DCP checkpoint directory into a (nested) state dict."""
-    meta_path = os.path.join(directory, ".metadata")
-    with Source(meta_path) as src:
+    meta_path = join(directory, ".metadata")
+    with Source(meta_path, storage_options=opts.storage_options) as src:
         u = Unpickler(src.buffer(), policy=opts.policy, member=".metadata", meta=opts.meta)
         metadata = u.load()
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
@@ -68,7 +74,8 @@ def read_dcp(directory: str, opts: ReadOptions) -> Loaded:
     return loaded
 
 
-def _source(directory: str, files: dict[str, Source], info: dict[str, Any] | None, fqn: str) -> tuple[Source, int, int]:
+def _source(directory: str, files: dict[str, Source], info: dict[str, Any] | None, fqn: str,
+            storage_options: dict[str, Any] | None = None) -> tuple[Source, int, int]:
     if info is None:
         raise CorruptCheckpointError(f"DCP entry {fqn} has no storage record")
     if info.get("transform_descriptors"):
@@ -77,7 +84,7 @@ def _source(directory: str, files: dict[str, Source], info: dict[str, Any] | Non
     if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
         raise CorruptCheckpointError(f"DCP entry {fqn} points outside its directory: {rel!r}")
     if rel not in files:
-        files[rel] = Source(os.path.join(directory, rel))
+        files[rel] = Source(join(directory, rel), storage_options=storage_options)
     src = files[rel]
     offset, length = info.get("offset"), info.get("length")
     if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
@@ -90,7 +97,7 @@ def _source(directory: str, files: dict[str, Source], info: dict[str, Any] | Non
 def _item(directory: str, files: dict[str, Source], info: dict[str, Any] | None, opts: ReadOptions, fqn: str) -> Any:
     from . import read
 
-    src, offset, length = _source(directory, files, info, fqn)
+    src, offset, length = _source(directory, files, info, fqn, opts.storage_options)
     with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
         return read(item, ReadOptions(relocator=opts.relocator, policy=opts.policy, meta=opts.meta)).obj
 

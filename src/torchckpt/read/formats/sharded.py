@@ -28,22 +28,23 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return None
-    folder = os.path.dirname(os.path.abspath(src.path or "."))
     shards = list(dict.fromkeys(weight_map.values()))
     merged: OrderedDict[str, Any] = OrderedDict()
     loaded = Loaded(obj=merged, kind="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
     from . import read
 
     for shard in shards:
-        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        if os.path.isabs(shard) or "://" in shard or ".." in shard.replace("\\", "/").split("/"):
             raise CorruptCheckpointError(f"the index names shard {shard!r} outside its folder")
-        path = os.path.join(folder, shard)
-        if shard.endswith(".json") or os.path.abspath(path) == os.path.abspath(src.path or ""):
+        if shard.endswith(".json") or shard == os.path.basename(src.url or src.path or ""):
             raise CorruptCheckpointError(f"the index names another index ({shard!r}) as a shard")
-        if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=path,
-                                          hint="Download every shard next to the index file.")
-        with Source(path) as shard_src:
+        try:
+            shard_src = src.sibling(shard)
+        except CheckpointNotFoundError as exc:
+            raise type(exc)(f"shard {shard} listed in the index is missing", path=exc.path,
+                                          hint="Download every shard next to the index file.") from None
+        path = shard_src.name
+        with shard_src:
             part = read(shard_src, opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
         wanted = [k for k, v in weight_map.items() if v == shard]
