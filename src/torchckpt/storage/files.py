@@ -28,7 +28,7 @@ from . import atomic
 from .remote import StorageOptions, filesystem, is_url, join, remote_errors, strip_file_scheme
 
 __all__ = ["atomic_write", "write_json_atomic", "read_bytes", "size_of", "list_sizes", "remove", "makedirs",
-           "sync_dir", "clean_temp_files", "local_copy", "join", "is_url", "exists"]
+           "sync_dir", "clean_temp_files", "local_copy", "join", "is_url", "exists", "isdir"]
 
 # Stores whose uploads are all-or-nothing: an object is visible only after its upload completed.
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
@@ -131,6 +131,17 @@ def exists(path: Any, storage_options: StorageOptions | None = None) -> bool:
     with remote_errors(path, "read", storage_options):
         fs.invalidate_cache(inner)
         return bool(fs.exists(inner))
+
+
+def isdir(path: Any, storage_options: StorageOptions | None = None) -> bool:
+    """A directory (a URL: a prefix with objects under it)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.isdir(_local(path))
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "list", storage_options):
+        fs.invalidate_cache(inner)
+        return bool(fs.isdir(inner))
 
 
 def size_of(path: Any, storage_options: StorageOptions | None = None) -> int:

@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from ..storage.atomic import clean_temp_files, fsync_dir
+from ..storage import files as storage
+from ..storage.remote import StorageOptions
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from .training import META_SUFFIX, TrainingState, capture, read_meta, resume, verify, write_payload
 
@@ -87,6 +88,9 @@ class Checkpointer:
             on ``wait()`` or on ``close()``.
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
+        storage_options: options for the filesystem when ``directory`` is a URL (``s3://bucket/run``):
+            every guarantee holds there too (uploads publish whole or not at all, the sidecar is the
+            commit record, listing and retention read the store).
     """
 
     NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -94,13 +98,14 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
                  keep_every_n_steps: int | None = None, async_save: bool = False, weights_format: str = "pt",
-                 policies: Iterable[RetentionPolicy] = ()) -> None:
+                 policies: Iterable[RetentionPolicy] = (), storage_options: StorageOptions | None = None) -> None:
         if keep_best and not monitor:
             raise ValueError("keep_best needs monitor='metric name'")
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        self.storage_options = dict(storage_options or {})
+        storage.makedirs(self.directory, self.storage_options)
         self.monitor, self.mode = monitor, mode
         self.every_n_steps = every_n_steps
         self.weights_format = weights_format
@@ -115,25 +120,27 @@ class Checkpointer:
         self._pending: Future | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
-        self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
+        self.removed_temp = storage.clean_temp_files(self.directory, self.storage_options,
+                                                   is_ours=lambda n: n.startswith(".ckpt-"))
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        return os.path.join(self.directory, f"ckpt-{step:010d}.pt")
+        return storage.join(self.directory, f"ckpt-{step:010d}.pt")
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
         out = []
-        for name in os.listdir(self.directory):
+        sizes = storage.list_sizes(self.directory, self.storage_options)
+        for name in sizes:
             m = self.NAME.match(name)
             if not m:
                 continue
-            path = os.path.join(self.directory, name)
-            meta = read_meta(path)
+            path = storage.join(self.directory, name)
+            meta = read_meta(path, self.storage_options)
             if meta is None:
                 continue
             try:
-                if os.path.getsize(path) != meta.get("size"):
+                if sizes[name] != meta.get("size"):
                     continue
             except OSError:
                 continue
@@ -174,7 +181,7 @@ class Checkpointer:
         return path
 
     def _commit(self, path: str, payload: dict[str, Any]) -> None:
-        write_payload(path, payload, self.weights_format)
+        write_payload(path, payload, self.weights_format, self.storage_options)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -187,16 +194,12 @@ class Checkpointer:
         for c in found:
             if c.step not in keep:
                 self._delete(c.path)
-        fsync_dir(self.directory)
+        storage.sync_dir(self.directory, self.storage_options)
 
-    @staticmethod
-    def _delete(path: str) -> None:
+    def _delete(self, path: str) -> None:
         # The sidecar goes first: without it the data file is no longer a checkpoint.
         for victim in (path + META_SUFFIX, path, path + ".safetensors"):
-            try:
-                os.remove(victim)
-            except FileNotFoundError:
-                pass
+            storage.remove(victim, self.storage_options)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""
@@ -241,9 +244,13 @@ class Checkpointer:
         skipped: list[str] = []
         for info in reversed(found):
             try:
-                verify(info.path, info.meta)
-                state = resume(info.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               stateful=stateful, map_location=map_location, restore_rng=restore_rng, strict=strict)
+                with storage.local_copy(info.path, self.storage_options,
+                                      companions=(".safetensors", META_SUFFIX)) as local:  # a URL: one download
+                    verify(local, info.meta)
+                    state = resume(local, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   stateful=stateful, map_location=map_location, restore_rng=restore_rng,
+                                   strict=strict)
+                state.path = info.path
             except CheckpointError as exc:
                 if not isinstance(exc, (CheckpointWriteError,)) and _is_damage(exc):
                     skipped.append(f"{os.path.basename(info.path)} ({exc.reason})")

@@ -23,8 +23,10 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..storage.atomic import atomic_write, file_sha256, write_json_atomic
-from ..errors import CorruptCheckpointError, ResumeError
+from ..storage import files as storage
+from ..storage.atomic import file_sha256
+from ..storage.remote import StorageOptions, is_url
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ResumeError
 
 __all__ = ["save", "resume", "TrainingState", "capture", "meta_path", "read_meta", "verify"]
 
@@ -175,8 +177,12 @@ def _plain_number(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- write / read
-def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
-    """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document."""
+def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt",
+                  storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document.
+
+    ``path`` may be a URL (``storage_options`` for its filesystem): see :mod:`torchckpt.storage.files`.
+    """
     import torch
 
     path = os.fspath(path)
@@ -187,7 +193,7 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
 
         weights_path = path + ".safetensors"
         data = st_save(_safetensors_ready(payload["model"]))
-        with atomic_write(weights_path) as fh:
+        with storage.atomic_write(weights_path, storage_options) as fh:
             fh.write(data)
         digest["weights_sha256"] = hashlib.sha256(data).hexdigest()
         digest["weights_size"] = len(data)
@@ -196,13 +202,13 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
         files.append(os.path.basename(weights_path))
     elif weights_format != "pt":
         raise ValueError(f"weights_format must be 'pt' or 'safetensors', not {weights_format!r}")
-    with atomic_write(path) as fh:
+    with storage.atomic_write(path, storage_options) as fh:
         torch.save(payload, fh)
-    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(path),
-            "size": os.path.getsize(path), "epoch": payload.get("epoch"), "step": payload.get("step"),
+    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(path, storage_options),
+            "size": storage.size_of(path, storage_options), "epoch": payload.get("epoch"), "step": payload.get("step"),
             "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
-    write_json_atomic(meta_path(path), meta)
+    storage.write_json_atomic(meta_path(path), meta, storage_options)
     return meta
 
 
@@ -226,23 +232,36 @@ def _json_safe(value: Any) -> Any:
             if isinstance(value, dict) else repr(value)
 
 
-def read_meta(path: str) -> dict[str, Any] | None:
+def read_meta(path: str, storage_options: StorageOptions | None = None) -> dict[str, Any] | None:
+    """The sidecar of ``path``, or None when it is missing or unreadable (remote failures other
+    than a missing sidecar raise: an unreachable store must not look like an empty one)."""
+    from ..errors import RemoteStorageError
+
     try:
-        with open(meta_path(path), encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = json.loads(storage.read_bytes(meta_path(path), storage_options))
         return meta if isinstance(meta, dict) else None
+    except CheckpointNotFoundError:
+        return None
+    except RemoteStorageError:
+        raise
     except (OSError, ValueError):
         return None
 
 
-def zip_digest(path: str) -> str:
+def zip_digest(path: str, storage_options: StorageOptions | None = None) -> str:
     """sha256 over every member's name, size and CRC-32 (which torch computes while writing the zip).
 
-    Recording it costs a read of the zip directory, not of the data; :func:`verify` then checks the
-    data against the member CRCs.
+    Recording it costs a read of the zip directory, not of the data (also for a URL: ranged reads);
+    :func:`verify` then checks the data against the member CRCs.
     """
-    with zipfile.ZipFile(path) as zf:
-        records = [(i.filename, i.file_size, i.CRC) for i in zf.infolist()]
+    if is_url(path):
+        from ..storage.source import Source
+
+        with Source(path, storage_options=storage_options) as src, zipfile.ZipFile(src.open()) as zf:
+            records = [(i.filename, i.file_size, i.CRC) for i in zf.infolist()]
+    else:
+        with zipfile.ZipFile(path) as zf:
+            records = [(i.filename, i.file_size, i.CRC) for i in zf.infolist()]
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
 
@@ -283,7 +302,7 @@ def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
 def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
          epoch: int | None = None, step: int | None = None, metrics: Mapping[str, Any] | None = None,
          extra: Any = None, stateful: Mapping[str, Any] | None = None, weights_format: str = "pt",
-         rng: bool = True) -> dict[str, Any]:
+         rng: bool = True, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """Write a training checkpoint atomically and durably; returns its sidecar (sha256, size, step ...).
 
     ``model`` may be wrapped (DataParallel, DDP, torch.compile): the weights are saved with clean
@@ -291,10 +310,12 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     objects with ``state_dict()``/``load_state_dict()`` (a :class:`~torchckpt.train.sampler.ResumableSampler`,
     an EMA helper ...). RNG states are recorded unless ``rng=False``. With
     ``weights_format="safetensors"`` the weights go to ``<path>.safetensors`` beside the training state.
+    ``path`` may be a URL (``s3://bucket/run/ckpt.pt``; ``storage_options`` for its filesystem): the
+    upload is published whole or not at all, and the sidecar is written after it.
     """
     payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
                       metrics=metrics, extra=extra, stateful=stateful, rng=rng)
-    return write_payload(os.fspath(path), payload, weights_format)
+    return write_payload(os.fspath(path), payload, weights_format, storage_options)
 
 
 def _load_payload(path: str, map_location: Any) -> dict[str, Any]:
@@ -353,8 +374,11 @@ def _check_param_groups(optimizer: Any, state: Mapping[str, Any], what: str, pat
 
 def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
            stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True) -> TrainingState:
+           strict: bool = True, storage_options: StorageOptions | None = None) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
+
+    Files and directories may be URLs (``storage_options`` for their filesystem); a remote checkpoint
+    is downloaded once to a temporary file, verified there, restored, and the download removed.
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
     model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
@@ -362,12 +386,18 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     the optimizer's parameter groups do not fit. A file whose sha256 does not match its sidecar is refused.
     """
     path = os.fspath(path_or_dir)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or (is_url(path) and storage.isdir(path, storage_options)):
         from .checkpointer import Checkpointer
 
-        return Checkpointer(path).resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                         stateful=stateful, map_location=map_location, restore_rng=restore_rng,
-                                         strict=strict)
+        return Checkpointer(path, storage_options=storage_options).resume(
+            model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
+            map_location=map_location, restore_rng=restore_rng, strict=strict)
+    if is_url(path):
+        with storage.local_copy(path, storage_options, companions=(".safetensors", META_SUFFIX)) as local:
+            state = resume(local, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           stateful=stateful, map_location=map_location, restore_rng=restore_rng, strict=strict)
+        state.path = path
+        return state
     verify(path)
     payload = _load_payload(path, map_location)
     state = TrainingState(path=path, epoch=payload.get("epoch"), step=payload.get("step"),
