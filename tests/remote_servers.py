@@ -125,7 +125,8 @@ class CountingProxy:
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with single-range ``Range: bytes=a-b`` support; counts body bytes sent."""
+    """Static files with single-range ``Range: bytes=a-b`` support; counts body bytes sent.
+    Anything under ``/private/`` is refused with 403."""
 
     counter: dict[str, int]
 
@@ -133,6 +134,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def send_head(self) -> Any:  # noqa: C901 - one linear protocol path
+        if self.path.startswith("/private/"):
+            self.send_error(403, "forbidden")
+            return None
         path = self.translate_path(self.path)
         if os.path.isdir(path) or not os.path.isfile(path):
             self.send_error(404, "not found")

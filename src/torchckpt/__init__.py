@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
-                     StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
-                     UnsupportedFormatError, WeightsNotFoundError)
+                     CorruptCheckpointError, IntegrityError, LimitExceededError, NotACheckpointError,
+                     RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError, RemoteStorageError,
+                     RemoteUnreachableError, ResumeError, StateDictMismatchError, TruncatedCheckpointError,
+                     UnsafeCheckpointError, UnsupportedFormatError, WeightsNotFoundError)
 from ._version import __version__
 
 
@@ -37,7 +38,8 @@ __all__ = [
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "__version__",
+    "CheckpointNotFoundError", "RemoteStorageError", "RemoteNotFoundError", "RemoteAuthError",
+    "RemoteUnreachableError", "RemoteConnectionRefusedError", "IntegrityError", "__version__",
 ]
 
 _LAZY = {

@@ -5,18 +5,20 @@ from __future__ import annotations
 import click
 
 from .output import Output
+from .storage_opt import PathOrURL, storage_option
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(exists=True))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", type=PathOrURL(exists=True))
+@click.argument("dst", type=PathOrURL(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
 @click.option("--key", help="Dotted path of the weights inside a training dict.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@storage_option
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool) -> int:
+            as_json: bool, storage_options: dict | None) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
@@ -30,7 +32,8 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, progress=update)
+        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, progress=update,
+                         storage_options=storage_options)
     if as_json:
         out.json(report.to_dict())
     else:

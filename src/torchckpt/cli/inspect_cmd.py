@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .output import Output
+from .storage_opt import storage_option
 
 
 def _fmt_bytes(n: int) -> str:
@@ -23,7 +24,9 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--against", metavar="MODULE:FACTORY",
               help="Import your model factory (e.g. mypkg.models:build) and show the load plan for it.")
 @click.option("--trust", is_flag=True, help="Import the real classes the file names (runs their code).")
-def inspect_command(file: str, as_json: bool, max_tensors: int, against: str | None, trust: bool) -> int:
+@storage_option
+def inspect_command(file: str, as_json: bool, max_tensors: int, against: str | None, trust: bool,
+                    storage_options: dict | None) -> int:
     """Show what a checkpoint holds: format with evidence, values, tensors, totals, classes.
 
     Tensor data is never read, so this takes the same time for a 1 KiB or a 100 GiB file.
@@ -31,12 +34,12 @@ def inspect_command(file: str, as_json: bool, max_tensors: int, against: str | N
     from ..tools.inspection import inspect
 
     out = Output(json_mode=as_json)
-    report = inspect(file, trust=trust)
+    report = inspect(file, trust=trust, storage_options=storage_options)
     plan = None
     if against:
         from .plan import plan_against
 
-        plan = plan_against(file, against, trust=trust)
+        plan = plan_against(file, against, trust=trust, storage_options=storage_options)
     if as_json:
         doc = report.to_dict()
         if plan is not None:

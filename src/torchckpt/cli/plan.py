@@ -40,9 +40,10 @@ class Plan:
         return f"plan: {self.report}\nverdict: the checkpoint {verdict}"
 
 
-def plan_against(file: str, spec: str, *, trust: bool = False) -> Plan:
+def plan_against(file: str, spec: str, *, trust: bool = False, storage_options: dict | None = None) -> Plan:
     from ..fit.load_into import load_into
 
     model = build_model(spec)
-    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, trust=trust)
+    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, trust=trust,
+                       storage_options=storage_options)
     return Plan(report)

@@ -17,7 +17,8 @@ from typing import Any, Iterator, Mapping
 from ..errors import (CheckpointError, RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError,
                       RemoteStorageError, RemoteUnreachableError)
 
-__all__ = ["is_url", "strip_file_scheme", "filesystem", "remote_errors", "RemoteFile", "join", "StorageOptions"]
+__all__ = ["is_url", "strip_file_scheme", "filesystem", "remote_errors", "RemoteFile", "join", "StorageOptions",
+           "remote_listing"]
 
 StorageOptions = Mapping[str, Any]
 
@@ -162,6 +163,18 @@ def _endpoint(storage_options: StorageOptions | None) -> str | None:
         return None
     value = storage_options.get("endpoint_url") or (storage_options.get("client_kwargs") or {}).get("endpoint_url")
     return str(value) if value else None
+
+
+def remote_listing(url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """URLs of every object under the prefix ``url`` (sorted); empty when ``url`` is one object."""
+    fs, inner = filesystem(url, storage_options)
+    with remote_errors(url, "list", storage_options):
+        if not fs.isdir(inner):
+            return []
+        found = sorted(fs.find(inner))
+    base = url.rstrip("/")
+    prefix = inner.rstrip("/")
+    return [base + name[len(prefix):] for name in found if name.startswith(prefix)]
 
 
 # --------------------------------------------------------------------------- ranged reads

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..storage.atomic import atomic_write
+from ..storage.remote import is_url
 from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, WeightsNotFoundError
 from ..fit.tree import find_state_dicts, is_module_like, is_state_dict, is_tensor_like, state_dict_of
 from ..read.unpickle.meta import TensorMeta
@@ -54,7 +55,8 @@ class ConvertReport:
 
 
 def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
-            key: str | None = None, trust: bool = False, progress: Progress | None = None) -> ConvertReport:
+            key: str | None = None, trust: bool = False, progress: Progress | None = None,
+            storage_options: Any = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it. ``to`` defaults from the extension of ``dst``.
 
     Args:
@@ -63,16 +65,22 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
         weights_only: write only the state dict (found in a training dict, a whole-model pickle,
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
         key: dotted path of the weights when several candidates exist.
+        storage_options: options for the filesystem of a URL ``src`` or ``dst``. A URL destination is
+            written and verified in a temporary local file, then uploaded whole (published at once).
     """
     from ..read.formats import ReadOptions, open_checkpoint
     from ..read.unpickle.policy import Policy
 
     dst = os.fspath(dst)
+    if is_url(dst):
+        return _convert_to_url(src, dst, storage_options, to=to, dtype=dtype, weights_only=weights_only, key=key,
+                               trust=trust, progress=progress)
     to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, source):
+    opts = ReadOptions(policy=Policy.make(trust), storage_options=dict(storage_options) if storage_options else None)
+    with open_checkpoint(src, opts, stream_legacy=True) as (loaded, source):
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:
@@ -101,6 +109,27 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
         report.tensors = len(tensors)
         report.changes[:0] = [f"{what} ({n})" for what, n in changes.items()]
         _verify(dst, to, tensors, materialize, report)
+    return report
+
+
+def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> ConvertReport:
+    import shutil
+    import tempfile
+
+    from ..storage import files as storage
+
+    staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
+    try:
+        local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])
+        if not kwargs.get("to"):
+            kwargs["to"] = "safetensors" if dst.endswith(".safetensors") else "pt"
+        report = convert(src, local, storage_options=storage_options, **kwargs)
+        with open(local, "rb") as fh, storage.atomic_write(dst, storage_options) as out:
+            shutil.copyfileobj(fh, out, 8 << 20)
+        report.destination = dst
+        report.notes.append("written and verified in a temporary local file, then uploaded whole")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

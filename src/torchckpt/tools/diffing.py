@@ -110,7 +110,7 @@ def _dtype(t: Any) -> str:
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None) -> DiffReport:
+         progress: Any = None, storage_options: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     ``progress(done, total)`` is called after each tensor pair when comparing values.
@@ -118,7 +118,7 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     from ..read.formats import ReadOptions, read
     from ..storage.source import Source
 
-    with Source(a) as sa, Source(b) as sb:
+    with Source(a, storage_options=storage_options) as sa, Source(b, storage_options=storage_options) as sb:
         la = read(sa, ReadOptions(meta=True))
         lb = read(sb, ReadOptions(meta=True))
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)

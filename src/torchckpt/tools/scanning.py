@@ -16,11 +16,12 @@ import os
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError
 from ..read.sniff import LEGACY_MAGIC_PICKLE, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
     Sniffed, sniff
+from ..storage.remote import is_url, remote_listing
 from ..storage.source import Source
 from ..read.unpickle.machine import GlobalRef, Unpickler
 from ..read.unpickle.policy import Policy, Verdict
@@ -84,9 +85,11 @@ class ScanReport:
 
 
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
-         strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
+         strict: bool = False, progress: Callable[[int, int], None] | None = None,
+         storage_options: Mapping[str, Any] | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``) without executing anything from them.
 
+    Paths may be URLs (``storage_options`` for their filesystem); a URL prefix is a directory.
     ``progress(done, total)`` is called after each file.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -95,7 +98,17 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
     files: list[FileScan] = []
     for p in paths:
         p = os.fspath(p)
-        if os.path.isdir(p):
+        if is_url(p):
+            try:
+                listed = remote_listing(p, storage_options) if recursive else None
+            except CheckpointError as exc:
+                files.append(FileScan(p, status="unreadable", error=str(exc.reason)))
+                continue
+            if listed:
+                todo.extend((url, False) for url in listed)
+            else:
+                todo.append((p, True))
+        elif os.path.isdir(p):
             if not recursive:
                 files.append(FileScan(p, status="unreadable", error="is a directory (use recursive=True)"))
                 continue
@@ -105,20 +118,21 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
         else:
             todo.append((p, True))
     for i, (path, explicit) in enumerate(todo, 1):
-        files.append(scan_file(path, strict=strict, explicit=explicit))
+        files.append(scan_file(path, strict=strict, explicit=explicit, storage_options=storage_options))
         if progress is not None:
             progress(i, len(todo))
     return ScanReport(files)
 
 
-def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> FileScan:
+def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
+              storage_options: Mapping[str, Any] | None = None) -> FileScan:
     """Scan one file. Files met while walking a directory that are not checkpoints at all (JSON,
     text, HTML) are ``skipped``; named explicitly, they are ``unreadable``."""
     from ..errors import NotACheckpointError
 
     result = FileScan(path)
     try:
-        with Source(path) as src:
+        with Source(path, storage_options=storage_options) as src:
             sniffed = sniff(src)
             result.format = sniffed.kind
             _scan_container(src, sniffed, result)
