@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .read.unpickle.stubs import Stub, stub_to_plain
     from .tools.convert import convert
     from .tools.diffing import diff
+    from .tools.html_report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -61,6 +62,7 @@ _LAZY = {
     "LoadReport": ("fit.report", "LoadReport"),
     "convert": ("tools.convert", "convert"),
     "diff": ("tools.diffing", "diff"),
+    "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
