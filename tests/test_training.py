@@ -202,7 +202,7 @@ def test_async_errors_surface(tmp_path, net, monkeypatch):
     ckpt = torchckpt.Checkpointer(tmp_path, async_save=True)
     import torchckpt.train.checkpointer as manager
 
-    def broken(path, payload, fmt):
+    def broken(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(manager, "write_payload", broken)

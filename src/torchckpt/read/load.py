@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping
 
 from .devices import MapLocation, Relocator
@@ -32,7 +33,8 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
          allow: Iterable[str] | str | None = None, return_info: bool = False,
-         storage_options: Mapping[str, Any] | None = None) -> Any:
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
@@ -51,6 +53,10 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
         storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
             ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
+        sha256, check_hash: download ``source`` into the cache (``$TORCHCKPT_CACHE``) and check its
+            sha256 (the hex digest or a prefix; ``check_hash=True`` takes the prefix from a torch.hub
+            style name ``model-<hex>.pt``) before reading it; a cached copy is reused when it still
+            matches. See :func:`torchckpt.download`.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -64,6 +70,11 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
         ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
+    if sha256 is not None or check_hash:
+        from ..storage.cache import download
+
+        source = download(os.fspath(source), sha256=sha256, check_hash=check_hash,  # type: ignore[arg-type]
+                           storage_options=storage_options)
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow,
                              storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj

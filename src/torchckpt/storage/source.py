@@ -245,7 +245,7 @@ class Source:
         if self._remote is not None:  # ranged reads of bounded size straight into the destination
             step = 64 << 20
             for start in range(0, nbytes, step):
-                data = self._remote.read_range(offset + start, offset + min(nbytes, start + step))
+                data = self._remote.read_ahead(offset + start, offset + min(nbytes, start + step))
                 if len(data) != min(step, nbytes - start):
                     from ..errors import TruncatedCheckpointError
 

@@ -193,13 +193,14 @@ class Checkpointer:
             keep |= policy.keep(found)
         for c in found:
             if c.step not in keep:
-                self._delete(c.path)
+                self._delete(c.path, self.storage_options)
         storage.sync_dir(self.directory, self.storage_options)
 
-    def _delete(self, path: str) -> None:
+    @staticmethod
+    def _delete(path: str, storage_options: StorageOptions | None = None) -> None:
         # The sidecar goes first: without it the data file is no longer a checkpoint.
         for victim in (path + META_SUFFIX, path, path + ".safetensors"):
-            storage.remove(victim, self.storage_options)
+            storage.remove(victim, storage_options)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""

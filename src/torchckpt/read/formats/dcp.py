@@ -12,7 +12,7 @@ import os
 from collections import OrderedDict
 from typing import Any
 
-from ...errors import CorruptCheckpointError, UnsupportedFormatError
+from ...errors import CorruptCheckpointError, RemoteAuthError, RemoteNotFoundError, UnsupportedFormatError
 from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
@@ -25,9 +25,14 @@ __all__ = ["read_dcp", "is_dcp_dir"]
 def is_dcp_dir(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """A directory (local, or a URL prefix) holding ``.metadata``."""
     if is_url(path):
-        fs, inner = filesystem(path, storage_options)
-        with remote_errors(path, "list", storage_options):
-            return bool(fs.isfile(join(inner, ".metadata")))
+        if "?" in path:  # a signed or query URL names one object
+            return False
+        try:
+            fs, inner = filesystem(path, storage_options)
+            with remote_errors(path, "list", storage_options):
+                return bool(fs.isfile(join(inner, ".metadata")))
+        except (RemoteAuthError, RemoteNotFoundError):
+            return False  # opening it as a file gives the precise error (unreachable: raised once, here)
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
