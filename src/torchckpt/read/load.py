@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from .devices import MapLocation, Relocator
-from .formats import Loaded, ReadOptions, open_checkpoint
+from ..storage.cache import download
 from ..storage.source import SourceLike
+from .devices import MapLocation
+from .formats import Checkpoint
+from .opener import open_checkpoint
+from .unpickle.mode import Mode
 from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
@@ -15,20 +18,13 @@ __all__ = ["load", "read_checkpoint"]
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
-                    storage_options: Mapping[str, Any] | None = None) -> Loaded:
+                    storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta,
-                       storage_options=dict(storage_options) if storage_options else None)
-    with open_checkpoint(source, opts) as (loaded, src):
-        loaded.details.setdefault("source_size", src.size)
-    relocator = opts.relocator
-    if relocator.fallbacks:
-        loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
-                            "(that device is not available here)")
-    elif relocator.moves and not meta:
-        moves = ", ".join(f"{a} -> {b}" for a, b in sorted(relocator.moves.items()))
-        loaded.notes.append(f"storages moved: {moves}")
-    return loaded
+    mode = Mode.STRUCTURE if meta else Mode.BUILD
+    with open_checkpoint(source, mode, Policy.make(trust, allow), map_location=map_location, mmap=mmap,
+                         storage_options=storage_options) as ckpt:
+        ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
+        return ckpt
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
@@ -54,10 +50,10 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
             ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
         sha256, check_hash: download ``source`` into the cache (``$TORCHCKPT_CACHE``) and check its
-            sha256 (the hex digest or a prefix; ``check_hash=True`` takes the prefix from a torch.hub
-            style name ``model-<hex>.pt``) before reading it; a cached copy is reused when it still
-            matches. See :func:`torchckpt.download`.
-        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
+            sha256 (the hex digest or a prefix of at least 8 digits; ``check_hash=True`` takes the
+            prefix from a torch.hub style name ``model-<hex>.pt``) before reading it; a cached copy
+            is re-hashed and reused when it still matches. See :func:`torchckpt.download`.
+        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
     Returns:
@@ -68,13 +64,13 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         CheckpointError: subclasses name the file, the problem and the next step:
         ``UnsafeCheckpointError`` (code execution attempt), ``TruncatedCheckpointError``,
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
-        ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
+        ``CorruptCheckpointError``, ``CheckpointNotFoundError``, ``IntegrityError`` (sha256),
+        ``RemoteStorageError`` subclasses for URLs.
     """
     if sha256 is not None or check_hash:
-        from ..storage.cache import download
-
-        source = download(os.fspath(source), sha256=sha256, check_hash=check_hash,  # type: ignore[arg-type]
-                           storage_options=storage_options)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError("sha256=/check_hash= need a path or URL, not an open file or bytes")
+        source = download(os.fspath(source), sha256=sha256, check_hash=check_hash, storage_options=storage_options)
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow,
                              storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -14,12 +14,54 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
+from ..errors import CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
 from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
 
-__all__ = ["Source", "SourceLike"]
+__all__ = ["Source", "SourceLike", "confined_path"]
 
 SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
+
+
+def confined_path(directory: str, name: Any, *, what: str = "file", checkpoint: str | None = None) -> str:
+    """Resolve ``name``, a path a checkpoint names (a shard, a DCP data file, a sidecar's data file),
+    against ``directory``, the checkpoint's own directory (local, with symlinks followed, or a URL prefix).
+
+    Returns the resolved path (or URL). Raises :class:`UnsafeCheckpointError` if it is absolute, empty, a
+    URL, or resolves (through ``..`` or a symlink) outside ``directory``. Nothing is read from the target,
+    so no byte of a foreign file can appear in an error message.
+    """
+    shown = f"{name!r:.120}"
+    if not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) \
+            or (os.name == "nt" and os.path.splitdrive(name)[0]) or "://" in name:
+        raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which is not a relative path inside "
+                                    "its directory", path=checkpoint, hint=_CONFINED_HINT)
+    if is_url(directory):  # object stores have no links: only the name itself can leave the prefix
+        if ".." in name.replace("\\", "/").split("/") or name.startswith("/"):
+            raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which resolves outside its "
+                                        f"directory {directory}", path=checkpoint, hint=_CONFINED_HINT)
+        return join(directory, name)
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, target]) != root and not _hf_cache_blob(root, target):
+        raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which resolves outside its directory "
+                                    f"{directory}", path=checkpoint, hint=_CONFINED_HINT)
+    return target
+
+
+def _hf_cache_blob(root: str, target: str) -> bool:
+    """The Hugging Face cache links ``<repo>/snapshots/<rev>/<file>`` to ``<repo>/blobs/<sha>``: that is
+    the same checkpoint, not a foreign file."""
+    path = root
+    while os.path.dirname(path) != path:
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) == "snapshots":
+            return os.path.dirname(target) == os.path.join(os.path.dirname(parent), "blobs")
+        path = parent
+    return False
+
+
+_CONFINED_HINT = ("A checkpoint may only refer to files in its own directory. If you made this layout on purpose, "
+                  "copy the files into the checkpoint's directory instead of linking them.")
 
 
 class Source:
@@ -158,18 +200,13 @@ class Source:
         """Bytes moved from remote storage so far (0 for local sources)."""
         return self._remote.bytes_read if self._remote is not None else 0
 
-    def sibling(self, relative: str) -> "Source":
-        """The file ``relative`` next to this one (a shard, a DCP data file), same storage options.
-
-        Refuses names that leave this file's folder (absolute paths, ``..``).
-        """
-        parts = relative.replace("\\", "/").split("/")
-        if os.path.isabs(relative) or "://" in relative or ".." in parts:
-            raise CorruptCheckpointError(f"the checkpoint names {relative!r}, outside its own folder", path=self.name)
+    @property
+    def folder(self) -> str:
+        """The directory this source is in (a URL prefix for URLs; the working directory for bytes
+        and file objects): where the files it names (shards, DCP data files) are looked up."""
         if self.url is not None:
-            return Source(join(self.url.rsplit("/", 1)[0], relative), storage_options=self.storage_options)
-        folder = os.path.dirname(os.path.abspath(self.path or "."))
-        return Source(os.path.join(folder, relative))
+            return self.url.rsplit("/", 1)[0]
+        return os.path.dirname(os.path.abspath(self.path or "."))
 
     @property
     def can_map(self) -> bool:

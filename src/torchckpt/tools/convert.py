@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..storage import files as storage
 from ..storage.atomic import atomic_write
 from ..storage.remote import is_url
 from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, WeightsNotFoundError
@@ -68,7 +71,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
         storage_options: options for the filesystem of a URL ``src`` or ``dst``. A URL destination is
             written and verified in a temporary local file, then uploaded whole (published at once).
     """
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
     from ..read.unpickle.policy import Policy
 
     dst = os.fspath(dst)
@@ -79,8 +82,8 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    opts = ReadOptions(policy=Policy.make(trust), storage_options=dict(storage_options) if storage_options else None)
-    with open_checkpoint(src, opts, stream_legacy=True) as (loaded, source):
+    with open_checkpoint(src, "build", Policy.make(trust), lazy=True, storage_options=storage_options) as loaded:
+        source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:
@@ -113,11 +116,6 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
 
 
 def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> ConvertReport:
-    import shutil
-    import tempfile
-
-    from ..storage import files as storage
-
     staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
     try:
         local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])

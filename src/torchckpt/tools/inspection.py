@@ -88,7 +88,7 @@ def inspect(source: SourceLike, *, trust: bool = False, allow: Iterable[str] | s
     loaded = read_checkpoint(source, map_location="meta", trust=trust, allow=allow, meta=True,
                              storage_options=storage_options)
     name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
-    size = loaded.details.get("source_size", -1) if is_url(source) else _size_of(source)
+    size = loaded.size if is_url(source) else _size_of(source)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")

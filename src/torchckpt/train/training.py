@@ -27,6 +27,7 @@ from ..storage import files as storage
 from ..storage.atomic import file_sha256
 from ..storage.remote import StorageOptions, is_url
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ResumeError
+from ..read.formats.folders import is_accelerate_folder
 
 __all__ = ["save", "resume", "TrainingState", "capture", "meta_path", "read_meta", "verify"]
 
@@ -379,6 +380,8 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
 
     Files and directories may be URLs (``storage_options`` for their filesystem); a remote checkpoint
     is downloaded once to a temporary file, verified there, restored, and the download removed.
+    An accelerate ``save_state`` folder is restored as one checkpoint (model, optimizer, scheduler,
+    scaler and the RNG states of process 0).
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
     model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
@@ -386,7 +389,8 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     the optimizer's parameter groups do not fit. A file whose sha256 does not match its sidecar is refused.
     """
     path = os.fspath(path_or_dir)
-    if os.path.isdir(path) or (is_url(path) and storage.isdir(path, storage_options)):
+    local_dir = os.path.isdir(path) and not is_accelerate_folder(path)  # accelerate folders load as one payload
+    if local_dir or (is_url(path) and storage.isdir(path, storage_options)):
         from .checkpointer import Checkpointer
 
         return Checkpointer(path, storage_options=storage_options).resume(

@@ -9,15 +9,16 @@ from collections import OrderedDict
 from typing import Any
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
-from ...storage.source import Source
-from .base import Loaded, ReadOptions
+from ...storage.remote import join
+from ...storage.source import Source, confined_path
+from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_sharded_index"]
 
 MAX_INDEX = 64 << 20
 
 
-def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
+def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     """The merged state dict of the shards an index lists, or None if ``src`` is not such an index."""
     if src.size > MAX_INDEX:
         return None
@@ -28,24 +29,27 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return None
+    folder = src.folder  # a local directory or a URL prefix
     shards = list(dict.fromkeys(weight_map.values()))
     merged: OrderedDict[str, Any] = OrderedDict()
-    loaded = Loaded(obj=merged, kind="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
-    from . import read
-
+    loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
+    assert opts.read_child is not None, "the opener passes the format dispatcher"
+    itself = src.url if src.url is not None else os.path.realpath(src.path or "")
     for shard in shards:
-        if os.path.isabs(shard) or "://" in shard or ".." in shard.replace("\\", "/").split("/"):
-            raise CorruptCheckpointError(f"the index names shard {shard!r} outside its folder")
-        if shard.endswith(".json") or shard == os.path.basename(src.url or src.path or ""):
-            raise CorruptCheckpointError(f"the index names another index ({shard!r}) as a shard")
+        path = confined_path(folder, shard, what="shard", checkpoint=src.name)
+        if shard.endswith(".json") or path == itself:
+            raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
+        shown = join(folder, shard)
+        if src.url is None and not os.path.isfile(path):
+            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
+                                          hint="Download every shard next to the index file.")
         try:
-            shard_src = src.sibling(shard)
-        except CheckpointNotFoundError as exc:
-            raise type(exc)(f"shard {shard} listed in the index is missing", path=exc.path,
-                                          hint="Download every shard next to the index file.") from None
-        path = shard_src.name
+            shard_src = Source(path, name=shown, storage_options=opts.storage_options)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
+                                          hint="Upload every shard next to the index file.") from None
         with shard_src:
-            part = read(shard_src, opts)
+            part = opts.read_child(shard_src, opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
         wanted = [k for k, v in weight_map.items() if v == shard]
         missing = [k for k in wanted if k not in tensors]
@@ -56,5 +60,6 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
             merged[key] = tensors[key]
         loaded.notes.extend(f"{shard}: {note}" for note in part.notes)
     loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
-    loaded.details["metadata"] = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+    metadata = index.get("metadata") or {}
+    loaded.details["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     return loaded
