@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, IntegrityError, LimitExceededError, NotACheckpointError,
-                     RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError, RemoteStorageError,
-                     RemoteUnreachableError, ResumeError, StateDictMismatchError, TruncatedCheckpointError,
-                     UnsafeCheckpointError, UnsupportedFormatError, WeightsNotFoundError)
+                     CorruptCheckpointError, DeviceUnavailableError, IntegrityError, LimitExceededError,
+                     NotACheckpointError, RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError,
+                     RemoteStorageError, RemoteUnreachableError, ResumeError, StateDictMismatchError,
+                     TruncatedCheckpointError, UnsafeCheckpointError, UnsupportedFormatError, WeightsNotFoundError)
 from ._version import __version__
 
 
@@ -29,9 +29,9 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.html_report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
-    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast
+    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.training import TrainingState, resume, save
+    from .train.training import TrainingState, save
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
@@ -40,8 +40,8 @@ __all__ = [
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "RemoteStorageError", "RemoteNotFoundError", "RemoteAuthError",
-    "RemoteUnreachableError", "RemoteConnectionRefusedError", "IntegrityError", "__version__",
+    "CheckpointNotFoundError", "DeviceUnavailableError", "RemoteStorageError", "RemoteNotFoundError",
+    "RemoteAuthError", "RemoteUnreachableError", "RemoteConnectionRefusedError", "IntegrityError", "__version__",
 ]
 
 _LAZY = {
@@ -54,7 +54,7 @@ _LAZY = {
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
     "save": ("train.training", "save"),
-    "resume": ("train.training", "resume"),
+    "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
     "KeepLast": ("train.checkpointer", "KeepLast"),

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import click
 
+from ..tools.convert import convert
+from .args import checkpoint_paths, policy_from, policy_options
+from .codes import EXIT_OK
 from .output import Output
-from .storage_opt import PathOrURL, storage_option
+from .storage_opt import storage_option
 
 
 @click.command("convert")
-@click.argument("src", type=PathOrURL(exists=True))
-@click.argument("dst", type=PathOrURL(dir_okay=False))
+@checkpoint_paths("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
-@click.option("--key", help="Dotted path of the weights inside a training dict.")
+@click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@policy_options
 @storage_option
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool, storage_options: dict | None) -> int:
+            as_json: bool, trust: bool, allow: tuple[str, ...], storage_options: dict | None) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
+    A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
-    from ..tools.convert import convert
-
     out = Output(json_mode=as_json)
     with out.progress(bytes_=True) as progress:
         task = progress.add_task("converting", total=None)
@@ -32,10 +35,11 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, progress=update,
+        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
+                         policy=policy_from(trust, allow), progress=update,
                          storage_options=storage_options)
     if as_json:
         out.json(report.to_dict())
     else:
-        out.print(str(report), markup=False)
-    return 0
+        out.print(report.render(), markup=False)
+    return EXIT_OK

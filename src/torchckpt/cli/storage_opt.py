@@ -1,4 +1,4 @@
-"""``--storage-option KEY=VALUE`` (every subcommand) and a path argument that also accepts URLs."""
+"""``--storage-option KEY=VALUE`` (every subcommand that reads checkpoints)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from ..storage.remote import is_url
-
-__all__ = ["storage_option", "PathOrURL", "parse_storage_options"]
+__all__ = ["storage_option", "parse_storage_options"]
 
 
 def parse_storage_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any] | None:
@@ -46,17 +44,3 @@ def storage_option(f: Callable[..., Any]) -> Callable[..., Any]:
         callback=lambda ctx, param, value: parse_storage_options(value),
         help="Option for the fsspec filesystem of URL arguments (repeatable), e.g. "
              "endpoint_url=http://127.0.0.1:9000, key=..., anon=true; dotted keys nest.")(f)
-
-
-class PathOrURL(click.ParamType):
-    """A local path checked like ``click.Path(...)``, or a URL (``s3://``, ``https://`` ...) passed as is."""
-
-    name = "path"
-
-    def __init__(self, **path_kwargs: Any) -> None:
-        self._path = click.Path(**path_kwargs)
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        if is_url(value):
-            return value
-        return self._path.convert(value, param, ctx)

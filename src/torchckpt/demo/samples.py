@@ -15,9 +15,10 @@ import struct
 from collections import OrderedDict
 from typing import Any, Iterator
 
-__all__ = ["write_py2_legacy", "saved_on_device", "write_legacy"]
+from ..read.sniff import LEGACY_MAGIC
+from ..read.tensors import dtype_name
 
-_MAGIC = 0x1950A86A20F9469CFC6C
+__all__ = ["write_py2_legacy", "saved_on_device"]
 
 
 class _Global:
@@ -106,7 +107,7 @@ class _Reduced:
 def _storage_class_name(dtype: Any) -> str:
     from ..read.unpickle.safe_globals import _STORAGE_DTYPES
 
-    wanted = str(dtype).replace("torch.", "")
+    wanted = dtype_name(dtype)
     return next(name for name, d in _STORAGE_DTYPES.items() if d == wanted)
 
 
@@ -116,7 +117,7 @@ def write_py2_legacy(obj: Any, file: Any, *, location: str = "cpu") -> None:
     ``file`` is a path or a binary file. Tensors become storages tagged with ``location``.
     """
     buf = io.BytesIO()
-    _Py2Pickler(buf, {}, location).dump(_MAGIC)
+    _Py2Pickler(buf, {}, location).dump(LEGACY_MAGIC)
     _Py2Pickler(buf, {}, location).dump(1001)
     _Py2Pickler(buf, {}, location).dump({"protocol_version": 1001, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 8}})
@@ -140,13 +141,6 @@ def _write(file: Any, data: bytes) -> None:
     else:
         with open(file, "wb") as fh:
             fh.write(data)
-
-
-def write_legacy(obj: Any, file: Any) -> None:
-    """The torch 0.4 - 1.5 stream format as modern torch writes it."""
-    import torch
-
-    torch.save(obj, file, _use_new_zipfile_serialization=False)
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def _make_training(path: str) -> None:
 def _check_resume(obj: Any, path: str) -> list[str]:
     import torch
 
-    from ..train.training import resume
+    from ..train.checkpointer import resume
 
     net = _net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)

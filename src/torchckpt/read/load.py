@@ -10,25 +10,26 @@ from ..storage.source import SourceLike
 from .devices import MapLocation
 from .formats import Checkpoint
 from .opener import open_checkpoint
+from .trust import Policy, resolve_policy
 from .unpickle.mode import Mode
-from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
+                    policy: Policy | None = None,
                     storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
-    with open_checkpoint(source, mode, Policy.make(trust, allow), map_location=map_location, mmap=mmap,
-                         storage_options=storage_options) as ckpt:
+    with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
+                         map_location=map_location, mmap=mmap, storage_options=storage_options) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None,
          storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
          check_hash: bool = False) -> Any:
     """Load a checkpoint of any format and era without running code from it.
@@ -47,6 +48,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands.
         storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
             ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
         sha256, check_hash: download ``source`` into the cache (``$TORCHCKPT_CACHE``) and check its
@@ -71,6 +73,6 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError("sha256=/check_hash= need a path or URL, not an open file or bytes")
         source = download(os.fspath(source), sha256=sha256, check_hash=check_hash, storage_options=storage_options)
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow,
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy,
                              storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fit.align import align_keys
-from ..errors import AmbiguousCheckpointError
+from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
-from ..fit.tree import find_state_dicts, is_tensor_like
+from ..fit.tree import flatten, is_tensor_like, select
+from ..read.opener import open_checkpoint
+from ..read.trust import resolve_policy
+from ..read.unpickle.mode import Mode
 from ..read.unpickle.meta import TensorMeta
 
 __all__ = ["diff", "DiffReport"]
@@ -89,20 +92,12 @@ class DiffReport:
 
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
-    if key is not None:
-        from ..fit.load_into import _lookup
-        from ..fit.tree import state_dict_of
-
-        return dict(state_dict_of(_lookup(obj, key)))
-    found = find_state_dicts(obj)
-    if len(found) == 1:
-        return dict(found[0].state_dict)
-    if len(found) > 1:
-        raise AmbiguousCheckpointError(f"{len(found)} sets of weights: {', '.join(c.path or '<root>' for c in found)}",
-                                       candidates=[c.path for c in found], hint="Choose one with key=...")
-    from .convert import _flatten
-
-    return dict(_flatten(obj))
+    try:
+        return dict(select(obj, key).state_dict)
+    except WeightsNotFoundError:
+        if key is not None:
+            raise
+        return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
 def _dtype(t: Any) -> str:
@@ -110,24 +105,23 @@ def _dtype(t: Any) -> str:
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None, storage_options: Any = None) -> DiffReport:
+         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None,
+         storage_options: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
     dtype (upcast per chunk only where needed); a chunk whose bytes are equal costs one comparison.
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
+    ``policy``/``trust``/``allow``: what the files' pickles may import, as in :func:`torchckpt.load`.
     ``storage_options``: for URL arguments (read by byte ranges).
     """
-    from ..read.opener import open_checkpoint
-    from ..read.unpickle.mode import Mode
-
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
-    mode = Mode.BUILD if values else Mode.STRUCTURE
+    mode, read_policy = (Mode.BUILD if values else Mode.STRUCTURE), resolve_policy(policy, trust, allow)
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, mode, lazy=True, storage_options=storage_options) as la, \
-            open_checkpoint(b, mode, lazy=True, storage_options=storage_options) as lb:
+    with open_checkpoint(a, mode, read_policy, lazy=True, storage_options=storage_options) as la, \
+            open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)

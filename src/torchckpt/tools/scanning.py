@@ -146,8 +146,8 @@ def _walk(top: str) -> list[tuple[str, bool]]:
 def _scan_dcp(directory: str, strict: bool) -> list[FileScan]:
     """The DCP directory as one checkpoint, then every file in it that its .metadata does not name."""
     result = scan_file(directory, strict=strict)
-    read = {os.path.realpath(src) for src, _, _ in result.ranges} | {os.path.realpath(os.path.join(directory,
-                                                                                                ".metadata"))}
+    named = {src for src, _, _ in result.ranges if "\x00" not in src} | {os.path.join(directory, ".metadata")}
+    read = {os.path.realpath(src) for src in named}  # item names (file[key]) match no file: harmless
     rest = [os.path.join(directory, n) for n in sorted(os.listdir(directory))
             if os.path.isfile(os.path.join(directory, n)) and os.path.realpath(os.path.join(directory, n)) not in read]
     return [result, *(scan_file(p, strict=strict, explicit=False) for p in rest)]
@@ -178,7 +178,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
     result.format = result.format if result.format != "unknown" else trace.format or "unknown"
     for stream in trace.streams:
         result.streams.append({"member": _where(stream.source, stream.member, path), "offset": stream.offset,
-                               "globals": stream.globals, "complete": stream.complete})
+                               "globals": stream.globals, "complete": stream.complete, "loaded": stream.loaded})
         if not stream.complete and result.error is not None:
             result.findings.append(Finding("unparsable-pickle", f"the pickle cannot be parsed to its end: "
                                            f"{result.error}", stream.member, stream.offset))

@@ -2,8 +2,10 @@
 
 State is always read from disk: a checkpoint exists once its sidecar ``<name>.meta.json`` (the commit
 marker, written last) exists and matches its data file. A new process finds everything; a crash
-at any moment leaves only complete checkpoints under final names (plus temp files that the next
-Checkpointer removes). Old checkpoints are deleted only after the new one is committed.
+at any moment leaves only complete checkpoints under final names, and the leftovers of a killed
+save or retention pass are reclaimed by the next writer (the protocol is :mod:`.store`). One
+writer per directory: a second one, in any process, gets a clear error. Old checkpoints are
+deleted only after the new one is committed, and only checkpoints this protocol wrote.
 
 Retention is a set of tiny pure policies (:class:`KeepLast`, :class:`KeepBest`, :class:`KeepEvery`):
 each one names the steps it wants kept, and a checkpoint survives if any policy keeps it.
@@ -12,19 +14,25 @@ each one names the steps it wants kept, and a checkpoint survives if any policy 
 from __future__ import annotations
 
 import os
-import re
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from ..storage import files as storage
-from ..storage.remote import StorageOptions
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
-from .training import META_SUFFIX, TrainingState, capture, read_meta, resume, verify, write_payload
+from ..read.formats.folders import is_accelerate_folder
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
+from . import store
+from .restore import resume_file
+from .training import TrainingState, capture, verify, write_payload
 
-__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy"]
+__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
+           "SkippedCheckpointWarning"]
 
+
+class SkippedCheckpointWarning(UserWarning):
+    """A damaged or incomplete checkpoint was skipped while resuming (the previous one was used)."""
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -88,24 +96,26 @@ class Checkpointer:
             on ``wait()`` or on ``close()``.
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
-        storage_options: options for the filesystem when ``directory`` is a URL (``s3://bucket/run``):
-            every guarantee holds there too (uploads publish whole or not at all, the sidecar is the
-            commit record, listing and retention read the store).
+
+    The first ``save`` takes the directory's writer lock and holds it until :meth:`close` (or the
+    process ends); listing and resuming need no lock.
     """
 
-    NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+    NAME = store.NAME
 
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
                  keep_every_n_steps: int | None = None, async_save: bool = False, weights_format: str = "pt",
-                 policies: Iterable[RetentionPolicy] = (), storage_options: StorageOptions | None = None) -> None:
+                 policies: Iterable[RetentionPolicy] = ()) -> None:
         if keep_best and not monitor:
             raise ValueError("keep_best needs monitor='metric name'")
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
-        self.storage_options = dict(storage_options or {})
-        storage.makedirs(self.directory, self.storage_options)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.directory, exc) from None
         self.monitor, self.mode = monitor, mode
         self.every_n_steps = every_n_steps
         self.weights_format = weights_format
@@ -120,33 +130,27 @@ class Checkpointer:
         self._pending: Future | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
-        self.removed_temp = storage.clean_temp_files(self.directory, self.storage_options,
-                                                   is_ours=lambda n: n.startswith(".ckpt-"))
+        self._writer = store.DirectoryLock(self.directory)
+        self.removed_temp: list[str] = []
+        self.reclaimed: list[str] = []
+        if self._writer.try_acquire():  # nobody writes here: finish what killed writers left
+            try:
+                self._tidy()
+            finally:
+                self._writer.release()
+
+    def _tidy(self) -> None:
+        self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
+        self.reclaimed = store.reclaim(self.directory)
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        return storage.join(self.directory, f"ckpt-{step:010d}.pt")
+        return store.path_for(self.directory, step)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        out = []
-        sizes = storage.list_sizes(self.directory, self.storage_options)
-        for name in sizes:
-            m = self.NAME.match(name)
-            if not m:
-                continue
-            path = storage.join(self.directory, name)
-            meta = read_meta(path, self.storage_options)
-            if meta is None:
-                continue
-            try:
-                if sizes[name] != meta.get("size"):
-                    continue
-            except OSError:
-                continue
-            out.append(CheckpointInfo(int(m.group(1)), path, meta.get("metrics") or {}, meta))
-        out.sort(key=lambda c: c.step)
-        return out
+        return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
+                for e in store.entries(self.directory) if e.problem is None]
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -155,8 +159,9 @@ class Checkpointer:
     def best(self) -> CheckpointInfo | None:
         if not self.monitor:
             raise ValueError("best() needs Checkpointer(..., monitor='metric name')")
-        kept = KeepBest(1, self.monitor, self.mode).keep(self.checkpoints())
-        return next((c for c in self.checkpoints() if c.step in kept), None)
+        found = self.checkpoints()
+        kept = KeepBest(1, self.monitor, self.mode).keep(found)
+        return next((c for c in found if c.step in kept), None)
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, *, force: bool = False, model: Any = None, optimizer: Any = None, scheduler: Any = None,
@@ -165,10 +170,14 @@ class Checkpointer:
         """Save the state for ``step``; returns the path (None when ``every_n_steps`` skips this step).
 
         With ``async_save`` the path is returned before the file is written; call ``wait()`` to be sure.
+        Raises CheckpointWriteError when another process writes checkpoints in this directory.
         """
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
         self._raise_pending()
+        if not self._writer.held:
+            self._writer.acquire()
+            self._tidy()
         payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                           step=step, metrics=metrics, extra=extra, stateful=stateful)
         path = self.path_for(step)
@@ -184,7 +193,14 @@ class Checkpointer:
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
-        write_payload(path, payload, self.weights_format, self.storage_options)
+        try:
+            store.begin(path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            write_payload(path, payload, self.weights_format)
+        finally:
+            store.end(path)  # committed, or every file of it removed
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -196,14 +212,8 @@ class Checkpointer:
             keep |= policy.keep(found)
         for c in found:
             if c.step not in keep:
-                self._delete(c.path, self.storage_options)
-        storage.sync_dir(self.directory, self.storage_options)
-
-    @staticmethod
-    def _delete(path: str, storage_options: StorageOptions | None = None) -> None:
-        # The sidecar goes first: without it the data file is no longer a checkpoint.
-        for victim in (path + META_SUFFIX, path, path + ".safetensors"):
-            storage.remove(victim, storage_options)
+                store.delete(c.path)
+        fsync_dir(self.directory)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""
@@ -218,16 +228,20 @@ class Checkpointer:
             pending.result() if block else None
         except CheckpointError:
             raise
-        except OSError as exc:
-            raise CheckpointWriteError(f"background save failed: {exc}", path=self.directory) from exc
+        except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
+            cause = os_error_in(exc)
+            if cause is None:
+                raise
+            raise write_error(self.directory, cause) from None
 
     def close(self) -> None:
-        """Finish pending writes and stop the background thread."""
+        """Finish pending writes, stop the background thread and release the directory."""
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -239,38 +253,67 @@ class Checkpointer:
     def resume(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
                strict: bool = True) -> TrainingState:
-        """Resume from the newest complete checkpoint; a corrupt one is skipped, and the state says so."""
+        """Resume from the newest complete checkpoint.
+
+        A damaged newer one (truncated, sidecar missing or unreadable, failing its digest or CRCs) is
+        skipped with a :class:`SkippedCheckpointWarning`, and ``state.notes`` names each file skipped
+        and why. A checkpoint that does not fit the given objects raises (no fallback).
+        """
         self._raise_pending()
-        found = self.checkpoints()
-        if not found:
-            raise CheckpointNotFoundError("no complete checkpoint in this directory", path=self.directory,
-                                          hint="Start training from scratch, or point at another directory.")
-        skipped: list[str] = []
-        for info in reversed(found):
+        found = store.entries(self.directory)
+        skipped: list[str] = [f"removed the leftovers of an unfinished save: {name}" for name in self.reclaimed]
+        for entry in reversed(found):
+            name = os.path.basename(entry.path)
+            if entry.problem is not None:
+                if not entry.unfinished:  # a save in progress elsewhere is not damage
+                    self._skip(skipped, name, entry.problem)
+                continue
             try:
-                with storage.local_copy(info.path, self.storage_options,
-                                      companions=(".safetensors", META_SUFFIX)) as local:  # a URL: one download
-                    verify(local, info.meta)
-                    state = resume(local, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                   stateful=stateful, map_location=map_location, restore_rng=restore_rng,
-                                   strict=strict)
-                state.path = info.path
-            except CheckpointError as exc:
-                if not isinstance(exc, (CheckpointWriteError,)) and _is_damage(exc):
-                    skipped.append(f"{os.path.basename(info.path)} ({exc.reason})")
-                    continue
-                raise
+                verify(entry.path, entry.meta)
+                state = resume_file(entry.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                    stateful=stateful, map_location=map_location, restore_rng=restore_rng,
+                                    strict=strict, verified=True)
+            except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
+                self._skip(skipped, name, exc.reason)
+                continue
+            state.notes.extend(skipped)
             if skipped:
-                state.notes.append(f"skipped damaged checkpoint(s): {'; '.join(skipped)}; "
-                                   f"resumed from {os.path.basename(info.path)}")
+                state.notes.append(f"resumed from {name}")
             return state
-        raise CheckpointNotFoundError(f"every checkpoint is damaged: {'; '.join(skipped)}", path=self.directory)
+        if skipped:
+            raise CheckpointNotFoundError(f"no usable checkpoint: {'; '.join(skipped)}", path=self.directory,
+                                          hint="Start training from scratch, or point at another directory.")
+        raise CheckpointNotFoundError("no complete checkpoint in this directory", path=self.directory,
+                                      hint="Start training from scratch, or point at another directory.")
+
+    @staticmethod
+    def _skip(skipped: list[str], name: str, why: str) -> None:
+        note = f"skipped {name}: {why}"
+        skipped.append(note)
+        warnings.warn(f"torchckpt: {note}; falling back to the previous checkpoint", SkippedCheckpointWarning,
+                      stacklevel=3)
 
 
-def _is_damage(exc: CheckpointError) -> bool:
-    from ..errors import CorruptCheckpointError, UnsupportedFormatError
+def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
+           stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
+           strict: bool = True) -> TrainingState:
+    """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
-    return isinstance(exc, (CorruptCheckpointError, UnsupportedFormatError))
+    Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
+    model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
+    scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
+    the optimizer's parameter groups or type do not fit. A file that does not match its sidecar is
+    refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
+    Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
+    ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
+    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
+    """
+    path = os.fspath(path_or_dir)
+    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
+                  map_location=map_location, restore_rng=restore_rng, strict=strict)
+    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
+        return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
+    return resume_file(path, **kwargs)  # type: ignore[arg-type]
 
 
 def _to_cpu_copy(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:

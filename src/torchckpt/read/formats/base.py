@@ -103,17 +103,17 @@ class Checkpoint:
     (``TensorMeta`` with file offsets) are read from; it is valid inside the opener's ``with``.
     """
 
-    tree: Any = None
+    tree: Any = field(default=None, repr=False)  # print(info) describes the read; it does not dump the tensors
     format: str = "unknown"
     description: str = ""
     evidence: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # every automatic fix, in words
-    globals: list[GlobalRef] = field(default_factory=list)
+    globals: list[GlobalRef] = field(default_factory=list, repr=False)
     details: dict[str, Any] = field(default_factory=dict)  # python2, locations, metadata, ...
     name: str = ""
     size: int = 0
-    reader: Source | None = None
-    trace: Trace = field(default_factory=Trace)
+    reader: Source | None = field(default=None, repr=False)
+    trace: Trace = field(default_factory=Trace, repr=False)
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property
