@@ -48,7 +48,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
-        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands.
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands, including
+            its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
         storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
             ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
         sha256, check_hash: download ``source`` into the cache (``$TORCHCKPT_CACHE``) and check its

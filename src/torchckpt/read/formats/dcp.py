@@ -67,7 +67,8 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
     """Read a DCP checkpoint directory into a (nested) state dict."""
     meta_path = join(directory, ".metadata")
-    with Source(meta_path, storage_options=opts.storage_options) as src:
+    with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path,
+                storage_options=opts.storage_options) as src:
         metadata, _ = run_pickle(opts, src.buffer(), src, ".metadata")
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)

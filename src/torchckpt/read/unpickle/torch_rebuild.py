@@ -154,7 +154,7 @@ def _set_plain_attributes(obj: Any, state: Any) -> None:
         return
     if isinstance(state, dict):
         for k, v in state.items():
-            if isinstance(k, str) and not k.startswith("__"):
+            if isinstance(k, str) and not k.startswith("__") and not hasattr(type(obj), k):
                 try:
                     setattr(obj, k, v)
                 except (AttributeError, TypeError):
