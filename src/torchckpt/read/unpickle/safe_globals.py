@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import re
 import types
 from typing import Any, Callable
 
@@ -85,12 +86,28 @@ def _torch_size(u: Any, sizes: Any = ()) -> Any:
     return torch.Size([check_int(s, "torch.Size element") for s in sizes])
 
 
+# torch.device's own parser (c10::Device), written out so that a structure read refuses what a build refuses
+_DEVICE_TYPES = frozenset("cpu cuda ipu xpu mkldnn opengl opencl ideep hip ve fpga maia xla lazy vulkan mps meta hpu mtia "
+                          "privateuseone".split())
+_DEVICE = re.compile(r"([a-z_]+)(?::(0|[1-9][0-9]{0,2}))?")
+
+
+def device_string(kind: Any, index: Any = None) -> str:
+    """The device ``torch.device(kind[, index])`` names, or CorruptCheckpointError (indices 0..127)."""
+    m = _DEVICE.fullmatch(kind) if isinstance(kind, str) and len(kind) <= 64 else None
+    if m is None or m.group(1) not in _DEVICE_TYPES or not (index is None or type(index) is int) \
+            or (index is not None and m.group(2) is not None):
+        raise _bad(f"invalid torch.device({kind!r:.70}" + (f", {index!r:.20})" if index is not None else ")"))
+    number = index if index is not None else int(m.group(2)) if m.group(2) is not None else None
+    if number is not None and not 0 <= number <= 127:
+        raise _bad(f"invalid torch.device index {number}")
+    return m.group(1) if number is None else f"{m.group(1)}:{number}"
+
+
 def _torch_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
     import torch
 
-    if not isinstance(kind, str) or len(kind) > 64 or not (index is None or type(index) is int):
-        raise _bad(f"torch.device({type(kind).__name__}, {type(index).__name__})")
-    return torch.device(kind) if index is None else torch.device(kind, index)
+    return torch.device(device_string(kind, index))
 
 
 def _meta_size(u: Any, sizes: Any = ()) -> Any:
@@ -105,9 +122,7 @@ def _meta_size(u: Any, sizes: Any = ()) -> Any:
 def _meta_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
     from .meta import MetaDevice
 
-    if not isinstance(kind, str) or len(kind) > 64 or not (index is None or type(index) is int):
-        raise _bad("malformed torch.device")
-    return MetaDevice(kind, index)
+    return MetaDevice(device_string(kind, index))
 
 
 def _jit_list(u: Any, items: Any) -> list:
@@ -231,8 +246,7 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
                                                 _plain(meta.rebuild_meta_tensor_no_storage)),
         "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
         "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
-        "get_layout": _safe("torch.serialization._get_layout",
-                            lambda u, name: str(name) if isinstance(name, str) else _bad("layout")),
+        "get_layout": _safe("torch.serialization._get_layout", _plain(meta.layout_name)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
         "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
