@@ -122,3 +122,23 @@ def test_compressed_torch_zip_pickle_is_charged_to_the_same_budget(tmp_path):
     assert torch.equal(torchckpt.load(path)["w"], torch.zeros(4))  # a re-compressed file is fine
     with pytest.raises(LimitExceededError, match="inflation"):
         torchckpt.load(path, policy=Policy(budget=Budget(inflation=0, inflate_floor=16)))
+
+
+def _stub_chain(n: int) -> bytes:
+    body = NONE
+    for _ in range(n):
+        body = call(glob("mymod", "Node"), body)
+    return PROTO2 + body + STOP
+
+
+def test_deep_stub_nesting_in_stub_to_plain(tmp_path):
+    path = tmp_path / "chain.pkl"
+    path.write_bytes(_stub_chain(120))
+    obj = torchckpt.load(path)
+    with pytest.raises(LimitExceededError, match="max_depth"):
+        torchckpt.stub_to_plain(obj)
+    assert torchckpt.stub_to_plain(obj, max_depth=400)["__class__"] == "mymod.Node"
+    path.write_bytes(_stub_chain(3000))
+    obj = torchckpt.load(path, policy=Policy(budget=Budget(depth=10_000)))
+    with pytest.raises(LimitExceededError):  # beyond Python's own stack: still a typed error
+        torchckpt.stub_to_plain(obj, max_depth=100_000)
