@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
@@ -132,13 +132,16 @@ def _columns(rows: list[tuple[str, ...]], right: set[int] = frozenset(), limit: 
 
 
 def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None) -> InspectReport:
+            allow: Iterable[str] | str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> InspectReport:
     """Describe a checkpoint: format and evidence, tree values, tensors, totals, referenced classes.
 
-    No tensor data is read. ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
+    No tensor data is read (a remote file moves its header or zip directory only, with
+    ``storage_options`` for its filesystem). ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
     Raises the same errors as :func:`torchckpt.load`.
     """
-    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True)
+    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True,
+                             storage_options=storage_options)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")
