@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "META_FACTORIES"]
+from ...errors import CorruptCheckpointError
+
+__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "META_FACTORIES"]
 
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -91,7 +93,6 @@ class TensorMeta:
         """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor."""
         import torch
 
-        from ...errors import CorruptCheckpointError
 
         offset = self.storage.data_offset() if self.storage is not None else None
         if offset is None:
@@ -111,17 +112,15 @@ class TensorMeta:
 
 def check_int(value: Any, what: str) -> int:
     """An int from the file (numpy integer scalars accepted). Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
-    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+    if type(value) is int:
+        return value
+    if type(value).__name__ not in ("int64", "int32"):
         raise CorruptCheckpointError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
 
 
 def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple, tuple]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
     as_int = check_int
 
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
@@ -140,9 +139,51 @@ def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int,
     return offset, size, stride
 
 
-def _meta_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> TensorMeta:
-    from ...errors import CorruptCheckpointError
+# What build and structure reads both accept (the structure read cannot ask torch, so the rules are
+# written out once here and checked first in both modes: scan, in record mode, refuses what load refuses).
+TORCH_LAYOUTS = frozenset({"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn",
+                           "jagged"})
+NUMPY_TENSOR_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                                 "float16", "float32", "float64", "complex64", "complex128"})
 
+
+def layout_name(name: Any) -> str:
+    """The layout ``torch.serialization._get_layout(name)`` names (``"torch.strided"`` -> ``"strided"``)."""
+    last = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
+    if last not in TORCH_LAYOUTS:
+        raise CorruptCheckpointError(f"unknown tensor layout {name!r:.60}")
+    return last
+
+
+def check_numpy_tensor(data: Any) -> Any:
+    """The numpy array a device tensor is rebuilt from (``_rebuild_device_tensor_from_numpy``)."""
+    import numpy as np
+
+    if not isinstance(data, np.ndarray) or data.dtype.name not in NUMPY_TENSOR_DTYPES:
+        raise CorruptCheckpointError("device tensor rebuilt from something other than a numeric numpy array")
+    return data
+
+
+def check_shape(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Sizes and strides of a tensor without storage: ints, as many of each, none negative, numel and
+    extent below 2**62."""
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) or len(size) != len(stride) \
+            or len(size) > 64:
+        raise CorruptCheckpointError("tensor size and stride must be tuples of the same length")
+    size = tuple(check_int(s, "size") for s in size)
+    stride = tuple(check_int(s, "stride") for s in stride)
+    numel = extent = 1
+    for n, st in zip(size, stride):
+        if n < 0 or st < 0:
+            raise CorruptCheckpointError(f"negative tensor size or stride ({list(size)}, {list(stride)})")
+        numel *= n
+        extent += (n - 1) * st if n else 0
+        if numel >= 1 << 62 or extent >= 1 << 62:
+            raise CorruptCheckpointError(f"tensor of size {list(size)} and stride {list(stride)} is beyond any memory")
+    return size, stride
+
+
+def _meta_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> TensorMeta:
     if not isinstance(storage, MetaStorage):
         raise CorruptCheckpointError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
     dtype = meta_dtype(str(dtype)) if dtype is not None else storage.dtype
@@ -170,13 +211,19 @@ def rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) ->
     return func(*args) if callable(func) and isinstance(args, tuple) else None
 
 
-def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any = False) -> TensorMeta:
-    return TensorMeta(tuple(size), tuple(stride), meta_dtype(str(dtype)))
+def _check_dtype(dtype: Any) -> MetaDType:
+    if not isinstance(dtype, MetaDType):
+        raise CorruptCheckpointError("tensor rebuilt with something other than a dtype")
+    return dtype
+
+
+def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> TensorMeta:
+    size, stride = check_shape(size, stride)
+    return TensorMeta(size, stride, _check_dtype(dtype))
 
 
 def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -> TensorMeta:
-    shape = tuple(getattr(data, "shape", ()))
-    return TensorMeta(shape, (), meta_dtype(str(dtype)))
+    return TensorMeta(tuple(check_numpy_tensor(data).shape), (), _check_dtype(dtype))
 
 
 class MetaDevice(str):

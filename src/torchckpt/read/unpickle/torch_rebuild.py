@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import CorruptCheckpointError
-from .meta import check_int
+from .meta import TensorMeta, check_int, check_numpy_tensor, check_shape, check_view, layout_name
 
 MAX_DIMS = 64
 
@@ -40,8 +40,6 @@ class _Marker:
 
 def legacy_parameter(data: Any = None, requires_grad: Any = True) -> Any:
     """``Parameter(data)`` as torch <= 0.3 pickled it (``Variable.__reduce_ex__``); BUILD sets the rest."""
-    from .meta import TensorMeta
-
     if isinstance(data, TensorMeta):
         data.is_parameter = True
         return data
@@ -57,8 +55,6 @@ def legacy_parameter(data: Any = None, requires_grad: Any = True) -> Any:
 
 def legacy_variable(data: Any = None, *rest: Any) -> Any:
     """``Variable(data)`` of torch <= 0.3: today simply the tensor."""
-    from .meta import TensorMeta
-
     if isinstance(data, TensorMeta):
         return data
     import torch
@@ -71,15 +67,19 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- torch rebuilders
+_STORAGE_TYPES: tuple | None = None
+
+
 def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
-    from torch.storage import TypedStorage, UntypedStorage
+    global _STORAGE_TYPES
+    if _STORAGE_TYPES is None:
+        from torch.storage import TypedStorage, UntypedStorage  # torch stays lazy: only real tensors need it
 
-    from .meta import check_view
-
-    if not isinstance(storage, (TypedStorage, UntypedStorage)):
+        _STORAGE_TYPES = (TypedStorage, UntypedStorage)
+    if not isinstance(storage, _STORAGE_TYPES):
         raise _bad(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    untyped = storage._untyped_storage if isinstance(storage, TypedStorage) else storage
+    untyped = storage._untyped_storage if isinstance(storage, _STORAGE_TYPES[0]) else storage
     return check_view(untyped.nbytes() // max(itemsize, 1), offset, size, stride)
 
 
@@ -154,7 +154,7 @@ def _set_plain_attributes(obj: Any, state: Any) -> None:
         return
     if isinstance(state, dict):
         for k, v in state.items():
-            if isinstance(k, str) and not k.startswith("__"):
+            if isinstance(k, str) and not k.startswith("__") and not hasattr(type(obj), k):
                 try:
                     setattr(obj, k, v)
                 except (AttributeError, TypeError):
@@ -186,8 +186,9 @@ def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, require
     import numpy as np
     import torch
 
-    if not isinstance(data, np.ndarray) or not isinstance(dtype, torch.dtype):
-        raise _bad("device tensor rebuilt from something other than a numpy array")
+    data = check_numpy_tensor(data)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad("device tensor rebuilt with something other than a dtype")
     t = torch.from_numpy(np.ascontiguousarray(data)).to(dtype=dtype)
     _set_requires_grad(t, requires_grad)
     return t
@@ -196,18 +197,16 @@ def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, require
 def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> Any:
     import torch
 
-    size = tuple(check_int(s, "size") for s in size)
-    stride = tuple(check_int(s, "stride") for s in stride)
+    size, stride = check_shape(size, stride)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad("meta tensor rebuilt with something other than a dtype")
     return torch.empty_strided(size, stride, dtype=dtype, device="meta", requires_grad=bool(requires_grad))
 
 
 def get_layout(name: Any) -> Any:
     import torch
 
-    value = getattr(torch, str(name).rsplit(".", 1)[-1], None) if isinstance(name, str) else None
-    if not isinstance(value, torch.layout):
-        raise _bad(f"unknown tensor layout {name!r}")
-    return value
+    return getattr(torch, layout_name(name))
 
 
 class torch_version(str):  # noqa: N801 - stands for torch.torch_version.TorchVersion
