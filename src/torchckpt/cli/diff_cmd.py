@@ -35,5 +35,5 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
     if as_json:
         out.json(report.to_dict())
     else:
-        out.print(str(report), markup=False)
+        out.print(report.render(), markup=False)
     return EXIT_OK if report.equal else EXIT_FINDINGS

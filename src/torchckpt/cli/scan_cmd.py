@@ -37,29 +37,6 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
             f.error = "is a directory: pass -r (--recursive) to scan the files in it"  # the CLI's spelling
     if as_json:
         out.json(report.to_dict())
-        return scan_exit_code(report)
-    for f in report.files:
-        label = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}[f.status]
-        out.print(f"{f.path}: {label} ({f.format}, {len(f.streams)} pickle streams, {len(f.globals)} globals)",
-                  markup=False)
-        if f.error:
-            out.print(f"  {f.error}", markup=False)
-            if f.hint and f.status == "unreadable":
-                out.print(f"  {f.hint}", markup=False)
-        for finding in f.findings:
-            where = "".join([f" [{finding.member}]" if finding.member else "",
-                             f" @{finding.offset}" if finding.offset is not None else ""])
-            out.print(f"  {finding.kind}: {finding.message}{where}", markup=False)
-        stubbed = sorted({g.fullname for g in f.globals if g.verdict.value == "unknown"})
-        if stubbed and not strict:
-            out.print(f"  would be stubbed (not imported): {', '.join(stubbed[:8])}"
-                      + (f" and {len(stubbed) - 8} more" if len(stubbed) > 8 else ""), markup=False)
-        if verbose:
-            for s in f.streams:
-                for g in s["globals"]:
-                    out.print(f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})",
-                              markup=False)
-    counts = {k: sum(f.status == k for f in report.files) for k in ("clean", "findings", "unreadable", "skipped")}
-    out.print(f"{len(report.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
-              f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
+    else:
+        out.print(report.render(strict=strict, verbose=verbose), markup=False)
     return scan_exit_code(report)
