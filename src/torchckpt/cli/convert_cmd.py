@@ -8,6 +8,7 @@ from ..tools.convert import convert
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
+from .storage_opt import storage_option
 
 
 @click.command("convert")
@@ -19,24 +20,17 @@ from .output import Output
 @click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @policy_options
+@storage_option
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool, trust: bool, allow: tuple[str, ...]) -> int:
+            as_json: bool, trust: bool, allow: tuple[str, ...], storage_options: dict | None) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
     A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
     out = Output(json_mode=as_json)
-    with out.progress(bytes_=True) as progress:
-        task = progress.add_task("converting", total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with out.task("converting", bytes_=True) as progress:
         report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                         policy=policy_from(trust, allow), progress=update)
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(report.render(), markup=False)
+                         policy=policy_from(trust, allow), progress=progress, storage_options=storage_options)
+    out.show(report)
     return EXIT_OK

@@ -6,10 +6,14 @@ document on stdout. Errors go to stderr through :func:`error`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 __all__ = ["Output", "to_jsonable"]
 
@@ -28,8 +32,6 @@ def to_jsonable(value: Any) -> Any:
 
 class Output:
     def __init__(self, json_mode: bool = False) -> None:
-        from rich.console import Console
-
         self.json_mode = json_mode
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         self.console = Console(no_color=not colour, highlight=False, soft_wrap=not sys.stdout.isatty(),
@@ -49,9 +51,21 @@ class Output:
 
     def progress(self, *, bytes_: bool = False) -> Any:
         """A rich Progress drawn on stderr when it is a terminal; disabled elsewhere and in --json mode."""
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
         enabled = self.err.is_terminal and not self.json_mode
         counter = DownloadColumn() if bytes_ else MofNCompleteColumn()
         return Progress("[progress.description]{task.description}", BarColumn(), counter, TimeRemainingColumn(),
                         console=self.err, disable=not enabled, transient=True)
+
+    def show(self, record: Any, text: str | None = None) -> None:
+        """A tool's record: its ``to_dict()`` in ``--json`` mode, else ``text`` (default: what it renders)."""
+        if self.json_mode:
+            self.json(record.to_dict())
+        else:
+            self.print(str(record) if text is None else text, markup=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, *, bytes_: bool = False) -> Iterator[Callable[[int, int], None]]:
+        """``with out.task("scanning") as progress``: a ``progress(done, total)`` callback for a tool."""
+        with self.progress(bytes_=bytes_) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)

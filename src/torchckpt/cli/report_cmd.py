@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..tools.html_report import MissingExtraError, report, require_extra
+from .codes import EXIT_OK
 from .output import Output
+from .plan import build_model
 
 
 @click.command("report")
@@ -20,24 +23,15 @@ def command(checkpoint: str, output: str, against: str | None, other: str | None
     The page needs no network to be viewed. Needs the report extra: pip install "torchckpt[report]".
     Exit codes: 0 written, 2 usage (missing extra), 3 unreadable input, 4 unsafe checkpoint.
     """
-    from ..tools.html_report import MissingExtraError, report, require_extra
-
     try:
         require_extra()
     except MissingExtraError as exc:
         raise click.UsageError(f"{exc}") from None
     model = None
     if against:
-        from .plan import build_model
-
         model = build_model(against)
     out = Output(json_mode=as_json)
-    with out.progress() as progress:
-        task = progress.add_task("reading tensors", total=None)
-        result = report(checkpoint, against=model, diff=other, output=output,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if as_json:
-        out.json(result.to_dict())
-    else:
-        out.print(str(result), markup=False)
-    return 0
+    with out.task("reading tensors") as progress:
+        result = report(checkpoint, against=model, diff=other, output=output, progress=progress)
+    out.show(result)  # str(): the text summary (render() is the HTML page)
+    return EXIT_OK

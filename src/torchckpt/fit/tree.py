@@ -41,9 +41,14 @@ def is_module_like(obj: Any) -> bool:
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            type(obj)._stub_module.startswith("__torch__")
+            _torchscript_stub(obj)
     torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _torchscript_stub(stub: Stub) -> bool:
+    """A stub of a TorchScript module class (``__torch__.Net``)."""
+    return stub_name(stub).startswith("__torch__")
 
 
 def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
@@ -60,7 +65,7 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     """
     if isinstance(obj, Stub):
         out: OrderedDict[str, Any] = OrderedDict()
-        if type(obj)._stub_module.startswith("__torch__"):
+        if _torchscript_stub(obj):
             _torchscript_state(obj, "", out, set(), obj.__dict__.get("stub_declarations") or {}, 0)
         else:
             _stub_state(obj, "", out, set(), 0)
@@ -154,7 +159,7 @@ def _torchscript_state(module: Stub, prefix: str, out: dict, active: set, decls:
         if value is not None and is_tensor_like(value):
             out[prefix + name] = _detach(value)
     for name, value in attrs.items():
-        if isinstance(value, Stub) and type(value)._stub_module.startswith("__torch__"):
+        if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)
     active.discard(id(module))
 

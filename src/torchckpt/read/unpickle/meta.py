@@ -111,7 +111,9 @@ class TensorMeta:
 
 def check_int(value: Any, what: str) -> int:
     """An int from the file (numpy integer scalars accepted). Raises CorruptCheckpointError."""
-    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+    if type(value) is int:
+        return value
+    if type(value).__name__ not in ("int64", "int32"):
         raise CorruptCheckpointError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
 
@@ -199,9 +201,10 @@ def rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
 
 
 def rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
-    if isinstance(data, TensorMeta):
-        data.is_parameter = True
-        data.requires_grad = bool(requires_grad)
+    if not isinstance(data, TensorMeta):  # as the build rebuilder refuses anything but a tensor
+        raise CorruptCheckpointError(f"Parameter rebuilt from a {type(data).__name__}")
+    data.is_parameter = True
+    data.requires_grad = bool(requires_grad)
     return data
 
 
