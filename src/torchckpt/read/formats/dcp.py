@@ -97,27 +97,86 @@ def _item(directory: str, files: dict[str, Source], info: dict[str, Any] | None,
 
 def _tensor(directory: str, files: dict[str, Source], fqn: str, md: dict[str, Any],
             where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> Any:
-    size = tuple(md.get("size") or ())
-    dtype = _attrs(md.get("properties"), f"{fqn} properties").get("dtype")
+    """The full tensor ``fqn``, assembled from its chunks with the dtype and shape the metadata declares.
+
+    The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
+    and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
+    """
+    size = md.get("size")
+    if not isinstance(size, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in size):
+        raise CorruptCheckpointError(f"DCP entry {fqn} has an invalid size {size!r}")
+    size = tuple(size)
+    dtype = _dtype(md.get("properties"), fqn, opts.meta)
+    chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
+    _check_tiling(fqn, size, chunks)
     if opts.meta:
-        from ..unpickle.meta import TensorMeta, meta_dtype
+        from ..unpickle.meta import TensorMeta
 
         stride = tuple(int(_prod(size[i + 1:])) for i in range(len(size)))
-        return TensorMeta(size, stride, meta_dtype(str(dtype).replace("torch.", "")))
+        return TensorMeta(size, stride, dtype)
     import torch
 
-    chunks = [_attrs(c, f"{fqn} chunk") for c in md.get("chunks") or []]
-    if len(chunks) == 1 and tuple(chunks[0].get("sizes") or ()) == size:
-        return _item(directory, files, where.get((fqn, tuple(chunks[0].get("offsets") or ()))), opts, fqn)
+    if len(chunks) == 1:
+        return _part(directory, files, fqn, chunks[0], dtype, where, opts)
     full = torch.empty(size, dtype=dtype)
-    for chunk in chunks:
-        offsets, sizes = tuple(chunk.get("offsets") or ()), tuple(chunk.get("sizes") or ())
-        part = _item(directory, files, where.get((fqn, offsets)), opts, fqn)
-        if tuple(part.shape) != sizes or len(offsets) != len(size) or any(
-                o < 0 or o + s > n for o, s, n in zip(offsets, sizes, size)):
-            raise CorruptCheckpointError(f"DCP chunk of {fqn} at {offsets} does not fit {list(size)}")
+    for offsets, sizes in chunks:
+        part = _part(directory, files, fqn, (offsets, sizes), dtype, where, opts)
         full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part
+        del part
     return full
+
+
+def _dtype(properties: Any, fqn: str, meta: bool) -> Any:
+    """The dtype recorded in ``TensorProperties`` (a tuple state since torch 2.3, a dict before)."""
+    state = properties.__dict__.get("stub_state") if isinstance(properties, Stub) else None
+    dtype = state[0] if isinstance(state, tuple) and state else _attrs(properties, f"{fqn} properties").get("dtype")
+    if meta:
+        from ..unpickle.meta import MetaDType
+
+        ok = isinstance(dtype, MetaDType)
+    else:
+        import torch
+
+        ok = isinstance(dtype, torch.dtype)
+    if not ok:
+        raise CorruptCheckpointError(f"DCP entry {fqn} declares no valid dtype ({dtype!r})")
+    return dtype
+
+
+def _chunk(chunk: Any, fqn: str, size: tuple) -> tuple[tuple, tuple]:
+    attrs = _attrs(chunk, f"{fqn} chunk")
+    offsets, sizes = attrs.get("offsets"), attrs.get("sizes")
+    if not isinstance(offsets, (tuple, list)) or not isinstance(sizes, (tuple, list)) \
+            or len(offsets) != len(size) or len(sizes) != len(size) \
+            or not all(isinstance(v, int) for v in (*offsets, *sizes)) \
+            or any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, size)):
+        raise CorruptCheckpointError(f"DCP chunk of {fqn} at {offsets!r} size {sizes!r} does not fit {list(size)}")
+    return tuple(offsets), tuple(sizes)
+
+
+def _check_tiling(fqn: str, size: tuple, chunks: list[tuple[tuple, tuple]]) -> None:
+    """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element."""
+    covered = sum(_prod(s) for _, s in chunks)
+    if covered != _prod(size):
+        raise CorruptCheckpointError(f"DCP chunks of {fqn} cover {covered} of {_prod(size)} elements")
+    nonempty = [c for c in chunks if _prod(c[1])]
+    for i, (oa, sa) in enumerate(nonempty):
+        for ob, sb in nonempty[i + 1:]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb)):
+                raise CorruptCheckpointError(f"DCP chunks of {fqn} at {list(oa)} and {list(ob)} overlap")
+
+
+def _part(directory: str, files: dict[str, Source], fqn: str, chunk: tuple[tuple, tuple], dtype: Any,
+          where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> Any:
+    import torch
+
+    offsets, sizes = chunk
+    part = _item(directory, files, where.get((fqn, offsets)), opts, fqn)
+    if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != sizes:
+        got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
+        raise CorruptCheckpointError(f"DCP chunk of {fqn} at {list(offsets)} holds {got}, "
+                                     f"the metadata declares {dtype} {list(sizes)}")
+    return part
 
 
 def _prod(values: tuple) -> int:
@@ -128,18 +187,51 @@ def _prod(values: tuple) -> int:
 
 
 def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:
-    """Rebuild nested dicts from the planner's key paths (``"model.w" -> ("model", "w")``)."""
+    """Rebuild the nested state from the planner's key paths, as DCP's ``unflatten_state_dict`` does.
+
+    A string path element is a dict key and an int one a list index (DCP flattens lists that hold
+    tensors or dicts, e.g. an optimizer's ``param_groups``); tuples are stored whole.
+    """
     if not planner:
         return flat
     root: dict[str, Any] = {}
+    lists: list[tuple[list, str]] = []
     for fqn, value in flat.items():
         path = planner.get(fqn)
-        if not isinstance(path, tuple) or not path or not all(isinstance(p, (str, int)) for p in path):
+        if not isinstance(path, tuple) or not path or not isinstance(path[0], str) \
+                or not all(isinstance(p, str) or (type(p) is int and 0 <= p < _MAX_INDEX) for p in path):
             root[fqn] = value
             continue
-        node = root
-        for part in path[:-1]:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else node
-        if isinstance(node, dict):
-            node[path[-1]] = value
+        node: Any = root
+        for part, nxt in zip(path[:-1], path[1:]):
+            node = _slot(node, part, [] if isinstance(nxt, int) else {}, fqn, lists)
+        _slot(node, path[-1], value, fqn, lists, leaf=True)
+    for seq, fqn in lists:
+        if any(v is _HOLE for v in seq):
+            raise CorruptCheckpointError(f"DCP planner data leaves a gap in the list holding {fqn}")
     return root
+
+
+_MAX_INDEX = 1 << 24
+_HOLE = object()
+
+
+def _slot(node: Any, key: Any, default: Any, fqn: str, lists: list, leaf: bool = False) -> Any:
+    if isinstance(node, dict) and isinstance(key, str):
+        if leaf:
+            node[key] = default
+            return default
+        current = node.setdefault(key, default)
+    elif isinstance(node, list) and isinstance(key, int):
+        if key >= len(node):
+            if not node:
+                lists.append((node, fqn))
+            node.extend([_HOLE] * (key + 1 - len(node)))
+        if leaf or node[key] is _HOLE:
+            node[key] = default
+        current = node[key]
+    else:
+        raise CorruptCheckpointError(f"DCP planner path of {fqn} mixes list indices and keys at {key!r}")
+    if not leaf and type(current) is not type(default):
+        raise CorruptCheckpointError(f"DCP planner paths disagree about the container at {key!r} (in {fqn})")
+    return current
