@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from ..storage.atomic import clean_temp_files, fsync_dir
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from . import distributed
 from .training import META_SUFFIX, TrainingState, capture, read_meta, resume, verify, write_payload
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy"]
@@ -115,6 +116,7 @@ class Checkpointer:
         self._pending: Future | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
+        self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
         self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
 
     # ------------------------------------------------------------------ listing (from disk)
@@ -127,6 +129,9 @@ class Checkpointer:
         for name in os.listdir(self.directory):
             m = self.NAME.match(name)
             if not m:
+                found = distributed.committed(self.directory, name)  # a sharded checkpoint directory
+                if found:
+                    out.append(CheckpointInfo(found[0], found[1], found[2].get("metrics") or {}, found[2]))
                 continue
             path = os.path.join(self.directory, name)
             meta = read_meta(path)
@@ -162,6 +167,9 @@ class Checkpointer:
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
         self._raise_pending()
+        if distributed.in_use(model):
+            return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                      epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
         payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                           step=step, metrics=metrics, extra=extra, stateful=stateful)
         path = self.path_for(step)
@@ -173,13 +181,27 @@ class Checkpointer:
             self._pending = self._executor.submit(self._commit, path, snapshot)
         return path
 
+    def _save_sharded(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None,
+                      **objects: Any) -> str:
+        """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
+        self._dcp = self._dcp or distributed.DcpSaver(self.directory)
+        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
+        path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
+                                      async_save=self._executor is not None)
+        if finish is None:
+            self._apply_retention()
+            return path
+        with self._lock:
+            self._pending = self._executor.submit(lambda: (finish(), self._apply_retention()))  # type: ignore
+        return path
+
     def _commit(self, path: str, payload: dict[str, Any]) -> None:
         write_payload(path, payload, self.weights_format)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
         found = self.checkpoints()
-        if not self.policies or not found:
+        if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
         for policy in self.policies:
@@ -192,6 +214,9 @@ class Checkpointer:
     @staticmethod
     def _delete(path: str) -> None:
         # The sidecar goes first: without it the data file is no longer a checkpoint.
+        if os.path.isdir(path):
+            distributed.remove(path)
+            return
         for victim in (path + META_SUFFIX, path, path + ".safetensors"):
             try:
                 os.remove(victim)
@@ -221,6 +246,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._dcp is not None:
+                self._dcp.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -241,9 +268,15 @@ class Checkpointer:
         skipped: list[str] = []
         for info in reversed(found):
             try:
-                verify(info.path, info.meta)
-                state = resume(info.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               stateful=stateful, map_location=map_location, restore_rng=restore_rng, strict=strict)
+                if os.path.isdir(info.path):
+                    state = distributed.resume_dcp(info.path, info.meta, model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, scaler=scaler, stateful=stateful,
+                                                   restore_rng=restore_rng, strict=strict)
+                else:
+                    verify(info.path, info.meta)
+                    state = resume(info.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   stateful=stateful, map_location=map_location, restore_rng=restore_rng,
+                                   strict=strict)
             except CheckpointError as exc:
                 if not isinstance(exc, (CheckpointWriteError,)) and _is_damage(exc):
                     skipped.append(f"{os.path.basename(info.path)} ({exc.reason})")
