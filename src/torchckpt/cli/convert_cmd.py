@@ -10,7 +10,7 @@ from .output import Output
 @click.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
+@click.option("--to", "to", type=click.Choice(["pt", "safetensors", "dcp"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
 @click.option("--key", help="Dotted path of the weights inside a training dict.")

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 from .align import RenameRules, align_keys
 from ..errors import AmbiguousCheckpointError, CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from .report import LoadReport, Mismatch
+from .shards import is_sharded, shard_like
 from .tree import Candidate, find_state_dicts, is_module_like, is_state_dict, state_dict_of
 from ..read.unpickle.meta import TensorMeta
 
@@ -279,6 +280,8 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
                 value = _overlap(target, _materialize(value[1], src))
             elif isinstance(value, tuple) and value[0] == "reshape":
                 value = _materialize(value[1], src).reshape(target.shape)
+            elif target is not None and is_sharded(target):
+                value = shard_like(value, target, src)  # FSDP2 / DTensor: reads only this rank's slice
             else:
                 value = _materialize(value, src)
             if on_meta and isinstance(value, torch.Tensor):
@@ -324,6 +327,8 @@ def _overlap(target: Any, value: Any) -> Any:
 
 
 def _release(src: Any, value: Any) -> None:
+    if is_sharded(value):  # its slice was read into memory of its own: nothing of the file's is held
+        return
     try:
         storage = value.untyped_storage()
     except (AttributeError, RuntimeError):

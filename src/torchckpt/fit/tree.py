@@ -24,7 +24,7 @@ MAX_DEPTH = 64
 
 def is_tensor_like(value: Any) -> bool:
     t = type(value)
-    if t is TensorMeta or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
+    if isinstance(value, TensorMeta) or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
         return True
     return t.__module__ == "numpy" and t.__name__ == "ndarray" and value.dtype.kind in "biufc"
 

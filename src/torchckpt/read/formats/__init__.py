@@ -40,7 +40,7 @@ def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = Fal
         path = os.fspath(source)
         with Source(b"", name=path) as src:  # the items are read inside read_dcp
             try:
-                loaded = read_dcp(path, opts)
+                loaded = read_dcp(path, opts, lazy=stream_legacy)  # callers that stream read tensors one by one
             except CheckpointError as exc:
                 raise exc.with_path(path)
             yield loaded, src

@@ -15,6 +15,7 @@ from typing import Any
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
 from ..unpickle.machine import Unpickler
+from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
 from ..unpickle.stubs import Stub, stub_name
 from .base import Loaded, ReadOptions
 
@@ -31,8 +32,12 @@ def _attrs(obj: Any, what: str) -> dict[str, Any]:
     return obj.stub_attributes()
 
 
-def read_dcp(directory: str, opts: ReadOptions) -> Loaded:
-    """Read a DCP checkpoint directory into a (nested) state dict."""
+def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Loaded:
+    """Read a DCP checkpoint directory into a (nested) state dict.
+
+    ``lazy``: tensors are :class:`DcpTensor` (shape and dtype, read on ``materialize()`` or, for one
+    rank's shard, ``read_region()``), so a caller streams them one at a time.
+    """
     meta_path = os.path.join(directory, ".metadata")
     with Source(meta_path) as src:
         u = Unpickler(src.buffer(), policy=opts.policy, member=".metadata", meta=opts.meta)
@@ -55,7 +60,7 @@ def read_dcp(directory: str, opts: ReadOptions) -> Loaded:
             if kind.endswith("BytesStorageMetadata"):
                 flat[fqn] = _item(directory, files, where.get((fqn, ())), opts, fqn)
             elif kind.endswith("TensorStorageMetadata"):
-                flat[fqn] = _tensor(directory, files, fqn, _attrs(md, fqn), where, opts)
+                flat[fqn] = _tensor(directory, files, fqn, _attrs(md, fqn), where, opts, lazy)
             else:
                 raise UnsupportedFormatError(f"DCP entry {fqn} of kind {kind}")
     finally:
@@ -96,8 +101,8 @@ def _item(directory: str, files: dict[str, Source], info: dict[str, Any] | None,
 
 
 def _tensor(directory: str, files: dict[str, Source], fqn: str, md: dict[str, Any],
-            where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> Any:
-    """The full tensor ``fqn``, assembled from its chunks with the dtype and shape the metadata declares.
+            where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions, lazy: bool = False) -> Any:
+    """The full tensor ``fqn`` with the dtype and shape the metadata declares (or a lazy :class:`DcpTensor`).
 
     The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
     and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
@@ -110,20 +115,61 @@ def _tensor(directory: str, files: dict[str, Source], fqn: str, md: dict[str, An
     chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
     _check_tiling(fqn, size, chunks)
     if opts.meta:
-        from ..unpickle.meta import TensorMeta
-
         stride = tuple(int(_prod(size[i + 1:])) for i in range(len(size)))
         return TensorMeta(size, stride, dtype)
-    import torch
+    lazy_tensor = DcpTensor(directory, fqn, size, dtype, chunks, where, opts)
+    return lazy_tensor if lazy else lazy_tensor.assemble(files)
 
-    if len(chunks) == 1:
-        return _part(directory, files, fqn, chunks[0], dtype, where, opts)
-    full = torch.empty(size, dtype=dtype)
-    for offsets, sizes in chunks:
-        part = _part(directory, files, fqn, (offsets, sizes), dtype, where, opts)
-        full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part
-        del part
-    return full
+
+class DcpTensor(TensorMeta):
+    """A tensor of a DCP directory, not read yet: shape and dtype, and where its chunks are."""
+
+    __slots__ = ("directory", "fqn", "chunks", "where", "opts", "full_dtype")
+
+    def __init__(self, directory: str, fqn: str, size: tuple, dtype: Any, chunks: list[tuple[tuple, tuple]],
+                 where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> None:
+        name = meta_dtype(str(dtype).replace("torch.", ""))
+        stride = tuple(int(_prod(size[i + 1:])) for i in range(len(size)))
+        super().__init__(size, stride, name, storage=MetaStorage(name, _prod(size) * name.itemsize))
+        self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
+        self.full_dtype = dtype
+
+    def materialize(self, source: Any = None) -> Any:
+        """The whole tensor (``source`` is unused: the chunks name their own files)."""
+        return self.read_region(tuple(0 for _ in self.shape), tuple(self.shape))
+
+    def read_region(self, offsets: tuple, sizes: tuple) -> Any:
+        """The sub-tensor ``[offsets : offsets + sizes]``, reading only the chunks that overlap it."""
+        files: dict[str, Source] = {}
+        try:
+            return self.assemble(files, tuple(offsets), tuple(sizes))
+        finally:
+            for f in files.values():
+                f.close()
+
+    def assemble(self, files: dict[str, Source], offsets: tuple | None = None, sizes: tuple | None = None) -> Any:
+        import torch
+
+        offsets = offsets if offsets is not None else tuple(0 for _ in self.shape)
+        sizes = sizes if sizes is not None else tuple(self.shape)
+        if len(offsets) != len(self.shape) or any(o < 0 or o + n > m for o, n, m in zip(offsets, sizes, self.shape)):
+            raise ValueError(f"region {list(offsets)}+{list(sizes)} is outside {self.fqn} {list(self.shape)}")
+        out = None
+        for chunk_offsets, chunk_sizes in self.chunks:
+            lo = [max(a, c) for a, c in zip(offsets, chunk_offsets)]
+            hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, chunk_offsets, chunk_sizes)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)) and _prod(sizes):
+                continue
+            part = _part(self.directory, files, self.fqn, (chunk_offsets, chunk_sizes), self.full_dtype, self.where,
+                         self.opts)
+            if chunk_offsets == offsets and chunk_sizes == sizes:
+                return part  # the region is exactly one chunk: no copy
+            if out is None:
+                out = torch.empty(sizes, dtype=self.full_dtype)
+            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = \
+                part[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk_offsets))]
+            del part
+        return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
 
 
 def _dtype(properties: Any, fqn: str, meta: bool) -> Any:
