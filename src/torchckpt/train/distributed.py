@@ -25,7 +25,10 @@ import shutil
 from typing import Any, Callable, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError, ResumeError
+from ..read.load import read_checkpoint
+from ..read.unpickle.meta import TensorMeta
 from ..storage.atomic import fsync_dir, write_json_atomic
+from .training import TrainingState, _json_safe, _plain_number, _restore, get_rng_state, read_meta, versions
 
 __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "committed", "resume_dcp", "remove",
            "DCP_FORMAT", "DCP_NAME"]
@@ -102,8 +105,6 @@ def _plain_state(obj: Any) -> Any:
 def capture_dcp(*, model: Any, optimizer: Any, scheduler: Any, scaler: Any, stateful: Mapping[str, Any] | None,
                 extra: Any, info: Mapping[str, Any], rng: bool = True) -> dict[str, Any]:
     """This rank's part of the checkpoint: sharded model/optimizer, replicated values, its own RNG."""
-    from .training import get_rng_state
-
     rank, _ = rank_and_world()
     state = _model_and_optim(model, optimizer)
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
@@ -213,8 +214,6 @@ def remove(path: str) -> None:
 
 
 def base_meta(step: int, epoch: int | None, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    from .training import _json_safe, _plain_number, versions
-
     _, world = rank_and_world()
     return {"kind": "dcp", "step": step, "epoch": epoch, "world_size": world,
             "metrics": _json_safe({k: _plain_number(v) for k, v in (metrics or {}).items()}),
@@ -228,8 +227,6 @@ def committed(directory: str, name: str) -> tuple[int, str, dict[str, Any]] | No
     if not m:
         return None
     path = os.path.join(directory, name)
-    from .training import read_meta
-
     meta = read_meta(path)
     if meta is None or meta.get("format") != DCP_FORMAT or not isinstance(meta.get("files"), dict):
         return None
@@ -259,8 +256,6 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-
-    from .training import TrainingState, _restore, get_rng_state
 
     verify_dcp(path, meta)
     rank, world = rank_and_world()
@@ -330,16 +325,12 @@ def _each_pair(objs: Any, states: Any, fn: Callable[[Any, Any], Any]) -> None:
 
 def _saved(path: str) -> dict[str, Any]:
     """The checkpoint's structure (tensors as shapes and dtypes; no tensor data is read)."""
-    from ..read.load import read_checkpoint
-
     obj = read_checkpoint(path, meta=True).obj
     return obj if isinstance(obj, dict) else {}
 
 
 def _template(value: Any) -> Any:
     """A load target for ``value``: DCP fills tensors in place and replaces everything else."""
-    from ..read.unpickle.meta import TensorMeta
-
     if isinstance(value, TensorMeta):
         import torch
 
