@@ -6,19 +6,35 @@ checkpoints that resume bit-for-bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
                      CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
                      StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
                      UnsupportedFormatError, WeightsNotFoundError)
+from ._version import __version__
 
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
+    from .fit.load_into import load_into
+    from .fit.report import LoadReport
+    from .fit.tree import find_state_dicts, state_dict_of
+    from .read.load import load, read_checkpoint
+    from .read.unpickle.policy import Policy
+    from .read.unpickle.stubs import Stub, stub_to_plain
+    from .tools.convert import convert
+    from .tools.diffing import diff
+    from .tools.html_report import report
+    from .tools.inspection import inspect
+    from .tools.scanning import scan
+    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast
+    from .train.sampler import ResumableSampler
+    from .train.training import TrainingState, resume, save
 
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -44,6 +60,7 @@ _LAZY = {
     "LoadReport": ("fit.report", "LoadReport"),
     "convert": ("tools.convert", "convert"),
     "diff": ("tools.diffing", "diff"),
+    "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),

@@ -37,7 +37,7 @@ def _register() -> None:
 
     cli.add_command(inspect_cmd.inspect_command)
     cli.add_command(tour_cmd.tour_command)
-    for name in ("scan_cmd", "convert_cmd", "diff_cmd"):
+    for name in ("scan_cmd", "convert_cmd", "diff_cmd", "report_cmd"):
         try:
             module = __import__(f"{__package__}.{name}", fromlist=["command"])
         except ImportError:

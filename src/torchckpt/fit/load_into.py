@@ -13,6 +13,7 @@ import contextlib
 from typing import Any, Iterator, Mapping
 
 from .align import RenameRules, align_keys
+from .placement import Placer
 from ..errors import AmbiguousCheckpointError, CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from .report import LoadReport, Mismatch
 from .shards import is_sharded, shard_like
@@ -267,6 +268,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
     target_device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else \
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
+    placer = Placer(src, assign=on_meta)
     for module_prefix, module in model.named_modules():
         prefix = module_prefix + "." if module_prefix else ""
         local = {}
@@ -276,19 +278,15 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
                 continue
             value = prepared[full]
             target = module._parameters.get(name, module._buffers.get(name))
+            device = target_device if on_meta or target is None else target.device
             if isinstance(value, tuple) and value[0] == "overlap":
                 value = _overlap(target, _materialize(value[1], src))
             elif isinstance(value, tuple) and value[0] == "reshape":
-                value = _materialize(value[1], src).reshape(target.shape)
+                value = placer.place(value[1], target, device, tuple(target.shape))
             elif target is not None and is_sharded(target):
-                value = shard_like(value, target, src)  # FSDP2 / DTensor: reads only this rank's slice
+                value = shard_like(value, target, src)  # FSDP2 / DTensor: this rank reads only its slice
             else:
-                value = _materialize(value, src)
-            if on_meta and isinstance(value, torch.Tensor):
-                value = value.to(device=target_device, dtype=target.dtype if target is not None else None,
-                                 copy=True)
-            elif isinstance(value, torch.Tensor) and target is not None and value.dtype != target.dtype:
-                value = value.to(dtype=target.dtype)
+                value = placer.place(value, target, device)
             local[full] = value
         if not local:
             continue
@@ -304,9 +302,12 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
         if errors:
             raise StateDictMismatchError(f"loading {module_prefix or 'the model'} failed: {'; '.join(errors)}",
                                          report=report)
-        if src is not None:
-            for value in local.values():
-                _release(src, value)
+        placer.release()
+    placer.finish()
+    if placer.mapped:
+        report.notes.append(f"{placer.mapped} tensors were placed without a copy: they map the file copy-on-write "
+                            "(like torch.load(mmap=True)); replace the file atomically (torchckpt.save does), "
+                            "never overwrite it in place, while the model is in use")
     for module_name, attr, source_key in ties:
         _retie(model, module_name, attr, source_key)
     if on_meta:
@@ -324,16 +325,6 @@ def _overlap(target: Any, value: Any) -> Any:
     region = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, value.shape))
     out[region] = value[region].to(device=out.device, dtype=out.dtype)
     return out
-
-
-def _release(src: Any, value: Any) -> None:
-    if is_sharded(value):  # its slice was read into memory of its own: nothing of the file's is held
-        return
-    try:
-        storage = value.untyped_storage()
-    except (AttributeError, RuntimeError):
-        return
-    src.release_pointer(storage.data_ptr(), storage.nbytes())
 
 
 def _tie_groups(model: Any) -> list[tuple[str, str, str]]:

@@ -22,27 +22,47 @@ def is_sharded(target: Any) -> bool:
 
 
 def shard_like(value: Any, target: Any, src: Any = None) -> Any:
-    """``value`` (a full tensor, or a :class:`TensorMeta` not read yet) as a DTensor laid out like ``target``.
+    """``value`` (a full tensor, a :class:`TensorMeta` not read yet, or a lazy DCP tensor) as a DTensor laid
+    out like ``target`` in ``target``'s dtype, holding only this rank's slice.
 
-    A ``TensorMeta`` is read from ``src`` only over this rank's slice (its bounding byte range: exactly
-    the shard for FSDP2's dim-0 sharding). The dtype is left as it is: casting happens afterwards on
-    the local slice, never on the full tensor.
+    A ``TensorMeta`` is read from ``src`` over this rank's slice only (its bounding byte range: exactly
+    the shard for FSDP2's dim-0 sharding); a lazy DCP tensor reads only the chunks that overlap it; a
+    tensor mapping the file is sliced, copied and its pages released. The cast happens on the slice.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if isinstance(value, DTensor):
-        return value
+        return value.to(dtype=target.dtype)
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"a tensor of shape {list(value.shape)} cannot be sharded like {list(target.shape)}")
-    if isinstance(value, TensorMeta):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    mesh = target.device_mesh
+    sizes, offsets = compute_local_shape_and_global_offset(tuple(target.shape), mesh, target.placements)
+    sizes, offsets = tuple(sizes), tuple(offsets)
+    if hasattr(value, "read_region"):  # a lazy DCP tensor
+        part = value.read_region(offsets, sizes)
+    elif isinstance(value, TensorMeta):
+        part = _read_region(value, src, offsets, sizes)
+    else:
+        part = value[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+    local = torch.empty(sizes, dtype=target.dtype, device=mesh.device_type)
+    local.copy_(part)
+    del part
+    if isinstance(value, torch.Tensor):
+        _release(src, value)
+    return DTensor.from_local(local, mesh, target.placements, run_check=False, shape=target.shape,
+                              stride=target.stride())
 
-        sizes, offsets = compute_local_shape_and_global_offset(tuple(target.shape), target.device_mesh,
-                                                               target.placements)
-        local = _read_region(value, src, tuple(offsets), tuple(sizes))
-        return DTensor.from_local(local.to(target.device_mesh.device_type), target.device_mesh, target.placements,
-                                  run_check=False, shape=target.shape, stride=target.stride())
-    return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+
+def _release(src: Any, value: Any) -> None:
+    """Drop the pages of the mapped file that ``value`` views (it was only a way through)."""
+    if src is None or value.device.type != "cpu":
+        return
+    storage = value.untyped_storage()
+    ptr, nbytes = storage.data_ptr(), storage.nbytes()
+    if nbytes and src.maps(ptr, nbytes):
+        src.release_pointer(ptr, nbytes)
 
 
 def _read_region(meta: TensorMeta, src: Any, offsets: tuple, sizes: tuple) -> Any:
@@ -62,4 +82,4 @@ def _read_region(meta: TensorMeta, src: Any, offsets: tuple, sizes: tuple) -> An
     extent = 1 + sum((n - 1) * st for n, st in zip(sizes, meta.stride))
     raw = src.read_into_storage(base + first * item, extent * item)
     flat = torch.empty(0, dtype=dtype).set_(raw, 0, (extent,), (1,))
-    return flat.as_strided(sizes, meta.stride).contiguous()
+    return flat.as_strided(sizes, meta.stride)

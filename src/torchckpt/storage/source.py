@@ -161,6 +161,13 @@ class Source:
         if end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def maps(self, pointer: int, nbytes: int) -> bool:
+        """Whether ``[pointer, pointer+nbytes)`` lies inside this source's file mapping (a mapped storage)."""
+        if self._mmap is None or self._map_base is None:
+            return False
+        offset = pointer - self._map_base
+        return 0 <= offset and offset + nbytes <= self.size
+
     def release_pointer(self, pointer: int, nbytes: int) -> None:
         """:meth:`release` for a mapped storage given by its data pointer (no-op if not ours)."""
         if self._mmap is None or self._map_base is None:

@@ -113,14 +113,19 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
          progress: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
+    With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
+    dtype (upcast per chunk only where needed); a chunk whose bytes are equal costs one comparison.
+    Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     """
-    from ..read.formats import ReadOptions, read
-    from ..storage.source import Source
+    from ..read.formats import ReadOptions, open_checkpoint
 
-    with Source(a) as sa, Source(b) as sb:
-        la = read(sa, ReadOptions(meta=True))
-        lb = read(sb, ReadOptions(meta=True))
+    if atol < 0 or atol != atol:
+        raise ValueError(f"atol must be a number >= 0, not {atol!r}")
+    opts = ReadOptions(meta=not values)
+    # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
+    with open_checkpoint(a, opts, stream_legacy=True) as (la, sa), \
+            open_checkpoint(b, opts, stream_legacy=True) as (lb, sb):
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
@@ -152,7 +157,10 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
                     progress(n, len(mapping))
                 if ka in skip:
                     continue
-                d = _compare(_real(ta[ka], sa), _real(tb[kb], sb), ka, atol)
+                x, y = _real(ta[ka], sa), _real(tb[kb], sb)
+                d = _compare(x, y, ka)
+                _release(sa, x)
+                _release(sb, y)
                 if d.nonfinite_a or d.nonfinite_b:
                     report.nonfinite.append(f"{ka} (A: {d.nonfinite_a}, B: {d.nonfinite_b})")
                 if d.max_abs > atol or (d.max_abs != d.max_abs):
@@ -168,25 +176,109 @@ def _real(t: Any, src: Any) -> Any:
         return t.materialize(src)
     if isinstance(t, np.ndarray):
         return torch.from_numpy(t)
-    return t
+    return t.detach()
 
 
-def _compare(x: Any, y: Any, key: str, atol: float) -> TensorDiff:
+def _release(src: Any, t: Any) -> None:
+    """Drop the mapped file pages of a tensor that was compared (memory stays near one pair)."""
+    storage = t.untyped_storage()
+    src.release_pointer(storage.data_ptr(), storage.nbytes())
+
+
+CHUNK_BYTES = 16 << 20  # per operand and chunk, in the compute dtype
+
+
+def _compute_dtype(x: Any, y: Any) -> Any:
     import torch
 
-    xf = x.detach().to(torch.float64) if x.is_floating_point() or y.is_floating_point() else x.detach().to(torch.int64)
-    yf = y.detach().to(xf.dtype)
-    bad_a = int((~torch.isfinite(xf)).sum()) if xf.is_floating_point() else 0
-    bad_b = int((~torch.isfinite(yf)).sum()) if yf.is_floating_point() else 0
-    if xf.numel() == 0:
-        return TensorDiff(key, 0.0, 0.0, bad_a, bad_b)
+    if x.is_complex() or y.is_complex():
+        return torch.complex128
+    if x.is_floating_point() or y.is_floating_point():
+        return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    return torch.int64
+
+
+def _flat(t: Any) -> Any:
+    return t.reshape(-1) if t.dim() != 1 else (t if t.is_contiguous() else t.contiguous())
+
+
+def _compare(x: Any, y: Any, key: str) -> TensorDiff:
+    """Max abs / relative difference and non-finite counts of two tensors of one shape, chunk by chunk."""
+    import torch
+
+    ct = _compute_dtype(x, y)
+    xf, yf = _flat(x), _flat(y)
+    total = xf.numel()
+    if total == 0:
+        return TensorDiff(key, 0.0, 0.0)
+    step = max(1, CHUNK_BYTES // ct.itemsize)
+    same_dtype = x.dtype == y.dtype
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(x.dtype.itemsize)
+    buf = torch.empty(min(step, total), dtype=ct)
+    max_abs, scale, bad_a, bad_b = 0.0, 0.0, 0, 0
+    skipped: list[tuple[int, int]] = []  # chunks found bitwise equal: their scale is needed only if others differ
+    for start in range(0, total, step):
+        stop = min(total, start + step)
+        xa, yb = xf[start:stop], yf[start:stop]
+        if same_dtype and bits is not None and torch.equal(xa.view(bits), yb.view(bits)):
+            if ct.is_floating_point and not _all_finite(xa):
+                bad = int((~torch.isfinite(xa)).sum())
+                bad_a, bad_b = bad_a + bad, bad_b + bad
+            skipped.append((start, stop))
+            continue
+        out = buf[:stop - start]
+        out.copy_(xa)
+        out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
+        chunk_max = float(out.abs_().amax()) if not out.is_complex() else float(out.abs().amax())
+        if chunk_max == chunk_max and chunk_max != float("inf"):
+            max_abs = max(max_abs, chunk_max)  # every delta finite: so is every value of both
+            scale = max(scale, _abs_max(xa))
+            continue
+        na, nb, m, s = _nonfinite_chunk(xa.to(ct), yb.to(ct))
+        bad_a, bad_b, max_abs, scale = bad_a + na, bad_b + nb, max(max_abs, m), max(scale, s)
+    if max_abs and skipped:
+        for start, stop in skipped:
+            scale = max(scale, _abs_max(xf[start:stop]))
+    rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+    return TensorDiff(key, max_abs, rel, bad_a, bad_b)
+
+
+def _all_finite(t: Any) -> bool:
+    import torch
+
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)  # one fused pass; NaN propagates, +-inf shows as an extreme
+    lo, hi = float(lo), float(hi)
+    return lo == lo and hi == hi and abs(lo) != float("inf") and abs(hi) != float("inf")
+
+
+def _abs_max(t: Any) -> float:
+    """max |t| over finite values (plain max for integers)."""
+    import torch
+
+    if t.is_complex() or t.dtype == torch.bool:
+        return float(t.abs().amax()) if not t.dtype == torch.bool else float(t.any())
+    lo, hi = torch.aminmax(t)
+    m = max(abs(float(lo)), abs(float(hi)))
+    if m == m and m != float("inf"):
+        return m
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().amax()) if finite.numel() else 0.0
+
+
+def _nonfinite_chunk(xf: Any, yf: Any) -> tuple[int, int, float, float]:
+    """The exact accounting for a chunk holding NaN/Inf: counts, max finite delta (inf when a
+    non-finite value is not matched by the same one on the other side), max finite |x|."""
+    import torch
+
+    bad_a = int((~torch.isfinite(xf)).sum()) if xf.is_floating_point() or xf.is_complex() else 0
+    bad_b = int((~torch.isfinite(yf)).sum()) if yf.is_floating_point() or yf.is_complex() else 0
     delta = (xf - yf).abs()
-    finite = torch.isfinite(delta) if delta.is_floating_point() else torch.ones_like(delta, dtype=torch.bool)
-    same_nonfinite = (xf == yf) | (xf.isnan() & yf.isnan()) if xf.is_floating_point() else (xf == yf)
+    finite = torch.isfinite(delta)
+    same_nonfinite = (xf == yf) | (xf.isnan() & yf.isnan())
     if bool((~finite & ~same_nonfinite).any()):
         max_abs = float("inf")
     else:
         max_abs = float(delta[finite].max()) if bool(finite.any()) else 0.0
-    scale = float(xf.abs()[torch.isfinite(xf.abs())].max()) if xf.is_floating_point() and bool(
-        torch.isfinite(xf).any()) else float(xf.abs().max())
-    return TensorDiff(key, max_abs, max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf")), bad_a, bad_b)
+    return bad_a, bad_b, max_abs, _abs_max(xf)

@@ -142,7 +142,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"torch": str(torch.__version__), "torchckpt": __version__, "python": platform.python_version(),
             "numpy": str(numpy.__version__)}

@@ -84,27 +84,35 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
     loaded.details["metadata"] = metadata
     out: OrderedDict[str, Any] = OrderedDict()
     if opts.meta:
+        from ..unpickle.meta import MetaStorage
+
         for name, e in entries.items():
             shape = tuple(e["shape"])
             stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-            out[name] = TensorMeta(shape, stride, meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0]))
+            dtype = meta_dtype(SAFETENSORS_DTYPES[e["dtype"]][0])
+            begin, end = e["data_offsets"]
+            storage = MetaStorage(dtype, end - begin)
+            storage.file_offset = data_start + begin  # so a structure-only read can still fetch each tensor
+            out[name] = TensorMeta(shape, stride, dtype, 0, storage)
         loaded.obj = out
         loaded.details["storage_bytes"] = src.size - data_start
         return loaded
     import torch
 
-    if src.path is not None and opts.mmap is not False:
-        from safetensors import safe_open
-
-        with safe_open(src.path, framework="pt", device="cpu") as f:
-            for name in entries:
-                out[name] = f.get_tensor(name)
-    else:
-        from safetensors.torch import load as st_load
-
-        tensors = st_load(bytes(src.buffer()))
-        for name in entries:
-            out[name] = tensors[name]
+    # Our own mapping (or pread), not safe_open's: the Source owns the pages, so load_into can release
+    # each tensor's pages once it is placed, and a copy is never made when the bytes can be viewed.
+    mapped = src.can_map and opts.mmap is not False
+    for name, e in entries.items():
+        dtype_name, itemsize = SAFETENSORS_DTYPES[e["dtype"]]
+        begin, end = e["data_offsets"]
+        offset = data_start + begin
+        if mapped and offset % itemsize == 0:
+            storage = src.mapped_storage(offset, end - begin)
+        else:
+            storage = src.read_into_storage(offset, end - begin)
+        shape = tuple(e["shape"])
+        out[name] = torch.empty(0, dtype=getattr(torch, dtype_name)).set_(
+            storage, 0, shape, tuple(math.prod(shape[i + 1:]) for i in range(len(shape))))
     for name, t in out.items():
         moved = opts.relocator(t.untyped_storage(), "cpu")
         if moved.device != t.device:

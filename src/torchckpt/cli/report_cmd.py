@@ -1,0 +1,43 @@
+"""``torchckpt report CKPT -o report.html``: a self-contained HTML page of a checkpoint, a load plan and a diff."""
+
+from __future__ import annotations
+
+import click
+
+from .output import Output
+
+
+@click.command("report")
+@click.argument("checkpoint")
+@click.option("-o", "--output", default="report.html", show_default=True, help="Where to write the HTML page.")
+@click.option("--against", metavar="MODULE:FACTORY", help="Show the load plan into the model this factory builds.")
+@click.option("--diff", "other", metavar="OTHER", help="Show the per-layer relative change against another checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as one JSON document too.")
+def command(checkpoint: str, output: str, against: str | None, other: str | None, as_json: bool) -> int:
+    """Write one HTML file showing what CHECKPOINT holds: format, safety verdict, totals, a treemap of
+    the bytes, per-tensor statistics and health warnings, and optionally a load plan and a diff.
+
+    The page needs no network to be viewed. Needs the report extra: pip install "torchckpt[report]".
+    Exit codes: 0 written, 2 usage (missing extra), 3 unreadable input, 4 unsafe checkpoint.
+    """
+    from ..tools.html_report import MissingExtraError, report, require_extra
+
+    try:
+        require_extra()
+    except MissingExtraError as exc:
+        raise click.UsageError(f"{exc}") from None
+    model = None
+    if against:
+        from .plan import build_model
+
+        model = build_model(against)
+    out = Output(json_mode=as_json)
+    with out.progress() as progress:
+        task = progress.add_task("reading tensors", total=None)
+        result = report(checkpoint, against=model, diff=other, output=output,
+                        progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        out.json(result.to_dict())
+    else:
+        out.print(str(result), markup=False)
+    return 0

@@ -1,0 +1,349 @@
+"""``torchckpt.report``: a self-contained HTML page that shows what a checkpoint holds.
+
+One streaming pass over the tensors (each tensor is read, measured in bounded chunks and released
+before the next one) gives per-tensor statistics and health warnings; the page adds the format and
+its evidence, the scan's safety verdict, totals by dtype and device, training metadata, a treemap
+of the bytes by module, and optionally the load plan against a model and a per-layer diff against
+another checkpoint. Figures are drawn with matplotlib and the page with jinja2 (the ``report``
+extra); everything is inlined, so the file opens offline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from ..errors import CheckpointError
+from ..fit.align import align_keys
+from ..fit.tree import is_module_like, is_tensor_like, state_dict_of
+from ..read.formats import ReadOptions, read
+from ..read.unpickle.meta import TensorMeta
+from ..read.unpickle.policy import Policy
+from ..read.unpickle.stubs import Stub
+from ..storage.source import Source, SourceLike
+from .inspection import InspectReport, inspect
+from .tensor_stats import TensorStats, relative_change, tensor_stats
+
+__all__ = ["report", "CheckpointReport", "HealthWarning", "LayerChange", "MissingExtraError"]
+
+HISTOGRAMS = 8  # largest layers that get a histogram
+BINS = 40
+EXPLODING_RMS = 100.0  # a layer this many times the median RMS of its checkpoint (and above 10) is suspicious
+TRAINING_KEYS = ("epoch", "step", "global_step", "iteration", "iter", "best", "lr", "loss", "acc", "metric",
+                 "arch", "version")
+
+
+class MissingExtraError(CheckpointError, ImportError):
+    """The HTML report needs the optional ``report`` extra (matplotlib and jinja2)."""
+
+
+@dataclass
+class HealthWarning:
+    key: str
+    kind: str  # "nan/inf" | "all zero" | "exploding"
+    message: str
+
+
+@dataclass
+class LayerChange:
+    key: str
+    other_key: str
+    change: float  # ‖a−b‖/‖a‖ (inf when ‖a‖ is 0 and b differs, nan when either is not finite)
+    diff_norm: float
+    norm: float
+    nbytes: int
+
+
+@dataclass
+class CheckpointReport:
+    """Everything the page shows; ``render()`` is the HTML, ``to_dict()`` the same as data."""
+
+    info: InspectReport
+    safety: str = "clean"  # "clean" | "findings" | "unreadable"
+    findings: list[str] = field(default_factory=list)
+    stats: list[TensorStats] = field(default_factory=list)
+    warnings: list[HealthWarning] = field(default_factory=list)
+    training: list[tuple[str, str]] = field(default_factory=list)
+    plan: Any = None  # a LoadReport (dry run) when ``against`` was given
+    plan_error: str | None = None
+    other: str | None = None
+    changes: list[LayerChange] = field(default_factory=list)
+    only_here: list[str] = field(default_factory=list)
+    only_other: list[str] = field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def by_dtype(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, list[int]] = {}
+        for s in self.stats:
+            entry = out.setdefault(s.dtype, [0, 0])
+            entry[0] += 1
+            entry[1] += s.nbytes
+        return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: -kv[1][1])}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.info.path, "format": self.info.format, "description": self.info.description,
+            "evidence": self.info.evidence, "file_size": self.info.file_size, "notes": self.info.notes,
+            "safety": self.safety, "findings": self.findings,
+            "by_dtype": {k: {"tensors": n, "bytes": b} for k, (n, b) in self.by_dtype.items()},
+            "locations": self.info.locations, "training": dict(self.training),
+            "tensors": [s.to_dict() for s in self.stats],
+            "warnings": [w.__dict__ for w in self.warnings],
+            "plan": self.plan.to_dict() if self.plan is not None else None, "plan_error": self.plan_error,
+            "diff": None if self.other is None else {
+                "other": self.other, "only_here": self.only_here, "only_other": self.only_other,
+                "changes": [c.__dict__ for c in self.changes]},
+            "output": self.output,
+        }
+
+    def render(self) -> str:
+        """The whole page as one HTML string (styles and figures inline, no network needed)."""
+        from .report_page import render_page
+
+        return render_page(self)
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the page atomically to ``path``; returns the path."""
+        from ..storage.atomic import atomic_write
+
+        page = self.render().encode("utf-8")
+        with atomic_write(os.fspath(path)) as fh:
+            fh.write(page)
+        self.output = os.fspath(path)
+        return self.output
+
+    def __str__(self) -> str:
+        lines = [f"{self.info.path}: {self.info.description}, {len(self.stats)} tensors, "
+                 f"{sum(s.nbytes for s in self.stats):,} bytes; safety: {self.safety}"]
+        lines += [f"  warning: {w.key}: {w.message}" for w in self.warnings[:20]]
+        if len(self.warnings) > 20:
+            lines.append(f"  ... and {len(self.warnings) - 20} more warnings")
+        if self.plan is not None:
+            lines.append(f"  plan: {self.plan.summary() if hasattr(self.plan, 'summary') else self.plan}")
+        if self.plan_error:
+            lines.append(f"  plan: {self.plan_error}")
+        if self.other is not None:
+            top = sorted((c for c in self.changes if not math.isnan(c.change) and c.change), key=lambda c: -c.change)[:5]
+            lines.append(f"  diff against {self.other}: {len(self.changes)} layers compared; most changed: "
+                         + (", ".join(f"{c.key} ({c.change:.3g})" for c in top) or "no layer changed"))
+        if self.output:
+            lines.append(f"  written to {self.output}")
+        return "\n".join(lines)
+
+
+def require_extra() -> None:
+    """Raise :class:`MissingExtraError` with the install command when matplotlib or jinja2 is missing."""
+    missing = []
+    for module in ("matplotlib", "jinja2"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MissingExtraError(f"the HTML report needs {' and '.join(missing)}",
+                                hint='Install the extra: pip install "torchckpt[report]"')
+
+
+def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None = None,
+           output: str | os.PathLike[str] | None = None, trust: bool = False,
+           allow: Iterable[str] | str | None = None, bins: int = BINS, histograms: int = HISTOGRAMS,
+           progress: Callable[[int, int], None] | None = None) -> CheckpointReport:
+    """Build the visual report of ``source``; with ``output`` also write the HTML page there.
+
+    Args:
+        against: a model (``torch.nn.Module``) or a zero-argument callable that builds one: the page
+            then shows the load plan (what :func:`torchckpt.load_into` would do, nothing applied).
+        diff: another checkpoint: the page shows the relative change ‖a−b‖/‖a‖ of every common layer.
+        bins: histogram bins for the ``histograms`` largest floating-point layers.
+        progress: ``progress(done, total)`` after each tensor read.
+
+    Tensors are read one at a time and released, so memory stays near the largest tensor.
+    """
+    from ..tools.scanning import scan
+
+    if output is not None:
+        require_extra()
+    info = inspect(source, trust=trust, allow=allow)
+    result = CheckpointReport(info=info)
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+        file_scan = scan(source).files[0]
+        result.safety = file_scan.status
+        result.findings = [f.message for f in file_scan.findings] + ([file_scan.error] if file_scan.error else [])
+    result.training = _training_values(info)
+    with _tensor_stream(source, trust, allow) as items:
+        total = len(items)
+        largest = {k for k, _ in sorted(((k, _nbytes(t)) for k, t, _ in items), key=lambda kv: -kv[1])[:histograms]}
+        for n, (key, t, materialize) in enumerate(items, 1):
+            value = materialize()
+            floating = value.is_floating_point() or value.is_complex()
+            result.stats.append(tensor_stats(key, value, bins=bins if key in largest and floating else 0))
+            del value
+            if progress is not None:
+                progress(n, total)
+    result.warnings = health_warnings(result.stats)
+    if against is not None:
+        _plan(result, source, against, trust, allow)
+    if diff is not None:
+        _diff(result, source, diff, trust, allow, progress)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+def health_warnings(stats: list[TensorStats]) -> list[HealthWarning]:
+    """NaN/Inf values, all-zero floating-point layers, and layers whose RMS stands far above the rest."""
+    out: list[HealthWarning] = []
+    floats = [s for s in stats if s.dtype.startswith(("float", "bfloat", "complex")) and s.numel > 1]
+    rms = [s.rms for s in floats if s.finite]
+    median = statistics.median(rms) if rms else 0.0
+    for s in stats:
+        if s.nan or s.inf:
+            out.append(HealthWarning(s.key, "nan/inf", f"{s.nan:,} NaN and {s.inf:,} Inf of {s.numel:,} values"))
+    for s in floats:
+        if s.zeros == s.numel and (len(s.shape) >= 2 or s.key.endswith("weight")):  # zero biases/buffers are normal
+            out.append(HealthWarning(s.key, "all zero", f"all {s.numel:,} values are zero"))
+        elif s.finite and s.rms > max(10.0, EXPLODING_RMS * median):
+            out.append(HealthWarning(s.key, "exploding",
+                                     f"RMS {s.rms:.3g} is {s.rms / median if median else math.inf:.0f}x the "
+                                     f"median layer's ({median:.3g}); max |x| {max(abs(s.min or 0), abs(s.max or 0)):.3g}"))
+    return out
+
+
+def _nbytes(t: Any) -> int:
+    return int(math.prod(int(s) for s in t.shape)) * (t.dtype.itemsize if isinstance(t, TensorMeta)
+                                                       else t.element_size())
+
+
+class _tensor_stream:
+    """``with _tensor_stream(src) as items``: ``(key, tensor or TensorMeta, materialize)`` for every tensor.
+
+    ``materialize()`` returns a CPU tensor; reading a zip or legacy file this way touches one tensor
+    at a time, and the mapped pages of the previous tensor are released before the next one.
+    """
+
+    def __init__(self, source: SourceLike, trust: bool, allow: Iterable[str] | str | None) -> None:
+        self.source = Source(source)
+        self.policy = Policy.make(trust, allow)
+        self._last: Any = None
+
+    def __enter__(self) -> list[tuple[str, Any, Callable[[], Any]]]:
+        try:
+            loaded = read(self.source, ReadOptions(meta=True, policy=self.policy))
+            pairs = list(tensor_items(loaded.obj))
+            if any(isinstance(t, TensorMeta) and (t.storage is None or t.storage.data_offset() is None)
+                   for _, t in pairs):  # the format cannot point at its bytes: read it with mmap instead
+                loaded = read(self.source, ReadOptions(policy=self.policy, mmap=True))
+                pairs = list(tensor_items(loaded.obj))
+        except BaseException:
+            self.source.close()
+            raise
+        return [(k, t, self._materializer(t)) for k, t in pairs]
+
+    def _materializer(self, t: Any) -> Callable[[], Any]:
+        def get() -> Any:
+            self._release()
+            value = t.materialize(self.source) if isinstance(t, TensorMeta) else _as_tensor(t)
+            self._last = value
+            return value
+        return get
+
+    def _release(self) -> None:
+        last, self._last = self._last, None
+        if last is not None and last.device.type == "cpu":
+            storage = last.untyped_storage()
+            self.source.release_pointer(storage.data_ptr(), storage.nbytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release()
+        self.source.close()
+
+
+def _as_tensor(t: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(t, np.ndarray):
+        return torch.from_numpy(t)
+    return t.detach()
+
+
+def tensor_items(obj: Any, max_depth: int = 64) -> Iterator[tuple[str, Any]]:
+    """``(dotted key, tensor)`` for every tensor in the tree; modules (real or stubs) as their state dict."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if is_tensor_like(value):
+            yield path or "tensor", value
+            continue
+        if depth > max_depth or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if is_module_like(value):
+            for k, t in state_dict_of(value).items():
+                yield (f"{path}.{k}" if path else k), t
+            continue
+        if isinstance(value, dict):
+            children = list(value.items())
+        elif isinstance(value, (list, tuple)):
+            children = list(enumerate(value))
+        elif isinstance(value, Stub):
+            children = list(value.stub_attributes().items()) + list((value.stub_items or {}).items())
+        else:
+            continue
+        for k, child in reversed(children):
+            stack.append((f"{path}.{k}" if path else str(k), child, depth + 1))
+
+
+def _training_values(info: InspectReport) -> list[tuple[str, str]]:
+    out = []
+    for path, type_name, value in info.values:
+        leaf = path.rsplit(".", 1)[-1].lower()
+        if path.count(".") <= 1 and (type_name == "optimizer state" or any(k in leaf for k in TRAINING_KEYS)):
+            out.append((path, value))
+    return out[:40]
+
+
+def _plan(result: CheckpointReport, source: SourceLike, against: Any, trust: bool,
+          allow: Iterable[str] | str | None) -> None:
+    from ..fit.load_into import load_into
+
+    model = against() if callable(against) and not hasattr(against, "state_dict") else against
+    try:
+        result.plan = load_into(model, source, strict=False, on_mismatch="skip", dry_run=True, trust=trust)
+    except CheckpointError as exc:
+        result.plan_error = str(exc)
+
+
+def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, trust: bool,
+          allow: Iterable[str] | str | None, progress: Callable[[int, int], None] | None) -> None:
+    result.other = other if isinstance(other, str) else os.fspath(other) if isinstance(other, os.PathLike) else "<other>"
+    with _tensor_stream(source, trust, allow) as mine, _tensor_stream(other, trust, allow) as theirs:
+        a = {k: (t, m) for k, t, m in mine}
+        b = {k: (t, m) for k, t, m in theirs}
+        shapes_a = {k: tuple(t.shape) for k, (t, _) in a.items()}
+        shapes_b = {k: tuple(t.shape) for k, (t, _) in b.items()}
+        mapping = {k: k for k in shapes_a if k in shapes_b}
+        if len(mapping) < min(len(a), len(b)):
+            aligned = align_keys(shapes_a, shapes_b).mapping
+            if len(aligned) > len(mapping):
+                mapping = aligned
+        result.only_here = [k for k in a if k not in mapping]
+        matched_b = set(mapping.values())
+        result.only_other = [k for k in b if k not in matched_b]
+        for n, (ka, kb) in enumerate(mapping.items(), 1):
+            if shapes_a[ka] != shapes_b[kb]:
+                result.changes.append(LayerChange(ka, kb, math.inf, math.nan, math.nan, _nbytes(a[ka][0])))
+                continue
+            x = a[ka][1]()
+            y = b[kb][1]()
+            diff_norm, norm = relative_change(x, y)
+            change = diff_norm / norm if norm else (0.0 if diff_norm == 0 else math.inf)
+            result.changes.append(LayerChange(ka, kb, change, diff_norm, norm, _nbytes(a[ka][0])))
+            del x, y
+            if progress is not None:
+                progress(n, len(mapping))
