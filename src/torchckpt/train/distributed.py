@@ -18,11 +18,13 @@ when the world size is unchanged). torch is imported lazily: ``import torchckpt`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import shutil
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
@@ -115,7 +117,7 @@ def capture_dcp(*, model: Any, optimizer: Any, scheduler: Any, scaler: Any, stat
     state["info"] = dict(info)
     own: dict[str, Any] = {}
     if rng:
-        own["rng"] = get_rng_state()
+        own["rng"] = _compact_rng(get_rng_state())
     if stateful:
         own["stateful"] = {str(k): _plain_state(v) for k, v in stateful.items()}
     if own:
@@ -146,7 +148,8 @@ class DcpSaver:
             dist.barrier()  # nobody writes into the directory before it is clean
         if not async_save:
             try:
-                dcp.save(state, checkpoint_id=path, no_dist=dist is None)
+                with _single_process_quiet():
+                    dcp.save(state, checkpoint_id=path, no_dist=dist is None)
             except Exception as exc:  # noqa: BLE001 - any rank's failure surfaces here as a write error
                 raise _write_error(path, exc) from exc
             self._commit(path, meta, None)
@@ -191,6 +194,14 @@ class DcpSaver:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it 'assumes the intent' of one process even when told so (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _write_error(path: str, exc: BaseException) -> CheckpointWriteError:
@@ -274,14 +285,15 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     source_rank = rank if rank < saved_world else 0
     own: dict[str, Any] = {}
     if restore_rng and rank < saved_world:
-        own["rng"] = get_rng_state()
+        own["rng"] = _compact_rng(get_rng_state())
     if stateful:
         own["stateful"] = {str(k): _plain_state(v) for k, v in stateful.items()}
     if own:
         target["ranks"] = {str(source_rank): own}
     try:
-        dcp.load(target, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict),
-                 no_dist=_dist() is None)
+        with _single_process_quiet():
+            dcp.load(target, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict),
+                     no_dist=_dist() is None)
     except Exception as exc:  # noqa: BLE001 - DCP reports missing keys and damage with many types
         raise ResumeError(f"loading the distributed checkpoint failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}", path=path,
@@ -303,13 +315,29 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     if source_rank != rank and stateful:
         state.notes.append(f"rank {rank} did not exist when saving: its stateful objects took rank 0's state")
     state.extra = target.get("extra")
-    state.rng = mine.get("rng")
+    state.rng = _expand_rng(mine.get("rng"))
     if restore_rng:
         if state.rng:
             state.restore_rng()
         else:
             state.notes.append(f"no RNG state for rank {rank} in the checkpoint; randomness will differ")
     return state
+
+
+def _compact_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """Python's RNG state as a tensor (625 ints): staged for an async save as one copy, not 625 objects."""
+    import torch
+
+    version, internal, gauss = state["python"]
+    return {**state, "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                                "gauss": gauss}}
+
+
+def _expand_rng(state: Any) -> Any:
+    if not isinstance(state, dict) or not isinstance(state.get("python"), dict):
+        return state
+    py = state["python"]
+    return {**state, "python": (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"])}
 
 
 def _each_pair(objs: Any, states: Any, fn: Callable[[Any, Any], Any]) -> None:
