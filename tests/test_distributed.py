@@ -71,11 +71,11 @@ def assert_equal_tree(a, b, where="") -> None:
 
 
 # --------------------------------------------------------------------------- the ranks' programs
-def fsdp_save(rank: int, world: int, directory: str, async_save: bool) -> None:
+def fsdp_save(rank: int, world: int, directory: str, async_save: bool, keep_last: int = 2) -> None:
     torch.manual_seed(100 + rank)
     model = shard(tiny_model())
     opt, sched = make_optim(model)
-    ckpt = torchckpt.Checkpointer(directory, keep_last=2, async_save=async_save)
+    ckpt = torchckpt.Checkpointer(directory, keep_last=keep_last, async_save=async_save)
     train_steps(model, opt, sched, 2)
     ckpt.save(1, model=model, optimizer=opt, scheduler=sched, epoch=0, metrics={"loss": 1.5})
     train_steps(model, opt, sched, 1)
@@ -143,12 +143,26 @@ def test_resume_in_one_plain_process(fsdp_checkpoint):
     assert any("saved on 2 rank(s), resumed on 1" in n for n in state.notes)
 
 
-def test_async_save_commits_in_the_background(tmp_path):
-    launch(fsdp_save, 2, str(tmp_path), True)
+def test_async_save_commits_in_the_background_and_retention_removes_whole_directories(tmp_path):
+    launch(fsdp_save, 2, str(tmp_path), True, 1)
     ckpt = torchckpt.Checkpointer(tmp_path)
-    assert [c.step for c in ckpt.checkpoints()] == [1, 2]
+    assert [c.step for c in ckpt.checkpoints()] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")) == [
+        "ckpt-0000000002.dcp", "ckpt-0000000002.dcp.meta.json"]
     ref = torch.load(tmp_path / "reference.pt", weights_only=True)["at_save"]
     assert_equal_tree(ref["model"], torchckpt.load(ckpt.latest())["model"])
+
+
+def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, fsdp_checkpoint):
+    import shutil
+
+    shutil.copytree(fsdp_checkpoint, tmp_path / "run")
+    data = tmp_path / "run" / "ckpt-0000000002.dcp" / "__1_0.distcp"
+    data.write_bytes(data.read_bytes()[:-100])  # truncated after the commit
+    model = tiny_model()
+    opt, sched = make_optim(model)
+    state = torchckpt.Checkpointer(tmp_path / "run").resume(model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 1 and any("skipped damaged checkpoint(s): ckpt-0000000002.dcp" in n for n in state.notes)
 
 
 # --------------------------------------------------------------------------- DDP: written once
