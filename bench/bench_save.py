@@ -27,7 +27,7 @@ folder = {folder!r}
 shutil.rmtree(folder, ignore_errors=True)
 os.makedirs(folder)
 os.sync()  # every case starts without dirty pages left by the previous one
-base = current_mib()  # peak RSS is measured above the process with its model
+base = reset_peak()  # peak RSS is measured above the process with its model
 """
     r = args.repeats
     plain = measure(setup + """

@@ -22,7 +22,11 @@ def bench_args(doc: str | None, size_mib: int = 1024):
     ap.add_argument("--size-mib", type=int, default=size_mib, help="checkpoint size")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per case (the median is shown)")
     ap.add_argument("--dir", default=None, help="where to write the temporary files")
-    return ap.parse_args()
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each measured process (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        os.environ["TORCHCKPT_BENCH_THREADS"] = str(args.threads)  # read by every child's prelude
+    return args
 
 
 def transformer_state_dict(size_mib: int, dtype: str = "float32"):
@@ -50,22 +54,37 @@ def transformer_state_dict(size_mib: int, dtype: str = "float32"):
 
 
 CHILD_PRELUDE = textwrap.dedent("""
-    import json, resource, sys, time, gc
+    import json, os, resource, sys, time, gc
     import torch, numpy, torchckpt
     sys.path.insert(0, {here!r})
+    if os.environ.get("TORCHCKPT_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["TORCHCKPT_BENCH_THREADS"]))
     gc.collect()
-    def rss_mib():  # VmHWM: peak RSS of this process image (ru_maxrss survives execve from the parent)
+    def rss_mib():  # VmHWM: peak RSS since the last reset_peak()
         with open('/proc/self/status') as fh:
             return next(int(l.split()[1]) for l in fh if l.startswith('VmHWM')) / 1024
     def current_mib():
         with open('/proc/self/statm') as fh:
             return int(fh.read().split()[1]) * 4096 / 2**20
-    base = current_mib()
+    def reset_peak():
+        # Peak := current RSS (Linux clear_refs 5), so whatever the setup built and freed (a state dict to
+        # make the model from, the model's own construction) does not count; returns the current RSS.
+        gc.collect()
+        try:
+            with open('/proc/self/clear_refs', 'w') as fh:
+                fh.write('5')
+        except OSError:
+            pass
+        return current_mib()
+    base = reset_peak()
 """)
 
 
 def measure(code: str, repeats: int = 3) -> dict:
-    """Run ``code`` (which sets ``result`` seconds) in fresh processes; median seconds, max peak RSS over base."""
+    """Run ``code`` (which sets ``result`` seconds) in fresh processes; median seconds, max peak RSS over base.
+
+    ``code`` calls ``base = reset_peak()`` once its setup is done: peak RSS is measured from there.
+    """
     times, peaks = [], []
     for _ in range(repeats):
         script = CHILD_PRELUDE.format(here=HERE) + textwrap.dedent(code) + textwrap.dedent("""
@@ -80,16 +99,17 @@ def measure(code: str, repeats: int = 3) -> dict:
     return {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
 
 
-def print_table(title: str, rows: list[tuple[str, dict, dict | None]]) -> None:
-    """rows: (label, result, baseline result or None)."""
+def print_table(title: str, rows: list[tuple[str, dict, dict | None]], size_mib: float | None = None) -> None:
+    """rows: (label, result, baseline result or None). With ``size_mib`` the peak is also shown as a multiple."""
     print(f"\n{title}")
-    print(f"{'case':58s} {'median s':>9s} {'ratio':>7s} {'peak RSS MiB':>13s}")
+    print(f"{'case':60s} {'median s':>9s} {'ratio':>7s} {'peak MiB':>9s} {'x size':>7s}")
     for label, res, base in rows:
         if "error" in res:
-            print(f"{label:58s} {'error: ' + res['error'][:60]}")
+            print(f"{label:60s} {'error: ' + res['error'][:60]}")
             continue
         ratio = f"{res['seconds'] / base['seconds']:.2f}x" if base and "seconds" in base else "-"
-        print(f"{label:58s} {res['seconds']:9.3f} {ratio:>7s} {res['peak_mib']:13.0f}")
+        times = f"{res['peak_mib'] / size_mib:.2f}x" if size_mib and res["peak_mib"] == res["peak_mib"] else ""
+        print(f"{label:60s} {res['seconds']:9.3f} {ratio:>7s} {res['peak_mib']:9.0f} {times:>7s}")
 
 
 def model_like(state_dict):

@@ -12,6 +12,7 @@ model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(16)])  # 
 ckpt = torchckpt.Checkpointer(directory, keep_last=2)
 latest = ckpt.latest()
 step = latest.step if latest else 0
+print("ready", flush=True)
 while True:
     step += 1
     with torch.no_grad():

@@ -66,5 +66,5 @@ def test_metadata_pointing_outside_is_refused(tmp_path):
     name = b"__0_0.distcp"
     assert name in data
     meta_path.write_bytes(data.replace(name, b"../evil.bin!"[:len(name)]))
-    with pytest.raises(torchckpt.CorruptCheckpointError):
+    with pytest.raises(torchckpt.UnsafeCheckpointError):
         torchckpt.load(tmp_path / "ckpt")

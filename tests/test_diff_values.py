@@ -63,21 +63,25 @@ def test_chunks_nonfinite_and_dtypes(tmp_path, monkeypatch):
     a = {"f": torch.randn(1000, generator=g), "bf": torch.randn(333, generator=g).bfloat16(),
          "b": torch.rand(100, generator=g) > 0.5, "nan_both": torch.randn(100, generator=g),
          "nan_one": torch.randn(100, generator=g), "u8": torch.randint(0, 255, (77,), dtype=torch.uint8),
-         "mixed": torch.randn(50, generator=g)}
+         "mixed": torch.randn(50, generator=g), "nan_b": torch.randn(100, generator=g)}
     a["nan_both"][90] = float("nan")
     a["f"][999] = 50.0  # scale found in the last chunk, difference in the first
     b = {k: v.clone() for k, v in a.items()}
+    b["nan_b_src"] = b.pop("nan_b")
     b["f"][0] += 1.0
     b["bf"][100] = 3.0
     b["b"][55] = ~b["b"][55]
     b["nan_one"][10] = float("inf")
+    b["nan_b"] = b.pop("nan_b_src")
+    b["nan_b"][33] = float("nan")
     b["u8"][76] = (int(a["u8"][76]) + 9) % 256
     b["mixed"] = b["mixed"].double()
     b["mixed"][49] += 2.0
     pa, pb = _save(a, tmp_path / "a.pt", "zip"), _save(b, tmp_path / "b.safetensors", "safetensors")
     report = torchckpt.diff(pa, pb, values=True)
     changed = {d.key: d for d in report.changed}
-    assert set(changed) == {"f", "bf", "b", "nan_one", "u8", "mixed"}
+    assert set(changed) == {"f", "bf", "b", "nan_one", "u8", "mixed", "nan_b"}
+    assert changed["nan_b"].max_abs == float("inf") and changed["nan_b"].nonfinite_b == 1
     assert changed["f"].max_abs == pytest.approx(1.0, rel=1e-6)
     assert changed["f"].max_rel == pytest.approx(1.0 / 50.0, rel=1e-6)
     assert changed["bf"].max_abs == pytest.approx(_reference(a["bf"], b["bf"])[0], rel=1e-6)

@@ -21,7 +21,7 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
     """
-    from ..tools.convert import convert
+    from ..tools.dcp_convert import convert
 
     out = Output(json_mode=as_json)
     with out.progress(bytes_=True) as progress:

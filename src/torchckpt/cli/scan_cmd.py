@@ -34,6 +34,8 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
                   markup=False)
         if f.error:
             out.print(f"  {f.error}", markup=False)
+            if f.hint and f.status == "unreadable":
+                out.print(f"  {f.hint}", markup=False)
         for finding in f.findings:
             where = "".join([f" [{finding.member}]" if finding.member else "",
                              f" @{finding.offset}" if finding.offset is not None else ""])

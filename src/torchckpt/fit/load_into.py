@@ -75,11 +75,11 @@ def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list
     if isinstance(source, (dict, list)) or type(source).__name__ == "Stub" or is_module_like(source):
         yield source, "<in-memory checkpoint>", "in-memory", [], None
         return
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
     from ..read.unpickle.policy import Policy
 
-    with open_checkpoint(source, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, src):
-        yield loaded.obj, src.name, loaded.description, list(loaded.notes), src
+    with open_checkpoint(source, "build", Policy.make(trust), lazy=True) as ckpt:
+        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader
 
 
 def _select(obj: Any, key: str | None, model_sd: Mapping[str, Any]) -> tuple[Candidate, list[str]]:

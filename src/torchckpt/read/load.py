@@ -4,28 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .devices import MapLocation, Relocator
-from .formats import Loaded, ReadOptions, open_checkpoint
 from ..storage.source import SourceLike
+from .devices import MapLocation
+from .formats import Checkpoint
+from .opener import open_checkpoint
+from .unpickle.mode import Mode
 from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
-                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Loaded:
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
-    opts = ReadOptions(relocator=Relocator(map_location), mmap=mmap, policy=Policy.make(trust, allow), meta=meta)
-    with open_checkpoint(source, opts) as (loaded, _):
-        pass
-    relocator = opts.relocator
-    if relocator.fallbacks:
-        loaded.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
-                            "(that device is not available here)")
-    elif relocator.moves and not meta:
-        moves = ", ".join(f"{a} -> {b}" for a, b in sorted(relocator.moves.items()))
-        loaded.notes.append(f"storages moved: {moves}")
-    return loaded
+    mode = Mode.STRUCTURE if meta else Mode.BUILD
+    with open_checkpoint(source, mode, Policy.make(trust, allow), map_location=map_location, mmap=mmap) as ckpt:
+        ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
+        return ckpt
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
@@ -45,7 +40,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
-        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Loaded`
+        return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
     Returns:

@@ -102,12 +102,17 @@ def _sniff_zip(src: Source) -> Sniffed:
     try:
         with zipfile.ZipFile(src.open()) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError,
+            UnicodeDecodeError, OverflowError) as exc:  # ValueError covers UnicodeDecodeError of member names
         return Sniffed("bad-zip", [f"starts like a zip archive but its directory is unreadable ({exc})"],
                        {"size": src.size})
     tops = {n.split("/", 1)[0] for n in names if "/" in n}
     pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     details: dict[str, Any] = {"members": len(names)}
+    jsons = [n for n in names if n.count("/") == 1 and n.endswith("/model.json")]
+    if not pkls and len(jsons) == 1:  # TorchScript of torch < 1.2: model.json + tensors/N
+        details.update(prefix=jsons[0].split("/")[0], model_json=True)
+        return Sniffed(TORCHSCRIPT, [f"zip archive with {jsons[0]} (TorchScript, torch < 1.2)"], details)
     if any("/code/" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
         prefix = pkls[0].split("/")[0] if pkls else next(iter(tops), "")
         details["prefix"] = prefix
@@ -132,7 +137,7 @@ def _sniff_tar(src: Source) -> Sniffed:
     try:
         with tarfile.open(fileobj=src.open(), mode="r:") as tf:
             names = tf.getnames()
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         return Sniffed("tar", [f"tar archive that cannot be read ({exc})"])
     if {"pickle", "storages", "tensors"} <= set(names):
         return Sniffed(TORCH_TAR, ["tar archive with pickle, storages and tensors members"], {"members": names})

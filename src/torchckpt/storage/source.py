@@ -12,11 +12,48 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
 
-__all__ = ["Source", "SourceLike"]
+__all__ = ["Source", "SourceLike", "confined_path"]
 
 SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
+
+
+def confined_path(directory: str, name: Any, *, what: str = "file", checkpoint: str | None = None) -> str:
+    """Resolve ``name``, a path a checkpoint names (a shard, a DCP data file, a sidecar's data file),
+    against ``directory``, the checkpoint's own directory, with symlinks followed.
+
+    Returns the resolved path. Raises :class:`UnsafeCheckpointError` if it is absolute, empty, or
+    resolves (through ``..`` or a symlink) outside ``directory``. Nothing is read from the target, so
+    no byte of a foreign file can appear in an error message.
+    """
+    shown = f"{name!r:.120}"
+    if not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) \
+            or (os.name == "nt" and os.path.splitdrive(name)[0]):
+        raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which is not a relative path inside "
+                                    "its directory", path=checkpoint, hint=_CONFINED_HINT)
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, target]) != root and not _hf_cache_blob(root, target):
+        raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which resolves outside its directory "
+                                    f"{directory}", path=checkpoint, hint=_CONFINED_HINT)
+    return target
+
+
+def _hf_cache_blob(root: str, target: str) -> bool:
+    """The Hugging Face cache links ``<repo>/snapshots/<rev>/<file>`` to ``<repo>/blobs/<sha>``: that is
+    the same checkpoint, not a foreign file."""
+    path = root
+    while os.path.dirname(path) != path:
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) == "snapshots":
+            return os.path.dirname(target) == os.path.join(os.path.dirname(parent), "blobs")
+        path = parent
+    return False
+
+
+_CONFINED_HINT = ("A checkpoint may only refer to files in its own directory. If you made this layout on purpose, "
+                  "copy the files into the checkpoint's directory instead of linking them.")
 
 
 class Source:

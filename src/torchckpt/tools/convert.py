@@ -58,28 +58,22 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     """Convert ``src`` to ``dst`` and verify it. ``to`` defaults from the extension of ``dst``.
 
     Args:
-        to: ``"pt"``, ``"safetensors"`` or ``"dcp"`` (a torch.distributed.checkpoint directory; also
-            chosen by a destination ending in ``.dcp``).
+        to: ``"pt"`` or ``"safetensors"``.
         dtype: cast floating-point tensors (``"bfloat16"``, ``"float16"``, ``"float32"``); reported.
         weights_only: write only the state dict (found in a training dict, a whole-model pickle,
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
         key: dotted path of the weights when several candidates exist.
     """
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
     from ..read.unpickle.policy import Policy
 
     dst = os.fspath(dst)
-    to = to or ("safetensors" if dst.endswith(".safetensors") else "dcp" if dst.rstrip("/\\").endswith(".dcp")
-                else "pt")
-    if to == "dcp":  # a torch.distributed.checkpoint directory, written by DCP itself
-        from .dcp_convert import convert_to_dcp
-
-        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key, trust=trust,
-                              progress=progress)
+    to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
     if to not in ("pt", "safetensors"):
-        raise ValueError(f"to must be 'pt', 'safetensors' or 'dcp', not {to!r}")
+        raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, source):
+    with open_checkpoint(src, "build", Policy.make(trust), lazy=True) as loaded:
+        source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         if weights_only:

@@ -21,8 +21,24 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from ..fit.tree import is_tensor_like
 from .convert import ConvertReport, Progress, _flatten, _Materializer, _modernize, _torch_dtype, _weights
+from .convert import convert as convert_file
 
-__all__ = ["convert_to_dcp"]
+__all__ = ["convert", "convert_to_dcp"]
+
+
+def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
+            key: str | None = None, trust: bool = False, progress: Progress | None = None) -> ConvertReport:
+    """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
+
+    ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.convert`) or ``"dcp"``, a
+    torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
+    """
+    dst = os.fspath(dst)
+    if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
+        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key, trust=trust,
+                              progress=progress)
+    return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, trust=trust,
+                        progress=progress)
 
 
 def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,
@@ -30,17 +46,18 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
     """Write ``src`` as a DCP directory ``dst`` (which must not exist yet) and verify it."""
     import torch.distributed.checkpoint as dcp
 
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
     from ..read.unpickle.policy import Policy
 
     dst = os.fspath(dst)
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, ReadOptions(policy=Policy.make(trust)), stream_legacy=True) as (loaded, source):
+    with open_checkpoint(src, "build", Policy.make(trust), lazy=True) as loaded:
+        source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree = _weights(loaded.obj, key) if weights_only else _modernize(loaded.obj, changes, 0, {})
+        tree = _weights(loaded.tree, key) if weights_only else _modernize(loaded.tree, changes, 0, {})
         if not isinstance(tree, dict):
             tree = {"state": tree}
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
@@ -139,11 +156,10 @@ def _verify(dst: str, tensors: list[tuple[str, Any]], materialize: _Materializer
     """Read the directory back with torchckpt's DCP reader; compare every tensor, one at a time."""
     import torch
 
-    from ..read.formats import ReadOptions, open_checkpoint
-    from ..read.unpickle.policy import Policy
+    from ..read.opener import open_checkpoint
 
-    with open_checkpoint(dst, ReadOptions(policy=Policy.make(False)), stream_legacy=True) as (loaded, _):
-        written = dict(_flatten(loaded.obj))
+    with open_checkpoint(dst, "build", lazy=True) as loaded:
+        written = dict(_flatten(loaded.tree))
         for name, t in tensors:
             got = written.get(name)
             want = materialize(t)

@@ -118,14 +118,15 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     """
-    from ..read.formats import ReadOptions, open_checkpoint
+    from ..read.opener import open_checkpoint
+    from ..read.unpickle.mode import Mode
 
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
-    opts = ReadOptions(meta=not values)
+    mode = Mode.BUILD if values else Mode.STRUCTURE
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, opts, stream_legacy=True) as (la, sa), \
-            open_checkpoint(b, opts, stream_legacy=True) as (lb, sb):
+    with open_checkpoint(a, mode, lazy=True) as la, open_checkpoint(b, mode, lazy=True) as lb:
+        sa, sb = la.reader, lb.reader
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
@@ -217,19 +218,27 @@ def _compare(x: Any, y: Any, key: str) -> TensorDiff:
     buf = torch.empty(min(step, total), dtype=ct)
     max_abs, scale, bad_a, bad_b = 0.0, 0.0, 0, 0
     skipped: list[tuple[int, int]] = []  # chunks found bitwise equal: their scale is needed only if others differ
+    maybe_equal = same_dtype and bits is not None  # test chunks for bitwise equality until one differs
     for start in range(0, total, step):
         stop = min(total, start + step)
         xa, yb = xf[start:stop], yf[start:stop]
-        if same_dtype and bits is not None and torch.equal(xa.view(bits), yb.view(bits)):
+        if maybe_equal and torch.equal(xa.view(bits), yb.view(bits)):
             if ct.is_floating_point and not _all_finite(xa):
                 bad = int((~torch.isfinite(xa)).sum())
                 bad_a, bad_b = bad_a + bad, bad_b + bad
             skipped.append((start, stop))
             continue
+        maybe_equal = False
         out = buf[:stop - start]
-        out.copy_(xa)
-        out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
-        chunk_max = float(out.abs_().amax()) if not out.is_complex() else float(out.abs().amax())
+        if xa.dtype == ct and yb.dtype == ct:
+            torch.sub(xa, yb, out=out)
+        else:  # upcast this chunk only
+            out.copy_(xa)
+            out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
+        if ct.is_floating_point or ct.is_complex:
+            chunk_max = float(torch.linalg.vector_norm(out, float("inf")))  # max |delta| in one pass
+        else:
+            chunk_max = float(out.abs_().amax())
         if chunk_max == chunk_max and chunk_max != float("inf"):
             max_abs = max(max_abs, chunk_max)  # every delta finite: so is every value of both
             scale = max(scale, _abs_max(xa))

@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..fit.align import align_keys
 from ..fit.tree import is_module_like, is_tensor_like, state_dict_of
 from ..read.formats import ReadOptions, read
+from ..read.unpickle.mode import Mode
 from ..read.unpickle.meta import TensorMeta
 from ..read.unpickle.policy import Policy
 from ..read.unpickle.stubs import Stub
@@ -232,7 +233,7 @@ class _tensor_stream:
 
     def __enter__(self) -> list[tuple[str, Any, Callable[[], Any]]]:
         try:
-            loaded = read(self.source, ReadOptions(meta=True, policy=self.policy))
+            loaded = read(self.source, ReadOptions(mode=Mode.STRUCTURE, policy=self.policy))
             pairs = list(tensor_items(loaded.obj))
             if any(isinstance(t, TensorMeta) and (t.storage is None or t.storage.data_offset() is None)
                    for _, t in pairs):  # the format cannot point at its bytes: read it with mmap instead

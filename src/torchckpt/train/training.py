@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from ..storage.atomic import atomic_write, file_sha256, write_json_atomic
 from ..errors import CorruptCheckpointError, ResumeError
+from ..read.formats.folders import is_accelerate_folder
 
 __all__ = ["save", "resume", "TrainingState", "capture", "meta_path", "read_meta", "verify"]
 
@@ -356,13 +357,16 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
            strict: bool = True) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
+    An accelerate ``save_state`` folder is restored as one checkpoint (model, optimizer, scheduler,
+    scaler and the RNG states of process 0).
+
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
     model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
     scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
     the optimizer's parameter groups do not fit. A file whose sha256 does not match its sidecar is refused.
     """
     path = os.fspath(path_or_dir)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         from .checkpointer import Checkpointer
 
         return Checkpointer(path).resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,

@@ -6,56 +6,38 @@ Post-processing common to every format: Python 2 byte strings left in the tree a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import struct
 import tarfile
 import zipfile
-from typing import Any, Iterator
 
-from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, TruncatedCheckpointError, \
+from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, NotACheckpointError, TruncatedCheckpointError, \
     UnsupportedFormatError
+from ...storage.source import Source
 from ..sniff import LUA_T7, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
     Sniffed, sniff
-from ...storage.source import Source
+from ..unpickle.mode import Mode
 from ..unpickle.py2 import decode_py2_text
-from .base import Loaded, ReadOptions
+from .base import Check, Checkpoint, Loaded, ReadOptions, Trace
+from .dcp import is_dcp_dir, read_dcp
+from .folders import folder_kind, read_folder
+from .lua_t7 import read_t7
+from .sharded import read_sharded_index
+from .simple import read_numpy, read_pickle, read_safetensors
+from .torch_legacy import read_torch_legacy, read_torch_tar
+from .torch_zip import check_zip, open_zip, read_torch_zip
+from .torchscript_v1 import read_torchscript_v1
 
-__all__ = ["read", "open_checkpoint", "ReadOptions", "Loaded", "diagnose"]
-
-
-@contextlib.contextmanager
-def open_checkpoint(source: Any, opts: ReadOptions, *, stream_legacy: bool = False) -> Iterator[tuple[Loaded, Source]]:
-    """Read any source (path, bytes, file object, torch.distributed.checkpoint directory) and keep its
-    :class:`Source` open while the caller uses the result.
-
-    ``stream_legacy``: legacy files, which cannot be mapped, are read as structure with file offsets
-    (``TensorMeta``); the caller reads each tensor from the open Source when it needs it, so the
-    checkpoint is never held in memory as a whole.
-    """
-    from .dcp import is_dcp_dir, read_dcp
-
-    if isinstance(source, (str, os.PathLike)) and is_dcp_dir(os.fspath(source)):
-        path = os.fspath(source)
-        with Source(b"", name=path) as src:  # the items are read inside read_dcp
-            try:
-                loaded = read_dcp(path, opts, lazy=stream_legacy)  # callers that stream read tensors one by one
-            except CheckpointError as exc:
-                raise exc.with_path(path)
-            yield loaded, src
-        return
-    with Source(source) as src:
-        sniffed = sniff(src)
-        if stream_legacy and sniffed.kind == TORCH_LEGACY and src.path is not None:
-            opts = dataclasses.replace(opts, meta=True)
-        yield read(src, opts, sniffed), src
+__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
 
 
-def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Loaded:
+def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Checkpoint:
     """Read ``src`` whatever its format. Raises a :class:`CheckpointError` naming the file."""
+    if opts.read_child is None:
+        opts = dataclasses.replace(opts, read_child=read)
     try:
         sniffed = sniffed or sniff(src)
+        opts.trace.format = opts.trace.format or sniffed.kind
         loaded = _dispatch(src, opts, sniffed)
         loaded.evidence[:0] = sniffed.evidence
         if loaded.details.get("python2"):
@@ -66,57 +48,51 @@ def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Load
     except CheckpointError as exc:
         raise exc.with_path(src.name)
     except RecursionError:
-        raise CorruptCheckpointError("object graph too deeply nested", path=src.name) from None
+        raise LimitExceededError("object graph too deeply nested", path=src.name) from None
     except MemoryError:
-        raise CorruptCheckpointError("not enough memory to read this checkpoint", path=src.name) from None
+        raise LimitExceededError("not enough memory to read this checkpoint", path=src.name) from None
     except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError, OverflowError, struct.error,
-            zipfile.BadZipFile, tarfile.TarError) as exc:
+            zipfile.BadZipFile, tarfile.TarError, NotImplementedError, AttributeError) as exc:
         # A malformed structure that a container library tripped over: still a typed, named error.
         raise CorruptCheckpointError(f"malformed {getattr(sniffed, 'description', 'file')} "
                                      f"({type(exc).__name__}: {exc})", path=src.name) from None
 
 
-def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Loaded:
+def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
     kind = sniffed.kind
+    if kind == TORCHSCRIPT and sniffed.details.get("model_json"):
+        return read_torchscript_v1(src, opts, sniffed.details["prefix"])
     if kind in (TORCH_ZIP, TORCHSCRIPT):
-        from .torch_zip import read_torch_zip
-
         return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT)
     if kind == TORCH_LEGACY:
-        from .torch_legacy import read_torch_legacy
-
         return read_torch_legacy(src, opts)
     if kind == TORCH_TAR:
-        from .torch_legacy import read_torch_tar
-
         return read_torch_tar(src, opts)
     if kind == SAFETENSORS:
-        from .simple import read_safetensors
-
         return read_safetensors(src, opts)
     if kind == PICKLE:
-        from .simple import read_pickle
-
         return read_pickle(src, opts)
     if kind == NUMPY:
-        from .simple import read_numpy
-
         return read_numpy(src, opts)
+    if kind == LUA_T7:
+        return read_t7(src, opts)
     if kind == "json" and src.path is not None:
-        from .sharded import read_sharded_index
-
         loaded = read_sharded_index(src, opts)
         if loaded is not None:
             return loaded
-    if kind == LUA_T7:
-        try:
-            from .lua_t7 import read_t7
-        except ImportError:
-            raise UnsupportedFormatError(
-                "this is a Lua Torch7 (.t7) file, written by the Lua version of Torch, not by PyTorch",
-                format=LUA_T7, hint="Reading Lua Torch7 files is not supported yet.") from None
-        return read_t7(src, opts)
+    if opts.mode is Mode.RECORD:
+        _record_refused(src, opts, sniffed)
     raise diagnose(src, sniffed)
+
+
+def _record_refused(src: Source, opts: ReadOptions, sniffed: Sniffed) -> None:
+    """Record mode, content load refuses: what a scanner still has to say about it."""
+    if sniffed.kind in ("zip", "ambiguous-zip"):
+        with open_zip(src) as zf:
+            check_zip(src, zf, opts)
+    elif sniffed.kind in ("gzip", "7z", "bzip2", "xz"):
+        opts.trace.checks.append(Check(f"{sniffed.kind}-compressed wrapper: its contents cannot be checked without "
+                                       "unpacking (torch.load does not unpack it either)"))
 
 
 def diagnose(src: Source, sniffed: Sniffed) -> CheckpointError:

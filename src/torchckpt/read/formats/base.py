@@ -1,15 +1,21 @@
-"""Types shared by the format readers."""
+"""Types shared by the format readers: how to read (:class:`ReadOptions`), what was read
+(:class:`Checkpoint`), and the :class:`Trace` of every pickle stream, byte range and container check a
+reader made on the way (what ``scan`` reports on)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from ...errors import LimitExceededError
+from ...storage.source import Source
 from ..devices import Relocator
-from ..unpickle.machine import GlobalRef
+from ..unpickle.machine import GlobalRef, Unpickler
+from ..unpickle.mode import Mode
 from ..unpickle.policy import Policy
 
-__all__ = ["ReadOptions", "Loaded", "StorageBudget", "ascii_text"]
+__all__ = ["ReadOptions", "Checkpoint", "Loaded", "Trace", "Stream", "Check", "StorageBudget", "ascii_text",
+           "run_pickle"]
 
 
 def ascii_text(value: Any) -> Any:
@@ -18,30 +24,111 @@ def ascii_text(value: Any) -> Any:
 
 
 @dataclass
-class ReadOptions:
-    """How to read: where tensors go, whether to mmap, what pickles may import.
+class Stream:
+    """One pickle stream a reader ran through the VM."""
 
-    ``meta=True`` reads structure only: tensors are created on the ``meta`` device and no tensor
-    data is read (``inspect``).
+    source: str  # the file (or item) it is in
+    member: str | None  # zip/tar member or stream name
+    offset: int
+    globals: list[GlobalRef]
+    complete: bool = False  # ran to its STOP
+    end: int | None = None
+    loaded: bool = True  # False: a pickle the loader never reads, run only so that scan can report it
+
+
+@dataclass
+class Check:
+    """A container layout a reader found odd (a trick scanners have been fooled by), whether or not
+    the reader could go on. ``scan`` reports each as a finding."""
+
+    message: str
+    member: str | None = None
+    offset: int | None = None
+
+
+@dataclass
+class Trace:
+    """What a read touched: pickle streams, byte ranges ``(source, offset, length)``, failed checks."""
+
+    streams: list[Stream] = field(default_factory=list)
+    ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    format: str | None = None  # what the outermost source was sniffed as
+
+    @property
+    def globals(self) -> list[GlobalRef]:
+        return [g for s in self.streams if s.loaded for g in s.globals]
+
+
+@dataclass
+class ReadOptions:
+    """How to read: the mode, where tensors go, whether to mmap, what pickles may import.
+
+    ``read_child`` reads a nested source (a DCP item, a shard) with the same options; the opener
+    passes the format dispatcher here so that container readers never import it.
     """
 
     relocator: Relocator = field(default_factory=Relocator)
     mmap: bool | None = None
     policy: Policy = field(default_factory=Policy)
-    meta: bool = False
+    mode: Mode = Mode.BUILD
+    trace: Trace = field(default_factory=Trace)
+    read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
+
+    @property
+    def meta(self) -> bool:
+        """Structure only: tensors are TensorMeta and no tensor data is read."""
+        return self.mode.meta
+
+
+def run_pickle(opts: ReadOptions, data: Any, src: Source, member: str | None, *, start: int = 0,
+               end: int | None = None, persistent_load: Callable[[Any], Any] | None = None,
+               loaded: bool = True) -> tuple[Any, Unpickler]:
+    """Run one pickle stream through the VM in ``opts.mode`` and record it in the trace."""
+    u = Unpickler(data, policy=opts.policy, mode=opts.mode, persistent_load=persistent_load, start=start, end=end,
+                  member=member)
+    stream = Stream(src.name, member, start, u.globals, loaded=loaded)
+    opts.trace.streams.append(stream)
+    obj = u.load()
+    stream.complete, stream.end = True, u.pos
+    return obj, u
 
 
 @dataclass
-class Loaded:
-    """The result of reading one file."""
+class Checkpoint:
+    """One opened checkpoint: what it is, why we think so, what was fixed, what it imports, the tree.
 
-    obj: Any
-    kind: str
-    description: str
+    ``reader`` is the open :class:`~torchckpt.storage.source.Source` the tree's lazy tensors
+    (``TensorMeta`` with file offsets) are read from; it is valid inside the opener's ``with``.
+    """
+
+    tree: Any = None
+    format: str = "unknown"
+    description: str = ""
     evidence: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # every automatic fix, in words
     globals: list[GlobalRef] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # python2, locations, metadata, ...
+    name: str = ""
+    size: int = 0
+    reader: Source | None = None
+    trace: Trace = field(default_factory=Trace)
+
+    # The names used before the opener was unified (front ends move to ``tree``/``format``).
+    @property
+    def obj(self) -> Any:
+        return self.tree
+
+    @obj.setter
+    def obj(self, value: Any) -> None:
+        self.tree = value
+
+    @property
+    def kind(self) -> str:
+        return self.format
+
+
+Loaded = Checkpoint
 
 
 class StorageBudget:
@@ -53,12 +140,10 @@ class StorageBudget:
         self.what = what
 
     def charge(self, nbytes: int, key: Any) -> None:
-        from ...errors import LimitExceededError
-
         if nbytes < 0:
-            raise LimitExceededError(f"storage {key!r} declares a negative size")
+            raise LimitExceededError(f"storage {key!r:.60} declares a negative size")
         self.total += nbytes
         if self.total > self.file_size:
             raise LimitExceededError(
                 f"{self.what} declare {self.total} bytes of data but the file has only {self.file_size} bytes "
-                f"(storage {key!r})")
+                f"(storage {key!r:.60})")

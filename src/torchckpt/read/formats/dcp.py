@@ -1,25 +1,29 @@
-"""torch.distributed.checkpoint (DCP) directories: ``.metadata`` plus ``*.distcp`` data files.
+"""torch.distributed.checkpoint (DCP) directories: ``.metadata`` plus the data files it names.
 
 ``.metadata`` is a pickle of dataclasses (read by the safe unpickler as stubs). Each tensor chunk or
-non-tensor item is a small ``torch.save`` stream at (file, offset, length), read by the same readers.
-Chunks of sharded tensors are assembled into the full tensor; nested dicts are rebuilt from the
-planner's key paths. Nothing from the directory is executed.
+non-tensor item is a small ``torch.save`` stream at (file, offset, length), read by the same readers
+(through ``opts.read_child``). Chunks of sharded tensors are assembled into the full tensor; nested
+dicts are rebuilt from the planner's key paths. Data files must resolve inside the directory.
+Nothing from the directory is executed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any
 
-from ...errors import CorruptCheckpointError, UnsupportedFormatError
-from ...storage.source import Source
-from ..unpickle.machine import Unpickler
-from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
+from ...errors import CorruptCheckpointError, LimitExceededError, UnsupportedFormatError
+from ...storage.source import Source, confined_path
+from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, meta_dtype
+from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
-from .base import Loaded, ReadOptions
+from .base import Checkpoint, ReadOptions, run_pickle
 
-__all__ = ["read_dcp", "is_dcp_dir"]
+__all__ = ["read_dcp", "is_dcp_dir", "DcpTensor"]
+
+MAX_DIMS = 64
 
 
 def is_dcp_dir(path: str) -> bool:
@@ -32,93 +36,148 @@ def _attrs(obj: Any, what: str) -> dict[str, Any]:
     return obj.stub_attributes()
 
 
-def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Loaded:
+def _mapping(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"DCP metadata: {what} is a {type(value).__name__}, not a mapping")
+    return value
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    value = () if value is None else value
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS or \
+            not all(type(v) is int and 0 <= v < 1 << 62 for v in value):
+        raise CorruptCheckpointError(f"DCP metadata: {what} is not a list of sizes: {value!r:.100}")
+    return tuple(value)
+
+
+def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoint:
     """Read a DCP checkpoint directory into a (nested) state dict.
 
-    ``lazy``: tensors are :class:`DcpTensor` (shape and dtype, read on ``materialize()`` or, for one
-    rank's shard, ``read_region()``), so a caller streams them one at a time.
+    ``lazy`` (build mode): tensors are :class:`DcpTensor` (shape and dtype, read on ``materialize()``
+    or, for one rank's shard, ``read_region()``), so a caller streams them one at a time.
     """
     meta_path = os.path.join(directory, ".metadata")
     with Source(meta_path) as src:
-        u = Unpickler(src.buffer(), policy=opts.policy, member=".metadata", meta=opts.meta)
-        metadata = u.load()
+        metadata, _ = run_pickle(opts, src.buffer(), src, ".metadata")
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)
     attrs = metadata.stub_attributes()
-    described = attrs.get("state_dict_metadata") or {}
-    storage = attrs.get("storage_data") or {}
-    planner = attrs.get("planner_data") or {}
-    where: dict[tuple[str, tuple], dict[str, Any]] = {}
+    described = _mapping(attrs.get("state_dict_metadata"), "state_dict_metadata")
+    storage = _mapping(attrs.get("storage_data"), "storage_data")
+    planner = _mapping(attrs.get("planner_data"), "planner_data")
+    where: dict[tuple[Any, tuple], dict[str, Any]] = {}
     for index, info in storage.items():
         ia = _attrs(index, "a storage index")
-        where[(ia.get("fqn"), tuple(ia.get("offset") or ()))] = _attrs(info, "a storage record")
+        fqn = ia.get("fqn")
+        if not isinstance(fqn, str):
+            raise CorruptCheckpointError(f"DCP metadata: storage index names {fqn!r:.60}, not a key")
+        where[(fqn, _ints(ia.get("offset"), f"offset of {fqn}"))] = _attrs(info, "a storage record")
     flat: OrderedDict[str, Any] = OrderedDict()
-    files: dict[str, Source] = {}
+    reader = _Files(directory, opts)
     try:
         for fqn, md in described.items():
             kind = stub_name(md) if isinstance(md, Stub) else type(md).__name__
             if kind.endswith("BytesStorageMetadata"):
-                flat[fqn] = _item(directory, files, where.get((fqn, ())), opts, fqn)
+                flat[fqn] = reader.item(where.get((fqn, ())), fqn)
             elif kind.endswith("TensorStorageMetadata"):
-                flat[fqn] = _tensor(directory, files, fqn, _attrs(md, fqn), where, opts, lazy)
+                flat[fqn] = _tensor(reader, fqn, _attrs(md, fqn), where, opts, lazy)
             else:
-                raise UnsupportedFormatError(f"DCP entry {fqn} of kind {kind}")
+                raise UnsupportedFormatError(f"DCP entry {fqn!r:.100} of kind {kind:.100}")
     finally:
-        for f in files.values():
-            f.close()
-    loaded = Loaded(obj=_nest(flat, planner), kind="dcp", description="torch.distributed.checkpoint directory")
+        reader.close()
+    loaded = Checkpoint(tree=_nest(flat, planner), format="dcp", description="torch.distributed.checkpoint directory")
     loaded.evidence.append(f".metadata describing {len(described)} entries in "
-                           f"{len({i.get('relative_path') for i in where.values()})} data files")
-    loaded.globals.extend(u.globals)
+                           f"{len({str(i.get('relative_path')) for i in where.values()})} data files")
     return loaded
 
 
-def _source(directory: str, files: dict[str, Source], info: dict[str, Any] | None, fqn: str) -> tuple[Source, int, int]:
-    if info is None:
-        raise CorruptCheckpointError(f"DCP entry {fqn} has no storage record")
-    if info.get("transform_descriptors"):
-        raise UnsupportedFormatError(f"DCP entry {fqn} is stored with transforms {info['transform_descriptors']}")
-    rel = info.get("relative_path")
-    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
-        raise CorruptCheckpointError(f"DCP entry {fqn} points outside its directory: {rel!r}")
-    if rel not in files:
-        files[rel] = Source(os.path.join(directory, rel))
-    src = files[rel]
-    offset, length = info.get("offset"), info.get("length")
-    if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
-            or offset + length > src.size:
-        raise CorruptCheckpointError(f"DCP entry {fqn}: bytes {offset}..{offset}+{length} outside {rel} "
-                                     f"({src.size} bytes)")
-    return src, offset, length
+class _Files:
+    """The data files a DCP directory's metadata names, opened once each, confined to the directory."""
+
+    def __init__(self, directory: str, opts: ReadOptions) -> None:
+        self.directory, self.opts = directory, opts
+        self.files: dict[str, Source] = {}
+
+    def source(self, info: dict[str, Any] | None, fqn: str) -> tuple[Source, int, int]:
+        if info is None:
+            raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} has no storage record")
+        if info.get("transform_descriptors"):
+            raise UnsupportedFormatError(f"DCP entry {fqn!r:.100} is stored with transforms "
+                                         f"{info['transform_descriptors']!r:.100}")
+        rel = info.get("relative_path")
+        if not isinstance(rel, str):
+            raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} names data file {rel!r:.60}, not a path")
+        if rel not in self.files:
+            path = confined_path(self.directory, rel, what="DCP data file", checkpoint=self.directory)
+            if not os.path.isfile(path):
+                raise CorruptCheckpointError(f"DCP data file {rel!r:.120} named by .metadata is missing")
+            self.files[rel] = Source(path, name=os.path.join(self.directory, rel))
+        src = self.files[rel]
+        offset, length = info.get("offset"), info.get("length")
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 \
+                or offset + length > src.size:
+            raise CorruptCheckpointError(f"DCP entry {fqn!r:.100}: bytes {offset!r:.30}..+{length!r:.30} outside "
+                                         f"{rel} ({src.size} bytes)")
+        return src, offset, length
+
+    def item(self, info: dict[str, Any] | None, fqn: str) -> Any:
+        src, offset, length = self.source(info, fqn)
+        self.opts.trace.ranges.append((src.name, offset, length))
+        assert self.opts.read_child is not None, "the opener passes the format dispatcher"
+        with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
+            return self.opts.read_child(item, self.opts).tree
+
+    def length(self, info: dict[str, Any] | None, fqn: str) -> int:
+        return self.source(info, fqn)[2]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
-def _item(directory: str, files: dict[str, Source], info: dict[str, Any] | None, opts: ReadOptions, fqn: str) -> Any:
-    from . import read
+def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
+    """The dtype recorded in ``TensorProperties`` and its name. Its state is a tuple ``(dtype, layout,
+    requires_grad, memory_format, pin_memory)`` (newer torch) or a dict (older)."""
+    attrs = _attrs(props, f"{fqn} properties")
+    state = props.__dict__.get("stub_state")
+    dtype = state[0] if not attrs and isinstance(state, tuple) and state else attrs.get("dtype")
+    name = str(dtype).replace("torch.", "") if isinstance(dtype, MetaDType) or \
+        type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch" else None
+    if name not in DTYPE_SIZES:
+        raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} has dtype {dtype!r:.60}, not a tensor dtype")
+    return dtype, name
 
-    src, offset, length = _source(directory, files, info, fqn)
-    with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
-        return read(item, ReadOptions(relocator=opts.relocator, policy=opts.policy, meta=opts.meta)).obj
 
-
-def _tensor(directory: str, files: dict[str, Source], fqn: str, md: dict[str, Any],
-            where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions, lazy: bool = False) -> Any:
+def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple], dict[str, Any]],
+            opts: ReadOptions, lazy: bool = False) -> Any:
     """The full tensor ``fqn`` with the dtype and shape the metadata declares (or a lazy :class:`DcpTensor`).
 
     The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
     and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
     """
-    size = md.get("size")
-    if not isinstance(size, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in size):
-        raise CorruptCheckpointError(f"DCP entry {fqn} has an invalid size {size!r}")
-    size = tuple(size)
-    dtype = _dtype(md.get("properties"), fqn, opts.meta)
+    size = _ints(md.get("size"), f"size of {fqn}")
+    dtype, name = _dtype(md.get("properties"), fqn)
     chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
     _check_tiling(fqn, size, chunks)
+    infos = [where.get((fqn, offsets)) for offsets, _ in chunks]
+    stored = sum(reader.length(info, fqn) for info in infos)
+    nbytes = math.prod(size) * DTYPE_SIZES[name]
+    if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
+        raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
+                                 f"hold {stored}")
     if opts.meta:
-        stride = tuple(int(_prod(size[i + 1:])) for i in range(len(size)))
-        return TensorMeta(size, stride, dtype)
-    lazy_tensor = DcpTensor(directory, fqn, size, dtype, chunks, where, opts)
-    return lazy_tensor if lazy else lazy_tensor.assemble(files)
+        if opts.mode is Mode.RECORD:  # scan runs the same streams load reads
+            for info in infos:
+                reader.item(info, fqn)
+        return TensorMeta(size, _contiguous(size), meta_dtype(name))
+    lazy_tensor = DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts)
+    return lazy_tensor if lazy else lazy_tensor.assemble(reader)
+
+
+def _contiguous(size: tuple) -> tuple:
+    return tuple(math.prod(size[i + 1:]) for i in range(len(size)))
 
 
 class DcpTensor(TensorMeta):
@@ -127,10 +186,9 @@ class DcpTensor(TensorMeta):
     __slots__ = ("directory", "fqn", "chunks", "where", "opts", "full_dtype")
 
     def __init__(self, directory: str, fqn: str, size: tuple, dtype: Any, chunks: list[tuple[tuple, tuple]],
-                 where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> None:
+                 where: dict[tuple[Any, tuple], dict[str, Any]], opts: ReadOptions) -> None:
         name = meta_dtype(str(dtype).replace("torch.", ""))
-        stride = tuple(int(_prod(size[i + 1:])) for i in range(len(size)))
-        super().__init__(size, stride, name, storage=MetaStorage(name, _prod(size) * name.itemsize))
+        super().__init__(size, _contiguous(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
         self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
         self.full_dtype = dtype
 
@@ -140,15 +198,14 @@ class DcpTensor(TensorMeta):
 
     def read_region(self, offsets: tuple, sizes: tuple) -> Any:
         """The sub-tensor ``[offsets : offsets + sizes]``, reading only the chunks that overlap it."""
-        files: dict[str, Source] = {}
+        reader = _Files(self.directory, self.opts)
         try:
-            return self.assemble(files, tuple(offsets), tuple(sizes))
+            return self.assemble(reader, tuple(offsets), tuple(sizes))
         finally:
-            for f in files.values():
-                f.close()
+            reader.close()
 
-    def assemble(self, files: dict[str, Source], offsets: tuple | None = None, sizes: tuple | None = None) -> Any:
-        import torch
+    def assemble(self, reader: _Files, offsets: tuple | None = None, sizes: tuple | None = None) -> Any:
+        import torch  # lazy: only building tensors needs torch
 
         offsets = offsets if offsets is not None else tuple(0 for _ in self.shape)
         sizes = sizes if sizes is not None else tuple(self.shape)
@@ -158,10 +215,9 @@ class DcpTensor(TensorMeta):
         for chunk_offsets, chunk_sizes in self.chunks:
             lo = [max(a, c) for a, c in zip(offsets, chunk_offsets)]
             hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, chunk_offsets, chunk_sizes)]
-            if any(h <= lo_ for lo_, h in zip(lo, hi)) and _prod(sizes):
+            if any(h <= lo_ for lo_, h in zip(lo, hi)) and math.prod(sizes):
                 continue
-            part = _part(self.directory, files, self.fqn, (chunk_offsets, chunk_sizes), self.full_dtype, self.where,
-                         self.opts)
+            part = self._part(reader, chunk_offsets, chunk_sizes)
             if chunk_offsets == offsets and chunk_sizes == sizes:
                 return part  # the region is exactly one chunk: no copy
             if out is None:
@@ -171,65 +227,37 @@ class DcpTensor(TensorMeta):
             del part
         return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
 
+    def _part(self, reader: _Files, offsets: tuple, sizes: tuple) -> Any:
+        import torch  # lazy: only building tensors needs torch
 
-def _dtype(properties: Any, fqn: str, meta: bool) -> Any:
-    """The dtype recorded in ``TensorProperties`` (a tuple state since torch 2.3, a dict before)."""
-    state = properties.__dict__.get("stub_state") if isinstance(properties, Stub) else None
-    dtype = state[0] if isinstance(state, tuple) and state else _attrs(properties, f"{fqn} properties").get("dtype")
-    if meta:
-        from ..unpickle.meta import MetaDType
-
-        ok = isinstance(dtype, MetaDType)
-    else:
-        import torch
-
-        ok = isinstance(dtype, torch.dtype)
-    if not ok:
-        raise CorruptCheckpointError(f"DCP entry {fqn} declares no valid dtype ({dtype!r})")
-    return dtype
+        part = reader.item(self.where.get((self.fqn, offsets)), self.fqn)
+        if not isinstance(part, torch.Tensor) or part.dtype != self.full_dtype or tuple(part.shape) != sizes:
+            got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
+            raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} holds {got}, "
+                                         f"the metadata declares {self.full_dtype} {list(sizes)}")
+        return part
 
 
 def _chunk(chunk: Any, fqn: str, size: tuple) -> tuple[tuple, tuple]:
     attrs = _attrs(chunk, f"{fqn} chunk")
-    offsets, sizes = attrs.get("offsets"), attrs.get("sizes")
-    if not isinstance(offsets, (tuple, list)) or not isinstance(sizes, (tuple, list)) \
-            or len(offsets) != len(size) or len(sizes) != len(size) \
-            or not all(isinstance(v, int) for v in (*offsets, *sizes)) \
-            or any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, size)):
-        raise CorruptCheckpointError(f"DCP chunk of {fqn} at {offsets!r} size {sizes!r} does not fit {list(size)}")
-    return tuple(offsets), tuple(sizes)
+    offsets = _ints(attrs.get("offsets"), f"{fqn} chunk offsets")
+    sizes = _ints(attrs.get("sizes"), f"{fqn} chunk sizes")
+    if len(offsets) != len(size) or len(sizes) != len(size) or any(o + s > n for o, s, n in zip(offsets, sizes, size)):
+        raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {list(offsets)} size {list(sizes)} "
+                                     f"does not fit {list(size)}")
+    return offsets, sizes
 
 
 def _check_tiling(fqn: str, size: tuple, chunks: list[tuple[tuple, tuple]]) -> None:
     """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element."""
-    covered = sum(_prod(s) for _, s in chunks)
-    if covered != _prod(size):
-        raise CorruptCheckpointError(f"DCP chunks of {fqn} cover {covered} of {_prod(size)} elements")
-    nonempty = [c for c in chunks if _prod(c[1])]
+    covered = sum(math.prod(s) for _, s in chunks)
+    if covered != math.prod(size):
+        raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} cover {covered} of {math.prod(size)} elements")
+    nonempty = [c for c in chunks if math.prod(c[1])]
     for i, (oa, sa) in enumerate(nonempty):
         for ob, sb in nonempty[i + 1:]:
             if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb)):
-                raise CorruptCheckpointError(f"DCP chunks of {fqn} at {list(oa)} and {list(ob)} overlap")
-
-
-def _part(directory: str, files: dict[str, Source], fqn: str, chunk: tuple[tuple, tuple], dtype: Any,
-          where: dict[tuple[str, tuple], dict[str, Any]], opts: ReadOptions) -> Any:
-    import torch
-
-    offsets, sizes = chunk
-    part = _item(directory, files, where.get((fqn, offsets)), opts, fqn)
-    if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != sizes:
-        got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
-        raise CorruptCheckpointError(f"DCP chunk of {fqn} at {list(offsets)} holds {got}, "
-                                     f"the metadata declares {dtype} {list(sizes)}")
-    return part
-
-
-def _prod(values: tuple) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
+                raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} at {list(oa)} and {list(ob)} overlap")
 
 
 def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:

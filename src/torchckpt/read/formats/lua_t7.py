@@ -11,13 +11,15 @@ Longs are 8 bytes. Shared and recursive references resolve to the same Python ob
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from typing import Any
 
 from ...errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError
 from ...storage.source import Source
-from .base import Loaded, ReadOptions
+from ..sniff import DESCRIPTIONS, LUA_T7
+from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
 
@@ -182,6 +184,8 @@ class _Reader:
         from ..unpickle.meta import check_view
 
         offset, size, stride = check_view(storage.count, offset, sizes, strides)
+        if math.prod(size) >= 1 << 62:  # a zero-stride view can claim any size: torch's numel would overflow
+            raise LimitExceededError(f"Torch7 tensor of size {list(size)} at byte {self.pos}", offset=self.pos)
         return storage.view(self, offset, size, stride)
 
     def tds(self, typename: str, index: int, depth: int) -> Any:
@@ -266,12 +270,11 @@ def _listify(obj: Any, done: dict[int, Any], depth: int = 0) -> Any:
     return obj
 
 
-def read_t7(src: Source, opts: ReadOptions) -> Loaded:
-    from ..sniff import DESCRIPTIONS, LUA_T7
-
+def read_t7(src: Source, opts: ReadOptions) -> Checkpoint:
     reader = _Reader(src, opts.meta)
     obj = _listify(reader.read(), {})
-    loaded = Loaded(obj=obj, kind=LUA_T7, description=DESCRIPTIONS[LUA_T7])
+    opts.trace.ranges.append((src.name, 0, reader.pos))
+    loaded = Checkpoint(tree=obj, format=LUA_T7, description=DESCRIPTIONS[LUA_T7])
     if reader.pos < src.size:
         loaded.notes.append(f"{src.size - reader.pos} bytes after the Torch7 object were not read")
     return loaded
@@ -303,7 +306,12 @@ def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, dept
     std = data.get("running_std")
     if is_tensor_like(std) and "running_var" not in data and std.numel():
         eps = data.get("eps", 1e-5)
+        if type(eps) not in (int, float):
+            raise CorruptCheckpointError(f"Torch7 module {prefix or '<root>'}: eps is {eps!r:.40}, not a number")
         if hasattr(std, "pow"):
+            if not std.is_floating_point():
+                raise CorruptCheckpointError(f"Torch7 module {prefix or '<root>'}: running_std is {std.dtype}, "
+                                             "not floating point")
             out[prefix + "running_var"] = std.pow(-2) - eps
         else:
             out[prefix + "running_var"] = std

@@ -9,15 +9,15 @@ from collections import OrderedDict
 from typing import Any
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
-from ...storage.source import Source
-from .base import Loaded, ReadOptions
+from ...storage.source import Source, confined_path
+from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_sharded_index"]
 
 MAX_INDEX = 64 << 20
 
 
-def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
+def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     """The merged state dict of the shards an index lists, or None if ``src`` is not such an index."""
     if src.size > MAX_INDEX:
         return None
@@ -31,20 +31,18 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
     folder = os.path.dirname(os.path.abspath(src.path or "."))
     shards = list(dict.fromkeys(weight_map.values()))
     merged: OrderedDict[str, Any] = OrderedDict()
-    loaded = Loaded(obj=merged, kind="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
-    from . import read
-
+    loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
+    assert opts.read_child is not None, "the opener passes the format dispatcher"
     for shard in shards:
-        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
-            raise CorruptCheckpointError(f"the index names shard {shard!r} outside its folder")
-        path = os.path.join(folder, shard)
-        if shard.endswith(".json") or os.path.abspath(path) == os.path.abspath(src.path or ""):
-            raise CorruptCheckpointError(f"the index names another index ({shard!r}) as a shard")
-        if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=path,
+        path = confined_path(folder, shard, what="shard", checkpoint=src.name)
+        if shard.endswith(".json") or path == os.path.realpath(src.path or ""):
+            raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
+        if not os.path.isfile(path):
+            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing",
+                                          path=os.path.join(folder, shard),
                                           hint="Download every shard next to the index file.")
-        with Source(path) as shard_src:
-            part = read(shard_src, opts)
+        with Source(path, name=os.path.join(folder, shard)) as shard_src:
+            part = opts.read_child(shard_src, opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
         wanted = [k for k, v in weight_map.items() if v == shard]
         missing = [k for k in wanted if k not in tensors]
@@ -55,5 +53,6 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Loaded | None:
             merged[key] = tensors[key]
         loaded.notes.extend(f"{shard}: {note}" for note in part.notes)
     loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
-    loaded.details["metadata"] = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+    metadata = index.get("metadata") or {}
+    loaded.details["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     return loaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -9,10 +10,15 @@ import zipfile
 from collections import OrderedDict
 from typing import Any
 
-from ...errors import CorruptCheckpointError, TruncatedCheckpointError
+import numpy as np
+
+from ...errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpointError
 from ...storage.source import Source
-from ..unpickle.machine import Unpickler
-from .base import Loaded, ReadOptions
+from ..sniff import DESCRIPTIONS, NUMPY, PICKLE, SAFETENSORS
+from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
+from ..unpickle.mode import Mode
+from .base import Check, Checkpoint, ReadOptions, run_pickle
+from .torch_zip import open_zip, read_member
 
 __all__ = ["read_safetensors", "safetensors_header", "read_pickle", "read_numpy", "SAFETENSORS_DTYPES"]
 
@@ -44,15 +50,18 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
     if not isinstance(header, dict):
         raise CorruptCheckpointError("safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CorruptCheckpointError("safetensors __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError("safetensors __metadata__ is not an object of strings",
+                                     hint="The safetensors format allows only text values in __metadata__; "
+                                          "the file was not written by a safetensors library.")
     data_size = src.size - 8 - n
     entries = []
     for name, e in header.items():
         try:
             dtype, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
             itemsize = SAFETENSORS_DTYPES[dtype][1]
-            ok = all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= begin <= end <= data_size
+            ok = isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape) and \
+                type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(f"safetensors entry {name!r} is malformed: {e!r:.200}") from None
         if not ok or (end - begin) != math.prod(shape) * itemsize:
@@ -72,20 +81,16 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
         raise CorruptCheckpointError(f"safetensors tensors cover {expected} bytes but the data section has "
                                      f"{data_size}")
     ordered = OrderedDict((name, e) for _, name, e in entries)
-    return ordered, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+    return ordered, dict(metadata), 8 + n
 
 
-def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
-    from ..sniff import DESCRIPTIONS, SAFETENSORS
-    from ..unpickle.meta import TensorMeta, meta_dtype
-
+def read_safetensors(src: Source, opts: ReadOptions) -> Checkpoint:
     entries, metadata, data_start = safetensors_header(src)
-    loaded = Loaded(obj=None, kind=SAFETENSORS, description=DESCRIPTIONS[SAFETENSORS])
+    loaded = Checkpoint(format=SAFETENSORS, description=DESCRIPTIONS[SAFETENSORS])
     loaded.details["metadata"] = metadata
+    opts.trace.ranges.append((src.name, data_start, src.size - data_start))
     out: OrderedDict[str, Any] = OrderedDict()
     if opts.meta:
-        from ..unpickle.meta import MetaStorage
-
         for name, e in entries.items():
             shape = tuple(e["shape"])
             stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
@@ -94,10 +99,17 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
             storage = MetaStorage(dtype, end - begin)
             storage.file_offset = data_start + begin  # so a structure-only read can still fetch each tensor
             out[name] = TensorMeta(shape, stride, dtype, 0, storage)
-        loaded.obj = out
-        loaded.details["storage_bytes"] = src.size - data_start
-        return loaded
-    import torch
+    else:
+        _read_safetensors_data(src, opts, entries, data_start, out)
+    _restore_aliases(out, metadata, loaded)
+    loaded.tree = _restore_tree(out, metadata, loaded)
+    loaded.details["storage_bytes"] = src.size - data_start
+    return loaded
+
+
+def _read_safetensors_data(src: Source, opts: ReadOptions, entries: dict[str, Any], data_start: int,
+                           out: dict[str, Any]) -> None:
+    import torch  # lazy: structure-only reads never import torch
 
     # Our own mapping (or pread), not safe_open's: the Source owns the pages, so load_into can release
     # each tensor's pages once it is placed, and a copy is never made when the bytes can be viewed.
@@ -118,13 +130,9 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Loaded:
         if moved.device != t.device:
             out[name] = torch.empty(0, dtype=t.dtype, device=moved.device).set_(
                 moved, t.storage_offset(), t.shape, t.stride())
-    _restore_aliases(out, metadata, loaded)
-    loaded.obj = _restore_tree(out, metadata, loaded)
-    loaded.details["storage_bytes"] = src.size - data_start
-    return loaded
 
 
-def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> None:
+def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint) -> None:
     """torchckpt stores a tied tensor once and records ``{"alias": "original"}`` under torchckpt.aliases."""
     raw = metadata.get("torchckpt.aliases")
     if not raw:
@@ -133,8 +141,12 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
         aliases = json.loads(raw)
     except json.JSONDecodeError:
         return
+    if not isinstance(aliases, dict):
+        raise CorruptCheckpointError("torchckpt.aliases metadata is not a JSON object of names")
     restored = []
     for alias, original in aliases.items():
+        if not isinstance(original, str):
+            raise CorruptCheckpointError(f"torchckpt.aliases entry {alias!r:.60} is not a tensor name")
         if original in out:
             out[alias] = out[original]
             restored.append(alias)
@@ -142,7 +154,7 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
         loaded.notes.append(f"restored {len(restored)} tied tensor(s) stored once: {', '.join(restored[:5])}")
 
 
-def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Loaded) -> Any:
+def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint) -> Any:
     """Rebuild the nested tree torchckpt.convert recorded as JSON (tensors by dotted path)."""
     raw = metadata.get("torchckpt.tree")
     if not raw:
@@ -165,13 +177,10 @@ def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], lo
     return build(skeleton, "")
 
 
-def read_pickle(src: Source, opts: ReadOptions) -> Loaded:
-    from ..sniff import DESCRIPTIONS, PICKLE
-
-    loaded = Loaded(obj=None, kind=PICKLE, description=DESCRIPTIONS[PICKLE])
-    u = Unpickler(src.buffer(), policy=opts.policy, member=None)
-    loaded.obj = u.load()
-    loaded.globals.extend(u.globals)
+def read_pickle(src: Source, opts: ReadOptions) -> Checkpoint:
+    loaded = Checkpoint(format=PICKLE, description=DESCRIPTIONS[PICKLE])
+    buf = src.buffer()
+    loaded.tree, u = run_pickle(opts, buf, src, None)
     loaded.details["python2"] = u.saw_binstring
     loaded.details["py2_nonascii"] = u.py2_strings
     if u.saw_binstring:
@@ -181,30 +190,56 @@ def read_pickle(src: Source, opts: ReadOptions) -> Loaded:
         if trailing.strip(b"\x00\n ") and trailing[:1] in (b"\x80",):
             loaded.notes.append(f"the file holds more data after the first pickle (at byte {u.pos}); only the first "
                                 "object was read")
+        if opts.mode is Mode.RECORD:
+            _check_trailing(src, buf, u.pos, opts)
     return loaded
 
 
-def read_numpy(src: Source, opts: ReadOptions) -> Loaded:
-    import io
+def _check_trailing(src: Source, buf: Any, pos: int, opts: ReadOptions) -> None:
+    """Record mode: what follows the pickle. Further pickles are run (the loader never reads them)."""
+    while pos < src.size:
+        rest = src.read_at(pos, 16)
+        if not rest.strip(b"\x00\n\r\t "):
+            return
+        if rest[:4] == b"PK\x03\x04" or rest[:1] != b"\x80":
+            what = "a zip archive (polyglot)" if rest[:2] == b"PK" else "non-pickle data"
+            opts.trace.checks.append(Check(f"{src.size - pos} bytes of {what} after the pickle", None, pos))
+            return
+        opts.trace.checks.append(Check("another pickle after the first (the loader never reads it)", None, pos))
+        try:
+            _, u = run_pickle(opts, buf, src, f"<pickle at byte {pos}>", start=pos, loaded=False)
+        except CheckpointError as exc:
+            opts.trace.checks.append(Check(f"that pickle cannot be parsed to its end: {exc.reason}", None, pos))
+            return
+        pos = u.pos
 
-    import numpy as np
 
-    from ..sniff import DESCRIPTIONS, NUMPY
-
-    loaded = Loaded(obj=None, kind=NUMPY, description=DESCRIPTIONS[NUMPY])
+def read_numpy(src: Source, opts: ReadOptions) -> Checkpoint:
+    """``.npy`` and ``.npz``; object arrays (pickles) are refused. npz members are inflated under the
+    same bound as zip members (decompression bombs)."""
+    loaded = Checkpoint(format=NUMPY, description=DESCRIPTIONS[NUMPY])
     try:
-        result = np.load(io.BytesIO(bytes(src.buffer())), allow_pickle=False)  # safe-door: pickles refused
-        if isinstance(result, np.lib.npyio.NpzFile):
-            with result:
-                result = OrderedDict((k, result[k]) for k in result.files)
-        loaded.obj = result
+        if src.head(2) == b"PK":
+            out: OrderedDict[str, Any] = OrderedDict()
+            with open_zip(src) as zf:
+                for info in zf.infolist():
+                    name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                    out[name] = _npy(read_member(zf, info, src, opts), f"member {info.filename}")
+            loaded.tree = out
+        else:
+            loaded.tree = _npy(src.buffer(), "the file")
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise TruncatedCheckpointError(f"numpy file cut short or damaged: {exc}") from None
+    return loaded
+
+
+def _npy(data: Any, what: str) -> Any:
+    """One .npy blob as a numpy array; object arrays (pickles) are refused."""
+    try:
+        return np.load(io.BytesIO(bytes(data)), allow_pickle=False)  # safe-door: pickles refused
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise CorruptCheckpointError("the .npy/.npz holds pickled objects",
+            raise CorruptCheckpointError(f"{what} of the .npy/.npz holds pickled objects",
                                          hint="Object arrays are refused; save the arrays with a numeric dtype.") \
                 from None
-        raise CorruptCheckpointError(f"invalid numpy file: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise TruncatedCheckpointError(f"numpy file cut short: {exc}") from None
-    return loaded
-
+        raise CorruptCheckpointError(f"invalid numpy data in {what}: {exc}") from None

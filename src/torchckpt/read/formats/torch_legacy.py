@@ -10,18 +10,20 @@ while the object pickle is read (sizes checked against the file first), then fil
 from __future__ import annotations
 
 import struct
+import tarfile
 from typing import Any
 
-from ...errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
+from ...errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
-from ..unpickle.machine import Unpickler
+from ..sniff import DESCRIPTIONS, LEGACY_MAGIC, TORCH_LEGACY, TORCH_TAR
+from ..unpickle import meta
 from ..unpickle.meta import MetaStorage, meta_dtype
-from ..unpickle.safe_globals import StorageType
-from .base import Loaded, ReadOptions, StorageBudget, ascii_text
+from ..unpickle.safe_globals import StorageType, rebuild_tensor
+from ..unpickle.mode import Mode
+from .base import Check, Checkpoint, ReadOptions, StorageBudget, ascii_text, run_pickle
 
 __all__ = ["read_torch_legacy", "read_torch_tar"]
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
@@ -87,22 +89,19 @@ class _LegacyStorages:
 
 
 
-def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
-    from ..sniff import DESCRIPTIONS, TORCH_LEGACY
-
-    loaded = Loaded(obj=None, kind=TORCH_LEGACY, description=DESCRIPTIONS[TORCH_LEGACY])
+def read_torch_legacy(src: Source, opts: ReadOptions) -> Checkpoint:
+    loaded = Checkpoint(format=TORCH_LEGACY, description=DESCRIPTIONS[TORCH_LEGACY])
     buf = src.buffer()
     pos = 0
     headers = []
     py2 = False
     for what in ("magic number", "protocol version", "system info"):
-        u = Unpickler(buf, policy=opts.policy, start=pos, member=f"<{what} pickle>")
-        headers.append(u.load())
-        loaded.globals.extend(u.globals)
+        header, u = run_pickle(opts, buf, src, f"<{what} pickle>", start=pos)
+        headers.append(header)
         py2 = py2 or u.saw_binstring
         pos = u.pos
     magic, protocol, sys_info = headers
-    if magic != MAGIC_NUMBER:
+    if magic != LEGACY_MAGIC:
         raise CorruptCheckpointError("the first pickle is not the PyTorch magic number")
     if protocol != PROTOCOL_VERSION:
         raise UnsupportedFormatError(f"legacy protocol version {protocol!r} (expected {PROTOCOL_VERSION})")
@@ -110,17 +109,17 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
         raise UnsupportedFormatError("the checkpoint was written on a big-endian machine",
                                      hint="Load it with torch.load on that machine and save it again.")
     storages = _LegacyStorages(src.size, opts)
-    u = Unpickler(buf, policy=opts.policy, persistent_load=storages, start=pos, member="<object pickle>",
-                  meta=opts.meta)
-    obj = u.load()
-    loaded.globals.extend(u.globals)
+    obj, u = run_pickle(opts, buf, src, "<object pickle>", start=pos, persistent_load=storages)
     py2 = py2 or u.saw_binstring
-    k = Unpickler(buf, policy=opts.policy, start=u.pos, member="<storage keys pickle>")
-    keys = k.load()
-    loaded.globals.extend(k.globals)
+    keys, k = run_pickle(opts, buf, src, "<storage keys pickle>", start=u.pos)
     if not isinstance(keys, list):
         raise CorruptCheckpointError("the storage key list is not a list")
-    _fill_storages(src, storages, [ascii_text(key) for key in keys], k.pos, opts)
+    end = _fill_storages(src, storages, [ascii_text(key) for key in keys], k.pos, opts)
+    if end < src.size and opts.mode is Mode.RECORD:
+        appended = " (a zip archive is appended: polyglot)" if src.read_at(end, 4) == b"PK\x03\x04" or \
+            b"PK\x05\x06" in src.read_at(max(end, src.size - 65_557), 65_557) else ""
+        opts.trace.checks.append(Check(f"{src.size - end} bytes after the end of the checkpoint data{appended}",
+                                       None, end))
     if opts.mmap and not opts.meta:
         loaded.notes.append("mmap=True has no effect on the legacy format: its tensors were read into memory")
     loaded.obj = obj
@@ -131,7 +130,8 @@ def read_torch_legacy(src: Source, opts: ReadOptions) -> Loaded:
     return loaded
 
 
-def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos: int, opts: ReadOptions) -> None:
+def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos: int, opts: ReadOptions) -> int:
+    """Read (or, structure only, locate) every storage's data; returns the offset after the last one."""
     size = src.size
     for index, key in enumerate(keys):
         if key not in storages.declared:
@@ -152,11 +152,13 @@ def _fill_storages(src: Source, storages: _LegacyStorages, keys: list[str], pos:
             raise TruncatedCheckpointError(
                 f"storage {key!r} needs bytes {start}..{start + nbytes} but the file has {size}",
                 expected_size=_expected_end(storages, keys[index:], pos), actual_size=size, offset=start)
+        opts.trace.ranges.append((src.name, start, nbytes))
         if opts.meta:
             storages.roots[key].file_offset = start
         else:
             src.read_into(storages.roots[key]._untyped_storage, start, nbytes)
         pos = start + nbytes
+    return pos
 
 
 def _expected_end(storages: _LegacyStorages, keys: list[str], pos: int) -> int:
@@ -167,74 +169,74 @@ def _expected_end(storages: _LegacyStorages, keys: list[str], pos: int) -> int:
     return total
 
 
-def read_torch_tar(src: Source, opts: ReadOptions) -> Loaded:
-    """The tar format of the earliest PyTorch releases: members sys_info, pickle, storages, tensors."""
-    import tarfile
+def read_torch_tar(src: Source, opts: ReadOptions) -> Checkpoint:
+    """The tar format of the earliest PyTorch releases: members sys_info, pickle, storages, tensors.
 
-    import torch
-
-    from ..sniff import DESCRIPTIONS, TORCH_TAR
-
-    loaded = Loaded(obj=None, kind=TORCH_TAR, description=DESCRIPTIONS[TORCH_TAR])
+    ``storages``: a pickled count, then per storage a pickled ``(key, location, type)``, an int64 element
+    count and the raw bytes, then a pickled list of views. ``tensors``: a pickled count, then per tensor
+    a pickled ``(key, storage id, type)``, ndim, sizes, strides and offset. Every record is read.
+    """
+    loaded = Checkpoint(format=TORCH_TAR, description=DESCRIPTIONS[TORCH_TAR])
+    rebuild = meta.rebuild_tensor if opts.meta else rebuild_tensor
     with tarfile.open(fileobj=src.open(), mode="r:") as tf:
-        def member(name: str) -> bytes:
-            info = tf.getmember(name)
+        def member(name: str) -> tuple[bytes, int]:
+            try:
+                info = tf.getmember(name)
+            except KeyError:
+                raise CorruptCheckpointError(f"the tar archive has no member {name}") from None
             if not info.isfile() or info.size > src.size:
                 raise CorruptCheckpointError(f"tar member {name} is not a regular file of plausible size")
             fh = tf.extractfile(info)
             assert fh is not None
-            return fh.read()
+            return fh.read(), info.offset_data
 
+        if opts.mode is Mode.RECORD:
+            _check_tar(src, tf, opts)
         budget = StorageBudget(src.size)
         objects: dict[Any, Any] = {}
-        data = member("storages")
-        u = Unpickler(data, policy=opts.policy, member="storages")
-        count = u.load()
+        data, base = member("storages")
+        count, u = run_pickle(opts, data, src, "storages")
         pos = u.pos
-        if not isinstance(count, int) or count < 0:
+        if not isinstance(count, int) or not 0 <= count <= len(data):
             raise CorruptCheckpointError("tar member storages does not start with a count")
         for _ in range(count):
-            u = Unpickler(data, policy=opts.policy, start=pos, member="storages")
-            key, location, storage_type = u.load()
+            record, u = run_pickle(opts, data, src, "storages", start=pos)
             pos = u.pos
-            if not isinstance(storage_type, StorageType):
-                raise CorruptCheckpointError(f"storage {key!r} has type {storage_type!r}")
-            (numel,) = struct.unpack("<q", data[pos:pos + 8])
+            if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[2], StorageType)):
+                raise CorruptCheckpointError(f"malformed storage record {record!r:.100}")
+            key, location, storage_type = record
+            (numel,) = struct.unpack("<q", _slice(data, pos, 8, "storage size"))
             nbytes = numel * storage_type.itemsize
             budget.charge(nbytes, key)
-            raw = data[pos + 8:pos + 8 + nbytes]
-            if len(raw) != nbytes:
-                raise TruncatedCheckpointError(f"storage {key!r} is cut short", expected_size=nbytes,
-                                               actual_size=len(raw))
+            _slice(data, pos + 8, nbytes, f"storage {key!r:.40}")
+            opts.trace.ranges.append((src.name, base + pos + 8, nbytes))
+            objects[key] = _tar_storage(data, pos + 8, nbytes, storage_type, ascii_text(location), opts,
+                                        base + pos + 8)
             pos += 8 + nbytes
-            untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
-                torch.UntypedStorage(0)
-            untyped = opts.relocator(untyped, ascii_text(location))
-            objects[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
-        u = Unpickler(data, policy=opts.policy, start=pos, member="storages")
-        for target, root, offset, numel in u.load():
-            root_storage = objects[root]
-            item = root_storage.dtype.itemsize
-            objects[target] = torch.storage.TypedStorage(
-                wrap_storage=root_storage._untyped_storage[offset * item:(offset + numel) * item],
-                dtype=root_storage.dtype, _internal=True)
-        tdata = member("tensors")
-        u = Unpickler(tdata, policy=opts.policy, member="tensors")
-        ntensors = u.load()
+        views, u = run_pickle(opts, data, src, "storages", start=pos)
+        for view in views if isinstance(views, list) else _malformed("storage view list", views):
+            if not (isinstance(view, tuple) and len(view) == 4) or view[1] not in objects:
+                raise CorruptCheckpointError(f"malformed storage view {view!r:.100}")
+            target, root, offset, numel = view
+            objects[target] = _tar_view(objects[root], offset, numel)
+        tdata, _ = member("tensors")
+        ntensors, u = run_pickle(opts, tdata, src, "tensors")
         pos = u.pos
-        from ..unpickle.safe_globals import rebuild_tensor
-
+        if not isinstance(ntensors, int) or not 0 <= ntensors <= len(tdata):
+            raise CorruptCheckpointError("tar member tensors does not start with a count")
         for _ in range(ntensors):
-            u = Unpickler(tdata, policy=opts.policy, start=pos, member="tensors")
-            key, storage_id, _type = u.load()
+            record, u = run_pickle(opts, tdata, src, "tensors", start=pos)
+            if not (isinstance(record, tuple) and len(record) == 3) or record[1] not in objects:
+                raise CorruptCheckpointError(f"malformed tensor record {record!r:.100}")
+            key, storage_id, _type = record
             pos = u.pos
-            (ndim,) = struct.unpack("<i", tdata[pos:pos + 4])
+            (ndim,) = struct.unpack("<i", _slice(tdata, pos, 4, "tensor ndim"))
+            if not 0 <= ndim <= 64:
+                raise CorruptCheckpointError(f"tensor {key!r:.40} has {ndim} dimensions")
             pos += 8
-            sizes = struct.unpack(f"<{ndim}q", tdata[pos:pos + 8 * ndim])
-            strides = struct.unpack(f"<{ndim}q", tdata[pos + 8 * ndim:pos + 16 * ndim])
-            (offset,) = struct.unpack("<q", tdata[pos + 16 * ndim:pos + 16 * ndim + 8])
+            dims = struct.unpack(f"<{2 * ndim + 1}q", _slice(tdata, pos, 16 * ndim + 8, "tensor shape"))
             pos += 16 * ndim + 8
-            objects[key] = rebuild_tensor(objects[storage_id], offset, sizes, strides)
+            objects[key] = rebuild(objects[storage_id], dims[-1], dims[:ndim], dims[ndim:2 * ndim])
 
         def persistent_load(saved_id: Any) -> Any:
             if isinstance(saved_id, tuple):
@@ -244,9 +246,64 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Loaded:
             except (KeyError, ValueError, TypeError):
                 raise CorruptCheckpointError(f"unknown persistent id {saved_id!r:.60}") from None
 
-        u = Unpickler(member("pickle"), policy=opts.policy, persistent_load=persistent_load, member="pickle")
-        loaded.obj = u.load()
-        loaded.globals.extend(u.globals)
+        loaded.tree, u = run_pickle(opts, member("pickle")[0], src, "pickle", persistent_load=persistent_load)
         loaded.details["python2"] = u.saw_binstring
     return loaded
 
+
+def _malformed(what: str, value: Any) -> list:
+    raise CorruptCheckpointError(f"malformed {what} {value!r:.100}")
+
+
+def _slice(data: bytes, pos: int, n: int, what: str) -> bytes:
+    if n < 0 or pos + n > len(data):
+        raise TruncatedCheckpointError(f"{what} at byte {pos} needs {n} bytes; the member has {len(data) - pos}")
+    return data[pos:pos + n]
+
+
+def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, location: str, opts: ReadOptions,
+                 file_offset: int) -> Any:
+    if opts.meta:
+        storage = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location if isinstance(location, str)
+                              else "cpu")
+        storage.file_offset = file_offset
+        return storage
+    import torch
+
+    raw = data[pos:pos + nbytes]
+    untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
+        torch.UntypedStorage(0)
+    untyped = opts.relocator(untyped, location)
+    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+
+
+def _tar_view(root: Any, offset: Any, numel: Any) -> Any:
+    item = root.dtype.itemsize
+    capacity = (root.nbytes if isinstance(root, MetaStorage) else root._untyped_storage.nbytes()) // item
+    if not (isinstance(offset, int) and isinstance(numel, int) and 0 <= offset and 0 <= numel
+            and offset + numel <= capacity):
+        raise CorruptCheckpointError(f"storage view {offset}+{numel} lies outside its storage of {capacity} elements")
+    if isinstance(root, MetaStorage):
+        return MetaStorage(root.dtype, numel * item, root.location, root, offset * item)
+    import torch
+
+    return torch.storage.TypedStorage(wrap_storage=root._untyped_storage[offset * item:(offset + numel) * item],
+                                      dtype=root.dtype, _internal=True)
+
+
+_TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+
+
+def _check_tar(src: Source, tf: tarfile.TarFile, opts: ReadOptions) -> None:
+    """Record-mode checks: members the loader never reads that hold pickles."""
+    for info in tf.getmembers():
+        if info.name in _TAR_MEMBERS or not info.isfile() or info.size > src.size:
+            continue
+        fh = tf.extractfile(info)
+        data = fh.read() if fh is not None else b""
+        if data[:1] == b"\x80":
+            opts.trace.checks.append(Check("pickle in an unexpected tar member (hidden payload?)", info.name))
+            try:
+                run_pickle(opts, data, src, info.name, loaded=False)
+            except CheckpointError as exc:
+                opts.trace.checks.append(Check(f"that pickle cannot be parsed to its end: {exc.reason}", info.name))

@@ -13,23 +13,25 @@ from __future__ import annotations
 import re
 import struct
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
-from ..unpickle.machine import Unpickler
 from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
-from .base import Loaded, ReadOptions, StorageBudget, ascii_text
+from ..sniff import DESCRIPTIONS, TORCH_ZIP, TORCHSCRIPT
+from ..unpickle.mode import Mode
+from .base import Check, Checkpoint, ReadOptions, StorageBudget, ascii_text, run_pickle
 
-__all__ = ["read_torch_zip", "open_zip", "member_data_offset", "torchscript_declarations"]
+__all__ = ["read_torch_zip", "open_zip", "member_data_offset", "read_member", "check_zip", "torchscript_declarations"]
 
 
 def open_zip(src: Source) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(src.open())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError,
+            OverflowError) as exc:
         raise TruncatedCheckpointError(
             f"zip archive without a readable central directory ({exc}); the file is {src.size} bytes",
             path=src.name, actual_size=src.size) from None
@@ -48,8 +50,10 @@ def member_data_offset(src: Source, info: zipfile.ZipInfo) -> int:
 class _ZipStorages:
     """persistent_load for zip-format pickles: ('storage', type, key, location, numel)."""
 
-    def __init__(self, src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, loaded: Loaded):
+    def __init__(self, src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, loaded: Checkpoint,
+                 folder: str = "data") -> None:
         self.src, self.zf, self.prefix, self.opts, self.loaded = src, zf, prefix, opts, loaded
+        self.folder = folder
         self.cache: dict[str, Any] = {}
         self.infos = {i.filename: i for i in zf.infolist()}
         self.locations: dict[str, int] = {}
@@ -71,7 +75,7 @@ class _ZipStorages:
         if cached is not None:
             return self._retyped(cached, storage_type)
         nbytes = numel * storage_type.itemsize
-        name = f"{self.prefix}/data/{key}"
+        name = f"{self.prefix}/{self.folder}/{key}"
         info = self.infos.get(name)
         if info is None:
             raise CorruptCheckpointError(f"the pickle refers to storage {key!r} but the archive has no member "
@@ -84,8 +88,12 @@ class _ZipStorages:
         self.locations[location] = self.locations.get(location, 0) + nbytes
         if self.opts.meta:
             storage: Any = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
-            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
-                storage.file_offset = member_data_offset(self.src, info)
+            if info.flag_bits & 0x1:
+                raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
+            if info.compress_type == zipfile.ZIP_STORED:
+                storage.file_offset = self._stored_offset(info, nbytes)
+            elif self.opts.mode is Mode.RECORD:  # load inflates it: so does scan, under the same bound
+                read_member(self.zf, info, self.src, self.opts)
         else:
             import torch
 
@@ -106,29 +114,34 @@ class _ZipStorages:
         return torch.storage.TypedStorage(wrap_storage=cached._untyped_storage, dtype=storage_type.dtype,
                                           _internal=True)
 
+    def _stored_offset(self, info: zipfile.ZipInfo, nbytes: int) -> int:
+        offset = member_data_offset(self.src, info)
+        if offset + nbytes > self.src.size:
+            raise TruncatedCheckpointError(f"member {info.filename} runs past the end of the file",
+                                           member=info.filename, expected_size=offset + nbytes,
+                                           actual_size=self.src.size)
+        self.opts.trace.ranges.append((self.src.name, offset, nbytes))
+        return offset
+
     def _read(self, info: zipfile.ZipInfo, nbytes: int) -> Any:
         if info.flag_bits & 0x1:
             raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
         if info.compress_type != zipfile.ZIP_STORED:
             import torch
 
-            data = bytearray(read_member(self.zf, info, self.src)[:nbytes])
+            data = bytearray(read_member(self.zf, info, self.src, self.opts)[:nbytes])
             note = "some storages were compressed inside the zip (re-zipped file?); they were decompressed"
             if note not in self.loaded.notes:
                 self.loaded.notes.append(note)
             return torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
-        offset = member_data_offset(self.src, info)
-        if offset + nbytes > self.src.size:
-            raise TruncatedCheckpointError(f"member {info.filename} runs past the end of the file",
-                                           member=info.filename, expected_size=offset + nbytes,
-                                           actual_size=self.src.size)
+        offset = self._stored_offset(info, nbytes)
         if self.mapped:
             self.offsets[info.filename] = (offset, nbytes)
             return self.src.mapped_storage(offset, nbytes)
         return self.src.read_into_storage(offset, nbytes)
 
 
-def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source) -> bytes:
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: ReadOptions | None = None) -> bytes:
     """A member's bytes; a compressed member may not inflate past a bound (decompression bombs)."""
     if info.flag_bits & 0x1:
         raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
@@ -144,50 +157,137 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source) -> byte
 
 
 
-def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False) -> Loaded:
-    from ..sniff import DESCRIPTIONS, TORCH_ZIP, TORCHSCRIPT
-
+def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False) -> Checkpoint:
     kind = TORCHSCRIPT if torchscript else TORCH_ZIP
-    loaded = Loaded(obj=None, kind=kind, description=DESCRIPTIONS[kind])
+    loaded = Checkpoint(format=kind, description=DESCRIPTIONS[kind])
     zf = open_zip(src)
     try:
+        if opts.mode is Mode.RECORD:
+            check_zip(src, zf, opts, loaded_members=_loaded_members(prefix, torchscript))
         names = set(zf.namelist())
-        byteorder = zf.read(f"{prefix}/byteorder").decode().strip() if f"{prefix}/byteorder" in names else "little"
+        byteorder = zf.read(f"{prefix}/byteorder").decode(errors="replace").strip() \
+            if f"{prefix}/byteorder" in names else "little"
         if byteorder != "little":
-            raise UnsupportedFormatError(f"the checkpoint was written on a {byteorder}-endian machine",
+            raise UnsupportedFormatError(f"the checkpoint was written on a {byteorder[:20]!r}-endian machine",
                                          hint="Load it with torch.load on that machine and save it again.")
         if f"{prefix}/version" in names:
             loaded.details["archive_version"] = zf.read(f"{prefix}/version").decode(errors="replace").strip()
         storages = _ZipStorages(src, zf, prefix, opts, loaded)
         data_pkl = f"{prefix}/data.pkl"
+        constants_pkl = f"{prefix}/constants.pkl"
         if data_pkl not in names:
             raise CorruptCheckpointError(f"the archive has no {data_pkl}", member=data_pkl)
-        u = Unpickler(read_member(zf, zf.getinfo(data_pkl), src), policy=opts.policy, persistent_load=storages, member=data_pkl,
-                      meta=opts.meta)
-        loaded.obj = u.load()
-        loaded.globals.extend(u.globals)
+        loaded.tree, u = run_pickle(opts, read_member(zf, zf.getinfo(data_pkl), src), src, data_pkl,
+                                    persistent_load=storages)
         if torchscript:
             loaded.details["declarations"] = torchscript_declarations(zf, prefix)
-            if isinstance(loaded.obj, Stub):
-                loaded.obj.__dict__["stub_declarations"] = loaded.details["declarations"]
-            if f"{prefix}/constants.pkl" in names:
-                cu = Unpickler(read_member(zf, zf.getinfo(f"{prefix}/constants.pkl"), src), policy=opts.policy,
-                               persistent_load=storages,
-                               member=f"{prefix}/constants.pkl", meta=opts.meta)
-                loaded.details["constants"] = cu.load()
-                loaded.globals.extend(cu.globals)
+            if isinstance(loaded.tree, Stub):
+                loaded.tree.__dict__["stub_declarations"] = loaded.details["declarations"]
+            if constants_pkl in names:
+                # TorchScript lite (.ptl) keeps the storages of constants.pkl under constants/
+                cstorages = storages if not _has_dir(names, f"{prefix}/constants/") else \
+                    _ZipStorages(src, zf, prefix, opts, loaded, folder="constants")
+                loaded.details["constants"], _ = run_pickle(opts, read_member(zf, zf.getinfo(constants_pkl), src),
+                                                            src, constants_pkl, persistent_load=cstorages)
         loaded.details["locations"] = dict(storages.locations)
         loaded.details["mapped_ranges"] = list(storages.offsets.values())
         loaded.details["storage_bytes"] = storages.budget.total
         return loaded
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"damaged zip archive or member: {exc}") from None
     except (zipfile.LargeZipFile, struct.error) as exc:
         raise LimitExceededError(f"zip archive beyond limits: {exc}") from None
     finally:
         zf.close()
+
+
+def _has_dir(names: set[str], folder: str) -> bool:
+    return any(n.startswith(folder) for n in names)
+
+
+def _loaded_members(prefix: str, torchscript: bool) -> Callable[[str], bool]:
+    """Members whose pickles the reader runs (and their storages): everything else is not read."""
+    def loaded(name: str) -> bool:
+        return name in (f"{prefix}/data.pkl", f"{prefix}/constants.pkl") or name.startswith(
+            (f"{prefix}/data/", f"{prefix}/constants/")) or (torchscript and name.endswith(".debug_pkl"))
+    return loaded
+
+
+_TORCHSCRIPT_EXTRAS = (".debug_pkl", "/traced_inputs.pkl", "/bytecode.pkl")  # written by torch.jit.save, never loaded
+_OK_FLAGS = 0x0008 | 0x0800  # data descriptor, UTF-8 names: what torch writes
+
+
+def check_zip(src: Source, zf: zipfile.ZipFile, opts: ReadOptions,
+              loaded_members: Callable[[str], bool] = lambda name: False) -> None:
+    """The container checks of a zip archive (record mode): tricks that make readers disagree about its
+    content. Pickles in members the loader never reads are run in record mode so that scan reports them."""
+    checks = opts.trace.checks
+    infos = zf.infolist()
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        checks.append(Check("duplicate member names (which one a reader uses differs)"))
+    first = min((i.header_offset for i in infos), default=0)
+    if first > 0:
+        checks.append(Check(f"{first} bytes before the first zip member (polyglot)", None, 0))
+    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkls) > 1:
+        checks.append(Check(f"{len(pkls)} data.pkl members: {pkls[:5]}"))
+    for info in infos:
+        name = info.filename
+        if info.flag_bits & ~_OK_FLAGS:
+            checks.append(Check(f"unusual zip flags 0x{info.flag_bits:04x}"
+                                + (" (encrypted)" if info.flag_bits & 1 else ""), name))
+        header = src.read_at(info.header_offset, 30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            checks.append(Check("local header missing or damaged", name, info.header_offset))
+            continue
+        flags, method = struct.unpack("<HH", header[6:10])
+        name_len = struct.unpack("<H", header[26:28])[0]
+        local_name = src.read_at(info.header_offset + 30, name_len)
+        if local_name.decode("utf-8", "replace") != name or method != info.compress_type or \
+                (flags & ~0x0800) != (info.flag_bits & ~0x0800):
+            checks.append(Check(f"local header disagrees with the central directory (local name "
+                                f"{local_name[:60]!r}, method {method})", name, info.header_offset))
+        if loaded_members(name) or "/data/" in name or "/traced_inputs/" in name or info.file_size == 0 \
+                or info.flag_bits & 1:
+            continue
+        try:
+            data = read_member(zf, info, src, opts)
+        except CheckpointError as exc:
+            checks.append(Check(f"member cannot be read: {exc.reason}", name))
+            continue
+        except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError) as exc:
+            checks.append(Check(f"member cannot be read: {exc}", name))
+            continue
+        if name.endswith((".pkl", ".debug_pkl")) or (data[:1] == b"\x80" and len(data) > 1 and 1 <= data[1] <= 5):
+            if not name.endswith(_TORCHSCRIPT_EXTRAS):
+                checks.append(Check("pickle in a member the loader never reads (hidden payload?)", name))
+            try:  # run for its globals; the storages it names are placeholders, never read
+                run_pickle(opts, data, src, name, loaded=False, persistent_load=_placeholder_storage)
+            except CheckpointError as exc:
+                checks.append(Check(f"that pickle cannot be parsed to its end: {exc.reason}", name))
+    end = _eocd_end(src)
+    if end is not None and end < src.size:
+        checks.append(Check(f"{src.size - end} bytes after the end of the zip archive", None, end))
+
+
+def _placeholder_storage(pid: Any) -> MetaStorage:
+    if not isinstance(pid, tuple) or len(pid) < 5 or not isinstance(pid[1], StorageType) or type(pid[4]) is not int \
+            or not 0 <= pid[4] < 1 << 48:
+        raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
+    return MetaStorage(meta_dtype(pid[1].dtype_name), pid[4] * pid[1].itemsize)
+
+
+def _eocd_end(src: Source) -> int | None:
+    tail_len = min(src.size, 65_557)
+    tail = src.read_at(src.size - tail_len, tail_len)
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or i + 22 > len(tail):
+        return None
+    (comment_len,) = struct.unpack("<H", tail[i + 20:i + 22])
+    return src.size - tail_len + i + 22 + comment_len
 
 
 _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n|\n)*)", re.M)
@@ -209,7 +309,3 @@ def torchscript_declarations(zf: zipfile.ZipFile, prefix: str) -> dict[str, dict
                 decl[lm.group(1)] = re.findall(r'"([^"]*)"', lm.group(2))
             out[f"{module}.{m.group(1)}"] = decl
     return out
-
-
-def is_torchscript_module(obj: Any) -> bool:
-    return isinstance(obj, Stub) and type(obj)._stub_module.startswith("__torch__")

@@ -7,8 +7,8 @@ Why not ``pickle.Unpickler``? Four reasons, all about hostile or old input:
   becomes ``str``, anything else stays raw bytes for numpy and is decoded afterwards (see py2.py);
 * work is bounded by the input: no pre-allocated memo (``LONG_BINPUT 0xffffffff`` costs nothing),
   capped nesting and integer sizes, declared lengths checked against the data before slicing;
-* in *record* mode (``scan``) it constructs nothing, walks every opcode, and reports the globals
-  it met, so the scanner and the loader cannot disagree about what a stream contains.
+* in *record* mode (``scan``) it runs exactly as ``load`` does (same constructors, same checks) but
+  records a blocklisted global instead of refusing it, so scanner and loader cannot disagree.
 
 Any failure surfaces as a :class:`~torchckpt.errors.CheckpointError` naming the byte offset.
 """
@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, \
     UnsafeCheckpointError
 from . import safe_globals
+from .mode import Mode
 from .policy import Policy, Verdict
 from .py2 import Py2Bytes
 from .stubs import Stub, stub_class
@@ -67,15 +68,15 @@ class Unpickler:
     Args:
         policy: what globals may become (see :class:`Policy`).
         persistent_load: the container's handler for persistent ids (storages), or None.
-        record_only: scan mode. Nothing is constructed (every global becomes a stub) and a
-            dangerous global is recorded instead of raised.
-        meta: structure only, without torch: tensors become :class:`~.meta.TensorMeta`.
+        mode: :class:`~.mode.Mode`. ``STRUCTURE`` and ``RECORD`` build tensors as
+            :class:`~.meta.TensorMeta` without torch; ``RECORD`` (``scan``) records a blocklisted
+            global (it becomes an inert stub) instead of raising, and is otherwise the same run.
         member: name of the zip/tar member or stream, for messages.
     """
 
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
-                 start: int = 0, end: int | None = None, member: str | None = None, record_only: bool = False,
-                 meta: bool = False, limits: Limits = DEFAULT_LIMITS) -> None:
+                 start: int = 0, end: int | None = None, member: str | None = None, mode: Mode = Mode.BUILD,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.data = data
         self.pos = start
         self.start = start
@@ -83,8 +84,8 @@ class Unpickler:
         self.policy = policy
         self.persistent_load = persistent_load
         self.member = member
-        self.record_only = record_only
-        self.meta = meta
+        self.mode = mode
+        self.meta = mode.meta
         self.limits = limits
         self.globals: list[GlobalRef] = []
         self.py2_strings = False  # saw a Python 2 str that was not ASCII
@@ -203,14 +204,12 @@ class Unpickler:
         verdict = self.policy.classify(module, name)
         self.globals.append(GlobalRef(module, name, verdict, offset, self.member))
         if verdict is Verdict.DANGEROUS:
-            if self.record_only:
+            if self.mode is Mode.RECORD:
                 return stub_class(module, name)
             raise UnsafeCheckpointError(
                 f"the pickle imports {module}.{name} (at byte {offset}"
                 + (f" of member {self.member}" if self.member else "") + "), which can run code",
                 global_name=f"{module}.{name}", offset=offset, member=self.member)
-        if self.record_only or not self.policy.construct:
-            return stub_class(module, name)
         key = (module, name)
         obj = self._resolved.get(key)
         if obj is None:
@@ -230,8 +229,6 @@ class Unpickler:
     def call(self, func: Any, args: Any, offset: int) -> Any:
         if not isinstance(args, tuple):
             raise self._error(f"REDUCE arguments must be a tuple, got {type(args).__name__}", offset)
-        if self.record_only:
-            return func(*args) if isinstance(func, type) and issubclass(func, Stub) else Stub()
         if not callable(func):
             raise self._error(f"REDUCE on a non-callable {type(func).__name__}", offset)
         return func(*args)

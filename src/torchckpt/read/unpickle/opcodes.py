@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import LimitExceededError, UnsupportedFormatError
 from . import safe_globals
-from .stubs import Stub
 
 if TYPE_CHECKING:
     from .machine import Unpickler
@@ -258,13 +257,13 @@ def _frozenset(u: Unpickler) -> None:
 @_op("a")
 def _append(u: Unpickler) -> None:
     value = u._stack.pop()
-    safe_globals.extend(u._stack[-1], [value], u.policy, u.record_only)
+    safe_globals.extend(u._stack[-1], [value], u.policy)
 
 
 @_op("e")
 def _appends(u: Unpickler) -> None:
     items = u._pop_mark()
-    safe_globals.extend(u._stack[-1], items, u.policy, u.record_only)
+    safe_globals.extend(u._stack[-1], items, u.policy)
 
 
 @_op("s")
@@ -272,7 +271,7 @@ def _setitem(u: Unpickler) -> None:
     s = u._stack
     value = s.pop()
     key = s.pop()
-    safe_globals.set_items(s[-1], [key, value], u.policy, u.record_only)
+    safe_globals.set_items(s[-1], [key, value], u.policy)
 
 
 @_op("u")
@@ -280,13 +279,13 @@ def _setitems(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise u._error("SETITEMS with an odd number of items", u.pos - 1)
-    safe_globals.set_items(u._stack[-1], items, u.policy, u.record_only)
+    safe_globals.set_items(u._stack[-1], items, u.policy)
 
 
 @_op("\x90")
 def _additems(u: Unpickler) -> None:
     items = u._pop_mark()
-    safe_globals.add_items(u._stack[-1], items, u.policy, u.record_only)
+    safe_globals.add_items(u._stack[-1], items, u.policy)
 
 
 @_op("g")
@@ -360,7 +359,7 @@ def _newobj(u: Unpickler) -> None:
     s = u._stack
     args = s.pop()
     cls = s.pop()
-    s.append(safe_globals.new_object(cls, args, {}, u.policy, u.record_only))
+    s.append(safe_globals.new_object(cls, args, {}))
 
 
 @_op("\x92")
@@ -369,13 +368,13 @@ def _newobj_ex(u: Unpickler) -> None:
     kwargs = s.pop()
     args = s.pop()
     cls = s.pop()
-    s.append(safe_globals.new_object(cls, args, kwargs, u.policy, u.record_only))
+    s.append(safe_globals.new_object(cls, args, kwargs))
 
 
 @_op("b")
 def _build(u: Unpickler) -> None:
     state = u._stack.pop()
-    safe_globals.build(u._stack[-1], state, u.policy, u.record_only)
+    safe_globals.build(u._stack[-1], state, u.policy)
 
 
 @_op("P")
@@ -391,9 +390,6 @@ def _binpersid(u: Unpickler) -> None:
 
 
 def _push_persistent(u: Unpickler, pid: Any) -> None:
-    if u.record_only:
-        u._stack.append(Stub(pid))
-        return
     if u.persistent_load is None:
         raise u._error("persistent id in a pickle that is not inside a checkpoint container", u.pos - 1)
     u._stack.append(u.persistent_load(pid))

@@ -222,19 +222,16 @@ class Policy:
             for files you would also ``exec``.
         allow: dotted names (``"mypkg.models.Net"``) or module prefixes (``"mypkg.*"``) to import
             for real while everything else stays stubbed. Cannot lift the blocklist.
-        construct: build real objects for allowlisted globals. ``False`` (used by ``scan``) turns
-            every global into a stub, so no constructor of any kind runs.
     """
 
     trust: bool = False
     allow: frozenset[str] = field(default_factory=frozenset)
-    construct: bool = True
 
     @classmethod
-    def make(cls, trust: bool = False, allow: Iterable[str] | str | None = None, construct: bool = True) -> "Policy":
+    def make(cls, trust: bool = False, allow: Iterable[str] | str | None = None) -> "Policy":
         if isinstance(allow, str):
             allow = [allow]
-        return cls(trust=bool(trust), allow=frozenset(allow or ()), construct=construct)
+        return cls(trust=bool(trust), allow=frozenset(allow or ()))
 
     def classify(self, module: str, name: str) -> Verdict:
         """Verdict for a global as written in the pickle (Python 2 spellings included)."""

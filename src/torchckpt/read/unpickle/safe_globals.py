@@ -199,14 +199,12 @@ def copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
 
 
 def copyreg_newobj(cls: Any, *args: Any) -> Any:
-    return new_object(cls, args, {}, _CONSTRUCT, False)
+    return new_object(cls, args, {})
 
 
 def copyreg_newobj_ex(cls: Any, args: Any, kwargs: Any) -> Any:
-    return new_object(cls, args, kwargs, _CONSTRUCT, False)
+    return new_object(cls, args, kwargs)
 
-
-_CONSTRUCT = Policy()
 
 
 def _path(name: str) -> Callable[[], Any]:
@@ -338,14 +336,12 @@ def _storage_type(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- object protocol
-def new_object(cls: Any, args: Any, kwargs: Any, policy: Policy, record_only: bool) -> Any:
+def new_object(cls: Any, args: Any, kwargs: Any) -> Any:
     """NEWOBJ / NEWOBJ_EX: ``cls.__new__(cls, *args, **kwargs)`` for real classes, a record for stubs."""
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise _bad("NEWOBJ arguments must be a tuple and a dict")
     if isinstance(cls, type) and issubclass(cls, Stub):
         return cls(*args, **kwargs)
-    if record_only:
-        return Stub()
     if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
         return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
     if isinstance(cls, _Marker) or not isinstance(cls, type):
@@ -355,12 +351,10 @@ def new_object(cls: Any, args: Any, kwargs: Any, policy: Policy, record_only: bo
     return cls.__new__(cls, *args, **kwargs)
 
 
-def build(inst: Any, state: Any, policy: Policy, record_only: bool) -> None:
+def build(inst: Any, state: Any, policy: Policy) -> None:
     """BUILD: restore ``state`` into ``inst`` (stubs record it)."""
     if isinstance(inst, Stub):
         inst.__setstate__(state)
-        return
-    if record_only:
         return
     if isinstance(inst, TensorMeta):
         if isinstance(state, tuple) and len(state) in (3, 4) and isinstance(state[-3], bool):
@@ -399,15 +393,13 @@ def build(inst: Any, state: Any, policy: Policy, record_only: bool) -> None:
             setattr(inst, k, v)
 
 
-def extend(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+def extend(target: Any, items: list, policy: Policy) -> None:
     """APPEND / APPENDS."""
     if isinstance(target, list):
         target.extend(items)
     elif isinstance(target, (Stub, collections.deque)):
         for item in items:
             target.append(item)
-    elif record_only:
-        return
     elif policy.trust and hasattr(target, "append"):
         for item in items:
             target.append(item)
@@ -430,22 +422,22 @@ def check_key(key: Any) -> Any:
     return key
 
 
-def set_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+def set_items(target: Any, items: list, policy: Policy) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
     if isinstance(target, (dict, Stub)) or (policy.trust and hasattr(target, "__setitem__")):
         for i in range(0, len(items), 2):
             target[check_key(items[i])] = items[i + 1]
-    elif not record_only:
+    else:
         raise _bad(f"SETITEMS on a {type(target).__name__}")
 
 
-def add_items(target: Any, items: list, policy: Policy, record_only: bool) -> None:
+def add_items(target: Any, items: list, policy: Policy) -> None:
     """ADDITEMS."""
     if isinstance(target, set):
         target.update(check_key(item) for item in items)
     elif isinstance(target, Stub):
         for item in items:
             target.add(item)
-    elif not record_only:
+    else:
         raise _bad(f"ADDITEMS on a {type(target).__name__}")
 

@@ -1,0 +1,88 @@
+"""The one way in: :func:`open_checkpoint` turns any source into a :class:`Checkpoint` record.
+
+Every front end (``load``, ``load_into``, ``inspect``, ``scan``, ``diff``, ``convert``, ``resume``) opens
+through here, choosing how far the read goes with a :class:`Mode`:
+
+* ``build``: real tensors (``load``);
+* ``structure``: tensors as ``TensorMeta`` with their file offsets, no tensor data read (``inspect``);
+* ``record``: structure, and a blocklisted global is recorded instead of refused (``scan``).
+
+The record carries the :class:`Trace` of every pickle stream, byte range and container check the
+format reader made, so ``scan`` reports on exactly what ``load`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from ..errors import CheckpointError
+from ..storage.source import Source, SourceLike
+from .devices import MapLocation, Relocator
+from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
+from .sniff import TORCH_LEGACY, sniff
+from .unpickle.mode import Mode
+from .unpickle.policy import Policy
+
+__all__ = ["open_checkpoint", "Checkpoint", "Mode", "Trace"]
+
+
+@contextlib.contextmanager
+def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: Policy | None = None, *,
+                    map_location: MapLocation = "cpu", mmap: bool | None = None, lazy: bool = False,
+                    trace: Trace | None = None) -> Iterator[Checkpoint]:
+    """Open any checkpoint: a file path, bytes, a binary file, a URL, or a directory (torch.distributed.checkpoint,
+    Hugging Face ``save_pretrained`` or accelerate ``save_state``).
+
+    Args:
+        mode: ``"build"``, ``"structure"`` or ``"record"`` (see the module docstring).
+        policy: what pickles may import, and the work budget (default: stubs, no trust).
+        map_location, mmap: as for :func:`torchckpt.load` (``build`` mode).
+        lazy: in ``build`` mode, read legacy-format files (which cannot be mapped) as structure with
+            file offsets; the caller materialises each tensor from ``checkpoint.reader`` when needed.
+            DCP directories give ``DcpTensor`` leaves that read their own chunks (``materialize()``,
+            or one rank's slice with ``read_region()``).
+        trace: collect the trace here (``scan`` keeps what was recorded even when the read fails).
+
+    Yields the :class:`Checkpoint`; its ``reader`` stays open inside the ``with`` block.
+    Raises :class:`~torchckpt.errors.CheckpointError` subclasses naming the file.
+    """
+    mode = Mode(mode)
+    trace = trace if trace is not None else Trace()
+    relocator = Relocator(map_location)
+    opts = ReadOptions(relocator=relocator, mmap=mmap, policy=policy or Policy(), mode=mode, trace=trace,
+                       read_child=read)
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
+        try:  # DCP, Hugging Face or accelerate folders; lazy DCP tensors open their own data files
+            ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) else read_folder(path, opts)
+        except CheckpointError as exc:
+            raise exc.with_path(path)
+        with Source(b"", name=path) as empty:  # items were read inside the reader
+            _finish(ckpt, opts, path, _dir_size(path), empty)
+            yield ckpt
+        return
+    with Source(source) as src:
+        sniffed = sniff(src)
+        if lazy and mode is Mode.BUILD and sniffed.kind == TORCH_LEGACY and src.path is not None:
+            opts.mode = Mode.STRUCTURE
+        ckpt = read(src, opts, sniffed)
+        _finish(ckpt, opts, src.name, src.size, src)
+        yield ckpt
+
+
+def _finish(ckpt: Checkpoint, opts: ReadOptions, name: str, size: int, reader: Source | None) -> None:
+    ckpt.name, ckpt.size, ckpt.reader, ckpt.trace = name, size, reader, opts.trace
+    ckpt.globals = opts.trace.globals
+    relocator = opts.relocator
+    if relocator.fallbacks:
+        ckpt.notes.append(f"storages saved on {', '.join(sorted(relocator.fallbacks))} were loaded to the CPU "
+                          "(that device is not available here)")
+    elif relocator.moves and not opts.meta:
+        moves = ", ".join(f"{a} -> {b}" for a, b in sorted(relocator.moves.items()))
+        ckpt.notes.append(f"storages moved: {moves}")
+
+
+def _dir_size(path: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
