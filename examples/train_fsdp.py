@@ -3,6 +3,7 @@ number of ranks. Run it, stop it, run it again (with the same or another --nproc
 
     torchrun --nproc-per-node 2 examples/train_fsdp.py runs/fsdp --steps 40
     torchrun --nproc-per-node 4 examples/train_fsdp.py runs/fsdp --steps 80   # resumes, resharded
+    torchrun --nproc-per-node 2 examples/train_fsdp.py runs/ddp --ddp         # replicated: written once
 
 CPU (gloo) works as well as GPUs (nccl). The same script also runs as plain ``python`` in one process.
 """
@@ -20,6 +21,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("directory")
 parser.add_argument("--steps", type=int, default=40)
 parser.add_argument("--every", type=int, default=10, help="save every N steps")
+parser.add_argument("--ddp", action="store_true", help="replicate with DistributedDataParallel instead of FSDP2")
 args = parser.parse_args()
 
 distributed = "RANK" in os.environ  # started by torchrun
@@ -33,7 +35,11 @@ device = torch.device("cuda", torch.cuda.current_device()) if distributed and to
 
 torch.manual_seed(0)  # the same initial weights everywhere
 model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).to(device)
-if distributed:
+if distributed and args.ddp:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(model, device_ids=[device.index] if device != "cpu" else None)
+elif distributed:
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
@@ -45,7 +51,8 @@ sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
 torch.manual_seed(1 + rank)  # each rank its own data stream (its RNG is saved and restored per rank)
 
 # One call for every case: one file per checkpoint in one process; under torchrun each rank writes its
-# own shards of ckpt-<step>.dcp/ and rank 0 commits it once every rank has finished.
+# own shards of ckpt-<step>.dcp/ (replicated DDP weights are written once) and rank 0 commits it once
+# every rank has finished.
 ckpt = torchckpt.Checkpointer(args.directory, keep_last=2, async_save=True)
 step = 0
 if ckpt.latest() is not None:

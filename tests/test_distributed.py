@@ -12,6 +12,7 @@ import torch
 
 import torchckpt
 from dist_launch import launch
+from torchckpt.train.checkpointer import SkippedCheckpointWarning
 
 
 def tiny_model() -> torch.nn.Module:
@@ -161,8 +162,12 @@ def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, fsdp_checkpoint):
     data.write_bytes(data.read_bytes()[:-100])  # truncated after the commit
     model = tiny_model()
     opt, sched = make_optim(model)
-    state = torchckpt.Checkpointer(tmp_path / "run").resume(model=model, optimizer=opt, scheduler=sched)
-    assert state.step == 1 and any("skipped damaged checkpoint(s): ckpt-0000000002.dcp" in n for n in state.notes)
+    ckpt = torchckpt.Checkpointer(tmp_path / "run")
+    assert [c.step for c in ckpt.checkpoints()] == [1]  # a damaged one is never listed (latest, retention)
+    damage = r"ckpt-0000000002.dcp: __1_0.distcp is \d+ bytes but \d+ were written"
+    with pytest.warns(SkippedCheckpointWarning, match=damage):
+        state = ckpt.resume(model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 1 and "resumed from ckpt-0000000001.dcp" in state.notes
 
 
 # --------------------------------------------------------------------------- DDP: written once
@@ -233,11 +238,12 @@ def resume_after_crash(rank: int, world: int, directory: str) -> None:
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
     outcome = launch(save_then_die, 2, str(tmp_path), timeout=60, pg_timeout=10, expect_ok=False)
     assert outcome[1] == ("signal", signal.SIGKILL)
-    assert outcome[0][0] in ("error", "timeout", "signal")
-    if outcome[0][0] == "error":
-        assert "CheckpointWriteError" in outcome[0][1] and "distributed save failed" in outcome[0][1]
+    # the survivor raises (never a success, never a hang until the launcher's timeout)
+    assert outcome[0][0] == "error", outcome[0]
+    assert "CheckpointWriteError" in outcome[0][1] and "distributed save failed" in outcome[0][1]
     assert (tmp_path / "ckpt-0000000002.dcp").is_dir()  # half written ...
     assert not (tmp_path / "ckpt-0000000002.dcp.meta.json").exists()  # ... and never committed
-    ckpt = torchckpt.Checkpointer(tmp_path)
+    ckpt = torchckpt.Checkpointer(tmp_path)  # the next run (its rank 0) reclaims the leftovers
     assert [c.step for c in ckpt.checkpoints()] == [1]
+    assert ckpt.reclaimed == ["ckpt-0000000002.dcp"] and not (tmp_path / "ckpt-0000000002.dcp").exists()
     launch(resume_after_crash, 2, str(tmp_path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import signal
@@ -101,27 +100,6 @@ def test_crash_at_random_moments_never_loses_work(tmp_path):
     assert not [n for n in os.listdir(directory) if ".tmp-" in n], "temp files of dead writers are cleaned"
 
 
-def test_disk_full_keeps_previous_checkpoints(tmp_path, monkeypatch, net):
-    ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
-    ckpt.save(1, model=net)
-    good = ckpt.latest()
-    import torchckpt.train.training as training
-
-    real_save = torch.save
-
-    def full_disk(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(training.torch if hasattr(training, "torch") else torch, "save", full_disk)
-    with pytest.raises(CheckpointWriteError) as info:
-        ckpt.save(2, model=net)
-    assert "disk is full" in str(info.value) and isinstance(info.value, OSError)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert [c.step for c in ckpt.checkpoints()] == [1] and ckpt.latest().meta == good.meta
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
-
-
 def test_unwritable_destination(tmp_path, net):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -200,20 +178,6 @@ def test_async_save_and_best(tmp_path, net):
     assert float(torchckpt.load(ckpt.latest().path)["model"]["fc.bias"][0]) == 4.0
 
 
-def test_async_errors_surface(tmp_path, net, monkeypatch):
-    ckpt = torchckpt.Checkpointer(tmp_path, async_save=True)
-    import torchckpt.train.checkpointer as manager
-
-    def broken(path, payload, fmt):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(manager, "write_payload", broken)
-    ckpt.save(1, model=net)
-    with pytest.raises(CheckpointWriteError):
-        ckpt.wait()
-    ckpt.close()
-
-
 def test_every_n_steps(tmp_path, net):
     ckpt = torchckpt.Checkpointer(tmp_path, every_n_steps=5, keep_last=10)
     saved = [ckpt.save(s, model=net) for s in range(1, 12)]
@@ -241,13 +205,11 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, net, damage):
             where = member_data_offset(src, info) + 10
         data[where] ^= 0xFF
         open(path, "wb").write(bytes(data))
-        meta_size_ok = True
     else:
         open(path, "wb").write(bytes(data[: len(data) // 2]))
-        meta_size_ok = False
     with pytest.raises(torchckpt.CorruptCheckpointError):
         torchckpt.resume(path, model=net)
-    state = ckpt.resume(model=net)
+    with pytest.warns(UserWarning, match="ckpt-0000000002.pt"):
+        state = ckpt.resume(model=net)
     assert state.step == 1 and float(net.fc.bias[0]) == 1.0
-    if meta_size_ok:
-        assert any("skipped damaged" in n for n in state.notes)
+    assert any(n.startswith("skipped ckpt-0000000002.pt") for n in state.notes), state.notes

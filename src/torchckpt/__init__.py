@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, LimitExceededError, NotACheckpointError, ResumeError,
-                     StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
+                     CorruptCheckpointError, DeviceUnavailableError, LimitExceededError, NotACheckpointError,
+                     ResumeError, StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
                      UnsupportedFormatError, WeightsNotFoundError)
 from ._version import __version__
 
@@ -27,18 +27,18 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.html_report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
-    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast
+    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.training import TrainingState, resume, save
+    from .train.training import TrainingState, save
 
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "__version__",
+    "CheckpointNotFoundError", "DeviceUnavailableError", "__version__",
 ]
 
 _LAZY = {
@@ -50,7 +50,7 @@ _LAZY = {
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
     "save": ("train.training", "save"),
-    "resume": ("train.training", "resume"),
+    "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
     "KeepLast": ("train.checkpointer", "KeepLast"),
@@ -62,6 +62,7 @@ _LAZY = {
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
+    "Budget": ("read.unpickle.budget", "Budget"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
 }

@@ -28,6 +28,7 @@ __all__ = [
     "ResumeError",
     "CheckpointWriteError",
     "CheckpointNotFoundError",
+    "DeviceUnavailableError",
 ]
 
 
@@ -180,3 +181,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
     def __str__(self) -> str:
         return CheckpointError.__str__(self)
+
+
+class DeviceUnavailableError(CheckpointError, RuntimeError):
+    """``map_location`` sends tensors to a device this machine does not have (the file is fine).
+
+    Attributes:
+        device: the target device (``"cuda:0"``); ``saved_on``: where the file says the tensor lived.
+    """
+
+    def __init__(self, reason: str, *, path: Any = None, hint: str | None = None, device: str | None = None,
+                 saved_on: str | None = None):
+        super().__init__(reason, path=path, hint=hint)
+        self.device = device
+        self.saved_on = saved_on

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import click
 
+from ..tools.dcp_convert import convert
+from .args import checkpoint_paths, policy_from, policy_options
+from .codes import EXIT_OK
 from .output import Output
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(exists=True))
+@checkpoint_paths("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(["pt", "safetensors", "dcp"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
-@click.option("--key", help="Dotted path of the weights inside a training dict.")
+@click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@policy_options
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool) -> int:
+            as_json: bool, trust: bool, allow: tuple[str, ...]) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
+    A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
-    from ..tools.dcp_convert import convert
-
     out = Output(json_mode=as_json)
     with out.progress(bytes_=True) as progress:
         task = progress.add_task("converting", total=None)
@@ -30,9 +33,10 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, progress=update)
+        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
+                         policy=policy_from(trust, allow), progress=update)
     if as_json:
         out.json(report.to_dict())
     else:
-        out.print(str(report), markup=False)
-    return 0
+        out.print(report.render(), markup=False)
+    return EXIT_OK

@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import click
 
+from ..tools.diffing import diff
+from .args import checkpoint_paths, policy_from, policy_options
+from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
 
 
 @click.command("diff")
-@click.argument("a", type=click.Path(exists=True, dir_okay=False))
-@click.argument("b", type=click.Path(exists=True, dir_okay=False))
+@checkpoint_paths("a", "b")
 @click.option("--values", is_flag=True, help="Compare tensor values too (max abs/relative difference, NaN/Inf).")
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Differences up to this count as equal.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Differences up to this count as equal (>= 0).")
 @click.option("--key", help="Dotted path of the weights inside training dicts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json: bool) -> int:
+@policy_options
+def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json: bool, trust: bool,
+            allow: tuple[str, ...]) -> int:
     """Compare two checkpoints. Exit code 0 when equal, 1 when different.
 
     A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.
     """
-    from ..tools.diffing import diff
-
     out = Output(json_mode=as_json)
     with out.progress() as progress:
         task = progress.add_task("comparing", total=None)
-        report = diff(a, b, values=values, key=key, atol=atol,
+        report = diff(a, b, values=values, key=key, atol=atol, policy=policy_from(trust, allow),
                       progress=lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         out.json(report.to_dict())
     else:
         out.print(str(report), markup=False)
-    return 0 if report.equal else 1
+    return EXIT_OK if report.equal else EXIT_FINDINGS

@@ -1,7 +1,7 @@
-"""The ``torchckpt`` command line. Subcommands live in sibling modules; errors map to exit codes here.
+"""The ``torchckpt`` command line. Subcommands live in sibling modules; every exit code is decided here.
 
 Exit codes: 0 success, 1 findings/differences (scan, diff, a plan that does not fit),
-2 usage, 3 unreadable or unsupported input, 4 unsafe checkpoint (code execution attempt).
+2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint.
 """
 
 from __future__ import annotations
@@ -11,18 +11,29 @@ from typing import Any
 
 import click
 
-from ..errors import CheckpointError, UnsafeCheckpointError
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE = 0, 1, 2, 3, 4
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, UnsafeCheckpointError):
-        return EXIT_UNSAFE
-    return EXIT_UNREADABLE
+from ..errors import CheckpointError
+from . import convert_cmd, diff_cmd, inspect_cmd, report_cmd, scan_cmd, tour_cmd
+from .codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
+from .output import Output
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Failed(Exception):
+    """A CheckpointError on its way out of click (which would take an EOFError subclass for Ctrl-D)."""
+
+    def __init__(self, error: CheckpointError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CheckpointError as exc:  # TruncatedCheckpointError is an EOFError: click would call it an abort
+            raise _Failed(exc) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="torchckpt", prog_name="torchckpt")
 def cli() -> None:
     """Load any PyTorch checkpoint safely, inspect it, and move it between formats.
@@ -32,47 +43,35 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    from . import inspect_cmd, tour_cmd
-
-    cli.add_command(inspect_cmd.inspect_command)
-    cli.add_command(tour_cmd.tour_command)
-    for name in ("scan_cmd", "convert_cmd", "diff_cmd", "report_cmd"):
-        try:
-            module = __import__(f"{__package__}.{name}", fromlist=["command"])
-        except ImportError:
-            continue
-        cli.add_command(module.command)
-
-
-_register()
+for _command in (inspect_cmd.command, tour_cmd.command, scan_cmd.command, convert_cmd.command, diff_cmd.command,
+                 report_cmd.command):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the console script; returns the exit code instead of raising."""
-    from .output import Output
-
+    args = sys.argv[1:] if argv is None else argv
     try:
-        return cli.main(args=argv, prog_name="torchckpt", standalone_mode=False) or 0
+        return cli.main(args=argv, prog_name="torchckpt", standalone_mode=False) or EXIT_OK
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - click >= 8.2
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         return EXIT_USAGE
     except click.UsageError as exc:
         exc.show()
         return EXIT_USAGE
+    except _Failed as failed:
+        error = failed.error
+        out = Output(json_mode="--json" in args)
+        out.error(str(error))
+        if "--json" in args:  # machine output stays machine-readable on failure too
+            out.json({**error.to_dict(), "exit_code": exit_code_for(error)})
+        return exit_code_for(error)
     except click.exceptions.Abort:
-        return 130
+        return EXIT_INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except CheckpointError as exc:
-        out = Output()
-        out.error(str(exc))
-        args = sys.argv[1:] if argv is None else argv
-        if "--json" in args:  # machine output stays machine-readable on failure too
-            out.json({**exc.to_dict(), "exit_code": exit_code_for(exc)})
-        return exit_code_for(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def run() -> None:

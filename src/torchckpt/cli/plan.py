@@ -9,6 +9,9 @@ from typing import Any
 
 import click
 
+from ..fit.load_into import load_into
+from ..read.trust import Policy
+
 
 def build_model(spec: str) -> Any:
     """Import ``pkg.module:factory`` (the current directory is importable) and call the factory."""
@@ -35,14 +38,14 @@ class Plan:
     def to_dict(self) -> dict:
         return {**self.report.to_dict(), "fits": self.ok}
 
-    def __str__(self) -> str:
+    def render(self) -> str:
         verdict = "fits the model exactly" if self.ok else "does not fit exactly (see above)"
-        return f"plan: {self.report}\nverdict: the checkpoint {verdict}"
+        return f"plan: {self.report.render()}\nverdict: the checkpoint {verdict}"
+
+    __str__ = render
 
 
-def plan_against(file: str, spec: str, *, trust: bool = False) -> Plan:
-    from ..fit.load_into import load_into
-
+def plan_against(file: str, spec: str, *, policy: Policy | None = None) -> Plan:
     model = build_model(spec)
-    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, trust=trust)
+    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, policy=policy)
     return Plan(report)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
+from ..read.formats.dcp import is_dcp_dir
+from ..tools.scanning import scan
+from .args import checkpoint_paths
+from .codes import scan_exit_code
 from .output import Output
 
 
 @click.command("scan")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@checkpoint_paths("paths", nargs=-1)
 @click.option("-r", "--recursive", is_flag=True, help="Walk directories.")
 @click.option("--strict", is_flag=True, help="Also report classes that would be stubbed (not on the allowlist).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -18,16 +24,17 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
 
     Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
     """
-    from ..tools.scanning import scan
-
     out = Output(json_mode=as_json)
     with out.progress() as progress:
         task = progress.add_task("scanning", total=None)
         report = scan(paths, recursive=recursive, strict=strict,
                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+    for f in report.files:
+        if f.status == "unreadable" and not recursive and os.path.isdir(f.path) and not is_dcp_dir(f.path):
+            f.error = "is a directory: pass -r (--recursive) to scan the files in it"  # the CLI's spelling
     if as_json:
         out.json(report.to_dict())
-        return report.exit_code
+        return scan_exit_code(report)
     for f in report.files:
         label = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}[f.status]
         out.print(f"{f.path}: {label} ({f.format}, {len(f.streams)} pickle streams, {len(f.globals)} globals)",
@@ -52,4 +59,4 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
     counts = {k: sum(f.status == k for f in report.files) for k in ("clean", "findings", "unreadable", "skipped")}
     out.print(f"{len(report.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
               f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
-    return report.exit_code
+    return scan_exit_code(report)

@@ -12,12 +12,13 @@ import contextlib
 import io
 import pickle
 import struct
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterator
 
-__all__ = ["write_py2_legacy", "saved_on_device", "write_legacy"]
+from ..read.sniff import LEGACY_MAGIC
 
-_MAGIC = 0x1950A86A20F9469CFC6C
+__all__ = ["write_py2_legacy", "saved_on_device"]
 
 
 class _Global:
@@ -104,10 +105,12 @@ class _Reduced:
 
 
 def _storage_class_name(dtype: Any) -> str:
-    from ..read.unpickle.safe_globals import _STORAGE_DTYPES
+    """``"HalfStorage"`` for ``torch.float16``: the name torch itself pickles for that dtype."""
+    import torch
 
-    wanted = str(dtype).replace("torch.", "")
-    return next(name for name, d in _STORAGE_DTYPES.items() if d == wanted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "TypedStorage is deprecated": it is what old files hold
+        return torch.TypedStorage(0, dtype=dtype).pickle_storage_type()
 
 
 def write_py2_legacy(obj: Any, file: Any, *, location: str = "cpu") -> None:
@@ -116,7 +119,7 @@ def write_py2_legacy(obj: Any, file: Any, *, location: str = "cpu") -> None:
     ``file`` is a path or a binary file. Tensors become storages tagged with ``location``.
     """
     buf = io.BytesIO()
-    _Py2Pickler(buf, {}, location).dump(_MAGIC)
+    _Py2Pickler(buf, {}, location).dump(LEGACY_MAGIC)
     _Py2Pickler(buf, {}, location).dump(1001)
     _Py2Pickler(buf, {}, location).dump({"protocol_version": 1001, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 8}})
@@ -140,13 +143,6 @@ def _write(file: Any, data: bytes) -> None:
     else:
         with open(file, "wb") as fh:
             fh.write(data)
-
-
-def write_legacy(obj: Any, file: Any) -> None:
-    """The torch 0.4 - 1.5 stream format as modern torch writes it."""
-    import torch
-
-    torch.save(obj, file, _use_new_zipfile_serialization=False)
 
 
 @contextlib.contextmanager

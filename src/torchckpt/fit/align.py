@@ -20,6 +20,8 @@ __all__ = ["Alignment", "align_keys", "RenameRules", "strip_compile"]
 
 RenameRules = Union[Mapping[str, str], Sequence[tuple[str, str]], Callable[[str], str], None]
 COMPILE = "_orig_mod"
+OUTSIDE = "\0outside:"  # marks a checkpoint key that ``prefix`` left out of the selected part
+WRAPPERS = ("module", "_orig_mod", "model", "net", "network")  # what wraps a whole network's keys
 WRAPPER_NAMES = {"module": "DataParallel/DDP", "_orig_mod": "torch.compile", "model": "Lightning",
                  "net": "Lightning", "network": "wrapper", "backbone": "backbone"}
 
@@ -29,6 +31,7 @@ class Alignment:
     mapping: dict[str, str]  # checkpoint key -> model key
     rules: dict[str, str] = field(default_factory=dict)  # checkpoint key -> rule that renamed it
     description: str = ""
+    outside: list[str] = field(default_factory=list)  # checkpoint keys outside the part ``prefix`` selected
 
 
 def strip_compile(key: str) -> str:
@@ -84,6 +87,14 @@ def _prefix_rule(renamed: dict[str, str], model_keys: set[str], prefix: str | No
     p = prefix if prefix.endswith(".") else prefix + "."
     has_c = sum(v.startswith(p) for v in renamed.values())
     has_m = sum(k.startswith(p) for k in model_keys)
+    lead = _shared_leading(list(renamed.values()), 1)
+    if not has_c and not has_m and lead and lead[0] in WRAPPERS:  # the part sits inside a DDP/Lightning wrapper
+        w = lead[0] + "."
+        if any(v[len(w):].startswith(p) for v in renamed.values()):
+            for c in renamed:
+                rules[c] = f"removing {w!r}{_why(lead)}"
+            renamed = {c: v[len(w):] for c, v in renamed.items()}
+            has_c = sum(v.startswith(p) for v in renamed.values())
     if has_c and not has_m:  # a full network's checkpoint into one of its parts: keep and strip that part
         out = {}
         for c, v in renamed.items():
@@ -91,7 +102,7 @@ def _prefix_rule(renamed: dict[str, str], model_keys: set[str], prefix: str | No
                 out[c] = v[len(p):]
                 rules[c] = f"prefix {p!r} removed (sub-module of the checkpoint)"
             else:
-                out[c] = "\0unused:" + v
+                out[c] = OUTSIDE + v
         return out
     if has_m and not has_c:  # a part's checkpoint into a full network: prepend
         for c in renamed:
@@ -107,6 +118,8 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
     renamed, rules = _apply_rules(list(ckpt_shapes), rename)
     model_keys = set(model_shapes)
     renamed = _prefix_rule(renamed, model_keys, prefix, rules)
+    outside = [c for c, v in renamed.items() if v.startswith(OUTSIDE)]
+    renamed = {c: v for c, v in renamed.items() if not v.startswith(OUTSIDE)}
     # torch.compile markers are normalised away on both sides when that is one-to-one.
     norm_c = {c: strip_compile(v) for c, v in renamed.items()}
     norm_m = {strip_compile(k): k for k in model_keys}
@@ -148,7 +161,7 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
             mapping, description = part
             for c, m in mapping.items():
                 rules[c] = description
-            return Alignment(mapping, rules, description)
+            return Alignment(mapping, rules, description, outside)
     parts = []
     if i:
         removed = ".".join(ckpt_lead[:i]) + "."
@@ -161,7 +174,7 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
     for c, m in mapping.items():
         if c != m and c not in rules:
             rules[c] = description or "normalised name"
-    return Alignment(mapping, rules, description)
+    return Alignment(mapping, rules, description, outside)
 
 
 def _submodule_alignment(norm_c: dict[str, str], norm_m: dict[str, str], ckpt_shapes: Mapping[str, tuple],

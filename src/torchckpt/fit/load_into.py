@@ -10,149 +10,95 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
+from ..errors import CheckpointError, StateDictMismatchError
+from ..read.opener import open_checkpoint
+from ..read.tensors import dtype_name, to_torch
+from ..read.trust import Policy, resolve_policy
+from ..read.unpickle.mode import Mode
+from ..read.unpickle.stubs import Stub
 from .align import RenameRules, align_keys
 from .placement import Placer
-from ..errors import AmbiguousCheckpointError, CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from .report import LoadReport, Mismatch
 from .shards import is_sharded, shard_like
-from .tree import Candidate, find_state_dicts, is_module_like, is_state_dict, state_dict_of
-from ..read.unpickle.meta import TensorMeta
+from .tree import TensorMeta, is_module_like, select, shapes
 
 __all__ = ["load_into"]
 
 ON_MISMATCH = ("error", "skip", "copy_overlap")
+ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}
 
 
 def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
-              rename: RenameRules = None, on_mismatch: str = "error", dtype: str = "model",
-              map_location: Any = None, dry_run: bool = False, trust: bool = False) -> LoadReport:
+              rename: RenameRules = None, on_mismatch: str | None = None, dtype: str = "model",
+              map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
+              trust: bool = False, allow: Iterable[str] | str | None = None) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
         model: an ``nn.Module`` (wrapped in DataParallel/DDP or compiled, or built on ``meta``).
         source: anything :func:`torchckpt.load` reads, or an in-memory state dict, training dict or module.
         strict: every model tensor must be loaded and every checkpoint tensor used; otherwise raise
-            :class:`StateDictMismatchError` before touching the model. ``False`` loads the intersection.
+            :class:`StateDictMismatchError` before touching the model. ``False`` loads the intersection
+            and reports the rest (resized tensors are skipped unless ``on_mismatch`` says otherwise).
         key: dotted path of the weights inside a training dict (``"model_ema"``, ``"state_dict"``),
             when the automatic choice is ambiguous or wrong.
         prefix: the checkpoint is of a sub-module (``"backbone."`` is prepended), or the model is a
-            sub-module of the checkpoint's network (``"backbone."`` is selected and removed).
+            sub-module of the checkpoint's network (``"backbone."`` is selected and removed; the rest
+            of the network is reported as outside the selected part, not as unexpected).
         rename: explicit rules: ``{regex: replacement}``, a list of pairs, or a function of the key.
-        on_mismatch: a tensor whose shape differs: ``"error"`` (default, raise listing all),
-            ``"skip"`` (keep the model's values), ``"copy_overlap"`` (copy the overlapping slice).
+        on_mismatch: a tensor whose shape differs: ``"error"`` (raise listing all; the default when
+            ``strict``), ``"skip"`` (keep the model's values; the default when not ``strict``),
+            ``"copy_overlap"`` (copy the overlapping slice).
         dtype: ``"model"`` casts to the model's dtype (reported); ``"error"`` refuses to cast.
         map_location: device for a model built on ``meta`` (default: CPU). Otherwise each tensor goes
             to the device of the parameter it loads into.
-        dry_run: plan only; the model is not modified.
-        trust: see :func:`torchckpt.load`.
+        dry_run: plan only: the model is not modified, and nothing raises for a mismatch (the report says).
+        assign: put the checkpoint's tensors into the model instead of copying into its tensors
+            (``nn.Module.load_state_dict(assign=True)``), cast and moved like a copy would be.
+        policy, trust, allow: what the file's pickles may import; see :func:`torchckpt.load`.
 
     Returns:
         A :class:`~torchckpt.fit.report.LoadReport`; ``print(report)`` summarises it.
     """
+    if on_mismatch is None:
+        on_mismatch = "error" if strict else "skip"
     if on_mismatch not in ON_MISMATCH:
         raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, not {on_mismatch!r}")
     if dtype not in ("model", "error"):
         raise ValueError(f"dtype must be 'model' or 'error', not {dtype!r}")
-    with _open_source(source, trust) as (obj, name, fmt, notes, src):
+    with _open_source(source, resolve_policy(policy, trust, allow)) as (obj, name, fmt, notes, src, saved_on):
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
-                                     map_location=map_location, dry_run=dry_run)
+                                     map_location=map_location, dry_run=dry_run, assign=assign)
         except CheckpointError as exc:
             raise exc.with_path(name)
+    if saved_on and report.loaded:
+        import torch  # lazy: torchckpt imports torch only when tensors are needed
+
+        devices = sorted({str(t.device) for t in model.state_dict().values() if isinstance(t, torch.Tensor)})
+        verb = "would be" if dry_run else "were"
+        report.notes.append(f"tensors saved on {', '.join(sorted(saved_on))} {verb} copied onto each "
+                            f"parameter's device ({', '.join(devices)})")
     return report
 
 
 @contextlib.contextmanager
-def _open_source(source: Any, trust: bool) -> Iterator[tuple[Any, str, str, list[str], Any]]:
-    import torch
-
-    if isinstance(source, torch.nn.Module):
-        yield source, "<module>", "in-memory module", [], None
+def _open_source(source: Any, policy: Policy) -> Iterator[tuple[Any, str, str, list[str], Any, set[str]]]:
+    if isinstance(source, (dict, list, Stub)) or is_module_like(source):
+        what = "in-memory module" if is_module_like(source) and not isinstance(source, Stub) else "in-memory"
+        yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
-    if isinstance(source, (dict, list)) or type(source).__name__ == "Stub" or is_module_like(source):
-        yield source, "<in-memory checkpoint>", "in-memory", [], None
-        return
-    from ..read.opener import open_checkpoint
-    from ..read.unpickle.policy import Policy
-
-    with open_checkpoint(source, "build", Policy.make(trust), lazy=True) as ckpt:
-        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader
-
-
-def _select(obj: Any, key: str | None, model_sd: Mapping[str, Any]) -> tuple[Candidate, list[str]]:
-    notes: list[str] = []
-    if key is not None:
-        value = _lookup(obj, key)
-        if is_state_dict(value):
-            return Candidate(key, value, "state dict"), notes
-        if is_module_like(value):
-            return Candidate(key, state_dict_of(value), "module"), notes
-        raise WeightsNotFoundError(f"key={key!r} points to a {type(value).__name__}, not weights",
-                                   hint=_candidates_hint(obj))
-    candidates = find_state_dicts(obj)
-    if not candidates:
-        raise WeightsNotFoundError("no state dict or module found in the checkpoint", hint=_top_level_hint(obj))
-    if len(candidates) == 1:
-        return candidates[0], notes
-    scored = []
-    for cand in candidates:
-        try:
-            score = len(align_keys(_shapes(cand.state_dict), _shapes(model_sd)).mapping)
-        except AmbiguousCheckpointError:
-            score = 0
-        scored.append((score, cand))
-    scored.sort(key=lambda t: -t[0])
-    (best, first), (second, other) = scored[0], scored[1]
-    if best == second and not _same_tensors(first.state_dict, other.state_dict):
-        tied = [c.path or "<root>" for s, c in scored if s == best]
-        raise AmbiguousCheckpointError(
-            f"{len(tied)} places in the checkpoint fit the model equally well ({best} keys each): "
-            f"{', '.join(tied)}", candidates=tied,
-            hint=f"Choose one with key=..., e.g. load_into(model, path, key={tied[0]!r}).")
-    others = ", ".join(f"{c.path or '<root>'} ({s} keys fit)" for s, c in scored[1:])
-    notes.append(f"weights taken from '{first.path or '<root>'}' ({best} keys fit); also found: {others}")
-    return first, notes
-
-
-def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-
-
-def _lookup(obj: Any, dotted: str) -> Any:
-    current, rest = obj, dotted
-    while rest:
-        items = dict(current) if isinstance(current, dict) else (current.stub_attributes()
-                                                                 if hasattr(current, "stub_attributes") else {})
-        for k in sorted((k for k in items if isinstance(k, str)), key=len, reverse=True):
-            if rest == k or rest.startswith(k + "."):
-                current, rest = items[k], rest[len(k) + 1:]
-                break
-        else:
-            raise WeightsNotFoundError(f"key={dotted!r} not found in the checkpoint", hint=_candidates_hint(obj))
-    return current
-
-
-def _candidates_hint(obj: Any) -> str:
-    found = [c.path or "<root>" for c in find_state_dicts(obj)]
-    return f"Weights found at: {', '.join(found)}." if found else _top_level_hint(obj)
-
-
-def _top_level_hint(obj: Any) -> str:
-    if isinstance(obj, dict):
-        return f"Top-level keys: {', '.join(map(str, list(obj)[:20]))}. Pass key=... to point at the weights."
-    return f"The checkpoint holds a {type(obj).__name__}; `torchckpt inspect FILE` shows its structure."
-
-
-def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
+    with open_checkpoint(source, Mode.BUILD, policy, lazy=True) as ckpt:
+        saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
+        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
 
 
 def _as_tensor(value: Any) -> Any:
     import numpy as np
-    import torch
+    import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
@@ -163,24 +109,22 @@ def _dtype(value: Any) -> Any:
     return value.torch_dtype() if isinstance(value, TensorMeta) else value.dtype
 
 
-
-
-def _materialize(value: Any, src: Any) -> Any:
-    return value.materialize(src) if isinstance(value, TensorMeta) else value
-
-
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
                     key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
-                    map_location: Any, dry_run: bool) -> LoadReport:
-    import torch
+                    map_location: Any, dry_run: bool, assign: bool) -> LoadReport:
+    import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     model_sd = model.state_dict(keep_vars=True)
-    candidate, select_notes = _select(obj, key, model_sd)
+    candidate = select(obj, key, model_sd)
     ckpt = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in candidate.state_dict.items()}
-    report = LoadReport(source=name, format=fmt, weights_path=candidate.path or "<root>", model_keys=len(model_sd),
-                        checkpoint_keys=len(ckpt), notes=notes + select_notes, dry_run=dry_run)
+    report = LoadReport(source=name, format=fmt, weights_path=candidate.where, model_keys=len(model_sd),
+                        checkpoint_keys=len(ckpt), notes=notes + candidate.notes, dry_run=dry_run)
+    if candidate.source == "module stub":
+        report.notes.append(f"whole-model pickle read through inert stubs ({candidate.module_class} was not "
+                            "imported, no code from the file ran); weights taken from its modules")
     tensors = {k: _as_tensor(v) for k, v in ckpt.items() if hasattr(v, "shape")}
-    alignment = align_keys(_shapes(tensors), _shapes(model_sd), rename=rename, prefix=prefix)
+    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=rename, prefix=prefix)
+    report.outside = list(alignment.outside)
     by_model = {m: c for c, m in alignment.mapping.items()}
     for c, m in alignment.mapping.items():
         if c != m:
@@ -216,7 +160,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                 value = ("reshape", value)
                 report.notes.append(f"{mkey}: reshaped {list(tensors[ckey].shape)} -> {list(target.shape)}")
             else:
-                action = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}[on_mismatch]
+                action = ACTIONS[on_mismatch]
                 if action == "copied overlap" and value.dim() != target.dim():
                     action = "error"
                 report.mismatched.append(Mismatch(mkey, ckey, tuple(value.shape), tuple(target.shape), action))
@@ -225,14 +169,16 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                 continue
         vdtype = _dtype(tensors[ckey])
         if vdtype != target.dtype:
-            if dtype == "error":
+            if dtype == "error" and not dry_run:
                 raise StateDictMismatchError(f"{ckey} is {vdtype} but the model's {mkey} is {target.dtype}",
                                              hint="Pass dtype='model' to cast (the default).", report=report)
-            report.cast.append((mkey, str(vdtype).replace("torch.", ""), str(target.dtype).replace("torch.", "")))
+            report.cast.append((mkey, dtype_name(vdtype), dtype_name(target.dtype)))
         prepared[mkey] = value
         report.loaded.append(mkey)
     report.unexpected = [c for c in ckpt if c not in alignment.mapping and hasattr(ckpt[c], "shape")
-                         and not (c in model_sd and c in prepared)]
+                         and c not in alignment.outside and not (c in model_sd and c in prepared)]
+    if dry_run:
+        return report  # the plan, whatever it says: the caller reads report.ok
     errors = [m for m in report.mismatched if m.action == "error"]
     if errors:
         raise StateDictMismatchError(_mismatch_message(report, errors), report=report,
@@ -240,12 +186,10 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                                           'on_mismatch="copy_overlap" to copy the overlapping part, or rename=...')
     if strict and not report.ok:
         raise StateDictMismatchError(
-            f"the checkpoint does not fit the model exactly:\n{report}",
+            f"the checkpoint does not fit the model exactly:\n{report.render()}",
             hint="Pass strict=False to load the matching part (the report lists the rest), "
                  "or rename=/prefix= to align names.", report=report)
-    if dry_run:
-        return report
-    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report)
+    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign)
     report.applied = True
     return report
 
@@ -259,8 +203,8 @@ def _mismatch_message(report: LoadReport, errors: list[Mismatch]) -> str:
 
 
 def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, str], src: Any, map_location: Any,
-           report: LoadReport) -> None:
-    import torch
+           report: LoadReport, assign: bool = False) -> None:
+    import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     metadata = getattr(ckpt, "_metadata", None) or {}
     inverse = {m: c for c, m in mapping.items()}
@@ -268,7 +212,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
     target_device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else \
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
-    placer = Placer(src, assign=on_meta)
+    placer = Placer(src, assign=on_meta or assign)
     for module_prefix, module in model.named_modules():
         prefix = module_prefix + "." if module_prefix else ""
         local = {}
@@ -280,7 +224,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
             target = module._parameters.get(name, module._buffers.get(name))
             device = target_device if on_meta or target is None else target.device
             if isinstance(value, tuple) and value[0] == "overlap":
-                value = _overlap(target, _materialize(value[1], src))
+                value = _overlap(target, to_torch(value[1], src))
             elif isinstance(value, tuple) and value[0] == "reshape":
                 value = placer.place(value[1], target, device, tuple(target.shape))
             elif target is not None and is_sharded(target):
@@ -292,7 +236,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, 
             continue
         ckpt_prefix = inverse.get(next(iter(local)), "").rsplit(".", 1)[0]
         local_metadata = dict(metadata.get(ckpt_prefix, metadata.get(module_prefix, {})))
-        if on_meta:
+        if on_meta or assign:
             local_metadata["assign_to_params_buffers"] = True
         missing: list[str] = []
         unexpected: list[str] = []

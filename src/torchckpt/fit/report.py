@@ -43,6 +43,7 @@ class LoadReport:
     cast: list[tuple[str, str, str]] = field(default_factory=list)  # (key, from dtype, to dtype)
     tied: dict[str, str] = field(default_factory=dict)  # model key -> the key it shares storage with
     ignored: list[str] = field(default_factory=list)  # missing but harmless (num_batches_tracked)
+    outside: list[str] = field(default_factory=list)  # checkpoint keys outside the part ``prefix`` selected
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     applied: bool = False
@@ -50,6 +51,16 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or any(m.action == "error" for m in self.mismatched))
+
+    @property
+    def missing_keys(self) -> list[str]:
+        """Model keys the checkpoint does not have (``nn.Module.load_state_dict``'s name; alias of ``missing``)."""
+        return self.missing
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        """Checkpoint keys the model does not have (``load_state_dict``'s name; alias of ``unexpected``)."""
+        return self.unexpected
 
     @property
     def skipped(self) -> list[str]:
@@ -60,7 +71,7 @@ class LoadReport:
             "source": self.source, "format": self.format, "weights_path": self.weights_path, "ok": self.ok,
             "dry_run": self.dry_run, "applied": self.applied, "model_keys": self.model_keys,
             "checkpoint_keys": self.checkpoint_keys, "loaded": self.loaded, "missing": self.missing,
-            "unexpected": self.unexpected, "ignored": self.ignored, "tied": self.tied,
+            "unexpected": self.unexpected, "ignored": self.ignored, "outside": self.outside, "tied": self.tied,
             "mismatched": [{"key": m.key, "checkpoint_key": m.checkpoint_key,
                             "checkpoint_shape": list(m.checkpoint_shape), "model_shape": list(m.model_shape),
                             "action": m.action} for m in self.mismatched],
@@ -70,12 +81,17 @@ class LoadReport:
         }
 
     def summary_line(self) -> str:
-        verb = "would load" if self.dry_run else "loaded"
+        verb = "would load" if self.dry_run or not self.applied else "loaded"
         where = f" from '{self.weights_path}'" if self.weights_path and self.weights_path != "<root>" else ""
         fmt = f" ({self.format})" if self.format else ""
-        return f"{self.source}: {verb} {len(self.loaded)} of {self.model_keys} model tensors{where}{fmt}"
+        nothing = "; nothing was loaded" if not self.dry_run and not self.applied else ""
+        return f"{self.source}: {verb} {len(self.loaded)} of {self.model_keys} model tensors{where}{fmt}{nothing}"
 
     def __str__(self) -> str:
+        return self.render()
+
+    def render(self) -> str:
+        """The summary people read, grouped by module prefix (``print(report)``)."""
         universe = [m.key for m in self.mismatched] + self.loaded + self.missing + self.ignored + list(self.tied)
         lines = [self.summary_line()]
         if self.renamed:
@@ -100,6 +116,9 @@ class LoadReport:
         if self.unexpected:
             lines.append(f"  unexpected (in checkpoint, not in model): "
                          f"{_join(group_keys(self.unexpected, self.unexpected + self.loaded))}")
+        if self.outside:
+            lines.append(f"  outside the selected part (not loaded): "
+                         f"{_join(group_keys(self.outside, self.outside))}")
         if self.ignored:
             lines.append(f"  ignored: {_join(group_keys(self.ignored, universe))} (absent from pre-0.4.1 files)")
         lines.extend(f"  note: {n}" for n in self.notes)

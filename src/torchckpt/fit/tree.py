@@ -1,46 +1,54 @@
-"""Walk a loaded checkpoint: rebuild state dicts from stubbed modules, locate the weights.
+"""The checkpoint tree: walk it, flatten it, look a path up, and choose the weights in it.
 
+One walker (:func:`walk`) serves every front end: :func:`find_state_dicts` (every place that holds
+weights), :func:`flatten` (every tensor by dotted path, for convert and diff), :func:`tensors` (the
+same with modules as their state dicts, for ``report``), and ``inspect``.
+:func:`select` chooses the weights: the candidate that fits a model best when a model is given,
+otherwise the only candidate (several raise :class:`AmbiguousCheckpointError` listing them).
 :func:`state_dict_of` gives, for a whole-model pickle loaded without its class, exactly what
 ``model.state_dict()`` would have returned: same keys, same order, the same tensors (detached,
-sharing storage, tied weights under every name). :func:`find_state_dicts` lists every place in a
-training dict that holds weights, with a path such as ``"state_dict"`` or ``"model_ema.module"``.
+sharing storage, tied weights under every name).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import LimitExceededError, WeightsNotFoundError
-from ..read.unpickle.meta import TensorMeta
+from ..errors import AmbiguousCheckpointError, LimitExceededError, WeightsNotFoundError
+from ..read.formats.lua_t7 import T7Object, t7_state_dict
+from ..read.tensors import TensorMeta, is_tensor_like
 from ..read.unpickle.stubs import Stub, stub_name
+from .align import align_keys
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
-           "is_state_dict", "walk_tree"]
+           "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
+           "TensorMeta", "module_classes"]
 
 MAX_DEPTH = 64
+LUA_NN_PACKAGES = ("nn.", "cudnn.", "cunn.", "fbnn.", "inn.", "nngraph.")
+LEAF_TYPES = (str, bytes, int, float, complex, bool, type(None))
 
-
-def is_tensor_like(value: Any) -> bool:
-    t = type(value)
-    if isinstance(value, TensorMeta) or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
-        return True
-    return t.__module__ == "numpy" and t.__name__ == "ndarray" and value.dtype.kind in "biufc"
+Children = Callable[[Any], "list[tuple[Any, Any]] | None"]
 
 
 def is_module_like(obj: Any) -> bool:
     """An ``nn.Module``, a stub of one (whole-model pickle), a TorchScript module stub, or a Lua ``nn`` object."""
-    if type(obj).__name__ == "T7Object":
-        return obj.typename.startswith(("nn.", "cudnn.", "cunn.", "fbnn.", "inn.", "nngraph."))
+    if isinstance(obj, T7Object):
+        return obj.typename.startswith(LUA_NN_PACKAGES)
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            type(obj)._stub_module.startswith("__torch__")
-    import sys
-
-    torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already
+            _torchscript_stub(obj)
+    torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _torchscript_stub(stub: Stub) -> bool:
+    """A stub of a TorchScript module class (``__torch__.Net``)."""
+    return stub_name(stub).startswith("__torch__")
 
 
 def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
@@ -57,15 +65,13 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     """
     if isinstance(obj, Stub):
         out: OrderedDict[str, Any] = OrderedDict()
-        if type(obj)._stub_module.startswith("__torch__"):
+        if _torchscript_stub(obj):
             _torchscript_state(obj, "", out, set(), obj.__dict__.get("stub_declarations") or {}, 0)
         else:
             _stub_state(obj, "", out, set(), 0)
         if out or is_module_like(obj):
             return out
-    elif type(obj).__name__ == "T7Object":
-        from ..read.formats.lua_t7 import t7_state_dict
-
+    elif isinstance(obj, T7Object):
         return t7_state_dict(obj)
     elif is_state_dict(obj):
         return obj  # type: ignore[return-value]
@@ -74,6 +80,41 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     what = stub_name(obj) if isinstance(obj, Stub) else type(obj).__name__
     raise WeightsNotFoundError(f"{what} is not a module or a state dict",
                                hint="Pass the model object, or use find_state_dicts() on a training dict.")
+
+
+def module_classes(obj: Any) -> dict[str, str]:
+    """Module path -> dotted class name for a module tree (``{"": "mypkg.Net", "fc": "torch.nn...Linear"}``).
+
+    Works on real modules, whole-model stubs and Lua ``nn`` trees; what ``convert`` keeps as metadata
+    when it turns a whole model into its state dict.
+    """
+    out: dict[str, str] = {}
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    seen: set[int] = set()
+    while stack:
+        path, module, depth = stack.pop()
+        if id(module) in seen or depth > MAX_DEPTH:
+            continue
+        seen.add(id(module))
+        if isinstance(module, Stub):
+            out[path] = stub_name(module)
+            attrs = module.stub_attributes()
+            kids = list((attrs.get("_modules") or {}).items()) if isinstance(attrs.get("_modules"), dict) else \
+                [(k, v) for k, v in attrs.items() if isinstance(v, Stub) and is_module_like(v)]
+        elif isinstance(module, T7Object):
+            out[path] = module.typename
+            mods = module.data.get("modules") if isinstance(module.data, dict) else None
+            kids = list(enumerate(mods)) if isinstance(mods, list) else sorted(
+                ((k - 1, v) for k, v in mods.items() if isinstance(k, int))) if isinstance(mods, dict) else []
+        elif is_module_like(module):
+            out[path] = f"{type(module).__module__}.{type(module).__qualname__}"
+            kids = list(module.named_children())
+        else:
+            continue
+        for name, child in reversed(kids):
+            if child is not None:
+                stack.append((f"{path}.{name}" if path else str(name), child, depth + 1))
+    return out
 
 
 def _detach(t: Any) -> Any:
@@ -118,7 +159,7 @@ def _torchscript_state(module: Stub, prefix: str, out: dict, active: set, decls:
         if value is not None and is_tensor_like(value):
             out[prefix + name] = _detach(value)
     for name, value in attrs.items():
-        if isinstance(value, Stub) and type(value)._stub_module.startswith("__torch__"):
+        if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)
     active.discard(id(module))
 
@@ -127,14 +168,118 @@ def is_state_dict(obj: Any) -> bool:
     """A mapping of string keys whose values are (mostly) tensors or numeric arrays."""
     if not isinstance(obj, dict) or not obj:
         return False
-    tensors = 0
+    count = 0
     for k, v in obj.items():
         if not isinstance(k, str):
             return False
         if is_tensor_like(v):
-            tensors += 1
-    return tensors > 0 and tensors * 2 >= len(obj)
+            count += 1
+    return count > 0 and count * 2 >= len(obj)
 
+
+def is_optimizer_state(value: Any) -> bool:
+    """An optimizer's ``state_dict()`` (its per-parameter slots are not weights)."""
+    return isinstance(value, dict) and "param_groups" in value and "state" in value
+
+
+# -- one walker ------------------------------------------------------------------------------------
+
+def children_of(value: Any) -> list[tuple[Any, Any]] | None:
+    """The children of a container node as ``(key, child)`` pairs; ``None`` for a leaf.
+
+    Containers: dicts, lists and tuples, stubs (attributes, then dict items, then list items),
+    argparse/SimpleNamespace objects. Tensors and plain values are leaves.
+    """
+    if isinstance(value, LEAF_TYPES) or is_tensor_like(value):
+        return None
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return list(enumerate(value))
+    if isinstance(value, Stub):
+        out = list(value.stub_attributes().items()) + list((value.stub_items or {}).items())
+        return out + list(enumerate(value.stub_list or []))
+    if hasattr(value, "__dict__") and type(value).__module__ in ("argparse", "types"):
+        return list(vars(value).items())
+    return None
+
+
+def walk(obj: Any, *, children: Children = children_of, max_depth: int = MAX_DEPTH,
+         descend: Callable[[str, Any], bool] | None = None) -> Iterator[tuple[str, Any, int]]:
+    """Yield ``(dotted path, value, depth)`` for every node, root first, children in order.
+
+    A container met twice (shared or cyclic) is expanded once, under the path where it was met
+    first. ``descend(path, value)`` is asked after the node was yielded (so a caller can decide from
+    what it just saw); ``False`` keeps the walk out of that node. Nodes deeper than ``max_depth``
+    are yielded but not expanded.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        yield path, value, depth
+        if depth >= max_depth or (descend is not None and not descend(path, value)):
+            continue
+        kids = children(value)
+        if not kids or id(value) in seen:
+            continue
+        seen.add(id(value))
+        for key, child in reversed(kids):
+            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+
+
+def _containers(value: Any) -> list[tuple[Any, Any]] | None:
+    """Children for flatten: dicts, lists and tuples only (what a modernised tree is made of)."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)) and not is_tensor_like(value):
+        return list(enumerate(value))
+    return None
+
+
+def flatten(tree: Any) -> list[tuple[str, Any]]:
+    """``(dotted path, tensor)`` for every tensor in nested dicts/lists/tuples, in order.
+
+    A tensor shared under two paths is listed under both; the root tensor is named ``"tensor"``.
+    """
+    return [(path or "tensor", value) for path, value, _ in walk(tree, children=_containers, max_depth=10_000)
+            if is_tensor_like(value)]
+
+
+def tensors(obj: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[tuple[str, Any]]:
+    """``(dotted path, tensor)`` for every tensor of a loaded tree, in order; a module (real, stub of a
+    whole-model pickle, or Lua ``nn``) contributes its state dict under its path. The root tensor is
+    named ``"tensor"``."""
+    modules: set[int] = set()
+    for path, value, _ in walk(obj, max_depth=max_depth, descend=lambda _, v: not is_module_like(v)):
+        if is_tensor_like(value):
+            yield path or "tensor", value
+        elif is_module_like(value) and id(value) not in modules:  # a shared module is listed once
+            modules.add(id(value))
+            for key, t in state_dict_of(value).items():
+                yield (f"{path}.{key}" if path else key), t
+
+
+def lookup(obj: Any, dotted: str) -> Any:
+    """The node at ``dotted`` (``"model_ema.module"``): dict keys and stub attributes, longest key first.
+
+    Raises:
+        WeightsNotFoundError: nothing is there; the hint lists where weights were found.
+    """
+    current, rest = obj, dotted
+    while rest:
+        items = dict(current) if isinstance(current, dict) else (current.stub_attributes()
+                                                                 if isinstance(current, Stub) else {})
+        for k in sorted((k for k in items if isinstance(k, str)), key=len, reverse=True):
+            if rest == k or rest.startswith(k + "."):
+                current, rest = items[k], rest[len(k) + 1:]
+                break
+        else:
+            raise WeightsNotFoundError(f"key={dotted!r} not found in the checkpoint", hint=_candidates_hint(obj))
+    return current
+
+
+# -- choosing the weights --------------------------------------------------------------------------
 
 @dataclass
 class Candidate:
@@ -143,53 +288,111 @@ class Candidate:
     path: str  # "" for the root, "state_dict", "model.ema", ...
     state_dict: "OrderedDict[str, Any] | dict[str, Any]"
     source: str  # "state dict", "module object", "module stub"
+    notes: list[str] = field(default_factory=list)  # how it was chosen, when that was a choice
+    module_class: str = ""  # the class of the module the weights come from, for modules and stubs
 
-
-def walk_tree(obj: Any, max_depth: int = 8) -> Iterator[tuple[str, Any]]:
-    """Yield ``(path, value)`` for every node of dicts/lists/stub attributes, root first."""
-    seen: set[int] = set()
-    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
-    while stack:
-        path, value, depth = stack.pop()
-        yield path, value
-        if depth >= max_depth or id(value) in seen:
-            continue
-        seen.add(id(value))
-        children: list[tuple[Any, Any]] = []
-        if isinstance(value, dict) and _is_optimizer_state(value):
-            continue  # per-parameter optimizer slots (exp_avg, momentum_buffer ...) are not weights
-        if isinstance(value, dict):
-            children = list(value.items())
-        elif isinstance(value, (list, tuple)) and len(value) <= 64:
-            children = list(enumerate(value))
-        elif isinstance(value, Stub) and not is_module_like(value):
-            children = list(value.stub_attributes().items()) + list((value.stub_items or {}).items())
-        for key, child in reversed(children):
-            if is_tensor_like(child) or isinstance(child, (str, bytes, int, float)) or child is None:
-                continue
-            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
-
-
-def _is_optimizer_state(d: dict) -> bool:
-    return "param_groups" in d and "state" in d
+    @property
+    def where(self) -> str:
+        return self.path or "<root>"
 
 
 def find_state_dicts(obj: Any, max_depth: int = 8) -> list[Candidate]:
     """Every state dict or module in ``obj``, outermost first (nested ones inside a hit are skipped)."""
     found: list[Candidate] = []
-    taken: list[str] = []
-    for path, value in walk_tree(obj, max_depth):
-        if any(t == "" or path == t or path.startswith(t + ".") for t in taken):
-            continue
+    taken: set[str] = set()
+
+    def descend(path: str, value: Any) -> bool:
+        if path in taken or is_optimizer_state(value) or is_module_like(value):
+            return False  # a hit's insides, optimizer slots (exp_avg ...) and modules are not more weights
+        return not isinstance(value, (list, tuple)) or len(value) <= 64
+
+    for path, value, _ in walk(obj, max_depth=max_depth, descend=descend):
         if is_state_dict(value):
             found.append(Candidate(path, value, "state dict"))
-            taken.append(path)
+            taken.add(path)
         elif is_module_like(value):
             try:
                 sd = state_dict_of(value)
             except WeightsNotFoundError:
                 continue
             if sd:
-                found.append(Candidate(path, sd, "module stub" if isinstance(value, Stub) else "module object"))
-                taken.append(path)
+                found.append(_module_candidate(path, value, sd))
     return found
+
+
+def _module_candidate(path: str, module: Any, sd: Any) -> Candidate:
+    return Candidate(path, sd, "module stub" if isinstance(module, Stub) else "module object",
+                     module_class=module_classes(module).get("", type(module).__name__))
+
+
+def shapes(sd: Mapping[str, Any]) -> dict[str, tuple]:
+    """Key -> shape for the tensors of a state dict (other values are left out)."""
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
+
+
+def select(obj: Any, key: str | None = None, model: Any = None) -> Candidate:
+    """Choose the weights in a loaded checkpoint.
+
+    Args:
+        key: dotted path of the weights (``"state_dict"``, ``"model_ema.module"``); wins over any choice.
+        model: an ``nn.Module`` (or its ``state_dict()``): among several candidates, take the one whose
+            keys and shapes fit it best; the choice and the alternatives are in ``Candidate.notes``.
+            Without a model, several candidates are ambiguous.
+
+    Raises:
+        WeightsNotFoundError: ``key`` names nothing or no weights, or the checkpoint holds none.
+        AmbiguousCheckpointError: several candidates and no way to choose; lists them.
+    """
+    if key is not None:
+        value = lookup(obj, key)
+        if is_state_dict(value):
+            return Candidate(key, value, "state dict")
+        if is_module_like(value):
+            return _module_candidate(key, value, state_dict_of(value))
+        raise WeightsNotFoundError(f"key={key!r} points to a {type(value).__name__}, not weights",
+                                   hint=_candidates_hint(obj))
+    candidates = find_state_dicts(obj)
+    if not candidates:
+        raise WeightsNotFoundError("no state dict or module found in the checkpoint", hint=_top_level_hint(obj))
+    if len(candidates) == 1:
+        return candidates[0]
+    if model is None:
+        paths = [c.where for c in candidates]
+        raise AmbiguousCheckpointError(f"{len(paths)} sets of weights in the checkpoint: {', '.join(paths)}",
+                                       candidates=paths,
+                                       hint=f"Choose one with key=... (--key on the command line), "
+                                            f"e.g. key={paths[0]!r}.")
+    model_sd = model if isinstance(model, Mapping) else model.state_dict(keep_vars=True)
+    scored = []
+    for cand in candidates:
+        try:
+            score = len(align_keys(shapes(cand.state_dict), shapes(model_sd)).mapping)
+        except AmbiguousCheckpointError:
+            score = 0
+        scored.append((score, cand))
+    scored.sort(key=lambda t: -t[0])
+    (best, first), (second, other) = scored[0], scored[1]
+    if best == second and not _same_tensors(first.state_dict, other.state_dict):
+        tied = [c.where for s, c in scored if s == best]
+        raise AmbiguousCheckpointError(
+            f"{len(tied)} places in the checkpoint fit the model equally well ({best} keys each): "
+            f"{', '.join(tied)}", candidates=tied,
+            hint=f"Choose one with key=..., e.g. load_into(model, path, key={tied[0]!r}).")
+    others = ", ".join(f"{c.where} ({s} keys fit)" for s, c in scored[1:])
+    first.notes.append(f"weights taken from '{first.where}' ({best} keys fit); also found: {others}")
+    return first
+
+
+def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+def _candidates_hint(obj: Any) -> str:
+    found = [c.where for c in find_state_dicts(obj)]
+    return f"Weights found at: {', '.join(found)}." if found else _top_level_hint(obj)
+
+
+def _top_level_hint(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return f"Top-level keys: {', '.join(map(str, list(obj)[:20]))}. Pass key=... to point at the weights."
+    return f"The checkpoint holds a {type(obj).__name__}; `torchckpt inspect FILE` shows its structure."

@@ -26,8 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
-from ..train.checkpointer import Checkpointer, _to_cpu_copy
-from ..train.training import FORMAT, _load_payload, verify, write_payload
+from ..train.checkpointer import _to_cpu_copy
+from ..train.restore import load_payload
+from ..train.training import FORMAT, discard, verify, write_payload
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -55,7 +56,7 @@ class TorchckptIO(CheckpointIO):
         self.async_save = async_save
         self.prefix = prefix
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ saving
@@ -79,7 +80,7 @@ class TorchckptIO(CheckpointIO):
             previous = self._pending
             self._pending = self._pool().submit(_remove_after, previous, path)
             return
-        Checkpointer._delete(path)
+        discard(path)
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class TorchckptIO(CheckpointIO):
         self._wait()
         path = os.fspath(path)
         verify(path)
-        payload = _load_payload(path, map_location)
+        payload = load_payload(path, map_location)
         if payload.get("format") == FORMAT:
             return to_lightning(payload, prefix=self.prefix, path=path)
         if "pytorch-lightning_version" not in payload:
@@ -127,9 +128,9 @@ class TorchckptIO(CheckpointIO):
             raise CheckpointWriteError(f"background save failed: {exc}") from exc
 
 
-def _remove_after(previous: Future[None], path: str) -> None:
+def _remove_after(previous: Future[Any], path: str) -> None:
     previous.result()  # a failed write is reported, and the older checkpoint is kept
-    Checkpointer._delete(path)
+    discard(path)
 
 
 def to_lightning(payload: Mapping[str, Any], *, prefix: str = "", path: str | None = None) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def to_lightning(payload: Mapping[str, Any], *, prefix: str = "", path: str | No
     The epoch restarts from its first batch. RNG states, the scaler and ``stateful`` objects are not
     restored by Lightning.
     """
-    from lightning.pytorch.utilities.migration import migrate_checkpoint
+    from lightning.pytorch.utilities.migration.utils import migrate_checkpoint
 
     weights = payload.get("model")
     if not isinstance(weights, Mapping):

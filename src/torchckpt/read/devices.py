@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..errors import DeviceUnavailableError
+
 __all__ = ["Relocator", "MapLocation"]
 
 MapLocation = Any  # None | str | torch.device | dict | Callable
@@ -57,14 +59,30 @@ class Relocator:
         return storage
 
     def _to(self, storage: Any, dest: str, location: str) -> Any:
-        import torch
+        import torch  # lazy: structure-only reads never relocate
 
         device = torch.device(dest)
         if device.type == "cpu":
             return storage
         if device.type == "meta":
             return torch.UntypedStorage(storage.nbytes(), device="meta")
+        if not _available(dest):
+            raise DeviceUnavailableError(
+                f"map_location sends tensors saved on {location} to {dest}, which this machine does not have "
+                f"({_missing(device)})", device=dest, saved_on=location,
+                hint=f"Map {location} to a device this machine has, e.g. map_location={{{location!r}: 'cpu'}}, "
+                     "or pass map_location='cpu' (the default) or None (saved devices, the CPU where missing).")
         return storage.to(device=device) if hasattr(storage, "to") else storage.cuda(device)
+
+
+def _missing(device: Any) -> str:
+    import torch  # lazy: only called when relocating
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return f"it has {torch.cuda.device_count()} CUDA device(s)"
+    return f"{device.type} is not available"
 
 
 def _available(location: str) -> bool:

@@ -8,23 +8,25 @@ from ..storage.source import SourceLike
 from .devices import MapLocation
 from .formats import Checkpoint
 from .opener import open_checkpoint
+from .trust import Policy, resolve_policy
 from .unpickle.mode import Mode
-from .unpickle.policy import Policy
 
 __all__ = ["load", "read_checkpoint"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
-                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False) -> Checkpoint:
+                    trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
+                    policy: Policy | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
-    with open_checkpoint(source, mode, Policy.make(trust, allow), map_location=map_location, mmap=mmap) as ckpt:
+    with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
+                         map_location=map_location, mmap=mmap) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False) -> Any:
+         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
@@ -40,6 +42,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands, including
+            its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -53,5 +57,5 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
         ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
     """
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow)
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -17,7 +17,8 @@ from typing import IO, Any, Callable, Iterator
 
 from ..errors import CheckpointWriteError
 
-__all__ = ["atomic_write", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "TEMP_MARK"]
+__all__ = ["atomic_write", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
+           "os_error_in", "TEMP_MARK"]
 
 TEMP_MARK = ".tmp-"
 
@@ -40,19 +41,68 @@ def _temp_path(path: str) -> str:
     return os.path.join(directory, f".{name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+def write_error(path: str, exc: OSError, *, written: int | None = None) -> CheckpointWriteError:
+    """The CheckpointWriteError for an OSError met while writing ``path``: why, and what to do."""
     if exc.errno == errno.ENOSPC:
-        why, hint = "the disk is full", "Free space or choose another directory; the previous checkpoints are intact."
+        why = "the disk is full"
+        free = _free_bytes(os.path.dirname(os.path.abspath(path)))
+        if written:
+            why += f" after {_size(written)} of this file were written"
+        if free is not None:
+            why += f" ({_size(free)} free now)"
+        hint = "Free space or choose another directory; the previous checkpoints are intact."
+    elif exc.errno == errno.EFBIG:
+        why = "the file would exceed the file-size limit of this process or file system"
+        why += f" (stopped at {_size(written)})" if written else ""
+        hint = "Raise the limit (ulimit -f) or write elsewhere; the previous checkpoints are intact."
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why, hint = "the directory is not writable", "Check the permissions or choose another directory."
     else:
         why, hint = f"{exc.strerror or exc}", "The previous checkpoints are intact."
-    return CheckpointWriteError(f"could not write the checkpoint: {why}", path=path, hint=hint)
+    error = CheckpointWriteError(f"could not write the checkpoint: {why}", path=path, hint=hint)
+    error.errno, error.strerror = exc.errno, exc.strerror
+    return error
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one in its cause/context chain.
+
+    torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos`` and keeps the
+    real reason (ENOSPC ...) only in ``__context__``.
+    """
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 16:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
-    """Yield a binary file; on success it replaces ``path`` atomically and durably."""
+    """Yield a binary file; on success it replaces ``path`` atomically and durably.
+
+    On failure the temp file is removed and ``path`` is untouched; a failure caused by the file
+    system (also when a serializer wrapped it in another exception) raises CheckpointWriteError.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointWriteError("the directory does not exist", path=directory,
@@ -61,20 +111,24 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
     try:
         fh = open(tmp, "wb")
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
+    out = _Writeback(fh)
     try:
         with fh:
-            yield _Writeback(fh)
+            yield out
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(directory)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise _write_error(path, exc) from None
-    except BaseException:
+    except CheckpointWriteError:
         _remove_quietly(tmp)
         raise
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is None:
+            raise
+        raise write_error(path, cause, written=out.written) from None
 
 
 class _Writeback:
@@ -90,6 +144,10 @@ class _Writeback:
         self._fd = fh.fileno()
         self._flushed = 0
         self._written = 0
+
+    @property
+    def written(self) -> int:
+        return self._written
 
     def write(self, data: Any) -> int:
         n = self._fh.write(data)

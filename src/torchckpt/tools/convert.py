@@ -11,22 +11,33 @@ kept as JSON. Every output is reloaded and compared with the source before the r
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+import numpy as np
+
+from ..errors import CorruptCheckpointError, LimitExceededError
+from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
+    state_dict_of
+from ..read.opener import open_checkpoint
+from ..read.formats.lua_t7 import LuaFunction, T7Object
+from ..read.formats.simple import SAFETENSORS_DTYPES
+from ..read.load import load
+from ..read.tensors import dtype_name, release, to_torch
+from ..read.trust import Policy, resolve_policy
+from ..read.unpickle.mode import Mode
+from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 from ..storage.atomic import atomic_write
-from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, WeightsNotFoundError
-from ..fit.tree import find_state_dicts, is_module_like, is_state_dict, is_tensor_like, state_dict_of
-from ..read.unpickle.meta import TensorMeta
+from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
 
-ST_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-            "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32",
-            "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64"}
+ST_NAMES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}  # "float16" -> "F16"
+DENSE_BUDGET = 64 << 20  # bytes a zero-stride view may expand to beyond the file's size when written densely
 Progress = Callable[[int, int], None]
 
 
@@ -45,56 +56,69 @@ class ConvertReport:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def __str__(self) -> str:
+    def render(self) -> str:
+        """What was written, what changed to make it loadable by plain torch, and whether it was verified."""
         lines = [f"{self.source} ({self.source_format}) -> {self.destination} ({self.to}): {self.tensors} tensors, "
                  f"{self.bytes:,} bytes, verified: {'yes' if self.verified else 'NO'}"]
         lines += [f"  changed: {c}" for c in self.changes]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    __str__ = render
+
 
 def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
-            key: str | None = None, trust: bool = False, progress: Progress | None = None) -> ConvertReport:
+            key: str | None = None, policy: Policy | None = None, trust: bool = False,
+            allow: Iterable[str] | str | None = None, progress: Progress | None = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it. ``to`` defaults from the extension of ``dst``.
+
+    A whole-model pickle (or a Lua ``nn`` tree) becomes its state dict, which ``load_into`` and
+    ``model.load_state_dict`` take; the class of every module is kept as metadata (``_metadata`` of
+    the ``.pt`` state dict, ``torchckpt.classes`` in safetensors).
 
     Args:
         to: ``"pt"`` or ``"safetensors"``.
         dtype: cast floating-point tensors (``"bfloat16"``, ``"float16"``, ``"float32"``); reported.
         weights_only: write only the state dict (found in a training dict, a whole-model pickle,
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
-        key: dotted path of the weights when several candidates exist.
-    """
-    from ..read.opener import open_checkpoint
-    from ..read.unpickle.policy import Policy
+        key: dotted path of the part to convert (the weights, when several candidates exist).
+        policy, trust, allow: what the source's pickles may import (see :func:`torchckpt.load`).
 
+    Raises:
+        LimitExceededError: a zero-stride view would expand far beyond the file's size when written
+            densely (safetensors output or a dtype cast); ``.pt`` output keeps views compact.
+    """
     dst = os.fspath(dst)
     to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, "build", Policy.make(trust), lazy=True) as loaded:
+    with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True) as loaded:
         source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        if weights_only:
-            tree: Any = _weights(loaded.obj, key)
-        else:
-            tree = _modernize(loaded.obj, changes, 0, {})
-        tensors = _flatten(tree)
+        tree, classes = _part(loaded.obj, key, weights_only, changes)
+        tensors = flatten(tree)
         if target_dtype is not None:
-            cast = sum(1 for _, t in tensors if _is_float(t) and _dtype_name(t) != str(target_dtype)[6:])
+            cast = sum(1 for _, t in tensors if _is_float(t) and dtype_name(t) != dtype_name(target_dtype))
             if cast:
-                changes[f"floating-point tensors cast to {str(target_dtype)[6:]}"] += cast
+                changes[f"floating-point tensors cast to {dtype_name(target_dtype)}"] += cast
+        if to == "safetensors" or target_dtype is not None:
+            _check_dense(tensors, source.size, to, target_dtype)
         materialize = _Materializer(source, target_dtype)
         if to == "safetensors":
             metadata = {"format": "pt"}
-            if not weights_only:
+            if classes:
+                metadata["torchckpt.classes"] = json.dumps(classes)
+            elif not weights_only and key is None:
                 metadata["torchckpt.tree"] = json.dumps(_skeleton(tree), default=str)
             report.bytes = _write_safetensors(dst, tensors, metadata, materialize, progress, report)
         else:
             final = _materialize_tree(tree, materialize)
+            if classes:
+                final._metadata = {prefix: {"torchckpt.class": name} for prefix, name in classes.items()}
             with atomic_write(dst) as fh:
-                import torch
+                import torch  # lazy: torch is imported only when tensors are written
 
                 torch.save(final, fh)
             report.bytes = os.path.getsize(dst)
@@ -105,41 +129,61 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     return report
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
+def _part(obj: Any, key: str | None, weights_only: bool, changes: Counter) -> tuple[Any, dict[str, str]]:
+    """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model."""
+    if weights_only:
+        return select(obj, key).state_dict, {}
+    part = lookup(obj, key) if key is not None else obj
+    if is_module_like(part):
+        classes = module_classes(part)
+        changes[f"whole model ({classes.get('', 'module')}) -> its state dict; module classes kept as metadata"] += 1
+        sd = state_dict_of(part)
+        return OrderedDict((k, _modernize(v, changes, 0, {})) for k, v in sd.items()), classes
+    return _modernize(part, changes, 0, {}), {}
 
-    value = getattr(torch, name.replace("torch.", ""), None)
+
+def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_dtype: Any) -> None:
+    """Refuse views whose dense copy would dwarf the file (a crafted ``expand``: stride 0 over 1 element)."""
+    budget = max(file_size, 0) + DENSE_BUDGET
+    total = 0
+    for name, t in tensors:
+        shape, stride = tuple(t.shape), _strides(t)
+        if not shape or 0 in shape:
+            continue
+        extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        numel = math.prod(shape)
+        if numel <= extent:
+            continue
+        itemsize = _itemsize(t)
+        total += (numel - extent) * itemsize
+        if total > budget:
+            why = "safetensors stores every element" if to == "safetensors" else "casting copies every element"
+            raise LimitExceededError(
+                f"tensor {name} is a view of {extent * itemsize:,} bytes that expands to {numel * itemsize:,} bytes "
+                f"(shape {list(shape)}, stride {list(stride)}); {why}, which would need more than the "
+                f"{budget:,}-byte budget", hint="Convert to .pt without --dtype: it keeps views compact.")
+
+
+def _strides(t: Any) -> tuple:
+    return tuple(t.stride) if isinstance(t, TensorMeta) else tuple(t.stride()) if hasattr(t, "stride") and \
+        callable(t.stride) else tuple(s // t.itemsize for s in t.strides)
+
+
+def _itemsize(t: Any) -> int:
+    return t.dtype.itemsize
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch  # lazy: only a cast needs torch's dtype objects
+
+    value = getattr(torch, dtype_name(name), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype name (bfloat16, float16, float32), not {name!r}")
     return value
 
 
-def _weights(obj: Any, key: str | None) -> Any:
-    if key is not None:
-        from ..fit.load_into import _lookup
-
-        value = _lookup(obj, key)
-        return state_dict_of(value) if is_module_like(value) else value
-    if is_module_like(obj) or is_state_dict(obj):
-        return state_dict_of(obj)
-    found = find_state_dicts(obj)
-    if not found:
-        raise WeightsNotFoundError("no state dict or module found in the checkpoint",
-                                   hint="Convert without --weights-only, or pass --key to point at the weights.")
-    if len(found) > 1:
-        paths = [c.path or "<root>" for c in found]
-        raise AmbiguousCheckpointError(f"{len(found)} sets of weights in the checkpoint: {', '.join(paths)}",
-                                       candidates=paths, hint=f"Choose one with key=..., e.g. --key {paths[0]}")
-    return found[0].state_dict
-
-
 def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> Any:
     """Turn everything torch.load(weights_only=True) would refuse into plain data; count each change."""
-    import numpy as np
-
-    from ..read.formats.lua_t7 import LuaFunction, T7Object
-    from ..read.unpickle.stubs import Stub, is_stub_class, stub_name
-
     if depth > 200:
         raise CorruptCheckpointError("object nesting deeper than 200 levels")
     if is_tensor_like(obj) and not isinstance(obj, np.ndarray):
@@ -170,8 +214,6 @@ def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> 
             out = _modernize(obj.tolist(), changes, d, memo)
     elif isinstance(obj, Stub):
         note(f"objects of unimported classes -> plain dicts (e.g. {stub_name(obj)})")
-        from ..read.unpickle.stubs import stub_to_plain
-
         out = _modernize(stub_to_plain(obj), changes, d, memo)
     elif is_stub_class(obj):
         note("references to unimported classes -> names")
@@ -226,29 +268,6 @@ def _key(k: Any, changes: Counter) -> Any:
     return repr(k)
 
 
-def _flatten(tree: Any) -> list[tuple[str, Any]]:
-    """(dotted path, tensor) for every tensor in dicts/lists, in order."""
-    out: list[tuple[str, Any]] = []
-    stack: list[tuple[str, Any]] = [("", tree)]
-    seen: set[int] = set()
-    while stack:
-        path, value = stack.pop()
-        if is_tensor_like(value):
-            out.append((path or "tensor", value))
-            continue
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, dict):
-            children = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            children = [(f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value)]
-        else:
-            continue
-        stack.extend(reversed(children))
-    return out
-
-
 def _skeleton(tree: Any) -> Any:
     if is_tensor_like(tree):
         return {"__tensor__": True}
@@ -262,11 +281,7 @@ def _skeleton(tree: Any) -> Any:
 
 
 def _is_float(t: Any) -> bool:
-    return _dtype_name(t).startswith(("float", "bfloat", "half"))
-
-
-def _dtype_name(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
+    return dtype_name(t).startswith(("float", "bfloat", "half"))
 
 
 class _Materializer:
@@ -276,23 +291,50 @@ class _Materializer:
         self.source, self.target_dtype = source, target_dtype
 
     def __call__(self, t: Any) -> Any:
-        value = t.materialize(self.source) if isinstance(t, TensorMeta) else t
+        value = to_torch(t, self.source) if isinstance(t, TensorMeta) else t  # a Parameter stays one
         if self.target_dtype is not None and value.is_floating_point():
             value = value.to(self.target_dtype)
         return value
 
+    def file_range(self, t: Any) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` when ``t``'s output bytes are exactly one range of the local source file.
+
+        True for a contiguous tensor still on disk (legacy storages) that keeps its dtype: such a
+        tensor is copied file to file (``copy_file_range``) and verified against the file, never read
+        into memory.
+        """
+        if not isinstance(t, TensorMeta) or t.storage is None or getattr(self.source, "path", None) is None:
+            return None
+        if self.target_dtype is not None and _is_float(t) and dtype_name(t) != dtype_name(self.target_dtype):
+            return None
+        base = t.storage.data_offset()
+        expected = 1
+        for size, stride in zip(reversed(t.shape), reversed(t.stride)):
+            if size != 1 and stride != expected:
+                return None
+            expected *= size
+        nbytes = t.nbytes
+        if base is None or nbytes == 0:
+            return None
+        offset = base + t.storage_offset * t.dtype.itemsize
+        if offset + nbytes > self.source.size:
+            return None  # past the end: reading it reports the truncation
+        self.source.buffer()  # map the source now, before the output may replace it (convert onto itself)
+        return offset, nbytes
+
     def release(self, t: Any) -> None:
-        if not isinstance(t, TensorMeta) and hasattr(t, "untyped_storage"):
-            storage = t.untyped_storage()
-            if storage.device.type == "cpu":
-                self.source.release_pointer(storage.data_ptr(), storage.nbytes())
+        if not isinstance(t, TensorMeta):
+            release(self.source, t)
 
 
 def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     if is_tensor_like(tree):
         return materialize(tree)
     if isinstance(tree, dict):
-        return type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
+        out = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
+        if getattr(tree, "_metadata", None) is not None:
+            out._metadata = tree._metadata  # torch's per-module state-dict metadata
+        return out
     if isinstance(tree, list):
         return [_materialize_tree(v, materialize) for v in tree]
     if isinstance(tree, tuple) and type(tree) is tuple:
@@ -321,9 +363,9 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
             aliases[name] = first[ident]
             continue
         first[ident] = name
-        dtype = _dtype_name(t)
+        dtype = dtype_name(t)
         probe = materialize(torch.empty(0, dtype=getattr(torch, dtype))) if not isinstance(t, TensorMeta) else None
-        out_dtype = _dtype_name(probe) if probe is not None else _cast_name(dtype, materialize)
+        out_dtype = dtype_name(probe) if probe is not None else _cast_name(dtype, materialize)
         if out_dtype not in ST_NAMES:
             raise CorruptCheckpointError(f"tensor {name} has dtype {out_dtype}, which safetensors cannot store")
         nbytes = t.numel() * getattr(torch, out_dtype).itemsize
@@ -341,6 +383,12 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name, t in order:
+            span = materialize.file_range(t)
+            if span is not None and copy_range(materialize.source, fh, *span):
+                done += span[1]
+                if progress is not None:
+                    progress(done, offset)
+                continue
             value = materialize(t).detach().to("cpu").contiguous()
             data = value.view(torch.uint8) if value.dim() else value.reshape(1).view(torch.uint8)
             fh.write(memoryview(data.numpy()))
@@ -352,63 +400,25 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
     return 8 + len(raw) + offset
 
 
-
-
 def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
     import torch
 
-    return _dtype_name(materialize(torch.empty(0, dtype=getattr(torch, dtype))))
+    return dtype_name(materialize(torch.empty(0, dtype=getattr(torch, dtype))))
 
 
 def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: _Materializer,
             report: ConvertReport) -> None:
-    """Reload the output and compare every tensor with the source, one tensor at a time."""
-    import torch
-
+    """Reload the output and compare every tensor with the source bit for bit, one tensor at a time."""
     if to == "pt":
+        import torch  # lazy: verification reads tensors
+
         try:
             torch.load(dst, weights_only=True, map_location="meta")  # the promise: plain torch can read it
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None
-    written = _written_tensors(dst, to)
-    for name, t in tensors:
-        want = materialize(t)
-        got = written(name)
-        ok = got is not None and got.shape == want.shape and torch.equal(
-            got.to(want.dtype) if got.dtype != want.dtype else got, want)
-        materialize.release(t)
-        if not ok:
-            raise CorruptCheckpointError(f"verification failed: tensor {name} differs after writing",
-                                         path=dst, hint="Please report this; the destination is not trustworthy.")
+        written = dict(flatten(load(dst, mmap=True)))
+        compare_all(dst, tensors, materialize, lambda name, t: same_bits(written.get(name), materialize(t)))
+    else:
+        verify_safetensors(dst, tensors, materialize)
     report.verified = True
-
-
-def _written_tensors(dst: str, to: str) -> Callable[[str], Any]:
-    """Name -> tensor read back from ``dst`` (safetensors: each read on demand with pread)."""
-    if to == "pt":
-        from ..read.load import load
-
-        flat = dict(_flatten(load(dst, mmap=True)))
-        return flat.get
-    import json as _json
-
-    import torch
-
-    from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
-    from ..storage.source import Source
-
-    src = Source(dst)
-    entries, metadata, start = safetensors_header(src)
-    aliases = _json.loads(metadata.get("torchckpt.aliases", "{}"))
-
-    def get(name: str) -> Any:
-        e = entries.get(aliases.get(name, name))
-        if e is None:
-            return None
-        begin, end = e["data_offsets"]
-        dtype = getattr(torch, SAFETENSORS_DTYPES[e["dtype"]][0])
-        raw = src.read_into_storage(start + begin, end - begin)
-        return torch.empty(0, dtype=dtype).set_(raw, 0, tuple(e["shape"]),
-                                                torch.empty(e["shape"], device="meta").stride())
-    return get

@@ -12,22 +12,28 @@ the DCP reader hands it lazy tensors, assembled from their chunks one at a time.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import CorruptCheckpointError
-from ..fit.tree import is_tensor_like
-from .convert import ConvertReport, Progress, _flatten, _Materializer, _modernize, _torch_dtype, _weights
+from ..fit.tree import flatten, is_tensor_like
+from ..read.opener import open_checkpoint
+from ..read.trust import Policy, resolve_policy
+from ..read.unpickle.mode import Mode
+from .convert import ConvertReport, Progress, _Materializer, _part, _torch_dtype
 from .convert import convert as convert_file
+from .convert_io import same_bits
 
 __all__ = ["convert", "convert_to_dcp"]
 
 
 def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
-            key: str | None = None, trust: bool = False, progress: Progress | None = None) -> ConvertReport:
+            key: str | None = None, policy: Policy | None = None, trust: bool = False,
+            allow: Iterable[str] | str | None = None, progress: Progress | None = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
 
     ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.convert`) or ``"dcp"``, a
@@ -35,38 +41,39 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     """
     dst = os.fspath(dst)
     if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
-        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key, trust=trust,
-                              progress=progress)
-    return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, trust=trust,
-                        progress=progress)
+        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
+                              policy=resolve_policy(policy, trust, allow), progress=progress)
+    return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, policy=policy, trust=trust,
+                        allow=allow, progress=progress)
 
 
 def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,
-                   key: str | None = None, trust: bool = False, progress: Progress | None = None) -> ConvertReport:
+                   key: str | None = None, policy: Policy | None = None,
+                   progress: Progress | None = None) -> ConvertReport:
     """Write ``src`` as a DCP directory ``dst`` (which must not exist yet) and verify it."""
-    import torch.distributed.checkpoint as dcp
-
-    from ..read.opener import open_checkpoint
-    from ..read.unpickle.policy import Policy
+    import torch.distributed.checkpoint as dcp  # lazy: torch only when tensors are written
 
     dst = os.fspath(dst)
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, "build", Policy.make(trust), lazy=True) as loaded:
+    with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True) as loaded:
         source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree = _weights(loaded.tree, key) if weights_only else _modernize(loaded.tree, changes, 0, {})
+        tree, classes = _part(loaded.tree, key, weights_only, changes)
+        if classes:
+            report.notes.append("module classes are not kept in a DCP directory: " +
+                                ", ".join(sorted(set(classes.values())))[:200])
         if not isinstance(tree, dict):
             tree = {"state": tree}
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
         materialize = _Materializer(source, target_dtype)
-        tensors = _flatten(tree)
+        tensors = flatten(tree)
         sources: dict[int, Any] = {}
         plan_tree = _placeholders(tree, sources, materialize)
         total = sum(t.numel() * _out_itemsize(t, materialize) for _, t in tensors)
-        planner = _StreamingPlanner(sources, materialize, progress, total)
+        planner = _planner_class()(sources, materialize, progress, total)
         tmp = dst + ".tmp-dcp"
         shutil.rmtree(tmp, ignore_errors=True)
         with warnings.catch_warnings():
@@ -110,61 +117,59 @@ def _placeholders(tree: Any, sources: dict[int, Any], materialize: _Materializer
     return tree
 
 
-def _planner_base() -> Any:
+@functools.cache
+def _planner_class() -> Any:
+    """DCP's default planner, except that a tensor's data is read when the writer asks for it (defined on
+    first use: torch.distributed is imported only when a DCP directory is written)."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    return DefaultSavePlanner
+    class _StreamingPlanner(DefaultSavePlanner):  # type: ignore[misc]
+        """DCP's default planner, except that a tensor's data is read when the writer asks for it."""
 
+        def __init__(self, sources: dict[int, Any], materialize: _Materializer, progress: Progress | None,
+                     total: int) -> None:
+            super().__init__()
+            self._sources, self._materialize, self._progress, self._total = sources, materialize, progress, total
+            self._previous: Any = None
+            self._done = 0
 
-class _StreamingPlanner(_planner_base()):  # type: ignore[misc]
-    """DCP's default planner, except that a tensor's data is read when the writer asks for it."""
+        def lookup_object(self, index: Any) -> Any:
+            import torch
 
-    def __init__(self, sources: dict[int, Any], materialize: _Materializer, progress: Progress | None,
-                 total: int) -> None:
-        super().__init__()
-        self._sources, self._materialize, self._progress, self._total = sources, materialize, progress, total
-        self._previous: Any = None
-        self._done = 0
+            value = super().lookup_object(index)
+            entry = self._sources.get(id(value))
+            if entry is None:
+                return value
+            self.finish()  # the writer asks for the next tensor only after writing the previous one
+            value = self._materialize(entry[1]).detach()
+            # A copy with a storage of its own and exactly its size: DCP's writer keeps a reference to every
+            # tensor of a file until the file is closed, so finish() frees this storage once it is written.
+            data = torch.empty(value.shape, dtype=value.dtype).copy_(value)
+            del value
+            self._materialize.release(entry[1])
+            self._previous = data
+            self._done += data.numel() * data.element_size()
+            if self._progress is not None:
+                self._progress(self._done, self._total)
+            return data
 
-    def lookup_object(self, index: Any) -> Any:
-        import torch
+        def finish(self) -> None:
+            if self._previous is not None:
+                self._previous.untyped_storage().resize_(0)
+                self._previous = None
 
-        value = super().lookup_object(index)
-        entry = self._sources.get(id(value))
-        if entry is None:
-            return value
-        self.finish()  # the writer asks for the next tensor only after writing the previous one
-        value = self._materialize(entry[1]).detach()
-        # A copy with a storage of its own and exactly its size: DCP's writer keeps a reference to every
-        # tensor of a file until the file is closed, so finish() frees this storage once it is written.
-        data = torch.empty(value.shape, dtype=value.dtype).copy_(value)
-        del value
-        self._materialize.release(entry[1])
-        self._previous = data
-        self._done += data.numel() * data.element_size()
-        if self._progress is not None:
-            self._progress(self._done, self._total)
-        return data
-
-    def finish(self) -> None:
-        if self._previous is not None:
-            self._previous.untyped_storage().resize_(0)
-            self._previous = None
+    return _StreamingPlanner
 
 
 def _verify(dst: str, tensors: list[tuple[str, Any]], materialize: _Materializer, report: ConvertReport) -> None:
     """Read the directory back with torchckpt's DCP reader; compare every tensor, one at a time."""
-    import torch
-
-    from ..read.opener import open_checkpoint
-
-    with open_checkpoint(dst, "build", lazy=True) as loaded:
-        written = dict(_flatten(loaded.tree))
+    with open_checkpoint(dst, Mode.BUILD, lazy=True) as loaded:
+        written = dict(flatten(loaded.tree))
         for name, t in tensors:
             got = written.get(name)
             want = materialize(t)
             got = got.materialize() if got is not None and hasattr(got, "materialize") else got
-            ok = got is not None and got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+            ok = got is not None and got.dtype == want.dtype and same_bits(got, want)  # bitwise: NaN == NaN
             materialize.release(t)
             del got, want
             if not ok:

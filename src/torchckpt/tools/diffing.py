@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fit.align import align_keys
-from ..errors import AmbiguousCheckpointError
+from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
-from ..fit.tree import find_state_dicts, is_tensor_like
-from ..read.unpickle.meta import TensorMeta
+from ..fit.tree import flatten, is_tensor_like, select
+from ..read.opener import open_checkpoint
+from ..read.tensors import release, to_torch
+from ..read.trust import resolve_policy
+from ..read.unpickle.mode import Mode
 
 __all__ = ["diff", "DiffReport"]
 
@@ -89,20 +92,12 @@ class DiffReport:
 
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
-    if key is not None:
-        from ..fit.load_into import _lookup
-        from ..fit.tree import state_dict_of
-
-        return dict(state_dict_of(_lookup(obj, key)))
-    found = find_state_dicts(obj)
-    if len(found) == 1:
-        return dict(found[0].state_dict)
-    if len(found) > 1:
-        raise AmbiguousCheckpointError(f"{len(found)} sets of weights: {', '.join(c.path or '<root>' for c in found)}",
-                                       candidates=[c.path for c in found], hint="Choose one with key=...")
-    from .convert import _flatten
-
-    return dict(_flatten(obj))
+    try:
+        return dict(select(obj, key).state_dict)
+    except WeightsNotFoundError:
+        if key is not None:
+            raise
+        return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
 def _dtype(t: Any) -> str:
@@ -110,22 +105,21 @@ def _dtype(t: Any) -> str:
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None) -> DiffReport:
+         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
     dtype (upcast per chunk only where needed); a chunk whose bytes are equal costs one comparison.
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
+    ``policy``/``trust``/``allow``: what the files' pickles may import, as in :func:`torchckpt.load`.
     """
-    from ..read.opener import open_checkpoint
-    from ..read.unpickle.mode import Mode
-
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
-    mode = Mode.BUILD if values else Mode.STRUCTURE
+    mode, read_policy = (Mode.BUILD if values else Mode.STRUCTURE), resolve_policy(policy, trust, allow)
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, mode, lazy=True) as la, open_checkpoint(b, mode, lazy=True) as lb:
+    with open_checkpoint(a, mode, read_policy, lazy=True) as la, \
+            open_checkpoint(b, mode, read_policy, lazy=True) as lb:
         sa, sb = la.reader, lb.reader
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
@@ -158,32 +152,15 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
                     progress(n, len(mapping))
                 if ka in skip:
                     continue
-                x, y = _real(ta[ka], sa), _real(tb[kb], sb)
+                x, y = to_torch(ta[ka], sa), to_torch(tb[kb], sb)
                 d = _compare(x, y, ka)
-                _release(sa, x)
-                _release(sb, y)
+                release(sa, x)
+                release(sb, y)
                 if d.nonfinite_a or d.nonfinite_b:
                     report.nonfinite.append(f"{ka} (A: {d.nonfinite_a}, B: {d.nonfinite_b})")
                 if d.max_abs > atol or (d.max_abs != d.max_abs):
                     report.changed.append(d)
     return report
-
-
-def _real(t: Any, src: Any) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(t, TensorMeta):
-        return t.materialize(src)
-    if isinstance(t, np.ndarray):
-        return torch.from_numpy(t)
-    return t.detach()
-
-
-def _release(src: Any, t: Any) -> None:
-    """Drop the mapped file pages of a tensor that was compared (memory stays near one pair)."""
-    storage = t.untyped_storage()
-    src.release_pointer(storage.data_ptr(), storage.nbytes())
 
 
 CHUNK_BYTES = 16 << 20  # per operand and chunk, in the compute dtype

@@ -7,16 +7,20 @@ depend on the size of the file.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
-from ..fit.tree import find_state_dicts, is_module_like, is_tensor_like, state_dict_of
+from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
+    state_dict_of, walk
+from ..read.tensors import dtype_name
+from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.policy import Verdict
 from ..read.unpickle.stubs import Stub, stub_name
 
-__all__ = ["inspect", "InspectReport", "TensorInfo"]
+__all__ = ["inspect", "InspectReport", "TensorInfo", "format_bytes"]
 
 MAX_VALUES = 200  # non-tensor leaves listed
 MAX_REPR = 120
@@ -77,12 +81,65 @@ class InspectReport:
         }
 
 
-def inspect(source: SourceLike, *, trust: bool = False, allow: Iterable[str] | str | None = None) -> InspectReport:
+    def render(self, max_tensors: int = 60) -> str:
+        """The human report: format and evidence, values, tensors (the first ``max_tensors``), totals,
+        where the weights are, referenced classes, metadata and notes."""
+        lines = [f"{self.path}  {format_bytes(self.file_size) if self.file_size >= 0 else ''}".rstrip(),
+                 f"format: {self.description}"]
+        lines += [f"  - {e}" for e in self.evidence]
+        if self.values:
+            lines += ["values"] + _columns([("path", "type", "value")] + [(p, t, v) for p, t, v in self.values])
+        if self.tensors:
+            rows = [(t.key, "[" + ", ".join(map(str, t.shape)) + "]", t.dtype, format_bytes(t.nbytes))
+                    for t in self.tensors[:max_tensors]]
+            lines += ["tensors"] + _columns([("key", "shape", "dtype", "bytes")] + rows, right={3})
+            if len(self.tensors) > max_tensors:
+                lines.append(f"  ... {len(self.tensors) - max_tensors} more (see --json)")
+        lines.append(f"totals: {len(self.tensors)} tensors, {self.total_parameters:,} parameters, "
+                     f"{format_bytes(self.total_bytes)}")
+        if self.weights:
+            lines.append("weights: " + ", ".join(f"{p} ({s}, {n} tensors)" for p, s, n in self.weights))
+        if self.classes:
+            stubbed = self.stubbed_classes
+            lines.append(f"classes: {len(self.classes)} referenced"
+                         + (f", {len(stubbed)} stubbed (not imported):" if stubbed else ""))
+            lines += [f"  - {name}" for name in stubbed]
+        lines += [f"metadata {k}: {v[:200]}" for k, v in self.metadata.items()]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = render
+
+
+def format_bytes(n: int) -> str:
+    """``1.5 MiB``: binary units, one decimal (bytes as a whole number)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _columns(rows: list[tuple[str, ...]], right: set[int] = frozenset(), limit: int = 100) -> list[str]:
+    """Rows as aligned text columns (indented two spaces); the first row is the header."""
+    rows = [tuple(c if len(c) <= limit else c[:limit - 3] + "..." for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        out.append(("  " + "  ".join(cells)).rstrip())
+    return out
+
+
+def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = False,
+            allow: Iterable[str] | str | None = None) -> InspectReport:
     """Describe a checkpoint: format and evidence, tree values, tensors, totals, referenced classes.
 
-    No tensor data is read. Raises the same errors as :func:`torchckpt.load`.
+    No tensor data is read. ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
+    Raises the same errors as :func:`torchckpt.load`.
     """
-    loaded = read_checkpoint(source, map_location="meta", trust=trust, allow=allow, meta=True)
+    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True)
     name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
     size = _size_of(source)
     evidence = list(loaded.evidence)
@@ -103,8 +160,6 @@ def inspect(source: SourceLike, *, trust: bool = False, allow: Iterable[str] | s
 
 
 def _size_of(source: Any) -> int:
-    import os
-
     if isinstance(source, (bytes, bytearray, memoryview)):
         return len(source)
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
@@ -114,42 +169,26 @@ def _size_of(source: Any) -> int:
 
 def _tensor_info(key: str, t: Any) -> TensorInfo:
     shape = tuple(int(s) for s in t.shape)
-    dtype = str(t.dtype).replace("torch.", "")
-    itemsize = t.dtype.itemsize
-    return TensorInfo(key, shape, dtype, math.prod(shape) * itemsize)
+    return TensorInfo(key, shape, dtype_name(t), math.prod(shape) * t.dtype.itemsize)
 
 
 def _collect(obj: Any, report: InspectReport) -> None:
     """Flatten the tree: tensors by dotted key, other leaves as (path, type, repr)."""
-    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
-    seen: set[int] = set()
-    while stack:
-        path, value, depth = stack.pop()
+    for path, value, _ in walk(obj, children=_children, max_depth=32):
         if is_tensor_like(value):
             report.tensors.append(_tensor_info(path or "<root>", value))
-            continue
-        if depth > 32 or (not isinstance(value, (str, int, float, bool)) and id(value) in seen):
-            continue
-        seen.add(id(value))
-        if is_module_like(value):
+        elif is_module_like(value):
             for k, t in state_dict_of(value).items():
                 report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
             if path:
                 report.values.append((path, _type_name(value), repr(value)))
-            continue
-        if isinstance(value, dict) and "param_groups" in value and "state" in value:
+        elif is_optimizer_state(value):
             report.values.append((path or "<root>", "optimizer state", _optimizer_summary(value)))
-            stack.append((f"{path}.state" if path else "state", value["state"], depth + 1))
-            continue
-        children = _children(value)
-        if children is None:
-            if len(report.values) < MAX_VALUES:
-                report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
-            continue
-        if isinstance(value, Stub) and path:
-            report.values.append((path, _type_name(value), repr(value)))
-        for key, child in reversed(children):
-            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+        elif isinstance(value, Stub):
+            if path:
+                report.values.append((path, _type_name(value), repr(value)))
+        elif _children(value) is None and len(report.values) < MAX_VALUES:
+            report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
 
 
 def _optimizer_summary(opt: dict) -> str:
@@ -164,16 +203,15 @@ def _optimizer_summary(opt: dict) -> str:
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
-    if isinstance(value, dict):
-        return list(value.items())
-    if isinstance(value, (list, tuple)) and any(is_tensor_like(v) or isinstance(v, (dict, list)) for v in value):
-        return list(enumerate(value))
-    if isinstance(value, Stub):
-        out = list(value.stub_attributes().items()) + list((value.stub_items or {}).items())
-        return out + list(enumerate(value.stub_list or []))
-    if hasattr(value, "__dict__") and type(value).__module__ in ("argparse", "types"):
-        return list(vars(value).items())
-    return None
+    """What inspect opens: modules are summarised, optimizer state shows only its ``state``, short
+    lists of plain values are one value."""
+    if is_module_like(value):
+        return []
+    if is_optimizer_state(value):
+        return [("state", value["state"])]
+    if isinstance(value, (list, tuple)) and not any(is_tensor_like(v) or isinstance(v, (dict, list)) for v in value):
+        return None
+    return children_of(value)
 
 
 def _type_name(value: Any) -> str:

@@ -2,8 +2,10 @@
 
 State is always read from disk: a checkpoint exists once its sidecar ``<name>.meta.json`` (the commit
 marker, written last) exists and matches its data file. A new process finds everything; a crash
-at any moment leaves only complete checkpoints under final names (plus temp files that the next
-Checkpointer removes). Old checkpoints are deleted only after the new one is committed.
+at any moment leaves only complete checkpoints under final names, and the leftovers of a killed
+save or retention pass are reclaimed by the next writer (the protocol is :mod:`.store`). One
+writer per directory: a second one, in any process, gets a clear error. Old checkpoints are
+deleted only after the new one is committed, and only checkpoints this protocol wrote.
 
 Retention is a set of tiny pure policies (:class:`KeepLast`, :class:`KeepBest`, :class:`KeepEvery`):
 each one names the steps it wants kept, and a checkpoint survives if any policy keeps it.
@@ -12,19 +14,25 @@ each one names the steps it wants kept, and a checkpoint survives if any policy 
 from __future__ import annotations
 
 import os
-import re
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from ..storage.atomic import clean_temp_files, fsync_dir
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
-from . import distributed
-from .training import META_SUFFIX, TrainingState, capture, read_meta, resume, verify, write_payload
+from ..read.formats.folders import is_accelerate_folder
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
+from . import distributed, store
+from .restore import resume_file
+from .training import TrainingState, capture, verify, write_payload
 
-__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy"]
+__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
+           "SkippedCheckpointWarning"]
 
+
+class SkippedCheckpointWarning(UserWarning):
+    """A damaged or incomplete checkpoint was skipped while resuming (the previous one was used)."""
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -88,9 +96,12 @@ class Checkpointer:
             on ``wait()`` or on ``close()``.
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
+
+    The first ``save`` takes the directory's writer lock and holds it until :meth:`close` (or the
+    process ends); listing and resuming need no lock.
     """
 
-    NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+    NAME = store.NAME
 
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
@@ -101,7 +112,10 @@ class Checkpointer:
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.directory, exc) from None
         self.monitor, self.mode = monitor, mode
         self.every_n_steps = every_n_steps
         self.weights_format = weights_format
@@ -117,34 +131,31 @@ class Checkpointer:
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
         self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
+        self._writer = store.DirectoryLock(self.directory)
+        self.removed_temp: list[str] = []
+        self.reclaimed: list[str] = []
+        if distributed.is_committer() and self._writer.try_acquire():  # nobody writes here: finish what killed writers left
+            try:
+                self._tidy()
+            finally:
+                self._writer.release()
+
+    def _tidy(self) -> None:
         self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
+        self.reclaimed = store.reclaim(self.directory) + distributed.reclaim(self.directory)
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        return os.path.join(self.directory, f"ckpt-{step:010d}.pt")
+        return store.path_for(self.directory, step)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        out = []
-        for name in os.listdir(self.directory):
-            m = self.NAME.match(name)
-            if not m:
-                found = distributed.committed(self.directory, name)  # a sharded checkpoint directory
-                if found:
-                    out.append(CheckpointInfo(found[0], found[1], found[2].get("metrics") or {}, found[2]))
-                continue
-            path = os.path.join(self.directory, name)
-            meta = read_meta(path)
-            if meta is None:
-                continue
-            try:
-                if os.path.getsize(path) != meta.get("size"):
-                    continue
-            except OSError:
-                continue
-            out.append(CheckpointInfo(int(m.group(1)), path, meta.get("metrics") or {}, meta))
-        out.sort(key=lambda c: c.step)
-        return out
+        return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
+                for e in self._entries() if e.problem is None]
+
+    def _entries(self) -> list[store.Entry]:
+        """Checkpoint files and sharded (DCP) checkpoint directories, oldest first."""
+        return sorted(store.entries(self.directory) + distributed.entries(self.directory), key=lambda e: e.step)
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -153,8 +164,9 @@ class Checkpointer:
     def best(self) -> CheckpointInfo | None:
         if not self.monitor:
             raise ValueError("best() needs Checkpointer(..., monitor='metric name')")
-        kept = KeepBest(1, self.monitor, self.mode).keep(self.checkpoints())
-        return next((c for c in self.checkpoints() if c.step in kept), None)
+        found = self.checkpoints()
+        kept = KeepBest(1, self.monitor, self.mode).keep(found)
+        return next((c for c in found if c.step in kept), None)
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, *, force: bool = False, model: Any = None, optimizer: Any = None, scheduler: Any = None,
@@ -163,10 +175,14 @@ class Checkpointer:
         """Save the state for ``step``; returns the path (None when ``every_n_steps`` skips this step).
 
         With ``async_save`` the path is returned before the file is written; call ``wait()`` to be sure.
+        Raises CheckpointWriteError when another process writes checkpoints in this directory.
         """
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
         self._raise_pending()
+        if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
+            self._writer.acquire()
+            self._tidy()
         if distributed.in_use(model):
             return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                       epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
@@ -199,7 +215,14 @@ class Checkpointer:
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
-        write_payload(path, payload, self.weights_format)
+        try:
+            store.begin(path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            write_payload(path, payload, self.weights_format)
+        finally:
+            store.end(path)  # committed, or every file of it removed
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -211,20 +234,8 @@ class Checkpointer:
             keep |= policy.keep(found)
         for c in found:
             if c.step not in keep:
-                self._delete(c.path)
+                distributed.remove(c.path) if distributed.is_dcp(c.path) else store.delete(c.path)
         fsync_dir(self.directory)
-
-    @staticmethod
-    def _delete(path: str) -> None:
-        # The sidecar goes first: without it the data file is no longer a checkpoint.
-        if os.path.isdir(path):
-            distributed.remove(path)
-            return
-        for victim in (path + META_SUFFIX, path, path + ".safetensors"):
-            try:
-                os.remove(victim)
-            except FileNotFoundError:
-                pass
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""
@@ -239,11 +250,14 @@ class Checkpointer:
             pending.result() if block else None
         except CheckpointError:
             raise
-        except OSError as exc:
-            raise CheckpointWriteError(f"background save failed: {exc}", path=self.directory) from exc
+        except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
+            cause = os_error_in(exc)
+            if cause is None:
+                raise
+            raise write_error(self.directory, cause) from None
 
     def close(self) -> None:
-        """Finish pending writes and stop the background thread."""
+        """Finish pending writes, stop the background thread and release the directory."""
         try:
             self.wait()
         finally:
@@ -251,6 +265,7 @@ class Checkpointer:
                 self._executor.shutdown(wait=True)
             if self._dcp is not None:
                 self._dcp.close()
+            self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -262,40 +277,72 @@ class Checkpointer:
     def resume(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
                strict: bool = True) -> TrainingState:
-        """Resume from the newest complete checkpoint; a corrupt one is skipped, and the state says so."""
+        """Resume from the newest complete checkpoint.
+
+        A damaged newer one (truncated, sidecar missing or unreadable, failing its digest or CRCs) is
+        skipped with a :class:`SkippedCheckpointWarning`, and ``state.notes`` names each file skipped
+        and why. A checkpoint that does not fit the given objects raises (no fallback).
+        """
         self._raise_pending()
-        found = self.checkpoints()
-        if not found:
-            raise CheckpointNotFoundError("no complete checkpoint in this directory", path=self.directory,
-                                          hint="Start training from scratch, or point at another directory.")
-        skipped: list[str] = []
-        for info in reversed(found):
+        found = self._entries()
+        skipped: list[str] = [f"removed the leftovers of an unfinished save: {name}" for name in self.reclaimed]
+        for entry in reversed(found):
+            name = os.path.basename(entry.path)
+            if entry.problem is not None:
+                if not entry.unfinished:  # a save in progress elsewhere is not damage
+                    self._skip(skipped, name, entry.problem)
+                continue
             try:
-                if os.path.isdir(info.path):
-                    state = distributed.resume_dcp(info.path, info.meta, model=model, optimizer=optimizer,
+                if distributed.is_dcp(entry.path):
+                    state = distributed.resume_dcp(entry.path, entry.meta or {}, model=model, optimizer=optimizer,
                                                    scheduler=scheduler, scaler=scaler, stateful=stateful,
                                                    restore_rng=restore_rng, strict=strict)
                 else:
-                    verify(info.path, info.meta)
-                    state = resume(info.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                   stateful=stateful, map_location=map_location, restore_rng=restore_rng,
-                                   strict=strict)
-            except CheckpointError as exc:
-                if not isinstance(exc, (CheckpointWriteError,)) and _is_damage(exc):
-                    skipped.append(f"{os.path.basename(info.path)} ({exc.reason})")
-                    continue
-                raise
+                    verify(entry.path, entry.meta)
+                    state = resume_file(entry.path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        scaler=scaler, stateful=stateful, map_location=map_location,
+                                        restore_rng=restore_rng, strict=strict, verified=True)
+            except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
+                self._skip(skipped, name, exc.reason)
+                continue
+            state.notes.extend(skipped)
             if skipped:
-                state.notes.append(f"skipped damaged checkpoint(s): {'; '.join(skipped)}; "
-                                   f"resumed from {os.path.basename(info.path)}")
+                state.notes.append(f"resumed from {name}")
             return state
-        raise CheckpointNotFoundError(f"every checkpoint is damaged: {'; '.join(skipped)}", path=self.directory)
+        if skipped:
+            raise CheckpointNotFoundError(f"no usable checkpoint: {'; '.join(skipped)}", path=self.directory,
+                                          hint="Start training from scratch, or point at another directory.")
+        raise CheckpointNotFoundError("no complete checkpoint in this directory", path=self.directory,
+                                      hint="Start training from scratch, or point at another directory.")
+
+    @staticmethod
+    def _skip(skipped: list[str], name: str, why: str) -> None:
+        note = f"skipped {name}: {why}"
+        skipped.append(note)
+        warnings.warn(f"torchckpt: {note}; falling back to the previous checkpoint", SkippedCheckpointWarning,
+                      stacklevel=3)
 
 
-def _is_damage(exc: CheckpointError) -> bool:
-    from ..errors import CorruptCheckpointError, UnsupportedFormatError
+def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
+           stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
+           strict: bool = True) -> TrainingState:
+    """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
-    return isinstance(exc, (CorruptCheckpointError, UnsupportedFormatError))
+    Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
+    model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
+    scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
+    the optimizer's parameter groups or type do not fit. A file that does not match its sidecar is
+    refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
+    Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
+    ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
+    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
+    """
+    path = os.fspath(path_or_dir)
+    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
+                  map_location=map_location, restore_rng=restore_rng, strict=strict)
+    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
+        return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
+    return resume_file(path, **kwargs)  # type: ignore[arg-type]
 
 
 def _to_cpu_copy(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:

@@ -23,6 +23,7 @@ import datetime
 import os
 import re
 import shutil
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,10 +31,12 @@ from ..errors import CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
 from ..read.unpickle.meta import TensorMeta
 from ..storage.atomic import fsync_dir, write_json_atomic
-from .training import TrainingState, _json_safe, _plain_number, _restore, get_rng_state, read_meta, versions
+from .restore import _restore, _restore_rng
+from .store import Entry
+from .training import TrainingState, _json_safe, _plain_number, get_rng_state, read_meta, versions
 
-__all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "committed", "resume_dcp", "remove",
-           "DCP_FORMAT", "DCP_NAME"]
+__all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "is_dcp", "reclaim", "resume_dcp",
+           "remove", "DCP_FORMAT", "DCP_NAME"]
 
 DCP_FORMAT = "torchckpt.training.dcp/1"
 DCP_NAME = re.compile(r"^ckpt-(\d+)\.dcp$")
@@ -54,23 +57,23 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_committer() -> bool:
-    """True on the rank that commits and applies retention (rank 0, or the only process)."""
-    return rank_and_world()[0] == 0
+    """True on the rank that commits, holds the directory's writer lock and applies retention (rank 0, or
+    the only process). No process group exists before torch.distributed is imported: torch stays unloaded."""
+    return "torch.distributed" not in sys.modules or rank_and_world()[0] == 0
 
 
 def has_dtensors(model: Any) -> bool:
-    if model is None or not hasattr(model, "parameters"):
+    """Whether ``model`` has DTensor parameters. No DTensor exists before torch.distributed.tensor is
+    imported: a plain model never pays for that import (seconds)."""
+    tensor_mod = sys.modules.get("torch.distributed.tensor")
+    if tensor_mod is None or model is None or not hasattr(model, "parameters"):
         return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, tensor_mod.DTensor) for p in model.parameters())
 
 
 def in_use(model: Any) -> bool:
     """Whether checkpoints go through DCP: a process group is initialised or the model is sharded."""
-    import torch.distributed as dist
-
-    return dist.is_available() and (dist.is_initialized() or has_dtensors(model))
+    return _dist() is not None or has_dtensors(model)
 
 
 def dcp_path(directory: str, step: int) -> str:
@@ -150,8 +153,8 @@ class DcpSaver:
             try:
                 with _single_process_quiet():
                     dcp.save(state, checkpoint_id=path, no_dist=dist is None)
-            except Exception as exc:  # noqa: BLE001 - any rank's failure surfaces here as a write error
-                raise _write_error(path, exc) from exc
+            except _failures() as exc:  # any rank's failure surfaces here, on every rank
+                raise _write_error(path, exc) from None
             self._commit(path, meta, None)
             return path, None
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -163,14 +166,14 @@ class DcpSaver:
         try:
             future = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
                                     process_group=self._group, no_dist=dist is None)
-        except Exception as exc:  # noqa: BLE001
-            raise _write_error(path, exc) from exc
+        except _failures() as exc:
+            raise _write_error(path, exc) from None
 
         def finish() -> None:
             try:
                 future.result()
-            except Exception as exc:  # noqa: BLE001
-                raise _write_error(path, exc) from exc
+            except _failures() as exc:
+                raise _write_error(path, exc) from None
             self._commit(path, meta, self._group)
 
         return path, finish
@@ -204,10 +207,35 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a DCP save or load raises: any error, and DCP's CheckpointException (a BaseException that
+    carries every failed rank's error; DCP raises it on every rank)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
+
+
+def _describe(exc: BaseException) -> str:
+    """One line per failed rank (``rank 1: OSError: [Errno 27] File too large``), not DCP's tracebacks."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, wrapped in sorted(failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+            parts.append(f"rank {rank}: {_one_line(inner)}")
+        return "; ".join(parts)
+    return _one_line(exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def _write_error(path: str, exc: BaseException) -> CheckpointWriteError:
-    return CheckpointWriteError(f"distributed save failed on rank {rank_and_world()[0]}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", path=path,
-                                hint="The previous checkpoint stays the latest one. Check every rank's log.")
+    return CheckpointWriteError(f"distributed save failed (seen on rank {rank_and_world()[0]}): {_describe(exc)}",
+                                path=path, hint="The previous checkpoint stays the latest one; this directory was "
+                                "not committed. Check the failing rank's disk and log, then save again.")
 
 
 def _discard_uncommitted(path: str) -> None:
@@ -232,16 +260,52 @@ def base_meta(step: int, epoch: int | None, metrics: Mapping[str, Any] | None) -
 
 
 # --------------------------------------------------------------------------- listing
-def committed(directory: str, name: str) -> tuple[int, str, dict[str, Any]] | None:
-    """(step, path, marker) when ``name`` is a committed DCP checkpoint whose files are all there."""
-    m = DCP_NAME.match(name)
-    if not m:
-        return None
-    path = os.path.join(directory, name)
-    meta = read_meta(path)
-    if meta is None or meta.get("format") != DCP_FORMAT or not isinstance(meta.get("files"), dict):
-        return None
-    return int(m.group(1)), path, meta
+def is_dcp(path: str) -> bool:
+    return DCP_NAME.match(os.path.basename(path)) is not None
+
+
+def entries(directory: str) -> list[Entry]:
+    """Every ``ckpt-<step>.dcp`` directory (or its marker), with what is wrong with it (None: committed).
+
+    A directory without its commit marker is ``unfinished``: a save that is running or was killed.
+    """
+    try:
+        names = set(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in sorted({n[: -len(META_SUFFIX)] if n.endswith(META_SUFFIX) else n for n in names}):
+        m = DCP_NAME.match(name)
+        if not m:
+            continue
+        path = os.path.join(directory, name)
+        meta = read_meta(path) if name + META_SUFFIX in names else None
+        if meta is None:
+            problem = "it has no commit marker (its save never finished)" if name in names else "its files are gone"
+            out.append(Entry(int(m.group(1)), path, None, problem, unfinished=name in names))
+            continue
+        problem = None
+        if meta.get("format") != DCP_FORMAT or meta.get("file") != name or not isinstance(meta.get("files"), dict):
+            problem = "its commit marker was not written by torchckpt for this directory"
+        else:
+            try:
+                verify_dcp(path, meta)
+            except CorruptCheckpointError as exc:
+                problem = exc.reason
+        out.append(Entry(int(m.group(1)), path, meta, problem))
+    return out
+
+
+def reclaim(directory: str) -> list[str]:
+    """Remove the directories of sharded saves that never committed (call under the writer lock)."""
+    removed = []
+    for entry in entries(directory):
+        if entry.unfinished:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(os.path.basename(entry.path))
+    if removed:
+        fsync_dir(directory)
+    return removed
 
 
 def verify_dcp(path: str, meta: Mapping[str, Any]) -> None:
@@ -294,9 +358,8 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
         with _single_process_quiet():
             dcp.load(target, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=not strict),
                      no_dist=_dist() is None)
-    except Exception as exc:  # noqa: BLE001 - DCP reports missing keys and damage with many types
-        raise ResumeError(f"loading the distributed checkpoint failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}", path=path,
+    except _failures() as exc:  # DCP reports missing keys, shapes and damage with many types, on every rank
+        raise ResumeError(f"loading the distributed checkpoint failed: {_describe(exc)}", path=path,
                           hint="Resume with the same model and optimizer structure as when saving.") from None
     options = StateDictOptions(strict=strict)
     if model is not None:
@@ -318,7 +381,7 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     state.rng = _expand_rng(mine.get("rng"))
     if restore_rng:
         if state.rng:
-            state.restore_rng()
+            _restore_rng(state)  # all or nothing
         else:
             state.notes.append(f"no RNG state for rank {rank} in the checkpoint; randomness will differ")
     return state

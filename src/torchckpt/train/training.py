@@ -1,4 +1,4 @@
-"""Training checkpoints that resume bit-for-bit: ``save``, ``resume`` and ``TrainingState``.
+"""Training checkpoints that resume bit-for-bit: the writing side (``save``, capture, verify).
 
 A training checkpoint is one zip-format ``.pt`` file written atomically, plus a small JSON sidecar
 (``<file>.meta.json``) that is written last. The sidecar is the commit marker: it holds step, epoch,
@@ -9,25 +9,31 @@ a truncated or damaged file is detected (every byte is checked against its CRC o
 Besides the objects given, the file records every RNG (Python ``random``, numpy, torch CPU, every
 CUDA device). :class:`~torchckpt.train.sampler.ResumableSampler` (or any object with ``state_dict`` /
 ``load_state_dict`` passed in ``stateful``) makes the data order resume mid-epoch too.
+Reading one back is :mod:`torchckpt.train.restore`; a directory of them is
+:mod:`torchckpt.train.checkpointer`, which also holds the public ``resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
 import platform
 import random
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..errors import CheckpointWriteError, CorruptCheckpointError
 from ..storage.atomic import atomic_write, file_sha256, write_json_atomic
-from ..errors import CorruptCheckpointError, ResumeError
-from ..read.formats.folders import is_accelerate_folder
 
-__all__ = ["save", "resume", "TrainingState", "capture", "meta_path", "read_meta", "verify"]
+__all__ = ["save", "write_payload", "write_data", "commit", "discard", "TrainingState", "capture", "meta_path",
+           "read_meta", "verify"]
 
 FORMAT = "torchckpt.training/1"
 META_SUFFIX = ".meta.json"
@@ -177,7 +183,66 @@ def _plain_number(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- write / read
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
-    """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document."""
+    """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document.
+
+    If either cannot be written, no file of this checkpoint stays under its final name.
+    """
+    try:
+        meta = write_data(path, payload, weights_format)  # atomic: on failure nothing final changed
+        try:
+            commit(path, meta)
+        except BaseException:
+            discard(path, quiet=True)  # new data without its sidecar must not stay under the final name
+            raise
+    except CheckpointWriteError as exc:
+        if getattr(exc, "errno", None) == errno.ENOSPC:
+            exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
+        raise
+    return meta
+
+
+def commit(path: str, meta: Mapping[str, Any]) -> None:
+    """Write the sidecar of ``path``: from now on the checkpoint exists."""
+    write_json_atomic(meta_path(path), dict(meta))
+
+
+def data_files(path: str) -> list[str]:
+    """Every file of the checkpoint at ``path``: data, weights, sidecar (sidecar first)."""
+    return [meta_path(path), path, path + ".safetensors"]
+
+
+def discard(path: str, *, quiet: bool = False) -> None:
+    """Remove every file of the checkpoint at ``path`` that exists (sidecar first); ``quiet``: best effort."""
+    for victim in data_files(path):
+        with contextlib.suppress(OSError if quiet else FileNotFoundError):
+            os.remove(victim)
+
+
+def _payload_nbytes(payload: Any) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
+    """Write the data file(s) of a checkpoint atomically; returns the sidecar document (not yet written)."""
     import torch
 
     path = os.fspath(path)
@@ -203,7 +268,6 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
             "size": os.path.getsize(path), "epoch": payload.get("epoch"), "step": payload.get("step"),
             "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
-    write_json_atomic(meta_path(path), meta)
     return meta
 
 
@@ -227,13 +291,27 @@ def _json_safe(value: Any) -> Any:
             if isinstance(value, dict) else repr(value)
 
 
-def read_meta(path: str) -> dict[str, Any] | None:
+def read_meta(path: str, *, strict: bool = False) -> dict[str, Any] | None:
+    """The sidecar of ``path``; None when there is none.
+
+    A sidecar that is not a JSON object gives None, or with ``strict`` a CorruptCheckpointError saying why.
+    """
+    where = meta_path(path)
     try:
-        with open(meta_path(path), encoding="utf-8") as fh:
-            meta = json.load(fh)
-        return meta if isinstance(meta, dict) else None
-    except (OSError, ValueError):
+        with open(where, "rb") as fh:
+            meta = json.loads(fh.read(1 << 20).decode("utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if strict:
+            raise CorruptCheckpointError(f"the sidecar is unreadable ({type(exc).__name__}: {exc})", path=where,
+                                         hint="It was damaged after the checkpoint was saved.") from None
+        return None
+    if not isinstance(meta, dict):
+        if strict:
+            raise CorruptCheckpointError(f"the sidecar holds a JSON {type(meta).__name__}, not an object", path=where)
+        return None
+    return meta
 
 
 def zip_digest(path: str) -> str:
@@ -256,6 +334,9 @@ def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
     if meta is None:
         return
     damaged = "The file was modified or damaged after it was saved."
+    if not isinstance(meta.get("size"), int) or not isinstance(meta.get("content_sha256"), str):
+        raise CorruptCheckpointError("the sidecar lacks the size or content digest of the file", path=meta_path(path),
+                                     hint=damaged)
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -269,8 +350,14 @@ def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
                                          path=path, hint=damaged)
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CorruptCheckpointError(f"the zip structure is damaged ({exc})", path=path, hint=damaged) from None
+    except CorruptCheckpointError:
+        raise
+    # zipfile raises whatever a damaged header leads to: unknown compression or encryption flags
+    # (NotImplementedError, RuntimeError), undecodable names (UnicodeDecodeError), bad numbers ...
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError, KeyError,
+            struct.error, zlib.error, OverflowError) as exc:
+        raise CorruptCheckpointError(f"the zip structure is damaged ({type(exc).__name__}: {exc})", path=path,
+                                     hint=damaged) from None
     if bad is not None:
         raise CorruptCheckpointError(f"member {bad} fails its CRC-32 check", path=path, hint=damaged)
     weights = meta.get("weights_sha256")
@@ -296,104 +383,3 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
                       metrics=metrics, extra=extra, stateful=stateful, rng=rng)
     return write_payload(os.fspath(path), payload, weights_format)
-
-
-def _load_payload(path: str, map_location: Any) -> dict[str, Any]:
-    from ..read.load import load
-
-    payload = load(path, map_location=map_location or "cpu")
-    if not isinstance(payload, dict):
-        raise ResumeError("not a training checkpoint (the file holds a "
-                          f"{type(payload).__name__})", path=path,
-                          hint="Use torchckpt.load_into(model, path) to load weights only.")
-    model_file = payload.get("model_file")
-    if model_file and payload.get("model") is None:
-        payload["model"] = load(os.path.join(os.path.dirname(os.path.abspath(path)), model_file))
-    return payload
-
-
-def _restore(obj: Any, state: Any, what: str, path: str) -> None:
-    if obj is None:
-        return
-    if state is None:
-        raise ResumeError(f"the checkpoint has no {what} state", path=path,
-                          hint=f"Do not pass {what}=..., or resume from a checkpoint saved with it.")
-    if isinstance(obj, Mapping) and not hasattr(obj, "load_state_dict"):
-        for name, o in obj.items():
-            if name not in state:
-                raise ResumeError(f"the checkpoint has no {what}[{name!r}] state (it has {sorted(state)})", path=path)
-            _restore(o, state[name], f"{what}[{name!r}]", path)
-        return
-    if isinstance(obj, (list, tuple)):
-        if not isinstance(state, list) or len(state) != len(obj):
-            raise ResumeError(f"{what}: {len(obj)} objects given, the checkpoint has "
-                              f"{len(state) if isinstance(state, list) else 1}", path=path)
-        for i, (o, s) in enumerate(zip(obj, state)):
-            _restore(o, s, f"{what}[{i}]", path)
-        return
-    if what.startswith("optimizer"):
-        _check_param_groups(obj, state, what, path)
-    try:
-        obj.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise ResumeError(f"restoring {what} failed: {exc}", path=path) from None
-
-
-def _check_param_groups(optimizer: Any, state: Mapping[str, Any], what: str, path: str) -> None:
-    saved = state.get("param_groups") if isinstance(state, Mapping) else None
-    if not isinstance(saved, list):
-        raise ResumeError(f"{what} state has no param_groups", path=path)
-    current = optimizer.param_groups
-    if len(saved) != len(current) or any(len(a["params"]) != len(b["params"]) for a, b in zip(saved, current)):
-        have = [len(g["params"]) for g in current]
-        had = [len(g["params"]) for g in saved]
-        raise ResumeError(f"{what} parameter groups do not fit: the checkpoint has {had} parameters per group, "
-                          f"the optimizer {have}", path=path,
-                          hint="Build the optimizer over the same parameters, in the same order, as when saving.")
-
-
-def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-           stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True) -> TrainingState:
-    """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
-
-    An accelerate ``save_state`` folder is restored as one checkpoint (model, optimizer, scheduler,
-    scaler and the RNG states of process 0).
-
-    Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
-    model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
-    scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
-    the optimizer's parameter groups do not fit. A file whose sha256 does not match its sidecar is refused.
-    """
-    path = os.fspath(path_or_dir)
-    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
-        from .checkpointer import Checkpointer
-
-        return Checkpointer(path).resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                         stateful=stateful, map_location=map_location, restore_rng=restore_rng,
-                                         strict=strict)
-    verify(path)
-    payload = _load_payload(path, map_location)
-    state = TrainingState(path=path, epoch=payload.get("epoch"), step=payload.get("step"),
-                          metrics=dict(payload.get("metrics") or {}), extra=payload.get("extra"),
-                          rng=payload.get("rng"))
-    if payload.get("format") != FORMAT:
-        state.notes.append("not written by torchckpt.save: restored what could be recognised")
-    weights = payload.get("model")
-    if weights is None:
-        weights = payload  # a plain training dict (state_dict / model_state_dict ...): let load_into find it
-    from ..fit.load_into import load_into
-
-    state.report = load_into(model, weights, strict=strict)
-    _restore(optimizer, payload.get("optimizer", payload.get("optimizer_state_dict")), "optimizer", path)
-    _restore(scheduler, payload.get("scheduler", payload.get("lr_scheduler")), "scheduler", path)
-    _restore(scaler, payload.get("scaler"), "scaler", path)
-    for name, obj in (stateful or {}).items():
-        _restore(obj, (payload.get("stateful") or {}).get(name), f"stateful[{name!r}]", path)
-    if restore_rng:
-        if state.rng:
-            state.restore_rng()
-        else:
-            state.notes.append("the checkpoint holds no RNG state; randomness will differ from the original run")
-    return state
-

@@ -59,7 +59,7 @@ def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoin
     or, for one rank's shard, ``read_region()``), so a caller streams them one at a time.
     """
     meta_path = os.path.join(directory, ".metadata")
-    with Source(meta_path) as src:
+    with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path) as src:
         metadata, _ = run_pickle(opts, src.buffer(), src, ".metadata")
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)

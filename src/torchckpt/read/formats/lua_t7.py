@@ -19,6 +19,7 @@ from typing import Any
 from ...errors import CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError
 from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, LUA_T7
+from ..tensors import is_tensor_like
 from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
@@ -293,8 +294,6 @@ def t7_state_dict(obj: Any, notes: list[str] | None = None) -> "OrderedDict[str,
 
 
 def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, depth: int) -> None:
-    from ...fit.tree import is_tensor_like
-
     if not isinstance(module, T7Object) or id(module) in seen or depth > MAX_DEPTH:
         return
     seen.add(id(module))

@@ -243,3 +243,5 @@ def _npy(data: Any, what: str) -> Any:
                                          hint="Object arrays are refused; save the arrays with a numeric dtype.") \
                 from None
         raise CorruptCheckpointError(f"invalid numpy data in {what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast/tokenize: any failure is bad data
+        raise CorruptCheckpointError(f"invalid numpy header in {what} ({type(exc).__name__}: {exc})") from None

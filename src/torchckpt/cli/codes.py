@@ -1,0 +1,31 @@
+"""Every exit code of the command line, in one place (fickling's convention).
+
+0 ok, 1 findings or differences, 2 usage error, 3 unreadable or unsupported input (a missing path
+included), 4 unsafe checkpoint, 130 interrupted. The tools return records; only the CLI turns them
+into exit codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsafeCheckpointError
+
+__all__ = ["EXIT_OK", "EXIT_FINDINGS", "EXIT_USAGE", "EXIT_UNREADABLE", "EXIT_UNSAFE", "EXIT_INTERRUPTED",
+           "exit_code_for", "scan_exit_code"]
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """A failed command: 4 for an unsafe checkpoint, 3 for any other checkpoint error."""
+    return EXIT_UNSAFE if isinstance(exc, UnsafeCheckpointError) else EXIT_UNREADABLE
+
+
+def scan_exit_code(report: Any) -> int:
+    """1 when any file has findings, else 3 when any is unreadable, else 0 (skipped files are fine)."""
+    statuses = {f.status for f in report.files}
+    if "findings" in statuses:
+        return EXIT_FINDINGS
+    return EXIT_UNREADABLE if "unreadable" in statuses else EXIT_OK

@@ -1,0 +1,89 @@
+"""Checkpointer runs in their own process, for the fault tests (real limits, real kills, real locks).
+
+    python ckpt_worker.py diskfull DIR [FSIZE]  # small save, then big saves that cannot fit; JSON per outcome
+    python ckpt_worker.py hold DIR              # save steps 1-3, print "ready", save 4 after a line on stdin
+    python ckpt_worker.py kill-at WHERE DIR     # save steps 1-3 (keep_last=1); SIGKILL itself at WHERE in step 3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+import torchckpt
+
+
+def _outcome(fn) -> dict:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test inspects what escaped
+        return {"type": type(exc).__name__, "message": str(exc),
+                "is_write_error": isinstance(exc, torchckpt.CheckpointWriteError)}
+    return {"type": None}
+
+
+def diskfull(directory: str, fsize: str | None) -> None:
+    if fsize:  # no small file system to mount: the process's file-size limit is the real fault instead
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), int(fsize)))
+    torch.manual_seed(0)
+    small, big = torch.nn.Linear(16, 16), torch.nn.Linear(1024, 1024)  # ~1 KiB and 4 MiB of tensors
+    ckpt = torchckpt.Checkpointer(os.path.join(directory, "run"), keep_last=1)
+    ckpt.save(1, model=small)
+    results = {"checkpointer": _outcome(lambda: ckpt.save(2, model=big)),
+               "save": _outcome(lambda: torchckpt.save(os.path.join(directory, "single.pt"), model=big))}
+    with torchckpt.Checkpointer(os.path.join(directory, "async"), async_save=True) as background:
+        background.save(1, model=big)
+        results["async"] = _outcome(background.wait)
+    print(json.dumps(results), flush=True)
+
+
+def hold(directory: str) -> None:
+    ckpt = torchckpt.Checkpointer(directory, keep_last=1)
+    model = torch.nn.Linear(4, 4)
+    for step in (1, 2, 3):
+        ckpt.save(step, model=model)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    ckpt.save(4, model=model)
+    print("saved 4", flush=True)
+
+
+def kill_at(where: str, directory: str) -> None:
+    """Die by SIGKILL at a precise point of the protocol (the process patches its own os calls)."""
+    import torchckpt.train.training as training
+
+    ckpt = torchckpt.Checkpointer(directory, keep_last=1)
+    model = torch.nn.Linear(4, 4)
+    ckpt.save(1, model=model)
+    ckpt.save(2, model=model)
+    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+    if where == "before-sidecar":  # data file under its final name, sidecar not yet written
+        training.commit = die
+    elif where == "inside-retention":  # step 3 committed; retention removed step 2's sidecar, not its data
+        real_remove = os.remove
+
+        def remove(path, *a, **k):
+            real_remove(path, *a, **k)
+            if path.endswith(".meta.json"):
+                die()
+
+        os.remove = remove  # one os module for every torchckpt module of this process
+    ckpt.save(3, model=model)
+    print("not killed", flush=True)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "diskfull":
+        diskfull(args[0], args[1] if len(args) > 1 else None)
+    elif mode == "hold":
+        hold(args[0])
+    elif mode == "kill-at":
+        kill_at(args[0], args[1])
