@@ -68,3 +68,14 @@ def test_cli_converts_to_dcp(tmp_path, two_rank_dcp):  # noqa: F811
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "verified: yes" in out.stdout, out.stdout + out.stderr
     assert torch.equal(torchckpt.load(tmp_path / "w.dcp")["exp_avg"], full_tensors()["fp32"])
+
+
+def test_the_public_convert_takes_every_option_of_the_file_converter():
+    """torchckpt.convert dispatches to DCP or to tools.convert: no option of the latter may be lost."""
+    import inspect
+
+    from torchckpt.tools import convert as file_convert
+
+    public = inspect.signature(torchckpt.convert).parameters
+    for name, param in inspect.signature(file_convert.convert).parameters.items():
+        assert name in public and public[name].kind == param.kind and public[name].default == param.default, name

@@ -33,7 +33,8 @@ __all__ = ["convert", "convert_to_dcp"]
 
 def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None, progress: Progress | None = None) -> ConvertReport:
+            allow: Iterable[str] | str | None = None, progress: Progress | None = None,
+            storage_options: Any = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
 
     ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.convert`) or ``"dcp"``, a
@@ -42,14 +43,15 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     dst = os.fspath(dst)
     if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
         return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
-                              policy=resolve_policy(policy, trust, allow), progress=progress)
+                              policy=resolve_policy(policy, trust, allow), progress=progress,
+                              storage_options=storage_options)
     return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, policy=policy, trust=trust,
-                        allow=allow, progress=progress)
+                        allow=allow, progress=progress, storage_options=storage_options)
 
 
 def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,
                    key: str | None = None, policy: Policy | None = None,
-                   progress: Progress | None = None) -> ConvertReport:
+                   progress: Progress | None = None, storage_options: Any = None) -> ConvertReport:
     """Write ``src`` as a DCP directory ``dst`` (which must not exist yet) and verify it."""
     import torch.distributed.checkpoint as dcp  # lazy: torch only when tensors are written
 
@@ -57,7 +59,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True) as loaded:
+    with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded:
         source = loaded.reader
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()

@@ -16,7 +16,7 @@ from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
 from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
-from ..read.tensors import release, to_torch
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
 from ..read.unpickle.mode import Mode
 
@@ -66,7 +66,8 @@ class DiffReport:
                 "values_compared": self.values_compared, "changed": [d.to_dict() for d in self.changed],
                 "changed_layers": self.changed_layers, "nonfinite": self.nonfinite}
 
-    def __str__(self) -> str:
+    def render(self) -> str:
+        """The human report (``print(report)``): what differs, key by key, and by how much."""
         if self.equal:
             what = "identical tensors" if self.values_compared else "the same keys, shapes and dtypes"
             return f"{self.a} and {self.b}: {what} ({self.common} tensors)"
@@ -90,6 +91,8 @@ class DiffReport:
             lines.append(f"  NaN/Inf: {k}")
         return "\n".join(lines)
 
+    __str__ = render
+
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
     try:
@@ -100,12 +103,9 @@ def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
         return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
-def _dtype(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None) -> DiffReport:
+         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None,
+         storage_options: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
@@ -113,13 +113,14 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     ``policy``/``trust``/``allow``: what the files' pickles may import, as in :func:`torchckpt.load`.
+    ``storage_options``: for URL arguments (read by byte ranges).
     """
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
     mode, read_policy = (Mode.BUILD if values else Mode.STRUCTURE), resolve_policy(policy, trust, allow)
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, mode, read_policy, lazy=True) as la, \
-            open_checkpoint(b, mode, read_policy, lazy=True) as lb:
+    with open_checkpoint(a, mode, read_policy, lazy=True, storage_options=storage_options) as la, \
+            open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
@@ -142,8 +143,8 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
             va, vb = ta[ka], tb[kb]
             if tuple(va.shape) != tuple(vb.shape):
                 report.shape_changes.append((ka, list(va.shape), list(vb.shape)))
-            elif _dtype(va) != _dtype(vb):
-                report.dtype_changes.append((ka, _dtype(va), _dtype(vb)))
+            elif dtype_name(va) != dtype_name(vb):
+                report.dtype_changes.append((ka, dtype_name(va), dtype_name(vb)))
         if values:
             report.values_compared = True
             skip = {k for k, _, _ in report.shape_changes}

@@ -7,9 +7,8 @@ depend on the size of the file.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
@@ -133,22 +132,23 @@ def _columns(rows: list[tuple[str, ...]], right: set[int] = frozenset(), limit: 
 
 
 def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None) -> InspectReport:
+            allow: Iterable[str] | str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> InspectReport:
     """Describe a checkpoint: format and evidence, tree values, tensors, totals, referenced classes.
 
-    No tensor data is read. ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
+    No tensor data is read (a remote file moves its header or zip directory only, with
+    ``storage_options`` for its filesystem). ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
     Raises the same errors as :func:`torchckpt.load`.
     """
-    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True)
-    name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
-    size = _size_of(source)
+    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True,
+                             storage_options=storage_options)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")
     if devices:
         evidence.append(f"storages saved on {', '.join(devices)}")
-    report = InspectReport(path=str(name), format=loaded.kind, description=loaded.description, evidence=evidence,
-                           file_size=size, locations=dict(locations), notes=list(loaded.notes),
+    report = InspectReport(path=loaded.name, format=loaded.kind, description=loaded.description, evidence=evidence,
+                           file_size=loaded.size, locations=dict(locations), notes=list(loaded.notes),
                            metadata=dict(loaded.details.get("metadata") or {}))
     _collect(loaded.obj, report)
     seen: dict[str, str] = {}
@@ -157,14 +157,6 @@ def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = F
     report.classes = sorted(seen.items())
     report.weights = [(c.path or "<root>", c.source, len(c.state_dict)) for c in find_state_dicts(loaded.obj)]
     return report
-
-
-def _size_of(source: Any) -> int:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return len(source)
-    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
-        return os.path.getsize(source)
-    return -1
 
 
 def _tensor_info(key: str, t: Any) -> TensorInfo:

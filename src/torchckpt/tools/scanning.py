@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError, NotACheckpointError, UnsafeCheckpointError
 from ..read.formats import Trace, folder_kind, is_dcp_dir
@@ -21,6 +21,7 @@ from ..read.opener import open_checkpoint
 from ..read.unpickle.machine import GlobalRef
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.policy import Verdict
+from ..storage.remote import is_url, remote_listing
 from ..storage.source import confined_path
 
 __all__ = ["scan", "scan_file", "ScanReport", "FileScan", "Finding"]
@@ -83,13 +84,45 @@ class ScanReport:
     def to_dict(self) -> dict[str, Any]:
         return {"exit_code": self.exit_code, "files": [f.to_dict() for f in self.files]}
 
+    def render(self, *, strict: bool = False, verbose: bool = False) -> str:
+        """The human report: one line per file with its findings (and, unless ``strict`` made them
+        findings, the classes that would be stubbed); ``verbose`` lists every global of every stream."""
+        labels = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}
+        lines = []
+        for f in self.files:
+            lines.append(f"{f.path}: {labels[f.status]} ({f.format}, {len(f.streams)} pickle streams, "
+                         f"{len(f.globals)} globals)")
+            if f.error:
+                lines.append(f"  {f.error}")
+                if f.hint and f.status == "unreadable":
+                    lines.append(f"  {f.hint}")
+            for finding in f.findings:
+                where = "".join([f" [{finding.member}]" if finding.member else "",
+                                 f" @{finding.offset}" if finding.offset is not None else ""])
+                lines.append(f"  {finding.kind}: {finding.message}{where}")
+            stubbed = sorted({g.fullname for g in f.globals if g.verdict.value == "unknown"})
+            if stubbed and not strict:
+                lines.append(f"  would be stubbed (not imported): {', '.join(stubbed[:8])}"
+                             + (f" and {len(stubbed) - 8} more" if len(stubbed) > 8 else ""))
+            if verbose:
+                lines += [f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})"
+                          for s in f.streams for g in s["globals"]]
+        counts = {k: sum(f.status == k for f in self.files) for k in labels}
+        lines.append(f"{len(self.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
+                     f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
+        return "\n".join(lines)
+
+    __str__ = render
+
 
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
-         strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
+         strict: bool = False, progress: Callable[[int, int], None] | None = None,
+         storage_options: Mapping[str, Any] | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``; symlinked folders are followed once) without
     executing anything from them. A directory that ``load`` reads as one checkpoint (torch.distributed.checkpoint,
     Hugging Face or accelerate folder) is scanned as one, then every file in it that the read did not touch.
 
+    Paths may be URLs (``storage_options`` for their filesystem); a URL prefix is walked like a directory.
     ``progress(done, total)`` is called after each file.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -97,7 +130,17 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
     for p in map(os.fspath, paths):
-        if os.path.isdir(p) and not _checkpoint_dir(p):
+        if is_url(p):  # a URL prefix is a directory (walked with recursive=True)
+            try:
+                listed = remote_listing(p, storage_options) if recursive else []
+            except CheckpointError as exc:
+                files.append(FileScan(p, status="unreadable", error=exc.reason, hint=exc.hint))
+                continue
+            if listed:
+                todo.extend((url, False) for url in listed)
+            else:
+                todo.append((p, True))
+        elif os.path.isdir(p) and not _checkpoint_dir(p):
             if not recursive:
                 files.append(FileScan(p, status="unreadable", error="is a directory: pass -r/--recursive to scan "
                                                                     "the files in it"))
@@ -106,8 +149,10 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
         else:
             todo.append((p, True))
     for i, (path, explicit) in enumerate(todo, 1):
-        files.extend(_scan_dir(path, strict) if os.path.isdir(path) else [scan_file(path, strict=strict,
-                                                                                      explicit=explicit)])
+        if is_url(path) or not os.path.isdir(path):
+            files.append(scan_file(path, strict=strict, explicit=explicit, storage_options=storage_options))
+        else:
+            files.extend(_scan_dir(path, strict))
         if progress is not None:
             progress(i, len(todo))
     return ScanReport(files)
@@ -156,7 +201,8 @@ def _scan_dir(directory: str, strict: bool) -> list[FileScan]:
     return [result, *(scan_file(p, strict=strict, explicit=False) for p in rest)]
 
 
-def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> FileScan:
+def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
+              storage_options: Mapping[str, Any] | None = None) -> FileScan:
     """Scan one file (or DCP directory) by opening it as ``load`` would, in record mode.
 
     Met while walking a directory, a file that is not a checkpoint at all (JSON, text, unknown binary)
@@ -165,7 +211,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> File
     result = FileScan(os.fspath(path))
     trace = Trace()
     try:
-        with open_checkpoint(path, Mode.RECORD, trace=trace) as ckpt:
+        with open_checkpoint(path, Mode.RECORD, trace=trace, storage_options=storage_options) as ckpt:
             result.format = ckpt.format
     except UnsafeCheckpointError as exc:  # refused for more than a global: a path that leaves the checkpoint
         result.findings.append(Finding("unsafe", exc.reason, getattr(exc, "member", None),
