@@ -71,7 +71,8 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
             return
     elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
         try:  # DCP, Hugging Face or accelerate folders; lazy DCP tensors open their own data files
-            ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) else read_folder(path, opts)
+            ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) \
+                else read_folder(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
         with Source(b"", name=path) as empty:  # items were read inside the reader
