@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.training import TrainingState, save
+    from .train.remote import save
+    from .train.training import TrainingState
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
@@ -53,7 +54,7 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
-    "save": ("train.training", "save"),
+    "save": ("train.remote", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),

@@ -29,17 +29,8 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
     out = Output(json_mode=as_json)
-    with out.progress(bytes_=True) as progress:
-        task = progress.add_task("converting", total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with out.task("converting", bytes_=True) as progress:
         report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                         policy=policy_from(trust, allow), progress=update,
-                         storage_options=storage_options)
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(report.render(), markup=False)
+                         policy=policy_from(trust, allow), progress=progress, storage_options=storage_options)
+    out.show(report)
     return EXIT_OK

@@ -84,6 +84,36 @@ class ScanReport:
     def to_dict(self) -> dict[str, Any]:
         return {"exit_code": self.exit_code, "files": [f.to_dict() for f in self.files]}
 
+    def render(self, *, strict: bool = False, verbose: bool = False) -> str:
+        """The human report: one line per file with its findings (and, unless ``strict`` made them
+        findings, the classes that would be stubbed); ``verbose`` lists every global of every stream."""
+        labels = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}
+        lines = []
+        for f in self.files:
+            lines.append(f"{f.path}: {labels[f.status]} ({f.format}, {len(f.streams)} pickle streams, "
+                         f"{len(f.globals)} globals)")
+            if f.error:
+                lines.append(f"  {f.error}")
+                if f.hint and f.status == "unreadable":
+                    lines.append(f"  {f.hint}")
+            for finding in f.findings:
+                where = "".join([f" [{finding.member}]" if finding.member else "",
+                                 f" @{finding.offset}" if finding.offset is not None else ""])
+                lines.append(f"  {finding.kind}: {finding.message}{where}")
+            stubbed = sorted({g.fullname for g in f.globals if g.verdict.value == "unknown"})
+            if stubbed and not strict:
+                lines.append(f"  would be stubbed (not imported): {', '.join(stubbed[:8])}"
+                             + (f" and {len(stubbed) - 8} more" if len(stubbed) > 8 else ""))
+            if verbose:
+                lines += [f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})"
+                          for s in f.streams for g in s["globals"]]
+        counts = {k: sum(f.status == k for f in self.files) for k in labels}
+        lines.append(f"{len(self.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
+                     f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
+        return "\n".join(lines)
+
+    __str__ = render
+
 
 def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
          strict: bool = False, progress: Callable[[int, int], None] | None = None,

@@ -262,15 +262,9 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -
     digest: dict[str, Any] = {}
     files = [os.path.basename(path)]
     if weights_format == "safetensors" and "model" in payload:
-        from safetensors.torch import save as st_save
-
         weights_path = path + ".safetensors"
-        data = st_save(_safetensors_ready(payload["model"]))
         with atomic_write(weights_path) as fh:
-            fh.write(data)
-        digest["weights_sha256"] = hashlib.sha256(data).hexdigest()
-        digest["weights_size"] = len(data)
-        del data
+            digest["weights_sha256"], digest["weights_size"] = _write_safetensors(fh, payload["model"])
         payload = {**payload, "model": None, "model_file": os.path.basename(weights_path)}
         files.append(os.path.basename(weights_path))
     elif weights_format != "pt":
@@ -284,15 +278,40 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -
     return meta
 
 
-def _safetensors_ready(sd: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    seen: dict[tuple, str] = {}
+def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
+    """Stream ``sd`` to ``fh`` as safetensors, one tensor at a time; returns (sha256, size) of what was written.
+
+    The digest is computed in the same pass over the same bytes (no second copy of the model in memory,
+    no re-read of the file). Tensors that share memory are written once per name, as safetensors wants.
+    """
+    import torch
+
+    from ..read.formats.simple import SAFETENSORS_DTYPES
+
+    codes = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for k, v in sd.items():
-        t = v.detach().cpu()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        out[k] = t.contiguous().clone() if key in seen else t.contiguous()
-        seen.setdefault(key, k)
-    return out
+        dtype = str(v.dtype).replace("torch.", "")
+        if dtype not in codes:
+            raise ValueError(f"weights_format='safetensors' cannot store {k} of dtype {dtype}; use weights_format='pt'")
+        nbytes = v.numel() * v.element_size()
+        header[k] = {"dtype": codes[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    sha = hashlib.sha256()
+    for chunk in (len(raw).to_bytes(8, "little"), raw):
+        sha.update(chunk)
+        fh.write(chunk)
+    for v in sd.values():
+        t = v.detach().to("cpu").contiguous()
+        if t.numel():
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            sha.update(data)  # hashlib releases the GIL for large buffers
+            fh.write(data)
+        del t
+    return sha.hexdigest(), 8 + len(raw) + offset
 
 
 def _json_safe(value: Any) -> Any:
