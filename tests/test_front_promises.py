@@ -243,3 +243,20 @@ def test_cli_prints_what_each_record_renders(tmp_path, net, capsys, monkeypatch)
         assert main(args) == code
         assert capsys.readouterr().out == rendered + "\n", args
     assert "FINDINGS" not in rendered and "max |a-b| 1" in cases[2][1]
+
+
+# -- 9. a cut-off safetensors file is a truncated safetensors file, not "unrecognised content" ---------
+@pytest.mark.parametrize("keep", [12, 40])
+def test_truncated_safetensors_header_is_named(tmp_path, keep):
+    from safetensors.torch import save_file
+
+    full = tmp_path / "full.safetensors"
+    save_file({"weight": torch.ones(64, 64)}, str(full))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:keep])  # the 8-byte length and part of the JSON header
+    with pytest.raises(torchckpt.TruncatedCheckpointError, match=r"safetensors header declares \d+ bytes; "
+                                                                 rf"the file has {keep}"):
+        torchckpt.load(cut)
+    assert torchckpt.scan(cut).files[0].status == "unreadable"
+    res = run_cli("inspect", str(cut))
+    assert res.returncode == 3 and "unrecognised" not in res.stderr and "cut short" in res.stderr

@@ -122,3 +122,84 @@ def test_compressed_torch_zip_pickle_is_charged_to_the_same_budget(tmp_path):
     assert torch.equal(torchckpt.load(path)["w"], torch.zeros(4))  # a re-compressed file is fine
     with pytest.raises(LimitExceededError, match="inflation"):
         torchckpt.load(path, policy=Policy(budget=Budget(inflation=0, inflate_floor=16)))
+
+
+def _stub_chain(n: int) -> bytes:
+    body = NONE
+    for _ in range(n):
+        body = call(glob("mymod", "Node"), body)
+    return PROTO2 + body + STOP
+
+
+def test_deep_stub_nesting_in_stub_to_plain(tmp_path):
+    path = tmp_path / "chain.pkl"
+    path.write_bytes(_stub_chain(120))
+    obj = torchckpt.load(path)
+    with pytest.raises(LimitExceededError, match="max_depth"):
+        torchckpt.stub_to_plain(obj)
+    assert torchckpt.stub_to_plain(obj, max_depth=400)["__class__"] == "mymod.Node"
+    path.write_bytes(_stub_chain(3000))
+    obj = torchckpt.load(path, policy=Policy(budget=Budget(depth=10_000)))
+    with pytest.raises(LimitExceededError):  # beyond Python's own stack: still a typed error
+        torchckpt.stub_to_plain(obj, max_depth=100_000)
+
+
+def _deep_checkpoint(tmp_path):
+    """A real torch.save file whose metadata nests 300 deep: over the default depth, fine under depth=1024."""
+    import torch
+
+    deep: object = "leaf"
+    for _ in range(150):
+        deep = [deep]  # each level: a list (and its pickle frame)
+    path = tmp_path / "deep.pt"
+    torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict(), "meta": deep}, path)
+    return path
+
+
+@pytest.mark.parametrize("front_end", ["load", "inspect", "load_into", "convert", "diff", "scan"])
+def test_every_front_end_runs_under_the_budget(tmp_path, front_end):
+    import torch
+
+    path = _deep_checkpoint(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    run = {"load": lambda **kw: torchckpt.load(path, **kw),
+           "inspect": lambda **kw: torchckpt.inspect(path, **kw),
+           "load_into": lambda **kw: torchckpt.load_into(model, path, **kw),
+           "convert": lambda **kw: torchckpt.convert(path, str(tmp_path / "out.safetensors"), weights_only=True, **kw),
+           "diff": lambda **kw: torchckpt.diff(path, path, **kw)}
+    tight = Policy(budget=Budget(depth=100))
+    if front_end == "scan":
+        report = torchckpt.scan(path)
+        assert report.files[0].status == "clean"  # within the default budget
+        return
+    run[front_end]()  # within the default budget
+    with pytest.raises(LimitExceededError, match="depth") as info:
+        run[front_end](policy=tight)
+    assert "deep.pt" in str(info.value) and "Budget(depth=" in str(info.value)
+
+
+def _colliding_float_keys(n: int) -> bytes:
+    """Floats k * (2**61 - 1) all hash to 0 (CPython's numeric hash): a quadratic dict."""
+    keys = b"".join(b"G" + struct.pack(">d", float(k * ((1 << 61) - 1))) + NONE for k in range(1, n))
+    return PROTO2 + EMPTY_DICT + MARK + keys + b"u" + STOP
+
+
+# unbounded-work attacks refused by a constructor or the key guard rather than a budget limit
+REFUSED = {
+    "size_of_range": PROTO2 + call(glob("torch", "Size"), call(glob("builtins", "range"), b"J" + struct.pack(
+        "<i", 2 * 10**9))) + STOP,
+    "tuple_of_range": PROTO2 + call(glob("builtins", "tuple"), call(glob("builtins", "range"), b"J" + struct.pack(
+        "<i", 2 * 10**9))) + STOP,
+    "colliding_keys": _colliding_float_keys(3000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unbounded_work_is_refused_fast_and_scan_flags_it(tmp_path, case):
+    path = tmp_path / f"{case}.pkl"
+    path.write_bytes(REFUSED[case])
+    start = time.perf_counter()
+    with pytest.raises(torchckpt.CheckpointError):
+        torchckpt.load(path)
+    assert time.perf_counter() - start < 5
+    assert torchckpt.scan(path).files[0].status != "clean"

@@ -28,15 +28,11 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
     Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
     """
     out = Output(json_mode=as_json)
-    with out.progress() as progress:
-        task = progress.add_task("scanning", total=None)
+    with out.task("scanning") as progress:
         report = scan(paths, recursive=recursive, strict=strict, storage_options=storage_options,
-                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+                      progress=progress)
     for f in report.files:
         if f.status == "unreadable" and not recursive and os.path.isdir(f.path) and not is_dcp_dir(f.path):
             f.error = "is a directory: pass -r (--recursive) to scan the files in it"  # the CLI's spelling
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(report.render(strict=strict, verbose=verbose), markup=False)
+    out.show(report, report.render(strict=strict, verbose=verbose))
     return scan_exit_code(report)

@@ -28,8 +28,5 @@ def command(keep: str | None, as_json: bool) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="torchckpt-tour-") as folder:
             report = run_tour(folder)
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(report.render(), markup=False)
+    out.show(report)
     return EXIT_OK if report.ok else EXIT_FINDINGS

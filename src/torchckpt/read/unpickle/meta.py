@@ -201,9 +201,10 @@ def rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
 
 
 def rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
-    if isinstance(data, TensorMeta):
-        data.is_parameter = True
-        data.requires_grad = bool(requires_grad)
+    if not isinstance(data, TensorMeta):  # as the build rebuilder refuses anything but a tensor
+        raise CorruptCheckpointError(f"Parameter rebuilt from a {type(data).__name__}")
+    data.is_parameter = True
+    data.requires_grad = bool(requires_grad)
     return data
 
 
