@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
+import pytest
 from agreement import check
 from vm_programs import _globals, program
 
@@ -25,3 +27,33 @@ def test_generated_programs_end_in_a_value_or_a_checkpoint_error(tmp_path):
     assert set(outcomes) <= {"ok", "error", "unsafe"}
     if PROGRAMS >= 100:  # the sample reaches all three outcomes (the generator is not degenerate)
         assert len(outcomes) == 3, outcomes
+
+
+# ----------------------------------------------------------------------------- found by the long run
+def _case(data: bytes):
+    from agreement import Case
+
+    return Case("pickle", {"f": data})
+
+
+@pytest.mark.parametrize("args", [b"K\x01", b"X\x01\x00\x00\x00aK\x00", b"K\x01K\x00NN}"])
+def test_structure_rebuilders_refuse_what_build_refuses(tmp_path, args):
+    """scan (structure) read ``_rebuild_parameter[_with_state]`` calls that load (build) refuses: too few
+    arguments, or data that is not a tensor. Both now take the build rebuilder's arguments and checks."""
+    from pickle_asm import PROTO2, STOP, glob
+
+    for name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+        data = PROTO2 + glob("torch._utils", name) + b"(" + args + b"tR" + STOP
+        assert check(_case(data), str(tmp_path)) == "error"
+
+
+def test_flat_tuples_of_a_long_string_are_walked_fast(tmp_path):
+    """tuple(<70k-char str>) ten times: the depth walk took seconds per file (one Python step per element);
+    a container of leaves is now recognised from its element types at C speed."""
+    from pickle_asm import PROTO2, STOP
+
+    big = b"X" + (70_000).to_bytes(4, "little") + b"x" * 70_000 + b"q\x00"
+    repeat = b"(" + b"cbuiltins\ntuple\n(h\x00tR" * 10 + b"l"
+    start = time.perf_counter()
+    assert check(_case(PROTO2 + big + b"0" + repeat + STOP), str(tmp_path)) == "ok"
+    assert time.perf_counter() - start < 3

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
-from ..storage.atomic import atomic_write, file_sha256, write_json_atomic
+from ..storage.atomic import atomic_write, file_sha256, fsync_dir, write_error, write_json_atomic
 
 __all__ = ["save", "write_payload", "write_data", "commit", "discard", "TrainingState", "capture", "meta_path",
            "read_meta", "verify"]
@@ -185,9 +185,12 @@ def _plain_number(value: Any) -> Any:
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
     """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document.
 
-    If either cannot be written, no file of this checkpoint stays under its final name.
+    If either cannot be written, no file of this checkpoint stays under its final name. Overwriting
+    a checkpoint removes its old sidecar first (durably), so a crash between the new data and its
+    sidecar leaves complete, unverified data, never new data condemned by the old sidecar.
     """
     try:
+        _drop_old_sidecar(path)
         meta = write_data(path, payload, weights_format)  # atomic: on failure nothing final changed
         try:
             commit(path, meta)
@@ -199,6 +202,16 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
             exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
         raise
     return meta
+
+
+def _drop_old_sidecar(path: str) -> None:
+    try:
+        os.remove(meta_path(path))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise write_error(meta_path(path), exc) from None
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def commit(path: str, meta: Mapping[str, Any]) -> None:
