@@ -23,6 +23,7 @@ def main() -> None:
 from common import transformer_state_dict, model_like
 import os, shutil
 model = model_like(transformer_state_dict({args.size_mib}, device="meta"))
+import torchckpt.train.checkpointer, torchckpt.read.formats.torch_zip  # imports are not the save
 opt = None
 folder = {folder!r}
 shutil.rmtree(folder, ignore_errors=True)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .storage.cache import download
     from .read.unpickle.policy import Policy
     from .read.unpickle.stubs import Stub, stub_to_plain
-    from .tools.convert import convert
+    from .tools.dcp_convert import convert
     from .tools.diffing import diff
     from .tools.html_report import report
     from .tools.inspection import inspect
@@ -63,7 +63,7 @@ _LAZY = {
     "KeepEvery": ("train.checkpointer", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
-    "convert": ("tools.convert", "convert"),
+    "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..tools.convert import convert
+from ..tools.dcp_convert import convert
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
@@ -14,7 +14,7 @@ from .storage_opt import storage_option
 @click.command("convert")
 @checkpoint_paths("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
+@click.option("--to", "to", type=click.Choice(["pt", "safetensors", "dcp"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
 @click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
-from . import store
+from . import distributed, store
 from .remote import RemoteStore, resume_url
 from .restore import resume_file
 from .training import TrainingState, capture, verify, write_payload
@@ -143,10 +143,11 @@ class Checkpointer:
         self._pending: Future | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
+        self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
         self._writer = self._store.DirectoryLock(self.directory)
         self.removed_temp: list[str] = []
         self.reclaimed: list[str] = []
-        if self._writer.try_acquire():  # nobody writes here: finish what killed writers left
+        if distributed.is_committer() and self._writer.try_acquire():  # nobody writes: finish what killed writers left
             try:
                 self._tidy()
             finally:
@@ -156,6 +157,8 @@ class Checkpointer:
         if self._remote is None:
             self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
         self.reclaimed = self._store.reclaim(self.directory)
+        if self._remote is None:  # sharded (DCP) saves are local only
+            self.reclaimed += distributed.reclaim(self.directory)
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
@@ -164,7 +167,14 @@ class Checkpointer:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
         return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
-                for e in self._store.entries(self.directory) if e.problem is None]
+                for e in self._entries() if e.problem is None]
+
+    def _entries(self) -> list[store.Entry]:
+        """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
+        found = self._store.entries(self.directory)
+        if self._remote is None:
+            found = sorted(found + distributed.entries(self.directory), key=lambda e: e.step)
+        return found
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -189,9 +199,15 @@ class Checkpointer:
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
         self._raise_pending()
-        if not self._writer.held:
+        if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
             self._writer.acquire()
             self._tidy()
+        if distributed.in_use(model):
+            if self._remote is not None:
+                raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
+                                          "local or shared file system only; give the Checkpointer a path, not a URL")
+            return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                      epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
         payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                           step=step, metrics=metrics, extra=extra, stateful=stateful)
         path = self.path_for(step)
@@ -202,6 +218,20 @@ class Checkpointer:
         snapshot = _to_cpu_copy(payload, self._buffers, ready)
         with self._lock:
             self._pending = self._executor.submit(self._commit, path, snapshot, ready)
+        return path
+
+    def _save_sharded(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None,
+                      **objects: Any) -> str:
+        """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
+        self._dcp = self._dcp or distributed.DcpSaver(self.directory)
+        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
+        path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
+                                      async_save=self._executor is not None)
+        if finish is None:
+            self._apply_retention()
+            return path
+        with self._lock:
+            self._pending = self._executor.submit(lambda: (finish(), self._apply_retention()))  # type: ignore
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
@@ -220,7 +250,7 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         found = self.checkpoints()
-        if not self.policies or not found:
+        if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
         for policy in self.policies:
@@ -228,7 +258,7 @@ class Checkpointer:
         for c in found:
             if c.step not in keep:
                 try:
-                    self._store.delete(c.path)
+                    distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
                 except (OSError, CheckpointError) as exc:  # housekeeping: the new checkpoint is committed
                     why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
                     warnings.warn(f"torchckpt: saved {os.path.basename(found[-1].path)}, but could not remove the "
@@ -263,6 +293,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._dcp is not None:
+                self._dcp.close()
             self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
@@ -282,7 +314,7 @@ class Checkpointer:
         and why. A checkpoint that does not fit the given objects raises (no fallback).
         """
         self._raise_pending()
-        found = self._store.entries(self.directory)
+        found = self._entries()
         skipped: list[str] = [f"removed the leftovers of an unfinished save: {name}" for name in self.reclaimed]
         for entry in reversed(found):
             name = os.path.basename(entry.path)
@@ -295,6 +327,10 @@ class Checkpointer:
             try:
                 if self._remote is not None:  # downloaded once, verified and restored there
                     state = self._remote.resume_entry(entry, **kwargs)
+                elif distributed.is_dcp(entry.path):  # resharded into the objects' current layout
+                    state = distributed.resume_dcp(entry.path, entry.meta or {}, model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, scaler=scaler, stateful=stateful,
+                                                   restore_rng=restore_rng, strict=strict)
                 else:
                     verify(entry.path, entry.meta)
                     state = resume_file(entry.path, verified=True, **kwargs)  # type: ignore[arg-type]
