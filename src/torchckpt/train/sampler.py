@@ -10,11 +10,13 @@ with ``num_workers > 0`` a ``DataLoader`` prefetches batches ahead of the loop (
 fetched the whole epoch before the loop's last steps). The sampler finds the ``DataLoader`` iterator
 that drives it when the first index is taken and reads that iterator's count of batches handed to
 the loop, so nothing needs to be counted by hand, mid-epoch or at an epoch boundary, with or
-without workers, persistent or not. An epoch whose batches the loop all received counts as done:
-the next pass is the next epoch. (With ``persistent_workers=True`` the loader never says so until
-its next epoch starts: a save between the loop's end and the next epoch records the finished epoch
-with every sample consumed, so the resumed run's first pass is empty.) Iterated directly (no ``DataLoader``) or under a custom
-``batch_sampler``, the position is the number of indices handed out.
+without workers. An epoch counts as done once the loop has left it (its ``for`` ended or broke off
+after the last batch); saved at its last batch, inside the loop, it is the current epoch with every
+sample consumed, and the resumed run's first pass is empty, exactly as without workers. With
+``persistent_workers=True`` the loader does not tell when the loop left an epoch until the next one
+starts, so a save between two epochs records the finished one as fully consumed too. Iterated
+directly (no ``DataLoader``) or under a custom ``batch_sampler``, the position is the number of
+indices handed out.
 
 For a run that resumes bit-for-bit, the DataLoader needs two things:
 
