@@ -205,12 +205,14 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
 
 
 def _drop_old_sidecar(path: str) -> None:
+    if not os.path.lexists(meta_path(path)):  # (unlink on a read-only file system fails even for nothing)
+        return
     try:
         os.remove(meta_path(path))
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise write_error(meta_path(path), exc) from None
+        raise write_error(path, exc) from None
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
