@@ -215,7 +215,7 @@ class Checkpointer:
             self._commit(path, payload)
             return path
         ready: list[Any] = []
-        snapshot = _to_cpu_copy(payload, self._buffers, ready)
+        snapshot = cpu_snapshot(payload, self._buffers, ready)
         with self._lock:
             self._pending = self._executor.submit(self._commit, path, snapshot, ready)
         return path
@@ -383,7 +383,7 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     return resume_file(path, **kwargs)  # type: ignore[arg-type]
 
 
-def _to_cpu_copy(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
+def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
     """Deep copy with every tensor copied to CPU memory (the blocking part of an async save).
 
     Tensors are copied into ``buffers`` (keyed by their place in the payload) when a buffer of the

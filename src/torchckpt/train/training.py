@@ -286,7 +286,7 @@ def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
     The digest is computed in the same pass over the same bytes (no second copy of the model in memory,
     no re-read of the file). Tensors that share memory are written once per name, as safetensors wants.
     """
-    import torch
+    import torch  # lazy, like the reader module (it imports numpy): only this format needs them
 
     from ..read.formats.simple import SAFETENSORS_DTYPES
 
