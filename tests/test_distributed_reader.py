@@ -12,30 +12,63 @@ import torchckpt
 from dist_launch import launch
 
 
+SPECIAL = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.0]  # bit patterns a value compare would blur
+FLOAT8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+
+
 def full_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype torch.distributed.checkpoint stores, with values that only an exact copy keeps."""
     g = torch.Generator().manual_seed(0)
-    return {
+    out = {
         "bf16": (torch.randn(5, 3, generator=g) * 100).to(torch.bfloat16),
+        "bf16_special": torch.tensor(SPECIAL * 2, dtype=torch.bfloat16),
         "fp16": torch.randn(7, generator=g).half(),
+        "fp16_special": torch.tensor(SPECIAL * 2, dtype=torch.float16),
         "fp32": torch.randn(4, 6, generator=g),
+        "fp32_special": torch.tensor(SPECIAL + [float.fromhex("0x1p-149")] * 2, dtype=torch.float32),  # + subnormal
         "fp64": torch.randn(3, 5, generator=g, dtype=torch.float64),
         "int64": torch.tensor([2**40 + 1, -(2**62) - 3, 7, 2**53 + 1, 0], dtype=torch.int64),
+        "int32": torch.tensor([2**31 - 1, -(2**31), 5, 0], dtype=torch.int32),
+        "int16": torch.tensor([2**15 - 1, -(2**15), 3, 0], dtype=torch.int16),
         "int8": torch.arange(-5, 6, dtype=torch.int8),
         "uint8": torch.arange(250, 256, dtype=torch.uint8),
+        "uint16": torch.tensor([2**16 - 1, 0, 1, 40000], dtype=torch.uint16),
+        "uint32": torch.tensor([2**32 - 1, 0, 1, 3_000_000_000], dtype=torch.uint32),
+        "uint64": torch.tensor([2**64 - 1, 0, 1, 2**63 + 5], dtype=torch.uint64),
         "bool": torch.tensor([True, False, False, True, True]),
         "complex64": torch.randn(4, generator=g, dtype=torch.complex64),
+        "complex128": torch.randn(4, generator=g, dtype=torch.complex128),
         "empty": torch.zeros(0, 3),
     }
+    for name in FLOAT8:  # every byte pattern, NaNs included
+        out[name] = torch.arange(256, dtype=torch.uint8).view(getattr(torch, name)).reshape(16, 16)
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN equals the same NaN; float8 has no torch.equal)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
+def shard_of(full: torch.Tensor, mesh, dim: int):
+    """This rank's piece of ``full`` as a DTensor, cut locally (gloo cannot scatter float8 or uint16..64)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sizes, offsets = compute_local_shape_and_global_offset(full.shape, mesh, [Shard(dim)])
+    local = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))].contiguous()
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=full.shape, stride=full.stride())
 
 
 def save_sharded(rank: int, world: int, path: str) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    state = {k: distribute_tensor(v, mesh, [Shard(1 if k == "fp64" else 0)]) for k, v in full_tensors().items()}
-    state["optim"] = {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": distribute_tensor(
-        full_tensors()["fp32"], mesh, [Shard(0)])}},
+    state = {k: shard_of(v, mesh, 1 if k in ("fp64",) + FLOAT8[:1] else 0) for k, v in full_tensors().items()}
+    state["optim"] = {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": shard_of(
+        full_tensors()["fp32"], mesh, 0)}},
         "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": ["w"]}, {"lr": 0.01, "params": []}]}
     state["pair"] = (1, "two")
     dcp.save(state, checkpoint_id=path)
@@ -51,10 +84,10 @@ def two_rank_dcp(tmp_path_factory):
 def test_every_dtype_of_a_chunked_tensor_is_exact(two_rank_dcp):
     out = torchckpt.load(two_rank_dcp)
     for key, want in full_tensors().items():
-        got = out[key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        assert torch.equal(got, want), key
+        assert same_bits(out[key], want), key
     assert int(out["int64"][0]) == 2**40 + 1
+    meta = torchckpt.load(two_rank_dcp / ".metadata")
+    assert all(len(meta.state_dict_metadata[k].chunks) == 2 for k in full_tensors() if k != "empty")  # really split
 
 
 def test_lists_and_tuples_come_back_as_saved(two_rank_dcp):

@@ -57,3 +57,15 @@ def test_flat_tuples_of_a_long_string_are_walked_fast(tmp_path):
     start = time.perf_counter()
     assert check(_case(PROTO2 + big + b"0" + repeat + STOP), str(tmp_path)) == "ok"
     assert time.perf_counter() - start < 3
+
+
+@pytest.mark.parametrize("ctor", [("builtins", "str"), ("builtins", "set"), ("builtins", "float"), ("builtins", "int"),
+                                  ("pathlib", "PosixPath"), ("collections", "deque"), ("decimal", "Decimal")])
+@pytest.mark.parametrize("value", ["device", "dtype"])
+def test_torch_values_are_not_text_to_any_constructor(tmp_path, ctor, value):
+    """scan stands for torch.device/dtype with str subclasses; str(device), set(dtype), Path(device) were
+    text to scan and refused by load. Found by the VM fuzz run."""
+    from pickle_asm import PROTO2, STOP, call, glob, s
+
+    arg = call(glob("torch", "device"), s("cpu")) if value == "device" else glob("torch", "float32")
+    assert check(_case(PROTO2 + call(glob(*ctor), arg) + STOP), str(tmp_path)) == "error"

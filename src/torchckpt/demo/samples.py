@@ -36,14 +36,17 @@ class _StorageRef:
         self.key, self.storage, self.location = key, storage, location
 
 
-class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+_PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]  # the Python pickler: its dispatch table is ours to extend
+
+
+class _Py2Pickler(_PurePickler):
     """Protocol 2 pickler that writes every str and bytes as a Python 2 ``str`` (BINSTRING)."""
 
     def __init__(self, file: Any, storages: dict, location: str) -> None:
         super().__init__(file, protocol=2)
         self.storages = storages
         self.location = location
-        self.dispatch = dict(self.dispatch)
+        self.dispatch: dict = dict(_PurePickler.dispatch)
         self.dispatch[str] = _Py2Pickler._save_py2_str
         self.dispatch[bytes] = _Py2Pickler._save_py2_str
 
@@ -78,7 +81,7 @@ class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
             self.storages.setdefault(key, (storage, obj.dtype))
             ref = _StorageRef(key, self.storages[key], self.location)
             rebuild = "_rebuild_parameter" if isinstance(obj, torch.nn.Parameter) else None
-            tensor_args = (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), False, OrderedDict())
+            tensor_args: tuple = (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), False, OrderedDict())
             tensor = (_Global("torch._utils", "_rebuild_tensor_v2"), tensor_args)
             if rebuild:
                 return _Global("torch._utils", rebuild), (_Reduced(*tensor), obj.requires_grad, OrderedDict())

@@ -106,6 +106,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
                          storage_options=storage_options) as loaded:
         source = loaded.reader
+        assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         tree, classes = _part(loaded.obj, key, weights_only, changes)
@@ -260,13 +261,13 @@ def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> 
         items = [(_key(k, changes), _modernize(v, changes, d, memo)) for k, v in obj.items()]
         out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     elif isinstance(obj, (list, tuple)):
-        items = [_modernize(v, changes, d, memo) for v in obj]
-        out = tuple(items) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
-            type(obj).__name__ == "Size" else items
+        values = [_modernize(v, changes, d, memo) for v in obj]
+        out = tuple(values) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
+            type(obj).__name__ == "Size" else values
         if type(obj).__name__ == "Size":
             import torch
 
-            out = torch.Size(items)
+            out = torch.Size(values)
     elif isinstance(obj, set):
         out = {(_modernize(v, changes, d, memo)) for v in obj}
     elif isinstance(obj, frozenset):
@@ -360,9 +361,10 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     if is_tensor_like(tree):
         return materialize(tree)
     if isinstance(tree, dict):
-        out = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
-        if getattr(tree, "_metadata", None) is not None:
-            out._metadata = tree._metadata  # torch's per-module state-dict metadata
+        out: Any = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
+        metadata = getattr(tree, "_metadata", None)
+        if metadata is not None:
+            out._metadata = metadata  # torch's per-module state-dict metadata
         return out
     if isinstance(tree, list):
         return [_materialize_tree(v, materialize) for v in tree]

@@ -243,7 +243,8 @@ def _is_torch_value(module: str, name: str) -> bool:
     """dtype / layout / memory-format constants and legacy storage classes."""
     if module == "torch" and name in _TORCH_DTYPE_NAMES:
         return True
-    return module in ("torch", "torch.cuda") and name.endswith("Storage") and name.isidentifier()
+    return (module in ("torch", "torch.cuda") and name.endswith("Storage") and name.isidentifier()) or \
+        (module, name) == ("torch.storage", "UntypedStorage")  # torch.save's storages of uint16..64 and float8
 
 
 _NUMPY_SCALAR_TYPES = frozenset("""

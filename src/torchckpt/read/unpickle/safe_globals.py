@@ -299,7 +299,8 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
                 if key in _META:
                     return _META[key]()
             return FACTORIES[key]()
-        if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
+        if cname.endswith("Storage") and cmod in ("torch", "torch.cuda") or (cmod, cname) == ("torch.storage",
+                                                                                             "UntypedStorage"):
             return _storage_type(cname)
         if cmod == "torch":
             if mode is not Mode.BUILD:
