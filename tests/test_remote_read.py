@@ -126,6 +126,15 @@ def test_dcp_directory_from_s3(s3, tmp_path, net):
     assert all(torch.equal(out["model"][k], v) for k, v in net.state_dict().items())
     report = torchckpt.inspect("s3://bkt/runs/dcp/", storage_options=opts)
     assert report.format == "dcp"
+    from conftest import small_net
+
+    fresh = small_net()  # load_into reads DCP tensors lazily, each from its own data file on the store
+    with torch.no_grad():
+        fresh.fc.bias.add_(3)
+    assert torchckpt.load_into(fresh, "s3://bkt/runs/dcp", key="model", storage_options=opts).ok
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in net.state_dict().items())
+    scanned = torchckpt.scan("s3://bkt/runs/dcp", storage_options=opts).files
+    assert [(f.status, f.format) for f in scanned] == [("clean", "dcp")], scanned
 
 
 def test_http_ranges_and_a_server_without_ranges(tmp_path):
