@@ -81,8 +81,8 @@ def peak_while_loading(rank: int, world: int, path: str) -> float:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_each_rank_reads_about_its_slice_not_the_whole_model(tmp_path, legacy):
-    """64 MiB of weights into FSDP2 on 2 ranks: no rank's memory grows by the whole model."""
+    """64 MiB of weights into FSDP2 on 2 ranks: no rank's memory grows by even its own half (32 MiB)."""
     path = tmp_path / "wide.pt"
     torch.save(wide_model().state_dict(), path, _use_new_zipfile_serialization=not legacy)
     peaks = launch(peak_while_loading, 2, str(path), timeout=120)
-    assert all(peak < 40 for peak in peaks.values()), peaks  # the whole model is 64 MiB, a rank's half 32
+    assert all(peak < 32 for peak in peaks.values()), peaks  # the whole model is 64 MiB; measured 12-18
