@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> Any:
         exc.show()
         return EXIT_USAGE
     except _Failed as failed:
-        exc = failed.error
+        error = failed.error
         out = Output(json_mode="--json" in args)
-        out.error(str(exc))
+        out.error(str(error))
         if "--json" in args:  # machine output stays machine-readable on failure too
-            out.json({**exc.to_dict(), "exit_code": exit_code_for(exc)})
-        return exit_code_for(exc)
+            out.json({**error.to_dict(), "exit_code": exit_code_for(error)})
+        return exit_code_for(error)
     except click.exceptions.Abort:
         return EXIT_INTERRUPTED
     except click.exceptions.Exit as exc:

@@ -35,7 +35,7 @@ class Plan:
     def ok(self) -> bool:
         return self.report.ok and not self.report.mismatched
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**self.report.to_dict(), "fits": self.ok}
 
     def render(self) -> str:

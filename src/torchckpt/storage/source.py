@@ -93,9 +93,9 @@ class Source:
         elif hasattr(source, "read"):
             self.name = name or str(getattr(source, "name", "<file object>"))
             if _seekable(source):
-                self._file = source  # type: ignore[assignment]
+                self._file = source
             else:
-                self._bytes = source.read()  # type: ignore[union-attr]
+                self._bytes = source.read()
         else:
             raise TypeError(f"cannot read a checkpoint from a {type(source).__name__}; pass a path, "
                             "an open binary file or bytes")
@@ -237,7 +237,7 @@ class Source:
             dst = torch.empty(0, dtype=torch.uint8, device=target.device).set_(target)[:nbytes]
             dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
             return
-        view = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
+        view: Any = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
         if self.path is not None:
             fd = self._descriptor()
             done = 0
@@ -290,6 +290,7 @@ def _read_remote(url: str) -> bytes:
                               hint="pip install 'torchckpt[remote]'") from None
     try:
         with fsspec.open(url, "rb") as fh:
-            return fh.read()
+            data: bytes = fh.read()
+            return data
     except FileNotFoundError:
         raise CheckpointNotFoundError("no such remote file", path=url) from None

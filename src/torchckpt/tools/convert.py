@@ -96,6 +96,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     target_dtype = _torch_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True) as loaded:
         source = loaded.reader
+        assert source is not None  # open_checkpoint keeps it open inside the with block
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         tree, classes = _part(loaded.obj, key, weights_only, changes)
@@ -130,7 +131,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     return report
 
 
-def _part(obj: Any, key: str | None, weights_only: bool, changes: Counter) -> tuple[Any, dict[str, str]]:
+def _part(obj: Any, key: str | None, weights_only: bool, changes: Counter[str]) -> tuple[Any, dict[str, str]]:
     """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model."""
     if weights_only:
         return select(obj, key).state_dict, {}
@@ -165,13 +166,13 @@ def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target
                 f"{budget:,}-byte budget", hint="Convert to .pt without --dtype: it keeps views compact.")
 
 
-def _strides(t: Any) -> tuple:
+def _strides(t: Any) -> tuple[int, ...]:
     return tuple(t.stride) if isinstance(t, TensorMeta) else tuple(t.stride()) if hasattr(t, "stride") and \
         callable(t.stride) else tuple(s // t.itemsize for s in t.strides)
 
 
 def _itemsize(t: Any) -> int:
-    return t.dtype.itemsize
+    return int(t.dtype.itemsize)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -183,7 +184,7 @@ def _torch_dtype(name: str) -> Any:
     return value
 
 
-def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> Any:
+def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]) -> Any:
     """Turn everything torch.load(weights_only=True) would refuse into plain data; count each change."""
     if depth > 200:
         raise CorruptCheckpointError("object nesting deeper than 200 levels")
@@ -232,13 +233,13 @@ def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> 
         items = [(_key(k, changes), _modernize(v, changes, d, memo)) for k, v in obj.items()]
         out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     elif isinstance(obj, (list, tuple)):
-        items = [_modernize(v, changes, d, memo) for v in obj]
-        out = tuple(items) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
-            type(obj).__name__ == "Size" else items
+        elements = [_modernize(v, changes, d, memo) for v in obj]
+        out = tuple(elements) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
+            type(obj).__name__ == "Size" else elements
         if type(obj).__name__ == "Size":
             import torch
 
-            out = torch.Size(items)
+            out = torch.Size(elements)
     elif isinstance(obj, set):
         out = {(_modernize(v, changes, d, memo)) for v in obj}
     elif isinstance(obj, frozenset):
@@ -262,7 +263,7 @@ def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> 
     return out
 
 
-def _key(k: Any, changes: Counter) -> Any:
+def _key(k: Any, changes: Counter[str]) -> Any:
     if isinstance(k, (str, int, float, bool)) or k is None:
         return k
     changes["non-scalar dict keys -> repr strings"] += 1
@@ -308,9 +309,10 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     if is_tensor_like(tree):
         return materialize(tree)
     if isinstance(tree, dict):
-        out = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
-        if getattr(tree, "_metadata", None) is not None:
-            out._metadata = tree._metadata  # torch's per-module state-dict metadata
+        out: Any = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
+        metadata = getattr(tree, "_metadata", None)
+        if metadata is not None:
+            out._metadata = metadata  # torch's per-module state-dict metadata
         return out
     if isinstance(tree, list):
         return [_materialize_tree(v, materialize) for v in tree]
@@ -319,7 +321,7 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     return tree
 
 
-def _identity(t: Any) -> tuple:
+def _identity(t: Any) -> tuple[Any, ...]:
     if isinstance(t, TensorMeta):
         return (id(t.storage), t.storage_offset, tuple(t.shape), tuple(t.stride), str(t.dtype))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
@@ -329,7 +331,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
                        materialize: _Materializer, progress: Progress | None, report: ConvertReport) -> int:
     import torch
 
-    first: dict[tuple, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
     header: dict[str, Any] = {}
     order: list[tuple[str, Any]] = []

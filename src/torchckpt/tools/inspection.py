@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import AbstractSet, Any, Iterable, Sequence
 
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
@@ -121,7 +121,7 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _columns(rows: list[tuple[str, ...]], right: set[int] = frozenset(), limit: int = 100) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]], right: AbstractSet[int] = frozenset(), limit: int = 100) -> list[str]:
     """Rows as aligned text columns (indented two spaces); the first row is the header."""
     rows = [tuple(c if len(c) <= limit else c[:limit - 3] + "..." for c in row) for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -191,11 +191,11 @@ def _collect(obj: Any, report: InspectReport) -> None:
             report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
 
 
-def _optimizer_summary(opt: dict) -> str:
-    groups = opt.get("param_groups") if isinstance(opt.get("param_groups"), list) else []
+def _optimizer_summary(opt: dict[str, Any]) -> str:
+    groups: list[Any] = opt["param_groups"] if isinstance(opt.get("param_groups"), list) else []
     params = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
-    lrs = sorted({g.get("lr") for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))})
-    state = opt.get("state") if isinstance(opt.get("state"), dict) else {}
+    lrs = sorted({g["lr"] for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))})
+    state: dict[Any, Any] = opt["state"] if isinstance(opt.get("state"), dict) else {}
     slots = sorted({k for v in state.values() if isinstance(v, dict) for k in v})
     lr = f", lr {', '.join(f'{x:g}' for x in lrs)}" if lrs else ""
     return (f"{len(groups)} param group(s), {params} params{lr}; state for {len(state)} params"

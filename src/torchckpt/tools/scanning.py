@@ -83,7 +83,7 @@ class ScanReport:
         return {"exit_code": self.exit_code, "files": [f.to_dict() for f in self.files]}
 
 
-def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
+def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = False,
          strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``; symlinked folders are followed once) without
     executing anything from them. A torch.distributed.checkpoint directory is scanned as one checkpoint.
@@ -94,7 +94,7 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
         paths = [paths]
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
-    for p in map(os.fspath, paths):
+    for p in (os.fspath(x) for x in paths):
         if os.path.isdir(p) and not is_dcp_dir(p):
             if not recursive:
                 files.append(FileScan(p, status="unreadable", error="is a directory: pass -r/--recursive to scan "

@@ -127,7 +127,7 @@ class Checkpointer:
         if keep_every_n_steps:
             self.policies.append(KeepEvery(keep_every_n_steps))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
-        self._pending: Future | None = None
+        self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
         self._writer = store.DirectoryLock(self.directory)
@@ -312,8 +312,8 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                   map_location=map_location, restore_rng=restore_rng, strict=strict)
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
-        return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
-    return resume_file(path, **kwargs)  # type: ignore[arg-type]
+        return Checkpointer(path).resume(**kwargs)
+    return resume_file(path, **kwargs)
 
 
 def _to_cpu_copy(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:

@@ -36,7 +36,7 @@ def _attrs(obj: Any, what: str) -> dict[str, Any]:
     return obj.stub_attributes()
 
 
-def _mapping(value: Any, what: str) -> dict:
+def _mapping(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -63,7 +63,7 @@ def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
     described = _mapping(attrs.get("state_dict_metadata"), "state_dict_metadata")
     storage = _mapping(attrs.get("storage_data"), "storage_data")
     planner = _mapping(attrs.get("planner_data"), "planner_data")
-    where: dict[tuple[Any, tuple], dict[str, Any]] = {}
+    where: dict[tuple[Any, tuple[int, ...]], dict[str, Any]] = {}
     for index, info in storage.items():
         ia = _attrs(index, "a storage index")
         fqn = ia.get("fqn")
@@ -151,7 +151,7 @@ def _dtype_name(dtype: Any, fqn: str) -> str:
     return name
 
 
-def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple], dict[str, Any]],
+def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[int, ...]], dict[str, Any]],
             opts: ReadOptions) -> Any:
     size = _ints(md.get("size"), f"size of {fqn}")
     dtype = _properties_dtype(md.get("properties"), fqn)

@@ -77,7 +77,7 @@ class Unpickler:
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
                  start: int = 0, end: int | None = None, member: str | None = None, mode: Mode = Mode.BUILD,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.data = data
+        self.data: bytes = data  # or a buffer that slices the same way (mmap, memoryview)
         self.pos = start
         self.start = start
         self.end = len(data) if end is None else min(end, len(data))

@@ -138,7 +138,7 @@ def _np_random(name: str) -> Callable[..., Any]:
 _MATERIAL = (list, tuple, dict, set, frozenset, str, bytes, bytearray)
 
 
-def _material(args: tuple, what: str, max_args: int = 1) -> None:
+def _material(args: tuple[Any, ...], what: str, max_args: int = 1) -> None:
     if len(args) > max_args or any(not isinstance(a, _MATERIAL) for a in args[:1]):
         raise _bad(f"{what}() called with {', '.join(type(a).__name__ for a in args)}: only materialised "
                    "data is accepted")
@@ -393,7 +393,7 @@ def build(inst: Any, state: Any, policy: Policy) -> None:
             setattr(inst, k, v)
 
 
-def extend(target: Any, items: list, policy: Policy) -> None:
+def extend(target: Any, items: list[Any], policy: Policy) -> None:
     """APPEND / APPENDS."""
     if isinstance(target, list):
         target.extend(items)
@@ -422,7 +422,7 @@ def check_key(key: Any) -> Any:
     return key
 
 
-def set_items(target: Any, items: list, policy: Policy) -> None:
+def set_items(target: Any, items: list[Any], policy: Policy) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
     if isinstance(target, (dict, Stub)) or (policy.trust and hasattr(target, "__setitem__")):
         for i in range(0, len(items), 2):
@@ -431,7 +431,7 @@ def set_items(target: Any, items: list, policy: Policy) -> None:
         raise _bad(f"SETITEMS on a {type(target).__name__}")
 
 
-def add_items(target: Any, items: list, policy: Policy) -> None:
+def add_items(target: Any, items: list[Any], policy: Policy) -> None:
     """ADDITEMS."""
     if isinstance(target, set):
         target.update(check_key(item) for item in items)

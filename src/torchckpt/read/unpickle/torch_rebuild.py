@@ -71,7 +71,7 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- torch rebuilders
-def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple:
+def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     from torch.storage import TypedStorage, UntypedStorage
 
