@@ -10,19 +10,23 @@ and ``scan`` on it and raises AssertionError if they disagree or anything but a 
 
 Long run (nice'd, bounded memory; prints counts and every failure)::
 
-    nice -n 10 python tests/agreement.py 50000 [seed]
+    nice -n 10 python tests/agreement.py 50000 [seed] [--front-ends]
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import random
 import shutil
+import struct
 import sys
+import tarfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 TIME_BOUND = 5.0
@@ -84,7 +88,7 @@ def seeds() -> dict[str, Case]:
                                                                             "running_std": torch.ones(2),
                                                                             "eps": 1e-5})]}))
     out["t7"] = Case("t7", {"f": bytes(w.out)})
-    for name in ("recursive_class.t7", "tds_hash.t7"):
+    for name in ("floattensor.t7", "recursive_class.t7", "tds_hash.t7"):
         with open(os.path.join(here, "data", "t7", name), "rb") as fh:
             out[f"t7-{name[:-3]}"] = Case("t7", {"f": fh.read()})
     out["dcp"] = _dcp_seed(net)
@@ -121,16 +125,34 @@ _OPCODES = b"()}]cRbsueatq\x94\x85\x86\x87\x81\x92\x93QP.NKJM"
 
 
 def mutate(case: Case, rng: random.Random) -> Case:
-    """1-4 byte-level mutations of one file of the case (flips, sets, cuts, inserts, deletes, big ints,
-    pickle opcodes, splices of another region)."""
+    """Mutate one file of the case: either its raw bytes (flips, cuts, big ints, opcodes, splices: the
+    container's own checks, CRCs included, see most of these), or, one time in two, the inside of the
+    container with its framing repaired (a zip/npz member re-packed with a valid CRC, a tar member
+    re-packed, a safetensors header edited as JSON), so that the readers behind the framing get bad input
+    too."""
     files = dict(case.files)
     name = rng.choice(sorted(files))
-    data = bytearray(files[name])
-    for _ in range(rng.randint(1, 4)):
+    data = files[name]
+    inner = None
+    if rng.random() < 0.5:
+        if data[:4] == b"PK\x03\x04":
+            inner = _mutate_zip_member(data, rng)
+        elif len(data) > 262 and data[257:262] == b"ustar":
+            inner = _mutate_tar_member(data, rng)
+        elif case.kind == "safetensors":
+            inner = _mutate_safetensors_header(data, rng)
+    files[name] = inner if inner is not None else mutate_bytes(data, rng)
+    return Case(case.kind, files)
+
+
+def mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
+    """1-4 byte-level mutations (mostly one, and cuts rarely: inputs that stay nearly valid go deepest)."""
+    data = bytearray(raw)
+    for _ in range(rng.choice((1, 1, 1, 2, 3, 4))):
         if not data:
             break
         i = rng.randrange(len(data))
-        op = rng.randrange(8)
+        op = rng.choices(range(8), (3, 3, 1, 2, 1, 2, 2, 2))[0]
         if op == 0:
             data[i] ^= 1 << rng.randrange(8)
         elif op == 1:
@@ -149,8 +171,72 @@ def mutate(case: Case, rng: random.Random) -> Case:
             j = rng.randrange(len(data))
             n = rng.randint(1, 32)
             data[i:i + n] = data[j:j + n]
-    files[name] = bytes(data)
-    return Case(case.kind, files)
+    return bytes(data)
+
+
+def _mutate_zip_member(data: bytes, rng: random.Random) -> bytes | None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            members = [(info, zf.read(info)) for info in zf.infolist()]
+    except Exception:  # noqa: BLE001 - already broken: fall back to byte mutations
+        return None
+    # pickles and headers are where the parsing is: pick them more often than tensor data
+    weights = [8 if i.filename.endswith((".pkl", ".npy", "version", "byteorder")) else 1 for i, _ in members]
+    k = rng.choices(range(len(members)), weights)[0]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for n, (info, body) in enumerate(members):
+            zf.writestr(info, mutate_bytes(body, rng) if n == k else body)
+    return out.getvalue()
+
+
+def _mutate_tar_member(data: bytes, rng: random.Random) -> bytes | None:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            members = [(m, tf.extractfile(m).read() if m.isfile() else b"") for m in tf.getmembers()]
+    except Exception:  # noqa: BLE001
+        return None
+    k = rng.randrange(len(members))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        for n, (m, body) in enumerate(members):
+            body = mutate_bytes(body, rng) if n == k else body
+            m.size = len(body)
+            tf.addfile(m, io.BytesIO(body))
+    return out.getvalue()
+
+
+_JSON_VALUES = [-1, 0, 1, 2**31, 2**63, 2**64 + 5, -(2**63), 1e308, None, True, "", "F32", "BOOL", "x" * 40, [],
+                [1, 2], [0, 2**62], {}, {"a": 1}]
+
+
+def _mutate_safetensors_header(data: bytes, rng: random.Random) -> bytes | None:
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except Exception:  # noqa: BLE001
+        return None
+
+    def edit(node, depth=0):
+        if isinstance(node, dict) and node:
+            key = rng.choice(sorted(node))
+            if depth and rng.random() < 0.4:
+                node[key] = rng.choice(_JSON_VALUES)
+            elif rng.random() < 0.1:
+                node[key + "_"] = node.pop(key)
+            else:
+                node[key] = edit(node[key], depth + 1)
+            return node
+        if isinstance(node, list) and node:
+            i = rng.randrange(len(node))
+            node[i] = rng.choice(_JSON_VALUES) if rng.random() < 0.7 else edit(node[i], depth + 1)
+            return node
+        return rng.choice(_JSON_VALUES)
+
+    for _ in range(rng.randint(1, 3)):
+        header = edit(header)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
 def _write(case: Case, workdir: str) -> str:
@@ -184,12 +270,17 @@ def _outcome(fn) -> tuple[str, BaseException | None]:
     return result
 
 
-def check(case: Case, workdir: str) -> str:
-    """Run load, inspect and scan on ``case``; assert they agree. Returns load's outcome."""
+def check(case: Case, workdir: str, *, front_ends: bool = False) -> str:
+    """Run load (of the path, and of the bytes), inspect and scan on ``case``; assert they agree.
+    With ``front_ends``, also ``load_into`` (strict=False), ``diff`` (values) and ``convert``: each must end
+    in a value or a CheckpointError within the bound. Returns load's outcome."""
     import torchckpt
 
     path = _write(case, workdir)
     load, load_exc = _outcome(lambda: torchckpt.load(path))
+    if not case.is_dir:
+        from_bytes, bytes_exc = _outcome(lambda: torchckpt.load(case.files["f"]))
+        assert from_bytes == load, f"load(path): {load} ({load_exc!r}); load(bytes): {from_bytes} ({bytes_exc!r})"
     _outcome(lambda: torchckpt.inspect(path))
     start = time.perf_counter()
     report = torchckpt.scan(path)
@@ -205,10 +296,26 @@ def check(case: Case, workdir: str) -> str:
         assert f.error is None, f"load read it but scan could not: {f.error}"
         assert not loaded_danger and not any(x.kind == "unsafe" for x in f.findings), \
             f"load read it but scan calls it dangerous: {f.to_dict()}"
+    if front_ends:
+        _front_ends(path, workdir)
     return load
 
 
-def main(total: int, seed: int) -> int:
+def _front_ends(path: str, workdir: str) -> None:
+    import torch
+
+    import torchckpt
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    _outcome(lambda: torchckpt.load_into(model, path, strict=False))
+    _outcome(lambda: torchckpt.diff(path, path, values=True))
+    out = os.path.join(workdir, "converted.pt")
+    _outcome(lambda: torchckpt.convert(path, out))
+    if os.path.exists(out):
+        os.remove(out)
+
+
+def main(total: int, seed: int, front_ends: bool) -> int:
     import resource
     import tempfile
 
@@ -224,7 +331,7 @@ def main(total: int, seed: int) -> int:
             kind = kinds[n % len(kinds)]
             case = mutate(corpus[kind], rng)
             try:
-                outcome = check(case, workdir)
+                outcome = check(case, workdir, front_ends=front_ends)
             except Exception as exc:  # noqa: BLE001 - every escape is a finding of the fuzz run
                 failures += 1
                 outcome = "FAIL"
@@ -243,4 +350,5 @@ def main(total: int, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000, int(sys.argv[2]) if len(sys.argv) > 2 else 0))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sys.exit(main(int(args[0]) if args else 1000, int(args[1]) if len(args) > 1 else 0, "--front-ends" in sys.argv))

@@ -196,7 +196,32 @@ def test_policy_is_accepted_by_every_front_end(tmp_path, net):
     assert torchckpt.convert(path, tmp_path / "o.pt", policy=allow).verified
     assert torchckpt.diff(path, path, policy=allow).equal
     assert torchckpt.diff(path, path, trust=True).equal
+    assert [s.key for s in torchckpt.report(path, policy=allow).stats] == list(Full().state_dict())
     with pytest.raises(ValueError, match="either policy"):
         torchckpt.load(path, policy=allow, trust=True)
     assert main(["inspect", "--trust", str(path)]) == 0
     assert main(["inspect", "--allow", f"{Full.__module__}.*", "--allow", "torch.nn.*", str(path)]) == 0
+
+
+# -- one opener: every front end reads what load reads (a torch.distributed.checkpoint directory) ----
+def test_every_front_end_reads_a_dcp_directory(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    model = Full()
+    folder = tmp_path / "step_10"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder))
+    keys = [f"model.{k}" for k in model.state_dict()]
+    assert [t.key for t in torchckpt.inspect(folder).tensors] == keys
+    page = torchckpt.report(folder, diff=folder)  # was: "this is a directory, not a checkpoint file"
+    assert [s.key for s in page.stats] == keys
+    assert page.stats[0].numel == model.state_dict()["backbone.0.weight"].numel()
+    assert [c.change for c in page.changes] == [0.0] * len(keys)
+    fresh = Full(classes=10)
+    nn.init.zeros_(fresh.head.weight)
+    assert torchckpt.load_into(fresh, folder, prefix=None, key="model").ok
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    assert torchckpt.diff(folder, folder, values=True).equal

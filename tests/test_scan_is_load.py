@@ -19,7 +19,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from pickle_asm import PROTO2, STOP, TUPLE3, call, glob, i, s, torch_zip
+from pickle_asm import (EMPTY_TUPLE, MARK, MEMOIZE, PROTO2, PROTO4, REDUCE, STACK_GLOBAL, STOP, TUPLE, TUPLE3, b, call,
+                        glob, i, s, torch_zip)
 from t7_writer import Obj, Writer, write_t7
 from test_malicious import _payload_pickle, technique_os_system
 
@@ -470,3 +471,97 @@ def test_torchscript_before_torch_1_2_reads_as_a_state_dict(tmp_path, net):
     report = torchckpt.inspect(path)
     assert {t.key for t in report.tensors} == set(state)
     assert torchckpt.scan(path).exit_code == 0
+
+
+def _computed_global(module: bytes, name: str) -> bytes:
+    """A protocol-4 STACK_GLOBAL whose module string is computed (``str(module_bytes, "ascii")``, memoised
+    and fetched back) instead of being a literal just before the opcode."""
+    return (PROTO4 + s("builtins") + s("str") + STACK_GLOBAL + MARK + b(module) + s("ascii") + TUPLE + REDUCE
+            + MEMOIZE + b"0" + b"h\x00" + s(name) + STACK_GLOBAL + EMPTY_TUPLE + REDUCE + STOP)
+
+
+def test_stack_global_with_a_computed_module_is_judged_by_its_value(tmp_path):
+    path = tmp_path / "computed.pkl"
+    path.write_bytes(_computed_global(b"collections", "OrderedDict"))
+    assert torchckpt.load(path) == {}
+    report, f = _scan_one(path)
+    assert report.exit_code == 0, [x.message for x in f.findings]
+    assert [g.fullname for g in f.globals] == ["builtins.str", "collections.OrderedDict"]
+    # the same shape naming os.getpid: load refuses, scan names the computed global
+    path.write_bytes(_computed_global(b"os", "getpid"))
+    with pytest.raises(UnsafeCheckpointError):
+        torchckpt.load(path)
+    report, f = _scan_one(path)
+    assert report.exit_code == 1 and any("os.getpid" in x.message for x in f.findings)
+
+
+def test_model_folder_files_symlinked_outside_are_refused_without_their_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"TOPSECRET-" * 50)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.symlink(secret, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "x"}')
+    acc = tmp_path / "acc"
+    acc.mkdir()
+    save_file({"w": torch.ones(2)}, str(acc / "model.safetensors"))
+    torch.save({"lr": 1}, acc / "optimizer.bin")
+    os.symlink(secret, acc / "random_states_0.pkl")
+    for ckpt in (folder, acc):
+        for fn in (torchckpt.load, torchckpt.inspect):
+            with pytest.raises(UnsafeCheckpointError) as info:
+                fn(ckpt)
+            assert "TOPSECRET" not in str(info.value) and "outside" in str(info.value)
+        for report in (torchckpt.scan(ckpt), torchckpt.scan(tmp_path, recursive=True)):
+            assert report.exit_code == 1 and "TOPSECRET" not in json.dumps(report.to_dict())
+            (f,) = [f for f in report.files if f.path == str(ckpt)]
+            assert f.findings[0].kind == "unsafe"
+    # a config.json linked out of the folder is refused too; the weights beside it are real
+    os.remove(folder / "model.safetensors")
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    os.remove(folder / "config.json")
+    os.symlink(secret, folder / "config.json")
+    with pytest.raises(UnsafeCheckpointError):
+        torchckpt.load(folder)
+
+
+def test_model_folder_config_json_nested_too_deep_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    for fn in (torchckpt.load, torchckpt.inspect):
+        with pytest.raises(CorruptCheckpointError, match="config.json") as info:
+            fn(folder)
+        assert str(folder) in str(info.value)
+
+
+def test_dcp_metadata_symlinked_outside_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _dcp(ckpt, {"w": torch.ones(3)})
+    os.rename(ckpt / ".metadata", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", ckpt / ".metadata")
+    with pytest.raises(UnsafeCheckpointError):
+        torchckpt.load(ckpt)
+    assert torchckpt.scan(ckpt).exit_code == 1
+
+
+def test_model_folder_scans_as_load_reads_it_and_the_files_it_skips(tmp_path, net):
+    """scan(folder) says what load(folder) does, then scans what load would not read (a second weights file)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "x"}')
+    assert torchckpt.scan(folder).exit_code == 0
+    (folder / "pytorch_model.bin").write_bytes(torch_zip(_payload_pickle(technique_os_system(tmp_path / "canary"))))
+    assert set(torchckpt.load(folder)) == set(net.state_dict())  # load reads model.safetensors only
+    report = torchckpt.scan(folder)
+    status = {os.path.basename(f.path): f.status for f in report.files}
+    assert status == {"hf": "clean", "pytorch_model.bin": "findings", "config.json": "skipped"}
+    assert report.exit_code == 1 and not (tmp_path / "canary").exists()

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import load, read_checkpoint
+    from .read.unpickle.budget import Budget
     from .read.unpickle.policy import Policy
     from .read.unpickle.stubs import Stub, stub_to_plain
     from .tools.convert import convert
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
 __all__ = [
     "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
-    "convert", "diff", "report", "Policy", "Stub", "stub_to_plain",
+    "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
@@ -62,6 +63,7 @@ _LAZY = {
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),
+    "Budget": ("read.unpickle.budget", "Budget"),
     "Stub": ("read.unpickle.stubs", "Stub"),
     "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
 }

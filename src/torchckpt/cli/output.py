@@ -11,6 +11,9 @@ import os
 import sys
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
 __all__ = ["Output", "to_jsonable"]
 
 
@@ -28,8 +31,6 @@ def to_jsonable(value: Any) -> Any:
 
 class Output:
     def __init__(self, json_mode: bool = False) -> None:
-        from rich.console import Console
-
         self.json_mode = json_mode
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         self.console = Console(no_color=not colour, highlight=False, soft_wrap=not sys.stdout.isatty(),
@@ -49,8 +50,6 @@ class Output:
 
     def progress(self, *, bytes_: bool = False) -> Any:
         """A rich Progress drawn on stderr when it is a terminal; disabled elsewhere and in --json mode."""
-        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
         enabled = self.err.is_terminal and not self.json_mode
         counter = DownloadColumn() if bytes_ else MofNCompleteColumn()
         return Progress("[progress.description]{task.description}", BarColumn(), counter, TimeRemainingColumn(),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..tools.html_report import MissingExtraError, report, require_extra
 from .output import Output
+from .plan import build_model
 
 
 @click.command("report")
@@ -20,16 +22,12 @@ def command(checkpoint: str, output: str, against: str | None, other: str | None
     The page needs no network to be viewed. Needs the report extra: pip install "torchckpt[report]".
     Exit codes: 0 written, 2 usage (missing extra), 3 unreadable input, 4 unsafe checkpoint.
     """
-    from ..tools.html_report import MissingExtraError, report, require_extra
-
     try:
         require_extra()
     except MissingExtraError as exc:
         raise click.UsageError(f"{exc}") from None
     model = None
     if against:
-        from .plan import build_model
-
         model = build_model(against)
     out = Output(json_mode=as_json)
     with out.progress() as progress:

@@ -7,6 +7,7 @@ import tempfile
 
 import click
 
+from ..demo.tour import run_tour
 from .output import Output
 
 
@@ -19,8 +20,6 @@ def command(keep: str | None, as_json: bool) -> int:
     Compares with what plain torch.load(weights_only=True) does on the same file. Exits 1 if any
     scenario does not behave as expected.
     """
-    from ..demo.tour import run_tour  # lazy: the tour writes its samples with torch; other commands stay light
-
     out = Output(json_mode=as_json)
     if keep:
         os.makedirs(keep, exist_ok=True)

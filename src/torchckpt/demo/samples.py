@@ -12,11 +12,11 @@ import contextlib
 import io
 import pickle
 import struct
+import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..read.sniff import LEGACY_MAGIC
-from ..read.tensors import dtype_name
 
 __all__ = ["write_py2_legacy", "saved_on_device"]
 
@@ -110,10 +110,13 @@ class _Reduced:
 
 
 def _storage_class_name(dtype: Any) -> str:
-    from ..read.unpickle.safe_globals import _STORAGE_DTYPES
+    """``"HalfStorage"`` for ``torch.float16``: the name torch itself pickles for that dtype."""
+    import torch
 
-    wanted = dtype_name(dtype)
-    return next(name for name, d in _STORAGE_DTYPES.items() if d == wanted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "TypedStorage is deprecated": it is what old files hold
+        name: str = torch.TypedStorage(0, dtype=dtype).pickle_storage_type()
+        return name
 
 
 def write_py2_legacy(obj: Any, file: Any, *, location: str = "cpu") -> None:

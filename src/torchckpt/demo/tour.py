@@ -2,16 +2,37 @@
 
 Each scenario writes a file the way real code does (or did, for old eras), tries what a user would
 try first (``torch.load``), then shows what torchckpt found and fixed. Used as the project's main job.
+
+Imports of torch (and safetensors.torch, which imports it) stay inside the scenario functions: importing
+this module, as the ``tour`` command does, costs no torch import.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
+import sys
+import tempfile
+import textwrap
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..fit.load_into import load_into
+from ..fit.tree import find_state_dicts
+from ..read.load import load
+from ..tools.convert import convert
+from ..tools.inspection import inspect as inspect_file
+from ..tools.scanning import scan
+from ..train.checkpointer import resume
+from ..train.training import save
+from .samples import saved_on_device, write_py2_legacy
 
 __all__ = ["Scenario", "run_tour", "SCENARIOS"]
 
@@ -54,7 +75,6 @@ def _save(obj_factory: Callable[[], Any], **kwargs: Any) -> Callable[[str], None
 
 
 def _training_dict() -> Any:
-    import numpy as np
     import torch
 
     net = _net()
@@ -65,20 +85,12 @@ def _training_dict() -> Any:
 
 
 def _make_py2(path: str) -> None:
-    import numpy as np
-
-    from .samples import write_py2_legacy
-
     net = _net()
     write_py2_legacy({"epoch": 90, "arch": "resnet18", "state_dict": net.state_dict(),
                       "best_prec1": np.float64(69.758), "optimizer": {"lr": 0.001}}, path, location="cuda:0")
 
 
 def _make_whole_model(path: str) -> None:
-    import sys
-    import tempfile
-    import textwrap
-
     import torch
 
     code = textwrap.dedent("""
@@ -107,8 +119,6 @@ def _make_whole_model(path: str) -> None:
 def _make_cuda3(path: str) -> None:
     import torch
 
-    from .samples import saved_on_device
-
     with saved_on_device("cuda:3"):
         torch.save(_net().state_dict(), path)
 
@@ -126,8 +136,6 @@ def _make_torchscript(path: str) -> None:
 
 
 def _make_detectron_pkl(path: str) -> None:
-    import numpy as np
-
     blobs = {"conv1_w": np.ones((8, 3, 3, 3), np.float32), "fc_b": np.zeros(10, np.float32)}
     with open(path, "wb") as fh:
         pickle.dump({"blobs": blobs, "model_iter": 90000}, fh, protocol=2)
@@ -141,8 +149,6 @@ def _text_file(content: bytes) -> Callable[[str], None]:
 
 
 def _make_truncated(path: str) -> None:
-    import io
-
     import torch
 
     buf = io.BytesIO()
@@ -173,8 +179,6 @@ def _net_classes(classes: int) -> Any:
 
 def _check_load_into(**kwargs: Any) -> Callable[[Any, str], list[str]]:
     def check(obj: Any, path: str) -> list[str]:
-        from .. import load_into
-
         model = _net_classes(10) if kwargs.pop("classes10", False) else _net()
         report = load_into(model, path, **kwargs)
         return ["load_into: " + line.strip() for line in str(report).splitlines()]
@@ -196,8 +200,6 @@ def _make_imagenet(path: str) -> None:
 def _make_training(path: str) -> None:
     import torch
 
-    from ..train.training import save
-
     net = _net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
@@ -208,8 +210,6 @@ def _make_training(path: str) -> None:
 def _check_resume(obj: Any, path: str) -> list[str]:
     import torch
 
-    from ..train.checkpointer import resume
-
     net = _net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     state = resume(path, model=net, optimizer=opt)
@@ -218,8 +218,6 @@ def _check_resume(obj: Any, path: str) -> list[str]:
 
 
 def _check_convert(obj: Any, path: str) -> list[str]:
-    from ..tools.convert import convert
-
     report = convert(path, path + ".safetensors", weights_only=True)
     return ["convert: " + line.strip() for line in str(report).splitlines()[:2]]
 
@@ -252,8 +250,6 @@ SCENARIOS = [
 
 
 def _torch_load_result(path: str) -> str:
-    import warnings
-
     import torch
 
     try:
@@ -267,13 +263,6 @@ def _torch_load_result(path: str) -> str:
 
 
 def run_scenario(sc: Scenario, folder: str) -> Outcome:
-    from .. import inspect as inspect_file
-    from .. import load
-    from ..errors import CheckpointError
-    from ..fit.tree import find_state_dicts
-
-    from ..tools.scanning import scan
-
     path = os.path.join(folder, sc.filename)
     sc.make(path)
     baseline = _torch_load_result(path)

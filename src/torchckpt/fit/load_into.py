@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
-from ..read.tensors import dtype_name
+from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub
@@ -106,10 +106,6 @@ def _as_tensor(value: Any) -> Any:
 
 def _dtype(value: Any) -> Any:
     return value.torch_dtype() if isinstance(value, TensorMeta) else value.dtype
-
-
-def _materialize(value: Any, src: Any) -> Any:
-    return value.materialize(src) if isinstance(value, TensorMeta) else value
 
 
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
@@ -227,7 +223,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             target = module._parameters.get(name, module._buffers.get(name))
             device = target_device if on_meta or target is None else target.device
             if isinstance(value, tuple) and value[0] == "overlap":
-                value = _overlap(target, _materialize(value[1], src))
+                value = _overlap(target, to_torch(value[1], src))
             elif isinstance(value, tuple) and value[0] == "reshape":
                 value = placer.place(value[1], target, device, tuple(target.shape))
             else:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..read.unpickle.meta import TensorMeta
+from ..errors import CorruptCheckpointError
+from ..read.tensors import TensorMeta
 
 __all__ = ["Placer"]
 
@@ -145,8 +146,6 @@ class Placer:
     def _upload_meta(self, meta: TensorMeta, device: Any) -> Any:
         """A tensor still in the file (legacy stream): read it chunk by chunk straight into pinned memory."""
         import torch
-
-        from ..errors import CorruptCheckpointError
 
         dtype = meta.torch_dtype()
         if 0 in meta.shape:

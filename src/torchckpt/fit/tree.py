@@ -1,7 +1,8 @@
 """The checkpoint tree: walk it, flatten it, look a path up, and choose the weights in it.
 
 One walker (:func:`walk`) serves every front end: :func:`find_state_dicts` (every place that holds
-weights), :func:`flatten` (every tensor by dotted path, for convert and diff), and ``inspect``.
+weights), :func:`flatten` (every tensor by dotted path, for convert and diff), :func:`tensors` (the
+same with modules as their state dicts, for ``report``), and ``inspect``.
 :func:`select` chooses the weights: the candidate that fits a model best when a model is given,
 otherwise the only candidate (several raise :class:`AmbiguousCheckpointError` listing them).
 :func:`state_dict_of` gives, for a whole-model pickle loaded without its class, exactly what
@@ -23,8 +24,8 @@ from ..read.unpickle.stubs import Stub, stub_name
 from .align import align_keys
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
-           "is_state_dict", "walk", "children_of", "flatten", "lookup", "select", "shapes", "TensorMeta",
-           "module_classes"]
+           "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
+           "TensorMeta", "module_classes"]
 
 MAX_DEPTH = 64
 LUA_NN_PACKAGES = ("nn.", "cudnn.", "cunn.", "fbnn.", "inn.", "nngraph.")
@@ -40,9 +41,14 @@ def is_module_like(obj: Any) -> bool:
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            type(obj)._stub_module.startswith("__torch__")
+            _torchscript_stub(obj)
     torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _torchscript_stub(stub: Stub) -> bool:
+    """A stub of a TorchScript module class (``__torch__.Net``)."""
+    return stub_name(stub).startswith("__torch__")
 
 
 def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
@@ -59,7 +65,7 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     """
     if isinstance(obj, Stub):
         out: OrderedDict[str, Any] = OrderedDict()
-        if type(obj)._stub_module.startswith("__torch__"):
+        if _torchscript_stub(obj):
             _torchscript_state(obj, "", out, set(), obj.__dict__.get("stub_declarations") or {}, 0)
         else:
             _stub_state(obj, "", out, set(), 0)
@@ -156,7 +162,7 @@ def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: s
         if value is not None and is_tensor_like(value):
             out[prefix + name] = _detach(value)
     for name, value in attrs.items():
-        if isinstance(value, Stub) and type(value)._stub_module.startswith("__torch__"):
+        if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)
     active.discard(id(module))
 
@@ -165,13 +171,13 @@ def is_state_dict(obj: Any) -> bool:
     """A mapping of string keys whose values are (mostly) tensors or numeric arrays."""
     if not isinstance(obj, dict) or not obj:
         return False
-    tensors = 0
+    count = 0
     for k, v in obj.items():
         if not isinstance(k, str):
             return False
         if is_tensor_like(v):
-            tensors += 1
-    return tensors > 0 and tensors * 2 >= len(obj)
+            count += 1
+    return count > 0 and count * 2 >= len(obj)
 
 
 def is_optimizer_state(value: Any) -> bool:
@@ -241,6 +247,20 @@ def flatten(tree: Any) -> list[tuple[str, Any]]:
     """
     return [(path or "tensor", value) for path, value, _ in walk(tree, children=_containers, max_depth=10_000)
             if is_tensor_like(value)]
+
+
+def tensors(obj: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[tuple[str, Any]]:
+    """``(dotted path, tensor)`` for every tensor of a loaded tree, in order; a module (real, stub of a
+    whole-model pickle, or Lua ``nn``) contributes its state dict under its path. The root tensor is
+    named ``"tensor"``."""
+    modules: set[int] = set()
+    for path, value, _ in walk(obj, max_depth=max_depth, descend=lambda _, v: not is_module_like(v)):
+        if is_tensor_like(value):
+            yield path or "tensor", value
+        elif is_module_like(value) and id(value) not in modules:  # a shared module is listed once
+            modules.add(id(value))
+            for key, t in state_dict_of(value).items():
+                yield (f"{path}.{key}" if path else key), t
 
 
 def lookup(obj: Any, dotted: str) -> Any:

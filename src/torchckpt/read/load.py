@@ -42,7 +42,8 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
-        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands.
+        policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands, including
+            its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 

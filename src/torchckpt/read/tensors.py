@@ -3,7 +3,11 @@
 The readers produce three kinds of tensor: real ``torch.Tensor`` objects, numeric numpy arrays, and
 :class:`~torchckpt.read.unpickle.meta.TensorMeta` (structure-only reads: shape, stride, dtype and
 where the bytes are). Everything above the readers (the tree, load_into, the tools) asks this module,
-never the reader internals. stdlib only: torch is never imported here.
+never the reader internals. torch is imported only inside :func:`to_torch`, when tensor data is wanted.
+
+Streaming front ends (``convert``, ``diff``, ``report``) read one tensor at a time from an open
+checkpoint with :func:`to_torch` and hand its mapped file pages back with :func:`release` once used,
+so memory stays near the largest tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 from .unpickle.meta import MetaStorage, TensorMeta
 
-__all__ = ["TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name"]
+__all__ = ["TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release"]
 
 
 def is_tensor_like(value: Any) -> bool:
@@ -28,3 +32,25 @@ def dtype_name(value: Any) -> str:
     dtype = getattr(value, "dtype", value)
     name = str(dtype)
     return name[6:] if name.startswith("torch.") else name
+
+
+def to_torch(value: Any, reader: Any) -> Any:
+    """A CPU ``torch.Tensor`` for a tensor of a loaded tree: a :class:`TensorMeta` is read from
+    ``reader`` (the checkpoint's open :class:`~torchckpt.storage.source.Source`), a numpy array is
+    wrapped without a copy, a tensor is detached."""
+    if type(value) is TensorMeta:
+        return value.materialize(reader)
+    import torch  # lazy: torchckpt imports torch only when tensor data is needed
+
+    if type(value).__module__ == "numpy":
+        return torch.from_numpy(value)
+    return value.detach()
+
+
+def release(reader: Any, tensor: Any) -> None:
+    """Drop the file pages behind ``tensor`` if it maps ``reader``'s file (a no-op otherwise)."""
+    if reader is None or not hasattr(tensor, "untyped_storage"):
+        return
+    storage = tensor.untyped_storage()
+    if storage.device.type == "cpu":
+        reader.release_pointer(storage.data_ptr(), storage.nbytes())

@@ -10,14 +10,13 @@ kept as JSON. Every output is reloaded and compared with the source before the r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -26,14 +25,14 @@ from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, look
     state_dict_of
 from ..read.opener import open_checkpoint
 from ..read.formats.lua_t7 import LuaFunction, T7Object
-from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
+from ..read.formats.simple import SAFETENSORS_DTYPES
 from ..read.load import load
-from ..read.tensors import dtype_name
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 from ..storage.atomic import atomic_write
-from ..storage.source import Source
+from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
 
@@ -293,16 +292,40 @@ class _Materializer:
         self.source, self.target_dtype = source, target_dtype
 
     def __call__(self, t: Any) -> Any:
-        value = t.materialize(self.source) if isinstance(t, TensorMeta) else t
+        value = to_torch(t, self.source) if isinstance(t, TensorMeta) else t  # a Parameter stays one
         if self.target_dtype is not None and value.is_floating_point():
             value = value.to(self.target_dtype)
         return value
 
+    def file_range(self, t: Any) -> tuple[int, int] | None:
+        """``(offset, nbytes)`` when ``t``'s output bytes are exactly one range of the local source file.
+
+        True for a contiguous tensor still on disk (legacy storages) that keeps its dtype: such a
+        tensor is copied file to file (``copy_file_range``) and verified against the file, never read
+        into memory.
+        """
+        if not isinstance(t, TensorMeta) or t.storage is None or getattr(self.source, "path", None) is None:
+            return None
+        if self.target_dtype is not None and _is_float(t) and dtype_name(t) != dtype_name(self.target_dtype):
+            return None
+        base = t.storage.data_offset()
+        expected = 1
+        for size, stride in zip(reversed(t.shape), reversed(t.stride)):
+            if size != 1 and stride != expected:
+                return None
+            expected *= size
+        nbytes = t.nbytes
+        if base is None or nbytes == 0:
+            return None
+        offset = base + t.storage_offset * t.dtype.itemsize
+        if offset + nbytes > self.source.size:
+            return None  # past the end: reading it reports the truncation
+        self.source.buffer()  # map the source now, before the output may replace it (convert onto itself)
+        return offset, nbytes
+
     def release(self, t: Any) -> None:
-        if not isinstance(t, TensorMeta) and hasattr(t, "untyped_storage"):
-            storage = t.untyped_storage()
-            if storage.device.type == "cpu":
-                self.source.release_pointer(storage.data_ptr(), storage.nbytes())
+        if not isinstance(t, TensorMeta):
+            release(self.source, t)
 
 
 def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
@@ -362,6 +385,12 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         for name, t in order:
+            span = materialize.file_range(t)
+            if span is not None and copy_range(materialize.source, fh, *span):
+                done += span[1]
+                if progress is not None:
+                    progress(done, offset)
+                continue
             value = materialize(t).detach().to("cpu").contiguous()
             data = value.view(torch.uint8) if value.dim() else value.reshape(1).view(torch.uint8)
             fh.write(memoryview(data.numpy()))
@@ -381,61 +410,17 @@ def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
 
 def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: _Materializer,
             report: ConvertReport) -> None:
-    """Reload the output and compare every tensor with the source, one tensor at a time."""
-    import torch  # lazy: verification reads tensors
-
+    """Reload the output and compare every tensor with the source bit for bit, one tensor at a time."""
     if to == "pt":
+        import torch  # lazy: verification reads tensors
+
         try:
             torch.load(dst, weights_only=True, map_location="meta")  # the promise: plain torch can read it
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None
-    with _written_tensors(dst, to) as written:
-        for name, t in tensors:
-            want = materialize(t)
-            got = written(name)
-            ok = got is not None and _same(got, want)
-            materialize.release(t)
-            if not ok:
-                raise CorruptCheckpointError(f"verification failed: tensor {name} differs after writing",
-                                             path=dst, hint="Please report this; the destination is not trustworthy.")
+        written = dict(flatten(load(dst, mmap=True)))
+        compare_all(dst, tensors, materialize, lambda name, t: same_bits(written.get(name), materialize(t)))
+    else:
+        verify_safetensors(dst, tensors, materialize)
     report.verified = True
-
-
-def _same(got: Any, want: Any) -> bool:
-    """Equal shape and values; a view with zero strides is compared through the elements it stores."""
-    import torch  # lazy: verification reads tensors
-
-    if got.shape != want.shape:
-        return False
-    if got.dtype != want.dtype:
-        got = got.to(want.dtype)
-    if want.numel() and got.stride() == want.stride():
-        extent = 1 + sum((n - 1) * st for n, st in zip(want.shape, want.stride()))
-        if extent < want.numel():  # an expanded view: compare the stored elements, not every repetition
-            return torch.equal(got.as_strided((extent,), (1,)), want.as_strided((extent,), (1,)))
-    return torch.equal(got, want)
-
-
-@contextlib.contextmanager
-def _written_tensors(dst: str, to: str) -> Iterator[Callable[[str], Any]]:
-    """Name -> tensor read back from ``dst`` (safetensors: each read on demand with pread); closes ``dst``."""
-    if to == "pt":
-        yield dict(flatten(load(dst, mmap=True))).get
-        return
-    import torch  # lazy: verification reads tensors
-
-    with Source(dst) as src:
-        entries, metadata, start = safetensors_header(src)
-        aliases = json.loads(metadata.get("torchckpt.aliases", "{}"))
-
-        def get(name: str) -> Any:
-            e = entries.get(aliases.get(name, name))
-            if e is None:
-                return None
-            begin, end = e["data_offsets"]
-            dtype = getattr(torch, SAFETENSORS_DTYPES[e["dtype"]][0])
-            raw = src.read_into_storage(start + begin, end - begin)
-            return torch.empty(0, dtype=dtype).set_(raw, 0, tuple(e["shape"]),
-                                                    torch.empty(e["shape"], device="meta").stride())
-        yield get

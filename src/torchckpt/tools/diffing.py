@@ -16,9 +16,9 @@ from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
 from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
+from ..read.tensors import release, to_torch
 from ..read.trust import resolve_policy
 from ..read.unpickle.mode import Mode
-from ..read.unpickle.meta import TensorMeta
 
 __all__ = ["diff", "DiffReport"]
 
@@ -153,32 +153,15 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
                     progress(n, len(mapping))
                 if ka in skip:
                     continue
-                x, y = _real(ta[ka], sa), _real(tb[kb], sb)
+                x, y = to_torch(ta[ka], sa), to_torch(tb[kb], sb)
                 d = _compare(x, y, ka)
-                _release(sa, x)
-                _release(sb, y)
+                release(sa, x)
+                release(sb, y)
                 if d.nonfinite_a or d.nonfinite_b:
                     report.nonfinite.append(f"{ka} (A: {d.nonfinite_a}, B: {d.nonfinite_b})")
                 if d.max_abs > atol or (d.max_abs != d.max_abs):
                     report.changed.append(d)
     return report
-
-
-def _real(t: Any, src: Any) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(t, TensorMeta):
-        return t.materialize(src)
-    if isinstance(t, np.ndarray):
-        return torch.from_numpy(t)
-    return t.detach()
-
-
-def _release(src: Any, t: Any) -> None:
-    """Drop the mapped file pages of a tensor that was compared (memory stays near one pair)."""
-    storage = t.untyped_storage()
-    src.release_pointer(storage.data_ptr(), storage.nbytes())
 
 
 CHUNK_BYTES = 16 << 20  # per operand and chunk, in the compute dtype

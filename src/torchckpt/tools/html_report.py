@@ -14,18 +14,21 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from ..errors import CheckpointError
 from ..fit.align import align_keys
-from ..fit.tree import is_module_like, is_tensor_like, state_dict_of
-from ..read.formats import ReadOptions, read
+from ..fit.load_into import load_into
+from ..fit.tree import tensors
+from ..read.opener import open_checkpoint
+from ..read.tensors import TensorMeta, release, to_torch
 from ..read.unpickle.mode import Mode
-from ..read.unpickle.meta import TensorMeta
-from ..read.unpickle.policy import Policy
-from ..read.unpickle.stubs import Stub
-from ..storage.source import Source, SourceLike
+from ..read.trust import Policy, resolve_policy
+from ..storage.atomic import atomic_write
+from ..storage.source import SourceLike
 from .inspection import InspectReport, inspect
+from .report_page import render_page
+from .scanning import scan
 from .tensor_stats import TensorStats, relative_change, tensor_stats
 
 __all__ = ["report", "CheckpointReport", "HealthWarning", "LayerChange", "MissingExtraError"]
@@ -103,14 +106,10 @@ class CheckpointReport:
 
     def render(self) -> str:
         """The whole page as one HTML string (styles and figures inline, no network needed)."""
-        from .report_page import render_page
-
         return render_page(self)
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write the page atomically to ``path``; returns the path."""
-        from ..storage.atomic import atomic_write
-
         page = self.render().encode("utf-8")
         with atomic_write(os.fspath(path)) as fh:
             fh.write(page)
@@ -150,7 +149,7 @@ def require_extra() -> None:
 
 
 def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None = None,
-           output: str | os.PathLike[str] | None = None, trust: bool = False,
+           output: str | os.PathLike[str] | None = None, policy: Policy | None = None, trust: bool = False,
            allow: Iterable[str] | str | None = None, bins: int = BINS, histograms: int = HISTOGRAMS,
            progress: Callable[[int, int], None] | None = None) -> CheckpointReport:
     """Build the visual report of ``source``; with ``output`` also write the HTML page there.
@@ -161,21 +160,21 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
         diff: another checkpoint: the page shows the relative change ‖a−b‖/‖a‖ of every common layer.
         bins: histogram bins for the ``histograms`` largest floating-point layers.
         progress: ``progress(done, total)`` after each tensor read.
+        policy, trust, allow: what the file's pickles may import, as in :func:`torchckpt.load`.
 
     Tensors are read one at a time and released, so memory stays near the largest tensor.
     """
-    from ..tools.scanning import scan
-
     if output is not None:
         require_extra()
-    info = inspect(source, trust=trust, allow=allow)
+    policy = resolve_policy(policy, trust, allow)
+    info = inspect(source, policy=policy)
     result = CheckpointReport(info=info)
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         file_scan = scan(source).files[0]
         result.safety = file_scan.status
         result.findings = [f.message for f in file_scan.findings] + ([file_scan.error] if file_scan.error else [])
     result.training = _training_values(info)
-    with _tensor_stream(source, trust, allow) as items:
+    with _tensor_stream(source, policy) as items:
         total = len(items)
         largest = {k for k, _ in sorted(((k, _nbytes(t)) for k, t, _ in items), key=lambda kv: -kv[1])[:histograms]}
         for n, (key, t, materialize) in enumerate(items, 1):
@@ -187,9 +186,9 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
                 progress(n, total)
     result.warnings = health_warnings(result.stats)
     if against is not None:
-        _plan(result, source, against, trust, allow)
+        _plan(result, source, against, policy)
     if diff is not None:
-        _diff(result, source, diff, trust, allow, progress)
+        _diff(result, source, diff, policy, progress)
     if output is not None:
         result.save(output)
     return result
@@ -226,78 +225,34 @@ class _tensor_stream:
     at a time, and the mapped pages of the previous tensor are released before the next one.
     """
 
-    def __init__(self, source: SourceLike, trust: bool, allow: Iterable[str] | str | None) -> None:
-        self.source = Source(source)
-        self.policy = Policy.make(trust, allow)
+    def __init__(self, source: SourceLike, policy: Policy) -> None:
+        self._open = open_checkpoint(source, Mode.BUILD, policy, lazy=True)
+        self.reader: Any = None
         self._last: Any = None
 
     def __enter__(self) -> list[tuple[str, Any, Callable[[], Any]]]:
+        ckpt = self._open.__enter__()
+        self.reader = ckpt.reader
         try:
-            loaded = read(self.source, ReadOptions(mode=Mode.STRUCTURE, policy=self.policy))
-            pairs = list(tensor_items(loaded.obj))
-            if any(isinstance(t, TensorMeta) and (t.storage is None or t.storage.data_offset() is None)
-                   for _, t in pairs):  # the format cannot point at its bytes: read it with mmap instead
-                loaded = read(self.source, ReadOptions(policy=self.policy, mmap=True))
-                pairs = list(tensor_items(loaded.obj))
-        except BaseException:
-            self.source.close()
+            return [(k, t, self._materializer(t)) for k, t in tensors(ckpt.tree)]
+        except BaseException as exc:
+            self._open.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        return [(k, t, self._materializer(t)) for k, t in pairs]
 
     def _materializer(self, t: Any) -> Callable[[], Any]:
         def get() -> Any:
             self._release()
-            value = t.materialize(self.source) if isinstance(t, TensorMeta) else _as_tensor(t)
-            self._last = value
-            return value
+            self._last = to_torch(t, self.reader)
+            return self._last
         return get
 
     def _release(self) -> None:
         last, self._last = self._last, None
-        if last is not None and last.device.type == "cpu":
-            storage = last.untyped_storage()
-            self.source.release_pointer(storage.data_ptr(), storage.nbytes())
+        release(self.reader, last)
 
     def __exit__(self, *exc: Any) -> None:
         self._release()
-        self.source.close()
-
-
-def _as_tensor(t: Any) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(t, np.ndarray):
-        return torch.from_numpy(t)
-    return t.detach()
-
-
-def tensor_items(obj: Any, max_depth: int = 64) -> Iterator[tuple[str, Any]]:
-    """``(dotted key, tensor)`` for every tensor in the tree; modules (real or stubs) as their state dict."""
-    seen: set[int] = set()
-    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
-    while stack:
-        path, value, depth = stack.pop()
-        if is_tensor_like(value):
-            yield path or "tensor", value
-            continue
-        if depth > max_depth or id(value) in seen:
-            continue
-        seen.add(id(value))
-        if is_module_like(value):
-            for k, t in state_dict_of(value).items():
-                yield (f"{path}.{k}" if path else k), t
-            continue
-        if isinstance(value, dict):
-            children = list(value.items())
-        elif isinstance(value, (list, tuple)):
-            children = list(enumerate(value))
-        elif isinstance(value, Stub):
-            children = list(value.stub_attributes().items()) + list((value.stub_items or {}).items())
-        else:
-            continue
-        for k, child in reversed(children):
-            stack.append((f"{path}.{k}" if path else str(k), child, depth + 1))
+        self._open.__exit__(*exc)
 
 
 def _training_values(info: InspectReport) -> list[tuple[str, str]]:
@@ -309,21 +264,18 @@ def _training_values(info: InspectReport) -> list[tuple[str, str]]:
     return out[:40]
 
 
-def _plan(result: CheckpointReport, source: SourceLike, against: Any, trust: bool,
-          allow: Iterable[str] | str | None) -> None:
-    from ..fit.load_into import load_into
-
+def _plan(result: CheckpointReport, source: SourceLike, against: Any, policy: Policy) -> None:
     model = against() if callable(against) and not hasattr(against, "state_dict") else against
     try:
-        result.plan = load_into(model, source, strict=False, on_mismatch="skip", dry_run=True, trust=trust)
+        result.plan = load_into(model, source, strict=False, on_mismatch="skip", dry_run=True, policy=policy)
     except CheckpointError as exc:
         result.plan_error = str(exc)
 
 
-def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, trust: bool,
-          allow: Iterable[str] | str | None, progress: Callable[[int, int], None] | None) -> None:
+def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, policy: Policy,
+          progress: Callable[[int, int], None] | None) -> None:
     result.other = other if isinstance(other, str) else os.fspath(other) if isinstance(other, os.PathLike) else "<other>"
-    with _tensor_stream(source, trust, allow) as mine, _tensor_stream(other, trust, allow) as theirs:
+    with _tensor_stream(source, policy) as mine, _tensor_stream(other, policy) as theirs:
         a = {k: (t, m) for k, t, m in mine}
         b = {k: (t, m) for k, t, m in theirs}
         shapes_a = {k: tuple(t.shape) for k, (t, _) in a.items()}

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..errors import CheckpointError, NotACheckpointError, UnsafeCheckpointError
-from ..read.formats import Trace, is_dcp_dir
+from ..read.formats import Trace, folder_kind, is_dcp_dir
 from ..read.opener import open_checkpoint
 from ..read.unpickle.machine import GlobalRef
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.policy import Verdict
+from ..storage.source import confined_path
 
 __all__ = ["scan", "scan_file", "ScanReport", "FileScan", "Finding"]
 
@@ -86,7 +87,8 @@ class ScanReport:
 def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = False,
          strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``; symlinked folders are followed once) without
-    executing anything from them. A torch.distributed.checkpoint directory is scanned as one checkpoint.
+    executing anything from them. A directory that ``load`` reads as one checkpoint (torch.distributed.checkpoint,
+    Hugging Face or accelerate folder) is scanned as one, then every file in it that the read did not touch.
 
     ``progress(done, total)`` is called after each file.
     """
@@ -95,7 +97,7 @@ def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, re
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
     for p in (os.fspath(x) for x in paths):
-        if os.path.isdir(p) and not is_dcp_dir(p):
+        if os.path.isdir(p) and not _checkpoint_dir(p):
             if not recursive:
                 files.append(FileScan(p, status="unreadable", error="is a directory: pass -r/--recursive to scan "
                                                                     "the files in it"))
@@ -104,8 +106,8 @@ def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, re
         else:
             todo.append((p, True))
     for i, (path, explicit) in enumerate(todo, 1):
-        files.extend(_scan_dcp(path, strict) if is_dcp_dir(path) else [scan_file(path, strict=strict,
-                                                                                   explicit=explicit)])
+        files.extend(_scan_dir(path, strict) if os.path.isdir(path) else [scan_file(path, strict=strict,
+                                                                                      explicit=explicit)])
         if progress is not None:
             progress(i, len(todo))
     return ScanReport(files)
@@ -121,7 +123,7 @@ def _walk(top: str) -> list[tuple[str, bool]]:
             continue
         seen.add(real)
         dirs.sort()
-        if is_dcp_dir(root):
+        if _checkpoint_dir(root):
             out.append((root, False))
             dirs[:] = []
             continue
@@ -129,13 +131,28 @@ def _walk(top: str) -> list[tuple[str, bool]]:
     return out
 
 
-def _scan_dcp(directory: str, strict: bool) -> list[FileScan]:
-    """The DCP directory as one checkpoint, then every file in it that its .metadata does not name."""
+def _checkpoint_dir(path: str) -> bool:
+    """A directory the opener reads as one checkpoint."""
+    return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None)
+
+
+def _scan_dir(directory: str, strict: bool) -> list[FileScan]:
+    """The directory as one checkpoint, then every file in it that the read did not touch. A file that
+    resolves outside the directory is not part of it: if the read named it, that is already an unsafe
+    finding, and it is not read here either."""
     result = scan_file(directory, strict=strict)
     named = {src for src, _, _ in result.ranges if "\x00" not in src} | {os.path.join(directory, ".metadata")}
     read = {os.path.realpath(src) for src in named}  # item names (file[key]) match no file: harmless
-    rest = [os.path.join(directory, n) for n in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, n)) and os.path.realpath(os.path.join(directory, n)) not in read]
+    rest = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path) or os.path.realpath(path) in read:
+            continue
+        try:
+            confined_path(directory, name)
+        except CheckpointError:
+            continue
+        rest.append(path)
     return [result, *(scan_file(p, strict=strict, explicit=False) for p in rest)]
 
 

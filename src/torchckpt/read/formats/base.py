@@ -10,6 +10,7 @@ from typing import Any, Callable
 from ...errors import LimitExceededError
 from ...storage.source import Source
 from ..devices import Relocator
+from ..unpickle.budget import Meter
 from ..unpickle.machine import GlobalRef, Unpickler
 from ..unpickle.mode import Mode
 from ..unpickle.policy import Policy
@@ -74,6 +75,13 @@ class ReadOptions:
     mode: Mode = Mode.BUILD
     trace: Trace = field(default_factory=Trace)
     read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
+    meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
+
+    def budget_meter(self) -> Meter:
+        """The one :class:`Meter` of this read (made from ``policy.budget`` on first use)."""
+        if self.meter is None:
+            self.meter = Meter(self.policy.budget)
+        return self.meter
 
     @property
     def meta(self) -> bool:
@@ -86,7 +94,7 @@ def run_pickle(opts: ReadOptions, data: Any, src: Source, member: str | None, *,
                loaded: bool = True) -> tuple[Any, Unpickler]:
     """Run one pickle stream through the VM in ``opts.mode`` and record it in the trace."""
     u = Unpickler(data, policy=opts.policy, mode=opts.mode, persistent_load=persistent_load, start=start, end=end,
-                  member=member)
+                  member=member, meter=opts.budget_meter())
     stream = Stream(src.name, member, start, u.globals, loaded=loaded)
     opts.trace.streams.append(stream)
     obj = u.load()

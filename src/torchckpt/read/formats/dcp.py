@@ -55,7 +55,7 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
     """Read a DCP checkpoint directory into a (nested) state dict."""
     meta_path = os.path.join(directory, ".metadata")
-    with Source(meta_path) as src:
+    with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path) as src:
         metadata, _ = run_pickle(opts, src.buffer(), src, ".metadata")
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
-from ...storage.source import Source
+from ...storage.source import Source, confined_path
 from .base import Checkpoint, ReadOptions
 
 __all__ = ["folder_kind", "read_folder", "is_accelerate_folder"]
@@ -57,9 +57,11 @@ def read_folder(directory: str, opts: ReadOptions) -> Checkpoint:
     return _read_huggingface(directory, opts)
 
 
-def _read_file(path: str, opts: ReadOptions) -> Checkpoint:
+def _read_file(directory: str, name: str, opts: ReadOptions) -> Checkpoint:
+    """Read one file of the folder; a symlink out of the folder is refused before anything is read."""
     assert opts.read_child is not None, "the opener passes the format dispatcher"
-    with Source(path) as src:
+    path = confined_path(directory, name, what="file", checkpoint=directory)
+    with Source(path, name=os.path.join(directory, name)) as src:
         return opts.read_child(src, opts)
 
 
@@ -72,7 +74,7 @@ def _read_huggingface(directory: str, opts: ReadOptions) -> Checkpoint:
                                      path=directory, hint="Convert the model to PyTorch with transformers "
                                                           "(from_pretrained(..., from_tf=True)) and save it again.")
     chosen = present[0]
-    part = _read_file(os.path.join(directory, chosen), opts)
+    part = _read_file(directory, chosen, opts)
     loaded = Checkpoint(tree=part.tree, format="huggingface", description=f"Hugging Face model folder ({chosen})",
                     evidence=[f"directory with {chosen}" + (" and config.json" if "config.json" in names else "")],
                     notes=[f"{chosen}: {note}" for note in part.notes], globals=part.globals,
@@ -80,7 +82,7 @@ def _read_huggingface(directory: str, opts: ReadOptions) -> Checkpoint:
     if len(present) > 1:
         loaded.notes.append(f"read {chosen}; the folder also holds {', '.join(present[1:])} (not read)")
     if "config.json" in names:
-        config = _read_config(os.path.join(directory, "config.json"))
+        config = _read_config(directory)
         loaded.details["config"] = config
         loaded.notes.append(f"config.json: {_describe_config(config)}")
         architectures = config.get("architectures")
@@ -89,15 +91,19 @@ def _read_huggingface(directory: str, opts: ReadOptions) -> Checkpoint:
     return loaded
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    size = os.path.getsize(path)
-    if size > MAX_CONFIG:
-        raise CorruptCheckpointError(f"config.json is {size} bytes; a model config is far smaller", path=path)
+def _read_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    real = confined_path(directory, "config.json", what="file", checkpoint=directory)
     try:
-        with open(path, "rb") as fh:
+        size = os.path.getsize(real)
+        if size > MAX_CONFIG:
+            raise CorruptCheckpointError(f"config.json is {size} bytes; a model config is far smaller", path=path)
+        with open(real, "rb") as fh:
             config = json.loads(fh.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"config.json is not valid JSON ({exc})", path=path,
+    except OSError as exc:
+        raise CorruptCheckpointError(f"config.json cannot be read ({exc.strerror or exc})", path=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise CorruptCheckpointError(f"config.json is not valid JSON ({type(exc).__name__}: {exc})", path=path,
                                      hint="Download the model folder again.") from None
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"config.json holds a {type(config).__name__}, not an object", path=path)
@@ -152,7 +158,7 @@ def _read_accelerate(directory: str, opts: ReadOptions) -> Checkpoint:
 
 
 def _part(directory: str, name: str, opts: ReadOptions, loaded: Checkpoint) -> Any:
-    part = _read_file(os.path.join(directory, name), opts)
+    part = _read_file(directory, name, opts)
     loaded.notes.extend(f"{name}: {note}" for note in part.notes)
     loaded.globals.extend(part.globals)
     return part.tree

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
@@ -35,6 +36,12 @@ def open_zip(src: Source) -> zipfile.ZipFile:
         raise TruncatedCheckpointError(
             f"zip archive without a readable central directory ({exc}); the file is {src.size} bytes",
             path=src.name, actual_size=src.size) from None
+
+
+def _refuse_encrypted(info: zipfile.ZipInfo) -> None:
+    if info.flag_bits & 0x1:
+        raise UnsupportedFormatError(f"member {info.filename} is marked encrypted (zip flag bit 0)",
+                                     hint="torch.save never encrypts: the archive was repacked or damaged.")
 
 
 def member_data_offset(src: Source, info: zipfile.ZipInfo) -> int:
@@ -88,8 +95,7 @@ class _ZipStorages:
         self.locations[location] = self.locations.get(location, 0) + nbytes
         if self.opts.meta:
             storage: Any = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
-            if info.flag_bits & 0x1:
-                raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
+            _refuse_encrypted(info)
             if info.compress_type == zipfile.ZIP_STORED:
                 storage.file_offset = self._stored_offset(info, nbytes)
             elif self.opts.mode is Mode.RECORD:  # load inflates it: so does scan, under the same bound
@@ -124,8 +130,7 @@ class _ZipStorages:
         return offset
 
     def _read(self, info: zipfile.ZipInfo, nbytes: int) -> Any:
-        if info.flag_bits & 0x1:
-            raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
+        _refuse_encrypted(info)
         if info.compress_type != zipfile.ZIP_STORED:
             import torch
 
@@ -143,14 +148,18 @@ class _ZipStorages:
 
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: ReadOptions | None = None) -> bytes:
     """A member's bytes; a compressed member may not inflate past a bound (decompression bombs)."""
-    if info.flag_bits & 0x1:
-        raise UnsupportedFormatError(f"member {info.filename} is encrypted", member=info.filename)
+    _refuse_encrypted(info)
     limit = max(256 << 20, 8 * src.size) if info.compress_type != zipfile.ZIP_STORED else src.size
     if info.file_size > limit:
         raise LimitExceededError(f"member {info.filename} declares {info.file_size} bytes, more than this "
                                  f"{src.size}-byte file can plausibly hold (decompression bomb?)", member=info.filename)
-    with zf.open(info) as fh:
-        data = fh.read(limit + 1)
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(limit + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError,
+            struct.error) as exc:  # zipfile's own errors for a damaged member: CRC, inflate, method, flags
+        raise CorruptCheckpointError(f"member {info.filename} cannot be read ({type(exc).__name__}: {exc})",
+                                     path=src.name, member=info.filename) from None
     if len(data) > limit:
         raise LimitExceededError(f"member {info.filename} inflates past {limit} bytes", member=info.filename)
     return data
@@ -165,13 +174,14 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         if opts.mode is Mode.RECORD:
             check_zip(src, zf, opts, loaded_members=_loaded_members(prefix, torchscript))
         names = set(zf.namelist())
-        byteorder = zf.read(f"{prefix}/byteorder").decode(errors="replace").strip() \
+        byteorder = read_member(zf, zf.getinfo(f"{prefix}/byteorder"), src).decode(errors="replace").strip() \
             if f"{prefix}/byteorder" in names else "little"
         if byteorder != "little":
             raise UnsupportedFormatError(f"the checkpoint was written on a {byteorder[:20]!r}-endian machine",
                                          hint="Load it with torch.load on that machine and save it again.")
         if f"{prefix}/version" in names:
-            loaded.details["archive_version"] = zf.read(f"{prefix}/version").decode(errors="replace").strip()
+            loaded.details["archive_version"] = read_member(zf, zf.getinfo(f"{prefix}/version"), src).decode(
+                errors="replace").strip()[:100]
         storages = _ZipStorages(src, zf, prefix, opts, loaded)
         data_pkl = f"{prefix}/data.pkl"
         constants_pkl = f"{prefix}/constants.pkl"
@@ -180,7 +190,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         loaded.tree, u = run_pickle(opts, read_member(zf, zf.getinfo(data_pkl), src), src, data_pkl,
                                     persistent_load=storages)
         if torchscript:
-            loaded.details["declarations"] = torchscript_declarations(zf, prefix)
+            loaded.details["declarations"] = torchscript_declarations(zf, prefix, src)
             if isinstance(loaded.tree, Stub):
                 loaded.tree.__dict__["stub_declarations"] = loaded.details["declarations"]
             if constants_pkl in names:
@@ -294,7 +304,7 @@ _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n|\n)*)", re.M)
 _LIST_RE = re.compile(r"^  (__parameters__|__buffers__) = \[(.*?)\]", re.M)
 
 
-def torchscript_declarations(zf: zipfile.ZipFile, prefix: str) -> dict[str, dict[str, list[str]]]:
+def torchscript_declarations(zf: zipfile.ZipFile, prefix: str, src: Source) -> dict[str, dict[str, list[str]]]:
     """``{"__torch__.pkg.Class": {"__parameters__": [...], "__buffers__": [...]}}`` read as text."""
     out: dict[str, dict[str, list[str]]] = {}
     for info in zf.infolist():
@@ -302,7 +312,7 @@ def torchscript_declarations(zf: zipfile.ZipFile, prefix: str) -> dict[str, dict
         if not name.startswith(f"{prefix}/code/") or not name.endswith(".py") or info.file_size > 16 << 20:
             continue
         module = name[len(prefix) + len("/code/"):-3].replace("/", ".")
-        text = zf.read(name).decode("utf-8", "replace")
+        text = read_member(zf, info, src).decode("utf-8", "replace")
         for m in _CLASS_RE.finditer(text):
             decl: dict[str, list[str]] = {}
             for lm in _LIST_RE.finditer(m.group(2)):

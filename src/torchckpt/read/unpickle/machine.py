@@ -16,28 +16,29 @@ Any failure surfaces as a :class:`~torchckpt.errors.CheckpointError` naming the 
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, \
     UnsafeCheckpointError
 from . import safe_globals
+from .budget import Meter
+from .keys import KeyGuard, graph_depth
+from .meta import MetaStorage, TensorMeta
+from .opcodes import DISPATCH
 from .mode import Mode
 from .policy import Policy, Verdict
 from .py2 import Py2Bytes
+from .safe_globals import SafeCallable, StorageType
 from .stubs import Stub, stub_class
+from .torch_rebuild import _Marker
 
-__all__ = ["Unpickler", "GlobalRef", "Limits"]
+__all__ = ["Unpickler", "GlobalRef", "MISSING", "MAX_PROTOCOL"]
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_nesting: int = 100_000  # open MARKs at once
-    max_long_bytes: int = 65_536  # LONG4 payload
-    max_protocol: int = 5
-
-
-DEFAULT_LIMITS = Limits()
+MAX_PROTOCOL = 5
+MAX_MEMO_GAP = 1 << 16  # a PUT may skip at most this many unused memo slots
+MAX_GLOBAL_NAME = 1024
 
 
 @dataclass(frozen=True)
@@ -59,24 +60,36 @@ class _Mark:
     __slots__ = ()
 
 
+class _Missing:
+    """An unused memo slot (the memo is a dense list; PUT may skip a few indices)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unused memo slot>"
+
+
+MISSING = _Missing()
 _S_I_U = struct.Struct("<I")
+_LEAVES = (TensorMeta, MetaStorage, StorageType, SafeCallable, _Marker)
 
 
 class Unpickler:
     """Run one pickle stream from ``data[start:]`` (bytes, bytearray or mmap) to its STOP.
 
     Args:
-        policy: what globals may become (see :class:`Policy`).
+        policy: what globals may become, and the :class:`~.budget.Budget` of work (see :class:`Policy`).
         persistent_load: the container's handler for persistent ids (storages), or None.
-        mode: :class:`~.mode.Mode`. ``STRUCTURE`` and ``RECORD`` build tensors as
-            :class:`~.meta.TensorMeta` without torch; ``RECORD`` (``scan``) records a blocklisted
-            global (it becomes an inert stub) instead of raising, and is otherwise the same run.
+        mode: :class:`~.policy.Mode` ``BUILD`` (real values), ``STRUCTURE`` (no torch: tensors become
+            :class:`~.meta.TensorMeta`) or ``RECORD`` (scan: like STRUCTURE, and a dangerous global is
+            recorded in :attr:`globals` instead of raised).
+        meter: the budget meter shared by every stream of one file (a fresh one by default).
         member: name of the zip/tar member or stream, for messages.
     """
 
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
                  start: int = 0, end: int | None = None, member: str | None = None, mode: Mode = Mode.BUILD,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 meter: Meter | None = None) -> None:
         self.data: bytes = data  # or a buffer that slices the same way (mmap, memoryview)
         self.pos = start
         self.start = start
@@ -85,13 +98,20 @@ class Unpickler:
         self.persistent_load = persistent_load
         self.member = member
         self.mode = mode
-        self.meta = mode.meta
-        self.limits = limits
+        self.meter = meter if meter is not None else Meter(policy.budget)
+        self.meter.add_input(self.end - self.start)
+        self.keys = KeyGuard(self.meter)
         self.globals: list[GlobalRef] = []
         self.py2_strings = False  # saw a Python 2 str that was not ASCII
         self.saw_binstring = False  # saw any Python 2 str
         self.protocol = 0
-        self._resolved: dict[tuple[str, str], Any] = {}
+        self._resolved: dict[tuple[str, str], tuple[Verdict, Any]] = {}
+        self._real: dict[int, Any] = {}  # objects imported for real (trust / allow), by id
+        self._fresh: dict[int, tuple[Any, Callable[..., Any], list[int]]] = {}  # BUILD-able values, by id
+
+    @property
+    def meta(self) -> bool:
+        return self.mode is not Mode.BUILD
 
     # ------------------------------------------------------------------ reading primitives
     def _take(self, n: int) -> bytes:
@@ -106,7 +126,7 @@ class Unpickler:
 
     def _line(self) -> bytes:
         data, pos = self.data, self.pos
-        limit = min(self.end, pos + 65_536)
+        limit = self.end  # a line is consumed as it is scanned, so scanning stays linear in the input
         i = data.find(b"\n", pos, limit) if hasattr(data, "find") else bytes(data[pos:limit]).find(b"\n") + pos
         if i < 0 or i < pos:
             raise TruncatedCheckpointError(f"unterminated text argument at offset {pos}", offset=pos,
@@ -124,9 +144,10 @@ class Unpickler:
         data = self.data
         stack: list[Any] = []
         metastack: list[list[Any]] = []
-        memo: dict[int, Any] = {}
+        memo: list[Any] = []
+        fresh = self._fresh
         self._stack, self._metastack, self._memo = stack, metastack, memo
-        max_nesting = self.limits.max_nesting
+        max_nesting = self.policy.budget.depth + 64
         end = self.end
         offset = self.pos
         try:
@@ -140,10 +161,20 @@ class Unpickler:
                 self.pos = offset + 1
                 # The hot opcodes of torch pickles first; the rest through the table.
                 if op == 0x71:  # BINPUT
-                    memo[data[self.pos]] = stack[-1]
+                    idx = data[self.pos]
                     self.pos += 1
+                    value = stack[-1]
+                    if idx < len(memo):
+                        memo[idx] = value
+                    else:
+                        self.memo_put(idx)
+                    if fresh and id(value) in fresh:
+                        fresh[id(value)][2].append(idx)
                 elif op == 0x68:  # BINGET
-                    stack.append(memo[data[self.pos]])
+                    value = memo[data[self.pos]]
+                    if value is MISSING:
+                        raise self._error(f"BINGET of the unused memo slot {data[self.pos]}", offset)
+                    stack.append(value)
                     self.pos += 1
                 elif op == 0x58:  # BINUNICODE
                     (n,) = _S_I_U.unpack(self._take(4))
@@ -153,20 +184,25 @@ class Unpickler:
                     self.pos += 1
                     stack.append(str(self._take(n), "utf-8", "surrogatepass"))
                 elif op == 0x94:  # MEMOIZE
-                    memo[len(memo)] = stack[-1]
+                    value = stack[-1]
+                    memo.append(value)
+                    if fresh and id(value) in fresh:
+                        fresh[id(value)][2].append(len(memo) - 1)
                 elif op == 0x4B:  # BININT1
                     stack.append(data[self.pos])
                     self.pos += 1
                 elif op == 0x28:  # MARK
                     if len(metastack) >= max_nesting:
-                        raise LimitExceededError(f"pickle nests deeper than {max_nesting} levels",
-                                                 offset=offset, member=self.member)
+                        raise self.policy.budget.exceeded("depth", len(metastack) + 1, max_nesting,
+                                                          f"pickle MARKs nest too deep at offset {offset}")
                     metastack.append(stack)
                     stack = self._stack = []
                 elif op == 0x2E:  # STOP
                     if not stack:
                         raise self._error("STOP with an empty stack", offset)
-                    return stack[-1]
+                    result = stack[-1]
+                    graph_depth(self.meter, result, self._leaf_types())
+                    return result
                 else:
                     handler = DISPATCH.get(op)
                     if handler is None:
@@ -174,8 +210,11 @@ class Unpickler:
                     handler(self)
                     stack = self._stack
         except CheckpointError as exc:
-            if isinstance(exc, (CorruptCheckpointError, UnsafeCheckpointError)) and exc.member is None:
-                exc.member = self.member
+            if isinstance(exc, (CorruptCheckpointError, UnsafeCheckpointError)):
+                if exc.member is None:
+                    exc.member = self.member
+                if getattr(exc, "offset", None) is None:
+                    exc.offset = offset
             raise
         except (IndexError, KeyError) as exc:
             kind = "memo key" if isinstance(exc, KeyError) else "stack or memo access"
@@ -189,6 +228,45 @@ class Unpickler:
         except Exception as exc:  # any constructor or container failure on malformed data
             raise self._error(f"{type(exc).__name__}: {exc}", offset) from None
 
+    def _leaf_types(self) -> tuple[type, ...]:
+        leaves: tuple[type, ...] = _LEAVES
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            leaves += (torch.Tensor, torch.dtype, torch.device, torch.Size)
+        np = sys.modules.get("numpy")
+        if np is not None:
+            leaves += (np.ndarray, np.generic, np.dtype)
+        return leaves
+
+    # ------------------------------------------------------------------ memo
+    def memo_put(self, idx: int) -> None:
+        """PUT at ``idx``: the memo is a dense list; a few skipped indices are allowed, absurd ones refused."""
+        memo = self._memo
+        value = self._stack[-1]
+        if idx < 0:
+            raise self._error("negative memo index", self.pos)
+        if idx < len(memo):
+            memo[idx] = value
+        else:
+            gap = idx - len(memo)
+            if gap > MAX_MEMO_GAP:
+                raise LimitExceededError(
+                    f"memo index {idx} lies {gap} slots beyond the {len(memo)} entries stored so far (at most "
+                    f"{MAX_MEMO_GAP} may be skipped)", offset=self.pos, member=self.member)
+            if gap:
+                self.meter.materialise(8 * gap, "memo")
+                memo.extend([MISSING] * gap)
+            memo.append(value)
+        fresh = self._fresh
+        if fresh and id(value) in fresh:
+            fresh[id(value)][2].append(idx)
+
+    def memo_get(self, idx: int) -> Any:
+        value = self._memo[idx] if 0 <= idx < len(self._memo) else MISSING
+        if value is MISSING:
+            raise self._error(f"GET of the unused memo slot {idx}", self.pos)
+        return value
+
     # ------------------------------------------------------------------ stack helpers
     def _pop_mark(self) -> list[Any]:
         items = self._stack
@@ -201,20 +279,49 @@ class Unpickler:
     def find_class(self, module: Any, name: Any, offset: int) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise self._error("STACK_GLOBAL needs two strings", offset)
-        verdict = self.policy.classify(module, name)
+        # A computed string (memo, allowlisted str()) resolves exactly like a literal one; str subclasses
+        # are reduced to plain str so the policy judges the text it will import.
+        module, name = str.__str__(module), str.__str__(name)
+        if len(module) + len(name) > MAX_GLOBAL_NAME:
+            raise self._error(f"global name of {len(module) + len(name)} characters", offset)
+        key = (module, name)
+        cached = self._resolved.get(key)
+        if cached is None:
+            verdict = self.policy.classify(module, name)
+            if verdict is Verdict.DANGEROUS:
+                obj = stub_class(module, name)
+            else:
+                obj = safe_globals.resolve(module, name, verdict, self.policy, self.mode)
+                if verdict is Verdict.UNKNOWN and not (isinstance(obj, type) and issubclass(obj, Stub)):
+                    self._real[id(obj)] = obj
+            cached = self._resolved[key] = (verdict, obj)
+        verdict, obj = cached
         self.globals.append(GlobalRef(module, name, verdict, offset, self.member))
-        if verdict is Verdict.DANGEROUS:
-            if self.mode is Mode.RECORD:
-                return stub_class(module, name)
+        if verdict is Verdict.DANGEROUS and self.mode is not Mode.RECORD:
             raise UnsafeCheckpointError(
                 f"the pickle imports {module}.{name} (at byte {offset}"
                 + (f" of member {self.member}" if self.member else "") + "), which can run code",
                 global_name=f"{module}.{name}", offset=offset, member=self.member)
-        key = (module, name)
-        obj = self._resolved.get(key)
-        if obj is None:
-            obj = self._resolved[key] = safe_globals.resolve(module, name, verdict, self.policy, self.meta)
         return obj
+
+    def unsafe(self, message: str, name: str) -> Any:
+        """Something the pickle does can change the process (not only a global it names): raise, or in
+        RECORD mode record it as a dangerous global and carry on with an inert stub."""
+        offset = self.pos - 1
+        if self.mode is Mode.RECORD:
+            module, _, leaf = name.rpartition(".")
+            self.globals.append(GlobalRef(module, leaf, Verdict.DANGEROUS, offset, self.member))
+            return Stub()
+        raise UnsafeCheckpointError(f"{message} (at byte {offset}" + (f" of member {self.member}" if self.member
+                                                                      else "") + ")",
+                                    global_name=name, offset=offset, member=self.member)
+
+    def trusted_class(self, cls: Any) -> bool:
+        """Whether ``cls`` was imported for real because the caller trusted it (``trust`` / ``allow``)."""
+        return self._real.get(id(cls)) is cls
+
+    def trusted_instance(self, obj: Any) -> bool:
+        return self._real.get(id(type(obj))) is type(obj)
 
     # ------------------------------------------------------------------ strings
     def push_py2_str(self, raw: bytes) -> None:
@@ -226,12 +333,49 @@ class Unpickler:
             self._stack.append(Py2Bytes(raw))
 
     # ------------------------------------------------------------------ construction
-    def call(self, func: Any, args: Any, offset: int) -> Any:
-        if not isinstance(args, tuple):
-            raise self._error(f"REDUCE arguments must be a tuple, got {type(args).__name__}", offset)
-        if not callable(func):
-            raise self._error(f"REDUCE on a non-callable {type(func).__name__}", offset)
-        return func(*args)
+    def call(self, func: Any, args: Any, offset: int, kwargs: dict[str, Any] | None = None) -> Any:
+        """REDUCE / INST / OBJ (and NEWOBJ of an allowlisted class): only validating constructors run."""
+        if type(args) is not tuple:
+            raise self._error(f"call arguments must be a tuple, got {type(args).__name__}", offset)
+        self.meter.step(1 + len(args))
+        if type(func) is SafeCallable:
+            result = func.fn(self, *args, **kwargs) if kwargs else func.fn(self, *args)
+            if func.finish is not None and not isinstance(result, Stub):
+                self._fresh[id(result)] = (result, func.finish, [])
+            return result
+        if isinstance(func, type) and issubclass(func, Stub):
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if isinstance(func, Stub):
+            raise self._error(f"the pickle calls {func!r}, an inert stand-in, not a function", offset)
+        if isinstance(func, _Marker):
+            return func(*args)
+        if self.trusted_class(func) or (self.policy.trust and self.mode is not Mode.RECORD and callable(func)
+                                        and not isinstance(func, (MetaStorage, TensorMeta))):
+            return func(*args, **kwargs) if kwargs else func(*args)
+        raise self._error(f"the pickle calls a {type(func).__name__}, which this policy does not call", offset)
 
+    def new_object(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        return safe_globals.new_object(self, cls, args, kwargs)
 
-from .opcodes import DISPATCH  # noqa: E402 - the handlers need Unpickler's module loaded first
+    def build(self, state: Any) -> None:
+        """BUILD on the top of the stack: a fresh allowlisted value is replaced by the value its finisher
+        makes (on the stack and in every memo slot it was stored in); see :func:`safe_globals.build`."""
+        stack = self._stack
+        inst = stack[-1]
+        entry = self._fresh.pop(id(inst), None)
+        if entry is not None and entry[0] is inst:
+            new = entry[1](self, inst, state)
+            if new is not inst:
+                stack[-1] = new
+                memo = self._memo
+                for idx in entry[2]:
+                    if memo[idx] is inst:
+                        memo[idx] = new
+            return
+        new = safe_globals.build(self, inst, state)
+        if new is not inst:
+            stack[-1] = new
+
+    def consume(self, value: Any) -> None:
+        """``value`` (a dtype) is now used by another value: it can no longer be BUILD-ed."""
+        self._fresh.pop(id(value), None)

@@ -8,9 +8,9 @@ In meta mode storages are :class:`MetaStorage` (a dtype and a byte count) and te
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "META_FACTORIES"]
+__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "META_FACTORIES"]
 
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -140,6 +140,56 @@ def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int,
     return offset, size, stride
 
 
+# What build and structure reads both accept (the structure read cannot ask torch, so the rules are
+# written out once here and checked first in both modes: scan, in record mode, refuses what load refuses).
+TORCH_LAYOUTS = frozenset({"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn",
+                           "jagged"})
+NUMPY_TENSOR_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                                 "float16", "float32", "float64", "complex64", "complex128"})
+
+
+def layout_name(name: Any) -> str:
+    """The layout ``torch.serialization._get_layout(name)`` names (``"torch.strided"`` -> ``"strided"``)."""
+    from ...errors import CorruptCheckpointError
+
+    last = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
+    if last not in TORCH_LAYOUTS:
+        raise CorruptCheckpointError(f"unknown tensor layout {name!r:.60}")
+    return last
+
+
+def check_numpy_tensor(data: Any) -> Any:
+    """The numpy array a device tensor is rebuilt from (``_rebuild_device_tensor_from_numpy``)."""
+    import numpy as np
+
+    from ...errors import CorruptCheckpointError
+
+    if not isinstance(data, np.ndarray) or data.dtype.name not in NUMPY_TENSOR_DTYPES:
+        raise CorruptCheckpointError("device tensor rebuilt from something other than a numeric numpy array")
+    return data
+
+
+def check_shape(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Sizes and strides of a tensor without storage: ints, as many of each, none negative, numel and
+    extent below 2**62."""
+    from ...errors import CorruptCheckpointError
+
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) or len(size) != len(stride) \
+            or len(size) > 64:
+        raise CorruptCheckpointError("tensor size and stride must be tuples of the same length")
+    size = tuple(check_int(s, "size") for s in size)
+    stride = tuple(check_int(s, "stride") for s in stride)
+    numel = extent = 1
+    for n, st in zip(size, stride):
+        if n < 0 or st < 0:
+            raise CorruptCheckpointError(f"negative tensor size or stride ({list(size)}, {list(stride)})")
+        numel *= n
+        extent += (n - 1) * st if n else 0
+        if numel >= 1 << 62 or extent >= 1 << 62:
+            raise CorruptCheckpointError(f"tensor of size {list(size)} and stride {list(stride)} is beyond any memory")
+    return size, stride
+
+
 def _meta_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> TensorMeta:
     from ...errors import CorruptCheckpointError
 
@@ -170,13 +220,21 @@ def rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) ->
     return func(*args) if callable(func) and isinstance(args, tuple) else None
 
 
-def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any = False) -> TensorMeta:
-    return TensorMeta(tuple(size), tuple(stride), meta_dtype(str(dtype)))
+def _check_dtype(dtype: Any) -> MetaDType:
+    from ...errors import CorruptCheckpointError
+
+    if not isinstance(dtype, MetaDType):
+        raise CorruptCheckpointError("tensor rebuilt with something other than a dtype")
+    return dtype
+
+
+def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> TensorMeta:
+    size, stride = check_shape(size, stride)
+    return TensorMeta(size, stride, _check_dtype(dtype))
 
 
 def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -> TensorMeta:
-    shape = tuple(getattr(data, "shape", ()))
-    return TensorMeta(shape, (), meta_dtype(str(dtype)))
+    return TensorMeta(tuple(check_numpy_tensor(data).shape), (), _check_dtype(dtype))
 
 
 class MetaDevice(str):
@@ -193,7 +251,7 @@ class MetaSize(tuple[int, ...]):
         return f"torch.Size({list(self)})"
 
 
-def _const(value: Any) -> Any:
+def _const(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 

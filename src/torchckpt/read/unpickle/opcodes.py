@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import codecs
 import struct
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from ...errors import LimitExceededError, UnsupportedFormatError
+from ...errors import UnsupportedFormatError
 from . import safe_globals
 
-if TYPE_CHECKING:
-    from .machine import Unpickler
+Unpickler = Any  # the handlers receive machine.Unpickler; machine imports this module, never the reverse
+
+_MAX_PROTOCOL = 5
 
 __all__ = ["DISPATCH"]
 
@@ -38,7 +39,7 @@ DISPATCH: dict[int, Callable[[Unpickler], None]] = {}
 @_op("\x80")
 def _proto(u: Unpickler) -> None:
     proto = u._take(1)[0]
-    if proto > u.limits.max_protocol:
+    if proto > _MAX_PROTOCOL:
         raise UnsupportedFormatError(f"pickle protocol {proto} is newer than this Python understands")
     u.protocol = proto
 
@@ -81,9 +82,15 @@ def _false(u: Unpickler) -> None:
     u._stack.append(False)
 
 
+def _digits(u: Unpickler, line: bytes, what: str) -> bytes:
+    if len(line) > u.policy.budget.digits + 2:
+        u.meter.digits(len(line.strip().lstrip(b"+-")), f"{what} literal at offset {u.pos}")
+    return line
+
+
 @_op("I")
 def _int(u: Unpickler) -> None:
-    line = u._line()
+    line = _digits(u, u._line(), "INT")
     if line == b"00":
         u._stack.append(False)
     elif line == b"01":
@@ -104,7 +111,7 @@ def _binint2(u: Unpickler) -> None:
 
 @_op("L")
 def _long(u: Unpickler) -> None:
-    line = u._line()
+    line = _digits(u, u._line(), "LONG")
     if line.endswith(b"L"):
         line = line[:-1]
     u._stack.append(int(line))
@@ -119,9 +126,9 @@ def _long1(u: Unpickler) -> None:
 @_op("\x8b")
 def _long4(u: Unpickler) -> None:
     (n,) = _S_I.unpack(u._take(4))
-    if n < 0 or n > u.limits.max_long_bytes:
-        raise LimitExceededError(f"LONG4 of {n} bytes at offset {u.pos - 5} exceeds the limit "
-                                 f"of {u.limits.max_long_bytes}", offset=u.pos - 5)
+    if n < 0:
+        raise u._error("LONG4 with a negative length", u.pos - 5)
+    u.meter.digits(int(n * 2.41), f"LONG4 of {n} bytes at offset {u.pos - 5}")
     u._stack.append(int.from_bytes(u._take(n), "little", signed=True))
 
 
@@ -241,7 +248,11 @@ def _dict(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise u._error("DICT with an odd number of items", u.pos - 1)
-    u._stack.append({safe_globals.check_key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+    d: dict[Any, Any] = {}
+    u.keys.admit(d, items[0::2])
+    for i in range(0, len(items), 2):
+        d[items[i]] = items[i + 1]
+    u._stack.append(d)
 
 
 @_op("\x8f")
@@ -251,19 +262,21 @@ def _empty_set(u: Unpickler) -> None:
 
 @_op("\x91")
 def _frozenset(u: Unpickler) -> None:
-    u._stack.append(frozenset(safe_globals.check_key(item) for item in u._pop_mark()))
+    items = u._pop_mark()
+    u.keys.check_all(items)
+    u._stack.append(frozenset(items))
 
 
 @_op("a")
 def _append(u: Unpickler) -> None:
     value = u._stack.pop()
-    safe_globals.extend(u._stack[-1], [value], u.policy)
+    safe_globals.extend(u, u._stack[-1], [value])
 
 
 @_op("e")
 def _appends(u: Unpickler) -> None:
     items = u._pop_mark()
-    safe_globals.extend(u._stack[-1], items, u.policy)
+    safe_globals.extend(u, u._stack[-1], items)
 
 
 @_op("s")
@@ -271,7 +284,7 @@ def _setitem(u: Unpickler) -> None:
     s = u._stack
     value = s.pop()
     key = s.pop()
-    safe_globals.set_items(s[-1], [key, value], u.policy)
+    safe_globals.set_items(u, s[-1], [key, value])
 
 
 @_op("u")
@@ -279,36 +292,33 @@ def _setitems(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise u._error("SETITEMS with an odd number of items", u.pos - 1)
-    safe_globals.set_items(u._stack[-1], items, u.policy)
+    safe_globals.set_items(u, u._stack[-1], items)
 
 
 @_op("\x90")
 def _additems(u: Unpickler) -> None:
     items = u._pop_mark()
-    safe_globals.add_items(u._stack[-1], items, u.policy)
+    safe_globals.add_items(u, u._stack[-1], items)
 
 
 @_op("g")
 def _get(u: Unpickler) -> None:
-    u._stack.append(u._memo[int(u._line())])
+    u._stack.append(u.memo_get(int(_digits(u, u._line(), "GET"))))
 
 
 @_op("j")
 def _long_binget(u: Unpickler) -> None:
-    u._stack.append(u._memo[_S_I_U.unpack(u._take(4))[0]])
+    u._stack.append(u.memo_get(_S_I_U.unpack(u._take(4))[0]))
 
 
 @_op("p")
 def _put(u: Unpickler) -> None:
-    idx = int(u._line())
-    if idx < 0:
-        raise u._error("negative PUT index", u.pos)
-    u._memo[idx] = u._stack[-1]
+    u.memo_put(int(_digits(u, u._line(), "PUT")))
 
 
 @_op("r")
 def _long_binput(u: Unpickler) -> None:
-    u._memo[_S_I_U.unpack(u._take(4))[0]] = u._stack[-1]
+    u.memo_put(_S_I_U.unpack(u._take(4))[0])
 
 
 @_op("c")
@@ -359,7 +369,7 @@ def _newobj(u: Unpickler) -> None:
     s = u._stack
     args = s.pop()
     cls = s.pop()
-    s.append(safe_globals.new_object(cls, args, {}))
+    s.append(u.new_object(cls, args, {}))
 
 
 @_op("\x92")
@@ -368,13 +378,12 @@ def _newobj_ex(u: Unpickler) -> None:
     kwargs = s.pop()
     args = s.pop()
     cls = s.pop()
-    s.append(safe_globals.new_object(cls, args, kwargs))
+    s.append(u.new_object(cls, args, kwargs))
 
 
 @_op("b")
 def _build(u: Unpickler) -> None:
-    state = u._stack.pop()
-    safe_globals.build(u._stack[-1], state, u.policy)
+    u.build(u._stack.pop())
 
 
 @_op("P")

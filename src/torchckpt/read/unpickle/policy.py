@@ -22,10 +22,13 @@ The policy is an immutable value passed to the unpickler; there is no global swi
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
-__all__ = ["Policy", "Verdict", "DEFAULT_POLICY", "canonical_global"]
+from .budget import Budget
+
+__all__ = ["Policy", "Verdict", "Budget", "canonical_global"]
 
 
 class Verdict(enum.Enum):
@@ -49,7 +52,23 @@ torch.hub torch.utils.cpp_extension torch.jit torch.package torch.multiprocessin
 torch.distributed.elastic torch.distributed.launcher torch.distributed.run torch.distributed.launch
 torch.distributed.distributed_c10d torch.serialization torch._dynamo torch._inductor torch.utils.data.datapipes
 logging.config logging.handlers pkg_resources importlib_metadata importlib_resources jinja2 IPython
+pydoc idlelib lib2to3 _pyrepl _aix_support _osx_support doctest pdb test.support unittest pexpect pipes ptyprocess
+sched atexit syslog linecache filecmp difflib shelve dbm cgi cgitb mailcap imghdr sndhdr turtle tkinter
+_tkinter turtledemo ensurepip pty zipapp modulefinder tabnanny trace pyclbr uu binhex
+_interpreters _xxsubinterpreters interpreters _posixshmem _io _pyio _socket _ssl _ctypes _pickle _thread
+_signal _multiprocessing _posixsubprocess _winapi _frozen_importlib _frozen_importlib_external _imp
+_bootsubprocess _lsprof _tracemalloc _sqlite3 _dbm _gdbm _curses _sitebuiltins _compat_pickle
+torch.utils.collect_env torch.utils.bottleneck torch.utils.model_zoo torch.utils._config_module
+torch.utils.data.datapipes torch.utils.benchmark torch.export torch._export torch.onnx torch.compiler
+torch.fx.experimental.symbolic_shapes torch.utils.tensorboard
+numpy.lib._npyio_impl numpy.lib._datasource numpy._pytesttester sympy.parsing
 """.split())
+
+# Private (leading underscore) stdlib modules are implementation details: only these are plain data.
+_PRIVATE_STDLIB_OK = frozenset("_codecs _operator _collections _collections_abc _datetime _decimal _pydecimal "
+                               "_random _struct _bisect _heapq _functools _abc _weakrefset _strptime "
+                               "_zoneinfo _sre _locale _string _statistics _json _csv _stat _uuid".split())
+_STDLIB_MODULES = frozenset(getattr(sys, "stdlib_module_names", ()))
 
 # Exceptions inside blocked modules: (module, name) pairs that are plain data.
 _BLOCK_EXEMPT = frozenset({
@@ -58,6 +77,8 @@ _BLOCK_EXEMPT = frozenset({
                                          "build_boollist", "restore_type_tag")),
     ("types", "SimpleNamespace"),
     ("codecs", "encode"),
+    ("uuid", "UUID"), ("uuid", "SafeUUID"),
+    ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"), ("numpy", "memmap"),
 })
 
 # Individual callables that are dangerous in otherwise ordinary modules.
@@ -68,8 +89,16 @@ _BLOCKED_NAMES = frozenset({
     ("torch._weights_only_unpickler", "load"), ("torch._C", "_import_ir_module"),
     ("torch._C", "import_ir_module"), ("torch._C", "_load_for_lite_interpreter"),
     ("numpy", "load"), ("numpy", "save"), ("numpy", "savez"), ("numpy", "savetxt"), ("numpy", "loadtxt"),
-    ("numpy", "genfromtxt"), ("numpy", "fromfile"), ("numpy", "memmap"), ("numpy", "fromregex"),
-    ("numpy", "DataSource"), ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"),
+    ("numpy", "genfromtxt"), ("numpy", "fromfile"), ("numpy", "fromregex"),
+    ("numpy", "DataSource"), ("numpy", "loadtxt"), ("numpy", "recfromcsv"), ("numpy", "recfromtxt"),
+    ("logging", "FileHandler"), ("logging", "basicConfig"),
+    ("imaplib", "IMAP4_stream"), ("torch._inductor.codecache", "compile_file"),
+    ("torch.utils.cpp_extension", "load_inline"), ("torch", "compile"), ("torch", "from_numpy_file"),
+    ("torch._dynamo.guards", "GuardBuilder"), ("torch.fx.graph_module", "_exec_with_source"),
+    ("torch.fx.graph_module", "_forward_from_src"), ("torch.fx.graph_module", "_format_import_block"),
+    ("torch.nn.modules.module", "register_module_forward_hook"), ("torch.library", "Library"),
+    ("torch.ops", "load_library"), ("torch.classes", "load_library"), ("torch._ops", "_OpNamespace"),
+    ("uuid", "_get_command_stdout"), ("uuid", "_popen"), ("uuid", "_ifconfig_getnode"),
 })
 
 # Leaf names that execute code, spawn processes or unpickle, in whatever module they appear.
@@ -80,7 +109,13 @@ runctx runcall sympify parse_expr _exec_with_source _forward_from_src reduce_gra
 reduce_package_graph_module reduce_deploy_graph_module load_source load_module load loads unsafe_load full_load
 load_all unsafe_load_all open check_output check_call getoutput getstatusoutput read_pickle load_entry_point
 write_text write_bytes unlink rmtree rmdir removedirs touch chmod chown symlink_to hardlink_to kill killpg startfile
-putenv unsetenv
+putenv unsetenv spawnlpe spawnvpe posix_spawn posix_spawnp execvpe system_call run_command runcommand runcode
+run_cprofile run_autograd_prof pipepager tempfilepager pipe_pager tempfile_pager pager plainpager getpager
+debug_script debug_src testsource script_from_examples _run_pip _read_cmd_output _read_output _find_build_tool
+_get_command_stdout compile_file load_config load_library load_inline load_url load_state_dict_from_url
+execWrapper evaluate_guards_expression evaluate_guards_for_args get_entity fetch_completions fetch_tip
+resolve_name locate safeimport importfile find_spec exec_module spawn fromfile tofile load_npz savez memmap
+get_server_certificate urlopen urlretrieve Popen getoutput
 """.split())
 
 # builtins is allowlist-only: every other name in it is treated as dangerous.
@@ -120,6 +155,9 @@ _NUMPY = {
     ("numpy._core.numeric", "_frombuffer"): "np_frombuffer",
     ("numpy", "ndarray"): "np_ndarray",
     ("numpy", "dtype"): "np_dtype",
+    ("numpy", "matrix"): "np_matrix", ("numpy.matrixlib.defmatrix", "matrix"): "np_matrix",
+    **{(m, "recarray"): "np_recarray" for m in ("numpy", "numpy.rec", "numpy.core.records", "numpy._core.records")},
+    **{(m, "memmap"): "np_memmap" for m in ("numpy", "numpy.core.memmap", "numpy._core.memmap")},
     ("numpy.random._pickle", "__randomstate_ctor"): "np_randomstate_ctor",
     ("numpy.random._pickle", "__generator_ctor"): "np_generator_ctor",
     ("numpy.random._pickle", "__bit_generator_ctor"): "np_bit_generator_ctor",
@@ -173,10 +211,16 @@ def _module_blocked(module: str) -> bool:
     return any(".".join(parts[: i + 1]) in _BLOCKED_MODULES for i in range(len(parts)))
 
 
+def _private_stdlib(module: str) -> bool:
+    top = module.split(".", 1)[0]
+    return top.startswith("_") and top in _STDLIB_MODULES and top not in _PRIVATE_STDLIB_OK
+
+
 def _classify_one(module: str, name: str) -> Verdict:
     if (module, name) in _BLOCK_EXEMPT:
         return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
-    if (module, name) in _BLOCKED_NAMES or _module_blocked(module) or name in _DANGEROUS_LEAVES:
+    if (module, name) in _BLOCKED_NAMES or _module_blocked(module) or name in _DANGEROUS_LEAVES \
+            or _private_stdlib(module):
         return Verdict.DANGEROUS
     if module == "builtins":
         return Verdict.ALLOWED if name in _SAFE_BUILTINS else Verdict.DANGEROUS
@@ -203,7 +247,7 @@ def _is_torch_value(module: str, name: str) -> bool:
 
 _NUMPY_SCALAR_TYPES = frozenset("""
 bool_ bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 intp uintp float16 float32 float64 longdouble
-complex64 complex128 clongdouble str_ bytes_ void object_ datetime64 timedelta64 half single double
+complex64 complex128 clongdouble str_ bytes_ void record datetime64 timedelta64 half single double
 byte ubyte short ushort intc uintc int_ uint longlong ulonglong csingle cdouble generic number
 """.split())
 
@@ -222,16 +266,22 @@ class Policy:
             for files you would also ``exec``.
         allow: dotted names (``"mypkg.models.Net"``) or module prefixes (``"mypkg.*"``) to import
             for real while everything else stays stubbed. Cannot lift the blocklist.
+        budget: the limits on the work a file may cause (:class:`Budget`); a file over any of them
+            raises :class:`~torchckpt.errors.LimitExceededError`.
+
+    Command runners and other blocklisted globals stay refused under ``trust`` and ``allow``.
     """
 
     trust: bool = False
     allow: frozenset[str] = field(default_factory=frozenset)
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
-    def make(cls, trust: bool = False, allow: Iterable[str] | str | None = None) -> "Policy":
+    def make(cls, trust: bool = False, allow: Iterable[str] | str | None = None,
+             budget: Budget | None = None) -> "Policy":
         if isinstance(allow, str):
             allow = [allow]
-        return cls(trust=bool(trust), allow=frozenset(allow or ()))
+        return cls(trust=bool(trust), allow=frozenset(allow or ()), budget=budget or Budget())
 
     def classify(self, module: str, name: str) -> Verdict:
         """Verdict for a global as written in the pickle (Python 2 spellings included)."""
@@ -239,6 +289,8 @@ class Policy:
             return Verdict.DANGEROUS
         if _has_dunder_component(module, name) and (module, name) not in ALLOWLIST:
             return Verdict.DANGEROUS
+        if any(_module_blocked(part) for part in name.split(".")[:-1]):
+            return Verdict.DANGEROUS  # ("pathlib", "os.system"): a blocked module reached as an attribute
         verdicts = {_classify_one(module, n) for n in _name_prefixes(name)}
         verdicts.add(_classify_one(*canonical_global(module, name)))
         parts = name.split(".")
@@ -271,5 +323,3 @@ def _has_dunder_component(module: str, name: str) -> bool:
     return any(p.startswith("__") and p.endswith("__") and p not in ("__main__", "__builtin__", "__torch__")
                for p in module.split("."))
 
-
-DEFAULT_POLICY = Policy()

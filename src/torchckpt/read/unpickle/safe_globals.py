@@ -1,30 +1,37 @@
-"""What allowlisted globals become, and how the unpickler builds objects safely.
+"""What allowlisted globals become, and the object protocol (NEWOBJ, BUILD, APPENDS, SETITEMS) over them.
 
-Each allowlisted name maps to a small reimplementation that validates its arguments before doing
-anything: a tensor view must lie inside its storage, a numpy buffer must match its shape, ``bytes``
-accepts data but never a size, container constructors accept materialised containers but never
-iterators or ranges. Anything a pickle could use to make us allocate or loop far beyond the size of
-the file is rejected here. torch and numpy are imported only when a pickle actually needs them.
+Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`_Marker`, or a plain
+constant such as ``torch.float16``), never to the real class or function: calling it (REDUCE), NEWOBJ-ing
+it and BUILD-ing what it made go only through validating constructors (:mod:`.constructors`,
+:mod:`.numpy_values`, :mod:`.torch_rebuild`). Values, not mutation: a BUILD makes a *new* value from the
+validated state and the VM puts it where the old one was; a class, type, function or module is never
+BUILD-ed (refused as unsafe) and no real ``__setstate__`` runs unless the caller trusted the class.
+torch and numpy are imported only when a pickle actually needs them.
 """
 
 from __future__ import annotations
 
-import builtins
 import collections
 import importlib
-import math
+import re
+import types
 from typing import Any, Callable
 
-from .meta import TensorMeta, check_int
+from ...errors import CorruptCheckpointError
+from .constructors import CONSTANTS, CONSTRUCTORS
+from .meta import DTYPE_SIZES, TensorMeta, _const, check_int
+from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
+                           np_scalar, random_ctor)
+from .mode import Mode
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
-from .torch_rebuild import (MAX_DIMS, _bad, _Marker, get_layout, rebuild_device_tensor_from_numpy,
-                            rebuild_from_type, rebuild_from_type_v2, rebuild_meta_tensor_no_storage,
-                            rebuild_parameter, rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2,
-                            rebuild_tensor_v3, torch_version, legacy_parameter, legacy_variable)
+from .torch_rebuild import (_Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
+                            rebuild_from_type_v2, rebuild_meta_tensor_no_storage, rebuild_parameter,
+                            rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2, rebuild_tensor_v3,
+                            torch_version)
 
-__all__ = ["StorageType", "resolve", "new_object", "build", "extend", "set_items", "add_items"]
-
+__all__ = ["StorageType", "SafeCallable", "resolve", "new_object", "build", "extend", "set_items", "add_items",
+           "rebuild_tensor"]
 
 
 class StorageType:
@@ -33,8 +40,6 @@ class StorageType:
     __slots__ = ("name", "dtype_name", "itemsize")
 
     def __init__(self, name: str, dtype_name: str) -> None:
-        from .meta import DTYPE_SIZES
-
         self.name = name
         self.dtype_name = dtype_name
         self.itemsize = DTYPE_SIZES[dtype_name]
@@ -49,265 +54,237 @@ class StorageType:
         return f"StorageType({self.name})"
 
 
-def _fail(what: str, value: Any) -> Any:
-    raise _bad(f"expected a {what}, got {type(value).__name__}")
+def _bad(message: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message)
 
 
-# --------------------------------------------------------------------------- numpy
-def _np() -> Any:
-    import numpy
+class SafeCallable:
+    """An allowlisted global. ``fn(u, *args)`` is its validating constructor (REDUCE); ``newobj`` says
+    whether NEWOBJ may build it the same way; ``finish(u, old, state)`` makes the value BUILD asks for."""
 
-    return numpy
+    __slots__ = ("name", "fn", "newobj", "finish", "target")
 
+    def __init__(self, name: str, fn: Callable[..., Any], newobj: bool = False,
+                 finish: Callable[[Any, Any, Any], Any] | None = None, target: Any = None) -> None:
+        self.name, self.fn, self.newobj, self.finish, self.target = name, fn, newobj, finish, target
 
-def np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-    np = _np()
-    if isinstance(subtype, type) and issubclass(subtype, Stub):
-        return subtype(shape, dtype)
-    if not (isinstance(subtype, _Marker) and subtype.target is np.ndarray):
-        raise _bad(f"numpy array reconstructed as {subtype!r}")
-    return np.ndarray.__new__(np.ndarray, (0,), np.dtype("b"))
+    def __repr__(self) -> str:
+        return f"<allowlisted {self.name}>"
 
 
-def _validate_ndarray_state(state: Any) -> Any:
-    np = _np()
-    if not isinstance(state, tuple) or len(state) not in (4, 5):
-        raise _bad("malformed numpy array state")
-    shape, dtype, raw = state[-4], state[-3], state[-1]
-    if not isinstance(dtype, np.dtype):
-        raise _bad(f"numpy array with dtype {dtype!r}")
-    shape = tuple(check_int(s, "array dimension") for s in shape)
-    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
-        raise _bad(f"numpy array shape {shape}")
-    count = math.prod(shape)
-    if dtype.hasobject:
-        if not isinstance(raw, list) or len(raw) != count:
-            raise _bad(f"object array of shape {shape} with {len(raw) if isinstance(raw, list) else '?'} items")
-        return state
-    if isinstance(raw, str):  # Python 2 data read as text: its code points are the bytes
-        raw = raw.encode("latin-1")
-        state = state[:-1] + (raw,)
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dtype.itemsize:
-        size = len(raw) if isinstance(raw, (bytes, bytearray)) else "?"
-        raise _bad(f"numpy array of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, "
-                   f"the pickle holds {size}")
-    return state
+def _plain(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A constructor that needs no budget (its work is bounded by validated sizes)."""
+    return lambda u, *args: fn(*args)
 
 
-def np_scalar(dtype: Any, data: Any = None) -> Any:
-    np = _np()
-    if not isinstance(dtype, np.dtype):
-        raise _bad(f"numpy scalar with dtype {dtype!r}")
-    if dtype.hasobject:
-        return data
-    if isinstance(data, str):
-        data = data.encode("latin-1")
-    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
-        raise _bad(f"numpy scalar of dtype {dtype} with {len(data) if isinstance(data, bytes) else '?'} bytes")
-    return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
+def _torch_size(u: Any, sizes: Any = ()) -> Any:
+    import torch
+
+    if not isinstance(sizes, (list, tuple)) or len(sizes) > 4096:
+        raise _bad(f"torch.Size of a {type(sizes).__name__} (a list or tuple of at most 4096 ints is accepted)")
+    u.meter.step(len(sizes))
+    return torch.Size([check_int(s, "torch.Size element") for s in sizes])
 
 
-def np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> Any:
-    np = _np()
-    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise _bad("numpy buffer array with invalid arguments")
-    shape = tuple(check_int(s, "array dimension") for s in shape)
-    arr = np.frombuffer(bytearray(buf), dtype=dtype)
-    return arr.reshape(shape, order="F" if order == "F" else "C")
+# torch.device's own parser (c10::Device), written out so that a structure read refuses what a build refuses
+_DEVICE_TYPES = frozenset("cpu cuda ipu xpu mkldnn opengl opencl ideep hip ve fpga maia xla lazy vulkan mps meta hpu mtia "
+                          "privateuseone".split())
+_DEVICE = re.compile(r"([a-z_]+)(?::(0|[1-9][0-9]{0,2}))?")
 
 
-def np_dtype(obj: Any, align: Any = False, copy: Any = False) -> Any:
-    np = _np()
-    if isinstance(obj, bytes):
-        obj = obj.decode("latin-1")
-    if not isinstance(obj, str) or len(obj) > 64:
-        raise _bad(f"numpy dtype {obj!r}")
-    return np.dtype(obj, align=bool(align), copy=bool(copy))
+def device_string(kind: Any, index: Any = None) -> str:
+    """The device ``torch.device(kind[, index])`` names, or CorruptCheckpointError (indices 0..127)."""
+    m = _DEVICE.fullmatch(kind) if isinstance(kind, str) and len(kind) <= 64 else None
+    if m is None or m.group(1) not in _DEVICE_TYPES or not (index is None or type(index) is int) \
+            or (index is not None and m.group(2) is not None):
+        raise _bad(f"invalid torch.device({kind!r:.70}" + (f", {index!r:.20})" if index is not None else ")"))
+    number = index if index is not None else int(m.group(2)) if m.group(2) is not None else None
+    if number is not None and not 0 <= number <= 127:
+        raise _bad(f"invalid torch.device index {number}")
+    return m.group(1) if number is None else f"{m.group(1)}:{number}"
 
 
-def _np_random(name: str) -> Callable[..., Any]:
-    def ctor(*args: Any) -> Any:
-        if not all(isinstance(a, (str, type(None))) or isinstance(a, type) or hasattr(a, "state") for a in args):
-            raise _bad(f"numpy random generator rebuilt from {args!r}")
-        module = importlib.import_module("numpy.random._pickle")
-        return getattr(module, name)(*args)
-    return ctor
+def _torch_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
+    import torch
+
+    return torch.device(device_string(kind, index))
 
 
-# --------------------------------------------------------------------------- stdlib
-_MATERIAL = (list, tuple, dict, set, frozenset, str, bytes, bytearray)
+def _meta_size(u: Any, sizes: Any = ()) -> Any:
+    from .meta import MetaSize
+
+    if not isinstance(sizes, (list, tuple)) or len(sizes) > 4096:
+        raise _bad(f"torch.Size of a {type(sizes).__name__}")
+    u.meter.step(len(sizes))
+    return MetaSize(check_int(s, "torch.Size element") for s in sizes)
 
 
-def _material(args: tuple[Any, ...], what: str, max_args: int = 1) -> None:
-    if len(args) > max_args or any(not isinstance(a, _MATERIAL) for a in args[:1]):
-        raise _bad(f"{what}() called with {', '.join(type(a).__name__ for a in args)}: only materialised "
-                   "data is accepted")
+def _meta_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
+    from .meta import MetaDevice
+
+    return MetaDevice(device_string(kind, index))
 
 
-def codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
-    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise _bad(f"_codecs.encode({type(obj).__name__}, {encoding!r})")
-    return obj.encode(encoding)
+def _jit_list(u: Any, items: Any) -> list[Any]:
+    if not isinstance(items, (list, tuple)):
+        raise _bad(f"expected a list, got {type(items).__name__}")
+    u.meter.step(len(items))
+    u.meter.materialise(8 * len(items) + 56, "lists")
+    return list(items)
 
 
-def _bytes_like(kind: type) -> Callable[..., Any]:
-    def make(*args: Any) -> Any:
-        if not args:
-            return kind()
-        if len(args) == 2 and isinstance(args[0], str):
-            return kind(codecs_encode(args[0], args[1]))
-        if len(args) == 1 and isinstance(args[0], (bytes, bytearray, list, tuple)):
-            return kind(args[0])
-        raise _bad(f"{kind.__name__}() called with {', '.join(type(a).__name__ for a in args)}")
-    return make
+def _from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
+    if not isinstance(args, tuple):
+        raise _bad("tensor subclass arguments must be a tuple")
+    if not isinstance(func, SafeCallable):
+        raise _bad(f"tensor subclass rebuilt through {func!r:.80}")
+    if u.mode is not Mode.BUILD:
+        return u.call(func, args, u.pos)
+    return rebuild_from_type_v2(lambda *a: u.call(func, a, u.pos), new_type, args, state)
 
 
-def _container(kind: type) -> Callable[..., Any]:
-    def make(*args: Any) -> Any:
-        _material(args, kind.__name__, max_args=2 if kind is collections.deque else 1)
-        return kind(*args)
-    return make
-
-
-def ordered_dict_factory(*args: Any) -> Any:
-    _material(args, "OrderedDict")
-    return collections.OrderedDict(*args)
-
-
-def defaultdict_factory(default_factory: Any = None, *args: Any) -> Any:
-    if default_factory is not None and not (isinstance(default_factory, type) and issubclass(default_factory, Stub)) \
-            and default_factory not in (list, dict, set, int, float, str, tuple, collections.OrderedDict):
-        default_factory = None
-    _material(args, "defaultdict")
-    return collections.defaultdict(default_factory, *args)
-
-
-def copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+def _copyreg_reconstructor(u: Any, cls: Any, base: Any = None, state: Any = None) -> Any:
     if isinstance(cls, type) and issubclass(cls, Stub):
         obj = cls()
         if state is not None:
             obj.__dict__["stub_args"] = (state,)
         return obj
-    if not isinstance(cls, type):
-        raise _bad(f"copyreg._reconstructor of {cls!r}")
-    if base is object:
-        return object.__new__(cls)
-    if base in (dict, list, set, int, float, str, bytes, tuple) and issubclass(cls, base):
-        _material((state,) if state is not None else (), base.__name__)
-        return base.__new__(cls, state) if state is not None else base.__new__(cls)
-    raise _bad(f"copyreg._reconstructor({cls!r}, {base!r})")
+    base_type = getattr(base, "target", base)
+    if base_type is object or base_type is None:
+        return u.new_object(cls, (), {})
+    if isinstance(cls, SafeCallable) and cls.target is base_type:
+        return u.new_object(cls, () if state is None else (state,), {})
+    raise _bad(f"copyreg._reconstructor({cls!r:.60}, {base!r:.60})")
 
 
-def copyreg_newobj(cls: Any, *args: Any) -> Any:
-    return new_object(cls, args, {})
+def _copyreg_newobj(u: Any, cls: Any = None, *args: Any) -> Any:
+    return u.new_object(cls, args, {})
 
 
-def copyreg_newobj_ex(cls: Any, args: Any, kwargs: Any) -> Any:
-    return new_object(cls, args, kwargs)
+def _copyreg_newobj_ex(u: Any, cls: Any = None, args: Any = (), kwargs: Any = None) -> Any:
+    return u.new_object(cls, args, kwargs if kwargs is not None else {})
 
 
-
-def _path(name: str) -> Callable[[], Any]:
-    def get() -> Any:
-        import pathlib
-        import sys
-
-        if name == "WindowsPath" and sys.platform != "win32":
-            return pathlib.PureWindowsPath
-        if name == "PosixPath" and sys.platform == "win32":
-            return pathlib.PurePosixPath
-        return getattr(pathlib, name)
-    return get
+def _np_ndarray_marker(name: str) -> Callable[[], Any]:
+    return lambda: _Marker(name, None)
 
 
-def _attr(module: str, name: str) -> Callable[[], Any]:
-    return lambda: getattr(importlib.import_module(module), name)
+def _safe(name: str, fn: Callable[..., Any], newobj: bool = False, finish: Any = None,
+          target: Any = None) -> Callable[[], SafeCallable]:
+    return lambda: SafeCallable(name, fn, newobj, finish, target)
 
 
-def _const(value: Any) -> Callable[[], Any]:
-    return lambda: value
-
-
-def _torch_attr(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
-
-
-def _marker(module: str, name: str) -> Callable[[], Any]:
-    return lambda: _Marker(f"{module}.{name}", getattr(importlib.import_module(module), name))
-
-
-# Factories: each returns the object a GLOBAL opcode pushes.
+# Factories: each returns what a GLOBAL opcode pushes for an allowlisted name (BUILD mode).
 FACTORIES: dict[str, Callable[[], Any]] = {
-    "rebuild_tensor": _const(rebuild_tensor), "rebuild_tensor_v2": _const(rebuild_tensor_v2),
-    "rebuild_tensor_v3": _const(rebuild_tensor_v3), "rebuild_parameter": _const(rebuild_parameter),
-    "rebuild_parameter_with_state": _const(rebuild_parameter_with_state),
-    "rebuild_device_tensor_from_numpy": _const(rebuild_device_tensor_from_numpy),
-    "rebuild_meta_tensor_no_storage": _const(rebuild_meta_tensor_no_storage),
+    "rebuild_tensor": _safe("torch._utils._rebuild_tensor", _plain(rebuild_tensor)),
+    "rebuild_tensor_v2": _safe("torch._utils._rebuild_tensor_v2", _plain(rebuild_tensor_v2)),
+    "rebuild_tensor_v3": _safe("torch._utils._rebuild_tensor_v3", _plain(rebuild_tensor_v3)),
+    "rebuild_parameter": _safe("torch._utils._rebuild_parameter", _plain(rebuild_parameter)),
+    "rebuild_parameter_with_state": _safe("torch._utils._rebuild_parameter_with_state",
+                                          _plain(rebuild_parameter_with_state)),
+    "rebuild_device_tensor_from_numpy": _safe("torch._utils._rebuild_device_tensor_from_numpy",
+                                              _plain(rebuild_device_tensor_from_numpy)),
+    "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
+                                            _plain(rebuild_meta_tensor_no_storage)),
     "rebuild_qtensor": lambda: stub_class("torch._utils", "_rebuild_qtensor"),
-    "rebuild_from_type_v2": _const(rebuild_from_type_v2), "rebuild_from_type": _const(rebuild_from_type),
-    "get_layout": _const(get_layout), "torch_size": _attr("torch", "Size"), "torch_device": _attr("torch", "device"),
-    "torch_tensor_class": _marker("torch", "Tensor"),
-    "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter", _attr("torch.nn.parameter", "Parameter")(),
-                                             legacy_parameter),
+    "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", _from_type),
+    "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", _from_type),
+    "get_layout": _safe("torch.serialization._get_layout", _plain(get_layout)),
+    "torch_size": _safe("torch.Size", _torch_size, newobj=True),
+    "torch_device": _safe("torch.device", _torch_device),
+    "torch_tensor_class": lambda: _Marker("torch.Tensor", _attr("torch", "Tensor")),
+    "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter",
+                                             _attr("torch.nn.parameter", "Parameter"), legacy_parameter),
     "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
-    "torch_version": _const(torch_version),
-    "jit_list": _const(lambda items: list(items) if isinstance(items, (list, tuple)) else _fail("list", items)),
-    "jit_type_tag": _const(lambda value, type_str=None: value),
-    "np_reconstruct": _const(np_reconstruct), "np_scalar": _const(np_scalar), "np_frombuffer": _const(np_frombuffer),
-    "np_ndarray": lambda: _Marker("numpy.ndarray", _np().ndarray), "np_dtype": _const(np_dtype),
-    "np_randomstate_ctor": lambda: _np_random("__randomstate_ctor"),
-    "np_generator_ctor": lambda: _np_random("__generator_ctor"),
-    "np_bit_generator_ctor": lambda: _np_random("__bit_generator_ctor"),
-    "ordered_dict": _const(ordered_dict_factory), "defaultdict": _const(defaultdict_factory),
-    "counter": _const(_container(collections.Counter)), "deque": _const(_container(collections.deque)),
-    "codecs_encode": _const(codecs_encode), "copyreg_reconstructor": _const(copyreg_reconstructor),
-    "copyreg_newobj": _const(copyreg_newobj), "copyreg_newobj_ex": _const(copyreg_newobj_ex),
-    "argparse_namespace": _attr("argparse", "Namespace"), "simple_namespace": _attr("types", "SimpleNamespace"),
-    "datetime": _attr("datetime", "datetime"), "date": _attr("datetime", "date"), "time": _attr("datetime", "time"),
-    "timedelta": _attr("datetime", "timedelta"), "timezone": _attr("datetime", "timezone"),
-    "decimal": _attr("decimal", "Decimal"), "fraction": _attr("fractions", "Fraction"), "uuid": _attr("uuid", "UUID"),
-    **{f"path_{n}": _path(n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
-                                       "PureWindowsPath")},
-    "builtin_bytes": _const(_bytes_like(bytes)), "builtin_bytearray": _const(_bytes_like(bytearray)),
-    **{f"builtin_{k.__name__}": _const(_container(k)) for k in (list, tuple, dict, set, frozenset)},
-    **{f"builtin_{n}": _const(getattr(builtins, n))
-       for n in ("int", "float", "complex", "bool", "str", "slice", "range", "object", "NotImplemented", "Ellipsis")},
+    "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
+                           target=torch_version),
+    "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
+    "jit_type_tag": _safe("torch.jit._pickle.restore_type_tag", lambda u, value, type_str=None: value),
+    "np_reconstruct": _safe("numpy.core.multiarray._reconstruct", np_reconstruct, finish=finish_array),
+    "np_scalar": _safe("numpy.core.multiarray.scalar", np_scalar),
+    "np_frombuffer": _safe("numpy.core.numeric._frombuffer", np_frombuffer, finish=finish_array),
+    "np_ndarray": _np_ndarray_marker("numpy.ndarray"),
+    "np_matrix": _np_ndarray_marker("numpy.matrix"),
+    "np_recarray": _np_ndarray_marker("numpy.recarray"),
+    "np_memmap": _np_ndarray_marker("numpy.memmap"),
+    "np_dtype": _safe("numpy.dtype", np_dtype, finish=finish_dtype),
+    "np_randomstate_ctor": _safe("numpy.random._pickle.__randomstate_ctor", random_ctor("randomstate"),
+                                 finish=finish_random),
+    "np_generator_ctor": _safe("numpy.random._pickle.__generator_ctor", random_ctor("generator")),
+    "np_bit_generator_ctor": _safe("numpy.random._pickle.__bit_generator_ctor", random_ctor("bit_generator"),
+                                   finish=finish_random),
+    "copyreg_reconstructor": _safe("copyreg._reconstructor", _copyreg_reconstructor),
+    "copyreg_newobj": _safe("copyreg.__newobj__", _copyreg_newobj),
+    "copyreg_newobj_ex": _safe("copyreg.__newobj_ex__", _copyreg_newobj_ex),
+    **{key: _safe(key, fn, newobj, finish, target) for key, (fn, newobj, finish, target) in CONSTRUCTORS.items()},
+    **{key: _const(value) for key, value in CONSTANTS.items()},
 }
 
 
-def resolve(module: str, name: str, verdict: Verdict, policy: Policy, meta: bool = False) -> Any:
+def _attr(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+def _meta_factories() -> dict[str, Callable[[], Any]]:
+    from . import meta
+
+    def from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
+        if not isinstance(args, tuple) or not isinstance(func, SafeCallable):
+            raise _bad(f"tensor subclass rebuilt through {func!r:.80}")
+        return u.call(func, args, u.pos)
+
+    return {
+        "rebuild_tensor": _safe("torch._utils._rebuild_tensor", _plain(meta.rebuild_tensor)),
+        "rebuild_tensor_v2": _safe("torch._utils._rebuild_tensor_v2", _plain(meta.rebuild_tensor)),
+        "rebuild_tensor_v3": _safe("torch._utils._rebuild_tensor_v3", _plain(meta.rebuild_tensor_v3)),
+        "rebuild_parameter": _safe("torch._utils._rebuild_parameter", _plain(meta.rebuild_parameter)),
+        "rebuild_parameter_with_state": _safe("torch._utils._rebuild_parameter_with_state",
+                                              _plain(meta.rebuild_parameter)),
+        "rebuild_device_tensor_from_numpy": _safe("torch._utils._rebuild_device_tensor_from_numpy",
+                                                  _plain(meta.rebuild_device_tensor_from_numpy)),
+        "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
+                                                _plain(meta.rebuild_meta_tensor_no_storage)),
+        "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
+        "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
+        "get_layout": _safe("torch.serialization._get_layout", _plain(meta.layout_name)),
+        "torch_size": _safe("torch.Size", _meta_size, newobj=True),
+        "torch_device": _safe("torch.device", _meta_device),
+        "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
+        "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter", None, legacy_parameter),
+        "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
+    }
+
+
+_META: dict[str, Callable[[], Any]] = {}
+
+
+def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode = Mode.BUILD) -> Any:
     """The object a GLOBAL pushes, for a global the policy did not block.
 
-    ``meta=True`` (structure only): torch is never imported; tensors become TensorMeta.
+    In STRUCTURE and RECORD modes torch is never imported (tensors become TensorMeta), and in RECORD
+    mode nothing is imported for real whatever the policy says.
     """
     cmod, cname = canonical_global(module, name)
     if verdict is Verdict.ALLOWED:
         key = ALLOWLIST.get((module, name)) or ALLOWLIST.get((cmod, cname))
         if key is not None:
-            if meta:
-                from .meta import META_FACTORIES
-
-                if key in META_FACTORIES:
-                    return META_FACTORIES[key]()
-                if key == "torch_tensor_class":
-                    return _Marker(f"{cmod}.{cname}", None)
-                if key in ("torch_parameter_class", "torch_variable_class"):
-                    ctor = legacy_parameter if key == "torch_parameter_class" else legacy_variable
-                    return _Marker(f"{cmod}.{cname}", None, ctor)
+            if mode is not Mode.BUILD:
+                if not _META:
+                    _META.update(_meta_factories())
+                if key in _META:
+                    return _META[key]()
             return FACTORIES[key]()
         if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
             return _storage_type(cname)
         if cmod == "torch":
-            if meta:
+            if mode is not Mode.BUILD:
                 from .meta import meta_dtype
 
                 return meta_dtype(cname)
-            return _torch_attr(cname)
+            return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
-            return _marker(cmod, cname)()
-    if policy.imports_real(module, name):
+            return _Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+    if mode is not Mode.RECORD and policy.imports_real(module, name):
         try:
             obj: Any = importlib.import_module(cmod)
             for part in cname.split("."):
@@ -336,40 +313,39 @@ def _storage_type(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- object protocol
-def new_object(cls: Any, args: Any, kwargs: Any) -> Any:
-    """NEWOBJ / NEWOBJ_EX: ``cls.__new__(cls, *args, **kwargs)`` for real classes, a record for stubs."""
-    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-        raise _bad("NEWOBJ arguments must be a tuple and a dict")
-    if isinstance(cls, type) and issubclass(cls, Stub):
-        return cls(*args, **kwargs)
-    if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
-        return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
-    if isinstance(cls, _Marker) or not isinstance(cls, type):
-        raise _bad(f"NEWOBJ on {cls!r}, which is not a class")
-    if cls in (bytes, bytearray, list, tuple, set, frozenset, dict):
-        _material(args, cls.__name__)
-    return cls.__new__(cls, *args, **kwargs)
+_NEVER_BUILT = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                SafeCallable, _Marker, StorageType)
 
 
-def build(inst: Any, state: Any, policy: Policy) -> None:
-    """BUILD: restore ``state`` into ``inst`` (stubs record it)."""
+def build(u: Any, inst: Any, state: Any) -> Any:
+    """BUILD on anything but a fresh allowlisted value (those go to their finisher, see the VM): stubs
+    record it, legacy tensors take ``requires_grad``, instances of classes the caller imported for real
+    take their own ``__setstate__``. A class, type, module or function is never BUILD-ed."""
     if isinstance(inst, Stub):
         inst.__setstate__(state)
-        return
+        return inst
+    if isinstance(inst, _NEVER_BUILT):
+        return u.unsafe(f"BUILD on {inst!r:.80}, which is a class, function or module: a pickle may only restore "
+                        "the state of instances", f"{type(inst).__module__}.{type(inst).__qualname__}")
     if isinstance(inst, TensorMeta):
         if isinstance(state, tuple) and len(state) in (3, 4) and isinstance(state[-3], bool):
             inst.requires_grad = state[-3]
-        return
+        return inst
     if type(inst).__module__.startswith("torch") and hasattr(inst, "requires_grad_") and isinstance(state, tuple):
         # torch <= 0.3 Variable/Parameter state: (requires_grad, volatile, backward_hooks) [+ data first]
         if len(state) in (3, 4) and isinstance(state[-3], bool) and (inst.is_floating_point() or inst.is_complex()):
             inst.requires_grad_(state[-3])
-        return
-    np = _np() if type(inst).__module__ == "numpy" else None
-    if np is not None and isinstance(inst, np.ndarray):
-        state = _validate_ndarray_state(state)
-        inst.__setstate__(state)
-        return
+        return inst
+    real = u.trusted_instance(inst)
+    if real:
+        _trusted_build(inst, state)
+        return inst
+    raise _bad(f"BUILD on a finished {type(inst).__name__} value (state may only be given once, right after "
+               "the value is made)")
+
+
+def _trusted_build(inst: Any, state: Any) -> None:
+    """BUILD on an instance of a class the caller imported for real (``trust`` / ``allow``)."""
     setstate = getattr(type(inst), "__setstate__", None)
     if setstate is not None:
         setstate(inst, state)
@@ -393,51 +369,56 @@ def build(inst: Any, state: Any, policy: Policy) -> None:
             setattr(inst, k, v)
 
 
-def extend(target: Any, items: list[Any], policy: Policy) -> None:
+def new_object(u: Any, cls: Any, args: Any, kwargs: Any) -> Any:
+    """NEWOBJ / NEWOBJ_EX / copyreg: a record for stubs, the validating constructor for allowlisted classes,
+    ``cls.__new__`` only for classes the caller imported for real."""
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise _bad("NEWOBJ arguments must be a tuple and a dict")
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        return cls(*args, **kwargs)
+    if isinstance(cls, SafeCallable):
+        if not cls.newobj:
+            raise _bad(f"NEWOBJ on {cls.name}, which is not a class")
+        return u.call(cls, args, u.pos, kwargs)
+    if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
+        return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
+    if isinstance(cls, type) and u.trusted_class(cls):
+        return cls.__new__(cls, *args, **kwargs)
+    raise _bad(f"NEWOBJ on {cls!r:.80}, which is not a class this policy builds")
+
+
+def extend(u: Any, target: Any, items: list[Any]) -> None:
     """APPEND / APPENDS."""
     if isinstance(target, list):
         target.extend(items)
     elif isinstance(target, (Stub, collections.deque)):
         for item in items:
             target.append(item)
-    elif policy.trust and hasattr(target, "append"):
+    elif u.trusted_instance(target) and hasattr(target, "append"):
         for item in items:
             target.append(item)
     else:
         raise _bad(f"APPENDS on a {type(target).__name__}")
 
 
-_HASH_MODULUS = (1 << 61) - 1
-
-
-def check_key(key: Any) -> Any:
-    """Refuse dict/set keys that can be crafted to share a hash (ints and floats beyond 2**61, where
-    Python's numeric hash wraps): thousands of them would make one SETITEMS take quadratic time."""
-    t = type(key)
-    if (t is int or t is float) and not -_HASH_MODULUS < key < _HASH_MODULUS:
-        raise _bad(f"dict key {key!r:.40} is out of range (hash-collision attack?)")
-    if t is tuple:
-        for part in key:
-            check_key(part)
-    return key
-
-
-def set_items(target: Any, items: list[Any], policy: Policy) -> None:
+def set_items(u: Any, target: Any, items: list[Any]) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
-    if isinstance(target, (dict, Stub)) or (policy.trust and hasattr(target, "__setitem__")):
+    if isinstance(target, (dict, Stub)) or (u.trusted_instance(target) and hasattr(target, "__setitem__")):
+        keys = items[0::2]
+        u.keys.admit(target, keys)
         for i in range(0, len(items), 2):
-            target[check_key(items[i])] = items[i + 1]
+            target[items[i]] = items[i + 1]
     else:
         raise _bad(f"SETITEMS on a {type(target).__name__}")
 
 
-def add_items(target: Any, items: list[Any], policy: Policy) -> None:
+def add_items(u: Any, target: Any, items: list[Any]) -> None:
     """ADDITEMS."""
     if isinstance(target, set):
-        target.update(check_key(item) for item in items)
+        u.keys.admit(target, items)
+        target.update(items)
     elif isinstance(target, Stub):
         for item in items:
             target.add(item)
     else:
         raise _bad(f"ADDITEMS on a {type(target).__name__}")
-

@@ -12,7 +12,9 @@ from __future__ import annotations
 import threading
 from typing import Any, SupportsIndex
 
-__all__ = ["Stub", "stub_class", "is_stub", "is_stub_class", "stub_name", "stub_to_plain"]
+from ...errors import LimitExceededError
+
+__all__ = ["Stub", "stub_class", "is_stub_class", "stub_name", "stub_to_plain"]
 
 
 class Stub:
@@ -98,6 +100,14 @@ class Stub:
     def __repr__(self) -> str:
         return f"<stub {self.stub_fullname}>"
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        name = self.stub_fullname
+        raise TypeError(
+            f"{self!r} is an inert stand-in for {name}: torchckpt did not import that class, so the object "
+            f"has its saved attributes but none of its code. To run it, import the real class: "
+            f"torchckpt.load(path, allow=[{name!r}]) (only for a file you trust), or build the model "
+            "yourself and load its weights with torchckpt.load_into(model, path).")
+
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         raise TypeError(f"{self!r} is a torchckpt stub; convert it with torchckpt.stub_to_plain() first")
 
@@ -121,10 +131,6 @@ def stub_class(module: str, qualname: str) -> type:
     return cls
 
 
-def is_stub(obj: Any) -> bool:
-    return isinstance(obj, Stub)
-
-
 def is_stub_class(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, Stub) and obj is not Stub
 
@@ -135,28 +141,54 @@ def stub_name(obj: Any) -> str:
     return f"{cls._stub_module}.{cls._stub_qualname}"
 
 
-def stub_to_plain(obj: Any, _depth: int = 0) -> Any:
+MAX_PLAIN_DEPTH = 200
+
+
+def stub_to_plain(obj: Any, max_depth: int = MAX_PLAIN_DEPTH) -> Any:
     """A stub turned into plain data: ``{"__class__": name, "args": ..., "state": ...}``.
 
-    Non-stub values are returned unchanged (containers are converted recursively).
+    Non-stub values are returned unchanged (containers are converted recursively). A shared object is
+    converted once and stays shared, so the work is linear in the size of the graph; nesting deeper
+    than ``max_depth`` raises :class:`~torchckpt.errors.LimitExceededError`, never ``RecursionError``.
     """
-    if _depth > 200:
-        raise RecursionError("object nesting deeper than 200 levels")
-    d = _depth + 1
-    if is_stub_class(obj):
-        return {"__class__": stub_name(obj)}
-    if isinstance(obj, Stub):
-        out: dict[str, Any] = {"__class__": stub_name(obj)}
-        for label, attr in (("args", "stub_args"), ("kwargs", "stub_kwargs"), ("state", "stub_state"),
-                            ("items", "stub_items"), ("list", "stub_list")):
-            value = obj.__dict__.get(attr)
-            if value:
-                out[label] = stub_to_plain(value, d)
+    done: dict[int, Any] = {}
+    keep: list[Any] = []
+
+    def convert(o: Any, depth: int) -> Any:
+        if isinstance(o, (str, bytes, int, float, type(None))):
+            return o
+        if depth > max_depth:
+            raise LimitExceededError(f"object nesting deeper than {max_depth} levels while converting stubs "
+                                     "to plain data",
+                                     hint=f"Pass a larger max_depth to stub_to_plain (now {max_depth}) if the "
+                                          "data is really that deep.")
+        key = id(o)
+        if key in done:
+            return done[key]
+        keep.append(o)
+        d = depth + 1
+        if is_stub_class(o):
+            out: Any = {"__class__": stub_name(o)}
+        elif isinstance(o, Stub):
+            out = done[key] = {"__class__": stub_name(o)}
+            for label, attr in (("args", "stub_args"), ("kwargs", "stub_kwargs"), ("state", "stub_state"),
+                                ("items", "stub_items"), ("list", "stub_list")):
+                value = o.__dict__.get(attr)
+                if value:
+                    out[label] = convert(value, d)
+        elif isinstance(o, dict):
+            out = done[key] = {}
+            for k, v in o.items():
+                out[k] = convert(v, d)
+        elif isinstance(o, list):
+            out = done[key] = []
+            out.extend(convert(v, d) for v in o)
+        elif isinstance(o, tuple):
+            done[key] = o  # a cycle through a tuple resolves to the original
+            out = tuple(convert(v, d) for v in o)
+        else:
+            out = o
+        done[key] = out
         return out
-    if isinstance(obj, dict):
-        return {k: stub_to_plain(v, d) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [stub_to_plain(v, d) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(stub_to_plain(v, d) for v in obj)
-    return obj
+
+    return convert(obj, 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import CorruptCheckpointError
-from .meta import check_int
+from .meta import check_numpy_tensor, check_shape, layout_name
 
 MAX_DIMS = 64
 
@@ -154,7 +154,7 @@ def _set_plain_attributes(obj: Any, state: Any) -> None:
         return
     if isinstance(state, dict):
         for k, v in state.items():
-            if isinstance(k, str) and not k.startswith("__"):
+            if isinstance(k, str) and not k.startswith("__") and not hasattr(type(obj), k):
                 try:
                     setattr(obj, k, v)
                 except (AttributeError, TypeError):
@@ -186,8 +186,9 @@ def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, require
     import numpy as np
     import torch
 
-    if not isinstance(data, np.ndarray) or not isinstance(dtype, torch.dtype):
-        raise _bad("device tensor rebuilt from something other than a numpy array")
+    data = check_numpy_tensor(data)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad("device tensor rebuilt with something other than a dtype")
     t = torch.from_numpy(np.ascontiguousarray(data)).to(dtype=dtype)
     _set_requires_grad(t, requires_grad)
     return t
@@ -196,18 +197,16 @@ def rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, require
 def rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any) -> Any:
     import torch
 
-    size = tuple(check_int(s, "size") for s in size)
-    stride = tuple(check_int(s, "stride") for s in stride)
+    size, stride = check_shape(size, stride)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad("meta tensor rebuilt with something other than a dtype")
     return torch.empty_strided(size, stride, dtype=dtype, device="meta", requires_grad=bool(requires_grad))
 
 
 def get_layout(name: Any) -> Any:
     import torch
 
-    value = getattr(torch, str(name).rsplit(".", 1)[-1], None) if isinstance(name, str) else None
-    if not isinstance(value, torch.layout):
-        raise _bad(f"unknown tensor layout {name!r}")
-    return value
+    return getattr(torch, layout_name(name))
 
 
 class torch_version(str):  # noqa: N801 - stands for torch.torch_version.TorchVersion

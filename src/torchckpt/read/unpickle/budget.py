@@ -1,0 +1,110 @@
+"""One budget for all the work a checkpoint may cause, and the meter that charges against it.
+
+A :class:`Budget` is a frozen value carried by :class:`~.policy.Policy`; a :class:`Meter` counts what
+one file has used so far. The pickle VM charges steps (opcodes and every element an allowlisted
+constructor copies, hashes or walks), bytes it materialises beyond its input, nesting depth and the
+digits of numeric literals; the container readers charge the bytes members inflate to. Going over any
+limit raises :class:`~torchckpt.errors.LimitExceededError` naming the limit, the value and how to raise
+it. Work is allowed to grow with the input (``amplification`` per input byte) above a fixed floor, so a
+large honest file never trips it while a small hostile one cannot make the process hang or swell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import LimitExceededError
+
+__all__ = ["Budget", "Meter"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits on the work one checkpoint may cause. Raise one with ``Policy(budget=Budget(depth=500))``.
+
+    Attributes:
+        steps: work units (opcodes, elements copied/hashed/walked) allowed whatever the input size.
+        amplification: further steps, and bytes materialised, allowed per byte of pickle input.
+        min_bytes: bytes that may always be materialised (the floor for tiny inputs).
+        depth: nesting of the object graph (and of pickle MARKs).
+        digits: decimal digits (or exponent size) of one numeric literal: LONG opcodes, ``int('...')``,
+            ``Decimal``, ``Fraction``.
+        member_bytes: bytes one container member (zip/npz entry) may inflate to.
+        total_bytes: bytes all members of one file may inflate to together.
+    """
+
+    steps: int = 20_000_000
+    amplification: int = 64
+    min_bytes: int = 64 << 20
+    depth: int = 256
+    digits: int = 4_300
+    member_bytes: int = 16 << 30
+    total_bytes: int = 64 << 30
+
+    def exceeded(self, limit: str, value: int, allowed: int, what: str) -> LimitExceededError:
+        """The error for ``limit`` (a field name) at ``value`` > ``allowed``."""
+        current = getattr(self, limit)
+        hint = (f"If you trust this file, raise the limit: policy=Policy(budget=Budget({limit}="
+                f"{max(current * 4, 1)})) (the current {limit} is {current}).")
+        return LimitExceededError(f"{what}: {value} exceeds the {limit} limit of {allowed}", hint=hint)
+
+
+class Meter:
+    """What one file has used of its :class:`Budget`. Shared by every pickle stream and member of it.
+
+    ``input_size`` is the number of bytes the work may scale with (the pickle stream, or the file).
+    """
+
+    __slots__ = ("budget", "input_size", "steps", "materialised", "inflated", "_max_steps", "_max_bytes")
+
+    def __init__(self, budget: Budget, input_size: int = 0) -> None:
+        self.budget = budget
+        self.input_size = 0
+        self.steps = 0
+        self.materialised = 0
+        self.inflated = 0
+        self._max_steps = budget.steps
+        self._max_bytes = budget.min_bytes
+        self.add_input(input_size)
+
+    def add_input(self, nbytes: int) -> None:
+        """Another ``nbytes`` of input (a further stream of the same file) widen the allowance."""
+        self.input_size += max(int(nbytes), 0)
+        b = self.budget
+        self._max_steps = max(b.steps, b.amplification * self.input_size)
+        self._max_bytes = max(b.min_bytes, b.amplification * self.input_size)
+
+    def step(self, n: int) -> None:
+        """Charge ``n`` units of work."""
+        self.steps += n
+        if self.steps > self._max_steps:
+            raise self.budget.exceeded("steps", self.steps, self._max_steps,
+                                       f"the pickle makes the reader do too much work for its {self.input_size} bytes")
+
+    def materialise(self, nbytes: int, what: str = "objects") -> None:
+        """Charge ``nbytes`` of memory built from the input (amplification)."""
+        self.materialised += nbytes
+        self.steps += nbytes >> 6
+        if self.materialised > self._max_bytes:
+            raise self.budget.exceeded(
+                "amplification", self.materialised, self._max_bytes,
+                f"{what} built from {self.input_size} bytes of pickle would take {self.materialised} bytes")
+
+    def digits(self, n: int, what: str = "numeric literal") -> None:
+        """Refuse a numeric literal (or exponent) of ``n`` decimal digits above the limit."""
+        if n > self.budget.digits:
+            raise self.budget.exceeded("digits", n, self.budget.digits, f"{what} with {n} digits")
+
+    def depth(self, n: int, what: str = "object graph") -> None:
+        if n > self.budget.depth:
+            raise self.budget.exceeded("depth", n, self.budget.depth, f"{what} nests too deep")
+
+    def inflate(self, nbytes: int, member: str) -> None:
+        """Charge a container member that inflates to ``nbytes`` (readers call this before inflating)."""
+        b = self.budget
+        if nbytes > b.member_bytes:
+            raise b.exceeded("member_bytes", nbytes, b.member_bytes, f"member {member} inflates to {nbytes} bytes")
+        self.inflated += nbytes
+        if self.inflated > b.total_bytes:
+            raise b.exceeded("total_bytes", self.inflated, b.total_bytes,
+                             f"the members up to {member} inflate to {self.inflated} bytes")
