@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError, CheckpointWriteError,
-                     CorruptCheckpointError, DeviceUnavailableError, LimitExceededError, NotACheckpointError,
-                     ResumeError, StateDictMismatchError, TruncatedCheckpointError, UnsafeCheckpointError,
-                     UnsupportedFormatError, WeightsNotFoundError)
+                     CorruptCheckpointError, DeviceUnavailableError, IntegrityError, LimitExceededError,
+                     NotACheckpointError, RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError,
+                     RemoteStorageError, RemoteUnreachableError, ResumeError, StateDictMismatchError,
+                     TruncatedCheckpointError, UnsafeCheckpointError, UnsupportedFormatError, WeightsNotFoundError)
 from ._version import __version__
 
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import load, read_checkpoint
+    from .storage.cache import download
     from .read.unpickle.budget import Budget
     from .read.unpickle.policy import Policy
     from .read.unpickle.stubs import Stub, stub_to_plain
@@ -33,17 +35,19 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .train.training import TrainingState, save
 
 __all__ = [
-    "load", "load_into", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
+    "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
     "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
     "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
     "AmbiguousCheckpointError", "StateDictMismatchError", "ResumeError", "CheckpointWriteError",
-    "CheckpointNotFoundError", "DeviceUnavailableError", "__version__",
+    "CheckpointNotFoundError", "DeviceUnavailableError", "RemoteStorageError", "RemoteNotFoundError",
+    "RemoteAuthError", "RemoteUnreachableError", "RemoteConnectionRefusedError", "IntegrityError", "__version__",
 ]
 
 _LAZY = {
     "load": ("read.load", "load"),
+    "download": ("storage.cache", "download"),
     "read_checkpoint": ("read.load", "read_checkpoint"),
     "state_dict_of": ("fit.tree", "state_dict_of"),
     "find_state_dicts": ("fit.tree", "find_state_dicts"),

@@ -29,6 +29,12 @@ __all__ = [
     "CheckpointWriteError",
     "CheckpointNotFoundError",
     "DeviceUnavailableError",
+    "RemoteStorageError",
+    "RemoteNotFoundError",
+    "RemoteAuthError",
+    "RemoteUnreachableError",
+    "RemoteConnectionRefusedError",
+    "IntegrityError",
 ]
 
 
@@ -197,3 +203,39 @@ class DeviceUnavailableError(CheckpointError, RuntimeError):
         super().__init__(reason, path=path, hint=hint)
         self.device = device
         self.saved_on = saved_on
+
+
+class RemoteStorageError(CheckpointError, OSError):
+    """Remote storage (an fsspec URL) failed; ``path`` is the URL. The subclasses say why."""
+
+    def __init__(self, reason: str, *, path: Any = None, hint: str | None = None):
+        CheckpointError.__init__(self, reason, path=path, hint=hint)
+
+    def __str__(self) -> str:
+        return CheckpointError.__str__(self)
+
+
+class RemoteNotFoundError(CheckpointNotFoundError, RemoteStorageError):
+    """The URL names no object (or its bucket does not exist)."""
+
+
+class RemoteAuthError(RemoteStorageError, PermissionError):
+    """The storage refused the credentials (missing, invalid, or without access to the object)."""
+
+
+class RemoteUnreachableError(RemoteStorageError, ConnectionError):
+    """The endpoint did not answer: unknown host, timeout, or network down."""
+
+
+class RemoteConnectionRefusedError(RemoteStorageError, ConnectionRefusedError):
+    """The endpoint's host answered but nothing listens on that port (connection refused)."""
+
+
+class IntegrityError(CorruptCheckpointError):
+    """A downloaded file does not have the sha256 it was expected to have."""
+
+    def __init__(self, reason: str, *, path: Any = None, hint: str | None = None, expected: str | None = None,
+                 actual: str | None = None):
+        super().__init__(reason, path=path, hint=hint)
+        self.expected = expected
+        self.actual = actual

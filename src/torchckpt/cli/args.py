@@ -10,6 +10,7 @@ import click
 
 from ..errors import CheckpointNotFoundError
 from ..read.trust import Policy
+from ..storage.remote import is_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -18,7 +19,7 @@ __all__ = ["checkpoint_paths", "policy_options", "policy_from"]
 
 def _must_exist(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     for path in (value if isinstance(value, tuple) else (value,)):
-        if path is not None and not os.path.exists(path):
+        if path is not None and not is_url(path) and not os.path.exists(path):  # URLs: checked when opened
             raise CheckpointNotFoundError("no such file or directory", path=path,
                                           hint="Check the path (and the current directory).")
     return value

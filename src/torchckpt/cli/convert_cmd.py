@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.convert import convert
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
+from .storage_opt import storage_option
 
 
 @click.command("convert")
@@ -19,8 +22,9 @@ from .output import Output
 @click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @policy_options
+@storage_option
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool, trust: bool, allow: tuple[str, ...]) -> int:
+            as_json: bool, trust: bool, allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
@@ -34,7 +38,8 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
             progress.update(task, completed=done, total=total)
 
         report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                         policy=policy_from(trust, allow), progress=update)
+                         policy=policy_from(trust, allow), progress=update,
+                         storage_options=storage_options)
     if as_json:
         out.json(report.to_dict())
     else:

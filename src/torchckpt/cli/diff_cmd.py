@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.diffing import diff
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
+from .storage_opt import storage_option
 
 
 @click.command("diff")
@@ -18,8 +21,9 @@ from .output import Output
 @click.option("--key", help="Dotted path of the weights inside training dicts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @policy_options
+@storage_option
 def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json: bool, trust: bool,
-            allow: tuple[str, ...]) -> int:
+            allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Compare two checkpoints. Exit code 0 when equal, 1 when different.
 
     A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.
@@ -28,6 +32,7 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
     with out.progress() as progress:
         task = progress.add_task("comparing", total=None)
         report = diff(a, b, values=values, key=key, atol=atol, policy=policy_from(trust, allow),
+                      storage_options=storage_options,
                       progress=lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         out.json(report.to_dict())

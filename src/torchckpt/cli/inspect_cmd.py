@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.inspection import inspect
@@ -9,6 +11,7 @@ from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
 from .plan import plan_against
+from .storage_opt import storage_option
 
 
 @click.command("inspect")
@@ -18,16 +21,17 @@ from .plan import plan_against
 @click.option("--against", metavar="MODULE:FACTORY",
               help="Import your model factory (e.g. mypkg.models:build) and show the load plan for it.")
 @policy_options
+@storage_option
 def command(file: str, as_json: bool, max_tensors: int, against: str | None, trust: bool,
-            allow: tuple[str, ...]) -> int:
+            allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Show what a checkpoint holds: format with evidence, values, tensors, totals, classes.
 
     Tensor data is never read, so this takes the same time for a 1 KiB or a 100 GiB file.
     """
     out = Output(json_mode=as_json)
     policy = policy_from(trust, allow)
-    report = inspect(file, policy=policy)
-    plan = plan_against(file, against, policy=policy) if against else None
+    report = inspect(file, policy=policy, storage_options=storage_options)
+    plan = plan_against(file, against, policy=policy, storage_options=storage_options) if against else None
     if as_json:
         doc = report.to_dict()
         if plan is not None:

@@ -45,7 +45,8 @@ class Plan:
     __str__ = render
 
 
-def plan_against(file: str, spec: str, *, policy: Policy | None = None) -> Plan:
+def plan_against(file: str, spec: str, *, policy: Policy | None = None, storage_options: dict[str, Any] | None = None) -> Plan:
     model = build_model(spec)
-    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, policy=policy)
+    report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, policy=policy,
+                       storage_options=storage_options)
     return Plan(report)

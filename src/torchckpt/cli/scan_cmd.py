@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -11,6 +12,7 @@ from ..tools.scanning import scan
 from .args import checkpoint_paths
 from .codes import scan_exit_code
 from .output import Output
+from .storage_opt import storage_option
 
 
 @click.command("scan")
@@ -19,7 +21,9 @@ from .output import Output
 @click.option("--strict", is_flag=True, help="Also report classes that would be stubbed (not on the allowlist).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("-v", "--verbose", is_flag=True, help="List every global of every stream, not only findings.")
-def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool, verbose: bool) -> int:
+@storage_option
+def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool, verbose: bool,
+            storage_options: dict[str, Any] | None) -> int:
     """Scan checkpoints with the same parser and policy that `load` uses; nothing is executed.
 
     Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
@@ -27,7 +31,7 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
     out = Output(json_mode=as_json)
     with out.progress() as progress:
         task = progress.add_task("scanning", total=None)
-        report = scan(paths, recursive=recursive, strict=strict,
+        report = scan(paths, recursive=recursive, strict=strict, storage_options=storage_options,
                       progress=lambda done, total: progress.update(task, completed=done, total=total))
     for f in report.files:
         if f.status == "unreadable" and not recursive and os.path.isdir(f.path) and not is_dcp_dir(f.path):

@@ -10,7 +10,7 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
@@ -32,7 +32,8 @@ ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"
 def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
               rename: RenameRules = None, on_mismatch: str | None = None, dtype: str = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
-              trust: bool = False, allow: Iterable[str] | str | None = None) -> LoadReport:
+              trust: bool = False, allow: Iterable[str] | str | None = None,
+              storage_options: Mapping[str, Any] | None = None) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
@@ -57,6 +58,7 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
         assign: put the checkpoint's tensors into the model instead of copying into its tensors
             (``nn.Module.load_state_dict(assign=True)``), cast and moved like a copy would be.
         policy, trust, allow: what the file's pickles may import; see :func:`torchckpt.load`.
+        storage_options: options for a URL ``source``'s fsspec filesystem (see :func:`torchckpt.load`).
 
     Returns:
         A :class:`~torchckpt.fit.report.LoadReport`; ``print(report)`` summarises it.
@@ -67,7 +69,7 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
         raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, not {on_mismatch!r}")
     if dtype not in ("model", "error"):
         raise ValueError(f"dtype must be 'model' or 'error', not {dtype!r}")
-    with _open_source(source, resolve_policy(policy, trust, allow)) as (obj, name, fmt, notes, src, saved_on):
+    with _open_source(source, resolve_policy(policy, trust, allow), storage_options) as (obj, name, fmt, notes, src, saved_on):
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
@@ -85,12 +87,13 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
 
 
 @contextlib.contextmanager
-def _open_source(source: Any, policy: Policy) -> Iterator[tuple[Any, str, str, list[str], Any, set[str]]]:
+def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any] | None = None
+                 ) -> Iterator[tuple[Any, str, str, list[str], Any, set[str]]]:
     if isinstance(source, (dict, list, Stub)) or is_module_like(source):
         what = "in-memory module" if is_module_like(source) and not isinstance(source, Stub) else "in-memory"
         yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
-    with open_checkpoint(source, Mode.BUILD, policy, lazy=True) as ckpt:
+    with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
         yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Mapping
 
+from ..storage.cache import download
 from ..storage.source import SourceLike
 from .devices import MapLocation
 from .formats import Checkpoint
@@ -16,22 +18,26 @@ __all__ = ["load", "read_checkpoint"]
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
-                    policy: Policy | None = None) -> Checkpoint:
+                    policy: Policy | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
     with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
-                         map_location=map_location, mmap=mmap) as ckpt:
+                         map_location=map_location, mmap=mmap, storage_options=storage_options) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
-         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None) -> Any:
+         allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None,
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
         source: a path (any extension, or none), an open binary file, bytes, or a URL that
-            fsspec can open (``pip install torchckpt[remote]``).
+            fsspec can open (``s3://``, ``gs://``, ``hf://``, ``https://`` ...; ``pip install
+            'torchckpt[s3]'`` and so on). Remote files are read by byte ranges.
         map_location: where tensors go; every form ``torch.load`` accepts. The default ``"cpu"``
             loads checkpoints saved on ``cuda:N`` on a machine without a GPU. ``None`` restores the
             saved devices, falling back to the CPU for devices this machine lacks.
@@ -44,6 +50,12 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         allow: dotted names or ``"package.*"`` prefixes to import for real, everything else stays a stub.
         policy: a :class:`~torchckpt.Policy` value instead of the ``trust``/``allow`` shorthands, including
             its :class:`~torchckpt.Budget` of work: ``policy=Policy(budget=Budget(depth=1000))``.
+        storage_options: options for the URL's fsspec filesystem (``endpoint_url``, ``key``,
+            ``secret``, ``token`` ...), also used for the shards or DCP files beside it.
+        sha256, check_hash: download ``source`` into the cache (``$TORCHCKPT_CACHE``) and check its
+            sha256 (the hex digest or a prefix of at least 8 digits; ``check_hash=True`` takes the
+            prefix from a torch.hub style name ``model-<hex>.pt``) before reading it; a cached copy
+            is re-hashed and reused when it still matches. See :func:`torchckpt.download`.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -55,7 +67,13 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         CheckpointError: subclasses name the file, the problem and the next step:
         ``UnsafeCheckpointError`` (code execution attempt), ``TruncatedCheckpointError``,
         ``NotACheckpointError`` (git-lfs pointer, HTML page), ``UnsupportedFormatError``,
-        ``CorruptCheckpointError``, ``CheckpointNotFoundError``.
+        ``CorruptCheckpointError``, ``CheckpointNotFoundError``, ``IntegrityError`` (sha256),
+        ``RemoteStorageError`` subclasses for URLs.
     """
-    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy)
+    if sha256 is not None or check_hash:
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError("sha256=/check_hash= need a path or URL, not an open file or bytes")
+        source = download(os.fspath(source), sha256=sha256, check_hash=check_hash, storage_options=storage_options)
+    loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy,
+                             storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from ..errors import CheckpointError
+from ..storage.files import list_sizes
+from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
 from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
@@ -31,7 +33,8 @@ __all__ = ["open_checkpoint", "Checkpoint", "Mode", "Trace"]
 @contextlib.contextmanager
 def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: Policy | None = None, *,
                     map_location: MapLocation = "cpu", mmap: bool | None = None, lazy: bool = False,
-                    trace: Trace | None = None) -> Iterator[Checkpoint]:
+                    trace: Trace | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> Iterator[Checkpoint]:
     """Open any checkpoint: a file path, bytes, a binary file, a URL, or a directory (torch.distributed.checkpoint,
     Hugging Face ``save_pretrained`` or accelerate ``save_state``).
 
@@ -42,6 +45,8 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
         lazy: in ``build`` mode, read legacy-format files (which cannot be mapped) as structure with
             file offsets; the caller materialises each tensor from ``checkpoint.reader`` when needed.
         trace: collect the trace here (``scan`` keeps what was recorded even when the read fails).
+        storage_options: options for a URL's fsspec filesystem, also used for the files it names
+            (shards, DCP data files). URLs are read by byte ranges.
 
     Yields the :class:`Checkpoint`; its ``reader`` stays open inside the ``with`` block.
     Raises :class:`~torchckpt.errors.CheckpointError` subclasses naming the file.
@@ -50,9 +55,19 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
     trace = trace if trace is not None else Trace()
     relocator = Relocator(map_location)
     opts = ReadOptions(relocator=relocator, mmap=mmap, policy=policy or Policy(), mode=mode, trace=trace,
-                       read_child=read)
+                       read_child=read, storage_options=dict(storage_options) if storage_options else None)
     path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
+    if path is not None and is_url(path):
+        if is_dcp_dir(path, opts.storage_options):  # a DCP directory under a URL prefix
+            try:
+                ckpt = read_dcp(path, opts)
+            except CheckpointError as exc:
+                raise exc.with_path(path)
+            with Source(b"", name=path) as empty:
+                _finish(ckpt, opts, path, sum(list_sizes(path, opts.storage_options).values()), empty)
+                yield ckpt
+            return
+    elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
         reader = read_dcp if is_dcp_dir(path) else read_folder  # DCP, Hugging Face or accelerate folders
         try:
             ckpt = reader(path, opts)
@@ -62,7 +77,7 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
             _finish(ckpt, opts, path, _dir_size(path), empty)
             yield ckpt
         return
-    with Source(source) as src:
+    with Source(source, storage_options=opts.storage_options) as src:
         sniffed = sniff(src)
         if lazy and mode is Mode.BUILD and sniffed.kind == TORCH_LEGACY and src.path is not None:
             opts.mode = Mode.STRUCTURE

@@ -2,7 +2,9 @@
 
 :class:`Source` gives every reader the same few operations (size, head, random access buffer,
 file-range reads into tensors) and owns what it opened. Local paths are memory-mapped read-only,
-so reading a pickle at the start of a large file never reads the rest.
+so reading a pickle at the start of a large file never reads the rest. URLs (any fsspec protocol,
+with ``storage_options``) are read by byte ranges: a zip's central directory or a safetensors
+header costs kilobytes, whatever the size of the object; only :meth:`Source.buffer` reads it whole.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
+from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
 
 __all__ = ["Source", "SourceLike", "confined_path"]
 
@@ -21,17 +24,22 @@ SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[byt
 
 def confined_path(directory: str, name: Any, *, what: str = "file", checkpoint: str | None = None) -> str:
     """Resolve ``name``, a path a checkpoint names (a shard, a DCP data file, a sidecar's data file),
-    against ``directory``, the checkpoint's own directory, with symlinks followed.
+    against ``directory``, the checkpoint's own directory (local, with symlinks followed, or a URL prefix).
 
-    Returns the resolved path. Raises :class:`UnsafeCheckpointError` if it is absolute, empty, or
-    resolves (through ``..`` or a symlink) outside ``directory``. Nothing is read from the target, so
-    no byte of a foreign file can appear in an error message.
+    Returns the resolved path (or URL). Raises :class:`UnsafeCheckpointError` if it is absolute, empty, a
+    URL, or resolves (through ``..`` or a symlink) outside ``directory``. Nothing is read from the target,
+    so no byte of a foreign file can appear in an error message.
     """
     shown = f"{name!r:.120}"
     if not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) \
-            or (os.name == "nt" and os.path.splitdrive(name)[0]):
+            or (os.name == "nt" and os.path.splitdrive(name)[0]) or "://" in name:
         raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which is not a relative path inside "
                                     "its directory", path=checkpoint, hint=_CONFINED_HINT)
+    if is_url(directory):  # object stores have no links: only the name itself can leave the prefix
+        if ".." in name.replace("\\", "/").split("/") or name.startswith("/"):
+            raise UnsafeCheckpointError(f"the checkpoint names {what} {shown}, which resolves outside its "
+                                        f"directory {directory}", path=checkpoint, hint=_CONFINED_HINT)
+        return join(directory, name)
     root = os.path.realpath(directory)
     target = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, target]) != root and not _hf_cache_blob(root, target):
@@ -59,9 +67,13 @@ _CONFINED_HINT = ("A checkpoint may only refer to files in its own directory. If
 class Source:
     """A readable checkpoint source. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, source: SourceLike, *, name: str | None = None) -> None:
+    def __init__(self, source: SourceLike, *, name: str | None = None,
+                 storage_options: StorageOptions | None = None) -> None:
         self._owned: list[Any] = []
         self.path: str | None = None
+        self.url: str | None = None
+        self.storage_options = dict(storage_options or {})
+        self._remote: RemoteFile | None = None
         self._mmap: mmap.mmap | None = None
         self._fd: int | None = None
         self._exported = False
@@ -75,11 +87,16 @@ class Source:
             path = os.fspath(source)
             if isinstance(path, bytes):
                 path = os.fsdecode(path)
-            if "://" in path and not path.startswith("file://"):
-                self._bytes = _read_remote(path)
+            if is_url(path):
                 self.name = name or path
+                self.url = path
+                self._remote = RemoteFile(path, storage_options)
+                if self._remote.is_dir:
+                    raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
+                                              hint="Pass one object inside it, or use torchckpt.Checkpointer(url) "
+                                                   "for a directory of training checkpoints.")
             else:
-                path = path[len("file://"):] if path.startswith("file://") else path
+                path = strip_file_scheme(path)
                 self.name = name or path
                 if os.path.isdir(path):
                     raise NotACheckpointError("this is a directory, not a checkpoint file", path=path,
@@ -104,6 +121,8 @@ class Source:
     def _compute_size(self) -> int:
         if self._bytes is not None:
             return len(self._bytes)
+        if self._remote is not None:
+            return self._remote.size
         if self.path is not None:
             return os.path.getsize(self.path)
         assert self._file is not None
@@ -130,6 +149,8 @@ class Source:
         """Exactly the bytes ``[offset, offset+n)`` clipped to the end of the file (no mmap involved)."""
         if self._bytes is not None:
             return self._bytes[offset:offset + n]
+        if self._remote is not None:
+            return self._remote.read_range(offset, offset + n)
         if self.path is not None:
             return os.pread(self._descriptor(), max(0, min(n, self.size - offset)), offset) if n > 0 else b""
         assert self._file is not None
@@ -148,6 +169,9 @@ class Source:
                     self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._owned.append(self._mmap)
             return self._mmap
+        if self._remote is not None:  # the whole object, once
+            self._bytes = self._remote.read_range(0, self.size)
+            return self._bytes
         assert self._file is not None
         self._file.seek(self._base)
         self._bytes = self._file.read()
@@ -161,11 +185,28 @@ class Source:
             return fh
         if self._bytes is not None:
             return io.BytesIO(self._bytes)
+        if self._remote is not None:
+            reader = self._remote.reader()
+            self._owned.append(reader)
+            return reader
         assert self._file is not None
         if self._base == 0:
             self._file.seek(0)
             return self._file
         return io.BytesIO(self.buffer())
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes moved from remote storage so far (0 for local sources)."""
+        return self._remote.bytes_read if self._remote is not None else 0
+
+    @property
+    def folder(self) -> str:
+        """The directory this source is in (a URL prefix for URLs; the working directory for bytes
+        and file objects): where the files it names (shards, DCP data files) are looked up."""
+        if self.url is not None:
+            return self.url.rsplit("/", 1)[0]
+        return os.path.dirname(os.path.abspath(self.path or "."))
 
     @property
     def can_map(self) -> bool:
@@ -238,7 +279,17 @@ class Source:
             dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
             return
         view: Any = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
-        if self.path is not None:
+        if self._remote is not None:  # ranged reads of bounded size straight into the destination
+            step = 64 << 20
+            for start in range(0, nbytes, step):
+                data = self._remote.read_ahead(offset + start, offset + min(nbytes, start + step))
+                if len(data) != min(step, nbytes - start):
+                    from ..errors import TruncatedCheckpointError
+
+                    raise TruncatedCheckpointError(f"object ended while reading {nbytes} bytes at {offset}",
+                                                   expected_size=offset + nbytes, actual_size=self.size)
+                view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        elif self.path is not None:
             fd = self._descriptor()
             done = 0
             while done < nbytes:
@@ -280,17 +331,3 @@ def _seekable(f: Any) -> bool:
         return bool(f.seekable()) if hasattr(f, "seekable") else False
     except (OSError, ValueError):
         return False
-
-
-def _read_remote(url: str) -> bytes:
-    try:
-        import fsspec
-    except ImportError:
-        raise CheckpointError("reading remote URLs needs fsspec", path=url,
-                              hint="pip install 'torchckpt[remote]'") from None
-    try:
-        with fsspec.open(url, "rb") as fh:
-            data: bytes = fh.read()
-            return data
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such remote file", path=url) from None

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -31,7 +33,9 @@ from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
+from ..storage import files as storage
 from ..storage.atomic import atomic_write
+from ..storage.remote import is_url
 from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
@@ -69,7 +73,8 @@ class ConvertReport:
 
 def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None, progress: Progress | None = None) -> ConvertReport:
+            allow: Iterable[str] | str | None = None, progress: Progress | None = None,
+            storage_options: Any = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it. ``to`` defaults from the extension of ``dst``.
 
     A whole-model pickle (or a Lua ``nn`` tree) becomes its state dict, which ``load_into`` and
@@ -83,17 +88,23 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
         key: dotted path of the part to convert (the weights, when several candidates exist).
         policy, trust, allow: what the source's pickles may import (see :func:`torchckpt.load`).
+        storage_options: options for the filesystem of a URL ``src`` or ``dst``. A URL destination is
+            written and verified in a temporary local file, then uploaded whole (published at once).
 
     Raises:
         LimitExceededError: a zero-stride view would expand far beyond the file's size when written
             densely (safetensors output or a dtype cast); ``.pt`` output keeps views compact.
     """
     dst = os.fspath(dst)
+    if is_url(dst):
+        return _convert_to_url(src, dst, storage_options, to=to, dtype=dtype, weights_only=weights_only, key=key,
+                               policy=policy, trust=trust, allow=allow, progress=progress)
     to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = _torch_dtype(dtype) if dtype else None
-    with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True) as loaded:
+    with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
+                         storage_options=storage_options) as loaded:
         source = loaded.reader
         assert source is not None  # open_checkpoint keeps it open inside the with block
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
@@ -127,6 +138,24 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
         report.tensors = len(tensors)
         report.changes[:0] = [f"{what} ({n})" for what, n in changes.items()]
         _verify(dst, to, tensors, materialize, report)
+    return report
+
+
+def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> ConvertReport:
+    """Convert into a temporary local file (verified there), then upload it whole: the object appears
+    complete or not at all."""
+    staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
+    try:
+        local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])
+        if not kwargs.get("to"):
+            kwargs["to"] = "safetensors" if dst.endswith(".safetensors") else "pt"
+        report = convert(src, local, storage_options=storage_options, **kwargs)
+        with open(local, "rb") as fh, storage.atomic_write(dst, storage_options) as out:
+            shutil.copyfileobj(fh, out, 8 << 20)
+        report.destination = dst
+        report.notes.append("written and verified in a temporary local file, then uploaded whole")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

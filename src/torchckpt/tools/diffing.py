@@ -105,7 +105,8 @@ def _dtype(t: Any) -> str:
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None) -> DiffReport:
+         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None,
+         storage_options: Any = None) -> DiffReport:
     """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
 
     With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
@@ -113,13 +114,14 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     Memory stays bounded by the largest tensor pair, whatever the formats of ``a`` and ``b``.
     ``progress(done, total)`` is called after each tensor pair when comparing values.
     ``policy``/``trust``/``allow``: what the files' pickles may import, as in :func:`torchckpt.load`.
+    ``storage_options``: for URL arguments (read by byte ranges).
     """
     if atol < 0 or atol != atol:
         raise ValueError(f"atol must be a number >= 0, not {atol!r}")
     mode, read_policy = (Mode.BUILD if values else Mode.STRUCTURE), resolve_policy(policy, trust, allow)
     # with values: zip and safetensors are mapped, legacy is streamed (each tensor read when compared)
-    with open_checkpoint(a, mode, read_policy, lazy=True) as la, \
-            open_checkpoint(b, mode, read_policy, lazy=True) as lb:
+    with open_checkpoint(a, mode, read_policy, lazy=True, storage_options=storage_options) as la, \
+            open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Iterable, Sequence
+from typing import AbstractSet, Any, Iterable, Mapping, Sequence
 
 from ..read.load import read_checkpoint
+from ..storage.remote import is_url
 from ..storage.source import SourceLike
 from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
     state_dict_of, walk
@@ -133,15 +134,18 @@ def _columns(rows: Sequence[tuple[str, ...]], right: AbstractSet[int] = frozense
 
 
 def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None) -> InspectReport:
+            allow: Iterable[str] | str | None = None,
+            storage_options: Mapping[str, Any] | None = None) -> InspectReport:
     """Describe a checkpoint: format and evidence, tree values, tensors, totals, referenced classes.
 
-    No tensor data is read. ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
+    No tensor data is read (a remote file moves its header or zip directory only, with
+    ``storage_options`` for its filesystem). ``policy``/``trust``/``allow`` as in :func:`torchckpt.load`.
     Raises the same errors as :func:`torchckpt.load`.
     """
-    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True)
+    loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True,
+                             storage_options=storage_options)
     name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
-    size = _size_of(source)
+    size = loaded.size if is_url(source) else _size_of(source)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")

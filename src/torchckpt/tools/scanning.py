@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError, NotACheckpointError, UnsafeCheckpointError
 from ..read.formats import Trace, folder_kind, is_dcp_dir
@@ -21,6 +21,7 @@ from ..read.opener import open_checkpoint
 from ..read.unpickle.machine import GlobalRef
 from ..read.unpickle.mode import Mode
 from ..read.unpickle.policy import Verdict
+from ..storage.remote import is_url, remote_listing
 from ..storage.source import confined_path
 
 __all__ = ["scan", "scan_file", "ScanReport", "FileScan", "Finding"]
@@ -85,11 +86,13 @@ class ScanReport:
 
 
 def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = False,
-         strict: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanReport:
+         strict: bool = False, progress: Callable[[int, int], None] | None = None,
+         storage_options: Mapping[str, Any] | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``; symlinked folders are followed once) without
     executing anything from them. A directory that ``load`` reads as one checkpoint (torch.distributed.checkpoint,
     Hugging Face or accelerate folder) is scanned as one, then every file in it that the read did not touch.
 
+    Paths may be URLs (``storage_options`` for their filesystem); a URL prefix is walked like a directory.
     ``progress(done, total)`` is called after each file.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -97,7 +100,17 @@ def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, re
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
     for p in (os.fspath(x) for x in paths):
-        if os.path.isdir(p) and not _checkpoint_dir(p):
+        if is_url(p):  # a URL prefix is a directory (walked with recursive=True)
+            try:
+                listed = remote_listing(p, storage_options) if recursive else []
+            except CheckpointError as exc:
+                files.append(FileScan(p, status="unreadable", error=exc.reason, hint=exc.hint))
+                continue
+            if listed:
+                todo.extend((url, False) for url in listed)
+            else:
+                todo.append((p, True))
+        elif os.path.isdir(p) and not _checkpoint_dir(p):
             if not recursive:
                 files.append(FileScan(p, status="unreadable", error="is a directory: pass -r/--recursive to scan "
                                                                     "the files in it"))
@@ -106,8 +119,10 @@ def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, re
         else:
             todo.append((p, True))
     for i, (path, explicit) in enumerate(todo, 1):
-        files.extend(_scan_dir(path, strict) if os.path.isdir(path) else [scan_file(path, strict=strict,
-                                                                                      explicit=explicit)])
+        if is_url(path) or not os.path.isdir(path):
+            files.append(scan_file(path, strict=strict, explicit=explicit, storage_options=storage_options))
+        else:
+            files.extend(_scan_dir(path, strict))
         if progress is not None:
             progress(i, len(todo))
     return ScanReport(files)
@@ -156,7 +171,8 @@ def _scan_dir(directory: str, strict: bool) -> list[FileScan]:
     return [result, *(scan_file(p, strict=strict, explicit=False) for p in rest)]
 
 
-def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> FileScan:
+def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
+              storage_options: Mapping[str, Any] | None = None) -> FileScan:
     """Scan one file (or DCP directory) by opening it as ``load`` would, in record mode.
 
     Met while walking a directory, a file that is not a checkpoint at all (JSON, text, unknown binary)
@@ -165,7 +181,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True) -> File
     result = FileScan(os.fspath(path))
     trace = Trace()
     try:
-        with open_checkpoint(path, Mode.RECORD, trace=trace) as ckpt:
+        with open_checkpoint(path, Mode.RECORD, trace=trace, storage_options=storage_options) as ckpt:
             result.format = ckpt.format
     except UnsafeCheckpointError as exc:  # refused for more than a global: a path that leaves the checkpoint
         result.findings.append(Finding("unsafe", exc.reason, getattr(exc, "member", None),

@@ -76,7 +76,7 @@ def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
         return read_numpy(src, opts)
     if kind == LUA_T7:
         return read_t7(src, opts)
-    if kind == "json" and src.path is not None:
+    if kind == "json" and (src.path is not None or src.url is not None):
         loaded = read_sharded_index(src, opts)
         if loaded is not None:
             return loaded

@@ -75,6 +75,7 @@ class ReadOptions:
     mode: Mode = Mode.BUILD
     trace: Trace = field(default_factory=Trace)
     read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
+    storage_options: dict[str, Any] | None = None  # fsspec options for URLs (shards, DCP files beside them)
     meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
 
     def budget_meter(self) -> Meter:

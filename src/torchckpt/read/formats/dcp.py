@@ -14,7 +14,9 @@ import os
 from collections import OrderedDict
 from typing import Any
 
-from ...errors import CorruptCheckpointError, LimitExceededError, UnsupportedFormatError
+from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExceededError, RemoteAuthError, \
+    RemoteNotFoundError, UnsupportedFormatError
+from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source, confined_path
 from ..unpickle.meta import DTYPE_SIZES, MetaDType, TensorMeta, meta_dtype
 from ..unpickle.mode import Mode
@@ -26,7 +28,17 @@ __all__ = ["read_dcp", "is_dcp_dir"]
 MAX_DIMS = 64
 
 
-def is_dcp_dir(path: str) -> bool:
+def is_dcp_dir(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """A directory (local, or a URL prefix) holding ``.metadata``."""
+    if is_url(path):
+        if "?" in path:  # a signed or query URL names one object
+            return False
+        try:
+            fs, inner = filesystem(path, storage_options)
+            with remote_errors(path, "list", storage_options):
+                return bool(fs.isfile(join(inner, ".metadata")))
+        except (RemoteAuthError, RemoteNotFoundError):
+            return False  # opening it as a file gives the precise error (unreachable: raised once, here)
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
@@ -54,8 +66,9 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 
 def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
     """Read a DCP checkpoint directory into a (nested) state dict."""
-    meta_path = os.path.join(directory, ".metadata")
-    with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path) as src:
+    meta_path = join(directory, ".metadata")
+    with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path,
+                storage_options=opts.storage_options) as src:
         metadata, _ = run_pickle(opts, src.buffer(), src, ".metadata")
     if not isinstance(metadata, Stub) or not stub_name(metadata).endswith(".Metadata"):
         raise CorruptCheckpointError(".metadata does not hold DCP Metadata", path=meta_path)
@@ -107,9 +120,13 @@ class _Files:
             raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} names data file {rel!r:.60}, not a path")
         if rel not in self.files:
             path = confined_path(self.directory, rel, what="DCP data file", checkpoint=self.directory)
-            if not os.path.isfile(path):
-                raise CorruptCheckpointError(f"DCP data file {rel!r:.120} named by .metadata is missing")
-            self.files[rel] = Source(path, name=os.path.join(self.directory, rel))
+            missing = CorruptCheckpointError(f"DCP data file {rel!r:.120} named by .metadata is missing")
+            if not is_url(path) and not os.path.isfile(path):
+                raise missing
+            try:
+                self.files[rel] = Source(path, name=join(self.directory, rel), storage_options=self.opts.storage_options)
+            except CheckpointNotFoundError:
+                raise missing from None
         src = self.files[rel]
         offset, length = info.get("offset"), info.get("length")
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 \

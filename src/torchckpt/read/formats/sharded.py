@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
+from ...storage.remote import join
 from ...storage.source import Source, confined_path
 from .base import Checkpoint, ReadOptions
 
@@ -28,20 +29,26 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return None
-    folder = os.path.dirname(os.path.abspath(src.path or "."))
+    folder = src.folder  # a local directory or a URL prefix
     shards = list(dict.fromkeys(weight_map.values()))
     merged: OrderedDict[str, Any] = OrderedDict()
     loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
     assert opts.read_child is not None, "the opener passes the format dispatcher"
+    itself = src.url if src.url is not None else os.path.realpath(src.path or "")
     for shard in shards:
         path = confined_path(folder, shard, what="shard", checkpoint=src.name)
-        if shard.endswith(".json") or path == os.path.realpath(src.path or ""):
+        if shard.endswith(".json") or path == itself:
             raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
-        if not os.path.isfile(path):
-            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing",
-                                          path=os.path.join(folder, shard),
+        shown = join(folder, shard)
+        if src.url is None and not os.path.isfile(path):
+            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
                                           hint="Download every shard next to the index file.")
-        with Source(path, name=os.path.join(folder, shard)) as shard_src:
+        try:
+            shard_src = Source(path, name=shown, storage_options=opts.storage_options)
+        except CheckpointNotFoundError:
+            raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
+                                          hint="Upload every shard next to the index file.") from None
+        with shard_src:
             part = opts.read_child(shard_src, opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
         wanted = [k for k, v in weight_map.items() if v == shard]

@@ -163,13 +163,25 @@ class Unpickler:
                 if op == 0x71:  # BINPUT
                     idx = data[self.pos]
                     self.pos += 1
-                    value = stack[-1]
                     if idx < len(memo):
-                        memo[idx] = value
+                        value = memo[idx] = stack[-1]
+                        if fresh and id(value) in fresh:
+                            fresh[id(value)][2].append(idx)
                     else:
                         self.memo_put(idx)
-                    if fresh and id(value) in fresh:
-                        fresh[id(value)][2].append(idx)
+                elif op == 0x72:  # LONG_BINPUT (every memo index past 255)
+                    pos = self.pos
+                    if pos + 4 > end:
+                        self._take(4)
+                    idx = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24
+                    self.pos = pos + 4
+                    if idx == len(memo):
+                        value = stack[-1]
+                        memo.append(value)
+                        if fresh and id(value) in fresh:
+                            fresh[id(value)][2].append(idx)
+                    else:
+                        self.memo_put(idx)
                 elif op == 0x68:  # BINGET
                     value = memo[data[self.pos]]
                     if value is MISSING:
@@ -337,8 +349,13 @@ class Unpickler:
         """REDUCE / INST / OBJ (and NEWOBJ of an allowlisted class): only validating constructors run."""
         if type(args) is not tuple:
             raise self._error(f"call arguments must be a tuple, got {type(args).__name__}", offset)
-        self.meter.step(1 + len(args))
+        meter = self.meter
+        meter.steps += 1 + len(args)
+        if meter.steps > meter._max_steps:
+            meter.step(0)
         if type(func) is SafeCallable:
+            if func.plain is not None and not kwargs:
+                return func.plain(*args)
             result = func.fn(self, *args, **kwargs) if kwargs else func.fn(self, *args)
             if func.finish is not None and not isinstance(result, Stub):
                 self._fresh[id(result)] = (result, func.finish, [])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from ...errors import CorruptCheckpointError
+
 __all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "META_FACTORIES"]
 
 DTYPE_SIZES = {
@@ -91,7 +93,6 @@ class TensorMeta:
         """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor."""
         import torch
 
-        from ...errors import CorruptCheckpointError
 
         offset = self.storage.data_offset() if self.storage is not None else None
         if offset is None:
@@ -111,17 +112,15 @@ class TensorMeta:
 
 def check_int(value: Any, what: str) -> int:
     """An int from the file (numpy integer scalars accepted). Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
-    if type(value) is not int and type(value).__name__ not in ("int64", "int32"):
+    if type(value) is int:
+        return value
+    if type(value).__name__ not in ("int64", "int32"):
         raise CorruptCheckpointError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
 
 
 def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
-    from ...errors import CorruptCheckpointError
-
     as_int = check_int
 
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
@@ -150,8 +149,6 @@ NUMPY_TENSOR_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uin
 
 def layout_name(name: Any) -> str:
     """The layout ``torch.serialization._get_layout(name)`` names (``"torch.strided"`` -> ``"strided"``)."""
-    from ...errors import CorruptCheckpointError
-
     last = name.rsplit(".", 1)[-1] if isinstance(name, str) else None
     if last not in TORCH_LAYOUTS:
         raise CorruptCheckpointError(f"unknown tensor layout {name!r:.60}")
@@ -162,8 +159,6 @@ def check_numpy_tensor(data: Any) -> Any:
     """The numpy array a device tensor is rebuilt from (``_rebuild_device_tensor_from_numpy``)."""
     import numpy as np
 
-    from ...errors import CorruptCheckpointError
-
     if not isinstance(data, np.ndarray) or data.dtype.name not in NUMPY_TENSOR_DTYPES:
         raise CorruptCheckpointError("device tensor rebuilt from something other than a numeric numpy array")
     return data
@@ -172,8 +167,6 @@ def check_numpy_tensor(data: Any) -> Any:
 def check_shape(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Sizes and strides of a tensor without storage: ints, as many of each, none negative, numel and
     extent below 2**62."""
-    from ...errors import CorruptCheckpointError
-
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) or len(size) != len(stride) \
             or len(size) > 64:
         raise CorruptCheckpointError("tensor size and stride must be tuples of the same length")
@@ -191,8 +184,6 @@ def check_shape(size: Any, stride: Any) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def _meta_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any = None) -> TensorMeta:
-    from ...errors import CorruptCheckpointError
-
     if not isinstance(storage, MetaStorage):
         raise CorruptCheckpointError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
     dtype = meta_dtype(str(dtype)) if dtype is not None else storage.dtype
@@ -221,8 +212,6 @@ def rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) ->
 
 
 def _check_dtype(dtype: Any) -> MetaDType:
-    from ...errors import CorruptCheckpointError
-
     if not isinstance(dtype, MetaDType):
         raise CorruptCheckpointError("tensor rebuilt with something other than a dtype")
     return dtype

@@ -62,11 +62,12 @@ class SafeCallable:
     """An allowlisted global. ``fn(u, *args)`` is its validating constructor (REDUCE); ``newobj`` says
     whether NEWOBJ may build it the same way; ``finish(u, old, state)`` makes the value BUILD asks for."""
 
-    __slots__ = ("name", "fn", "newobj", "finish", "target")
+    __slots__ = ("name", "fn", "newobj", "finish", "target", "plain")
 
     def __init__(self, name: str, fn: Callable[..., Any], newobj: bool = False,
                  finish: Callable[[Any, Any, Any], Any] | None = None, target: Any = None) -> None:
         self.name, self.fn, self.newobj, self.finish, self.target = name, fn, newobj, finish, target
+        self.plain = getattr(fn, "plain", None)  # fn(*args) without the unpickler (the hot tensor rebuilders)
 
     def __repr__(self) -> str:
         return f"<allowlisted {self.name}>"
@@ -74,7 +75,10 @@ class SafeCallable:
 
 def _plain(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A constructor that needs no budget (its work is bounded by validated sizes)."""
-    return lambda u, *args: fn(*args)
+    def call(u: Any, *args: Any) -> Any:
+        return fn(*args)
+    call.plain = fn  # type: ignore[attr-defined]
+    return call
 
 
 def _torch_size(u: Any, sizes: Any = ()) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import CorruptCheckpointError
-from .meta import check_numpy_tensor, check_shape, layout_name
+from .meta import TensorMeta, check_int, check_numpy_tensor, check_shape, check_view, layout_name
 
 MAX_DIMS = 64
 
@@ -40,8 +40,6 @@ class _Marker:
 
 def legacy_parameter(data: Any = None, requires_grad: Any = True) -> Any:
     """``Parameter(data)`` as torch <= 0.3 pickled it (``Variable.__reduce_ex__``); BUILD sets the rest."""
-    from .meta import TensorMeta
-
     if isinstance(data, TensorMeta):
         data.is_parameter = True
         return data
@@ -57,8 +55,6 @@ def legacy_parameter(data: Any = None, requires_grad: Any = True) -> Any:
 
 def legacy_variable(data: Any = None, *rest: Any) -> Any:
     """``Variable(data)`` of torch <= 0.3: today simply the tensor."""
-    from .meta import TensorMeta
-
     if isinstance(data, TensorMeta):
         return data
     import torch
@@ -71,15 +67,19 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- torch rebuilders
+_STORAGE_TYPES: tuple[Any, ...] | None = None
+
+
 def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
-    from torch.storage import TypedStorage, UntypedStorage
+    global _STORAGE_TYPES
+    if _STORAGE_TYPES is None:
+        from torch.storage import TypedStorage, UntypedStorage  # torch stays lazy: only real tensors need it
 
-    from .meta import check_view
-
-    if not isinstance(storage, (TypedStorage, UntypedStorage)):
+        _STORAGE_TYPES = (TypedStorage, UntypedStorage)
+    if not isinstance(storage, _STORAGE_TYPES):
         raise _bad(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    untyped = storage._untyped_storage if isinstance(storage, TypedStorage) else storage
+    untyped = storage._untyped_storage if isinstance(storage, _STORAGE_TYPES[0]) else storage
     return check_view(untyped.nbytes() // max(itemsize, 1), offset, size, stride)
 
 

@@ -1,0 +1,248 @@
+"""The storage layer that writers and listers use: the same few operations on a local path or a URL.
+
+Local paths go to :mod:`.atomic` (temp file, fsync, rename). URLs go to fsspec (:mod:`.remote`):
+
+* **Writes are atomic.** On object stores (s3, gs, azure, memory ...) an object becomes visible
+  only once its upload completes, so data is written straight to its final key; a failed or
+  interrupted upload is discarded (multipart upload aborted), never completed. Elsewhere (sftp,
+  ...) the data goes to a temporary name and is moved into place. Every write is checked against
+  the size the store reports afterwards: a write that did not arrive is an error, never a success.
+* **Commit records.** A checkpoint is trusted only once its small commit record (the sidecar)
+  exists and matches the data, so listing a prefix never returns a half-written checkpoint.
+
+Nothing here writes to the local disk for a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from typing import IO, Any, Callable, Iterator, cast
+
+from ..errors import CheckpointNotFoundError, CheckpointWriteError
+from . import atomic
+from .remote import StorageOptions, filesystem, is_url, join, remote_errors, strip_file_scheme
+
+__all__ = ["atomic_write", "write_json_atomic", "read_bytes", "size_of", "list_sizes", "remove", "makedirs",
+           "sync_dir", "clean_temp_files", "local_copy", "join", "is_url", "exists", "isdir"]
+
+# Stores whose uploads are all-or-nothing: an object is visible only after its upload completed.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def _local(path: Any) -> str:
+    return strip_file_scheme(os.fspath(path))
+
+
+class _CountingWriter:
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        n = self._fh.write(data)
+        self.written += len(memoryview(data).cast("B")) if n is None else n
+        return n if n is not None else len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
+    """Yield a binary file; when the block succeeds the whole content appears under ``path`` at once.
+
+    If the block raises, nothing is published (the previous object, if any, is untouched).
+    """
+    path = os.fspath(path)
+    if not is_url(path):
+        with atomic.atomic_write(_local(path)) as fh:
+            yield fh
+        return
+    fs, inner = filesystem(path, storage_options)
+    direct = _protocol(path) in _OBJECT_STORES
+    target = inner if direct else _temp_name(inner)
+    with remote_errors(path, "write", storage_options):
+        raw = fs.open(target, "wb")
+    counting = _CountingWriter(raw)
+    try:
+        yield cast(IO[bytes], counting)  # duck-typed: write() is counted, everything else delegates
+    except BaseException:
+        _discard(fs, raw, target, direct)
+        raise
+    with remote_errors(path, "write", storage_options):
+        raw.close()
+        if not direct:
+            fs.mv(target, inner)
+        fs.invalidate_cache(inner)
+        arrived = fs.info(inner).get("size")
+    if arrived != counting.written:
+        raise CheckpointWriteError(f"the upload did not arrive whole: wrote {counting.written} bytes, the store holds "
+                                   f"{arrived}", path=path, hint="Retry the save; the previous checkpoints are intact.")
+
+
+def _temp_name(inner: str) -> str:
+    folder, _, name = inner.rpartition("/")
+    return f"{folder}/.{name}{atomic.TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _discard(fs: Any, raw: Any, target: str, direct: bool) -> None:
+    with contextlib.suppress(Exception):
+        raw.discard()  # s3fs: drops the buffer and aborts the multipart upload
+    with contextlib.suppress(Exception):
+        raw.closed = True  # so that garbage collection never completes (publishes) the upload
+    if not direct:
+        with contextlib.suppress(Exception):
+            fs.rm(target)
+
+
+def write_json_atomic(path: Any, document: Any, storage_options: StorageOptions | None = None) -> None:
+    with atomic_write(path, storage_options) as fh:
+        fh.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
+
+
+def read_bytes(path: Any, storage_options: StorageOptions | None = None) -> bytes:
+    """The whole content of a small file (a sidecar, an index). Raises CheckpointNotFoundError."""
+    path = os.fspath(path)
+    if not is_url(path):
+        try:
+            with open(_local(path), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError("no such file", path=path) from None
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "read", storage_options):
+        return bytes(fs.cat_file(inner))
+
+
+def exists(path: Any, storage_options: StorageOptions | None = None) -> bool:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.exists(_local(path))
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "read", storage_options):
+        fs.invalidate_cache(inner)
+        return bool(fs.exists(inner))
+
+
+def isdir(path: Any, storage_options: StorageOptions | None = None) -> bool:
+    """A directory (a URL: a prefix with objects under it)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.isdir(_local(path))
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "list", storage_options):
+        fs.invalidate_cache(inner)
+        return bool(fs.isdir(inner))
+
+
+def size_of(path: Any, storage_options: StorageOptions | None = None) -> int:
+    path = os.fspath(path)
+    if not is_url(path):
+        return os.path.getsize(_local(path))
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "read", storage_options):
+        fs.invalidate_cache(inner)
+        return int(fs.info(inner)["size"])
+
+
+def list_sizes(directory: Any, storage_options: StorageOptions | None = None) -> dict[str, int]:
+    """``{name: size}`` of the files directly in ``directory`` (fresh from the store, never cached)."""
+    directory = os.fspath(directory)
+    if not is_url(directory):
+        out = {}
+        with os.scandir(_local(directory)) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_file():
+                        out[entry.name] = entry.stat().st_size
+        return out
+    fs, inner = filesystem(directory, storage_options)
+    with remote_errors(directory, "list", storage_options):
+        fs.invalidate_cache(inner)
+        try:
+            entries = fs.ls(inner, detail=True)
+        except FileNotFoundError:
+            return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries if e.get("type") == "file"}
+
+
+def remove(path: Any, storage_options: StorageOptions | None = None) -> None:
+    """Delete a file; a missing one is not an error."""
+    path = os.fspath(path)
+    if not is_url(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_local(path))
+        return
+    fs, inner = filesystem(path, storage_options)
+    with remote_errors(path, "delete", storage_options):
+        try:
+            fs.rm_file(inner)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(inner)
+
+
+def makedirs(directory: Any, storage_options: StorageOptions | None = None) -> None:
+    """Create a local directory; on object stores (no directories) nothing is created."""
+    directory = os.fspath(directory)
+    if not is_url(directory):
+        os.makedirs(_local(directory), exist_ok=True)
+        return
+    if _protocol(directory) in _OBJECT_STORES:
+        return
+    fs, inner = filesystem(directory, storage_options)
+    with remote_errors(directory, "write", storage_options):
+        fs.makedirs(inner, exist_ok=True)
+
+
+def sync_dir(directory: Any, storage_options: StorageOptions | None = None) -> None:
+    """Make renames and deletions in ``directory`` durable (object stores: already durable)."""
+    if not is_url(os.fspath(directory)):
+        atomic.fsync_dir(_local(directory))
+
+
+def clean_temp_files(directory: Any, storage_options: StorageOptions | None = None,
+                     is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
+    """Remove temp files of crashed local writers. On object stores an interrupted upload leaves no
+    object (configure the bucket to abort incomplete multipart uploads), so there is nothing to remove."""
+    directory = os.fspath(directory)
+    if not is_url(directory):
+        return atomic.clean_temp_files(_local(directory), is_ours=is_ours)
+    return []
+
+
+@contextlib.contextmanager
+def local_copy(path: Any, storage_options: StorageOptions | None = None,
+               companions: tuple[str, ...] = ()) -> Iterator[str]:
+    """A local path holding ``path``'s content: the path itself when local, else a temporary download.
+
+    ``companions`` are suffixes of files beside it to fetch too when they exist (``.safetensors``).
+    The download is removed when the block ends.
+    """
+    path = os.fspath(path)
+    if not is_url(path):
+        yield _local(path)
+        return
+    fs, inner = filesystem(path, storage_options)
+    folder = tempfile.mkdtemp(prefix="torchckpt-")
+    try:
+        name = inner.rstrip("/").rsplit("/", 1)[-1]
+        local = os.path.join(folder, name)
+        with remote_errors(path, "download", storage_options):
+            fs.get_file(inner, local)
+            for suffix in companions:
+                if fs.exists(inner + suffix):
+                    fs.get_file(inner + suffix, local + suffix)
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
