@@ -227,3 +227,25 @@ def test_tied_weights_of_a_sharded_gpt2_folder_into_a_meta_model(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(target.eval()(ids).logits, source(ids).logits)
+
+
+def test_reading_folders_never_imports_the_libraries_that_wrote_them(bert, accelerate_folders, tmp_path):
+    """transformers, accelerate and lightning stay optional: loading and resuming their folders needs none."""
+    _, _, model = bert
+    hf = str(tmp_path / "bert")
+    model.save_pretrained(hf, max_shard_size="10KB")
+    code = (
+        "import sys, torch, torchckpt\n"
+        f"weights = torchckpt.load({hf!r})\n"
+        f"assert len(weights) == {len(model.state_dict())}, len(weights)\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
+        "opt = torch.optim.AdamW(net.parameters(), lr=0.01)\n"
+        f"state = torchckpt.resume({os.path.join(accelerate_folders[0], 'safe')!r}, model=net, optimizer=opt)\n"
+        "assert state.report.ok\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'accelerate', 'lightning', 'pytorch_lightning', 'huggingface_hub'))\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "heavy: []" in done.stdout, done.stdout
