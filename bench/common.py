@@ -29,27 +29,30 @@ def bench_args(doc: str | None, size_mib: int = 1024):
     return args
 
 
-def transformer_state_dict(size_mib: int, dtype: str = "float32"):
-    """A GPT-like state dict of about ``size_mib`` MiB: embeddings + layers of 4 square matrices."""
+def transformer_state_dict(size_mib: int, dtype: str = "float32", device: str = "cpu"):
+    """A GPT-like state dict of about ``size_mib`` MiB: embeddings + layers of 4 square matrices.
+
+    ``device="meta"`` gives the shapes only (instant): enough for :func:`model_like`.
+    """
     import torch
 
     dt = getattr(torch, dtype)
-    d = 1024
+    d, vocab = (1024, 8192) if size_mib >= 64 else (256, 1024)  # small sizes: layers of 1 MiB, not 16
     per_layer = 4 * d * d + 4 * d * 4 + 4 * d
     layer_bytes = per_layer * dt.itemsize
-    vocab = 8192
     n_layers = max(1, (size_mib * 2**20 - vocab * d * dt.itemsize) // layer_bytes)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0) if device != "meta" else None
     sd = OrderedDict()
-    sd["embed.weight"] = torch.randn(vocab, d, generator=g).to(dt)
-    for i in range(int(n_layers)):
-        for name in ("q", "k", "v", "o"):
-            sd[f"layers.{i}.attn.{name}.weight"] = torch.randn(d, d, generator=g).to(dt)
-            sd[f"layers.{i}.attn.{name}.bias"] = torch.zeros(d, dtype=dt)
-        sd[f"layers.{i}.ln.weight"] = torch.ones(d, dtype=dt)
-        sd[f"layers.{i}.ln.bias"] = torch.zeros(d, dtype=dt)
-        sd[f"layers.{i}.ln.running"] = torch.zeros(d, dtype=dt)
-        sd[f"layers.{i}.ln.extra"] = torch.zeros(d, dtype=dt)
+    with torch.device(device):
+        sd["embed.weight"] = torch.randn(vocab, d, generator=g).to(dt)
+        for i in range(int(n_layers)):
+            for name in ("q", "k", "v", "o"):
+                sd[f"layers.{i}.attn.{name}.weight"] = torch.randn(d, d, generator=g).to(dt)
+                sd[f"layers.{i}.attn.{name}.bias"] = torch.zeros(d, dtype=dt)
+            sd[f"layers.{i}.ln.weight"] = torch.ones(d, dtype=dt)
+            sd[f"layers.{i}.ln.bias"] = torch.zeros(d, dtype=dt)
+            sd[f"layers.{i}.ln.running"] = torch.zeros(d, dtype=dt)
+            sd[f"layers.{i}.ln.extra"] = torch.zeros(d, dtype=dt)
     return sd
 
 
@@ -66,6 +69,9 @@ CHILD_PRELUDE = textwrap.dedent("""
     def current_mib():
         with open('/proc/self/statm') as fh:
             return int(fh.read().split()[1]) * 4096 / 2**20
+    def cpu_s():  # user + system CPU seconds of this process (all threads): robust on a loaded machine
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
     def reset_peak():
         # Peak := current RSS (Linux clear_refs 5), so whatever the setup built and freed (a state dict to
         # make the model from, the model's own construction) does not count; returns the current RSS.
@@ -85,10 +91,13 @@ def measure(code: str, repeats: int = 3) -> dict:
 
     ``code`` calls ``base = reset_peak()`` once its setup is done: peak RSS is measured from there.
     """
-    times, peaks = [], []
+    times, peaks, cpus = [], [], []
+    # CPU seconds are taken over the same span as ``result``: the snippet's own start and end lines.
+    code = textwrap.dedent(code).replace("t0 = time.perf_counter()\n", "t0 = time.perf_counter(); cpu0 = cpu_s()\n")
+    code = code.replace("result = time.perf_counter() - t0\n", "result = time.perf_counter() - t0; cpu = cpu_s() - cpu0\n")
     for _ in range(repeats):
-        script = CHILD_PRELUDE.format(here=HERE) + textwrap.dedent(code) + textwrap.dedent("""
-            print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base}))
+        script = CHILD_PRELUDE.format(here=HERE) + code + textwrap.dedent("""
+            print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base, "cpu": globals().get("cpu")}))
         """)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -96,20 +105,28 @@ def measure(code: str, repeats: int = 3) -> dict:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         times.append(out["seconds"])
         peaks.append(out["peak_mib"])
-    return {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
+        if out.get("cpu") is not None:
+            cpus.append(out["cpu"])
+    res = {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
+    if len(cpus) == len(times):
+        res["cpu"] = statistics.median(cpus)
+    return res
 
 
 def print_table(title: str, rows: list[tuple[str, dict, dict | None]], size_mib: float | None = None) -> None:
     """rows: (label, result, baseline result or None). With ``size_mib`` the peak is also shown as a multiple."""
     print(f"\n{title}")
-    print(f"{'case':60s} {'median s':>9s} {'ratio':>7s} {'peak MiB':>9s} {'x size':>7s}")
+    print(f"{'case':60s} {'median s':>9s} {'ratio':>7s} {'cpu s':>7s} {'cpu x':>6s} {'peak MiB':>9s} {'x size':>7s}")
     for label, res, base in rows:
         if "error" in res:
             print(f"{label:60s} {'error: ' + res['error'][:60]}")
             continue
         ratio = f"{res['seconds'] / base['seconds']:.2f}x" if base and "seconds" in base else "-"
+        cpu = f"{res['cpu']:.3f}" if "cpu" in res else "-"
+        cpu_ratio = f"{res['cpu'] / base['cpu']:.2f}x" if base and base.get("cpu") and "cpu" in res else "-"
         times = f"{res['peak_mib'] / size_mib:.2f}x" if size_mib and res["peak_mib"] == res["peak_mib"] else ""
-        print(f"{label:60s} {res['seconds']:9.3f} {ratio:>7s} {res['peak_mib']:9.0f} {times:>7s}")
+        print(f"{label:60s} {res['seconds']:9.3f} {ratio:>7s} {cpu:>7s} {cpu_ratio:>6s} {res['peak_mib']:9.0f} "
+              f"{times:>7s}")
 
 
 def model_like(state_dict):

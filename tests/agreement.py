@@ -92,6 +92,7 @@ def seeds() -> dict[str, Case]:
         with open(os.path.join(here, "data", "t7", name), "rb") as fh:
             out[f"t7-{name[:-3]}"] = Case("t7", {"f": fh.read()})
     out["dcp"] = _dcp_seed(net)
+    out["training"] = _training_seed(net)
     from pickle_asm import PROTO2, STOP, call, glob, legacy, s, wrap_in_dict
 
     evil = wrap_in_dict(call(glob("os", "system"), s("true")))  # never run: refused or recorded
@@ -102,6 +103,23 @@ def seeds() -> dict[str, Case]:
     out["polyglot"] = Case("zip", {"f": torch_zip(pickle.dumps({"a": [1, 2]}, protocol=2),
                                                   {"data/extra.pkl": pickle.dumps({"hidden": 1}, protocol=2)})})
     return out
+
+
+def _training_seed(net) -> Case:
+    """A torchckpt training checkpoint (model, optimizer, RNG states), the file resume reads."""
+    import tempfile
+
+    import torch
+
+    import torchckpt
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    with tempfile.TemporaryDirectory() as d:
+        torchckpt.save(os.path.join(d, "ckpt.pt"), model=net, optimizer=opt, epoch=2, step=7)
+        with open(os.path.join(d, "ckpt.pt"), "rb") as fh:
+            return Case("zip", {"f": fh.read()})
 
 
 def _dcp_seed(net) -> Case:
@@ -272,7 +290,7 @@ def _outcome(fn) -> tuple[str, BaseException | None]:
 
 def check(case: Case, workdir: str, *, front_ends: bool = False) -> str:
     """Run load (of the path, and of the bytes), inspect and scan on ``case``; assert they agree.
-    With ``front_ends``, also ``load_into`` (strict=False), ``diff`` (values) and ``convert``: each must end
+    With ``front_ends``, also ``load_into`` (strict=False), ``resume``, ``diff`` (values) and ``convert``: each must end
     in a value or a CheckpointError within the bound. Returns load's outcome."""
     import torchckpt
 
@@ -308,6 +326,7 @@ def _front_ends(path: str, workdir: str) -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     _outcome(lambda: torchckpt.load_into(model, path, strict=False))
+    _outcome(lambda: torchckpt.resume(path, model=model, optimizer=torch.optim.Adam(model.parameters())))
     _outcome(lambda: torchckpt.diff(path, path, values=True))
     out = os.path.join(workdir, "converted.pt")
     _outcome(lambda: torchckpt.convert(path, out))

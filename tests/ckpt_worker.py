@@ -3,6 +3,7 @@
     python ckpt_worker.py diskfull DIR [FSIZE]  # small save, then big saves that cannot fit; JSON per outcome
     python ckpt_worker.py hold DIR              # save steps 1-3, print "ready", save 4 after a line on stdin
     python ckpt_worker.py kill-at WHERE DIR     # save steps 1-3 (keep_last=1); SIGKILL itself at WHERE in step 3
+    python ckpt_worker.py overwrite-kill PATH   # torchckpt.save PATH (bias 1), then again (bias 2), killed before its sidecar
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def kill_at(where: str, directory: str) -> None:
     print("not killed", flush=True)
 
 
+def overwrite_kill(path: str) -> None:
+    import torchckpt.train.training as training
+
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.bias.fill_(1)
+    torchckpt.save(path, model=model, step=1)
+    with torch.no_grad():
+        model.bias.fill_(2)
+    training.commit = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # new data renamed, sidecar not written
+    torchckpt.save(path, model=model, step=2)
+    print("not killed", flush=True)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "diskfull":
@@ -87,3 +102,5 @@ if __name__ == "__main__":
         hold(args[0])
     elif mode == "kill-at":
         kill_at(args[0], args[1])
+    elif mode == "overwrite-kill":
+        overwrite_kill(args[0])

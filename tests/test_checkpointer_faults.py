@@ -95,6 +95,15 @@ def test_a_kill_inside_the_protocol_leaves_nothing_uncommitted(tmp_path, where):
     assert "ckpt-0000000000.pt" in os.listdir(tmp_path)  # retention never deletes what it did not write
 
 
+def test_a_kill_while_overwriting_a_single_file_leaves_a_resumable_file(tmp_path):
+    path = tmp_path / "last.pt"
+    res = _worker("overwrite-kill", str(path))
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+    model = torch.nn.Linear(4, 4)
+    state = torchckpt.resume(path, model=model)  # the old sidecar must not condemn the new, complete data
+    assert state.step == 2 and float(model.bias[0].detach()) == 2.0
+
+
 # --------------------------------------------------------------------------- 15: two writers
 def test_a_second_writer_gets_a_clear_error_naming_the_holder(tmp_path, net):
     holder = subprocess.Popen([sys.executable, WORKER, "hold", str(tmp_path)], stdin=subprocess.PIPE,

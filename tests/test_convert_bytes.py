@@ -92,3 +92,4 @@ def test_output_header_is_what_safetensors_expects(tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     assert os.path.getsize(dst) == 8 + n + 3 * 5 * 4 + 4 * 4
     assert raw[8 + n:8 + n + 60] == _bits(sd["x"]) and raw[-16:] == _bits(sd["y"])
+

@@ -225,3 +225,38 @@ def test_every_front_end_reads_a_dcp_directory(tmp_path):
     assert torchckpt.load_into(fresh, folder, prefix=None, key="model").ok
     assert torch.equal(fresh.head.weight, model.head.weight)
     assert torchckpt.diff(folder, folder, values=True).equal
+
+
+# -- records render themselves: the command line prints exactly what the record renders ---------------
+def test_cli_prints_what_each_record_renders(tmp_path, net, capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(net.state_dict(), a)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    torch.save({"state_dict": net.state_dict(), "x": {"__class__": "y"}}, b)
+    capsys.readouterr()
+    cases = [(["inspect", str(a)], torchckpt.inspect(a).render(), 0),
+             (["scan", "-v", str(a), str(b)], torchckpt.scan([a, b]).render(verbose=True), 0),
+             (["diff", "--values", str(a), str(b)], torchckpt.diff(a, b, values=True).render(), 1)]
+    for args, rendered, code in cases:
+        assert main(args) == code
+        assert capsys.readouterr().out == rendered + "\n", args
+    assert "FINDINGS" not in rendered and "max |a-b| 1" in cases[2][1]
+
+
+# -- 9. a cut-off safetensors file is a truncated safetensors file, not "unrecognised content" ---------
+@pytest.mark.parametrize("keep", [12, 40])
+def test_truncated_safetensors_header_is_named(tmp_path, keep):
+    from safetensors.torch import save_file
+
+    full = tmp_path / "full.safetensors"
+    save_file({"weight": torch.ones(64, 64)}, str(full))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:keep])  # the 8-byte length and part of the JSON header
+    with pytest.raises(torchckpt.TruncatedCheckpointError, match=r"safetensors header declares \d+ bytes; "
+                                                                 rf"the file has {keep}"):
+        torchckpt.load(cut)
+    assert torchckpt.scan(cut).files[0].status == "unreadable"
+    res = run_cli("inspect", str(cut))
+    assert res.returncode == 3 and "unrecognised" not in res.stderr and "cut short" in res.stderr

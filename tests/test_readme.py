@@ -33,8 +33,11 @@ SKIP = ("pip ", "python3 -m pip", "python3 -m pytest", "python -m pytest")
 NOT_HERE = {"trainer.fit(": "tests/test_lightning.py (a real Lightning run, killed and resumed)",
             # remote storage: tests/test_remote_*.py, against a real moto S3 server and http.server
             'opts = {"endpoint_url"': "tests/test_remote_read.py", 'torchckpt.inspect("s3://': "tests/test_remote_read.py",
+            'ckpt = torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
             'torchckpt.load("https://': "tests/test_remote_cache.py", 'path = torchckpt.download("hf://':
-            "tests/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)"}
+            "tests/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)",
+            "model = fully_shard(": "tests/test_distributed.py (FSDP2 on real gloo ranks)"}
+NOT_HERE_BASH = {"torchrun ": "tests/test_distributed_example.py (the example under torchrun, 2 ranks)"}
 
 MODELS = textwrap.dedent('''
     from collections import OrderedDict
@@ -112,6 +115,7 @@ def _write_files(tmp_path):
     write_t7(Obj("nn.Sequential", {"modules": [Obj("nn.Linear", {"weight": torch.randn(2, 4),
                                                                  "bias": torch.randn(2)})]}), "lua_model.t7")
     torch.save(sd, "model.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, "pretrained.safetensors")
     torch.save(sd, "base.pt")
     torch.save(sd, "base.pth")
     tuned = build_model()
@@ -207,8 +211,8 @@ def test_readme_bash_blocks(workdir, capsys):
         for line in block.splitlines():
             for command in line.partition("  #")[0].split("&&"):
                 command = command.strip()
-                if not command or command.startswith(SKIP) or command == "torchckpt tour":
-                    continue  # installing and testing are CI's job; the tour has its own test
+                if not command or command.startswith(SKIP + tuple(NOT_HERE_BASH)) or command == "torchckpt tour":
+                    continue  # installing and testing are CI's job; the tour and torchrun have their own tests
                 args = shlex.split(command)
                 assert args[0] == "torchckpt", command
                 code = main(args[1:])  # in-process: the console script's own entry point

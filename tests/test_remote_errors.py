@@ -99,6 +99,8 @@ def _denied(endpoint, opts):
     assert info.value.path == "s3://locked/m.pt" and "credentials" in info.value.hint
     res = cli("inspect", "s3://locked/m.pt", *opt_args(opts))
     assert res.returncode == 3 and "access denied" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(torchckpt.RemoteAuthError):
+        torchckpt.Checkpointer("s3://locked/run", storage_options=fresh).save(1, model=torch.nn.Linear(2, 2))
 
 
 def test_connection_refused():

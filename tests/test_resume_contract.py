@@ -105,6 +105,72 @@ def test_malformed_optimizer_state_is_a_resume_error(tmp_path, net, optimizer):
     assert str(path) in str(info.value)
 
 
+def _adam_state(net):
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def _edit(state, how):
+    first = next(iter(state["state"]))
+    if how == "exp_avg shape":
+        state["state"][first]["exp_avg"] = torch.zeros(7)
+    elif how == "exp_avg not a tensor":
+        state["state"][first]["exp_avg"] = "x"
+    elif how == "exp_avg integer":
+        state["state"][first]["exp_avg"] = state["state"][first]["exp_avg"].long()
+    elif how == "unknown parameter":
+        state["state"][99] = state["state"][first]
+    elif how == "entry not a dict":
+        state["state"][first] = [1, 2]
+    elif how == "duplicate ids":
+        state["param_groups"][0]["params"][1] = state["param_groups"][0]["params"][0]
+    return state
+
+
+# each of these loads into torch's optimizer without complaint and fails (or misleads) at step()
+@pytest.mark.parametrize("how,why", [("exp_avg shape", r"has shape \[7\]"), ("exp_avg not a tensor", "is a str"),
+                                     ("exp_avg integer", "torch.int64 tensor"),
+                                     ("unknown parameter", "names parameter 99"),
+                                     ("entry not a dict", "is a list, not a dict"),
+                                     ("duplicate ids", "distinct")])
+def test_optimizer_state_that_would_fail_at_step_is_refused_at_resume(tmp_path, net, how, why):
+    path = _payload_file(tmp_path / "c.pt", net, optimizer=_edit(_adam_state(net), how))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    with pytest.raises(ResumeError, match=why) as info:
+        torchckpt.resume(path, model=net, optimizer=opt)
+    assert str(path) in str(info.value)
+    assert opt.state_dict()["state"] == {}  # nothing was restored
+
+
+def test_optimizer_state_keyed_by_names_still_resumes(tmp_path, net):
+    state = _adam_state(net)
+    names = [n for n, _ in net.named_parameters()]
+    state["state"] = {names[i]: v for i, v in state["state"].items()}
+    state["param_groups"][0]["params"] = names
+    path = _payload_file(tmp_path / "c.pt", net, optimizer=state)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    torchckpt.resume(path, model=net, optimizer=opt)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("change,why", [({"last_epoch": "three"}, "last_epoch is 'three'"),
+                                        ({"base_lrs": [0.1, 0.1]}, "base_lrs"),
+                                        ({"optimizer": "x"}, "never saves"),
+                                        ({"gamma": [0.5]}, "gamma")])
+def test_scheduler_state_of_the_wrong_kind_is_refused(tmp_path, net, change, why):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    path = _payload_file(tmp_path / "c.pt", net, scheduler={**sched.state_dict(), **change})
+    fresh = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(net.parameters(), lr=0.1), 2)
+    with pytest.raises(ResumeError, match=why) as info:
+        torchckpt.resume(path, model=net, scheduler=fresh)
+    assert str(path) in str(info.value)
+    fresh.step()  # the scheduler was left as it was
+
+
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
 def test_model_file_outside_the_checkpoint_directory_is_refused(tmp_path, net, where):
     secret_dir = tmp_path / "elsewhere"

@@ -565,3 +565,21 @@ def test_model_folder_scans_as_load_reads_it_and_the_files_it_skips(tmp_path, ne
     status = {os.path.basename(f.path): f.status for f in report.files}
     assert status == {"hf": "clean", "pytorch_model.bin": "findings", "config.json": "skipped"}
     assert report.exit_code == 1 and not (tmp_path / "canary").exists()
+
+
+def test_scan_takes_the_policy_load_takes(tmp_path, net):
+    """scan(policy=/trust=/allow=) reads under the same budget and allowlist as load, never imports."""
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    strict = torchckpt.scan(path, strict=True)
+    assert strict.exit_code == 1 and all(f.kind == "stubbed-class" for f in strict.files[0].findings)
+    assert torchckpt.scan(path, strict=True, allow=["torch.nn.*"]).exit_code == 0
+    tight = torchckpt.Policy.make(budget=torchckpt.Budget(depth=3))
+    with pytest.raises(LimitExceededError):
+        torchckpt.load(path, policy=tight)
+    assert torchckpt.scan(path, policy=tight).files[0].status == "unreadable"
+    with pytest.raises(ValueError):
+        torchckpt.scan(path, policy=tight, trust=True)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(torch_zip(_payload_pickle(technique_os_system(tmp_path / "canary"))))
+    assert torchckpt.scan(evil, trust=True).exit_code == 1 and not (tmp_path / "canary").exists()

@@ -1,7 +1,7 @@
 """Property: for generated and mutated inputs of every reader, scan's verdict and load's outcome agree
 (unsafe <=> flagged; unloadable <=> unreadable to scan) and nothing but a value or a CheckpointError
 comes out of load (path and bytes), inspect and scan within a time bound; a few inputs per reader also go
-through load_into, diff and convert. CI runs a small smoke (AGREE_EXAMPLES per reader); the long run is
+through load_into, resume, diff and convert. CI runs a small smoke (AGREE_EXAMPLES per reader); the long run is
 ``python tests/agreement.py 50000 --front-ends`` (see that module)."""
 
 from __future__ import annotations

@@ -24,13 +24,29 @@ def _run(*args: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("k", [5, 9, 13])  # mid-epoch, epoch boundary (9 batches/epoch), next epoch
-def test_bit_exact_resume_in_a_fresh_process(tmp_path, k):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 24-step run without interruption, once per worker count."""
+    runs: dict[int, str] = {}
+
+    def get(workers: int) -> str:
+        if workers not in runs:
+            out = str(tmp_path_factory.mktemp("full") / "full.pt")
+            _run("full", "24", out, f"workers={workers}")
+            runs[workers] = out
+        return runs[workers]
+
+    return get
+
+
+# 9 batches per epoch: mid-epoch, the last batch of an epoch (with workers the loader has already
+# fetched the whole epoch), the epoch boundary, and into the next epoch
+@pytest.mark.parametrize("workers,k", [(0, 5), (0, 9), (0, 13), (2, 5), (2, 8), (2, 9), (2, 13)])
+def test_bit_exact_resume_in_a_fresh_process(tmp_path, uninterrupted, workers, k):
     n = 24
-    _run("full", str(n), str(tmp_path / "full.pt"))
-    _run("first", str(k), str(n), str(tmp_path / "ckpts"))
-    _run("resume", str(n), str(tmp_path / "ckpts"), str(tmp_path / "resumed.pt"))
-    full = torch.load(tmp_path / "full.pt")
+    _run("first", str(k), str(n), str(tmp_path / "ckpts"), f"workers={workers}")
+    _run("resume", str(n), str(tmp_path / "ckpts"), str(tmp_path / "resumed.pt"), f"workers={workers}")
+    full = torch.load(uninterrupted(workers))
     resumed = torch.load(tmp_path / "resumed.pt")
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key

@@ -25,14 +25,15 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .read.unpickle.budget import Budget
     from .read.unpickle.policy import Policy
     from .read.unpickle.stubs import Stub, stub_to_plain
-    from .tools.convert import convert
+    from .tools.dcp_convert import convert
     from .tools.diffing import diff
     from .tools.html_report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.training import TrainingState, save
+    from .train.remote import save
+    from .train.training import TrainingState
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
@@ -54,7 +55,7 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
-    "save": ("train.training", "save"),
+    "save": ("train.remote", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
@@ -63,7 +64,7 @@ _LAZY = {
     "KeepEvery": ("train.checkpointer", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
-    "convert": ("tools.convert", "convert"),
+    "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
     "Policy": ("read.unpickle.policy", "Policy"),

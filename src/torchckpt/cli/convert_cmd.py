@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..tools.convert import convert
+from ..tools.dcp_convert import convert
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
@@ -16,7 +16,7 @@ from .storage_opt import storage_option
 @click.command("convert")
 @checkpoint_paths("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["pt", "safetensors"]), help="Output format (default: from DST's extension).")
+@click.option("--to", "to", type=click.Choice(["pt", "safetensors", "dcp"]), help="Output format (default: from DST's extension).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
 @click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
@@ -31,17 +31,8 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
     out = Output(json_mode=as_json)
-    with out.progress(bytes_=True) as progress:
-        task = progress.add_task("converting", total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with out.task("converting", bytes_=True) as progress:
         report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                         policy=policy_from(trust, allow), progress=update,
-                         storage_options=storage_options)
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(report.render(), markup=False)
+                         policy=policy_from(trust, allow), progress=progress, storage_options=storage_options)
+    out.show(report)
     return EXIT_OK

@@ -29,13 +29,8 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
     A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.
     """
     out = Output(json_mode=as_json)
-    with out.progress() as progress:
-        task = progress.add_task("comparing", total=None)
+    with out.task("comparing") as progress:
         report = diff(a, b, values=values, key=key, atol=atol, policy=policy_from(trust, allow),
-                      storage_options=storage_options,
-                      progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if as_json:
-        out.json(report.to_dict())
-    else:
-        out.print(str(report), markup=False)
+                      storage_options=storage_options, progress=progress)
+    out.show(report)
     return EXIT_OK if report.equal else EXIT_FINDINGS

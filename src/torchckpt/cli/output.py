@@ -6,10 +6,11 @@ document on stdout. Errors go to stderr through :func:`error`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -54,3 +55,17 @@ class Output:
         counter = DownloadColumn() if bytes_ else MofNCompleteColumn()
         return Progress("[progress.description]{task.description}", BarColumn(), counter, TimeRemainingColumn(),
                         console=self.err, disable=not enabled, transient=True)
+
+    def show(self, record: Any, text: str | None = None) -> None:
+        """A tool's record: its ``to_dict()`` in ``--json`` mode, else ``text`` (default: what it renders)."""
+        if self.json_mode:
+            self.json(record.to_dict())
+        else:
+            self.print(str(record) if text is None else text, markup=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, *, bytes_: bool = False) -> Iterator[Callable[[int, int], None]]:
+        """``with out.task("scanning") as progress``: a ``progress(done, total)`` callback for a tool."""
+        with self.progress(bytes_=bytes_) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)

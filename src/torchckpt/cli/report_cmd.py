@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..tools.html_report import MissingExtraError, report, require_extra
+from .codes import EXIT_OK
 from .output import Output
 from .plan import build_model
 
@@ -30,12 +31,7 @@ def command(checkpoint: str, output: str, against: str | None, other: str | None
     if against:
         model = build_model(against)
     out = Output(json_mode=as_json)
-    with out.progress() as progress:
-        task = progress.add_task("reading tensors", total=None)
-        result = report(checkpoint, against=model, diff=other, output=output,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if as_json:
-        out.json(result.to_dict())
-    else:
-        out.print(str(result), markup=False)
-    return 0
+    with out.task("reading tensors") as progress:
+        result = report(checkpoint, against=model, diff=other, output=output, progress=progress)
+    out.show(result)  # str(): the text summary (render() is the HTML page)
+    return EXIT_OK

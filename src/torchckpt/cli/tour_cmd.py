@@ -8,6 +8,7 @@ import tempfile
 import click
 
 from ..demo.tour import run_tour
+from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
 
 
@@ -23,24 +24,9 @@ def command(keep: str | None, as_json: bool) -> int:
     out = Output(json_mode=as_json)
     if keep:
         os.makedirs(keep, exist_ok=True)
-        outcomes = run_tour(keep)
+        report = run_tour(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="torchckpt-tour-") as folder:
-            outcomes = run_tour(folder)
-    if as_json:
-        out.json([o.__dict__ for o in outcomes])
-    else:
-        for i, o in enumerate(outcomes, 1):
-            mark = "ok " if o.ok else "FAIL"
-            out.print(f"[bold]{i:2d}. {o.scenario}[/]  ({o.file})  {mark}")
-            if o.format and o.format != "-":
-                out.print(f"    format      {o.format}")
-            out.print(f"    torch.load  {o.torch_load}")
-            out.print(f"    torchckpt   {o.torchckpt}")
-            for line in o.details:
-                for sub in line.splitlines():
-                    out.print(f"      {sub}", markup=False)
-        failed = [o.scenario for o in outcomes if not o.ok]
-        out.print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} scenarios behaved as expected"
-                  + (f"; failed: {', '.join(failed)}" if failed else "."))
-    return 0 if all(o.ok for o in outcomes) else 1
+            report = run_tour(folder)
+    out.show(report)
+    return EXIT_OK if report.ok else EXIT_FINDINGS

@@ -36,7 +36,7 @@ class _StorageRef:
         self.key, self.storage, self.location = key, storage, location
 
 
-class _Py2Pickler(pickle._Pickler):
+class _Py2Pickler(pickle._Pickler):  # the Python pickler: its dispatch table is ours to extend
     """Protocol 2 pickler that writes every str and bytes as a Python 2 ``str`` (BINSTRING)."""
 
     if TYPE_CHECKING:  # undocumented internals of the pure-Python pickler that typeshed leaves out
@@ -48,7 +48,7 @@ class _Py2Pickler(pickle._Pickler):
         super().__init__(file, protocol=2)
         self.storages = storages
         self.location = location
-        dispatch: dict[type, Any] = dict(self.dispatch)
+        dispatch: dict[type, Any] = dict(pickle._Pickler.dispatch)
         dispatch[str] = dispatch[bytes] = _Py2Pickler._save_py2_str
         self.dispatch = dispatch  # type: ignore[misc]  # a per-instance copy; typeshed declares a ClassVar
 

@@ -34,7 +34,7 @@ from ..train.checkpointer import resume
 from ..train.training import save
 from .samples import saved_on_device, write_py2_legacy
 
-__all__ = ["Scenario", "run_tour", "SCENARIOS"]
+__all__ = ["Scenario", "Outcome", "TourReport", "run_tour", "SCENARIOS"]
 
 
 @dataclass
@@ -304,5 +304,36 @@ def run_scenario(sc: Scenario, folder: str) -> Outcome:
     return outcome
 
 
-def run_tour(folder: str, scenarios: list[Scenario] | None = None) -> list[Outcome]:
-    return [run_scenario(sc, folder) for sc in (scenarios or SCENARIOS)]
+@dataclass
+class TourReport:
+    """What the tour did: one :class:`Outcome` per scenario. ``render()`` is what ``torchckpt tour`` prints."""
+
+    outcomes: list[Outcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [dict(o.__dict__) for o in self.outcomes]
+
+    def render(self) -> str:
+        lines = []
+        for i, o in enumerate(self.outcomes, 1):
+            lines.append(f"{i:2d}. {o.scenario}  ({o.file})  {'ok ' if o.ok else 'FAIL'}")
+            if o.format and o.format != "-":
+                lines.append(f"    format      {o.format}")
+            lines.append(f"    torch.load  {o.torch_load}")
+            lines.append(f"    torchckpt   {o.torchckpt}")
+            lines += [f"      {sub}" for line in o.details for sub in line.splitlines()]
+        failed = [o.scenario for o in self.outcomes if not o.ok]
+        lines.append(f"\n{len(self.outcomes) - len(failed)} of {len(self.outcomes)} scenarios behaved as expected"
+                     + (f"; failed: {', '.join(failed)}" if failed else "."))
+        return "\n".join(lines)
+
+    __str__ = render
+
+
+def run_tour(folder: str, scenarios: list[Scenario] | None = None) -> TourReport:
+    """Run every scenario (or those given) with its files written into ``folder``."""
+    return TourReport([run_scenario(sc, folder) for sc in (scenarios or SCENARIOS)])

@@ -21,6 +21,7 @@ from ..read.unpickle.stubs import Stub
 from .align import RenameRules, align_keys
 from .placement import Placer
 from .report import LoadReport, Mismatch
+from .shards import is_sharded, shard_like
 from .tree import TensorMeta, is_module_like, select, shapes
 
 __all__ = ["load_into"]
@@ -229,6 +230,8 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
                 value = _overlap(target, to_torch(value[1], src))
             elif isinstance(value, tuple) and value[0] == "reshape":
                 value = placer.place(value[1], target, device, tuple(target.shape))
+            elif target is not None and is_sharded(target):
+                value = shard_like(value, target, src)  # FSDP2 / DTensor: this rank reads only its slice
             else:
                 value = placer.place(value, target, device)
             local[full] = value

@@ -88,35 +88,46 @@ def module_classes(obj: Any) -> dict[str, str]:
     """Module path -> dotted class name for a module tree (``{"": "mypkg.Net", "fc": "torch.nn...Linear"}``).
 
     Works on real modules, whole-model stubs and Lua ``nn`` trees; what ``convert`` keeps as metadata
-    when it turns a whole model into its state dict.
+    when it turns a whole model into its state dict. A module shared under two paths is listed once.
     """
     out: dict[str, str] = {}
-    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
-    seen: set[int] = set()
-    while stack:
-        path, module, depth = stack.pop()
-        if id(module) in seen or depth > MAX_DEPTH:
-            continue
-        seen.add(id(module))
-        if isinstance(module, Stub):
-            out[path] = stub_name(module)
-            attrs = module.stub_attributes()
-            kids = list((attrs.get("_modules") or {}).items()) if isinstance(attrs.get("_modules"), dict) else \
-                [(k, v) for k, v in attrs.items() if isinstance(v, Stub) and is_module_like(v)]
-        elif isinstance(module, T7Object):
-            out[path] = module.typename
-            mods = module.data.get("modules") if isinstance(module.data, dict) else None
-            kids = list(enumerate(mods)) if isinstance(mods, list) else sorted(
-                ((k - 1, v) for k, v in mods.items() if isinstance(k, int))) if isinstance(mods, dict) else []
-        elif is_module_like(module):
-            out[path] = f"{type(module).__module__}.{type(module).__qualname__}"
-            kids = list(module.named_children())
-        else:
-            continue
-        for name, child in reversed(kids):
-            if child is not None:
-                stack.append((f"{path}.{name}" if path else str(name), child, depth + 1))
+    listed: set[int] = set()
+    for path, module, _ in walk(obj, children=_submodules):
+        name = _class_name(module)
+        if name is not None and id(module) not in listed:
+            listed.add(id(module))
+            out[path] = name
     return out
+
+
+def _class_name(module: Any) -> str | None:
+    if isinstance(module, Stub):
+        return stub_name(module)
+    if isinstance(module, T7Object):
+        return module.typename
+    if is_module_like(module):
+        return f"{type(module).__module__}.{type(module).__qualname__}"
+    return None
+
+
+def _submodules(module: Any) -> list[tuple[Any, Any]] | None:
+    """The child modules of a module (real, stub or Lua ``nn``): the children :func:`module_classes` walks."""
+    if isinstance(module, Stub):
+        attrs = module.stub_attributes()
+        if isinstance(attrs.get("_modules"), dict):
+            return [(k, v) for k, v in attrs["_modules"].items() if v is not None]
+        return [(k, v) for k, v in attrs.items() if isinstance(v, Stub) and is_module_like(v)]
+    if isinstance(module, T7Object):
+        mods = module.data.get("modules") if isinstance(module.data, dict) else None
+        if isinstance(mods, list):
+            return [(i, v) for i, v in enumerate(mods) if v is not None]
+        if isinstance(mods, dict):  # a Lua table: 1-based integer keys
+            return sorted(((k - 1, v) for k, v in mods.items() if isinstance(k, int) and v is not None),
+                          key=lambda kv: kv[0])
+        return None
+    if is_module_like(module):
+        return [(k, v) for k, v in module.named_children() if v is not None]
+    return None
 
 
 def _detach(t: Any) -> Any:
@@ -325,7 +336,7 @@ def find_state_dicts(obj: Any, max_depth: int = 8) -> list[Candidate]:
 
 def _module_candidate(path: str, module: Any, sd: Any) -> Candidate:
     return Candidate(path, sd, "module stub" if isinstance(module, Stub) else "module object",
-                     module_class=module_classes(module).get("", type(module).__name__))
+                     module_class=_class_name(module) or type(module).__name__)
 
 
 def shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -44,6 +44,8 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
         map_location, mmap: as for :func:`torchckpt.load` (``build`` mode).
         lazy: in ``build`` mode, read legacy-format files (which cannot be mapped) as structure with
             file offsets; the caller materialises each tensor from ``checkpoint.reader`` when needed.
+            DCP directories give ``DcpTensor`` leaves that read their own chunks (``materialize()``,
+            or one rank's slice with ``read_region()``).
         trace: collect the trace here (``scan`` keeps what was recorded even when the read fails).
         storage_options: options for a URL's fsspec filesystem, also used for the files it names
             (shards, DCP data files). URLs are read by byte ranges.
@@ -68,12 +70,12 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
                 yield ckpt
             return
     elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
-        reader = read_dcp if is_dcp_dir(path) else read_folder  # DCP, Hugging Face or accelerate folders
-        try:
-            ckpt = reader(path, opts)
+        try:  # DCP, Hugging Face or accelerate folders; lazy DCP tensors open their own data files
+            ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) \
+                else read_folder(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
-        with Source(b"", name=path) as empty:  # items were read inside read_dcp; nothing lazy remains
+        with Source(b"", name=path) as empty:  # items were read inside the reader
             _finish(ckpt, opts, path, _dir_size(path), empty)
             yield ckpt
         return

@@ -148,8 +148,13 @@ def _sniff_safetensors(head: bytes, size: int) -> Sniffed | None:
     if len(head) < 10:
         return None
     (n,) = struct.unpack("<Q", head[:8])
-    if n < 2 or n > size - 8 or head[8:9] != b"{":
+    if n < 2 or head[8:9] != b"{":
         return None
+    if n > size - 8:  # a cut-off download: only a JSON key right after the length says safetensors
+        if head[8:10] != b'{"' or n >= 1 << 32:
+            return None
+        return Sniffed(SAFETENSORS, [f"8-byte header length {n} followed by a JSON object, but the file ends "
+                                     f"after {size} bytes"], {"header_size": n})
     return Sniffed(SAFETENSORS, [f"8-byte header length {n} followed by a JSON object"], {"header_size": n})
 
 

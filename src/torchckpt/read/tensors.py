@@ -22,7 +22,7 @@ __all__ = ["TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torc
 def is_tensor_like(value: Any) -> bool:
     """A torch tensor, a :class:`TensorMeta`, or a numeric numpy array."""
     t = type(value)
-    if t is TensorMeta or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
+    if isinstance(value, TensorMeta) or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
         return True
     return t.__module__ == "numpy" and t.__name__ == "ndarray" and value.dtype.kind in "biufc"
 
@@ -38,7 +38,7 @@ def to_torch(value: Any, reader: Any) -> Any:
     """A CPU ``torch.Tensor`` for a tensor of a loaded tree: a :class:`TensorMeta` is read from
     ``reader`` (the checkpoint's open :class:`~torchckpt.storage.source.Source`), a numpy array is
     wrapped without a copy, a tensor is detached."""
-    if type(value) is TensorMeta:
+    if isinstance(value, TensorMeta):  # DCP's lazy tensors (a subclass) read their own chunks
         return value.materialize(reader)
     import torch  # lazy: torchckpt imports torch only when tensor data is needed
 

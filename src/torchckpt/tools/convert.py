@@ -106,7 +106,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
                          storage_options=storage_options) as loaded:
         source = loaded.reader
-        assert source is not None  # open_checkpoint keeps it open inside the with block
+        assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         tree, classes = _part(loaded.obj, key, weights_only, changes)
@@ -194,7 +194,7 @@ def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target
                 f"{budget:,}-byte budget", hint="Convert to .pt without --dtype: it keeps views compact.")
 
 
-def _strides(t: Any) -> tuple[int, ...]:
+def _strides(t: Any) -> tuple[Any, ...]:
     return tuple(t.stride) if isinstance(t, TensorMeta) else tuple(t.stride()) if hasattr(t, "stride") and \
         callable(t.stride) else tuple(s // t.itemsize for s in t.strides)
 
@@ -261,13 +261,13 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
         items = [(_key(k, changes), _modernize(v, changes, d, memo)) for k, v in obj.items()]
         out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     elif isinstance(obj, (list, tuple)):
-        elements = [_modernize(v, changes, d, memo) for v in obj]
-        out = tuple(elements) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
-            type(obj).__name__ == "Size" else elements
+        values = [_modernize(v, changes, d, memo) for v in obj]
+        out = tuple(values) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
+            type(obj).__name__ == "Size" else values
         if type(obj).__name__ == "Size":
             import torch
 
-            out = torch.Size(elements)
+            out = torch.Size(values)
     elif isinstance(obj, set):
         out = {(_modernize(v, changes, d, memo)) for v in obj}
     elif isinstance(obj, frozenset):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from ..errors import CorruptCheckpointError
 from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
+from ..read.tensors import dtype_name
 from ..storage.source import Source
 
 __all__ = ["copy_range", "equal_bytes", "same_bits", "compare_all", "verify_safetensors"]
@@ -126,7 +127,7 @@ def _same_entry(out: Any, start: int, e: Any, t: Any, materialize: Any) -> bool:
         shape, dtype, want = tuple(t.shape), str(t.dtype), _mapped_bytes(materialize.source, *span)
     else:
         value = materialize(t)
-        shape, dtype, want = tuple(value.shape), str(value.dtype).replace("torch.", ""), _bytes_of(value)
+        shape, dtype, want = tuple(value.shape), dtype_name(value), _bytes_of(value)
     begin, end = e["data_offsets"]
     ok = tuple(e["shape"]) == shape and SAFETENSORS_DTYPES[e["dtype"]][0] == dtype and \
         end - begin == want.numel() and (want.numel() == 0 or

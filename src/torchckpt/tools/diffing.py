@@ -16,7 +16,7 @@ from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
 from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
-from ..read.tensors import release, to_torch
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
 from ..read.unpickle.mode import Mode
 
@@ -66,7 +66,8 @@ class DiffReport:
                 "values_compared": self.values_compared, "changed": [d.to_dict() for d in self.changed],
                 "changed_layers": self.changed_layers, "nonfinite": self.nonfinite}
 
-    def __str__(self) -> str:
+    def render(self) -> str:
+        """The human report (``print(report)``): what differs, key by key, and by how much."""
         if self.equal:
             what = "identical tensors" if self.values_compared else "the same keys, shapes and dtypes"
             return f"{self.a} and {self.b}: {what} ({self.common} tensors)"
@@ -90,6 +91,8 @@ class DiffReport:
             lines.append(f"  NaN/Inf: {k}")
         return "\n".join(lines)
 
+    __str__ = render
+
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
     try:
@@ -98,10 +101,6 @@ def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
         if key is not None:
             raise
         return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
-
-
-def _dtype(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
@@ -145,8 +144,8 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
             va, vb = ta[ka], tb[kb]
             if tuple(va.shape) != tuple(vb.shape):
                 report.shape_changes.append((ka, list(va.shape), list(vb.shape)))
-            elif _dtype(va) != _dtype(vb):
-                report.dtype_changes.append((ka, _dtype(va), _dtype(vb)))
+            elif dtype_name(va) != dtype_name(vb):
+                report.dtype_changes.append((ka, dtype_name(va), dtype_name(vb)))
         if values:
             report.values_compared = True
             skip = {k for k, _, _ in report.shape_changes}

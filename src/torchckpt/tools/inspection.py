@@ -7,12 +7,10 @@ depend on the size of the file.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from ..read.load import read_checkpoint
-from ..storage.remote import is_url
 from ..storage.source import SourceLike
 from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
     state_dict_of, walk
@@ -122,12 +120,12 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _columns(rows: Sequence[tuple[str, ...]], right: AbstractSet[int] = frozenset(), limit: int = 100) -> list[str]:
+def _columns(rows: Sequence[tuple[str, ...]], right: Collection[int] = frozenset(), limit: int = 100) -> list[str]:
     """Rows as aligned text columns (indented two spaces); the first row is the header."""
-    rows = [tuple(c if len(c) <= limit else c[:limit - 3] + "..." for c in row) for row in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    cut = [tuple(c if len(c) <= limit else c[:limit - 3] + "..." for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in cut) for i in range(len(cut[0]))]
     out = []
-    for row in rows:
+    for row in cut:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         out.append(("  " + "  ".join(cells)).rstrip())
     return out
@@ -144,15 +142,13 @@ def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = F
     """
     loaded = read_checkpoint(source, map_location="meta", policy=resolve_policy(policy, trust, allow), meta=True,
                              storage_options=storage_options)
-    name = source if isinstance(source, str) else getattr(source, "name", "<bytes>")
-    size = loaded.size if is_url(source) else _size_of(source)
     evidence = list(loaded.evidence)
     locations = loaded.details.get("locations") or {}
     devices = sorted(loc for loc in locations if loc != "cpu")
     if devices:
         evidence.append(f"storages saved on {', '.join(devices)}")
-    report = InspectReport(path=str(name), format=loaded.kind, description=loaded.description, evidence=evidence,
-                           file_size=size, locations=dict(locations), notes=list(loaded.notes),
+    report = InspectReport(path=loaded.name, format=loaded.kind, description=loaded.description, evidence=evidence,
+                           file_size=loaded.size, locations=dict(locations), notes=list(loaded.notes),
                            metadata=dict(loaded.details.get("metadata") or {}))
     _collect(loaded.obj, report)
     seen: dict[str, str] = {}
@@ -161,14 +157,6 @@ def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = F
     report.classes = sorted(seen.items())
     report.weights = [(c.path or "<root>", c.source, len(c.state_dict)) for c in find_state_dicts(loaded.obj)]
     return report
-
-
-def _size_of(source: Any) -> int:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return len(source)
-    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
-        return os.path.getsize(source)
-    return -1
 
 
 def _tensor_info(key: str, t: Any) -> TensorInfo:

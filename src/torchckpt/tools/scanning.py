@@ -20,7 +20,8 @@ from ..read.formats import Trace, folder_kind, is_dcp_dir
 from ..read.opener import open_checkpoint
 from ..read.unpickle.machine import GlobalRef
 from ..read.unpickle.mode import Mode
-from ..read.unpickle.policy import Verdict
+from ..read.trust import resolve_policy
+from ..read.unpickle.policy import Policy, Verdict
 from ..storage.remote import is_url, remote_listing
 from ..storage.source import confined_path
 
@@ -84,17 +85,52 @@ class ScanReport:
     def to_dict(self) -> dict[str, Any]:
         return {"exit_code": self.exit_code, "files": [f.to_dict() for f in self.files]}
 
+    def render(self, *, strict: bool = False, verbose: bool = False) -> str:
+        """The human report: one line per file with its findings (and, unless ``strict`` made them
+        findings, the classes that would be stubbed); ``verbose`` lists every global of every stream."""
+        labels = {"clean": "clean", "findings": "FINDINGS", "unreadable": "unreadable", "skipped": "skipped"}
+        lines = []
+        for f in self.files:
+            lines.append(f"{f.path}: {labels[f.status]} ({f.format}, {len(f.streams)} pickle streams, "
+                         f"{len(f.globals)} globals)")
+            if f.error:
+                lines.append(f"  {f.error}")
+                if f.hint and f.status == "unreadable":
+                    lines.append(f"  {f.hint}")
+            for finding in f.findings:
+                where = "".join([f" [{finding.member}]" if finding.member else "",
+                                 f" @{finding.offset}" if finding.offset is not None else ""])
+                lines.append(f"  {finding.kind}: {finding.message}{where}")
+            stubbed = sorted({g.fullname for g in f.globals if g.verdict.value == "unknown"})
+            if stubbed and not strict:
+                lines.append(f"  would be stubbed (not imported): {', '.join(stubbed[:8])}"
+                             + (f" and {len(stubbed) - 8} more" if len(stubbed) > 8 else ""))
+            if verbose:
+                lines += [f"    {s['member'] or '<file>'} @{g.offset}: {g.fullname} ({g.verdict.value})"
+                          for s in f.streams for g in s["globals"]]
+        counts = {k: sum(f.status == k for f in self.files) for k in labels}
+        lines.append(f"{len(self.files)} files: {counts['clean']} clean, {counts['findings']} with findings, "
+                     f"{counts['unreadable']} unreadable, {counts['skipped']} skipped (not checkpoints)")
+        return "\n".join(lines)
+
+    __str__ = render
+
 
 def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = False,
          strict: bool = False, progress: Callable[[int, int], None] | None = None,
-         storage_options: Mapping[str, Any] | None = None) -> ScanReport:
+         storage_options: Mapping[str, Any] | None = None, policy: Policy | None = None, trust: bool = False,
+         allow: Iterable[str] | str | None = None) -> ScanReport:
     """Scan files (directories with ``recursive=True``; symlinked folders are followed once) without
     executing anything from them. A directory that ``load`` reads as one checkpoint (torch.distributed.checkpoint,
     Hugging Face or accelerate folder) is scanned as one, then every file in it that the read did not touch.
 
     Paths may be URLs (``storage_options`` for their filesystem); a URL prefix is walked like a directory.
-    ``progress(done, total)`` is called after each file.
+    ``progress(done, total)`` is called after each file. ``policy``/``trust``/``allow`` as in
+    :func:`torchckpt.load`: the same budget and allowlist (what is merely stubbed), so a file scans as it
+    would load with them; nothing is ever imported or run by a scan, and blocklisted globals are findings
+    whatever the policy.
     """
+    policy = resolve_policy(policy, trust, allow)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
@@ -120,9 +156,10 @@ def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, re
             todo.append((p, True))
     for i, (path, explicit) in enumerate(todo, 1):
         if is_url(path) or not os.path.isdir(path):
-            files.append(scan_file(path, strict=strict, explicit=explicit, storage_options=storage_options))
+            files.append(scan_file(path, strict=strict, explicit=explicit, storage_options=storage_options,
+                                   policy=policy))
         else:
-            files.extend(_scan_dir(path, strict))
+            files.extend(_scan_dir(path, strict, policy))
         if progress is not None:
             progress(i, len(todo))
     return ScanReport(files)
@@ -151,11 +188,11 @@ def _checkpoint_dir(path: str) -> bool:
     return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None)
 
 
-def _scan_dir(directory: str, strict: bool) -> list[FileScan]:
+def _scan_dir(directory: str, strict: bool, policy: Policy) -> list[FileScan]:
     """The directory as one checkpoint, then every file in it that the read did not touch. A file that
     resolves outside the directory is not part of it: if the read named it, that is already an unsafe
     finding, and it is not read here either."""
-    result = scan_file(directory, strict=strict)
+    result = scan_file(directory, strict=strict, policy=policy)
     named = {src for src, _, _ in result.ranges if "\x00" not in src} | {os.path.join(directory, ".metadata")}
     read = {os.path.realpath(src) for src in named}  # item names (file[key]) match no file: harmless
     rest = []
@@ -168,12 +205,13 @@ def _scan_dir(directory: str, strict: bool) -> list[FileScan]:
         except CheckpointError:
             continue
         rest.append(path)
-    return [result, *(scan_file(p, strict=strict, explicit=False) for p in rest)]
+    return [result, *(scan_file(p, strict=strict, explicit=False, policy=policy) for p in rest)]
 
 
 def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
-              storage_options: Mapping[str, Any] | None = None) -> FileScan:
-    """Scan one file (or DCP directory) by opening it as ``load`` would, in record mode.
+              storage_options: Mapping[str, Any] | None = None, policy: Policy | None = None) -> FileScan:
+    """Scan one file (or checkpoint directory) by opening it as ``load`` would, in record mode. With
+    ``strict``, classes that would be stubs are findings (those ``policy`` lets load import are not).
 
     Met while walking a directory, a file that is not a checkpoint at all (JSON, text, unknown binary)
     is ``skipped``; a git-lfs pointer, or an HTML page or other non-checkpoint under a checkpoint's name,
@@ -181,7 +219,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
     result = FileScan(os.fspath(path))
     trace = Trace()
     try:
-        with open_checkpoint(path, Mode.RECORD, trace=trace, storage_options=storage_options) as ckpt:
+        with open_checkpoint(path, Mode.RECORD, policy, trace=trace, storage_options=storage_options) as ckpt:
             result.format = ckpt.format
     except UnsafeCheckpointError as exc:  # refused for more than a global: a path that leaves the checkpoint
         result.findings.append(Finding("unsafe", exc.reason, getattr(exc, "member", None),
@@ -206,7 +244,7 @@ def scan_file(path: str, *, strict: bool = False, explicit: bool = True,
         if g.verdict is Verdict.DANGEROUS:
             result.findings.append(Finding("dangerous-global", f"imports {g.fullname}, which can run code",
                                            g.member, g.offset))
-        elif strict and g.verdict is Verdict.UNKNOWN:
+        elif strict and g.verdict is Verdict.UNKNOWN and not (policy and policy.imports_real(g.module, g.name)):
             result.findings.append(Finding("stubbed-class", f"imports {g.fullname} (not on the allowlist)",
                                            g.member, g.offset))
     # a stream that breaks is a finding beside what it imported; alone, the file is unreadable (load refuses it)

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..read.tensors import dtype_name
+
 __all__ = ["TensorStats", "tensor_stats", "relative_change", "CHUNK"]
 
 CHUNK = 1 << 20  # elements per chunk: at most 8 MiB of temporaries
@@ -76,7 +78,7 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK) -> Tens
     import torch
 
     shape = tuple(int(s) for s in t.shape)
-    stats = TensorStats(key, shape, str(t.dtype).replace("torch.", ""), t.numel() * t.element_size(), t.numel())
+    stats = TensorStats(key, shape, dtype_name(t), t.numel() * t.element_size(), t.numel())
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     for c in _chunks(t, chunk):

@@ -23,7 +23,10 @@ from typing import Any, Iterable, Mapping, Protocol
 from ..read.formats.folders import is_accelerate_folder
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
-from . import store
+from ..storage import files
+from ..storage.remote import StorageOptions, is_url
+from . import distributed, store
+from .remote import RemoteStore, resume_url
 from .restore import resume_file
 from .training import TrainingState, capture, verify, write_payload
 
@@ -96,6 +99,8 @@ class Checkpointer:
             on ``wait()`` or on ``close()``.
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
+        storage_options: options for the fsspec filesystem when ``directory`` is a URL
+            (``s3://bucket/run``): uploads are published whole, the sidecar last (see :mod:`.remote`).
 
     The first ``save`` takes the directory's writer lock and holds it until :meth:`close` (or the
     process ends); listing and resuming need no lock.
@@ -106,14 +111,18 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
                  keep_every_n_steps: int | None = None, async_save: bool = False, weights_format: str = "pt",
-                 policies: Iterable[RetentionPolicy] = ()) -> None:
+                 policies: Iterable[RetentionPolicy] = (), storage_options: StorageOptions | None = None) -> None:
         if keep_best and not monitor:
             raise ValueError("keep_best needs monitor='metric name'")
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
+        self.storage_options = storage_options
+        self._remote = RemoteStore(storage_options) if is_url(self.directory) else None
+        self._store: Any = self._remote or store  # the same steps on a local directory or a URL prefix
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            if self._remote is None:
+                os.makedirs(self.directory, exist_ok=True)
         except OSError as exc:
             raise write_error(self.directory, exc) from None
         self.monitor, self.mode = monitor, mode
@@ -130,27 +139,39 @@ class Checkpointer:
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
-        self._writer = store.DirectoryLock(self.directory)
+        self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
+        self._writer = self._store.DirectoryLock(self.directory)
         self.removed_temp: list[str] = []
         self.reclaimed: list[str] = []
-        if self._writer.try_acquire():  # nobody writes here: finish what killed writers left
+        if distributed.is_committer() and self._writer.try_acquire():  # nobody writes: finish what killed writers left
             try:
                 self._tidy()
             finally:
                 self._writer.release()
 
     def _tidy(self) -> None:
-        self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
-        self.reclaimed = store.reclaim(self.directory)
+        if self._remote is None:
+            self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
+        self.reclaimed = self._store.reclaim(self.directory)
+        if self._remote is None:  # sharded (DCP) saves are local only
+            self.reclaimed += distributed.reclaim(self.directory)
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        return store.path_for(self.directory, step)
+        path: str = self._store.path_for(self.directory, step)
+        return path
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
         return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
-                for e in store.entries(self.directory) if e.problem is None]
+                for e in self._entries() if e.problem is None]
+
+    def _entries(self) -> list[store.Entry]:
+        """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
+        found: list[store.Entry] = self._store.entries(self.directory)
+        if self._remote is None:
+            found = sorted(found + distributed.entries(self.directory), key=lambda e: e.step)
+        return found
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -175,9 +196,15 @@ class Checkpointer:
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
         self._raise_pending()
-        if not self._writer.held:
+        if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
             self._writer.acquire()
             self._tidy()
+        if distributed.in_use(model):
+            if self._remote is not None:
+                raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
+                                          "local or shared file system only; give the Checkpointer a path, not a URL")
+            return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                      epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
         payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                           step=step, metrics=metrics, extra=extra, stateful=stateful)
         path = self.path_for(step)
@@ -190,30 +217,46 @@ class Checkpointer:
             self._pending = self._executor.submit(self._commit, path, snapshot, ready)
         return path
 
+    def _save_sharded(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None,
+                      **objects: Any) -> str:
+        """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
+        self._dcp = self._dcp or distributed.DcpSaver(self.directory)
+        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
+        path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
+                                      async_save=self._executor is not None)
+        if finish is None:
+            self._apply_retention()
+            return path
+        with self._lock:
+            self._pending = self._executor.submit(lambda: (finish(), self._apply_retention()))  # type: ignore
+        return path
+
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
         try:
-            store.begin(path)
+            self._store.begin(path)
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            write_payload(path, payload, self.weights_format)
+            write = self._remote.write_payload if self._remote is not None else write_payload
+            write(path, payload, self.weights_format)
         finally:
-            store.end(path)  # committed, or every file of it removed
+            self._store.end(path)  # committed, or every file of it removed
         self._apply_retention()
 
     def _apply_retention(self) -> None:
         found = self.checkpoints()
-        if not self.policies or not found:
+        if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
         for policy in self.policies:
             keep |= policy.keep(found)
         for c in found:
             if c.step not in keep:
-                store.delete(c.path)
-        fsync_dir(self.directory)
+                distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
+        if self._remote is None:
+            fsync_dir(self.directory)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""
@@ -241,6 +284,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._dcp is not None:
+                self._dcp.close()
             self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
@@ -260,7 +305,7 @@ class Checkpointer:
         and why. A checkpoint that does not fit the given objects raises (no fallback).
         """
         self._raise_pending()
-        found = store.entries(self.directory)
+        found = self._entries()
         skipped: list[str] = [f"removed the leftovers of an unfinished save: {name}" for name in self.reclaimed]
         for entry in reversed(found):
             name = os.path.basename(entry.path)
@@ -268,11 +313,18 @@ class Checkpointer:
                 if not entry.unfinished:  # a save in progress elsewhere is not damage
                     self._skip(skipped, name, entry.problem)
                 continue
+            kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
+                          map_location=map_location, restore_rng=restore_rng, strict=strict)
             try:
-                verify(entry.path, entry.meta)
-                state = resume_file(entry.path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                    stateful=stateful, map_location=map_location, restore_rng=restore_rng,
-                                    strict=strict, verified=True)
+                if self._remote is not None:  # downloaded once, verified and restored there
+                    state = self._remote.resume_entry(entry, **kwargs)
+                elif distributed.is_dcp(entry.path):  # resharded into the objects' current layout
+                    state = distributed.resume_dcp(entry.path, entry.meta or {}, model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, scaler=scaler, stateful=stateful,
+                                                   restore_rng=restore_rng, strict=strict)
+                else:
+                    verify(entry.path, entry.meta)
+                    state = resume_file(entry.path, verified=True, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
                 self._skip(skipped, name, exc.reason)
                 continue
@@ -296,7 +348,7 @@ class Checkpointer:
 
 def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
            stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True) -> TrainingState:
+           strict: bool = True, storage_options: StorageOptions | None = None) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
@@ -307,10 +359,16 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
     ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
     checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
+    Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
+    is downloaded once into a temporary folder, verified, restored, and the download removed.
     """
     path = os.fspath(path_or_dir)
     kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                   map_location=map_location, restore_rng=restore_rng, strict=strict)
+    if is_url(path):
+        if files.isdir(path, storage_options):
+            return Checkpointer(path, storage_options=storage_options).resume(**kwargs)
+        return resume_url(path, storage_options, **kwargs)
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)
     return resume_file(path, **kwargs)

@@ -75,6 +75,9 @@ def _restore(obj: Any, state: Any, what: str, path: str) -> None:
         return
     if what.startswith("optimizer"):
         _check_optimizer_state(obj, state, what, path)
+        _check_optimizer_values(obj, state, what, path)
+    elif what.startswith(("scheduler", "scaler")):
+        _check_like_current(obj, state, what, path)
     try:
         obj.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, OverflowError) as exc:
@@ -122,6 +125,76 @@ def _check_optimizer_state(optimizer: Any, state: Any, what: str, path: str) -> 
                           "the optimizer afresh.")
 
 
+# per-parameter optimizer state that has the parameter's shape (torch.optim's Adam*, SGD, RMSprop,
+# Adagrad, Adadelta, ASGD, Rprop, NAdam, RAdam); other keys (Adafactor's factors, LBFGS) are not checked
+_PARAM_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                           "acc_delta", "grad_avg", "sum", "ax", "prev", "step_size"})
+
+
+def _check_optimizer_values(optimizer: Any, state: Mapping[str, Any], what: str, path: str) -> None:
+    """Refuse per-parameter state that torch would accept but that fails (or silently misleads) at ``step()``."""
+    import torch
+
+    hint = "The checkpoint is damaged or was edited by hand; do not pass optimizer=... to start it afresh."
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    if not all(type(i) in (int, str) for i in ids) or len(set(ids)) != len(ids):  # str: names (DCP-style)
+        raise ResumeError(f"{what} state is malformed: parameter ids must be distinct integers or names, got "
+                          f"{_short(ids)}", path=path, hint=hint)
+    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
+    for key, entry in state.get("state", {}).items():
+        if key not in params:
+            raise ResumeError(f"{what} state names parameter {key!r}, which no parameter group holds "
+                              f"(groups hold {_short(ids)})", path=path, hint=hint)
+        if not isinstance(entry, Mapping):
+            raise ResumeError(f"{what} state of parameter {key} is a {type(entry).__name__}, not a dict",
+                              path=path, hint=hint)
+        param = params[key]
+        for name, value in entry.items():
+            if name not in _PARAM_SHAPED or value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+                got = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ResumeError(f"{what} state {name} of parameter {key} is a {got}, not a floating-point tensor",
+                                  path=path, hint=hint)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ResumeError(f"{what} state {name} of parameter {key} has shape {list(value.shape)}, but the "
+                                  f"parameter has shape {list(param.shape)}", path=path,
+                                  hint="Build the optimizer over the same parameters, in the same order, as when "
+                                  "saving (or the checkpoint is damaged).")
+
+
+def _check_like_current(obj: Any, state: Any, what: str, path: str) -> None:
+    """A scheduler or scaler loads its state into its attributes unchecked: each saved value must be
+    of the kind the object holds now (sequences of the same length), and no saved key may replace
+    an attribute the object does not save (its optimizer)."""
+    if not isinstance(state, Mapping):
+        raise ResumeError(f"{what} state is a {type(state).__name__}, not a dict", path=path)
+    try:
+        current = obj.state_dict()
+    except Exception:  # noqa: BLE001 - an object that cannot describe itself is restored as is
+        return
+    if not isinstance(current, Mapping):
+        return
+    hint = f"The checkpoint is damaged, or {what} was built differently when saving (another type or arguments)."
+    hidden = set(getattr(obj, "__dict__", {})) - set(current)
+    for key, value in state.items():
+        if key in hidden:
+            raise ResumeError(f"{what} state sets {key!r}, which {type(obj).__name__} never saves", path=path,
+                              hint=hint)
+        if key not in current:
+            continue  # a newer torch may save more; torch restores it as is
+        have = current[key]
+        if not _same_kind(value, have) or (_kind(value) == "sequence" and _kind(have) == "sequence"
+                                           and len(value) != len(have)):
+            raise ResumeError(f"{what} ({type(obj).__name__}): {key} is {_short(value)} in the checkpoint, but "
+                              f"{_short(have)} in the object", path=path, hint=hint)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _kind(value: Any) -> str | None:
     if value is None:
         return None
@@ -131,6 +204,8 @@ def _kind(value: Any) -> str | None:
         return "number"
     if isinstance(value, (tuple, list)):
         return "sequence"
+    if isinstance(value, Mapping):
+        return "mapping"
     return type(value).__name__
 
 

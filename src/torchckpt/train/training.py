@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
-from ..storage.atomic import atomic_write, file_sha256, write_json_atomic
+from ..storage.atomic import atomic_write, file_sha256, fsync_dir, write_error, write_json_atomic
 
 __all__ = ["save", "write_payload", "write_data", "commit", "discard", "TrainingState", "capture", "meta_path",
            "read_meta", "verify"]
@@ -186,9 +186,12 @@ def _plain_number(value: Any) -> Any:
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
     """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document.
 
-    If either cannot be written, no file of this checkpoint stays under its final name.
+    If either cannot be written, no file of this checkpoint stays under its final name. Overwriting
+    a checkpoint removes its old sidecar first (durably), so a crash between the new data and its
+    sidecar leaves complete, unverified data, never new data condemned by the old sidecar.
     """
     try:
+        _drop_old_sidecar(path)
         meta = write_data(path, payload, weights_format)  # atomic: on failure nothing final changed
         try:
             commit(path, meta)
@@ -200,6 +203,16 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
             exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
         raise
     return meta
+
+
+def _drop_old_sidecar(path: str) -> None:
+    try:
+        os.remove(meta_path(path))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise write_error(meta_path(path), exc) from None
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def commit(path: str, meta: Mapping[str, Any]) -> None:
@@ -250,15 +263,9 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -
     digest: dict[str, Any] = {}
     files = [os.path.basename(path)]
     if weights_format == "safetensors" and "model" in payload:
-        from safetensors.torch import save as st_save
-
         weights_path = path + ".safetensors"
-        data = st_save(_safetensors_ready(payload["model"]))
         with atomic_write(weights_path) as fh:
-            fh.write(data)
-        digest["weights_sha256"] = hashlib.sha256(data).hexdigest()
-        digest["weights_size"] = len(data)
-        del data
+            digest["weights_sha256"], digest["weights_size"] = _write_safetensors(fh, payload["model"])
         payload = {**payload, "model": None, "model_file": os.path.basename(weights_path)}
         files.append(os.path.basename(weights_path))
     elif weights_format != "pt":
@@ -272,15 +279,40 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -
     return meta
 
 
-def _safetensors_ready(sd: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    seen: dict[tuple[Any, ...], str] = {}
+def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
+    """Stream ``sd`` to ``fh`` as safetensors, one tensor at a time; returns (sha256, size) of what was written.
+
+    The digest is computed in the same pass over the same bytes (no second copy of the model in memory,
+    no re-read of the file). Tensors that share memory are written once per name, as safetensors wants.
+    """
+    import torch
+
+    from ..read.formats.simple import SAFETENSORS_DTYPES
+
+    codes = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for k, v in sd.items():
-        t = v.detach().cpu()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        out[k] = t.contiguous().clone() if key in seen else t.contiguous()
-        seen.setdefault(key, k)
-    return out
+        dtype = str(v.dtype).replace("torch.", "")
+        if dtype not in codes:
+            raise ValueError(f"weights_format='safetensors' cannot store {k} of dtype {dtype}; use weights_format='pt'")
+        nbytes = v.numel() * v.element_size()
+        header[k] = {"dtype": codes[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    sha = hashlib.sha256()
+    for chunk in (len(raw).to_bytes(8, "little"), raw):
+        sha.update(chunk)
+        fh.write(chunk)
+    for v in sd.values():
+        t = v.detach().to("cpu").contiguous()
+        if t.numel():
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            sha.update(data)  # hashlib releases the GIL for large buffers
+            fh.write(data)
+        del t
+    return sha.hexdigest(), 8 + len(raw) + offset
 
 
 def _json_safe(value: Any) -> Any:

@@ -18,12 +18,12 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExce
     RemoteNotFoundError, UnsupportedFormatError
 from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source, confined_path
-from ..unpickle.meta import DTYPE_SIZES, MetaDType, TensorMeta, meta_dtype
+from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, meta_dtype
 from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
 from .base import Checkpoint, ReadOptions, run_pickle
 
-__all__ = ["read_dcp", "is_dcp_dir"]
+__all__ = ["read_dcp", "is_dcp_dir", "DcpTensor"]
 
 MAX_DIMS = 64
 
@@ -64,8 +64,12 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
-    """Read a DCP checkpoint directory into a (nested) state dict."""
+def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoint:
+    """Read a DCP checkpoint directory into a (nested) state dict.
+
+    ``lazy`` (build mode): tensors are :class:`DcpTensor` (shape and dtype, read on ``materialize()``
+    or, for one rank's shard, ``read_region()``), so a caller streams them one at a time.
+    """
     meta_path = join(directory, ".metadata")
     with Source(confined_path(directory, ".metadata", what="DCP metadata", checkpoint=directory), name=meta_path,
                 storage_options=opts.storage_options) as src:
@@ -76,7 +80,7 @@ def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
     described = _mapping(attrs.get("state_dict_metadata"), "state_dict_metadata")
     storage = _mapping(attrs.get("storage_data"), "storage_data")
     planner = _mapping(attrs.get("planner_data"), "planner_data")
-    where: dict[tuple[Any, tuple[int, ...]], dict[str, Any]] = {}
+    where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]] = {}
     for index, info in storage.items():
         ia = _attrs(index, "a storage index")
         fqn = ia.get("fqn")
@@ -91,7 +95,7 @@ def read_dcp(directory: str, opts: ReadOptions) -> Checkpoint:
             if kind.endswith("BytesStorageMetadata"):
                 flat[fqn] = reader.item(where.get((fqn, ())), fqn)
             elif kind.endswith("TensorStorageMetadata"):
-                flat[fqn] = _tensor(reader, fqn, _attrs(md, fqn), where, opts)
+                flat[fqn] = _tensor(reader, fqn, _attrs(md, fqn), where, opts, lazy)
             else:
                 raise UnsupportedFormatError(f"DCP entry {fqn!r:.100} of kind {kind:.100}")
     finally:
@@ -150,75 +154,175 @@ class _Files:
             f.close()
 
 
-def _properties_dtype(props: Any, fqn: str) -> Any:
-    """TensorProperties pickles its state as a tuple ``(dtype, layout, requires_grad, memory_format,
-    pin_memory)`` (newer torch) or as a dict (older)."""
+def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
+    """The dtype recorded in ``TensorProperties`` and its name. Its state is a tuple ``(dtype, layout,
+    requires_grad, memory_format, pin_memory)`` (newer torch) or a dict (older)."""
     attrs = _attrs(props, f"{fqn} properties")
     state = props.__dict__.get("stub_state")
-    if not attrs and isinstance(state, tuple) and state:
-        return state[0]
-    return attrs.get("dtype")
-
-
-def _dtype_name(dtype: Any, fqn: str) -> str:
+    dtype = state[0] if not attrs and isinstance(state, tuple) and state else attrs.get("dtype")
     name = str(dtype).replace("torch.", "") if isinstance(dtype, MetaDType) or \
         type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch" else None
     if name not in DTYPE_SIZES:
         raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} has dtype {dtype!r:.60}, not a tensor dtype")
-    return name
+    return dtype, name
 
 
-def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[int, ...]], dict[str, Any]],
-            opts: ReadOptions) -> Any:
+def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]],
+            opts: ReadOptions, lazy: bool = False) -> Any:
+    """The full tensor ``fqn`` with the dtype and shape the metadata declares (or a lazy :class:`DcpTensor`).
+
+    The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
+    and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
+    """
     size = _ints(md.get("size"), f"size of {fqn}")
-    dtype = _properties_dtype(md.get("properties"), fqn)
-    name = _dtype_name(dtype, fqn)
-    chunks = [_attrs(c, f"{fqn} chunk") for c in md.get("chunks") or []]
-    placed = []
-    for chunk in chunks:
-        offsets, sizes = _ints(chunk.get("offsets"), f"{fqn} chunk offsets"), _ints(chunk.get("sizes"),
-                                                                                     f"{fqn} chunk sizes")
-        if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                o + s > n for o, s, n in zip(offsets, sizes, size)):
-            raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {offsets} does not fit {list(size)}")
-        placed.append((offsets, sizes, where.get((fqn, offsets))))
-    stored = sum(reader.length(info, fqn) for _, _, info in placed)
+    dtype, name = _dtype(md.get("properties"), fqn)
+    chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
+    _check_tiling(fqn, size, chunks)
+    infos = [where.get((fqn, offsets)) for offsets, _ in chunks]
+    stored = sum(reader.length(info, fqn) for info in infos)
     nbytes = math.prod(size) * DTYPE_SIZES[name]
     if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
         raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
                                  f"hold {stored}")
     if opts.meta:
-        stride = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
         if opts.mode is Mode.RECORD:  # scan runs the same streams load reads
-            for _, _, info in placed:
+            for info in infos:
                 reader.item(info, fqn)
-        return TensorMeta(size, stride, meta_dtype(name))
-    if len(placed) == 1 and placed[0][1] == size:
-        return reader.item(placed[0][2], fqn)
-    import torch  # lazy: only building tensors needs torch
+        return TensorMeta(size, _contiguous(size), meta_dtype(name))
+    lazy_tensor = DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts)
+    return lazy_tensor if lazy else lazy_tensor.assemble(reader)
 
-    full = torch.empty(size, dtype=dtype)
-    for offsets, sizes, info in placed:
-        part = reader.item(info, fqn)
-        if not hasattr(part, "shape") or tuple(part.shape) != sizes or part.dtype != dtype:
-            raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {offsets} is not a {list(sizes)} tensor")
-        full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part
-    return full
+
+def _contiguous(size: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(math.prod(size[i + 1:]) for i in range(len(size)))
+
+
+class DcpTensor(TensorMeta):
+    """A tensor of a DCP directory, not read yet: shape and dtype, and where its chunks are."""
+
+    __slots__ = ("directory", "fqn", "chunks", "where", "opts", "full_dtype")
+
+    def __init__(self, directory: str, fqn: str, size: tuple[Any, ...], dtype: Any, chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]],
+                 where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]], opts: ReadOptions) -> None:
+        name = meta_dtype(str(dtype).replace("torch.", ""))
+        super().__init__(size, _contiguous(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
+        self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
+        self.full_dtype = dtype
+
+    def materialize(self, source: Any = None) -> Any:
+        """The whole tensor (``source`` is unused: the chunks name their own files)."""
+        return self.read_region(tuple(0 for _ in self.shape), tuple(self.shape))
+
+    def read_region(self, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
+        """The sub-tensor ``[offsets : offsets + sizes]``, reading only the chunks that overlap it."""
+        reader = _Files(self.directory, self.opts)
+        try:
+            return self.assemble(reader, tuple(offsets), tuple(sizes))
+        finally:
+            reader.close()
+
+    def assemble(self, reader: _Files, offsets: tuple[Any, ...] | None = None, sizes: tuple[Any, ...] | None = None) -> Any:
+        import torch  # lazy: only building tensors needs torch
+
+        offsets = offsets if offsets is not None else tuple(0 for _ in self.shape)
+        sizes = sizes if sizes is not None else tuple(self.shape)
+        if len(offsets) != len(self.shape) or any(o < 0 or o + n > m for o, n, m in zip(offsets, sizes, self.shape)):
+            raise ValueError(f"region {list(offsets)}+{list(sizes)} is outside {self.fqn} {list(self.shape)}")
+        out = None
+        for chunk_offsets, chunk_sizes in self.chunks:
+            lo = [max(a, c) for a, c in zip(offsets, chunk_offsets)]
+            hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, chunk_offsets, chunk_sizes)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)) and math.prod(sizes):
+                continue
+            part = self._part(reader, chunk_offsets, chunk_sizes)
+            if chunk_offsets == offsets and chunk_sizes == sizes:
+                return part  # the region is exactly one chunk: no copy
+            if out is None:
+                out = torch.empty(sizes, dtype=self.full_dtype)
+            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = \
+                part[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk_offsets))]
+            del part
+        return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
+
+    def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
+        import torch  # lazy: only building tensors needs torch
+
+        part = reader.item(self.where.get((self.fqn, offsets)), self.fqn)
+        if not isinstance(part, torch.Tensor) or part.dtype != self.full_dtype or tuple(part.shape) != sizes:
+            got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
+            raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} holds {got}, "
+                                         f"the metadata declares {self.full_dtype} {list(sizes)}")
+        return part
+
+
+def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    attrs = _attrs(chunk, f"{fqn} chunk")
+    offsets = _ints(attrs.get("offsets"), f"{fqn} chunk offsets")
+    sizes = _ints(attrs.get("sizes"), f"{fqn} chunk sizes")
+    if len(offsets) != len(size) or len(sizes) != len(size) or any(o + s > n for o, s, n in zip(offsets, sizes, size)):
+        raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {list(offsets)} size {list(sizes)} "
+                                     f"does not fit {list(size)}")
+    return offsets, sizes
+
+
+def _check_tiling(fqn: str, size: tuple[Any, ...], chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]]) -> None:
+    """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element."""
+    covered = sum(math.prod(s) for _, s in chunks)
+    if covered != math.prod(size):
+        raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} cover {covered} of {math.prod(size)} elements")
+    nonempty = [c for c in chunks if math.prod(c[1])]
+    for i, (oa, sa) in enumerate(nonempty):
+        for ob, sb in nonempty[i + 1:]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb)):
+                raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} at {list(oa)} and {list(ob)} overlap")
 
 
 def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:
-    """Rebuild nested dicts from the planner's key paths (``"model.w" -> ("model", "w")``)."""
+    """Rebuild the nested state from the planner's key paths, as DCP's ``unflatten_state_dict`` does.
+
+    A string path element is a dict key and an int one a list index (DCP flattens lists that hold
+    tensors or dicts, e.g. an optimizer's ``param_groups``); tuples are stored whole.
+    """
     if not planner:
         return flat
     root: dict[str, Any] = {}
+    lists: list[tuple[list[Any], str]] = []
     for fqn, value in flat.items():
         path = planner.get(fqn)
-        if not isinstance(path, tuple) or not path or not all(isinstance(p, (str, int)) for p in path):
+        if not isinstance(path, tuple) or not path or not isinstance(path[0], str) \
+                or not all(isinstance(p, str) or (type(p) is int and 0 <= p < _MAX_INDEX) for p in path):
             root[fqn] = value
             continue
-        node = root
-        for part in path[:-1]:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else node
-        if isinstance(node, dict):
-            node[path[-1]] = value
+        node: Any = root
+        for part, nxt in zip(path[:-1], path[1:]):
+            node = _slot(node, part, [] if isinstance(nxt, int) else {}, fqn, lists)
+        _slot(node, path[-1], value, fqn, lists, leaf=True)
+    for seq, fqn in lists:
+        if any(v is _HOLE for v in seq):
+            raise CorruptCheckpointError(f"DCP planner data leaves a gap in the list holding {fqn}")
     return root
+
+
+_MAX_INDEX = 1 << 24
+_HOLE = object()
+
+
+def _slot(node: Any, key: Any, default: Any, fqn: str, lists: list[Any], leaf: bool = False) -> Any:
+    if isinstance(node, dict) and isinstance(key, str):
+        if leaf:
+            node[key] = default
+            return default
+        current = node.setdefault(key, default)
+    elif isinstance(node, list) and isinstance(key, int):
+        if key >= len(node):
+            if not node:
+                lists.append((node, fqn))
+            node.extend([_HOLE] * (key + 1 - len(node)))
+        if leaf or node[key] is _HOLE:
+            node[key] = default
+        current = node[key]
+    else:
+        raise CorruptCheckpointError(f"DCP planner path of {fqn} mixes list indices and keys at {key!r}")
+    if not leaf and type(current) is not type(default):
+        raise CorruptCheckpointError(f"DCP planner paths disagree about the container at {key!r} (in {fqn})")
+    return current

@@ -22,6 +22,7 @@ from ..unpickle.meta import MetaStorage, meta_dtype
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
 from ..sniff import DESCRIPTIONS, TORCH_ZIP, TORCHSCRIPT
+from ..unpickle.budget import Budget, Meter
 from ..unpickle.mode import Mode
 from .base import Check, Checkpoint, ReadOptions, StorageBudget, ascii_text, run_pickle
 
@@ -149,8 +150,12 @@ class _ZipStorages:
 def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: ReadOptions | None = None) -> bytes:
     """A member's bytes; a compressed member may not inflate past a bound (decompression bombs)."""
     _refuse_encrypted(info)
-    limit = max(256 << 20, 8 * src.size) if info.compress_type != zipfile.ZIP_STORED else src.size
+    compressed = info.compress_type != zipfile.ZIP_STORED
+    meter = (opts.budget_meter() if opts is not None else Meter(Budget())) if compressed else None
+    limit = meter.inflate_room(src.size, src.name) if meter is not None else src.size
     if info.file_size > limit:
+        if meter is not None:
+            meter.inflate(info.file_size, info.filename, src.size, src.name)  # raises, naming the budget
         raise LimitExceededError(f"member {info.filename} declares {info.file_size} bytes, more than this "
                                  f"{src.size}-byte file can plausibly hold (decompression bomb?)", member=info.filename)
     try:
@@ -160,7 +165,9 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: R
             struct.error) as exc:  # zipfile's own errors for a damaged member: CRC, inflate, method, flags
         raise CorruptCheckpointError(f"member {info.filename} cannot be read ({type(exc).__name__}: {exc})",
                                      path=src.name, member=info.filename) from None
-    if len(data) > limit:
+    if meter is not None:
+        meter.inflate(len(data), info.filename, src.size, src.name)  # the budget of the whole file (issue 9)
+    elif len(data) > limit:
         raise LimitExceededError(f"member {info.filename} inflates past {limit} bytes", member=info.filename)
     return data
 
@@ -187,7 +194,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         constants_pkl = f"{prefix}/constants.pkl"
         if data_pkl not in names:
             raise CorruptCheckpointError(f"the archive has no {data_pkl}", member=data_pkl)
-        loaded.tree, u = run_pickle(opts, read_member(zf, zf.getinfo(data_pkl), src), src, data_pkl,
+        loaded.tree, u = run_pickle(opts, read_member(zf, zf.getinfo(data_pkl), src, opts), src, data_pkl,
                                     persistent_load=storages)
         if torchscript:
             loaded.details["declarations"] = torchscript_declarations(zf, prefix, src)
@@ -197,7 +204,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
                 # TorchScript lite (.ptl) keeps the storages of constants.pkl under constants/
                 cstorages = storages if not _has_dir(names, f"{prefix}/constants/") else \
                     _ZipStorages(src, zf, prefix, opts, loaded, folder="constants")
-                loaded.details["constants"], _ = run_pickle(opts, read_member(zf, zf.getinfo(constants_pkl), src),
+                loaded.details["constants"], _ = run_pickle(opts, read_member(zf, zf.getinfo(constants_pkl), src, opts),
                                                             src, constants_pkl, persistent_load=cstorages)
         loaded.details["locations"] = dict(storages.locations)
         loaded.details["mapped_ranges"] = list(storages.offsets.values())

@@ -17,6 +17,9 @@ from ...errors import LimitExceededError
 
 __all__ = ["Budget", "Meter"]
 
+# A limit that scales with the input has a fixed floor for small inputs: the hint names both.
+_FLOORS = {"amplification": "min_bytes", "inflation": "inflate_floor"}
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -29,8 +32,10 @@ class Budget:
         depth: nesting of the object graph (and of pickle MARKs).
         digits: decimal digits (or exponent size) of one numeric literal: LONG opcodes, ``int('...')``,
             ``Decimal``, ``Fraction``.
-        member_bytes: bytes one container member (zip/npz entry) may inflate to.
-        total_bytes: bytes all members of one file may inflate to together.
+        inflation: bytes the compressed members of one file (zip/npz entries) may inflate to together,
+            per byte of the file ...
+        inflate_floor: ... or this many, whichever is more (decompression bombs).
+        memo_gap: unused memo slots one PUT may skip (the memo is a dense list).
     """
 
     steps: int = 20_000_000
@@ -38,14 +43,21 @@ class Budget:
     min_bytes: int = 64 << 20
     depth: int = 256
     digits: int = 4_300
-    member_bytes: int = 16 << 30
-    total_bytes: int = 64 << 30
+    inflation: int = 8
+    inflate_floor: int = 256 << 20
+    memo_gap: int = 1 << 16
 
     def exceeded(self, limit: str, value: int, allowed: int, what: str) -> LimitExceededError:
-        """The error for ``limit`` (a field name) at ``value`` > ``allowed``."""
-        current = getattr(self, limit)
-        hint = (f"If you trust this file, raise the limit: policy=Policy(budget=Budget({limit}="
-                f"{max(current * 4, 1)})) (the current {limit} is {current}).")
+        """The error for ``limit`` (a field name) at ``value`` > ``allowed``: names the limit and how to raise it."""
+        floor = _FLOORS.get(limit)
+        if floor is not None:  # a ratio to the input: a larger ratio, and a floor above what this file needs
+            raise_it = {limit: getattr(self, limit) * 4, floor: max(getattr(self, floor), value) * 2}
+        else:
+            raise_it = {limit: max(getattr(self, limit) * 4, value * 2)}
+        args = ", ".join(f"{k}={v}" for k, v in raise_it.items())
+        now = ", ".join(f"{k}={getattr(self, k)}" for k in raise_it)
+        hint = (f"If you trust this file, raise the limit: torchckpt.load(..., policy=Policy(budget=Budget({args}))) "
+                f"(now {now}; Policy and Budget are in torchckpt).")
         return LimitExceededError(f"{what}: {value} exceeds the {limit} limit of {allowed}", hint=hint)
 
 
@@ -62,7 +74,7 @@ class Meter:
         self.input_size = 0
         self.steps = 0
         self.materialised = 0
-        self.inflated = 0
+        self.inflated: dict[str, int] = {}  # per source file
         self._max_steps = budget.steps
         self._max_bytes = budget.min_bytes
         self.add_input(input_size)
@@ -99,12 +111,17 @@ class Meter:
         if n > self.budget.depth:
             raise self.budget.exceeded("depth", n, self.budget.depth, f"{what} nests too deep")
 
-    def inflate(self, nbytes: int, member: str) -> None:
-        """Charge a container member that inflates to ``nbytes`` (readers call this before inflating)."""
+    def inflate_room(self, file_size: int, source: str = "") -> int:
+        """How many more bytes the compressed members of ``source`` (``file_size`` bytes) may inflate to."""
         b = self.budget
-        if nbytes > b.member_bytes:
-            raise b.exceeded("member_bytes", nbytes, b.member_bytes, f"member {member} inflates to {nbytes} bytes")
-        self.inflated += nbytes
-        if self.inflated > b.total_bytes:
-            raise b.exceeded("total_bytes", self.inflated, b.total_bytes,
-                             f"the members up to {member} inflate to {self.inflated} bytes")
+        return max(b.inflate_floor, b.inflation * file_size) - self.inflated.get(source, 0)
+
+    def inflate(self, nbytes: int, member: str, file_size: int, source: str = "") -> None:
+        """Charge a compressed member of ``source`` that inflates (or declares it inflates) to ``nbytes``."""
+        if nbytes > self.inflate_room(file_size, source):
+            b = self.budget
+            limit = max(b.inflate_floor, b.inflation * file_size)
+            raise b.exceeded("inflation", self.inflated.get(source, 0) + nbytes, limit,
+                             f"compressed member {member} inflates past the {limit} bytes that the compressed "
+                             f"members of this {file_size}-byte file may take together (decompression bomb?)")
+        self.inflated[source] = self.inflated.get(source, 0) + nbytes

@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from ...errors import CorruptCheckpointError
+from .meta import MetaDevice, MetaDType
 from .stubs import Stub
 
 __all__ = ["CONSTRUCTORS"]
@@ -363,6 +364,19 @@ def _timezone(u: Any, offset: Any = None, name: Any = None) -> datetime.timezone
     return datetime.timezone(offset) if name is None else datetime.timezone(offset, name)
 
 
+def _no_stand_ins(fn: Any) -> Any:
+    """A structure read stands for torch.dtype / torch.device with str subclasses; none of these constructors
+    takes a dtype or device (load refuses them), so none takes a stand-in either: scan refuses what load refuses."""
+    def make(u: Any, *args: Any, **kwargs: Any) -> Any:
+        for a in args:
+            if type(a) in _STAND_INS:
+                raise _bad(f"a {type(a).__name__[4:].lower()} ({a}) is not a value a constructor takes")
+        return fn(u, *args, **kwargs)
+    return make
+
+
+_STAND_INS = (MetaDType, MetaDevice)
+
 # name -> (constructor, NEWOBJ allowed, finisher for BUILD, the class it stands for)
 CONSTRUCTORS: dict[str, tuple[Any, bool, Any, Any]] = {
     "ordered_dict": (_container(collections.OrderedDict), True, finish_attributes, collections.OrderedDict),
@@ -389,4 +403,5 @@ CONSTRUCTORS: dict[str, tuple[Any, bool, Any, Any]] = {
     "builtin_str": (_str, True, None, str), "builtin_slice": (_slice, False, None, slice),
     "builtin_range": (_range, False, None, range), "builtin_object": (_object, True, None, object),
 }
-CONSTANTS: dict[str, Any] = {"builtin_NotImplemented": NotImplemented, "builtin_Ellipsis": Ellipsis}
+CONSTRUCTORS = {k: (_no_stand_ins(fn), newobj, finish, target) for k, (fn, newobj, finish, target) in CONSTRUCTORS.items()}
+CONSTANTS = {"builtin_NotImplemented": NotImplemented, "builtin_Ellipsis": Ellipsis}

@@ -100,7 +100,7 @@ def _fill(buckets: dict[int, list[Any]], keys: list[Any]) -> None:
                 "a hash-collision attack, which would make loading take quadratic time")
 
 
-def graph_depth(meter: Meter, root: Any, leaf_types: tuple[type, ...]) -> None:
+def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
     """Refuse an object graph whose longest path (cycles cut) is deeper than the budget allows.
 
     Iterative post-order walk, each container visited once: O(objects + references), charged as steps.
@@ -148,22 +148,32 @@ def graph_depth(meter: Meter, root: Any, leaf_types: tuple[type, ...]) -> None:
 
 
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
+_SCALAR_SET = frozenset(_SCALARS)
 
 
-def _children(obj: Any, leaf_types: tuple[type, ...]) -> Any:
-    """The objects ``obj`` refers to, as an indexable sequence, or None for a leaf."""
+def _children(obj: Any, leaf_types: tuple[Any, ...]) -> Any:
+    """The objects ``obj`` refers to, as an indexable sequence, or None for a leaf. A container of leaves
+    only (a tuple of 100k strings, a state dict of tensors) has no children to walk: ``()``, found by a
+    pass over the element types at C speed."""
     t = type(obj)
-    if t in _SCALARS:
+    if t in _SCALAR_SET:
         return None
     if t is list or t is tuple:
-        return obj
-    if isinstance(obj, dict):
+        seq: Any = obj
+    elif isinstance(obj, dict):
         d = getattr(obj, "__dict__", None)
-        items = [*obj.keys(), *obj.values()]
-        return items + list(d.values()) if d else items
-    if isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
-        return list(obj)
-    if isinstance(obj, type) or isinstance(obj, leaf_types):
+        seq = [*obj.keys(), *obj.values()]
+        if d:
+            seq += list(d.values())
+    elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+        seq = list(obj)
+    elif isinstance(obj, type) or isinstance(obj, leaf_types):
         return None
-    d = getattr(obj, "__dict__", None)
-    return list(d.values()) if isinstance(d, dict) and d else None
+    else:
+        d = getattr(obj, "__dict__", None)
+        if not isinstance(d, dict) or not d:
+            return None
+        seq = list(d.values())
+    if len(seq) > 8 and all(k in _SCALAR_SET or issubclass(k, leaf_types) for k in set(map(type, seq))):
+        return ()
+    return seq

@@ -37,7 +37,6 @@ from .torch_rebuild import _Marker
 __all__ = ["Unpickler", "GlobalRef", "MISSING", "MAX_PROTOCOL"]
 
 MAX_PROTOCOL = 5
-MAX_MEMO_GAP = 1 << 16  # a PUT may skip at most this many unused memo slots
 MAX_GLOBAL_NAME = 1024
 
 
@@ -261,10 +260,10 @@ class Unpickler:
             memo[idx] = value
         else:
             gap = idx - len(memo)
-            if gap > MAX_MEMO_GAP:
-                raise LimitExceededError(
-                    f"memo index {idx} lies {gap} slots beyond the {len(memo)} entries stored so far (at most "
-                    f"{MAX_MEMO_GAP} may be skipped)", offset=self.pos, member=self.member)
+            if gap > self.policy.budget.memo_gap:
+                raise self.policy.budget.exceeded(
+                    "memo_gap", gap, self.policy.budget.memo_gap,
+                    f"memo index {idx} lies {gap} slots beyond the {len(memo)} entries stored so far")
             if gap:
                 self.meter.materialise(8 * gap, "memo")
                 memo.extend([MISSING] * gap)

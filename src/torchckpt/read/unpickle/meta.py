@@ -93,7 +93,6 @@ class TensorMeta:
         """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor."""
         import torch
 
-
         offset = self.storage.data_offset() if self.storage is not None else None
         if offset is None:
             raise CorruptCheckpointError("tensor data location unknown (structure-only read)")
@@ -121,13 +120,14 @@ def check_int(value: Any, what: str) -> int:
 
 def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
-    as_int = check_int
-
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
         raise CorruptCheckpointError("tensor size and stride must be tuples")
-    offset = as_int(offset, "storage offset")
-    size = tuple(as_int(s, "tensor size") for s in size)
-    stride = tuple(as_int(s, "tensor stride") for s in stride)
+    if type(offset) is int and all(type(s) is int for s in size) and all(type(s) is int for s in stride):
+        size, stride = tuple(size), tuple(stride)  # the common case, once per tensor: no per-element calls
+    else:
+        offset = check_int(offset, "storage offset")
+        size = tuple(check_int(s, "tensor size") for s in size)
+        stride = tuple(check_int(s, "tensor stride") for s in stride)
     if len(size) != len(stride) or len(size) > 64:
         raise CorruptCheckpointError(f"tensor with {len(size)} sizes and {len(stride)} strides")
     if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
@@ -201,9 +201,10 @@ def rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any,
 
 
 def rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
-    if isinstance(data, TensorMeta):
-        data.is_parameter = True
-        data.requires_grad = bool(requires_grad)
+    if not isinstance(data, TensorMeta):  # as the build rebuilder refuses anything but a tensor
+        raise CorruptCheckpointError(f"Parameter rebuilt from a {type(data).__name__}")
+    data.is_parameter = True
+    data.requires_grad = bool(requires_grad)
     return data
 
 

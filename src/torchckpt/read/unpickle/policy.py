@@ -62,6 +62,7 @@ torch.utils.collect_env torch.utils.bottleneck torch.utils.model_zoo torch.utils
 torch.utils.data.datapipes torch.utils.benchmark torch.export torch._export torch.onnx torch.compiler
 torch.fx.experimental.symbolic_shapes torch.utils.tensorboard
 numpy.lib._npyio_impl numpy.lib._datasource numpy._pytesttester sympy.parsing
+uuid test curses wsgiref smtpd asyncore asynchat jsonpickle
 """.split())
 
 # Private (leading underscore) stdlib modules are implementation details: only these are plain data.
@@ -115,7 +116,7 @@ debug_script debug_src testsource script_from_examples _run_pip _read_cmd_output
 _get_command_stdout compile_file load_config load_library load_inline load_url load_state_dict_from_url
 execWrapper evaluate_guards_expression evaluate_guards_for_args get_entity fetch_completions fetch_tip
 resolve_name locate safeimport importfile find_spec exec_module spawn fromfile tofile load_npz savez memmap
-get_server_certificate urlopen urlretrieve Popen getoutput
+get_server_certificate urlopen urlretrieve Popen getoutput read_text read_bytes mkdir rename iterdir rglob
 """.split())
 
 # builtins is allowlist-only: every other name in it is treated as dangerous.
@@ -242,7 +243,8 @@ def _is_torch_value(module: str, name: str) -> bool:
     """dtype / layout / memory-format constants and legacy storage classes."""
     if module == "torch" and name in _TORCH_DTYPE_NAMES:
         return True
-    return module in ("torch", "torch.cuda") and name.endswith("Storage") and name.isidentifier()
+    return (module in ("torch", "torch.cuda") and name.endswith("Storage") and name.isidentifier()) or \
+        (module, name) == ("torch.storage", "UntypedStorage")  # torch.save's storages of uint16..64 and float8
 
 
 _NUMPY_SCALAR_TYPES = frozenset("""

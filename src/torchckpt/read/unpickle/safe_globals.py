@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 import re
 import types
 from typing import Any, Callable
@@ -229,6 +230,26 @@ def _attr(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _arity(fn: Callable[..., Any]) -> tuple[int, int]:
+    params = inspect.signature(fn).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    most = 1 << 30 if any(p.kind is p.VAR_POSITIONAL for p in params) else len(positional)
+    return sum(p.default is p.empty for p in positional), most
+
+
+def _like(build: Callable[..., Any], structure: Callable[..., Any]) -> Callable[..., Any]:
+    """``structure`` (the torch-free rebuilder) called as ``build`` would be: the same arguments are refused in
+    both modes, so scan (structure) refuses exactly what load (build) refuses."""
+    least, most = _arity(build)
+    name = getattr(build, "__name__", "rebuilder")
+
+    def call(*args: Any) -> Any:
+        if not least <= len(args) <= most:
+            raise _bad(f"{name}() takes {least} to {most} arguments, the pickle gives {len(args)}")
+        return structure(*args)
+    return _plain(call)
+
+
 def _meta_factories() -> dict[str, Callable[[], Any]]:
     from . import meta
 
@@ -238,19 +259,19 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
         return u.call(func, args, u.pos)
 
     return {
-        "rebuild_tensor": _safe("torch._utils._rebuild_tensor", _plain(meta.rebuild_tensor)),
-        "rebuild_tensor_v2": _safe("torch._utils._rebuild_tensor_v2", _plain(meta.rebuild_tensor)),
-        "rebuild_tensor_v3": _safe("torch._utils._rebuild_tensor_v3", _plain(meta.rebuild_tensor_v3)),
-        "rebuild_parameter": _safe("torch._utils._rebuild_parameter", _plain(meta.rebuild_parameter)),
+        "rebuild_tensor": _safe("torch._utils._rebuild_tensor", _like(rebuild_tensor, meta.rebuild_tensor)),
+        "rebuild_tensor_v2": _safe("torch._utils._rebuild_tensor_v2", _like(rebuild_tensor_v2, meta.rebuild_tensor)),
+        "rebuild_tensor_v3": _safe("torch._utils._rebuild_tensor_v3", _like(rebuild_tensor_v3, meta.rebuild_tensor_v3)),
+        "rebuild_parameter": _safe("torch._utils._rebuild_parameter", _like(rebuild_parameter, meta.rebuild_parameter)),
         "rebuild_parameter_with_state": _safe("torch._utils._rebuild_parameter_with_state",
-                                              _plain(meta.rebuild_parameter)),
+                                              _like(rebuild_parameter_with_state, meta.rebuild_parameter)),
         "rebuild_device_tensor_from_numpy": _safe("torch._utils._rebuild_device_tensor_from_numpy",
-                                                  _plain(meta.rebuild_device_tensor_from_numpy)),
+                                                  _like(rebuild_device_tensor_from_numpy, meta.rebuild_device_tensor_from_numpy)),
         "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
-                                                _plain(meta.rebuild_meta_tensor_no_storage)),
+                                                _like(rebuild_meta_tensor_no_storage, meta.rebuild_meta_tensor_no_storage)),
         "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
         "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
-        "get_layout": _safe("torch.serialization._get_layout", _plain(meta.layout_name)),
+        "get_layout": _safe("torch.serialization._get_layout", _like(get_layout, meta.layout_name)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
         "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
@@ -278,7 +299,8 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
                 if key in _META:
                     return _META[key]()
             return FACTORIES[key]()
-        if cname.endswith("Storage") and cmod in ("torch", "torch.cuda"):
+        if cname.endswith("Storage") and cmod in ("torch", "torch.cuda") or (cmod, cname) == ("torch.storage",
+                                                                                             "UntypedStorage"):
             return _storage_type(cname)
         if cmod == "torch":
             if mode is not Mode.BUILD:

@@ -191,4 +191,9 @@ def stub_to_plain(obj: Any, max_depth: int = MAX_PLAIN_DEPTH) -> Any:
         done[key] = out
         return out
 
-    return convert(obj, 0)
+    try:
+        return convert(obj, 0)
+    except RecursionError:  # a max_depth above what Python's stack allows
+        raise LimitExceededError(f"object nesting too deep to convert stubs to plain data (max_depth={max_depth} "
+                                 "is beyond Python's recursion limit)",
+                                 hint="Pass a smaller max_depth, or raise sys.setrecursionlimit.") from None

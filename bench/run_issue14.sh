@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every row of issue 14's table, baseline in the same run, at 5 MiB and 1 GiB (4 GiB with --big),
+# with 1 torch thread and with the default, medians of --repeats fresh processes, peak RSS and CPU seconds.
+#
+#   bench/run_issue14.sh [--repeats 5] [--dir /tmp] [--sizes "5 1024"] [--big] [--only "save convert"]
+#
+# Rows -> scripts: load_into meta/safetensors/zip -> bench_load_into.py; torchckpt.save, sync and async
+# Checkpointer.save -> bench_save.py; diff --values -> bench_diff.py; convert legacy -> bench_convert.py.
+# Needs free disk of about 4x the size (load_into writes zip, legacy and safetensors copies) and RAM of
+# about 3x. Run on a quiet machine: each case is timed in its own fresh process, one at a time.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
+repeats=5 dir="" sizes="5 1024" only="load_into save convert diff"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeats) repeats="$2"; shift 2 ;;
+    --dir) dir="$2"; shift 2 ;;
+    --sizes) sizes="$2"; shift 2 ;;
+    --big) sizes="$sizes 4096"; shift ;;
+    --only) only="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+cd "$here"
+python3 -c "import torch, safetensors; print('torch', torch.__version__, 'safetensors', safetensors.__version__)"
+nproc; uname -r
+for size in $sizes; do
+  for threads in 1 0; do
+    for bench in $only; do
+      echo
+      echo "=== bench_$bench.py --size-mib $size --threads $threads (0: default) --repeats $repeats"
+      python3 "bench_$bench.py" --size-mib "$size" --repeats "$repeats" --threads "$threads" ${dir:+--dir "$dir"}
+    done
+  done
+done
