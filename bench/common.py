@@ -110,6 +110,7 @@ def measure(code: str, repeats: int = 3) -> dict:
     res = {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
     if len(cpus) == len(times):
         res["cpu"] = statistics.median(cpus)
+    print(f"  ... case done: {res}", file=sys.stderr, flush=True)  # progress (the table comes at the end)
     return res
 
 

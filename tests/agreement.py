@@ -235,11 +235,14 @@ def _mutate_safetensors_header(data: bytes, rng: random.Random) -> bytes | None:
     except Exception:  # noqa: BLE001
         return None
 
+    def value():  # a fresh copy: a shared list edited in two places would make the header circular
+        return json.loads(json.dumps(rng.choice(_JSON_VALUES)))
+
     def edit(node, depth=0):
         if isinstance(node, dict) and node:
             key = rng.choice(sorted(node))
             if depth and rng.random() < 0.4:
-                node[key] = rng.choice(_JSON_VALUES)
+                node[key] = value()
             elif rng.random() < 0.1:
                 node[key + "_"] = node.pop(key)
             else:
@@ -247,9 +250,9 @@ def _mutate_safetensors_header(data: bytes, rng: random.Random) -> bytes | None:
             return node
         if isinstance(node, list) and node:
             i = rng.randrange(len(node))
-            node[i] = rng.choice(_JSON_VALUES) if rng.random() < 0.7 else edit(node[i], depth + 1)
+            node[i] = value() if rng.random() < 0.7 else edit(node[i], depth + 1)
             return node
-        return rng.choice(_JSON_VALUES)
+        return value()
 
     for _ in range(rng.randint(1, 3)):
         header = edit(header)

@@ -76,6 +76,34 @@ def test_a_sidecar_that_cannot_be_written_leaves_no_data_file(tmp_path, net):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".uncommitted") or ".tmp-" in n]
 
 
+def test_retention_that_cannot_remove_an_old_checkpoint_warns_and_keeps_the_new_one(tmp_path, net):
+    from torchckpt.train.checkpointer import RetentionWarning
+
+    ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(1, model=net)
+    os.mkdir(tmp_path / ".ckpt-0000000001.pt.uncommitted")  # the intent marker of its removal cannot be created
+    with pytest.warns(RetentionWarning, match="saved ckpt-0000000002.pt, but could not remove the old ckpt-0000000001"):
+        ckpt.save(2, model=net)
+    assert [c.step for c in ckpt.checkpoints()] == [1, 2]
+    os.rmdir(tmp_path / ".ckpt-0000000001.pt.uncommitted")
+    ckpt.save(3, model=net)  # the next save removes both
+    assert [c.step for c in ckpt.checkpoints()] == [3]
+
+
+def test_a_full_disk_before_the_first_save_is_a_write_error(tmp_path):
+    with _mounted_tmpfs(tmp_path / "full", "size=1m") as mounted:
+        if not mounted:  # no right to mount: a file-size limit cannot fill a disk; the tmpfs cases cover the rest
+            return
+        (tmp_path / "full" / "run").mkdir()
+        with open(tmp_path / "full" / "fill", "wb", buffering=0) as fh:  # every page of the file system taken
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 4096)
+        with pytest.raises(CheckpointWriteError, match="the disk is full"):
+            torchckpt.Checkpointer(tmp_path / "full" / "run").save(1, model=torch.nn.Linear(2, 2))
+        assert not [n for n in os.listdir(tmp_path / "full" / "run") if n.startswith("ckpt-")]
+
+
 @pytest.mark.parametrize("where", ["before-sidecar", "inside-retention"])
 def test_a_kill_inside_the_protocol_leaves_nothing_uncommitted(tmp_path, where):
     res = _worker("kill-at", where, str(tmp_path))
@@ -276,6 +304,9 @@ def test_new_subdir_under_a_read_only_parent(tmp_path):
             with pytest.raises(CheckpointWriteError) as info:
                 torchckpt.Checkpointer(parent / "run")
             assert "not writable" in str(info.value) and "run" in str(info.value)
+            with pytest.raises(CheckpointWriteError) as info:
+                torchckpt.save(parent / "single.pt", model=torch.nn.Linear(2, 2))
+            assert info.value.path == str(parent / "single.pt") and "not writable" in str(info.value)
             return
     # root without the right to mount: the same check from a process that gave up root
     work = tempfile.mkdtemp()

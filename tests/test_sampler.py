@@ -111,3 +111,19 @@ def test_malformed_state_is_a_value_error(state, why):
     with pytest.raises(ValueError, match=why):
         sampler.load_state_dict(state)
     assert (sampler.epoch, sampler.consumed) == (0, 0)
+
+
+def test_a_sampler_in_use_can_be_copied_and_pickled():
+    import copy
+    import pickle
+
+    sampler = torchckpt.ResumableSampler(N, seed=5)
+    loader = _loader(sampler, 2)
+    it = iter(loader)
+    next(it)
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert (clone.epoch, clone.consumed) == (0, 4)
+        assert list(clone) == sampler.order(0)[4:]
+    assert (sampler.epoch, sampler.consumed) == (0, 4)  # the original still tracks its loader
+    next(it)
+    assert sampler.consumed == 8

@@ -169,8 +169,9 @@ def test_every_front_end_runs_under_the_budget(tmp_path, front_end):
            "diff": lambda **kw: torchckpt.diff(path, path, **kw)}
     tight = Policy(budget=Budget(depth=100))
     if front_end == "scan":
-        report = torchckpt.scan(path)
-        assert report.files[0].status == "clean"  # within the default budget
+        assert torchckpt.scan(path).files[0].status == "clean"  # within the default budget
+        tight_scan = torchckpt.scan(path, policy=tight).files[0]
+        assert tight_scan.status == "unreadable" and "Budget(depth=" in str(tight_scan.to_dict())
         return
     run[front_end]()  # within the default budget
     with pytest.raises(LimitExceededError, match="depth") as info:

@@ -108,6 +108,14 @@ GADGETS = {
     "wsgiref": ("wsgiref.simple_server", "make_server", lambda t: ["127.0.0.1", 0, "x"]),
     "curses": ("curses", "wrapper", lambda t: ["x"]),
     "smtpd": ("smtpd", "SMTPServer", lambda t: [("127.0.0.1", 0), None]),
+    "idlelib_debugobj": ("idlelib.debugobj", "ObjectTreeItem.SetText", lambda t: [_python(t)]),
+    "idlelib_executive": ("idlelib.run", "Executive.runcode", lambda t: [_python(t)]),
+    "lib2to3_pgen": ("lib2to3.pgen2.pgen", "ParserGenerator.make_label", lambda t: ["x", _python(t)]),
+    "asyncio_transport": ("asyncio.unix_events", "_UnixSubprocessTransport", lambda t: [_command(t)]),
+    "f2py_getlincoef": ("numpy.f2py.crackfortran", "getlincoef", lambda t: [_python(t), {}]),
+    "http_client": ("http.client", "HTTPSConnection", lambda t: ["127.0.0.1", 9]),
+    "pip_internal": ("pip._internal.cli.main", "main", lambda t: [["--version"]]),
+    "magic_number_eval": ("builtins", "eval", lambda t: ["0x1950A86A20F9469CFC6C"]),
 }
 
 
@@ -120,6 +128,8 @@ def _arg(value) -> bytes:
         return b"(" + b"".join(_arg(v) for v in value) + b"t"
     if isinstance(value, list):
         return b"(" + b"".join(_arg(v) for v in value) + b"l"
+    if isinstance(value, dict):
+        return b"}"
     assert value is None
     return b"N"
 

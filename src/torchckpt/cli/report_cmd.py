@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.html_report import MissingExtraError, report, require_extra
 from .codes import EXIT_OK
 from .output import Output
 from .plan import build_model
+from .storage_opt import storage_option
 
 
 @click.command("report")
@@ -16,7 +19,9 @@ from .plan import build_model
 @click.option("--against", metavar="MODULE:FACTORY", help="Show the load plan into the model this factory builds.")
 @click.option("--diff", "other", metavar="OTHER", help="Show the per-layer relative change against another checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as one JSON document too.")
-def command(checkpoint: str, output: str, against: str | None, other: str | None, as_json: bool) -> int:
+@storage_option
+def command(checkpoint: str, output: str, against: str | None, other: str | None, as_json: bool,
+            storage_options: dict[str, Any] | None) -> int:
     """Write one HTML file showing what CHECKPOINT holds: format, safety verdict, totals, a treemap of
     the bytes, per-tensor statistics and health warnings, and optionally a load plan and a diff.
 
@@ -32,6 +37,7 @@ def command(checkpoint: str, output: str, against: str | None, other: str | None
         model = build_model(against)
     out = Output(json_mode=as_json)
     with out.task("reading tensors") as progress:
-        result = report(checkpoint, against=model, diff=other, output=output, progress=progress)
+        result = report(checkpoint, against=model, diff=other, output=output, progress=progress,
+                        storage_options=storage_options)
     out.show(result)  # str(): the text summary (render() is the HTML page)
     return EXIT_OK

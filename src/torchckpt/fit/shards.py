@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..read.unpickle.meta import TensorMeta
+from ..errors import CorruptCheckpointError
+from ..read.tensors import TensorMeta, release
 
 __all__ = ["is_sharded", "shard_like"]
 
@@ -50,26 +51,14 @@ def shard_like(value: Any, target: Any, src: Any = None) -> Any:
     local.copy_(part)
     del part
     if isinstance(value, torch.Tensor):
-        _release(src, value)
+        release(src, value)  # the mapped file's pages were only a way through
     return DTensor.from_local(local, mesh, target.placements, run_check=False, shape=target.shape,
                               stride=target.stride())
-
-
-def _release(src: Any, value: Any) -> None:
-    """Drop the pages of the mapped file that ``value`` views (it was only a way through)."""
-    if src is None or value.device.type != "cpu":
-        return
-    storage = value.untyped_storage()
-    ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    if nbytes and src.maps(ptr, nbytes):
-        src.release_pointer(ptr, nbytes)
 
 
 def _read_region(meta: TensorMeta, src: Any, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
     """The sub-tensor ``[offsets : offsets + sizes]`` of a tensor in a file, reading only its byte span."""
     import torch
-
-    from ..errors import CorruptCheckpointError
 
     dtype = meta.torch_dtype()
     if 0 in sizes:

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
-from ..train.checkpointer import _to_cpu_copy
+from ..train.checkpointer import cpu_snapshot
 from ..train.restore import load_payload
 from ..train.training import FORMAT, discard, verify, write_payload
 
@@ -70,7 +70,7 @@ class TorchckptIO(CheckpointIO):
             write_payload(path, checkpoint)
             return
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
-        snapshot = _to_cpu_copy(checkpoint, self._buffers)
+        snapshot = cpu_snapshot(checkpoint, self._buffers)
         self._pending = self._pool().submit(write_payload, path, snapshot)
 
     def remove_checkpoint(self, path: Any) -> None:

@@ -21,7 +21,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from typing import IO, Any, Callable, Iterator, cast
+from typing import IO, Any, Callable, Iterator
 
 from ..errors import CheckpointNotFoundError, CheckpointWriteError
 from . import atomic
@@ -72,9 +72,9 @@ def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> It
     target = inner if direct else _temp_name(inner)
     with remote_errors(path, "write", storage_options):
         raw = fs.open(target, "wb")
-    counting = _CountingWriter(raw)
+    counted = _CountingWriter(raw)
     try:
-        yield cast(IO[bytes], counting)  # duck-typed: write() is counted, everything else delegates
+        yield counted  # type: ignore[misc]
     except BaseException:
         _discard(fs, raw, target, direct)
         raise
@@ -84,8 +84,8 @@ def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> It
             fs.mv(target, inner)
         fs.invalidate_cache(inner)
         arrived = fs.info(inner).get("size")
-    if arrived != counting.written:
-        raise CheckpointWriteError(f"the upload did not arrive whole: wrote {counting.written} bytes, the store holds "
+    if arrived != counted.written:
+        raise CheckpointWriteError(f"the upload did not arrive whole: wrote {counted.written} bytes, the store holds "
                                    f"{arrived}", path=path, hint="Retry the save; the previous checkpoints are intact.")
 
 

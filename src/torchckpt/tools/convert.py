@@ -102,14 +102,14 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
-    target_dtype = _torch_dtype(dtype) if dtype else None
+    target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
                          storage_options=storage_options) as loaded:
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree, classes = _part(loaded.obj, key, weights_only, changes)
+        tree, classes = part_to_write(loaded.obj, key, weights_only, changes)
         tensors = flatten(tree)
         if target_dtype is not None:
             cast = sum(1 for _, t in tensors if _is_float(t) and dtype_name(t) != dtype_name(target_dtype))
@@ -117,7 +117,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
                 changes[f"floating-point tensors cast to {dtype_name(target_dtype)}"] += cast
         if to == "safetensors" or target_dtype is not None:
             _check_dense(tensors, source.size, to, target_dtype)
-        materialize = _Materializer(source, target_dtype)
+        materialize = Materializer(source, target_dtype)
         if to == "safetensors":
             metadata = {"format": "pt"}
             if classes:
@@ -159,7 +159,7 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     return report
 
 
-def _part(obj: Any, key: str | None, weights_only: bool, changes: Counter[str]) -> tuple[Any, dict[str, str]]:
+def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter[str]) -> tuple[Any, dict[str, str]]:
     """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model."""
     if weights_only:
         return select(obj, key).state_dict, {}
@@ -203,7 +203,7 @@ def _itemsize(t: Any) -> int:
     return int(t.dtype.itemsize)
 
 
-def _torch_dtype(name: str) -> Any:
+def float_dtype(name: str) -> Any:
     import torch  # lazy: only a cast needs torch's dtype objects
 
     value = getattr(torch, dtype_name(name), None)
@@ -314,7 +314,7 @@ def _is_float(t: Any) -> bool:
     return dtype_name(t).startswith(("float", "bfloat", "half"))
 
 
-class _Materializer:
+class Materializer:
     """Source tensor -> CPU tensor in the output dtype; ``release`` drops mapped pages once it was used."""
 
     def __init__(self, source: Any, target_dtype: Any) -> None:
@@ -380,7 +380,7 @@ def _identity(t: Any) -> tuple[Any, ...]:
 
 
 def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict[str, str],
-                       materialize: _Materializer, progress: Progress | None, report: ConvertReport) -> int:
+                       materialize: Materializer, progress: Progress | None, report: ConvertReport) -> int:
     import torch
 
     first: dict[tuple[Any, ...], str] = {}
@@ -437,7 +437,7 @@ def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
     return dtype_name(materialize(torch.empty(0, dtype=getattr(torch, dtype))))
 
 
-def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: _Materializer,
+def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: Materializer,
             report: ConvertReport) -> None:
     """Reload the output and compare every tensor with the source bit for bit, one tensor at a time."""
     if to == "pt":

@@ -24,7 +24,7 @@ from ..fit.tree import flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
-from .convert import ConvertReport, Progress, _Materializer, _part, _torch_dtype
+from .convert import ConvertReport, Materializer, Progress, float_dtype, part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits
 
@@ -58,20 +58,20 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
     dst = os.fspath(dst)
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
-    target_dtype = _torch_dtype(dtype) if dtype else None
+    target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded:
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree, classes = _part(loaded.tree, key, weights_only, changes)
+        tree, classes = part_to_write(loaded.tree, key, weights_only, changes)
         if classes:
             report.notes.append("module classes are not kept in a DCP directory: " +
                                 ", ".join(sorted(set(classes.values())))[:200])
         if not isinstance(tree, dict):
             tree = {"state": tree}
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
-        materialize = _Materializer(source, target_dtype)
+        materialize = Materializer(source, target_dtype)
         tensors = flatten(tree)
         sources: dict[int, Any] = {}
         plan_tree = _placeholders(tree, sources, materialize)
@@ -93,7 +93,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
     return report
 
 
-def _out_itemsize(t: Any, materialize: _Materializer) -> int:
+def _out_itemsize(t: Any, materialize: Materializer) -> int:
     import torch
 
     dtype = t.torch_dtype() if hasattr(t, "torch_dtype") else t.dtype
@@ -102,7 +102,7 @@ def _out_itemsize(t: Any, materialize: _Materializer) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _placeholders(tree: Any, sources: dict[int, Any], materialize: _Materializer) -> Any:
+def _placeholders(tree: Any, sources: dict[int, Any], materialize: Materializer) -> Any:
     """The tree with every tensor replaced by a ``meta`` tensor of the output shape and dtype."""
     import torch
 
@@ -129,7 +129,7 @@ def _planner_class() -> Any:
     class _StreamingPlanner(DefaultSavePlanner):
         """DCP's default planner, except that a tensor's data is read when the writer asks for it."""
 
-        def __init__(self, sources: dict[int, Any], materialize: _Materializer, progress: Progress | None,
+        def __init__(self, sources: dict[int, Any], materialize: Materializer, progress: Progress | None,
                      total: int) -> None:
             super().__init__()
             self._sources, self._materialize, self._progress, self._total = sources, materialize, progress, total
@@ -164,7 +164,7 @@ def _planner_class() -> Any:
     return _StreamingPlanner
 
 
-def _verify(dst: str, tensors: list[tuple[str, Any]], materialize: _Materializer, report: ConvertReport) -> None:
+def _verify(dst: str, tensors: list[tuple[str, Any]], materialize: Materializer, report: ConvertReport) -> None:
     """Read the directory back with torchckpt's DCP reader; compare every tensor, one at a time."""
     with open_checkpoint(dst, Mode.BUILD, lazy=True) as loaded:
         written = dict(flatten(loaded.tree))

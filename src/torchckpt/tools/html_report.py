@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError
 from ..fit.align import align_keys
@@ -25,6 +25,7 @@ from ..read.tensors import TensorMeta, release, to_torch
 from ..read.unpickle.mode import Mode
 from ..read.trust import Policy, resolve_policy
 from ..storage.atomic import atomic_write
+from ..storage.remote import is_url
 from ..storage.source import SourceLike
 from .inspection import InspectReport, inspect
 from .report_page import render_page
@@ -151,7 +152,8 @@ def require_extra() -> None:
 def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None = None,
            output: str | os.PathLike[str] | None = None, policy: Policy | None = None, trust: bool = False,
            allow: Iterable[str] | str | None = None, bins: int = BINS, histograms: int = HISTOGRAMS,
-           progress: Callable[[int, int], None] | None = None) -> CheckpointReport:
+           progress: Callable[[int, int], None] | None = None,
+           storage_options: Mapping[str, Any] | None = None) -> CheckpointReport:
     """Build the visual report of ``source``; with ``output`` also write the HTML page there.
 
     Args:
@@ -161,20 +163,22 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
         bins: histogram bins for the ``histograms`` largest floating-point layers.
         progress: ``progress(done, total)`` after each tensor read.
         policy, trust, allow: what the file's pickles may import, as in :func:`torchckpt.load`.
+        storage_options: for URL sources (``s3://`` ...), as in :func:`torchckpt.load`.
 
     Tensors are read one at a time and released, so memory stays near the largest tensor.
     """
     if output is not None:
         require_extra()
     policy = resolve_policy(policy, trust, allow)
-    info = inspect(source, policy=policy)
+    so = storage_options
+    info = inspect(source, policy=policy, storage_options=so)
     result = CheckpointReport(info=info)
-    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
-        file_scan = scan(source).files[0]
+    if isinstance(source, (str, os.PathLike)) and (is_url(os.fspath(source)) or os.path.exists(source)):
+        file_scan = scan(source, storage_options=so).files[0]
         result.safety = file_scan.status
         result.findings = [f.message for f in file_scan.findings] + ([file_scan.error] if file_scan.error else [])
     result.training = _training_values(info)
-    with _tensor_stream(source, policy) as items:
+    with _tensor_stream(source, policy, so) as items:
         total = len(items)
         largest = {k for k, _ in sorted(((k, _nbytes(t)) for k, t, _ in items), key=lambda kv: -kv[1])[:histograms]}
         for n, (key, t, materialize) in enumerate(items, 1):
@@ -186,9 +190,9 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
                 progress(n, total)
     result.warnings = health_warnings(result.stats)
     if against is not None:
-        _plan(result, source, against, policy)
+        _plan(result, source, against, policy, so)
     if diff is not None:
-        _diff(result, source, diff, policy, progress)
+        _diff(result, source, diff, policy, progress, so)
     if output is not None:
         result.save(output)
     return result
@@ -225,8 +229,8 @@ class _tensor_stream:
     at a time, and the mapped pages of the previous tensor are released before the next one.
     """
 
-    def __init__(self, source: SourceLike, policy: Policy) -> None:
-        self._open = open_checkpoint(source, Mode.BUILD, policy, lazy=True)
+    def __init__(self, source: SourceLike, policy: Policy, storage_options: Mapping[str, Any] | None = None) -> None:
+        self._open = open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options)
         self.reader: Any = None
         self._last: Any = None
 
@@ -264,18 +268,21 @@ def _training_values(info: InspectReport) -> list[tuple[str, str]]:
     return out[:40]
 
 
-def _plan(result: CheckpointReport, source: SourceLike, against: Any, policy: Policy) -> None:
+def _plan(result: CheckpointReport, source: SourceLike, against: Any, policy: Policy,
+          storage_options: Mapping[str, Any] | None = None) -> None:
     model = against() if callable(against) and not hasattr(against, "state_dict") else against
     try:
-        result.plan = load_into(model, source, strict=False, on_mismatch="skip", dry_run=True, policy=policy)
+        result.plan = load_into(model, source, strict=False, on_mismatch="skip", dry_run=True, policy=policy,
+                                storage_options=storage_options)
     except CheckpointError as exc:
         result.plan_error = str(exc)
 
 
 def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, policy: Policy,
-          progress: Callable[[int, int], None] | None) -> None:
+          progress: Callable[[int, int], None] | None, storage_options: Mapping[str, Any] | None = None) -> None:
     result.other = other if isinstance(other, str) else os.fspath(other) if isinstance(other, os.PathLike) else "<other>"
-    with _tensor_stream(source, policy) as mine, _tensor_stream(other, policy) as theirs:
+    with _tensor_stream(source, policy, storage_options) as mine, \
+            _tensor_stream(other, policy, storage_options) as theirs:
         a = {k: (t, m) for k, t, m in mine}
         b = {k: (t, m) for k, t, m in theirs}
         shapes_a = {k: tuple(t.shape) for k, (t, _) in a.items()}

@@ -31,11 +31,15 @@ from .restore import resume_file
 from .training import TrainingState, capture, verify, write_payload
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
-           "SkippedCheckpointWarning"]
+           "SkippedCheckpointWarning", "RetentionWarning"]
 
 
 class SkippedCheckpointWarning(UserWarning):
     """A damaged or incomplete checkpoint was skipped while resuming (the previous one was used)."""
+
+
+class RetentionWarning(UserWarning):
+    """A checkpoint was saved, but an old one that retention would remove could not be removed."""
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -212,7 +216,7 @@ class Checkpointer:
             self._commit(path, payload)
             return path
         ready: list[Any] = []
-        snapshot = _to_cpu_copy(payload, self._buffers, ready)
+        snapshot = cpu_snapshot(payload, self._buffers, ready)
         with self._lock:
             self._pending = self._executor.submit(self._commit, path, snapshot, ready)
         return path
@@ -254,7 +258,13 @@ class Checkpointer:
             keep |= policy.keep(found)
         for c in found:
             if c.step not in keep:
-                distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
+                try:
+                    distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
+                except (OSError, CheckpointError) as exc:  # housekeeping: the new checkpoint is committed
+                    why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
+                    warnings.warn(f"torchckpt: saved {os.path.basename(found[-1].path)}, but could not remove the "
+                                  f"old {os.path.basename(c.path)} ({why}); it stays, and the next save tries "
+                                  "again", RetentionWarning, stacklevel=4)
         if self._remote is None:
             fsync_dir(self.directory)
 
@@ -369,12 +379,15 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
         if files.isdir(path, storage_options):
             return Checkpointer(path, storage_options=storage_options).resume(**kwargs)
         return resume_url(path, storage_options, **kwargs)
+    if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
+        state: TrainingState = distributed.resume_one(path, **kwargs)
+        return state
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)
     return resume_file(path, **kwargs)
 
 
-def _to_cpu_copy(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
+def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
     """Deep copy with every tensor copied to CPU memory (the blocking part of an async save).
 
     Tensors are copied into ``buffers`` (keyed by their place in the payload) when a buffer of the

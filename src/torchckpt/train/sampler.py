@@ -10,9 +10,13 @@ with ``num_workers > 0`` a ``DataLoader`` prefetches batches ahead of the loop (
 fetched the whole epoch before the loop's last steps). The sampler finds the ``DataLoader`` iterator
 that drives it when the first index is taken and reads that iterator's count of batches handed to
 the loop, so nothing needs to be counted by hand, mid-epoch or at an epoch boundary, with or
-without workers, persistent or not. An epoch whose batches the loop all received counts as done:
-the next pass is the next epoch. Iterated directly (no ``DataLoader``) or under a custom
-``batch_sampler``, the position is the number of indices handed out.
+without workers. An epoch counts as done once the loop has left it (its ``for`` ended or broke off
+after the last batch); saved at its last batch, inside the loop, it is the current epoch with every
+sample consumed, and the resumed run's first pass is empty, exactly as without workers. With
+``persistent_workers=True`` the loader does not tell when the loop left an epoch until the next one
+starts, so a save between two epochs records the finished one as fully consumed too. Iterated
+directly (no ``DataLoader``) or under a custom ``batch_sampler``, the position is the number of
+indices handed out.
 
 For a run that resumes bit-for-bit, the DataLoader needs two things:
 
@@ -211,6 +215,13 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         if p is not None and p.position(self.length)[0] == p.epoch:
             return self.length - p.start  # the size of the pass in progress
         return self.length - self.consumed
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry the position, not the DataLoader iterator being tracked."""
+        state = dict(self.__dict__)
+        state["_epoch"], state["_consumed"] = self._position()
+        state["_pass"] = None
+        return state
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

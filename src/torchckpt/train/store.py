@@ -188,8 +188,11 @@ class DirectoryLock:
                 path=os.path.dirname(self.path),
                 hint="Two runs saving into one directory would delete each other's checkpoints. Stop the other "
                      "run, close() its Checkpointer, or give this run its own directory.") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:  # who holds it, for the error a second writer gets; the lock itself does not need it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:  # a full disk: the save that follows reports it
+            pass
         self._fd = fd
 
     def try_acquire(self) -> bool:

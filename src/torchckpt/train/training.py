@@ -206,12 +206,14 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
 
 
 def _drop_old_sidecar(path: str) -> None:
+    if not os.path.lexists(meta_path(path)):  # (unlink on a read-only file system fails even for nothing)
+        return
     try:
         os.remove(meta_path(path))
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise write_error(meta_path(path), exc) from None
+        raise write_error(path, exc) from None
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -285,7 +287,7 @@ def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
     The digest is computed in the same pass over the same bytes (no second copy of the model in memory,
     no re-read of the file). Tensors that share memory are written once per name, as safetensors wants.
     """
-    import torch
+    import torch  # lazy, like the reader module (it imports numpy): only this format needs them
 
     from ..read.formats.simple import SAFETENSORS_DTYPES
 
