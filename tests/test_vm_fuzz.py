@@ -69,3 +69,31 @@ def test_torch_values_are_not_text_to_any_constructor(tmp_path, ctor, value):
 
     arg = call(glob("torch", "device"), s("cpu")) if value == "device" else glob("torch", "float32")
     assert check(_case(PROTO2 + call(glob(*ctor), arg) + STOP), str(tmp_path)) == "error"
+
+
+def test_whole_model_whose_parameter_is_a_stub(tmp_path):
+    """Found by the agreement run (50,000 inputs): a whole-model pickle whose parameter rebuilder is an unknown
+    global loads (the parameter is a stub) but inspect raised AttributeError on the stub's ``shape``."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(torch.nn.Linear(2, 2), buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert b"torch._utils\n_rebuild_parameter" in data
+                data = data.replace(b"torch._utils\n_rebuild_parameter", b"torch._utilz\n_rebuild_parameter")
+            dst.writestr(info, data)
+    from agreement import Case
+
+    assert check(Case("whole", {"f": out.getvalue()}), str(tmp_path)) == "ok"
+    import torchckpt
+
+    path = tmp_path / "input.bin"
+    report = torchckpt.inspect(path)
+    assert any(key == "weight" for key, *_ in report.values), report.values
