@@ -134,6 +134,8 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def send_head(self) -> Any:  # noqa: C901 - one linear protocol path
+        if self.command == "GET":
+            self.server.gets += 1  # type: ignore[attr-defined]
         if self.path.startswith("/private/"):
             self.send_error(403, "forbidden")
             return None
@@ -174,11 +176,13 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def http_server(root: str, *, ranges: bool = True) -> Iterator[Any]:
-    """Serve ``root`` on 127.0.0.1; ``server.sent`` counts body bytes, ``server.url`` is the base URL."""
+    """Serve ``root`` on 127.0.0.1; ``server.sent`` counts body bytes, ``server.gets`` GET requests,
+    ``server.url`` is the base URL."""
     handler = lambda *a, **k: _RangeHandler(*a, directory=root, **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
     server.ranges = ranges  # type: ignore[attr-defined]
     server.sent = 0  # type: ignore[attr-defined]
+    server.gets = 0  # type: ignore[attr-defined]
     server.url = f"http://{LOOPBACK}:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()

@@ -47,3 +47,42 @@ def test_load_into_a_fsdp2_model_from_one_file(tmp_path, fmt):
     else:  # mapped: each rank touches only its slice's pages
         torch.save(state, path)
     launch(load_sharded, 2, str(path), fmt == "bf16.pt")
+
+
+def wide_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(16)])  # 64 MiB
+
+
+def peak_while_loading(rank: int, world: int, path: str) -> float:
+    """MiB this rank's peak RSS rose by during load_into (the model's own memory allocated before)."""
+    import gc
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = wide_model()
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # peak := current RSS
+        fh.write("5")
+
+    def status(key: str) -> float:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(key)) / 1024
+
+    before = status("VmRSS")
+    torchckpt.load_into(model, path)
+    peak = status("VmHWM") - before
+    assert torch.equal(model[3].weight.full_tensor(), torch.load(path, weights_only=True)["3.weight"])
+    return peak
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_each_rank_reads_about_its_slice_not_the_whole_model(tmp_path, legacy):
+    """64 MiB of weights into FSDP2 on 2 ranks: no rank's memory grows by even its own half (32 MiB)."""
+    path = tmp_path / "wide.pt"
+    torch.save(wide_model().state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    peaks = launch(peak_while_loading, 2, str(path), timeout=120)
+    assert all(peak < 32 for peak in peaks.values()), peaks  # the whole model is 64 MiB; measured 12-18

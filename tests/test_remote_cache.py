@@ -79,3 +79,16 @@ def test_local_file_is_verified_in_place(tmp_path, net):
     assert torchckpt.download(str(tmp_path / "m.pt"), sha256=digest) == str(tmp_path / "m.pt")
     with pytest.raises(torchckpt.IntegrityError):
         torchckpt.load(tmp_path / "m.pt", sha256="1" * 64)
+
+
+def test_download_from_a_server_without_range(tmp_path, net, monkeypatch):
+    """python -m http.server answers every GET with the whole file: the download streams it once."""
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    digest = hashlib.sha256((tmp_path / "m.pt").read_bytes()).hexdigest()
+    monkeypatch.setenv("TORCHCKPT_CACHE", str(tmp_path / "cache"))
+    with http_server(str(tmp_path), ranges=False) as server:
+        out = torchckpt.load(f"{server.url}/m.pt", sha256=digest)
+        assert server.sent == (tmp_path / "m.pt").stat().st_size
+        assert all(torch.equal(out[k], v) for k, v in net.state_dict().items())
+        torchckpt.load(f"{server.url}/m.pt", sha256=digest)  # a hit: verified again, nothing moves
+        assert server.sent == (tmp_path / "m.pt").stat().st_size

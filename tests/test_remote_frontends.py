@@ -104,6 +104,9 @@ def test_write_front_ends_reach_the_server(s3):
     assert fs.info("fends/run/one.pt")["size"] == meta["size"]
     assert json.loads(fs.cat_file("fends/run/one.pt.meta.json"))["step"] == 3
     assert torchckpt.resume("s3://fends/run/one.pt", model=small_net(), storage_options=opts).step == 3
+    torchckpt.save("s3://fends/run/one.pt", model=net, step=4, storage_options=opts)  # the same key again
+    assert json.loads(fs.cat_file("fends/run/one.pt.meta.json"))["step"] == 4
+    assert torchckpt.resume("s3://fends/run/one.pt", model=small_net(), storage_options=opts).step == 4
     with torchckpt.Checkpointer("s3://fends/run/dir", storage_options=opts) as ckpt:
         ckpt.save(7, model=net)
     assert torchckpt.resume("s3://fends/run/dir", model=small_net(), storage_options=opts).step == 7

@@ -148,3 +148,19 @@ def test_kill_9_mid_upload_leaves_the_previous_checkpoint_latest(s3):
         [f"ckpt-{s:010d}.pt{x}" for s in (1, 3) for x in ("", ".meta.json")]
     staged = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"torchckpt-upload-{proc.pid}-")]
     assert staged == [], "the killed writer's local staging folder is removed by the next writer"
+
+
+def test_async_save_to_s3(s3, net):
+    fs, opts, _ = s3
+    with torchckpt.Checkpointer("s3://train/async", keep_last=2, async_save=True, storage_options=opts) as ckpt:
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                net.fc.bias.fill_(step)
+            assert ckpt.save(step, model=net) == f"s3://train/async/ckpt-{step:010d}.pt"  # returns before the upload
+            with torch.no_grad():
+                net.fc.bias.fill_(-1)  # changed at once: the snapshot, not the live model, is written
+        ckpt.wait()
+        assert [c.step for c in ckpt.checkpoints()] == [2, 3]
+    fresh = _perturbed()
+    assert torchckpt.resume("s3://train/async", model=fresh, storage_options=opts).step == 3
+    assert float(fresh.fc.bias.detach()[0]) == 3.0

@@ -72,9 +72,9 @@ def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> It
     target = inner if direct else _temp_name(inner)
     with remote_errors(path, "write", storage_options):
         raw = fs.open(target, "wb")
-    fh = _CountingWriter(raw)
+    counted = _CountingWriter(raw)
     try:
-        yield fh  # type: ignore[misc]
+        yield counted  # type: ignore[misc]
     except BaseException:
         _discard(fs, raw, target, direct)
         raise
@@ -84,8 +84,8 @@ def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> It
             fs.mv(target, inner)
         fs.invalidate_cache(inner)
         arrived = fs.info(inner).get("size")
-    if arrived != fh.written:
-        raise CheckpointWriteError(f"the upload did not arrive whole: wrote {fh.written} bytes, the store holds "
+    if arrived != counted.written:
+        raise CheckpointWriteError(f"the upload did not arrive whole: wrote {counted.written} bytes, the store holds "
                                    f"{arrived}", path=path, hint="Retry the save; the previous checkpoints are intact.")
 
 

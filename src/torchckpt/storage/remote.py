@@ -178,6 +178,8 @@ def remote_listing(url: str, storage_options: StorageOptions | None = None) -> l
 
 
 # --------------------------------------------------------------------------- ranged reads
+READ_AHEAD = 16 << 20  # bytes fetched at once for runs of small tensors (memory held: one block)
+
 class RemoteFile:
     """One remote object read by byte ranges. Servers that ignore ``Range`` are read once, whole."""
 
@@ -213,6 +215,9 @@ class RemoteFile:
             return b""
         if self._whole is not None:
             return self._whole[start:end]
+        base, block = self._block
+        if base <= start and end <= base + len(block):  # inside the read-ahead block (a zip's next local header)
+            return block[start - base:end - base]
         data = self._cat(start, end)
         if len(data) == end - start:
             return data
@@ -224,9 +229,11 @@ class RemoteFile:
         raise TruncatedCheckpointError(f"asked the server for bytes {start}..{end} and got {len(data)} bytes",
                                        path=self.url, expected_size=self.size)
 
-    def read_ahead(self, start: int, end: int, block: int = 4 << 20) -> bytes:
+    def read_ahead(self, start: int, end: int, block: int = READ_AHEAD) -> bytes:
         """:meth:`read_range` for tensor data: small reads are served from one cached ``block``, so
-        a run of small tensors stored one after the other costs one request, not one each."""
+        a run of small tensors stored one after the other (and, in a zip, the local headers between
+        them) costs one request, not one each. Only tensor reads fill the block: reading structure
+        (``inspect``) never fetches more than it asks for."""
         if end - start >= block:
             return self.read_range(start, end)
         base, data = self._block

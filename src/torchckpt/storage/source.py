@@ -302,6 +302,8 @@ class Source:
                                                    f"{nbytes} bytes at {offset}", expected_size=offset + nbytes,
                                                    actual_size=self.size)
                 done += got
+        elif self._bytes is not None:  # a view, not a sliced copy: the data is in memory once more, not twice
+            view[:] = np.frombuffer(memoryview(self._bytes)[offset:offset + nbytes], dtype=np.uint8)
         else:
             view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
 

@@ -378,6 +378,8 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
         if files.isdir(path, storage_options):
             return Checkpointer(path, storage_options=storage_options).resume(**kwargs)  # type: ignore[arg-type]
         return resume_url(path, storage_options, **kwargs)
+    if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
+        return distributed.resume_one(path, **kwargs)
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
     return resume_file(path, **kwargs)  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import CheckpointWriteError, CorruptCheckpointError, ResumeError
+from ..errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
 from ..read.unpickle.meta import TensorMeta
 from ..storage.atomic import fsync_dir, write_json_atomic
@@ -36,6 +36,7 @@ from .store import Entry
 from .training import TrainingState, _json_safe, _plain_number, get_rng_state, read_meta, versions
 
 __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "is_dcp", "reclaim", "resume_dcp",
+           "resume_one",
            "remove", "DCP_FORMAT", "DCP_NAME"]
 
 DCP_FORMAT = "torchckpt.training.dcp/1"
@@ -294,6 +295,22 @@ def entries(directory: str) -> list[Entry]:
                 problem = exc.reason
         out.append(Entry(int(m.group(1)), path, meta, problem))
     return out
+
+
+def resume_one(path: str, *, map_location: Any = None, **objects: Any) -> Any:
+    """Resume from one ``ckpt-<step>.dcp`` directory (``map_location`` is not used: DCP loads into the
+    objects' own devices). Raises CheckpointNotFoundError if it was never committed, CorruptCheckpointError
+    if its files no longer match the commit marker."""
+    entry = next((e for e in entries(os.path.dirname(os.path.abspath(path))) if e.path == os.path.abspath(path)),
+                 None)
+    if entry is None or entry.meta is None:
+        raise CheckpointNotFoundError("this sharded checkpoint was never committed (its save did not finish)",
+                                      path=path, hint="Resume from the directory that holds it: the newest "
+                                      "committed checkpoint is used.")
+    if entry.problem is not None:
+        raise CorruptCheckpointError(entry.problem, path=path,
+                                     hint="Resume from the directory that holds it to fall back to an older one.")
+    return resume_dcp(path, entry.meta, **objects)
 
 
 def reclaim(directory: str) -> list[str]:

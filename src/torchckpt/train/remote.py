@@ -155,13 +155,12 @@ class RemoteStore:
         try:
             local = os.path.join(staging, os.path.basename(path.rstrip("/")))
             meta = write_data(local, payload, weights_format)
-            uploaded: list[str] = []
             try:
+                files.remove(meta_path(path), self.options)  # a re-save of a step: the old record goes first
                 for name in meta.get("files") or [os.path.basename(local)]:
                     with open(os.path.join(staging, name), "rb") as src, \
                             files.atomic_write(join(path.rsplit("/", 1)[0], name), self.options) as dst:
                         shutil.copyfileobj(src, dst, 8 << 20)
-                    uploaded.append(name)
                 with files.atomic_write(meta_path(path), self.options) as fh:  # the commit record
                     fh.write(json.dumps(dict(meta), indent=1, sort_keys=True, default=str).encode())
             except BaseException:
