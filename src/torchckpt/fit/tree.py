@@ -74,9 +74,11 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     elif isinstance(obj, T7Object):
         return t7_state_dict(obj)
     elif is_state_dict(obj):
-        return obj  # type: ignore[return-value]
+        state: OrderedDict[str, Any] = obj
+        return state
     elif is_module_like(obj):
-        return obj.state_dict()
+        module_state: OrderedDict[str, Any] = obj.state_dict()
+        return module_state
     what = stub_name(obj) if isinstance(obj, Stub) else type(obj).__name__
     raise WeightsNotFoundError(f"{what} is not a module or a state dict",
                                hint="Pass the model object, or use find_state_dicts() on a training dict.")
@@ -142,7 +144,7 @@ def _tensor_of(value: Any, key: str, module: Stub) -> Any:
     return _detach(value)
 
 
-def _stub_state(module: Stub, prefix: str, out: dict, active: set, depth: int) -> None:
+def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise LimitExceededError(f"module nesting deeper than {MAX_DEPTH} at {prefix!r}")
     if id(module) in active:
@@ -167,7 +169,8 @@ def _stub_state(module: Stub, prefix: str, out: dict, active: set, depth: int) -
     active.discard(id(module))
 
 
-def _torchscript_state(module: Stub, prefix: str, out: dict, active: set, decls: dict, depth: int) -> None:
+def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], decls: dict[str, Any],
+                       depth: int) -> None:
     if depth > MAX_DEPTH or id(module) in active:
         return
     active.add(id(module))
@@ -346,7 +349,7 @@ def _module_candidate(path: str, module: Any, sd: Any) -> Candidate:
                      module_class=_class_name(module) or type(module).__name__)
 
 
-def shapes(sd: Mapping[str, Any]) -> dict[str, tuple]:
+def shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Key -> shape for the tensors of a state dict (other values are left out)."""
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
 

@@ -187,7 +187,7 @@ def _collect(obj: Any, report: InspectReport) -> None:
             report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
 
 
-def _optimizer_summary(opt: dict) -> str:
+def _optimizer_summary(opt: dict[str, Any]) -> str:
     groups: list[Any] = opt["param_groups"] if isinstance(opt.get("param_groups"), list) else []
     params = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
     lrs = sorted({g["lr"] for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))})

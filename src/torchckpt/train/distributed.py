@@ -165,7 +165,7 @@ class DcpSaver:
         if dist is not None and self._group is None:
             self._group = dist.new_group(backend="gloo")
         try:
-            future = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
+            future: Any = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
                                     process_group=self._group, no_dist=dist is None)
         except _failures() as exc:
             raise _write_error(path, exc) from None
@@ -282,7 +282,8 @@ def entries(directory: str) -> list[Entry]:
         path = os.path.join(directory, name)
         meta = read_meta(path) if name + META_SUFFIX in names else None
         if meta is None:
-            problem = "it has no commit marker (its save never finished)" if name in names else "its files are gone"
+            problem: str | None = ("it has no commit marker (its save never finished)" if name in names
+                                   else "its files are gone")
             out.append(Entry(int(m.group(1)), path, None, problem, unfinished=name in names))
             continue
         problem = None
@@ -388,7 +389,10 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
         _each_pair(optimizer, target["optimizer"], lambda o, s: set_optimizer_state_dict(model, o, s, options=options))
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
-            _each_pair(obj, target[name], lambda o, s, what=name: _restore(o, s, what, path))
+            def restore(o: Any, s: Any, what: str = name) -> None:
+                _restore(o, s, what, path)
+
+            _each_pair(obj, target[name], restore)
     mine = (target.get("ranks") or {}).get(str(source_rank)) or {}
     for name, obj in (stateful or {}).items():
         _restore(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)
