@@ -144,6 +144,21 @@ def test_resume_in_one_plain_process(fsdp_checkpoint):
     assert any("saved on 2 rank(s), resumed on 1" in n for n in state.notes)
 
 
+def test_resume_from_one_sharded_checkpoint_directory(tmp_path, fsdp_checkpoint):
+    """torchckpt.resume(".../ckpt-<step>.dcp") restores that checkpoint; an uncommitted one is refused."""
+    import shutil
+
+    model = tiny_model()
+    opt, sched = make_optim(model)
+    state = torchckpt.resume(fsdp_checkpoint / "ckpt-0000000002.dcp", model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 2
+    ref = torch.load(fsdp_checkpoint / "reference.pt", weights_only=True)["at_save"]
+    assert_equal_tree(ref, full_state(model, opt))
+    shutil.copytree(fsdp_checkpoint / "ckpt-0000000002.dcp", tmp_path / "ckpt-0000000002.dcp")  # no marker
+    with pytest.raises(torchckpt.CheckpointNotFoundError, match="never committed"):
+        torchckpt.resume(tmp_path / "ckpt-0000000002.dcp", model=model, optimizer=opt, scheduler=sched)
+
+
 def test_async_save_commits_in_the_background_and_retention_removes_whole_directories(tmp_path):
     launch(fsdp_save, 2, str(tmp_path), True, 1)
     ckpt = torchckpt.Checkpointer(tmp_path)

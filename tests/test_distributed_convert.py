@@ -67,8 +67,8 @@ def test_cli_converts_to_dcp(tmp_path, two_rank_dcp):  # noqa: F811
     torchckpt.convert(two_rank_dcp, tmp_path / "w.pt", weights_only=True, key="optim.state.w")
     src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-m", "torchckpt", "convert", str(tmp_path / "w.pt"), str(tmp_path / "w.dcp")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, "-m", "torchckpt", "convert", str(tmp_path / "w.pt"), str(tmp_path / "w.dcp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "verified: yes" in out.stdout, out.stdout + out.stderr
     assert same_bits(torchckpt.load(tmp_path / "w.dcp")["exp_avg"], full_tensors()["fp32"])
 

@@ -200,3 +200,52 @@ def test_malicious_random_states_are_refused(accelerate_folders, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="system") as exc:
         torchckpt.resume(str(folder), model=net)
     assert "random_states_0.pkl" in str(exc.value)
+
+
+def test_tied_weights_of_a_sharded_gpt2_folder_into_a_meta_model(tmp_path):
+    """The from_pretrained path without from_pretrained: a model built on ``meta`` from config.json,
+    filled from a sharded folder whose index omits the tied ``lm_head.weight``; the tie survives."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    source = transformers.GPT2LMHeadModel(config).eval()
+    folder = str(tmp_path / "gpt2")
+    source.save_pretrained(folder, max_shard_size="20KB")
+    with open(os.path.join(folder, "model.safetensors.index.json")) as fh:
+        weight_map = json.load(fh)["weight_map"]
+    assert "lm_head.weight" not in weight_map and len(set(weight_map.values())) > 1  # tied, sharded
+
+    with torch.device("meta"):
+        target = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(folder))
+    report = torchckpt.load_into(target, folder)
+    assert report.ok and report.missing_keys == [] and report.unexpected_keys == []
+    assert "lm_head.weight" in str(report) and "tied" in str(report)
+    assert target.lm_head.weight is target.transformer.wte.weight  # still one parameter
+    assert not [n for n, t in [*target.named_parameters(), *target.named_buffers()] if t.is_meta]
+    _assert_same(target, source.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(target.eval()(ids).logits, source(ids).logits)
+
+
+def test_reading_folders_never_imports_the_libraries_that_wrote_them(bert, accelerate_folders, tmp_path):
+    """transformers, accelerate and lightning stay optional: loading and resuming their folders needs none."""
+    _, _, model = bert
+    hf = str(tmp_path / "bert")
+    model.save_pretrained(hf, max_shard_size="10KB")
+    code = (
+        "import sys, torch, torchckpt\n"
+        f"weights = torchckpt.load({hf!r})\n"
+        f"assert len(weights) == {len(model.state_dict())}, len(weights)\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
+        "opt = torch.optim.AdamW(net.parameters(), lr=0.01)\n"
+        f"state = torchckpt.resume({os.path.join(accelerate_folders[0], 'safe')!r}, model=net, optimizer=opt)\n"
+        "assert state.report.ok\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('transformers', 'accelerate', 'lightning', 'pytorch_lightning', 'huggingface_hub'))\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "heavy: []" in done.stdout, done.stdout

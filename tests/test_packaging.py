@@ -6,6 +6,7 @@ import email
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -22,13 +23,37 @@ def _setuptools_is_recent() -> bool:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("wheel")
-    isolation = [] if not _setuptools_is_recent() else ["--no-build-isolation"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(out), ROOT],
-                   check=True, cwd=str(out), timeout=300)
-    (name,) = [n for n in os.listdir(out) if n.endswith(".whl")]
-    return str(out / name)
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``python -m build``: the sdist first, then the wheel built from that sdist (so a file the
+    sdist forgets breaks the wheel too)."""
+    out = tmp_path_factory.mktemp("dist")
+    isolation = ["--no-isolation"] if _setuptools_is_recent() else []
+    subprocess.run([sys.executable, "-m", "build", *isolation, "--outdir", str(out), ROOT],
+                   check=True, cwd=str(out), timeout=300, capture_output=True)
+    found = {kind: [n for n in os.listdir(out) if n.endswith(ext)] for kind, ext in
+             (("wheel", ".whl"), ("sdist", ".tar.gz"))}
+    assert all(len(v) == 1 for v in found.values()), found
+    return {kind: str(out / names[0]) for kind, names in found.items()}
+
+
+@pytest.fixture(scope="module")
+def wheel(dists: dict[str, str]) -> str:
+    return dists["wheel"]
+
+
+def test_twine_check_passes_for_wheel_and_sdist(dists: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", dists["wheel"], dists["sdist"]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("PASSED") == 2, done.stdout
+
+
+def test_sdist_carries_license_changelog_tests_and_type_marker(dists: dict[str, str]) -> None:
+    with tarfile.open(dists["sdist"]) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    for needed in ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "src/torchckpt/py.typed",
+                   "src/torchckpt/_version.py", "src/torchckpt/integrations/lightning.py"):
+        assert needed in names, needed
 
 
 def test_wheel_carries_license_type_marker_and_metadata(wheel: str) -> None:

@@ -156,9 +156,51 @@ class Program:
             self.emit(b"b")
 
 
+def _i(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)
+
+
+def _t(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _numpy_values(rng: random.Random) -> bytes:
+    """numpy dtypes and arrays with BUILD states near the valid ones (item 1's surface): structured fields,
+    byte orders, item sizes, shapes against buffer lengths, a dtype re-BUILT after an array used it."""
+    dtype = b"cnumpy\ndtype\n(" + _t(rng.choice(_DTYPES)) + b"\x89\x88tR"
+    names, fields = b"N", b"N"
+    if rng.random() < 0.3:
+        sub = b"cnumpy\ndtype\n(" + _t(rng.choice(_DTYPES)) + b"\x89\x88tR"
+        names = b"(" + _t("a") + _t("b") + b"t"
+        fields = b"}(" + _t("a") + b"(" + sub + _i(rng.choice((0, 4, -1))) + b"t" + _t("b") + b"(" + sub \
+            + _i(rng.choice((0, 8, 1 << 30))) + b"t" + b"u"
+    state = b"(" + _i(3) + _t(rng.choice(("<", ">", "|", "=", "?"))) + b"N" + names + fields \
+        + _i(rng.choice((-1, 0, 1, 8, 16, 4096))) + _i(-1) + _i(rng.choice((0, 16, 0x80))) + b"t"
+    out = dtype + (state + b"b" if rng.random() < 0.7 else b"") + b"q\x00"
+    shape = tuple(rng.choice((0, 1, 2, 3, 512)) for _ in range(rng.choice((0, 1, 2))))
+    count = 1
+    for n in shape:
+        count *= n
+    raw = bytes(max(0, count * rng.choice((1, 2, 4, 8, 16)) + rng.choice((0, 0, 0, -1, 1, -8))))
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n" + _i(0) + b"\x85" + b"C\x01b" + b"tR"
+             + b"(" + _i(1) + b"(" + b"".join(_i(n) for n in shape) + b"t" + b"h\x00" + rng.choice((b"\x89", b"\x88"))
+             + b"B" + struct.pack("<I", len(raw)) + raw + b"tb")
+    out += b"(" + array
+    if rng.random() < 0.3:  # the dtype the array used, BUILT again
+        out += b"h\x00" + state + b"b"
+    if rng.random() < 0.3:
+        out += b"cnumpy.core.multiarray\nscalar\n(h\x00" + b"C" + bytes([rng.choice((1, 4, 8))]) \
+            + bytes(rng.choice((1, 4, 8))) + b"tR"
+    return out + b"l"
+
+
 def program(rng: random.Random, names: list[tuple[str, str]]) -> Case:
     p = Program(rng, names)
-    p.value()
+    if rng.random() < 0.15:
+        p.emit(_numpy_values(rng))
+    else:
+        p.value()
     if rng.random() < 0.2 and p.memo:  # repeat a memo entry many times through a constructor
         module, name = rng.choice((("builtins", "tuple"), ("builtins", "set"), ("collections", "deque")))
         p.emit(b"0(" + (b"c" + module.encode() + b"\n" + name.encode() + b"\n(h\x00tR") * rng.choice((10, 500)) + b"l")

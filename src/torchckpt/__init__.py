@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import load, read_checkpoint
     from .storage.cache import download
+    from .read.unpickle.budget import Budget
     from .read.unpickle.policy import Policy
     from .read.unpickle.stubs import Stub, stub_to_plain
     from .tools.dcp_convert import convert

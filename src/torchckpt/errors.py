@@ -79,9 +79,11 @@ class CheckpointError(Exception):
 class UnsupportedFormatError(CheckpointError, ValueError):
     """The file is readable but not in a format torchckpt can load (or not implemented yet)."""
 
-    def __init__(self, reason: str, *, path: Any = None, hint: str | None = None, format: str | None = None):
+    def __init__(self, reason: str, *, path: Any = None, hint: str | None = None, format: str | None = None,
+                 member: str | None = None):
         super().__init__(reason, path=path, hint=hint)
         self.format = format
+        self.member = member
 
 
 class NotACheckpointError(UnsupportedFormatError):

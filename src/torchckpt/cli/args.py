@@ -4,13 +4,15 @@ the pickle policy (``--trust``, ``--allow``)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import click
 
 from ..errors import CheckpointNotFoundError
 from ..read.trust import Policy
 from ..storage.remote import is_url
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["checkpoint_paths", "policy_options", "policy_from"]
 
@@ -23,9 +25,9 @@ def _must_exist(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-def checkpoint_paths(*names: str, nargs: int = 1, dir_okay: bool = True) -> Callable[[Callable], Callable]:
+def checkpoint_paths(*names: str, nargs: int = 1, dir_okay: bool = True) -> Callable[[F], F]:
     """Positional checkpoint arguments; a path that does not exist is a CheckpointNotFoundError (exit 3)."""
-    def decorate(fn: Callable) -> Callable:
+    def decorate(fn: F) -> F:
         for name in reversed(names):
             fn = click.argument(name, nargs=nargs, required=True, callback=_must_exist,
                                 type=click.Path(dir_okay=dir_okay, allow_dash=False))(fn)
@@ -33,7 +35,7 @@ def checkpoint_paths(*names: str, nargs: int = 1, dir_okay: bool = True) -> Call
     return decorate
 
 
-def policy_options(fn: Callable) -> Callable:
+def policy_options(fn: F) -> F:
     """``--trust`` and ``--allow PATTERN`` (repeatable), the CLI spelling of ``trust=``/``allow=``."""
     fn = click.option("--allow", "allow", multiple=True, metavar="PATTERN",
                       help="Import these classes for real ('mypkg.Net' or 'mypkg.*'); repeatable.")(fn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.dcp_convert import convert
@@ -22,7 +24,7 @@ from .storage_opt import storage_option
 @policy_options
 @storage_option
 def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only: bool, key: str | None,
-            as_json: bool, trust: bool, allow: tuple[str, ...], storage_options: dict | None) -> int:
+            as_json: bool, trust: bool, allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.diffing import diff
@@ -21,7 +23,7 @@ from .storage_opt import storage_option
 @policy_options
 @storage_option
 def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json: bool, trust: bool,
-            allow: tuple[str, ...], storage_options: dict | None) -> int:
+            allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Compare two checkpoints. Exit code 0 when equal, 1 when different.
 
     A difference only in wrapper prefixes (module., _orig_mod., model.) is reported as such.

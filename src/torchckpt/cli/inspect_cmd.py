@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.inspection import inspect
@@ -21,7 +23,7 @@ from .storage_opt import storage_option
 @policy_options
 @storage_option
 def command(file: str, as_json: bool, max_tensors: int, against: str | None, trust: bool,
-            allow: tuple[str, ...], storage_options: dict | None) -> int:
+            allow: tuple[str, ...], storage_options: dict[str, Any] | None) -> int:
     """Show what a checkpoint holds: format with evidence, values, tensors, totals, classes.
 
     Tensor data is never read, so this takes the same time for a 1 KiB or a 100 GiB file.

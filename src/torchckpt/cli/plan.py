@@ -35,7 +35,7 @@ class Plan:
     def ok(self) -> bool:
         return self.report.ok and not self.report.mismatched
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**self.report.to_dict(), "fits": self.ok}
 
     def render(self) -> str:
@@ -45,7 +45,7 @@ class Plan:
     __str__ = render
 
 
-def plan_against(file: str, spec: str, *, policy: Policy | None = None, storage_options: dict | None = None) -> Plan:
+def plan_against(file: str, spec: str, *, policy: Policy | None = None, storage_options: dict[str, Any] | None = None) -> Plan:
     model = build_model(spec)
     report = load_into(model, file, strict=False, on_mismatch="skip", dry_run=True, policy=policy,
                        storage_options=storage_options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..tools.html_report import MissingExtraError, report, require_extra
@@ -19,7 +21,7 @@ from .storage_opt import storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as one JSON document too.")
 @storage_option
 def command(checkpoint: str, output: str, against: str | None, other: str | None, as_json: bool,
-            storage_options: dict | None) -> int:
+            storage_options: dict[str, Any] | None) -> int:
     """Write one HTML file showing what CHECKPOINT holds: format, safety verdict, totals, a treemap of
     the bytes, per-tensor statistics and health warnings, and optionally a load plan and a diff.
 

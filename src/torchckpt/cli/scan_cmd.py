@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ from .storage_opt import storage_option
 @click.option("-v", "--verbose", is_flag=True, help="List every global of every stream, not only findings.")
 @storage_option
 def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool, verbose: bool,
-            storage_options: dict | None) -> int:
+            storage_options: dict[str, Any] | None) -> int:
     """Scan checkpoints with the same parser and policy that `load` uses; nothing is executed.
 
     Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.

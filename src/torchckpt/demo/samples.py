@@ -14,7 +14,7 @@ import pickle
 import struct
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..read.sniff import LEGACY_MAGIC
 
@@ -36,19 +36,21 @@ class _StorageRef:
         self.key, self.storage, self.location = key, storage, location
 
 
-_PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]  # the Python pickler: its dispatch table is ours to extend
-
-
-class _Py2Pickler(_PurePickler):
+class _Py2Pickler(pickle._Pickler):  # the Python pickler: its dispatch table is ours to extend
     """Protocol 2 pickler that writes every str and bytes as a Python 2 ``str`` (BINSTRING)."""
 
-    def __init__(self, file: Any, storages: dict, location: str) -> None:
+    if TYPE_CHECKING:  # undocumented internals of the pure-Python pickler that typeshed leaves out
+        def write(self, data: bytes) -> Any: ...
+
+        def memoize(self, obj: Any) -> None: ...
+
+    def __init__(self, file: Any, storages: dict[str, Any], location: str) -> None:
         super().__init__(file, protocol=2)
         self.storages = storages
         self.location = location
-        self.dispatch: dict = dict(_PurePickler.dispatch)
-        self.dispatch[str] = _Py2Pickler._save_py2_str
-        self.dispatch[bytes] = _Py2Pickler._save_py2_str
+        dispatch: dict[type, Any] = dict(pickle._Pickler.dispatch)
+        dispatch[str] = dispatch[bytes] = _Py2Pickler._save_py2_str
+        self.dispatch = dispatch  # type: ignore[misc]  # a per-instance copy; typeshed declares a ClassVar
 
     def _save_py2_str(self, obj: Any) -> None:
         raw = obj.encode("utf-8") if isinstance(obj, str) else obj
@@ -62,7 +64,7 @@ class _Py2Pickler(_PurePickler):
         if isinstance(obj, _Global):
             self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
             return
-        super().save(obj, save_persistent_id)
+        super().save(obj, save_persistent_id)  # type: ignore[misc]  # typeshed omits _Pickler.save
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _StorageRef):
@@ -81,7 +83,7 @@ class _Py2Pickler(_PurePickler):
             self.storages.setdefault(key, (storage, obj.dtype))
             ref = _StorageRef(key, self.storages[key], self.location)
             rebuild = "_rebuild_parameter" if isinstance(obj, torch.nn.Parameter) else None
-            tensor_args: tuple = (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), False, OrderedDict())
+            tensor_args: tuple[Any, ...] = (ref, obj.storage_offset(), tuple(obj.size()), obj.stride(), False, OrderedDict())
             tensor = (_Global("torch._utils", "_rebuild_tensor_v2"), tensor_args)
             if rebuild:
                 return _Global("torch._utils", rebuild), (_Reduced(*tensor), obj.requires_grad, OrderedDict())
@@ -100,7 +102,7 @@ class _Py2Pickler(_PurePickler):
 class _Reduced:
     """A precomputed (callable, args) pair pickled through REDUCE."""
 
-    def __init__(self, func: Any, args: tuple) -> None:
+    def __init__(self, func: Any, args: tuple[Any, ...]) -> None:
         self.func, self.args = func, args
 
     def __reduce__(self) -> Any:
@@ -113,7 +115,8 @@ def _storage_class_name(dtype: Any) -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "TypedStorage is deprecated": it is what old files hold
-        return torch.TypedStorage(0, dtype=dtype).pickle_storage_type()
+        name: str = torch.TypedStorage(0, dtype=dtype).pickle_storage_type()
+        return name
 
 
 def write_py2_legacy(obj: Any, file: Any, *, location: str = "cpu") -> None:

@@ -111,7 +111,7 @@ def _prefix_rule(renamed: dict[str, str], model_keys: set[str], prefix: str | No
     return renamed
 
 
-def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tuple], *,
+def align_keys(ckpt_shapes: Mapping[str, tuple[int, ...]], model_shapes: Mapping[str, tuple[int, ...]], *,
                rename: RenameRules = None, prefix: str | None = None) -> Alignment:
     """Map checkpoint keys to model keys. Unmapped checkpoint keys are absent from ``mapping``."""
     rules: dict[str, str] = {}
@@ -177,8 +177,8 @@ def align_keys(ckpt_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tupl
     return Alignment(mapping, rules, description, outside)
 
 
-def _submodule_alignment(norm_c: dict[str, str], norm_m: dict[str, str], ckpt_shapes: Mapping[str, tuple],
-                         model_shapes: Mapping[str, tuple], baseline: int) -> tuple[dict[str, str], str] | None:
+def _submodule_alignment(norm_c: dict[str, str], norm_m: dict[str, str], ckpt_shapes: Mapping[str, tuple[int, ...]],
+                         model_shapes: Mapping[str, tuple[int, ...]], baseline: int) -> tuple[dict[str, str], str] | None:
     """A whole network's checkpoint into one of its parts (select ``bert.``), or a part's checkpoint into
     the whole network (prepend ``bert.``). Applied only when exactly one choice maps every key of one
     side, one-to-one, with equal shapes."""

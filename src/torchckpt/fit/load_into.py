@@ -205,7 +205,7 @@ def _mismatch_message(report: LoadReport, errors: list[Mismatch]) -> str:
             f"The other {len(report.loaded)} fit; nothing was loaded.")
 
 
-def _apply(model: Any, prepared: dict[str, Any], ckpt: dict, mapping: dict[str, str], src: Any, map_location: Any,
+def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,
            report: LoadReport, assign: bool = False) -> None:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 

@@ -41,7 +41,7 @@ class Placer:
         self.mapped = 0  # tensors that became parameters as views of the file mapping
 
     # ------------------------------------------------------------------ placing
-    def place(self, value: Any, target: Any, device: Any, shape: tuple | None = None) -> Any:
+    def place(self, value: Any, target: Any, device: Any, shape: tuple[int, ...] | None = None) -> Any:
         """``value`` as a tensor on ``device`` in ``target``'s dtype (reshaped to ``shape`` if given)."""
         import torch
 

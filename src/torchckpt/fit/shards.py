@@ -56,7 +56,7 @@ def shard_like(value: Any, target: Any, src: Any = None) -> Any:
                               stride=target.stride())
 
 
-def _read_region(meta: TensorMeta, src: Any, offsets: tuple, sizes: tuple) -> Any:
+def _read_region(meta: TensorMeta, src: Any, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
     """The sub-tensor ``[offsets : offsets + sizes]`` of a tensor in a file, reading only its byte span."""
     import torch
 

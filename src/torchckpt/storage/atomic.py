@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import secrets
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, cast
 
 from ..errors import CheckpointWriteError
 
@@ -89,10 +89,11 @@ def _free_bytes(directory: str) -> int | None:
 
 
 def _size(n: int) -> str:
+    value = float(n)
     for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
+        if value < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
     return str(n)
 
 
@@ -115,7 +116,7 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
     out = _Writeback(fh)
     try:
         with fh:
-            yield out
+            yield cast(IO[bytes], out)  # duck-typed: write() is wrapped, everything else delegates
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -209,7 +210,7 @@ def _remove_quietly(path: str) -> None:
 
 def clean_temp_files(directory: str, *, only_dead: bool = True, is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
     """Remove ``.*.tmp-<pid>-*`` leftovers of crashed writers. Temp files of live processes are kept."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

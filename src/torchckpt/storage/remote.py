@@ -65,7 +65,8 @@ def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple
                                  hint=_extra_hint(_protocol(url))) from None
     protocol = _protocol(url)
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        fs_and_path: tuple[Any, str] = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return fs_and_path
     except ImportError:
         package, extra = _EXTRAS.get(protocol, (protocol, "remote"))
         raise RemoteStorageError(f"the {protocol}:// protocol needs the {package} package, which is not installed",

@@ -110,9 +110,9 @@ class Source:
         elif hasattr(source, "read"):
             self.name = name or str(getattr(source, "name", "<file object>"))
             if _seekable(source):
-                self._file = source  # type: ignore[assignment]
+                self._file = source
             else:
-                self._bytes = source.read()  # type: ignore[union-attr]
+                self._bytes = source.read()
         else:
             raise TypeError(f"cannot read a checkpoint from a {type(source).__name__}; pass a path, "
                             "an open binary file or bytes")
@@ -278,7 +278,7 @@ class Source:
             dst = torch.empty(0, dtype=torch.uint8, device=target.device).set_(target)[:nbytes]
             dst.copy_(torch.empty(0, dtype=torch.uint8).set_(staged))
             return
-        view = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
+        view: Any = torch.empty(0, dtype=torch.uint8).set_(target)[:nbytes].numpy()
         if self._remote is not None:  # ranged reads of bounded size straight into the destination
             step = 64 << 20
             for start in range(0, nbytes, step):

@@ -159,7 +159,7 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     return report
 
 
-def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter) -> tuple[Any, dict[str, str]]:
+def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter[str]) -> tuple[Any, dict[str, str]]:
     """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model."""
     if weights_only:
         return select(obj, key).state_dict, {}
@@ -194,13 +194,13 @@ def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target
                 f"{budget:,}-byte budget", hint="Convert to .pt without --dtype: it keeps views compact.")
 
 
-def _strides(t: Any) -> tuple:
+def _strides(t: Any) -> tuple[Any, ...]:
     return tuple(t.stride) if isinstance(t, TensorMeta) else tuple(t.stride()) if hasattr(t, "stride") and \
         callable(t.stride) else tuple(s // t.itemsize for s in t.strides)
 
 
 def _itemsize(t: Any) -> int:
-    return t.dtype.itemsize
+    return int(t.dtype.itemsize)
 
 
 def float_dtype(name: str) -> Any:
@@ -212,7 +212,7 @@ def float_dtype(name: str) -> Any:
     return value
 
 
-def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> Any:
+def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]) -> Any:
     """Turn everything torch.load(weights_only=True) would refuse into plain data; count each change."""
     if depth > 200:
         raise CorruptCheckpointError("object nesting deeper than 200 levels")
@@ -291,7 +291,7 @@ def _modernize(obj: Any, changes: Counter, depth: int, memo: dict[int, Any]) -> 
     return out
 
 
-def _key(k: Any, changes: Counter) -> Any:
+def _key(k: Any, changes: Counter[str]) -> Any:
     if isinstance(k, (str, int, float, bool)) or k is None:
         return k
     changes["non-scalar dict keys -> repr strings"] += 1
@@ -373,7 +373,7 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     return tree
 
 
-def _identity(t: Any) -> tuple:
+def _identity(t: Any) -> tuple[Any, ...]:
     if isinstance(t, TensorMeta):
         return (id(t.storage), t.storage_offset, tuple(t.shape), tuple(t.stride), str(t.dtype))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
@@ -383,7 +383,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
                        materialize: Materializer, progress: Progress | None, report: ConvertReport) -> int:
     import torch
 
-    first: dict[tuple, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
     header: dict[str, Any] = {}
     order: list[tuple[str, Any]] = []

@@ -61,6 +61,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
     target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded:
         source = loaded.reader
+        assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
         tree, classes = part_to_write(loaded.tree, key, weights_only, changes)
@@ -125,7 +126,7 @@ def _planner_class() -> Any:
     first use: torch.distributed is imported only when a DCP directory is written)."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    class _StreamingPlanner(DefaultSavePlanner):  # type: ignore[misc]
+    class _StreamingPlanner(DefaultSavePlanner):
         """DCP's default planner, except that a tensor's data is read when the writer asks for it."""
 
         def __init__(self, sources: dict[int, Any], materialize: Materializer, progress: Progress | None,

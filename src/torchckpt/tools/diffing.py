@@ -41,7 +41,7 @@ class DiffReport:
     b: str
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
-    shape_changes: list[tuple[str, list, list]] = field(default_factory=list)
+    shape_changes: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
     dtype_changes: list[tuple[str, str, str]] = field(default_factory=list)
     renamed: str = ""  # "removing 'module.'" ...
     common: int = 0
@@ -80,8 +80,8 @@ class DiffReport:
             lines.append(f"  only in B: {', '.join(group_keys(self.only_b, self.only_b))}")
         for k, a, b in self.shape_changes:
             lines.append(f"  shape  {k}: {a} -> {b}")
-        for k, a, b in self.dtype_changes:
-            lines.append(f"  dtype  {k}: {a} -> {b}")
+        for k, dtype_a, dtype_b in self.dtype_changes:
+            lines.append(f"  dtype  {k}: {dtype_a} -> {dtype_b}")
         if self.values_compared:
             lines.append(f"  values differ in {len(self.changed)} tensors; layers changed: "
                          f"{', '.join(self.changed_layers[:20]) or 'none'}")
@@ -122,6 +122,7 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
     with open_checkpoint(a, mode, read_policy, lazy=True, storage_options=storage_options) as la, \
             open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
+        assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
@@ -235,8 +236,8 @@ def _all_finite(t: Any) -> bool:
 
     if t.is_complex():
         return bool(torch.isfinite(t).all())
-    lo, hi = torch.aminmax(t)  # one fused pass; NaN propagates, +-inf shows as an extreme
-    lo, hi = float(lo), float(hi)
+    extremes = torch.aminmax(t)  # one fused pass; NaN propagates, +-inf shows as an extreme
+    lo, hi = float(extremes.min), float(extremes.max)
     return lo == lo and hi == hi and abs(lo) != float("inf") and abs(hi) != float("inf")
 
 

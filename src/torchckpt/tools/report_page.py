@@ -170,7 +170,9 @@ def render_page(r: Any) -> str:
                        fill=lambda n: DTYPE_COLOURS.get(by_key[n.path].dtype if n.path in by_key else "", "#bab0ac"),
                        title=lambda n: (f"{n.path}\n{human_bytes(n.value)}" + (
                            f"\n{by_key[n.path].dtype} {list(by_key[n.path].shape)}" if n.path in by_key else "")))
-    plan_html, plan_counts, unused = "", Counter(), []
+    plan_html = ""
+    plan_counts: Counter[str] = Counter()
+    unused: list[str] = []
     if r.plan is not None:
         statuses, unused = plan_statuses(r.plan)
         plan_html = _status_tree_html(statuses)

@@ -116,7 +116,7 @@ class ScanReport:
     __str__ = render
 
 
-def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: bool = False,
+def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, recursive: bool = False,
          strict: bool = False, progress: Callable[[int, int], None] | None = None,
          storage_options: Mapping[str, Any] | None = None, policy: Policy | None = None, trust: bool = False,
          allow: Iterable[str] | str | None = None) -> ScanReport:
@@ -135,7 +135,7 @@ def scan(paths: str | os.PathLike | Iterable[str | os.PathLike], *, recursive: b
         paths = [paths]
     todo: list[tuple[str, bool]] = []  # (path, named explicitly)
     files: list[FileScan] = []
-    for p in map(os.fspath, paths):
+    for p in (os.fspath(x) for x in paths):
         if is_url(p):  # a URL prefix is a directory (walked with recursive=True)
             try:
                 listed = remote_listing(p, storage_options) if recursive else []

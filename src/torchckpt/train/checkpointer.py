@@ -140,7 +140,7 @@ class Checkpointer:
         if keep_every_n_steps:
             self.policies.append(KeepEvery(keep_every_n_steps))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
-        self._pending: Future | None = None
+        self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
         self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
@@ -162,7 +162,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        return self._store.path_for(self.directory, step)
+        path: str = self._store.path_for(self.directory, step)
+        return path
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
@@ -171,7 +172,7 @@ class Checkpointer:
 
     def _entries(self) -> list[store.Entry]:
         """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
-        found = self._store.entries(self.directory)
+        found: list[store.Entry] = self._store.entries(self.directory)
         if self._remote is None:
             found = sorted(found + distributed.entries(self.directory), key=lambda e: e.step)
         return found
@@ -333,7 +334,7 @@ class Checkpointer:
                                                    restore_rng=restore_rng, strict=strict)
                 else:
                     verify(entry.path, entry.meta)
-                    state = resume_file(entry.path, verified=True, **kwargs)  # type: ignore[arg-type]
+                    state = resume_file(entry.path, verified=True, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
                 self._skip(skipped, name, exc.reason)
                 continue
@@ -376,11 +377,14 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
                   map_location=map_location, restore_rng=restore_rng, strict=strict)
     if is_url(path):
         if files.isdir(path, storage_options):
-            return Checkpointer(path, storage_options=storage_options).resume(**kwargs)  # type: ignore[arg-type]
+            return Checkpointer(path, storage_options=storage_options).resume(**kwargs)
         return resume_url(path, storage_options, **kwargs)
+    if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
+        state: TrainingState = distributed.resume_one(path, **kwargs)
+        return state
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
-        return Checkpointer(path).resume(**kwargs)  # type: ignore[arg-type]
-    return resume_file(path, **kwargs)  # type: ignore[arg-type]
+        return Checkpointer(path).resume(**kwargs)
+    return resume_file(path, **kwargs)
 
 
 def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:

@@ -27,7 +27,7 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import CheckpointWriteError, CorruptCheckpointError, ResumeError
+from ..errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
 from ..read.unpickle.meta import TensorMeta
 from ..storage.atomic import fsync_dir, write_json_atomic
@@ -36,6 +36,7 @@ from .store import Entry
 from .training import TrainingState, _json_safe, _plain_number, get_rng_state, read_meta, versions
 
 __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "is_dcp", "reclaim", "resume_dcp",
+           "resume_one",
            "remove", "DCP_FORMAT", "DCP_NAME"]
 
 DCP_FORMAT = "torchckpt.training.dcp/1"
@@ -164,7 +165,7 @@ class DcpSaver:
         if dist is not None and self._group is None:
             self._group = dist.new_group(backend="gloo")
         try:
-            future = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
+            future: Any = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
                                     process_group=self._group, no_dist=dist is None)
         except _failures() as exc:
             raise _write_error(path, exc) from None
@@ -281,7 +282,8 @@ def entries(directory: str) -> list[Entry]:
         path = os.path.join(directory, name)
         meta = read_meta(path) if name + META_SUFFIX in names else None
         if meta is None:
-            problem = "it has no commit marker (its save never finished)" if name in names else "its files are gone"
+            problem: str | None = ("it has no commit marker (its save never finished)" if name in names
+                                   else "its files are gone")
             out.append(Entry(int(m.group(1)), path, None, problem, unfinished=name in names))
             continue
         problem = None
@@ -294,6 +296,22 @@ def entries(directory: str) -> list[Entry]:
                 problem = exc.reason
         out.append(Entry(int(m.group(1)), path, meta, problem))
     return out
+
+
+def resume_one(path: str, *, map_location: Any = None, **objects: Any) -> Any:
+    """Resume from one ``ckpt-<step>.dcp`` directory (``map_location`` is not used: DCP loads into the
+    objects' own devices). Raises CheckpointNotFoundError if it was never committed, CorruptCheckpointError
+    if its files no longer match the commit marker."""
+    entry = next((e for e in entries(os.path.dirname(os.path.abspath(path))) if e.path == os.path.abspath(path)),
+                 None)
+    if entry is None or entry.meta is None:
+        raise CheckpointNotFoundError("this sharded checkpoint was never committed (its save did not finish)",
+                                      path=path, hint="Resume from the directory that holds it: the newest "
+                                      "committed checkpoint is used.")
+    if entry.problem is not None:
+        raise CorruptCheckpointError(entry.problem, path=path,
+                                     hint="Resume from the directory that holds it to fall back to an older one.")
+    return resume_dcp(path, entry.meta, **objects)
 
 
 def reclaim(directory: str) -> list[str]:
@@ -371,7 +389,10 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
         _each_pair(optimizer, target["optimizer"], lambda o, s: set_optimizer_state_dict(model, o, s, options=options))
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
-            _each_pair(obj, target[name], lambda o, s, what=name: _restore(o, s, what, path))
+            def restore(o: Any, s: Any, what: str = name) -> None:
+                _restore(o, s, what, path)
+
+            _each_pair(obj, target[name], restore)
     mine = (target.get("ranks") or {}).get(str(source_rank)) or {}
     for name, obj in (stateful or {}).items():
         _restore(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)

@@ -231,10 +231,11 @@ def _optimizer_defaults() -> dict[str, frozenset[str]]:
     out = {}
     param = torch.nn.Parameter(torch.zeros(1))
     for name in dir(torch.optim):
-        cls = getattr(torch.optim, name)
+        cls: Any = getattr(torch.optim, name)
         if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
             try:
-                out[name] = frozenset(cls([param]).defaults) | {"params"}
+                subclass: Any = cls  # called with its own signature, not Optimizer's
+                out[name] = frozenset(subclass([param]).defaults) | {"params"}
             except Exception:  # noqa: BLE001 - an optimizer that needs more arguments is simply not a candidate
                 continue
     return out

@@ -70,7 +70,8 @@ def entries(directory: str) -> list[Entry]:
     steps: dict[int, str] = {}
     for name in names:
         base = name[: -len(".meta.json")] if name.endswith(".meta.json") else name
-        m = NAME.match(base) or (_MARKER.match(name) and NAME.match(_MARKER.match(name).group(1)))
+        marker = _MARKER.match(name)
+        m = NAME.match(base) or (NAME.match(marker.group(1)) if marker else None)
         if m:
             steps[int(m.group(1))] = os.path.join(directory, m.group(0))
     out = []

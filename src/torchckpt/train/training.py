@@ -79,7 +79,7 @@ def unwrap(model: Any) -> Any:
 
 
 def clean_state_dict(model: Any) -> dict[str, Any]:
-    sd = unwrap(model).state_dict()
+    sd: dict[str, Any] = unwrap(model).state_dict()
     if any("_orig_mod." in k for k in sd):  # compiled sub-modules
         from collections import OrderedDict
 
@@ -93,7 +93,8 @@ def get_rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy_state: Any = np.random.get_state()  # legacy=True: (kind, keys, pos, has_gauss, cached)
+    kind, keys, pos, has_gauss, cached = legacy_state
     # numpy's state as a tensor and plain values: the file stays loadable by torch.load(weights_only=True)
     state: dict[str, Any] = {"python": random.getstate(),
                              "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),

@@ -48,7 +48,7 @@ def _attrs(obj: Any, what: str) -> dict[str, Any]:
     return obj.stub_attributes()
 
 
-def _mapping(value: Any, what: str) -> dict:
+def _mapping(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -80,7 +80,7 @@ def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoin
     described = _mapping(attrs.get("state_dict_metadata"), "state_dict_metadata")
     storage = _mapping(attrs.get("storage_data"), "storage_data")
     planner = _mapping(attrs.get("planner_data"), "planner_data")
-    where: dict[tuple[Any, tuple], dict[str, Any]] = {}
+    where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]] = {}
     for index, info in storage.items():
         ia = _attrs(index, "a storage index")
         fqn = ia.get("fqn")
@@ -167,7 +167,7 @@ def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
     return dtype, name
 
 
-def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple], dict[str, Any]],
+def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]],
             opts: ReadOptions, lazy: bool = False) -> Any:
     """The full tensor ``fqn`` with the dtype and shape the metadata declares (or a lazy :class:`DcpTensor`).
 
@@ -193,7 +193,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     return lazy_tensor if lazy else lazy_tensor.assemble(reader)
 
 
-def _contiguous(size: tuple) -> tuple:
+def _contiguous(size: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(math.prod(size[i + 1:]) for i in range(len(size)))
 
 
@@ -202,8 +202,8 @@ class DcpTensor(TensorMeta):
 
     __slots__ = ("directory", "fqn", "chunks", "where", "opts", "full_dtype")
 
-    def __init__(self, directory: str, fqn: str, size: tuple, dtype: Any, chunks: list[tuple[tuple, tuple]],
-                 where: dict[tuple[Any, tuple], dict[str, Any]], opts: ReadOptions) -> None:
+    def __init__(self, directory: str, fqn: str, size: tuple[Any, ...], dtype: Any, chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]],
+                 where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]], opts: ReadOptions) -> None:
         name = meta_dtype(str(dtype).replace("torch.", ""))
         super().__init__(size, _contiguous(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
         self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
@@ -213,7 +213,7 @@ class DcpTensor(TensorMeta):
         """The whole tensor (``source`` is unused: the chunks name their own files)."""
         return self.read_region(tuple(0 for _ in self.shape), tuple(self.shape))
 
-    def read_region(self, offsets: tuple, sizes: tuple) -> Any:
+    def read_region(self, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
         """The sub-tensor ``[offsets : offsets + sizes]``, reading only the chunks that overlap it."""
         reader = _Files(self.directory, self.opts)
         try:
@@ -221,7 +221,7 @@ class DcpTensor(TensorMeta):
         finally:
             reader.close()
 
-    def assemble(self, reader: _Files, offsets: tuple | None = None, sizes: tuple | None = None) -> Any:
+    def assemble(self, reader: _Files, offsets: tuple[Any, ...] | None = None, sizes: tuple[Any, ...] | None = None) -> Any:
         import torch  # lazy: only building tensors needs torch
 
         offsets = offsets if offsets is not None else tuple(0 for _ in self.shape)
@@ -244,7 +244,7 @@ class DcpTensor(TensorMeta):
             del part
         return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
 
-    def _part(self, reader: _Files, offsets: tuple, sizes: tuple) -> Any:
+    def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
         import torch  # lazy: only building tensors needs torch
 
         part = reader.item(self.where.get((self.fqn, offsets)), self.fqn)
@@ -255,7 +255,7 @@ class DcpTensor(TensorMeta):
         return part
 
 
-def _chunk(chunk: Any, fqn: str, size: tuple) -> tuple[tuple, tuple]:
+def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     attrs = _attrs(chunk, f"{fqn} chunk")
     offsets = _ints(attrs.get("offsets"), f"{fqn} chunk offsets")
     sizes = _ints(attrs.get("sizes"), f"{fqn} chunk sizes")
@@ -265,7 +265,7 @@ def _chunk(chunk: Any, fqn: str, size: tuple) -> tuple[tuple, tuple]:
     return offsets, sizes
 
 
-def _check_tiling(fqn: str, size: tuple, chunks: list[tuple[tuple, tuple]]) -> None:
+def _check_tiling(fqn: str, size: tuple[Any, ...], chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]]) -> None:
     """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element."""
     covered = sum(math.prod(s) for _, s in chunks)
     if covered != math.prod(size):
@@ -286,7 +286,7 @@ def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:
     if not planner:
         return flat
     root: dict[str, Any] = {}
-    lists: list[tuple[list, str]] = []
+    lists: list[tuple[list[Any], str]] = []
     for fqn, value in flat.items():
         path = planner.get(fqn)
         if not isinstance(path, tuple) or not path or not isinstance(path[0], str) \
@@ -307,7 +307,7 @@ _MAX_INDEX = 1 << 24
 _HOLE = object()
 
 
-def _slot(node: Any, key: Any, default: Any, fqn: str, lists: list, leaf: bool = False) -> Any:
+def _slot(node: Any, key: Any, default: Any, fqn: str, lists: list[Any], leaf: bool = False) -> Any:
     if isinstance(node, dict) and isinstance(key, str):
         if leaf:
             node[key] = default

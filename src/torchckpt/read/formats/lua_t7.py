@@ -11,6 +11,7 @@ Longs are 8 bytes. Shared and recursive references resolve to the same Python ob
 
 from __future__ import annotations
 
+import builtins
 import math
 import struct
 from collections import OrderedDict
@@ -33,10 +34,10 @@ _NP = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "uint8": "u1", "int
        "int32": "<i4", "int64": "<i8", "bool": "?"}
 
 
-class LuaTable(dict):
+class LuaTable(dict[Any, Any]):
     """A Lua table: a dict that is hashable by identity (tables can be keys, even of themselves)."""
 
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]  # dict sets it to None
 
 
 class LuaFunction:
@@ -53,7 +54,8 @@ class T7Object:
     """An object of a Torch7 class (``nn.Linear``, ``torch.class('Blah')`` ...): its type name and data."""
 
     def __init__(self, typename: str, version: int = 0) -> None:
-        self.typename, self.version, self.data = typename, version, None
+        self.typename, self.version = typename, version
+        self.data: Any = None
 
     def __getattr__(self, name: str) -> Any:
         data = self.__dict__.get("data")
@@ -88,16 +90,18 @@ class _Reader:
         self.pos += n
         return bytes(self.buf[start:self.pos])
 
-    def int(self) -> int:
-        return struct.unpack("<i", self.take(4))[0]
+    def int(self) -> builtins.int:
+        value: builtins.int = struct.unpack("<i", self.take(4))[0]
+        return value
 
-    def long(self) -> int:
-        return struct.unpack("<q", self.take(8))[0]
+    def long(self) -> builtins.int:
+        value: builtins.int = struct.unpack("<q", self.take(8))[0]
+        return value
 
     def raw_string(self) -> bytes:
         return self.take(self.int())
 
-    def read(self, depth: int = 0) -> Any:
+    def read(self, depth: builtins.int = 0) -> Any:
         if depth > MAX_DEPTH:
             raise LimitExceededError(f"Torch7 objects nested deeper than {MAX_DEPTH}", offset=self.pos)
         offset = self.pos
@@ -125,7 +129,7 @@ class _Reader:
             return self.table(index, depth)
         return self.torch_object(index, depth)
 
-    def table(self, index: int, depth: int) -> Any:
+    def table(self, index: builtins.int, depth: builtins.int) -> Any:
         count = self.int()
         if count < 0 or count > (self.size - self.pos) // 8:
             raise CorruptCheckpointError(f"Torch7 table at byte {self.pos} declares {count} entries", offset=self.pos)
@@ -136,7 +140,7 @@ class _Reader:
             table[key] = self.read(depth + 1)
         return table
 
-    def torch_object(self, index: int, depth: int) -> Any:
+    def torch_object(self, index: builtins.int, depth: builtins.int) -> Any:
         version_text = _text(self.raw_string())
         version = 0
         if isinstance(version_text, str) and version_text.startswith("V "):
@@ -170,7 +174,7 @@ class _Reader:
         self.pos += count * item
         return _Storage(dtype, count, start)
 
-    def tensor(self, dtype: str, depth: int) -> Any:
+    def tensor(self, dtype: str, depth: builtins.int) -> Any:
         ndim = self.int()
         if not 0 <= ndim <= 64:
             raise CorruptCheckpointError(f"Torch7 tensor with {ndim} dimensions", offset=self.pos)
@@ -189,7 +193,7 @@ class _Reader:
             raise LimitExceededError(f"Torch7 tensor of size {list(size)} at byte {self.pos}", offset=self.pos)
         return storage.view(self, offset, size, stride)
 
-    def tds(self, typename: str, index: int, depth: int) -> Any:
+    def tds(self, typename: str, index: builtins.int, depth: builtins.int) -> Any:
         count = self.int()
         if count < 0 or count > self.size - self.pos:
             raise CorruptCheckpointError(f"{typename} declares {count} entries", offset=self.pos)
@@ -210,7 +214,7 @@ class _Storage:
         self.dtype, self.count, self.file_offset = dtype, count, file_offset
         self._array: Any = None
 
-    def view(self, reader: _Reader, offset: int, size: tuple, stride: tuple) -> Any:
+    def view(self, reader: _Reader, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> Any:
         if reader.meta:
             from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
 
@@ -252,7 +256,7 @@ def _listify(obj: Any, done: dict[int, Any], depth: int = 0) -> Any:
         done[id(obj)] = obj
         n = len(obj)
         if n and all(type(k) is int for k in obj) and set(obj) == set(range(1, n + 1)):
-            lst: list = []
+            lst: list[Any] = []
             done[id(obj)] = lst
             lst.extend(_listify(obj[i], done, depth + 1) for i in range(1, n + 1))
             return lst
@@ -293,11 +297,11 @@ def t7_state_dict(obj: Any, notes: list[str] | None = None) -> "OrderedDict[str,
     return out
 
 
-def _walk(module: Any, prefix: str, out: dict, notes: list[str], seen: set, depth: int) -> None:
+def _walk(module: Any, prefix: str, out: dict[str, Any], notes: list[str], seen: set[int], depth: int) -> None:
     if not isinstance(module, T7Object) or id(module) in seen or depth > MAX_DEPTH:
         return
     seen.add(id(module))
-    data = module.data if isinstance(module.data, dict) else {}
+    data: Any = module.data if isinstance(module.data, dict) else {}
     for name in _PARAMS + _BUFFERS:
         value = data.get(name)
         if is_tensor_like(value) and value.numel():

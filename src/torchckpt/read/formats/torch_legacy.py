@@ -18,7 +18,8 @@ from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, LEGACY_MAGIC, TORCH_LEGACY, TORCH_TAR
 from ..unpickle import meta
 from ..unpickle.meta import MetaStorage, meta_dtype
-from ..unpickle.safe_globals import StorageType, rebuild_tensor
+from ..unpickle.safe_globals import StorageType
+from ..unpickle.torch_rebuild import rebuild_tensor
 from ..unpickle.mode import Mode
 from .base import Check, Checkpoint, ReadOptions, StorageBudget, ascii_text, run_pickle
 
@@ -251,7 +252,7 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Checkpoint:
     return loaded
 
 
-def _malformed(what: str, value: Any) -> list:
+def _malformed(what: str, value: Any) -> list[Any]:
     raise CorruptCheckpointError(f"malformed {what} {value!r:.100}")
 
 

@@ -52,7 +52,7 @@ def member_data_offset(src: Source, info: zipfile.ZipInfo) -> int:
         raise CorruptCheckpointError(f"local header of member {info.filename} is missing or damaged",
                                      path=src.name, member=info.filename, offset=info.header_offset)
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    return int(info.header_offset + 30 + name_len + extra_len)
 
 
 class _ZipStorages:
@@ -304,7 +304,7 @@ def _eocd_end(src: Source) -> int | None:
     if i < 0 or i + 22 > len(tail):
         return None
     (comment_len,) = struct.unpack("<H", tail[i + 20:i + 22])
-    return src.size - tail_len + i + 22 + comment_len
+    return int(src.size - tail_len + i + 22 + comment_len)
 
 
 _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n|\n)*)", re.M)

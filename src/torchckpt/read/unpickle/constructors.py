@@ -36,7 +36,7 @@ def _bad(message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message)
 
 
-def _material(u: Any, args: tuple, what: str, max_args: int = 1) -> None:
+def _material(u: Any, args: tuple[Any, ...], what: str, max_args: int = 1) -> None:
     """Accept at most ``max_args`` arguments, the first materialised data; charge its size."""
     if len(args) > max_args or any(not isinstance(a, _MATERIAL) for a in args[:1]):
         raise _bad(f"{what}() called with {', '.join(type(a).__name__ for a in args)}: only materialised "
@@ -308,7 +308,7 @@ def _namespace(kind: type) -> Any:
     return make
 
 
-def _attributes(u: Any, state: Any, what: str) -> dict:
+def _attributes(u: Any, state: Any, what: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise _bad(f"{what} state must be a dict, got {type(state).__name__}")
     u.meter.step(len(state))

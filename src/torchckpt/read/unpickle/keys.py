@@ -54,14 +54,15 @@ class KeyGuard:
 
     def __init__(self, meter: Meter) -> None:
         self.meter = meter
-        self._buckets: dict[int, tuple[Any, dict[int, list]]] = {}
+        self._buckets: dict[int, tuple[Any, dict[int, list[Any]]]] = {}
         self._walked: dict[int, Any] = {}  # tuple/frozenset keys already walked, by id (held, so ids stay valid)
 
     def _crafted(self, key: Any) -> bool:
         t = type(key)
         if t is tuple or t is frozenset:
-            if self._walked.get(id(key)) is key:
-                self.meter.step(len(key))  # hashing it again still costs its length
+            walked: Any = self._walked.get(id(key))  # (comparing `is key` would narrow key's type to None)
+            if walked is key:
+                self.meter.step(len(walked))  # hashing it again still costs its length
                 return True
             check_key(self.meter, key)
             self._walked[id(key)] = key
@@ -83,7 +84,7 @@ class KeyGuard:
         _fill({}, [k for k in keys if self._crafted(k)])
 
 
-def _fill(buckets: dict[int, list], keys: list) -> None:
+def _fill(buckets: dict[int, list[Any]], keys: list[Any]) -> None:
     for key in keys:
         h = hash(key)
         bucket = buckets.get(h)
@@ -99,7 +100,7 @@ def _fill(buckets: dict[int, list], keys: list) -> None:
                 "a hash-collision attack, which would make loading take quadratic time")
 
 
-def graph_depth(meter: Meter, root: Any, leaf_types: tuple) -> None:
+def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
     """Refuse an object graph whose longest path (cycles cut) is deeper than the budget allows.
 
     Iterative post-order walk, each container visited once: O(objects + references), charged as steps.
@@ -150,7 +151,7 @@ _SCALARS = (str, bytes, int, float, bool, complex, type(None))
 _SCALAR_SET = frozenset(_SCALARS)
 
 
-def _children(obj: Any, leaf_types: tuple) -> Any:
+def _children(obj: Any, leaf_types: tuple[Any, ...]) -> Any:
     """The objects ``obj`` refers to, as an indexable sequence, or None for a leaf. A container of leaves
     only (a tuple of 100k strings, a state dict of tensors) has no children to walk: ``()``, found by a
     pass over the element types at C speed."""

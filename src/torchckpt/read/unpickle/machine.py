@@ -89,7 +89,7 @@ class Unpickler:
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
                  start: int = 0, end: int | None = None, member: str | None = None, mode: Mode = Mode.BUILD,
                  meter: Meter | None = None) -> None:
-        self.data = data
+        self.data: bytes = data  # or a buffer that slices the same way (mmap, memoryview)
         self.pos = start
         self.start = start
         self.end = len(data) if end is None else min(end, len(data))
@@ -239,8 +239,8 @@ class Unpickler:
         except Exception as exc:  # any constructor or container failure on malformed data
             raise self._error(f"{type(exc).__name__}: {exc}", offset) from None
 
-    def _leaf_types(self) -> tuple:
-        leaves: tuple = _LEAVES
+    def _leaf_types(self) -> tuple[type, ...]:
+        leaves: tuple[type, ...] = _LEAVES
         torch = sys.modules.get("torch")
         if torch is not None:
             leaves += (torch.Tensor, torch.dtype, torch.device, torch.Size)
@@ -344,7 +344,7 @@ class Unpickler:
             self._stack.append(Py2Bytes(raw))
 
     # ------------------------------------------------------------------ construction
-    def call(self, func: Any, args: Any, offset: int, kwargs: dict | None = None) -> Any:
+    def call(self, func: Any, args: Any, offset: int, kwargs: dict[str, Any] | None = None) -> Any:
         """REDUCE / INST / OBJ (and NEWOBJ of an allowlisted class): only validating constructors run."""
         if type(args) is not tuple:
             raise self._error(f"call arguments must be a tuple, got {type(args).__name__}", offset)

@@ -8,7 +8,7 @@ In meta mode storages are :class:`MetaStorage` (a dtype and a byte count) and te
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 
@@ -64,7 +64,7 @@ class TensorMeta:
 
     __slots__ = ("shape", "stride", "dtype", "storage_offset", "requires_grad", "is_parameter", "storage")
 
-    def __init__(self, shape: tuple, stride: tuple, dtype: MetaDType, storage_offset: int = 0,
+    def __init__(self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: MetaDType, storage_offset: int = 0,
                  storage: MetaStorage | None = None) -> None:
         self.shape, self.stride, self.dtype, self.storage_offset = shape, stride, dtype, storage_offset
         self.storage = storage
@@ -118,7 +118,7 @@ def check_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple, tuple]:
+def check_view(capacity: int, offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """Validate a view of ``capacity`` elements; returns ints. Raises CorruptCheckpointError."""
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
         raise CorruptCheckpointError("tensor size and stride must be tuples")
@@ -236,12 +236,12 @@ class MetaDevice(str):
         return f"device({str(self)!r})"
 
 
-class MetaSize(tuple):
+class MetaSize(tuple[int, ...]):
     def __repr__(self) -> str:
         return f"torch.Size({list(self)})"
 
 
-def _const(value: Any) -> Any:
+def _const(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 

@@ -82,7 +82,7 @@ def finish_dtype(u: Any, old: Any, state: Any) -> Any:
         if not isinstance(names, tuple) or not isinstance(fields, dict) or len(names) > MAX_FIELDS:
             raise _bad("malformed numpy structured dtype state")
         u.meter.step(len(names))
-        spec: dict[str, list] = {"names": [], "formats": [], "offsets": [], "titles": []}
+        spec: dict[str, list[Any]] = {"names": [], "formats": [], "offsets": [], "titles": []}
         for name in names:
             entry = fields.get(name) if isinstance(name, str) else None
             if not isinstance(entry, tuple) or len(entry) not in (2, 3) or not isinstance(entry[0], np.dtype):

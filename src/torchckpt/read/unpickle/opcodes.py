@@ -248,7 +248,7 @@ def _dict(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise u._error("DICT with an odd number of items", u.pos - 1)
-    d: dict = {}
+    d: dict[Any, Any] = {}
     u.keys.admit(d, items[0::2])
     for i in range(0, len(items), 2):
         d[items[i]] = items[i + 1]

@@ -69,7 +69,7 @@ uuid test curses wsgiref smtpd asyncore asynchat jsonpickle
 _PRIVATE_STDLIB_OK = frozenset("_codecs _operator _collections _collections_abc _datetime _decimal _pydecimal "
                                "_random _struct _bisect _heapq _functools _abc _weakrefset _strptime "
                                "_zoneinfo _sre _locale _string _statistics _json _csv _stat _uuid".split())
-_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
+_STDLIB_MODULES = frozenset(getattr(sys, "stdlib_module_names", ()))
 
 # Exceptions inside blocked modules: (module, name) pairs that are plain data.
 _BLOCK_EXEMPT = frozenset({
@@ -214,7 +214,7 @@ def _module_blocked(module: str) -> bool:
 
 def _private_stdlib(module: str) -> bool:
     top = module.split(".", 1)[0]
-    return top.startswith("_") and top in _STDLIB and top not in _PRIVATE_STDLIB_OK
+    return top.startswith("_") and top in _STDLIB_MODULES and top not in _PRIVATE_STDLIB_OK
 
 
 def _classify_one(module: str, name: str) -> Verdict:

@@ -77,8 +77,8 @@ def decode_py2_text(root: Any, max_depth: int = 1_000) -> tuple[Any, int]:
             items = tuple(convert(v, depth + 1) for v in obj)
             result = obj if all(a is b for a, b in zip(items, obj)) else items
         elif isinstance(obj, (set, frozenset)):
-            items = {convert(v, depth + 1) for v in obj}
-            result = obj if items == obj else type(obj)(items)
+            members = {convert(v, depth + 1) for v in obj}
+            result = obj if members == obj else type(obj)(members)
         elif isinstance(obj, Stub):
             d = obj.__dict__
             for attr in ("stub_args", "stub_state", "stub_items", "stub_list"):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 from .constructors import CONSTANTS, CONSTRUCTORS
-from .meta import DTYPE_SIZES, TensorMeta, check_int
+from .meta import DTYPE_SIZES, TensorMeta, _const, check_int
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
@@ -130,7 +130,7 @@ def _meta_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
     return MetaDevice(device_string(kind, index))
 
 
-def _jit_list(u: Any, items: Any) -> list:
+def _jit_list(u: Any, items: Any) -> list[Any]:
     if not isinstance(items, (list, tuple)):
         raise _bad(f"expected a list, got {type(items).__name__}")
     u.meter.step(len(items))
@@ -222,7 +222,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "copyreg_newobj": _safe("copyreg.__newobj__", _copyreg_newobj),
     "copyreg_newobj_ex": _safe("copyreg.__newobj_ex__", _copyreg_newobj_ex),
     **{key: _safe(key, fn, newobj, finish, target) for key, (fn, newobj, finish, target) in CONSTRUCTORS.items()},
-    **{key: (lambda v=value: v) for key, value in CONSTANTS.items()},
+    **{key: _const(value) for key, value in CONSTANTS.items()},
 }
 
 
@@ -413,7 +413,7 @@ def new_object(u: Any, cls: Any, args: Any, kwargs: Any) -> Any:
     raise _bad(f"NEWOBJ on {cls!r:.80}, which is not a class this policy builds")
 
 
-def extend(u: Any, target: Any, items: list) -> None:
+def extend(u: Any, target: Any, items: list[Any]) -> None:
     """APPEND / APPENDS."""
     if isinstance(target, list):
         target.extend(items)
@@ -427,7 +427,7 @@ def extend(u: Any, target: Any, items: list) -> None:
         raise _bad(f"APPENDS on a {type(target).__name__}")
 
 
-def set_items(u: Any, target: Any, items: list) -> None:
+def set_items(u: Any, target: Any, items: list[Any]) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
     if isinstance(target, (dict, Stub)) or (u.trusted_instance(target) and hasattr(target, "__setitem__")):
         keys = items[0::2]
@@ -438,7 +438,7 @@ def set_items(u: Any, target: Any, items: list) -> None:
         raise _bad(f"SETITEMS on a {type(target).__name__}")
 
 
-def add_items(u: Any, target: Any, items: list) -> None:
+def add_items(u: Any, target: Any, items: list[Any]) -> None:
     """ADDITEMS."""
     if isinstance(target, set):
         u.keys.admit(target, items)

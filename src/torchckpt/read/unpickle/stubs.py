@@ -10,7 +10,7 @@ dicts the way ``nn.Module.__getattr__`` does, so ``model.fc.weight`` works on a 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, SupportsIndex
 
 from ...errors import LimitExceededError
 
@@ -64,7 +64,7 @@ class Stub:
     def stub_fullname(self) -> str:
         return f"{self._stub_module}.{self._stub_qualname}"
 
-    def stub_attributes(self) -> dict:
+    def stub_attributes(self) -> dict[str, Any]:
         """The instance dictionary the pickle restored (the state's dict part), or {}."""
         state = self.__dict__.get("stub_state")
         if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
@@ -108,7 +108,7 @@ class Stub:
             f"torchckpt.load(path, allow=[{name!r}]) (only for a file you trust), or build the model "
             "yourself and load its weights with torchckpt.load_into(model, path).")
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         raise TypeError(f"{self!r} is a torchckpt stub; convert it with torchckpt.stub_to_plain() first")
 
 
@@ -137,7 +137,7 @@ def is_stub_class(obj: Any) -> bool:
 
 def stub_name(obj: Any) -> str:
     """Dotted name of a stub instance or stub class."""
-    cls = obj if isinstance(obj, type) else type(obj)
+    cls: Any = obj if isinstance(obj, type) else type(obj)
     return f"{cls._stub_module}.{cls._stub_qualname}"
 
 

@@ -67,10 +67,10 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- torch rebuilders
-_STORAGE_TYPES: tuple | None = None
+_STORAGE_TYPES: tuple[Any, ...] | None = None
 
 
-def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple:
+def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     global _STORAGE_TYPES
     if _STORAGE_TYPES is None:
