@@ -126,3 +126,20 @@ def test_valid_torch_calls_still_load_and_scan_clean(tmp_path):
     assert torch.equal(loaded["numpy"], torch.arange(3, dtype=torch.int16))
     torchckpt.inspect(path)
     assert torchckpt.scan(path).exit_code == 0
+
+
+def test_whole_model_parameter_that_is_not_a_tensor_is_a_checkpoint_error(tmp_path, net):
+    """A whole-model pickle whose parameter rebuilder name was damaged gave a stub in _parameters:
+    inspect raised AttributeError ('stub ... has no attribute shape')."""
+    buf = io.BytesIO()
+    torch.save(net, buf, _use_new_zipfile_serialization=False)  # no CRC: the damage reaches the reader
+    data = buf.getvalue()
+    assert b"_rebuild_parameter" in data
+    path = tmp_path / "whole.pt"
+    path.write_bytes(data.replace(b"_rebuild_parameter", b"_rebuild_paqameter"))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="not a tensor") as info:
+        torchckpt.inspect(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError):
+        torchckpt.load_into(net, path)
+    assert torchckpt.scan(path).exit_code == 0  # load itself reads it (stubs); what it is, is not a model

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import AmbiguousCheckpointError, LimitExceededError, WeightsNotFoundError
+from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, LimitExceededError, WeightsNotFoundError
 from ..read.formats.lua_t7 import T7Object, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
 from ..read.unpickle.stubs import Stub, stub_name
@@ -134,6 +134,16 @@ def _detach(t: Any) -> Any:
     return t.detach() if hasattr(t, "detach") else t
 
 
+def _tensor_of(value: Any, key: str, module: Stub) -> Any:
+    """A parameter or buffer of a whole-model stub: a tensor, or the file is damaged."""
+    if not is_tensor_like(value):
+        what = stub_name(value) if isinstance(value, Stub) else type(value).__name__
+        raise CorruptCheckpointError(f"{key} of {stub_name(module)} is a {what}, not a tensor",
+                                     hint="The whole-model pickle is damaged or uses a tensor class torchckpt "
+                                          "does not rebuild; load it with trust=True only if you trust it.")
+    return _detach(value)
+
+
 def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise LimitExceededError(f"module nesting deeper than {MAX_DEPTH} at {prefix!r}")
@@ -146,10 +156,10 @@ def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int]
     non_persistent = attrs.get("_non_persistent_buffers_set") or set()
     for name, p in params.items():
         if p is not None:
-            out[prefix + name] = _detach(p)
+            out[prefix + name] = _tensor_of(p, prefix + name, module)
     for name, b in buffers.items():
         if b is not None and name not in non_persistent:
-            out[prefix + name] = _detach(b)
+            out[prefix + name] = _tensor_of(b, prefix + name, module)
     for name, child in (attrs.get("_modules") or {}).items():
         if isinstance(child, Stub):
             _stub_state(child, f"{prefix}{name}.", out, active, depth + 1)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
+from ..errors import CheckpointError
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
 from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
@@ -150,12 +151,15 @@ def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = F
     report = InspectReport(path=loaded.name, format=loaded.kind, description=loaded.description, evidence=evidence,
                            file_size=loaded.size, locations=dict(locations), notes=list(loaded.notes),
                            metadata=dict(loaded.details.get("metadata") or {}))
-    _collect(loaded.obj, report)
+    try:  # the tree walk finds what the reader could not know (a stub where a tensor belongs): name the file
+        _collect(loaded.obj, report)
+        report.weights = [(c.path or "<root>", c.source, len(c.state_dict)) for c in find_state_dicts(loaded.obj)]
+    except CheckpointError as exc:
+        raise exc.with_path(loaded.name)
     seen: dict[str, str] = {}
     for ref in loaded.globals:
         seen.setdefault(ref.fullname, ref.verdict.value)
     report.classes = sorted(seen.items())
-    report.weights = [(c.path or "<root>", c.source, len(c.state_dict)) for c in find_state_dicts(loaded.obj)]
     return report
 
 
