@@ -175,11 +175,7 @@ def _collect(obj: Any, report: InspectReport) -> None:
             report.tensors.append(_tensor_info(path or "<root>", value))
         elif is_module_like(value):
             for k, t in state_dict_of(value).items():
-                key = f"{path}.{k}" if path else k
-                if is_tensor_like(t):
-                    report.tensors.append(_tensor_info(key, t))
-                else:  # a parameter slot holding something else (a stub of an unknown rebuilder)
-                    report.values.append((key, _type_name(t), _short_repr(t)))
+                report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
             if path:
                 report.values.append((path, _type_name(value), repr(value)))
         elif is_optimizer_state(value):
