@@ -32,7 +32,7 @@ from ..storage import files
 from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
-from .training import FORMAT, META_SUFFIX, TrainingState, capture, data_files, meta_path, verify, write_data
+from .training import META_SUFFIX, TrainingState, capture, data_files, meta_path, verify, write_data
 from .training import save as save_local
 
 __all__ = ["RemoteStore", "save", "resume_url"]
@@ -97,7 +97,7 @@ class RemoteStore:
                 except CorruptCheckpointError as exc:
                     problem = exc.reason
             if problem is None:
-                problem = _check(name, meta, sizes)
+                problem = store.commit_problem(name, meta, sizes, lambda: sizes[name])
             out.append(store.Entry(step, path, meta, problem, unfinished))
         return out
 
@@ -204,20 +204,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
-
-
-def _check(name: str, meta: Mapping[str, Any] | None, sizes: Mapping[str, int]) -> str | None:
-    """What is wrong with the checkpoint ``name`` given the listing ``sizes`` (None: committed)."""
-    if meta is None:
-        return "it has no sidecar (its upload never finished, or the sidecar was removed)" if name in sizes \
-            else "its files are gone"
-    if meta.get("format") != FORMAT or meta.get("file") != name:
-        return "its sidecar was not written by torchckpt for this file"
-    if name not in sizes:
-        return "its data file is missing"
-    if sizes[name] != meta.get("size"):
-        return f"its data file is {sizes[name]} bytes but {meta.get('size')} were written (truncated?)"
-    return None
 
 
 def _renamed(state: TrainingState, local: str, url: str) -> None:

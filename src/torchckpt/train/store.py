@@ -25,7 +25,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
 from ..storage.atomic import fsync_dir, write_error
@@ -85,21 +85,25 @@ def entries(directory: str) -> list[Entry]:
         except CorruptCheckpointError as exc:
             problem = exc.reason
         if problem is None:
-            problem = _check(path, name, meta, names)
+            problem = commit_problem(name, meta, names, lambda: os.path.getsize(path))
         out.append(Entry(step, path, meta, problem, unfinished))
     return out
 
 
-def _check(path: str, name: str, meta: Mapping[str, Any] | None, names: set[str]) -> str | None:
+def commit_problem(name: str, meta: Mapping[str, Any] | None, names: Collection[str],
+                   size_of: Callable[[], int]) -> str | None:
+    """What is wrong with checkpoint ``name`` (None: committed), given its sidecar ``meta``, the names
+    present beside it and ``size_of()`` its data file's size (may raise OSError). Local and remote
+    stores judge a commit by this one rule."""
     if meta is None:
-        return "it has no sidecar (its save never finished, or the sidecar was removed)" if name in names \
-            else "its files are gone"
+        return "it has no sidecar (its save or upload never finished, or the sidecar was removed)" \
+            if name in names else "its files are gone"
     if meta.get("format") != FORMAT or meta.get("file") != name:
         return "its sidecar was not written by torchckpt for this file"
     if name not in names:
         return "its data file is missing"
     try:
-        size = os.path.getsize(path)
+        size = size_of()
     except OSError as exc:
         return f"its data file cannot be read ({exc.strerror})"
     if size != meta.get("size"):
