@@ -287,21 +287,7 @@ def _t7_tensor_header(w: Writer, sizes, strides, storage_count: int) -> None:
     w.i(4)
     w.index += 1
     w.i(w.index)
-    w.s("V 1")
-    w.s("torch.FloatTensor")
-    w.i(len(sizes))
-    for v in sizes:
-        w.q(v)
-    for v in strides:
-        w.q(v)
-    w.q(1)
-    w.i(4)
-    w.index += 1
-    w.i(w.index)
-    w.s("V 1")
-    w.s("torch.FloatStorage")
-    w.q(storage_count)
-    w.out += b"\0" * 4 * storage_count
+    w.tensor_body("Float", sizes, strides, storage_count, b"\0" * 4 * storage_count)
 
 
 def test_t7_zero_stride_numel_overflow_is_refused(tmp_path):
@@ -338,17 +324,28 @@ def _index(folder, shard: str) -> str:
     return path
 
 
-def test_shard_symlink_outside_the_folder_is_refused_without_its_bytes(tmp_path):
-    secret = tmp_path / "secret.txt"
+def _secret_linked_into(tmp_path, secret_name: str, folder_name: str, member: str):
+    """A file of secret bytes beside a new folder, and ``folder/member`` a symlink to it: (secret, folder)."""
+    secret = tmp_path / secret_name
     secret.write_bytes(b"TOPSECRET-" * 50)
-    folder = tmp_path / "model"
+    folder = tmp_path / folder_name
     folder.mkdir()
-    os.symlink(secret, folder / "model-00001.safetensors")
-    index = _index(folder, "model-00001.safetensors")
+    os.symlink(secret, folder / member)
+    return secret, folder
+
+
+def _refused_without_the_secret(ckpt) -> None:
+    """load and inspect refuse ``ckpt`` as reaching outside its folder, and never show the secret bytes."""
     for fn in (torchckpt.load, torchckpt.inspect):
         with pytest.raises(UnsafeCheckpointError) as info:
-            fn(index)
+            fn(ckpt)
         assert "TOPSECRET" not in str(info.value) and "outside" in str(info.value)
+
+
+def test_shard_symlink_outside_the_folder_is_refused_without_its_bytes(tmp_path):
+    secret, folder = _secret_linked_into(tmp_path, "secret.txt", "model", "model-00001.safetensors")
+    index = _index(folder, "model-00001.safetensors")
+    _refused_without_the_secret(index)
     for shard in ("../secret.txt", str(secret), "sub/../../secret.txt"):
         with pytest.raises(UnsafeCheckpointError) as info:
             torchckpt.load(_index(folder, shard))
@@ -374,12 +371,13 @@ def test_symlinked_shard_folder_inside_and_hf_cache_layout_load(tmp_path):
     assert torch.equal(torchckpt.load(index)["w"], torch.full((2,), 3.0))
 
 
-def test_dcp_data_file_symlinked_outside_is_refused(tmp_path):
+@pytest.mark.parametrize("member, outside", [("__0_0.distcp", "elsewhere.distcp"), (".metadata", "elsewhere")],
+                         ids=["data-file", "metadata"])
+def test_dcp_member_symlinked_outside_is_refused(tmp_path, member, outside):
     ckpt = tmp_path / "ckpt"
     _dcp(ckpt, {"w": torch.ones(3)})
-    moved = tmp_path / "elsewhere.distcp"
-    os.rename(ckpt / "__0_0.distcp", moved)
-    os.symlink(moved, ckpt / "__0_0.distcp")
+    os.rename(ckpt / member, tmp_path / outside)
+    os.symlink(tmp_path / outside, ckpt / member)
     with pytest.raises(UnsafeCheckpointError):
         torchckpt.load(ckpt)
     assert torchckpt.scan(ckpt).status == "findings"
@@ -498,11 +496,7 @@ def test_stack_global_with_a_computed_module_is_judged_by_its_value(tmp_path):
 def test_model_folder_files_symlinked_outside_are_refused_without_their_bytes(tmp_path):
     from safetensors.torch import save_file
 
-    secret = tmp_path / "secret.bin"
-    secret.write_bytes(b"TOPSECRET-" * 50)
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    os.symlink(secret, folder / "model.safetensors")
+    secret, folder = _secret_linked_into(tmp_path, "secret.bin", "hf", "model.safetensors")
     (folder / "config.json").write_text('{"model_type": "x"}')
     acc = tmp_path / "acc"
     acc.mkdir()
@@ -510,10 +504,7 @@ def test_model_folder_files_symlinked_outside_are_refused_without_their_bytes(tm
     torch.save({"lr": 1}, acc / "optimizer.bin")
     os.symlink(secret, acc / "random_states_0.pkl")
     for ckpt in (folder, acc):
-        for fn in (torchckpt.load, torchckpt.inspect):
-            with pytest.raises(UnsafeCheckpointError) as info:
-                fn(ckpt)
-            assert "TOPSECRET" not in str(info.value) and "outside" in str(info.value)
+        _refused_without_the_secret(ckpt)
         for report in (torchckpt.scan(ckpt), torchckpt.scan(tmp_path, recursive=True)):
             assert report.status == "findings" and "TOPSECRET" not in json.dumps(report.to_dict())
             (f,) = [f for f in report.files if f.path == str(ckpt)]
@@ -538,16 +529,6 @@ def test_model_folder_config_json_nested_too_deep_is_a_checkpoint_error(tmp_path
         with pytest.raises(CorruptCheckpointError, match="config.json") as info:
             fn(folder)
         assert str(folder) in str(info.value)
-
-
-def test_dcp_metadata_symlinked_outside_is_refused(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    _dcp(ckpt, {"w": torch.ones(3)})
-    os.rename(ckpt / ".metadata", tmp_path / "elsewhere")
-    os.symlink(tmp_path / "elsewhere", ckpt / ".metadata")
-    with pytest.raises(UnsafeCheckpointError):
-        torchckpt.load(ckpt)
-    assert torchckpt.scan(ckpt).status == "findings"
 
 
 def test_model_folder_scans_as_load_reads_it_and_the_files_it_skips(tmp_path, net):
