@@ -42,7 +42,7 @@ CODE = CHILD_PRELUDE.format(here=HERE) + """
 c0, t0 = time.process_time(), time.perf_counter()
 report = torchckpt.scan(sys.argv[1])
 result, cpu = time.perf_counter() - t0, time.process_time() - c0
-assert report.exit_code == 0, report.to_dict()
+assert report.status == "clean", report.to_dict()
 print(json.dumps({"seconds": result, "cpu": cpu, "peak_mib": rss_mib() - base}))
 """
 

@@ -46,7 +46,7 @@ def build(folder: str) -> tuple[list[str], list[str]]:
 def torchckpt_flags(path: str) -> bool | None:
     import torchckpt
 
-    return torchckpt.scan(path).exit_code == 1
+    return torchckpt.scan(path).status == "findings"
 
 
 def cli_flags(cmd: list[str]) -> bool | None:

@@ -28,6 +28,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass
+from typing import Callable
 
 TIME_BOUND = 5.0
 
@@ -337,37 +338,50 @@ def _front_ends(path: str, workdir: str) -> None:
         os.remove(out)
 
 
+def run_fuzz(total: int, make_case: Callable[[int], Case], check_case: Callable[[Case, str], str], *,
+             failures_dir: str, blob_name: Callable[[int, Case], str]) -> tuple[dict[str, dict[str, int]], int]:
+    """Check ``total`` cases (``make_case(n)``) in a temporary folder; returns the outcomes counted per kind
+    and the number of failures. A check that raises is a failure: the case's files are kept in
+    $FUZZ_FAILURES (default ``failures_dir``) under ``blob_name(n, case)``, and a line says what escaped."""
+    import tempfile
+
+    counts: dict[str, dict[str, int]] = {}
+    failures = 0
+    start = time.time()
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in range(total):
+            case = make_case(n)
+            try:
+                outcome = check_case(case, workdir)
+            except Exception as exc:  # noqa: BLE001 - every escape is a finding of the fuzz run
+                failures += 1
+                outcome = "FAIL"
+                blob = os.environ.get("FUZZ_FAILURES", failures_dir)
+                os.makedirs(blob, exist_ok=True)
+                with open(os.path.join(blob, blob_name(n, case)), "wb") as fh:
+                    pickle.dump(case.files, fh)
+                print(f"[{n}] {case.kind}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            per_kind = counts.setdefault(case.kind, {})
+            per_kind[outcome] = per_kind.get(outcome, 0) + 1
+            if (n + 1) % 1000 == 0:
+                print(f"{n + 1} inputs, {failures} failures, {time.time() - start:.0f}s", flush=True)
+    print(f"done: {total} inputs, {failures} failures, {time.time() - start:.0f}s")
+    return counts, failures
+
+
 def main(total: int, seed: int, front_ends: bool) -> int:
     import resource
-    import tempfile
 
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
     corpus = seeds()
     kinds = sorted(corpus)
     rng = random.Random(seed)
-    counts: dict[str, dict[str, int]] = {k: {} for k in kinds}
-    failures = 0
-    start = time.time()
-    with tempfile.TemporaryDirectory() as workdir:
-        for n in range(total):
-            kind = kinds[n % len(kinds)]
-            case = mutate(corpus[kind], rng)
-            try:
-                outcome = check(case, workdir, front_ends=front_ends)
-            except Exception as exc:  # noqa: BLE001 - every escape is a finding of the fuzz run
-                failures += 1
-                outcome = "FAIL"
-                blob = os.environ.get("FUZZ_FAILURES", "/tmp/torchckpt-fuzz-failures")
-                os.makedirs(blob, exist_ok=True)
-                with open(os.path.join(blob, f"{kind}-{n}.pickle"), "wb") as fh:
-                    pickle.dump(case.files, fh)
-                print(f"[{n}] {kind}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            counts[kind][outcome] = counts[kind].get(outcome, 0) + 1
-            if (n + 1) % 1000 == 0:
-                print(f"{n + 1} inputs, {failures} failures, {time.time() - start:.0f}s", flush=True)
-    print(f"done: {total} inputs, {failures} failures, {time.time() - start:.0f}s")
+    counts, failures = run_fuzz(total, lambda n: mutate(corpus[kinds[n % len(kinds)]], rng),
+                                lambda case, workdir: check(case, workdir, front_ends=front_ends),
+                                failures_dir="/tmp/torchckpt-fuzz-failures",
+                                blob_name=lambda n, case: f"{case.kind}-{n}.pickle")
     for kind in kinds:
-        print(f"  {kind}: {counts[kind]}")
+        print(f"  {kind}: {counts.get(kind, {})}")
     return 1 if failures else 0
 
 

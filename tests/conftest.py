@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import sys
 from collections import OrderedDict
 
@@ -30,3 +32,20 @@ def assert_same_state(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
+
+
+class ForgettablePackage:
+    """Package ``name`` written under ``root`` from ``source`` and imported (``module``), until :meth:`forget`
+    deletes its files and drops it from ``sys.modules``: a whole-model pickle whose code is gone."""
+
+    def __init__(self, root, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+        self.name, self.path = name, root / name
+        self.path.mkdir()
+        (self.path / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(root))
+        self.module = importlib.import_module(name)
+
+    def forget(self) -> None:
+        shutil.rmtree(self.path)
+        sys.modules.pop(self.name, None)
+        importlib.invalidate_caches()

@@ -53,6 +53,21 @@ def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
             "config_kwargs": {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1}}, **extra}
 
 
+@contextlib.contextmanager
+def s3_bucket(bucket: str, *, count: bool = True) -> Iterator[tuple[Any, dict[str, Any], "CountingProxy | None"]]:
+    """A fresh moto S3 server with an empty ``bucket``: yields (fsspec filesystem, storage_options, proxy).
+    With ``count`` the options point at a :class:`CountingProxy` in front of moto, so the bytes moved are
+    measured outside the code under test; without it they point at moto itself and the proxy is None."""
+    import fsspec
+
+    with moto_server() as endpoint, contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(CountingProxy(int(endpoint.rsplit(":", 1)[1]))) if count else None
+        opts = s3_options(proxy.endpoint if proxy is not None else endpoint)
+        fs = fsspec.filesystem("s3", **opts)
+        fs.mkdir(bucket)
+        yield fs, opts, proxy
+
+
 class CountingProxy:
     """A TCP proxy on 127.0.0.1 in front of ``target_port``; counts bytes in each direction."""
 

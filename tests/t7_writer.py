@@ -40,6 +40,22 @@ class Writer:
         self.i(self.index)
         return False
 
+    def tensor_body(self, kind: str, sizes, strides, numel: int, data: bytes) -> None:
+        """A tensor after its index: type, sizes, strides, offset, then a new storage of ``numel`` elements."""
+        self.s("V 1")
+        self.s(f"torch.{kind}Tensor")
+        self.i(len(sizes))
+        for v in (*sizes, *strides):
+            self.q(v)
+        self.q(1)
+        self.i(4)
+        self.index += 1
+        self.i(self.index)
+        self.s("V 1")
+        self.s(f"torch.{kind}Storage")
+        self.q(numel)
+        self.out += data
+
     def write(self, obj) -> None:
         if obj is None:
             self.i(0)
@@ -65,23 +81,8 @@ class Writer:
             self.i(4)
             if self.ref(obj):
                 return
-            kind = _TYPES[obj.dtype]
-            self.s("V 1")
-            self.s(f"torch.{kind}Tensor")
-            self.i(obj.dim())
-            for v in obj.shape:
-                self.q(v)
-            for v in obj.stride():
-                self.q(v)
-            self.q(1)
-            self.i(4)
-            self.index += 1
-            self.i(self.index)
-            self.s("V 1")
-            self.s(f"torch.{kind}Storage")
             flat = obj.contiguous().reshape(-1)
-            self.q(flat.numel())
-            self.out += flat.numpy().tobytes()
+            self.tensor_body(_TYPES[obj.dtype], obj.shape, obj.stride(), flat.numel(), flat.numpy().tobytes())
         elif isinstance(obj, Obj):
             self.i(4)
             if self.ref(obj):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import ForgettablePackage, assert_same_state
 
 import torchckpt
 
@@ -28,19 +27,13 @@ MODEL = textwrap.dedent('''
 @pytest.fixture
 def whole_model(tmp_path, monkeypatch):
     """A whole-model pickle of ``convmodels.Net`` whose source is gone, and the state dict it holds."""
-    pkg = tmp_path / "convmodels"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    package = ForgettablePackage(tmp_path, monkeypatch, "convmodels", MODEL)
     torch.manual_seed(0)
-    model = importlib.import_module("convmodels").Net()
+    model = package.module.Net()
     path = tmp_path / "whole_model.pkl"
     torch.save(model, path)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    (pkg / "__init__.py").unlink()
-    pkg.rmdir()
-    sys.modules.pop("convmodels", None)
-    importlib.invalidate_caches()
+    package.forget()
     return path, expected
 
 

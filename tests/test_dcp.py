@@ -34,7 +34,7 @@ def test_dcp_directory_loads_nested_and_into_a_model(tmp_path, net):
     assert torch.equal(fresh.fc.weight, net.fc.weight)
     report = torchckpt.inspect(tmp_path / "ckpt")
     assert report.format == "dcp" and {t.key for t in report.tensors} == {f"model.{k}" for k in net.state_dict()}
-    assert torchckpt.scan(tmp_path / "ckpt", recursive=True).exit_code == 0
+    assert torchckpt.scan(tmp_path / "ckpt", recursive=True).status == "clean"
     assert torchckpt.convert(tmp_path / "ckpt", tmp_path / "out.safetensors", weights_only=True, key="model").verified
 
 
@@ -56,7 +56,7 @@ def test_malicious_item_inside_distcp(tmp_path):
     with pytest.raises(torchckpt.UnsafeCheckpointError):
         torchckpt.load(tmp_path / "ckpt")
     report = torchckpt.scan(tmp_path / "ckpt", recursive=True)
-    assert report.exit_code == 1 and not (tmp_path / "canary").exists()
+    assert report.status == "findings" and not (tmp_path / "canary").exists()
 
 
 def test_metadata_pointing_outside_is_refused(tmp_path):

@@ -150,7 +150,7 @@ def test_fuzz_regression_zip64_record_with_bad_offsets(tmp_path, net):
         path.write_bytes(bytes(data))
         with pytest.raises(torchckpt.CheckpointError):
             fn(path)
-    assert torchckpt.scan(tmp_path / "z.pt").exit_code in (1, 3)
+    assert torchckpt.scan(tmp_path / "z.pt").status in ("findings", "unreadable")
 
 
 def test_decompression_bomb_member_is_refused(tmp_path):

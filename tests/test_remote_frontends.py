@@ -15,7 +15,7 @@ import torch
 
 import torchckpt
 from conftest import small_net
-from remote_servers import moto_server, s3_options
+from remote_servers import s3_bucket
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -28,13 +28,8 @@ COMMANDS = ["inspect", "scan", "diff", "convert", "report"]  # every command tha
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    import fsspec
-
     assert not any(k.startswith("AWS_ENDPOINT") for k in os.environ), "the endpoint must come from the options"
-    with moto_server() as endpoint:
-        opts = s3_options(endpoint)
-        fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("fends")
+    with s3_bucket("fends", count=False) as (fs, opts, _):
         net = small_net()
         local = tmp_path_factory.mktemp("fends") / "m.pt"
         torch.save(net.state_dict(), local)

@@ -14,7 +14,7 @@ import torch
 
 import torchckpt
 from conftest import assert_same_state
-from remote_servers import CountingProxy, http_server, moto_server, s3_options
+from remote_servers import http_server, s3_bucket
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -23,13 +23,8 @@ pytest.importorskip("moto.server")
 @pytest.fixture(scope="module")
 def s3():
     """(fsspec filesystem, storage_options through a counting proxy, proxy) on a fresh moto server."""
-    import fsspec
-
-    with moto_server() as endpoint, CountingProxy(int(endpoint.rsplit(":", 1)[1])) as proxy:
-        opts = s3_options(proxy.endpoint)
-        fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("bkt")
-        yield fs, opts, proxy
+    with s3_bucket("bkt") as s3:
+        yield s3
 
 
 def _put(fs, local, key):

@@ -15,7 +15,7 @@ import torch
 
 import torchckpt
 from conftest import small_net
-from remote_servers import CountingProxy, moto_server, s3_options
+from remote_servers import s3_bucket
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -25,13 +25,8 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def s3():
-    import fsspec
-
-    with moto_server() as endpoint, CountingProxy(int(endpoint.rsplit(":", 1)[1])) as proxy:
-        opts = s3_options(proxy.endpoint)
-        fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("train")
-        yield fs, opts, proxy
+    with s3_bucket("train") as s3:
+        yield s3
 
 
 def _perturbed():

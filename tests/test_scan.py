@@ -26,7 +26,7 @@ def test_every_attack_is_a_finding(tmp_path, technique, container):
     path = tmp_path / "evil.bin"
     path.write_bytes(_container(container, technique, canary))
     report = torchckpt.scan(path)
-    assert report.exit_code == 1 and report.files[0].status == "findings"
+    assert report.status == "findings" and report.files[0].status == "findings"
     assert any(f.kind == "dangerous-global" for f in report.files[0].findings)
     assert not canary.exists()
 
@@ -61,8 +61,8 @@ def test_benign_files_scan_clean(tmp_path, net):
     files = _benign_corpus(tmp_path, net)
     report = torchckpt.scan(files)
     bad = [(f.path, [x.message for x in f.findings], f.error) for f in report.files if f.status != "clean"]
-    assert not bad and report.exit_code == 0
-    assert torchckpt.scan(tmp_path, recursive=True).exit_code == 0
+    assert not bad and report.status == "clean"
+    assert torchckpt.scan(tmp_path, recursive=True).status == "clean"
 
 
 def test_stubbed_classes_are_listed_not_findings(tmp_path, net):
@@ -70,9 +70,9 @@ def test_stubbed_classes_are_listed_not_findings(tmp_path, net):
     torch.save(net, path)
     report = torchckpt.scan(path)
     names = {g.fullname for g in report.files[0].globals}
-    assert "torch.nn.modules.conv.Conv2d" in names and report.exit_code == 0
+    assert "torch.nn.modules.conv.Conv2d" in names and report.status == "clean"
     strict = torchckpt.scan(path, strict=True)
-    assert strict.exit_code == 1 and all(f.kind == "stubbed-class" for f in strict.files[0].findings)
+    assert strict.status == "findings" and all(f.kind == "stubbed-class" for f in strict.files[0].findings)
 
 
 def test_pickle_hidden_in_extra_zip_member(tmp_path, net):
@@ -151,7 +151,7 @@ def test_compressed_wrappers_are_findings(tmp_path, wrapper):
     path = tmp_path / f"evil.{wrapper}"
     path.write_bytes(data)
     report = torchckpt.scan(path)
-    assert report.exit_code == 1 and report.files[0].findings[0].kind == "container"
+    assert report.status == "findings" and report.files[0].findings[0].kind == "container"
 
 
 def test_nullifai_broken_stream_reports_what_came_before(tmp_path):
@@ -179,6 +179,9 @@ def test_cli_scan_exit_codes_and_json(tmp_path, net):
     res = run("--json", str(good), str(bad))
     doc = json.loads(res.stdout)
     assert res.returncode == 1 and [f["status"] for f in doc["files"]] == ["clean", "findings"]
+    assert doc["exit_code"] == 1 and doc["status"] == "findings"  # the CLI's code beside the tool's facts
+    lfs_doc = json.loads(run("--json", str(lfs)).stdout)
+    assert lfs_doc["exit_code"] == 3 and lfs_doc["status"] == "unreadable"
     assert doc["files"][1]["findings"][0]["offset"] is not None
     assert run(str(tmp_path)).returncode == 3  # a directory without --recursive
     assert run("-r", str(tmp_path)).returncode == 1

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import ForgettablePackage, assert_same_state
 
 import torchckpt
 
@@ -40,28 +39,16 @@ MODEL_SOURCE = textwrap.dedent('''
 
 @pytest.fixture
 def vanished_module(tmp_path, monkeypatch):
-    """Create package 'models_gone', yield a factory, then delete it from disk and sys.modules."""
-    pkg = tmp_path / "models_gone"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(MODEL_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("models_gone")
+    """Create package 'models_gone', yield a factory and the package (to forget), then drop it from sys.modules."""
+    package = ForgettablePackage(tmp_path, monkeypatch, "models_gone", MODEL_SOURCE)
     torch.manual_seed(0)
-
-    def make():
-        return module.Net()
-
-    yield make, pkg
+    yield package.module.Net, package
     sys.modules.pop("models_gone", None)
 
 
-def _save_and_forget(obj, path, pkg):
+def _save_and_forget(obj, path, package: ForgettablePackage) -> None:
     torch.save(obj, path)
-    for f in pkg.iterdir():
-        f.unlink()
-    pkg.rmdir()
-    sys.modules.pop("models_gone", None)
-    importlib.invalidate_caches()
+    package.forget()
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -71,10 +58,7 @@ def test_state_dict_of_equals_original(tmp_path, vanished_module, zip_format):
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path / "whole.pth"
     torch.save(model, path, _use_new_zipfile_serialization=zip_format)
-    for f in pkg.iterdir():
-        f.unlink()
-    pkg.rmdir()
-    sys.modules.pop("models_gone", None)
+    pkg.forget()
     with pytest.raises(Exception, match="models_gone"):
         torch.load(path, weights_only=False)  # what users see today
     obj = torchckpt.load(path)

@@ -13,15 +13,13 @@ Long run (nice'd; RLIMIT_AS 6 GiB; prints counts and every failure)::
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import struct
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from agreement import Case, check  # noqa: E402
+from agreement import Case, check, run_fuzz  # noqa: E402
 from pickle_asm import legacy, torch_zip  # noqa: E402
 
 _EXTRA_GLOBALS = [("os", "system"), ("builtins", "getattr"), ("builtins", "eval"), ("subprocess", "Popen"),
@@ -216,7 +214,6 @@ def program(rng: random.Random, names: list[tuple[str, str]]) -> Case:
 
 def main(total: int, seed: int) -> int:
     import resource
-    import tempfile
 
     import numpy  # noqa: F401 - imported before the clock runs: the bound is for the input, not imports
     import torch  # noqa: F401
@@ -224,26 +221,14 @@ def main(total: int, seed: int) -> int:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
     names = _globals()
     rng = random.Random(seed)
-    counts: dict[str, int] = {}
-    failures = 0
-    start = time.time()
-    with tempfile.TemporaryDirectory() as workdir:
-        for n in range(total):
-            case = program(rng, names)
-            try:
-                outcome = check(case, workdir)
-            except Exception as exc:  # noqa: BLE001 - every escape is a finding of the run
-                failures += 1
-                outcome = "FAIL"
-                blob = os.environ.get("FUZZ_FAILURES", "/tmp/torchckpt-vm-fuzz-failures")
-                os.makedirs(blob, exist_ok=True)
-                with open(os.path.join(blob, f"{seed}-{n}.pickle"), "wb") as fh:
-                    pickle.dump(case.files, fh)
-                print(f"[{n}] {case.kind}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            counts[outcome] = counts.get(outcome, 0) + 1
-            if (n + 1) % 1000 == 0:
-                print(f"{n + 1} inputs, {failures} failures, {time.time() - start:.0f}s {counts}", flush=True)
-    print(f"done: {total} programs, {failures} failures, {time.time() - start:.0f}s, outcomes {counts}")
+    counts, failures = run_fuzz(total, lambda n: program(rng, names), check,
+                                failures_dir="/tmp/torchckpt-vm-fuzz-failures",
+                                blob_name=lambda n, case: f"{seed}-{n}.pickle")
+    outcomes: dict[str, int] = {}
+    for per_kind in counts.values():
+        for outcome, count in per_kind.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    print(f"  outcomes {outcomes}")
     return 1 if failures else 0
 
 

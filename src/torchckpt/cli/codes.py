@@ -7,9 +7,8 @@ into exit codes.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import UnsafeCheckpointError
+from ..tools.scanning import ScanReport
 
 __all__ = ["EXIT_OK", "EXIT_FINDINGS", "EXIT_USAGE", "EXIT_UNREADABLE", "EXIT_UNSAFE", "EXIT_INTERRUPTED",
            "exit_code_for", "scan_exit_code"]
@@ -23,9 +22,9 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_UNSAFE if isinstance(exc, UnsafeCheckpointError) else EXIT_UNREADABLE
 
 
-def scan_exit_code(report: Any) -> int:
+_SCAN_EXIT = {"clean": EXIT_OK, "findings": EXIT_FINDINGS, "unreadable": EXIT_UNREADABLE}
+
+
+def scan_exit_code(report: ScanReport) -> int:
     """1 when any file has findings, else 3 when any is unreadable, else 0 (skipped files are fine)."""
-    statuses = {f.status for f in report.files}
-    if "findings" in statuses:
-        return EXIT_FINDINGS
-    return EXIT_UNREADABLE if "unreadable" in statuses else EXIT_OK
+    return _SCAN_EXIT[report.status]

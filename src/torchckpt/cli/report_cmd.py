@@ -29,7 +29,7 @@ def command(checkpoint: str, output: str, against: str | None, other: str | None
     Exit codes: 0 written, 2 usage (missing extra), 3 unreadable input, 4 unsafe checkpoint.
     """
     try:
-        require_extra()
+        require_extra(diff=other is not None)
     except MissingExtraError as exc:
         raise click.UsageError(f"{exc}") from None
     model = None

@@ -35,5 +35,9 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
     for f in report.files:
         if f.status == "unreadable" and not recursive and os.path.isdir(f.path) and not is_dcp_dir(f.path):
             f.error = "is a directory: pass -r (--recursive) to scan the files in it"  # the CLI's spelling
-    out.show(report, report.render(strict=strict, verbose=verbose))
-    return scan_exit_code(report)
+    code = scan_exit_code(report)
+    if as_json:
+        out.json({"exit_code": code, **report.to_dict()})
+    else:
+        out.show(report, report.render(strict=strict, verbose=verbose))
+    return code

@@ -47,10 +47,18 @@ def to_torch(value: Any, reader: Any) -> Any:
     return value.detach()
 
 
-def release(reader: Any, tensor: Any) -> None:
-    """Drop the file pages behind ``tensor`` if it maps ``reader``'s file (a no-op otherwise)."""
+def release(reader: Any, tensor: Any, *, view_only: bool = False) -> None:
+    """Drop the file pages behind ``tensor`` if it maps ``reader``'s file (a no-op otherwise).
+
+    The pages of its whole storage, or with ``view_only`` those under the bytes of the (contiguous)
+    view itself: a reader of a large tensor can drop each part once it has read it.
+    """
     if reader is None or not hasattr(tensor, "untyped_storage"):
         return
     storage = tensor.untyped_storage()
-    if storage.device.type == "cpu":
+    if storage.device.type != "cpu":
+        return
+    if view_only and tensor.is_contiguous():
+        reader.release_pointer(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    elif not view_only:
         reader.release_pointer(storage.data_ptr(), storage.nbytes())

@@ -11,9 +11,7 @@ from typing import Iterable
 
 from .unpickle.policy import Policy
 
-__all__ = ["Policy", "resolve_policy", "AllowList"]
-
-AllowList = "Iterable[str] | str | None"
+__all__ = ["Policy", "resolve_policy"]
 
 
 def resolve_policy(policy: Policy | None = None, trust: bool = False,

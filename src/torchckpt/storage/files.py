@@ -21,7 +21,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 from ..errors import CheckpointNotFoundError, CheckpointWriteError
 from . import atomic
@@ -29,6 +29,8 @@ from .remote import StorageOptions, filesystem, is_url, join, remote_errors, str
 
 __all__ = ["atomic_write", "write_json_atomic", "read_bytes", "size_of", "list_sizes", "remove", "makedirs",
            "sync_dir", "clean_temp_files", "local_copy", "join", "is_url", "exists", "isdir"]
+
+T = TypeVar("T")
 
 # Stores whose uploads are all-or-nothing: an object is visible only after its upload completed.
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
@@ -123,35 +125,30 @@ def read_bytes(path: Any, storage_options: StorageOptions | None = None) -> byte
         return bytes(fs.cat_file(inner))
 
 
-def exists(path: Any, storage_options: StorageOptions | None = None) -> bool:
+def _stat(path: Any, storage_options: StorageOptions | None, action: str, local: Callable[[str], T],
+          remote: Callable[[Any, str], T]) -> T:
+    """One question about a path: ``local(path)`` on disk, ``remote(fs, inner)`` on a store (its listing
+    cache dropped first, so the answer is the store's now), remote failures as typed errors."""
     path = os.fspath(path)
     if not is_url(path):
-        return os.path.exists(_local(path))
+        return local(_local(path))
     fs, inner = filesystem(path, storage_options)
-    with remote_errors(path, "read", storage_options):
+    with remote_errors(path, action, storage_options):
         fs.invalidate_cache(inner)
-        return bool(fs.exists(inner))
+        return remote(fs, inner)
+
+
+def exists(path: Any, storage_options: StorageOptions | None = None) -> bool:
+    return _stat(path, storage_options, "read", os.path.exists, lambda fs, inner: bool(fs.exists(inner)))
 
 
 def isdir(path: Any, storage_options: StorageOptions | None = None) -> bool:
     """A directory (a URL: a prefix with objects under it)."""
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.isdir(_local(path))
-    fs, inner = filesystem(path, storage_options)
-    with remote_errors(path, "list", storage_options):
-        fs.invalidate_cache(inner)
-        return bool(fs.isdir(inner))
+    return _stat(path, storage_options, "list", os.path.isdir, lambda fs, inner: bool(fs.isdir(inner)))
 
 
 def size_of(path: Any, storage_options: StorageOptions | None = None) -> int:
-    path = os.fspath(path)
-    if not is_url(path):
-        return os.path.getsize(_local(path))
-    fs, inner = filesystem(path, storage_options)
-    with remote_errors(path, "read", storage_options):
-        fs.invalidate_cache(inner)
-        return int(fs.info(inner)["size"])
+    return _stat(path, storage_options, "read", os.path.getsize, lambda fs, inner: int(fs.info(inner)["size"]))
 
 
 def list_sizes(directory: Any, storage_options: StorageOptions | None = None) -> dict[str, int]:

@@ -4,8 +4,9 @@ One streaming pass over the tensors (each tensor is read, measured in bounded ch
 before the next one) gives per-tensor statistics and health warnings; the page adds the format and
 its evidence, the scan's safety verdict, totals by dtype and device, training metadata, a treemap
 of the bytes by module, and optionally the load plan against a model and a per-layer diff against
-another checkpoint. Figures are drawn with matplotlib and the page with jinja2 (the ``report``
-extra); everything is inlined, so the file opens offline.
+another checkpoint. The page is made with jinja2, the diff's chart and colours with matplotlib (the
+``report`` extra); treemaps and histograms are small SVG drawn here. Everything is inlined, so the
+file opens offline.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..fit.align import align_keys
 from ..fit.load_into import load_into
 from ..fit.tree import tensors
 from ..read.opener import open_checkpoint
-from ..read.tensors import TensorMeta, release, to_torch
+from ..read.tensors import TensorMeta, dtype_name, release, to_torch
 from ..read.unpickle.mode import Mode
 from ..read.trust import Policy, resolve_policy
 from ..storage.atomic import atomic_write
@@ -30,19 +31,20 @@ from ..storage.source import SourceLike
 from .inspection import InspectReport, inspect
 from .report_page import render_page
 from .scanning import scan
-from .tensor_stats import TensorStats, relative_change, tensor_stats
+from .tensor_stats import TensorStats, relative_change, tensor_stats, workspace
 
 __all__ = ["report", "CheckpointReport", "HealthWarning", "LayerChange", "MissingExtraError"]
 
 HISTOGRAMS = 8  # largest layers that get a histogram
 BINS = 40
 EXPLODING_RMS = 100.0  # a layer this many times the median RMS of its checkpoint (and above 10) is suspicious
+FLOAT_DTYPES = ("float", "bfloat", "complex")  # dtype names with a value distribution worth drawing
 TRAINING_KEYS = ("epoch", "step", "global_step", "iteration", "iter", "best", "lr", "loss", "acc", "metric",
                  "arch", "version")
 
 
 class MissingExtraError(CheckpointError, ImportError):
-    """The HTML report needs the optional ``report`` extra (matplotlib and jinja2)."""
+    """The HTML report needs the optional ``report`` extra (jinja2, and matplotlib for a diff)."""
 
 
 @dataclass
@@ -136,10 +138,11 @@ class CheckpointReport:
         return "\n".join(lines)
 
 
-def require_extra() -> None:
-    """Raise :class:`MissingExtraError` with the install command when matplotlib or jinja2 is missing."""
+def require_extra(diff: bool = False) -> None:
+    """Raise :class:`MissingExtraError` with the install command when jinja2 (the page) or, for a page
+    with a diff, matplotlib (its chart and colour scale) is missing."""
     missing = []
-    for module in ("matplotlib", "jinja2"):
+    for module in ("jinja2", "matplotlib") if diff else ("jinja2",):
         try:
             __import__(module)
         except ImportError:
@@ -168,7 +171,7 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
     Tensors are read one at a time and released, so memory stays near the largest tensor.
     """
     if output is not None:
-        require_extra()
+        require_extra(diff=diff is not None)
     policy = resolve_policy(policy, trust, allow)
     so = storage_options
     info = inspect(source, policy=policy, storage_options=so)
@@ -178,13 +181,16 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
         result.safety = file_scan.status
         result.findings = [f.message for f in file_scan.findings] + ([file_scan.error] if file_scan.error else [])
     result.training = _training_values(info)
-    with _tensor_stream(source, policy, so) as items:
+    stream = _tensor_stream(source, policy, so)
+    with stream as items:
         total = len(items)
-        largest = {k for k, _ in sorted(((k, _nbytes(t)) for k, t, _ in items), key=lambda kv: -kv[1])[:histograms]}
+        floats = ((k, _nbytes(t)) for k, t, _ in items if dtype_name(t).startswith(FLOAT_DTYPES))
+        largest = {k for k, _ in sorted(floats, key=lambda kv: -kv[1])[:histograms]}  # which get a histogram
+        scratch = workspace()  # one float64 chunk for every tensor: memory stays one tensor + one chunk
         for n, (key, t, materialize) in enumerate(items, 1):
             value = materialize()
-            floating = value.is_floating_point() or value.is_complex()
-            result.stats.append(tensor_stats(key, value, bins=bins if key in largest and floating else 0))
+            result.stats.append(tensor_stats(key, value, bins=bins if key in largest else 0,
+                                             scratch=scratch, chunk_done=stream.drop_pages))
             del value
             if progress is not None:
                 progress(n, total)
@@ -201,7 +207,7 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
 def health_warnings(stats: list[TensorStats]) -> list[HealthWarning]:
     """NaN/Inf values, all-zero floating-point layers, and layers whose RMS stands far above the rest."""
     out: list[HealthWarning] = []
-    floats = [s for s in stats if s.dtype.startswith(("float", "bfloat", "complex")) and s.numel > 1]
+    floats = [s for s in stats if s.dtype.startswith(FLOAT_DTYPES) and s.numel > 1]
     rms = [s.rms for s in floats if s.finite]
     median = statistics.median(rms) if rms else 0.0
     for s in stats:
@@ -253,6 +259,10 @@ class _tensor_stream:
     def _release(self) -> None:
         last, self._last = self._last, None
         release(self.reader, last)
+
+    def drop_pages(self, part: Any) -> None:
+        """Drop the file pages under ``part`` of the current tensor once it has been read."""
+        release(self.reader, part, view_only=True)
 
     def __exit__(self, *exc: Any) -> None:
         self._release()

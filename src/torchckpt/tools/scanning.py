@@ -71,19 +71,18 @@ class ScanReport:
     files: list[FileScan]
 
     @property
-    def exit_code(self) -> int:
-        if any(f.status == "findings" for f in self.files):
-            return 1
-        if any(f.status == "unreadable" for f in self.files):
-            return 3
-        return 0
+    def status(self) -> str:
+        """The whole scan: "findings" when any file has findings, else "unreadable" when any file is,
+        else "clean" (skipped files, which are not checkpoints, are fine)."""
+        statuses = {f.status for f in self.files}
+        return "findings" if "findings" in statuses else "unreadable" if "unreadable" in statuses else "clean"
 
     @property
     def clean(self) -> bool:
-        return self.exit_code == 0
+        return self.status == "clean"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"exit_code": self.exit_code, "files": [f.to_dict() for f in self.files]}
+        return {"status": self.status, "files": [f.to_dict() for f in self.files]}
 
     def render(self, *, strict: bool = False, verbose: bool = False) -> str:
         """The human report: one line per file with its findings (and, unless ``strict`` made them

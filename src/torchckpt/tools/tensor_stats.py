@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..read.tensors import dtype_name
 
-__all__ = ["TensorStats", "tensor_stats", "relative_change", "CHUNK"]
+__all__ = ["TensorStats", "tensor_stats", "workspace", "relative_change", "CHUNK"]
 
-CHUNK = 1 << 20  # elements per chunk: at most 8 MiB of temporaries
+CHUNK = 1 << 19  # elements per chunk: at most 4 MiB of temporaries (one float64 chunk)
 
 
 @dataclass
@@ -57,50 +57,74 @@ class TensorStats:
         return out
 
 
-def _chunks(t: Any, chunk: int, exact: bool = False) -> Any:
-    """Flat chunks of ``t`` as float32 or float64. Reductions on them accumulate in float64 on the CPU
-    (torch's accumulation type for float), so only half types and integers need converting;
-    ``exact`` converts everything to float64 for elementwise arithmetic."""
+def _chunks(t: Any, chunk: int) -> Any:
+    """Flat chunks of ``t`` in its own dtype (complex as interleaved real and imaginary parts)."""
     import torch
 
     flat = t.detach().reshape(-1)  # a view for contiguous tensors; strided views are copied once
     if flat.dtype.is_complex:
         flat = torch.view_as_real(flat).reshape(-1)
-    keep = flat.dtype == torch.float64 or (flat.dtype == torch.float32 and not exact)
-    target = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) and not exact else torch.float64
     for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        yield part if keep else part.to(target)
+        yield flat[start:start + chunk]
 
 
-def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK) -> TensorStats:
-    """Statistics of ``t`` (any dtype, any device) in one pass, plus one more pass for a histogram of ``bins``."""
+def _flat_numel(t: Any) -> int:
+    return int(t.numel()) * (2 if t.dtype.is_complex else 1)
+
+
+def workspace(chunk: int = CHUNK) -> Any:
+    """The scratch memory of :func:`tensor_stats` (one float64 chunk): pass it to every call to reuse it."""
+    import torch
+
+    return torch.empty(chunk, dtype=torch.float64)
+
+
+def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch: Any = None,
+                 chunk_done: Callable[[Any], None] | None = None) -> TensorStats:
+    """Statistics of ``t`` (any dtype, any device) in one pass, plus one more pass for a histogram of ``bins``.
+
+    Each chunk is copied into a float64 scratch chunk once; its sum gives the chunk's mean (and, when not
+    finite, says that the chunk holds NaN or Inf), the centred copy's dot product its sum of squares, so
+    every element is visited a fixed, small number of times by vectorised kernels. ``scratch`` (from
+    :func:`workspace` with the same ``chunk``) is reused instead of allocating one per call, so the
+    memory beyond the tensor is exactly one chunk of float64 whatever the number of tensors.
+    ``chunk_done(part)`` is called with each part of ``t`` once read (e.g. to drop its file pages).
+    """
     import torch
 
     shape = tuple(int(s) for s in t.shape)
     stats = TensorStats(key, shape, dtype_name(t), t.numel() * t.element_size(), t.numel())
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
+    need = max(2, min(chunk, _flat_numel(t)))
+    if scratch is None:
+        scratch = workspace(need)
+    elif scratch.numel() < need or scratch.dtype != torch.float64:
+        raise ValueError(f"scratch must be a float64 tensor of at least {chunk} elements: use workspace(chunk)")
     for c in _chunks(t, chunk):
         stats.zeros += c.numel() - int(torch.count_nonzero(c))
-        c_var, c_mean = torch.var_mean(c, correction=0)
-        if math.isfinite(float(c_mean)) and math.isfinite(float(c_var)):
-            n_ok, v = c.numel(), c  # the common case: no NaN/Inf, no second look at the chunk
-        else:
-            ok = torch.isfinite(c)
+        v = scratch[:c.numel()].copy_(c)  # a private float64 copy: centred in place below
+        if chunk_done is not None:
+            chunk_done(c)
+        total_c = float(v.sum())
+        if not math.isfinite(total_c):  # NaN or Inf somewhere in the chunk: count them, keep the rest
+            ok = torch.isfinite(v)
             n_ok = int(ok.sum())
-            n_nan = int(torch.isnan(c).sum())
+            n_nan = int(torch.isnan(v).sum())
             stats.nan += n_nan
-            stats.inf += c.numel() - n_ok - n_nan
+            stats.inf += v.numel() - n_ok - n_nan
             if n_ok == 0:
                 continue
-            v = c[ok]
-            c_var, c_mean = torch.var_mean(v, correction=0)
+            v = v[ok]
+            total_c = float(v.sum())
+        n_ok = v.numel()
         c_lo, c_hi = torch.aminmax(v)
         lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
-        c_mean_f, c_m2 = float(c_mean), float(c_var) * n_ok
+        c_mean = total_c / n_ok
+        v.sub_(c_mean)
+        c_m2 = float(torch.dot(v, v))
         total = count + n_ok
-        delta = c_mean_f - mean
+        delta = c_mean - mean
         mean += delta * n_ok / total
         m2 += c_m2 + delta * delta * count * n_ok / total
         count = total
@@ -110,20 +134,31 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK) -> Tens
         stats.std = math.sqrt(m2 / (count - 1)) if count > 1 else float("nan")
         stats.norm = math.sqrt(max(0.0, m2 + count * mean * mean))
     if bins and count:
-        stats.histogram = _histogram(t, bins, lo, hi, chunk)
+        stats.histogram = _histogram(t, bins, lo, hi, chunk, scratch, finite_only=bool(stats.nan or stats.inf),
+                                     chunk_done=chunk_done)
     return stats
 
 
-def _histogram(t: Any, bins: int, lo: float, hi: float, chunk: int) -> tuple[list[float], list[int]]:
+def _histogram(t: Any, bins: int, lo: float, hi: float, chunk: int, scratch: Any, finite_only: bool,
+               chunk_done: Callable[[Any], None] | None) -> tuple[list[float], list[int]]:
+    """Counts over ``bins`` equal bins from ``lo`` to ``hi`` (the last bin closed), as ``numpy.histogram``."""
     import torch
 
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
-    counts = torch.zeros(bins, dtype=torch.float64)
-    for c in _chunks(t, chunk):
-        if not bool(torch.isfinite(c).all()):
-            c = c[torch.isfinite(c)]
-        counts += torch.histc(c, bins=bins, min=lo, max=hi).to(torch.float64)
+    scale = bins / (hi - lo)
+    counts = torch.zeros(bins, dtype=torch.int64)
+    half = max(2, min(chunk, _flat_numel(t))) // 2  # the scratch holds half a chunk of values + their bins
+    values, index = scratch[:half], scratch[half:2 * half].view(torch.int32)[:half]
+    for c in _chunks(t, half):
+        v = values[:c.numel()].copy_(c)
+        if chunk_done is not None:
+            chunk_done(c)
+        if finite_only:
+            v = v[torch.isfinite(v)]
+        v.sub_(lo).mul_(scale).clamp_(0, bins - 1)
+        bucket = index[:v.numel()].copy_(v)  # truncation is floor here: every value is >= 0
+        counts += torch.bincount(bucket, minlength=bins)
     step = (hi - lo) / bins
     return [lo + i * step for i in range(bins + 1)], [int(x) for x in counts.tolist()]
 
@@ -133,7 +168,8 @@ def relative_change(a: Any, b: Any, *, chunk: int = CHUNK) -> tuple[float, float
     import torch
 
     diff_sq, base_sq = 0.0, 0.0
-    for ca, cb in zip(_chunks(a, chunk, exact=True), _chunks(b, chunk, exact=True)):
+    for ca, cb in zip(_chunks(a, chunk), _chunks(b, chunk)):
+        ca, cb = ca.to(torch.float64), cb.to(torch.float64)
         diff_sq += float(((ca - cb) ** 2).sum())
         base_sq += float((ca * ca).sum())
     if not (math.isfinite(diff_sq) and math.isfinite(base_sq)):

@@ -73,24 +73,27 @@ def _squarify(values: list[float], x: float, y: float, w: float, h: float) -> li
         while i < len(values) and _worst(row + [values[i]], side) <= _worst(row, side):
             row.append(values[i])
             i += 1
-        total = sum(row)
         if w >= h:  # a column on the left
-            cw = total / h if h else 0
-            cy = y
-            for r in row:
-                rh = r / cw if cw else 0
-                rects.append((x, cy, cw, rh))
-                cy += rh
+            cw, spans = _strip(row, h, y)
+            rects += [(x, sy, cw, sh) for sy, sh in spans]
             x, w = x + cw, w - cw
         else:  # a row on top
-            rh = total / w if w else 0
-            cx = x
-            for r in row:
-                rw = r / rh if rh else 0
-                rects.append((cx, y, rw, rh))
-                cx += rw
+            rh, spans = _strip(row, w, x)
+            rects += [(sx, y, sw, rh) for sx, sw in spans]
             y, h = y + rh, h - rh
     return rects
+
+
+def _strip(row: list[float], length: float, start: float) -> tuple[float, list[tuple[float, float]]]:
+    """``row`` laid along a side of ``length`` from ``start``: the strip's thickness, and each value's
+    (position, extent) along the side."""
+    thickness = sum(row) / length if length else 0
+    spans: list[tuple[float, float]] = []
+    for r in row:
+        extent = r / thickness if thickness else 0
+        spans.append((start, extent))
+        start += extent
+    return thickness, spans
 
 
 def layout(root: Node, width: float, height: float, *, min_side: float = 3.0) -> list[Box]:

@@ -10,6 +10,7 @@ import dataclasses
 import struct
 import tarfile
 import zipfile
+from typing import Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, NotACheckpointError, TruncatedCheckpointError, \
     UnsupportedFormatError
@@ -95,47 +96,54 @@ def _record_refused(src: Source, opts: ReadOptions, sniffed: Sniffed) -> None:
                                        "unpacking (torch.load does not unpack it either)"))
 
 
+_Reason = Callable[[Source, Sniffed], str]
+_COMPRESSED = ("gzip", "7z", "bzip2", "xz")
+_FOREIGN = ("hdf5", "protobuf", "gguf")
+
+# What content that is no checkpoint we read is, and what to do: kind -> (wording, hint), one table per error.
+_TRUNCATED: dict[str, tuple[_Reason, str | None]] = {
+    "empty": (lambda src, s: "the file is empty (0 bytes)",
+              "The save or download did not complete: fetch or save it again."),
+    "bad-zip": (lambda src, s: f"a zip archive (the PyTorch format) whose central directory is missing or damaged; "
+                               f"the file is {src.size} bytes", None),
+}
+_UNSUPPORTED: dict[str, tuple[type[UnsupportedFormatError], _Reason, str | None]] = {
+    "git-lfs": (NotACheckpointError,
+                lambda src, s: f"this is a git-lfs pointer ({src.size} bytes of text), not the model"
+                               + (f" of {s.details['lfs_size']} bytes" if s.details.get("lfs_size") else ""),
+                "The repository was cloned without its large files: run `git lfs pull` "
+                "(or `git lfs install` first), then load the file again."),
+    "html": (NotACheckpointError,
+             lambda src, s: "this is an HTML page" + (f" titled {s.details['title']!r}" if s.details.get("title")
+                                                      else "") + ", not a checkpoint",
+             "The download failed (a login, quota or error page was saved instead): "
+             "check the URL and download it again."),
+    "json": (NotACheckpointError, lambda src, s: "this is JSON text, not a checkpoint",
+             "Is this a config or index file? Pass the weights file it refers to."),
+    "ambiguous-zip": (UnsupportedFormatError,
+                      lambda src, s: f"zip archive with several data.pkl members: {s.details.get('candidates')}", None),
+    "zip": (UnsupportedFormatError,
+            lambda src, s: f"a zip archive that is not a PyTorch checkpoint (members: {s.details.get('names')})",
+            "Unpack it and pass the checkpoint file inside."),
+    **{kind: (UnsupportedFormatError, lambda src, s: f"this is a {s.kind}-compressed file",
+              "Decompress it first and load the file inside.") for kind in _COMPRESSED},
+    "tar": (UnsupportedFormatError, lambda src, s: "a tar archive that is not a PyTorch checkpoint",
+            "Unpack it (tar xf) and pass the checkpoint file inside."),
+    "dcp": (UnsupportedFormatError, lambda src, s: "a torch.distributed.checkpoint directory member",
+            "Use torch.distributed.checkpoint to load DCP checkpoints."),
+    **{kind: (UnsupportedFormatError, lambda src, s: f"this is not a PyTorch checkpoint ({s.evidence[0]})", None)
+       for kind in _FOREIGN},
+}
+_UNRECOGNISED: tuple[type[UnsupportedFormatError], _Reason, str | None] = (
+    UnsupportedFormatError, lambda src, s: f"unrecognised content ({'; '.join(s.evidence)}; {src.size} bytes)",
+    "Expected a PyTorch (.pt/.pth/.bin/.ckpt), safetensors, pickle or numpy file.")
+
+
 def diagnose(src: Source, sniffed: Sniffed) -> CheckpointError:
     """The error for content that is not a checkpoint torchckpt reads."""
-    kind, d = sniffed.kind, sniffed.details
-    if kind == "empty":
-        return TruncatedCheckpointError("the file is empty (0 bytes)", actual_size=0,
-                                        hint="The save or download did not complete: fetch or save it again.")
-    if kind == "git-lfs":
-        size = f" of {d['lfs_size']} bytes" if d.get("lfs_size") else ""
-        return NotACheckpointError(
-            f"this is a git-lfs pointer ({src.size} bytes of text), not the model{size}",
-            hint="The repository was cloned without its large files: run `git lfs pull` "
-                 "(or `git lfs install` first), then load the file again.")
-    if kind == "html":
-        title = f" titled {d['title']!r}" if d.get("title") else ""
-        return NotACheckpointError(
-            f"this is an HTML page{title}, not a checkpoint",
-            hint="The download failed (a login, quota or error page was saved instead): "
-                 "check the URL and download it again.")
-    if kind == "json":
-        return NotACheckpointError("this is JSON text, not a checkpoint",
-                                   hint="Is this a config or index file? Pass the weights file it refers to.")
-    if kind == "bad-zip":
-        return TruncatedCheckpointError(
-            f"a zip archive (the PyTorch format) whose central directory is missing or damaged; "
-            f"the file is {src.size} bytes", actual_size=src.size)
-    if kind == "ambiguous-zip":
-        return UnsupportedFormatError(f"zip archive with several data.pkl members: {d.get('candidates')}")
-    if kind == "zip":
-        return UnsupportedFormatError(f"a zip archive that is not a PyTorch checkpoint (members: {d.get('names')})",
-                                      hint="Unpack it and pass the checkpoint file inside.")
-    if kind in ("gzip", "7z", "bzip2", "xz"):
-        return UnsupportedFormatError(f"this is a {kind}-compressed file", format=kind,
-                                      hint="Decompress it first and load the file inside.")
-    if kind == "tar":
-        return UnsupportedFormatError("a tar archive that is not a PyTorch checkpoint",
-                                      hint="Unpack it (tar xf) and pass the checkpoint file inside.")
-    if kind == "dcp":
-        return UnsupportedFormatError("a torch.distributed.checkpoint directory member",
-                                      hint="Use torch.distributed.checkpoint to load DCP checkpoints.")
-    if kind in ("hdf5", "protobuf", "gguf"):
-        return UnsupportedFormatError(f"this is not a PyTorch checkpoint ({sniffed.evidence[0]})", format=kind)
-    return UnsupportedFormatError(
-        f"unrecognised content ({'; '.join(sniffed.evidence)}; {src.size} bytes)",
-        hint="Expected a PyTorch (.pt/.pth/.bin/.ckpt), safetensors, pickle or numpy file.")
+    kind = sniffed.kind
+    if kind in _TRUNCATED:
+        reason, hint = _TRUNCATED[kind]
+        return TruncatedCheckpointError(reason(src, sniffed), hint=hint, actual_size=src.size)
+    cls, wording, hint = _UNSUPPORTED.get(kind, _UNRECOGNISED)
+    return cls(wording(src, sniffed), hint=hint, format=kind if kind in _COMPRESSED + _FOREIGN else None)

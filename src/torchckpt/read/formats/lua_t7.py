@@ -285,7 +285,6 @@ def read_t7(src: Source, opts: ReadOptions) -> Checkpoint:
     return loaded
 
 
-_CONTAINERS = ("modules",)
 _PARAMS = ("weight", "bias")
 _BUFFERS = ("running_mean", "running_var")
 

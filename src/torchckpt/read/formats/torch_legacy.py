@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import struct
 import tarfile
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, LEGACY_MAGIC, TORCH_LEGACY, TORCH_TAR
 from ..unpickle import meta
-from ..unpickle.meta import MetaStorage, meta_dtype
+from ..unpickle.meta import MetaStorage
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.torch_rebuild import rebuild_tensor
 from ..unpickle.mode import Mode
@@ -59,12 +59,11 @@ class _LegacyStorages:
             self.declared[root_key] = (item, numel)
             self.locations[location] = self.locations.get(location, 0) + nbytes
             if self.opts.meta:
-                root = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
+                root = storage_type.meta(nbytes, location)
             else:
                 import torch
 
-                untyped = self.opts.relocator(torch.UntypedStorage(nbytes), location)
-                root = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+                root = storage_type.wrap(self.opts.relocator(torch.UntypedStorage(nbytes), location))
             self.roots[root_key] = root
         if view is None:
             return root
@@ -72,20 +71,7 @@ class _LegacyStorages:
             raise CorruptCheckpointError(f"malformed storage view {view!r:.100}")
         view_key, offset, view_size = ascii_text(view[0]), view[1], view[2]
         if view_key not in self.views:
-            root_bytes = root.nbytes if isinstance(root, MetaStorage) else root._untyped_storage.nbytes()
-            capacity = root_bytes // item
-            if not (isinstance(offset, int) and isinstance(view_size, int) and 0 <= offset
-                    and 0 <= view_size and offset + view_size <= capacity):
-                raise CorruptCheckpointError(f"storage view {view!r:.100} lies outside its storage of "
-                                             f"{capacity} elements")
-            if isinstance(root, MetaStorage):
-                self.views[view_key] = MetaStorage(root.dtype, view_size * item, root.location, root, offset * item)
-            else:
-                import torch
-
-                self.views[view_key] = torch.storage.TypedStorage(
-                    wrap_storage=root._untyped_storage[offset * item:(offset + view_size) * item],
-                    dtype=root.dtype, _internal=True)
+            self.views[view_key] = _storage_view(root, offset, view_size, item, f"{view!r:.100}")
         return self.views[view_key]
 
 
@@ -196,15 +182,10 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Checkpoint:
         budget = StorageBudget(src.size)
         objects: dict[Any, Any] = {}
         data, base = member("storages")
-        count, u = run_pickle(opts, data, src, "storages")
-        pos = u.pos
-        if not isinstance(count, int) or not 0 <= count <= len(data):
-            raise CorruptCheckpointError("tar member storages does not start with a count")
+        count, pos = _count(opts, data, src, "storages")
         for _ in range(count):
-            record, u = run_pickle(opts, data, src, "storages", start=pos)
-            pos = u.pos
-            if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[2], StorageType)):
-                raise CorruptCheckpointError(f"malformed storage record {record!r:.100}")
+            record, pos = _record(opts, data, src, "storages", pos, "storage record",
+                                  lambda r: isinstance(r[2], StorageType))
             key, location, storage_type = record
             (numel,) = struct.unpack("<q", _slice(data, pos, 8, "storage size"))
             nbytes = numel * storage_type.itemsize
@@ -219,18 +200,13 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Checkpoint:
             if not (isinstance(view, tuple) and len(view) == 4) or view[1] not in objects:
                 raise CorruptCheckpointError(f"malformed storage view {view!r:.100}")
             target, root, offset, numel = view
-            objects[target] = _tar_view(objects[root], offset, numel)
+            objects[target] = _storage_view(objects[root], offset, numel, objects[root].dtype.itemsize,
+                                            f"{offset}+{numel}")
         tdata, _ = member("tensors")
-        ntensors, u = run_pickle(opts, tdata, src, "tensors")
-        pos = u.pos
-        if not isinstance(ntensors, int) or not 0 <= ntensors <= len(tdata):
-            raise CorruptCheckpointError("tar member tensors does not start with a count")
+        ntensors, pos = _count(opts, tdata, src, "tensors")
         for _ in range(ntensors):
-            record, u = run_pickle(opts, tdata, src, "tensors", start=pos)
-            if not (isinstance(record, tuple) and len(record) == 3) or record[1] not in objects:
-                raise CorruptCheckpointError(f"malformed tensor record {record!r:.100}")
+            record, pos = _record(opts, tdata, src, "tensors", pos, "tensor record", lambda r: r[1] in objects)
             key, storage_id, _type = record
-            pos = u.pos
             (ndim,) = struct.unpack("<i", _slice(tdata, pos, 4, "tensor ndim"))
             if not 0 <= ndim <= 64:
                 raise CorruptCheckpointError(f"tensor {key!r:.40} has {ndim} dimensions")
@@ -252,6 +228,23 @@ def read_torch_tar(src: Source, opts: ReadOptions) -> Checkpoint:
     return loaded
 
 
+def _count(opts: ReadOptions, data: bytes, src: Source, name: str) -> tuple[int, int]:
+    """The pickled record count a tar member starts with, and the offset after it."""
+    count, u = run_pickle(opts, data, src, name)
+    if not isinstance(count, int) or not 0 <= count <= len(data):
+        raise CorruptCheckpointError(f"tar member {name} does not start with a count")
+    return count, u.pos
+
+
+def _record(opts: ReadOptions, data: bytes, src: Source, name: str, pos: int, what: str,
+            valid: Callable[[tuple[Any, ...]], bool]) -> tuple[tuple[Any, ...], int]:
+    """One pickled 3-tuple record of a tar member at ``pos`` (checked by ``valid``), and the offset after it."""
+    record, u = run_pickle(opts, data, src, name, start=pos)
+    if not (isinstance(record, tuple) and len(record) == 3 and valid(record)):
+        raise CorruptCheckpointError(f"malformed {what} {record!r:.100}")
+    return record, u.pos
+
+
 def _malformed(what: str, value: Any) -> list[Any]:
     raise CorruptCheckpointError(f"malformed {what} {value!r:.100}")
 
@@ -265,8 +258,7 @@ def _slice(data: bytes, pos: int, n: int, what: str) -> bytes:
 def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, location: str, opts: ReadOptions,
                  file_offset: int) -> Any:
     if opts.meta:
-        storage = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location if isinstance(location, str)
-                              else "cpu")
+        storage = storage_type.meta(nbytes, location if isinstance(location, str) else "cpu")
         storage.file_offset = file_offset
         return storage
     import torch
@@ -274,16 +266,16 @@ def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, 
     raw = data[pos:pos + nbytes]
     untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
         torch.UntypedStorage(0)
-    untyped = opts.relocator(untyped, location)
-    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+    return storage_type.wrap(opts.relocator(untyped, location))
 
 
-def _tar_view(root: Any, offset: Any, numel: Any) -> Any:
-    item = root.dtype.itemsize
+def _storage_view(root: Any, offset: Any, numel: Any, item: int, label: str) -> Any:
+    """``numel`` elements of ``item`` bytes from element ``offset`` of ``root`` (a storage, or its
+    ``MetaStorage``), checked to lie inside it; ``label`` names the view in the error."""
     capacity = (root.nbytes if isinstance(root, MetaStorage) else root._untyped_storage.nbytes()) // item
     if not (isinstance(offset, int) and isinstance(numel, int) and 0 <= offset and 0 <= numel
             and offset + numel <= capacity):
-        raise CorruptCheckpointError(f"storage view {offset}+{numel} lies outside its storage of {capacity} elements")
+        raise CorruptCheckpointError(f"storage view {label} lies outside its storage of {capacity} elements")
     if isinstance(root, MetaStorage):
         return MetaStorage(root.dtype, numel * item, root.location, root, offset * item)
     import torch

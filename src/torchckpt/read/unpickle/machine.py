@@ -34,9 +34,8 @@ from .safe_globals import SafeCallable, StorageType
 from .stubs import Stub, stub_class
 from .torch_rebuild import _Marker
 
-__all__ = ["Unpickler", "GlobalRef", "MISSING", "MAX_PROTOCOL"]
+__all__ = ["Unpickler", "GlobalRef", "MISSING"]
 
-MAX_PROTOCOL = 5
 MAX_GLOBAL_NAME = 1024
 
 
@@ -53,10 +52,6 @@ class GlobalRef:
     @property
     def fullname(self) -> str:
         return f"{self.module}.{self.name}"
-
-
-class _Mark:
-    __slots__ = ()
 
 
 class _Missing:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 
-__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "META_FACTORIES"]
+__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name"]
 
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -208,10 +208,6 @@ def rebuild_parameter(data: Any, requires_grad: Any = False, *rest: Any) -> Any:
     return data
 
 
-def rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
-    return func(*args) if callable(func) and isinstance(args, tuple) else None
-
-
 def _check_dtype(dtype: Any) -> MetaDType:
     if not isinstance(dtype, MetaDType):
         raise CorruptCheckpointError("tensor rebuilt with something other than a dtype")
@@ -243,16 +239,3 @@ class MetaSize(tuple[int, ...]):
 
 def _const(value: Any) -> Callable[[], Any]:
     return lambda: value
-
-
-# Replacements for the torch entries of safe_globals.FACTORIES when reading structure only.
-META_FACTORIES = {
-    "rebuild_tensor": _const(rebuild_tensor), "rebuild_tensor_v2": _const(rebuild_tensor),
-    "rebuild_tensor_v3": _const(rebuild_tensor_v3), "rebuild_parameter": _const(rebuild_parameter),
-    "rebuild_parameter_with_state": _const(rebuild_parameter),
-    "rebuild_device_tensor_from_numpy": _const(rebuild_device_tensor_from_numpy),
-    "rebuild_meta_tensor_no_storage": _const(rebuild_meta_tensor_no_storage),
-    "rebuild_from_type_v2": _const(rebuild_from_type), "rebuild_from_type": _const(rebuild_from_type),
-    "get_layout": _const(lambda name: str(name)), "torch_size": _const(MetaSize),
-    "torch_device": _const(MetaDevice),
-}
