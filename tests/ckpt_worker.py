@@ -5,6 +5,7 @@
     python ckpt_worker.py kill-at WHERE DIR     # save steps 1-3 (keep_last=1); SIGKILL itself at WHERE in step 3
     python ckpt_worker.py overwrite-kill PATH [WHERE]  # torchckpt.save PATH (bias 1), then again (bias 2), killed at
                                                 # WHERE (default: between the data's rename and the sidecar's)
+    python ckpt_worker.py new-kill PATH WHERE   # torchckpt.save PATH (bias 1, no file there yet), killed at WHERE
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def overwrite_kill(path: str, where: str) -> None:
     print("not killed", flush=True)
 
 
+def new_kill(path: str, where: str) -> None:
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.bias.fill_(1)
+    _kill_at(where)
+    torchckpt.save(path, model=model, step=1)
+    print("not killed", flush=True)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "diskfull":
@@ -142,3 +152,5 @@ if __name__ == "__main__":
         kill_at(args[0], args[1])
     elif mode == "overwrite-kill":
         overwrite_kill(args[0], args[1] if len(args) > 1 else "between-renames")
+    elif mode == "new-kill":
+        new_kill(args[0], args[1])

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import secrets
+import threading
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from ..errors import CheckpointWriteError
@@ -138,18 +140,19 @@ class AtomicFiles:
 
     ``write(path)`` yields a file written under a temp name beside ``path``; ``publish()`` then
 
-    1. fsyncs every file (their writeback is started together first, so a journaling file system
-       commits them in one go): the content is on disk before any name points at it;
+    1. fsyncs every file (at the same time: concurrent fsyncs share one journal commit and disk
+       flush): the content is on disk before any name points at it;
     2. removes the names in ``remove_first`` (an old commit record that must not describe new data);
     3. renames the files in the order they were written (write the commit record last);
-    4. fsyncs the directory, once; only then does ``publish`` return.
+    4. fsyncs the directory; only then does ``publish`` return.
 
     Metadata changes within one directory reach the disk in the order they were made on journaling
     file systems (ext4, XFS, btrfs), so a crash at any moment, power loss included, leaves a prefix of
     steps 2-3: a name that exists holds complete content, and a file written later (the commit record)
-    never exists without the ones written before it. Leaving the ``with`` block without ``publish``
-    (or a failure anywhere) removes the temp files; if a rename fails, the files already renamed are
-    removed too. File-system failures raise CheckpointWriteError naming the first file.
+    never exists without the ones written before it. With ``publish(verified=True)`` a set of new names
+    is renamed before step 1 (see :meth:`publish`). Leaving the ``with`` block without ``publish`` (or a
+    failure before the files are durable under their names) removes the temp files and any file
+    already renamed. File-system failures raise CheckpointWriteError naming the first file.
     """
 
     def __init__(self, directory: str) -> None:
@@ -198,28 +201,40 @@ class AtomicFiles:
                 raise
             raise write_error(path, cause, written=staged.out.written) from None
 
-    def publish(self, remove_first: Iterable[str] = ()) -> None:
-        """Make every file durable, remove ``remove_first``, rename the files in order, fsync the directory."""
+    def publish(self, remove_first: Iterable[str] = (), *, verified: bool = False) -> None:
+        """Make every file durable, remove ``remove_first``, rename the files in order, fsync the directory.
+
+        ``verified``: the last file is a commit record that holds the size and digest of the others, and
+        readers check them against it (a checkpoint's sidecar). Then, when no final name exists yet (so
+        nothing can be lost), the files are renamed first and the files and the directory are fsynced
+        all at once: one flush of the disk instead of two. A power loss before ``publish`` returns can
+        then leave names whose content is not (all) on disk, which the commit record's check refuses;
+        a kill (the kernel keeps what was written) leaves the complete files.
+        """
         if not self._files:
             return
-        primary = self._files[0]
+        files, primary = self._files, self._files[0]
+        remove_first = [name for name in remove_first if os.path.lexists(name)]  # (unlink on a read-only
+        # file system fails even for nothing)
+        early = verified and len(files) > 1 and not remove_first and not any(os.path.lexists(f.path) for f in files)
         try:
-            if _sync_file_range is not None and len(self._files) > 1:
-                for f in self._files:  # start all writeback now: the first fsync's journal commit carries them all
+            if _sync_file_range is not None:
+                for f in files:  # start all writeback now, so that the fsyncs below overlap
                     _sync_file_range(f.fh.fileno(), 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
-            for f in self._files:
-                os.fsync(f.fh.fileno())
-            for f in self._files:
-                f.fh.close()
-            for name in remove_first:
-                if os.path.lexists(name):  # (unlink on a read-only file system fails even for nothing)
+            if early:
+                self._rename()
+                _fsync_all([f.fh.fileno() for f in files], self.directory)
+            else:
+                _fsync_all([f.fh.fileno() for f in files])
+                for name in remove_first:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(name)
-            for f in self._files:
-                os.replace(f.temp, f.path)
-                f.renamed = True
+                self._rename()
+                self._published = True  # complete and durable content under every name: kept whatever follows
+                fsync_dir(self.directory, strict=True)
             self._published = True
-            fsync_dir(self.directory, strict=True)
+            for f in files:
+                f.fh.close()
         except BaseException as exc:
             if not self._published:
                 self._abort()
@@ -228,6 +243,11 @@ class AtomicFiles:
                 raise
             raise write_error(primary.path, cause, written=primary.out.written) from None
 
+    def _rename(self) -> None:
+        for f in self._files:
+            os.replace(f.temp, f.path)
+            f.renamed = True
+
     def _abort(self) -> None:
         """Remove every temp file, and every file already renamed (new data without the files after it)."""
         for f in reversed(self._files):
@@ -235,6 +255,30 @@ class AtomicFiles:
                 f.fh.close()
             _remove_quietly(f.path if f.renamed else f.temp)
         self._files = []
+
+
+def _fsync_all(fds: list[int], directory: str | None = None) -> None:
+    """fsync every descriptor (and ``directory``, strictly) at the same time: concurrent fsyncs share the
+    journal commit and the disk's cache flush, where one after the other each pays its own flush."""
+    jobs: list[Callable[[], None]] = [functools.partial(os.fsync, fd) for fd in fds]
+    if directory is not None:
+        jobs.append(functools.partial(fsync_dir, directory, strict=True))
+    errors: list[BaseException] = []
+
+    def run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=run, args=(job,), name="torchckpt-fsync") for job in jobs[1:]]
+    for thread in helpers:
+        thread.start()
+    run(jobs[0])
+    for thread in helpers:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _Writeback:

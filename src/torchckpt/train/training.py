@@ -186,11 +186,14 @@ def _plain_number(value: Any) -> Any:
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
     """Write payload and its sidecar (the commit record) atomically and durably. Returns the sidecar document.
 
-    The data file(s) and the sidecar are written under temp names, made durable, and renamed with the
-    sidecar last, after the old sidecar (when overwriting) is removed; one directory fsync ends the save
-    (:class:`~torchckpt.storage.atomic.AtomicFiles`). A crash at any moment leaves the old files, or new
-    data without a sidecar (complete, unverified; a Checkpointer reclaims it), or the new checkpoint:
-    never new data beside the old sidecar, never a partial file under a final name. If anything cannot
+    The data file(s) and the sidecar are written under temp names and renamed with the sidecar last,
+    after the old sidecar (when overwriting) is removed (:class:`~torchckpt.storage.atomic.AtomicFiles`).
+    Overwriting, every file is durable before it replaces anything: a crash at any moment leaves the old
+    files, or old or new data without a sidecar (complete, unverified), or the new checkpoint; never new
+    data beside the old sidecar. A new checkpoint is renamed first and fsynced together with its
+    directory (one disk flush, not two): a power loss before the save returns can leave it incomplete
+    under its names, which its sidecar's size and digest refuse (a Checkpointer then resumes the previous
+    one; a kill leaves it complete). The save returns only once everything is durable. If anything cannot
     be written, no file of this checkpoint stays under its final name.
     """
     path = os.fspath(path)
@@ -199,7 +202,7 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
             meta = write_data(path, payload, weights_format, group=group)
             with group.write(meta_path(path)) as fh:
                 fh.write(sidecar_bytes(meta))
-            group.publish(remove_first=[meta_path(path)])
+            group.publish(remove_first=[meta_path(path)], verified=True)  # the sidecar checks the data
     except CheckpointWriteError as exc:
         if getattr(exc, "errno", None) == errno.ENOSPC:
             exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
