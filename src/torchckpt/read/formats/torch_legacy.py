@@ -17,7 +17,7 @@ from ...errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpoi
 from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, LEGACY_MAGIC, TORCH_LEGACY, TORCH_TAR
 from ..unpickle import meta
-from ..unpickle.meta import MetaStorage, meta_dtype
+from ..unpickle.meta import MetaStorage
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.torch_rebuild import rebuild_tensor
 from ..unpickle.mode import Mode
@@ -59,12 +59,11 @@ class _LegacyStorages:
             self.declared[root_key] = (item, numel)
             self.locations[location] = self.locations.get(location, 0) + nbytes
             if self.opts.meta:
-                root = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
+                root = storage_type.meta(nbytes, location)
             else:
                 import torch
 
-                untyped = self.opts.relocator(torch.UntypedStorage(nbytes), location)
-                root = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+                root = storage_type.wrap(self.opts.relocator(torch.UntypedStorage(nbytes), location))
             self.roots[root_key] = root
         if view is None:
             return root
@@ -259,8 +258,7 @@ def _slice(data: bytes, pos: int, n: int, what: str) -> bytes:
 def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, location: str, opts: ReadOptions,
                  file_offset: int) -> Any:
     if opts.meta:
-        storage = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location if isinstance(location, str)
-                              else "cpu")
+        storage = storage_type.meta(nbytes, location if isinstance(location, str) else "cpu")
         storage.file_offset = file_offset
         return storage
     import torch
@@ -268,8 +266,7 @@ def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, 
     raw = data[pos:pos + nbytes]
     untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
         torch.UntypedStorage(0)
-    untyped = opts.relocator(untyped, location)
-    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+    return storage_type.wrap(opts.relocator(untyped, location))
 
 
 def _storage_view(root: Any, offset: Any, numel: Any, item: int, label: str) -> Any:

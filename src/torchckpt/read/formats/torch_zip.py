@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
-from ..unpickle.meta import MetaStorage, meta_dtype
+from ..unpickle.meta import MetaStorage
 from ..unpickle.safe_globals import StorageType
 from ..unpickle.stubs import Stub
 from ..sniff import DESCRIPTIONS, TORCH_ZIP, TORCHSCRIPT
@@ -95,17 +95,14 @@ class _ZipStorages:
         self.budget.charge(nbytes, key)
         self.locations[location] = self.locations.get(location, 0) + nbytes
         if self.opts.meta:
-            storage: Any = MetaStorage(meta_dtype(storage_type.dtype_name), nbytes, location)
+            storage: Any = storage_type.meta(nbytes, location)
             _refuse_encrypted(info)
             if info.compress_type == zipfile.ZIP_STORED:
                 storage.file_offset = self._stored_offset(info, nbytes)
             elif self.opts.mode is Mode.RECORD:  # load inflates it: so does scan, under the same bound
                 read_member(self.zf, info, self.src, self.opts)
         else:
-            import torch
-
-            untyped = self.opts.relocator(self._read(info, nbytes), location)
-            storage = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+            storage = storage_type.wrap(self.opts.relocator(self._read(info, nbytes), location))
         self.cache[key] = storage
         return storage
 
@@ -113,13 +110,10 @@ class _ZipStorages:
         if isinstance(cached, MetaStorage):
             if cached.dtype == storage_type.dtype_name:
                 return cached
-            return MetaStorage(meta_dtype(storage_type.dtype_name), cached.nbytes, cached.location)
+            return storage_type.meta(cached.nbytes, cached.location)
         if cached.dtype == storage_type.dtype:
             return cached
-        import torch
-
-        return torch.storage.TypedStorage(wrap_storage=cached._untyped_storage, dtype=storage_type.dtype,
-                                          _internal=True)
+        return storage_type.wrap(cached._untyped_storage)
 
     def _stored_offset(self, info: zipfile.ZipInfo, nbytes: int) -> int:
         offset = member_data_offset(self.src, info)
@@ -294,7 +288,7 @@ def _placeholder_storage(pid: Any) -> MetaStorage:
     if not isinstance(pid, tuple) or len(pid) < 5 or not isinstance(pid[1], StorageType) or type(pid[4]) is not int \
             or not 0 <= pid[4] < 1 << 48:
         raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
-    return MetaStorage(meta_dtype(pid[1].dtype_name), pid[4] * pid[1].itemsize)
+    return pid[1].meta(pid[4] * pid[1].itemsize)
 
 
 def _eocd_end(src: Source) -> int | None:

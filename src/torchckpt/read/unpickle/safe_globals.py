@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 from .constructors import CONSTANTS, CONSTRUCTORS
-from .meta import DTYPE_SIZES, TensorMeta, _const, check_int
+from .meta import DTYPE_SIZES, MetaStorage, TensorMeta, _const, check_int, meta_dtype
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
@@ -50,6 +50,16 @@ class StorageType:
         import torch
 
         return getattr(torch, self.dtype_name)
+
+    def meta(self, nbytes: int, location: str = "cpu") -> MetaStorage:
+        """A storage of this type that was not read (structure only)."""
+        return MetaStorage(meta_dtype(self.dtype_name), nbytes, location)
+
+    def wrap(self, untyped: Any) -> Any:
+        """``untyped`` (a ``torch.UntypedStorage``) as a typed storage of this type."""
+        import torch
+
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=self.dtype, _internal=True)
 
     def __repr__(self) -> str:
         return f"StorageType({self.name})"
