@@ -3,7 +3,8 @@
     python ckpt_worker.py diskfull DIR [FSIZE]  # small save, then big saves that cannot fit; JSON per outcome
     python ckpt_worker.py hold DIR              # save steps 1-3, print "ready", save 4 after a line on stdin
     python ckpt_worker.py kill-at WHERE DIR     # save steps 1-3 (keep_last=1); SIGKILL itself at WHERE in step 3
-    python ckpt_worker.py overwrite-kill PATH   # torchckpt.save PATH (bias 1), then again (bias 2), killed before its sidecar
+    python ckpt_worker.py overwrite-kill PATH [WHERE]  # torchckpt.save PATH (bias 1), then again (bias 2), killed at
+                                                # WHERE (default: between the data's rename and the sidecar's)
 """
 
 from __future__ import annotations
@@ -56,40 +57,77 @@ def hold(directory: str) -> None:
     print("saved 4", flush=True)
 
 
-def kill_at(where: str, directory: str) -> None:
-    """Die by SIGKILL at a precise point of the protocol (the process patches its own os calls)."""
-    import torchckpt.train.training as training
+def _die(*a, **k) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    ckpt = torchckpt.Checkpointer(directory, keep_last=1)
+
+def _kill_at(where: str) -> None:
+    """Make this process SIGKILL itself at ``where`` in its next save (it patches its own os calls)."""
+    import torchckpt.storage.atomic as atomic
+
+    real_replace, real_remove = os.replace, os.remove
+    if where in ("before-sidecar", "between-renames"):  # data file under its final name, sidecar not yet renamed
+        def replace(src, dst, *a, **k):
+            real_replace(src, dst, *a, **k)
+            if str(dst).endswith(".pt"):
+                _die()
+
+        os.replace = replace  # one os module for every torchckpt module of this process
+    elif where == "after-weights":  # weights file renamed; data file and sidecar not yet
+        def replace(src, dst, *a, **k):
+            real_replace(src, dst, *a, **k)
+            if str(dst).endswith(".safetensors"):
+                _die()
+
+        os.replace = replace
+    elif where == "before-old-sidecar-removed":  # every new file durable under its temp name, nothing renamed
+        def remove(path, *a, **k):
+            if str(path).endswith(".meta.json"):
+                _die()
+            real_remove(path, *a, **k)
+
+        os.remove = remove
+    elif where == "after-old-sidecar-removed":  # the old sidecar is gone, the new files not yet renamed
+        def remove(path, *a, **k):
+            real_remove(path, *a, **k)
+            if str(path).endswith(".meta.json"):
+                _die()
+
+        os.remove = remove
+    elif where == "before-dir-fsync":  # every file renamed, the directory not yet fsynced
+        atomic.fsync_dir = _die
+
+
+def kill_at(where: str, directory: str) -> None:
+    """Die by SIGKILL at a precise point of the protocol, in the save of step 3."""
+    ckpt = torchckpt.Checkpointer(directory, keep_last=1,
+                                  weights_format="safetensors" if where == "after-weights" else "pt")
     model = torch.nn.Linear(4, 4)
     ckpt.save(1, model=model)
     ckpt.save(2, model=model)
-    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-    if where == "before-sidecar":  # data file under its final name, sidecar not yet written
-        training.commit = die
-    elif where == "inside-retention":  # step 3 committed; retention removed step 2's sidecar, not its data
+    if where == "inside-retention":  # step 3 committed; retention removed step 2's sidecar, not its data
         real_remove = os.remove
 
         def remove(path, *a, **k):
             real_remove(path, *a, **k)
             if path.endswith(".meta.json"):
-                die()
+                _die()
 
         os.remove = remove  # one os module for every torchckpt module of this process
+    else:
+        _kill_at(where)
     ckpt.save(3, model=model)
     print("not killed", flush=True)
 
 
-def overwrite_kill(path: str) -> None:
-    import torchckpt.train.training as training
-
+def overwrite_kill(path: str, where: str) -> None:
     model = torch.nn.Linear(4, 4)
     with torch.no_grad():
         model.bias.fill_(1)
     torchckpt.save(path, model=model, step=1)
     with torch.no_grad():
         model.bias.fill_(2)
-    training.commit = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # new data renamed, sidecar not written
+    _kill_at(where)
     torchckpt.save(path, model=model, step=2)
     print("not killed", flush=True)
 
@@ -103,4 +141,4 @@ if __name__ == "__main__":
     elif mode == "kill-at":
         kill_at(args[0], args[1])
     elif mode == "overwrite-kill":
-        overwrite_kill(args[0])
+        overwrite_kill(args[0], args[1] if len(args) > 1 else "between-renames")

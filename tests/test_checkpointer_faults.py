@@ -17,6 +17,7 @@ import torch
 import torchckpt
 from torchckpt import CheckpointWriteError
 from torchckpt.train.checkpointer import SkippedCheckpointWarning
+from torchckpt.train.training import read_meta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ckpt_worker.py")
@@ -104,32 +105,57 @@ def test_a_full_disk_before_the_first_save_is_a_write_error(tmp_path):
         assert not [n for n in os.listdir(tmp_path / "full" / "run") if n.startswith("ckpt-")]
 
 
-@pytest.mark.parametrize("where", ["before-sidecar", "inside-retention"])
-def test_a_kill_inside_the_protocol_leaves_nothing_uncommitted(tmp_path, where):
+@pytest.mark.parametrize("where,orphan", [
+    ("before-sidecar", "ckpt-0000000003.pt"),  # step 3's data renamed, its sidecar not
+    ("after-weights", "ckpt-0000000003.pt.safetensors"),  # step 3's weights file renamed, its data and sidecar not
+    ("inside-retention", "ckpt-0000000002.pt"),  # step 3 committed; retention removed step 2's sidecar, not its data
+])
+def test_a_kill_inside_the_protocol_leaves_nothing_uncommitted(tmp_path, where, orphan):
     res = _worker("kill-at", where, str(tmp_path))
     assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
     names = set(os.listdir(tmp_path))
-    orphan = "ckpt-0000000003.pt" if where == "before-sidecar" else "ckpt-0000000002.pt"
-    assert orphan in names and orphan + ".meta.json" not in names  # what the kill left
+    assert orphan in names and orphan.replace(".safetensors", "") + ".meta.json" not in names  # what the kill left
     open(tmp_path / "ckpt-0000000000.pt", "wb").write(b"a file the user put here by hand")
     ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
     assert orphan in ckpt.reclaimed
     names = set(os.listdir(tmp_path))
-    data = {n for n in names if n.endswith(".pt")}
+    data = {n for n in names if n.endswith(".pt") or n.endswith(".safetensors")}
     committed = {os.path.basename(c.path) for c in ckpt.checkpoints()}
+    committed |= {n + ".safetensors" for n in committed}
     assert data - committed == {"ckpt-0000000000.pt"}  # no data file without sidecar, except the user's own
     assert not [n for n in names if n.endswith(".uncommitted")]
+    assert ckpt.resume(model=torch.nn.Linear(4, 4)).step == (3 if where == "inside-retention" else 2)
     ckpt.save(4, model=torch.nn.Linear(4, 4))
     assert "ckpt-0000000000.pt" in os.listdir(tmp_path)  # retention never deletes what it did not write
 
 
-def test_a_kill_while_overwriting_a_single_file_leaves_a_resumable_file(tmp_path):
+def test_a_kill_after_the_renames_before_the_directory_fsync_keeps_the_new_checkpoint(tmp_path):
+    res = _worker("kill-at", "before-dir-fsync", str(tmp_path))
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+    assert ".ckpt-0000000003.pt.uncommitted" in os.listdir(tmp_path)  # its save had not returned
+    ckpt = torchckpt.Checkpointer(tmp_path, keep_last=1)
+    assert ckpt.reclaimed == []  # complete: its marker is dropped, nothing is removed
+    assert [c.step for c in ckpt.checkpoints()] == [2, 3]  # retention had not run yet
+    assert ckpt.resume(model=torch.nn.Linear(4, 4)).step == 3
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".uncommitted") or ".tmp-" in n]
+
+
+# Every point of an overwrite (single file, no Checkpointer): the old checkpoint or the new one, never a mix
+@pytest.mark.parametrize("where,step", [
+    ("before-old-sidecar-removed", 1),  # the new files are durable under temp names; nothing final changed
+    ("after-old-sidecar-removed", 1),  # the old data stays, without a sidecar: complete, unverified
+    ("between-renames", 2),  # the new data without a sidecar: complete, unverified
+    ("before-dir-fsync", 2),  # the new data and its sidecar
+])
+def test_a_kill_while_overwriting_a_single_file_leaves_a_resumable_file(tmp_path, where, step):
     path = tmp_path / "last.pt"
-    res = _worker("overwrite-kill", str(path))
+    res = _worker("overwrite-kill", str(path), where)
     assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
     model = torch.nn.Linear(4, 4)
-    state = torchckpt.resume(path, model=model)  # the old sidecar must not condemn the new, complete data
-    assert state.step == 2 and float(model.bias[0].detach()) == 2.0
+    state = torchckpt.resume(path, model=model)  # an old sidecar must never condemn new, complete data
+    assert state.step == step and float(model.bias[0].detach()) == float(step)
+    meta = read_meta(str(path))
+    assert meta is None or meta["step"] == step  # a sidecar, if any, describes the data beside it
 
 
 # --------------------------------------------------------------------------- 15: two writers

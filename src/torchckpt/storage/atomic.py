@@ -3,6 +3,10 @@
 A crash at any moment leaves either the old file or the new one under the final name, never a
 partial file. Temp files are named ``.<name>.tmp-<pid>-<random>`` so that leftovers from a crash
 can be recognised and removed (:func:`clean_temp_files`).
+
+:class:`AtomicFiles` publishes several files of one directory together (a checkpoint's data file and
+its commit record) with one directory fsync: every file is durable before its name appears, and the
+names appear in the order the files were written.
 """
 
 from __future__ import annotations
@@ -13,25 +17,38 @@ import hashlib
 import json
 import os
 import secrets
-from typing import IO, Any, Callable, Iterator, cast
+from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from ..errors import CheckpointWriteError
 
-__all__ = ["atomic_write", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
+__all__ = ["atomic_write", "AtomicFiles", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
            "os_error_in", "TEMP_MARK"]
 
 TEMP_MARK = ".tmp-"
 
 
-def fsync_dir(directory: str) -> None:
+# fsync of a directory is not supported everywhere (some network and FUSE file systems, Windows):
+# there, renames are as durable as the file system makes them, and nothing better can be done
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM,
+                          errno.EISDIR, errno.ENOSYS}
+
+
+def fsync_dir(directory: str, *, strict: bool = False) -> None:
+    """Make the renames and removals in ``directory`` durable.
+
+    ``strict``: an I/O error (EIO, ENOSPC ...) raises OSError instead of being ignored: a commit must
+    not report success when its names may not be on disk. Where directories cannot be fsynced at all,
+    nothing is raised either way.
+    """
     try:
         fd = os.open(directory or ".", os.O_RDONLY)
     except OSError:
         return  # not supported on this platform/filesystem
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if strict and exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -104,32 +121,120 @@ def atomic_write(path: str) -> Iterator[IO[bytes]]:
     On failure the temp file is removed and ``path`` is untouched; a failure caused by the file
     system (also when a serializer wrapped it in another exception) raises CheckpointWriteError.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CheckpointWriteError("the directory does not exist", path=directory,
-                                   hint="Create it first (os.makedirs) or fix the path.")
-    tmp = _temp_path(path)
-    try:
-        fh = open(tmp, "wb")
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    out = _Writeback(fh)
-    try:
-        with fh:
-            yield cast(IO[bytes], out)  # duck-typed: write() is wrapped, everything else delegates
+    with AtomicFiles(os.path.dirname(os.path.abspath(path))) as group:
+        with group.write(path) as fh:
+            yield fh
+        group.publish()
+
+
+class _Staged:
+    def __init__(self, path: str, temp: str, fh: IO[bytes], out: "_Writeback") -> None:
+        self.path, self.temp, self.fh, self.out = path, temp, fh, out
+        self.renamed = False
+
+
+class AtomicFiles:
+    """Files of one directory, written under temp names and published together, durably.
+
+    ``write(path)`` yields a file written under a temp name beside ``path``; ``publish()`` then
+
+    1. fsyncs every file (their writeback is started together first, so a journaling file system
+       commits them in one go): the content is on disk before any name points at it;
+    2. removes the names in ``remove_first`` (an old commit record that must not describe new data);
+    3. renames the files in the order they were written (write the commit record last);
+    4. fsyncs the directory, once; only then does ``publish`` return.
+
+    Metadata changes within one directory reach the disk in the order they were made on journaling
+    file systems (ext4, XFS, btrfs), so a crash at any moment, power loss included, leaves a prefix of
+    steps 2-3: a name that exists holds complete content, and a file written later (the commit record)
+    never exists without the ones written before it. Leaving the ``with`` block without ``publish``
+    (or a failure anywhere) removes the temp files; if a rename fails, the files already renamed are
+    removed too. File-system failures raise CheckpointWriteError naming the first file.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self._files: list[_Staged] = []
+        self._published = False
+
+    def __enter__(self) -> "AtomicFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._published:
+            self._abort()
+
+    @property
+    def temps(self) -> dict[str, str]:
+        """Final path -> temp path of every file written so far (to read back what was written)."""
+        return {f.path: f.temp for f in self._files}
+
+    @contextlib.contextmanager
+    def write(self, path: str) -> Iterator[IO[bytes]]:
+        """Yield a binary file that ``publish`` will put under ``path`` (which must be in this directory)."""
+        path = os.path.abspath(os.fspath(path))
+        if os.path.dirname(path) != self.directory:
+            raise ValueError(f"{path} is not in {self.directory}")
+        if not os.path.isdir(self.directory):
+            raise CheckpointWriteError("the directory does not exist", path=self.directory,
+                                       hint="Create it first (os.makedirs) or fix the path.")
+        tmp = _temp_path(path)
+        try:
+            fh = open(tmp, "wb")
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        staged = _Staged(path, tmp, fh, _Writeback(fh))
+        self._files.append(staged)
+        try:
+            yield cast(IO[bytes], staged.out)  # duck-typed: write() is wrapped, everything else delegates
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(directory)
-    except CheckpointWriteError:
-        _remove_quietly(tmp)
-        raise
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        cause = os_error_in(exc) if isinstance(exc, Exception) else None
-        if cause is None:
+        except CheckpointWriteError:
+            self._abort()
             raise
-        raise write_error(path, cause, written=out.written) from None
+        except BaseException as exc:
+            self._abort()
+            cause = os_error_in(exc) if isinstance(exc, Exception) else None
+            if cause is None:
+                raise
+            raise write_error(path, cause, written=staged.out.written) from None
+
+    def publish(self, remove_first: Iterable[str] = ()) -> None:
+        """Make every file durable, remove ``remove_first``, rename the files in order, fsync the directory."""
+        if not self._files:
+            return
+        primary = self._files[0]
+        try:
+            if _sync_file_range is not None and len(self._files) > 1:
+                for f in self._files:  # start all writeback now: the first fsync's journal commit carries them all
+                    _sync_file_range(f.fh.fileno(), 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
+            for f in self._files:
+                os.fsync(f.fh.fileno())
+            for f in self._files:
+                f.fh.close()
+            for name in remove_first:
+                if os.path.lexists(name):  # (unlink on a read-only file system fails even for nothing)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(name)
+            for f in self._files:
+                os.replace(f.temp, f.path)
+                f.renamed = True
+            self._published = True
+            fsync_dir(self.directory, strict=True)
+        except BaseException as exc:
+            if not self._published:
+                self._abort()
+            cause = os_error_in(exc) if isinstance(exc, Exception) else None
+            if cause is None:
+                raise
+            raise write_error(primary.path, cause, written=primary.out.written) from None
+
+    def _abort(self) -> None:
+        """Remove every temp file, and every file already renamed (new data without the files after it)."""
+        for f in reversed(self._files):
+            with contextlib.suppress(OSError):
+                f.fh.close()
+            _remove_quietly(f.path if f.renamed else f.temp)
+        self._files = []
 
 
 class _Writeback:

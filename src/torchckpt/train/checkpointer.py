@@ -22,16 +22,17 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from ..read.formats.folders import is_accelerate_folder
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from ..storage.atomic import clean_temp_files, fsync_dir, os_error_in, write_error
+from ..storage.atomic import clean_temp_files, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, store
 from .remote import RemoteStore, resume_url
 from .restore import resume_file
+from .snapshot import cpu_snapshot
 from .training import TrainingState, capture, verify, write_payload
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
-           "SkippedCheckpointWarning", "RetentionWarning"]
+           "SkippedCheckpointWarning", "RetentionWarning", "cpu_snapshot"]
 
 
 class SkippedCheckpointWarning(UserWarning):
@@ -265,8 +266,6 @@ class Checkpointer:
                     warnings.warn(f"torchckpt: saved {os.path.basename(found[-1].path)}, but could not remove the "
                                   f"old {os.path.basename(c.path)} ({why}); it stays, and the next save tries "
                                   "again", RetentionWarning, stacklevel=4)
-        if self._remote is None:
-            fsync_dir(self.directory)
 
     def wait(self) -> None:
         """Block until the background save (if any) is written; re-raise its error."""
@@ -385,55 +384,3 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)
     return resume_file(path, **kwargs)
-
-
-def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
-    """Deep copy with every tensor copied to CPU memory (the blocking part of an async save).
-
-    Tensors are copied into ``buffers`` (keyed by their place in the payload) when a buffer of the
-    same shape and dtype exists: warm memory copies about twice as fast as fresh allocations. The
-    caller guarantees that no write is still reading the buffers.
-
-    CUDA tensors go to pinned buffers with asynchronous copies; one event per device is appended to
-    ``ready`` (the writer waits for it; later work on the same stream is ordered after the copies).
-    Without ``ready`` the copies are waited for here.
-    """
-    import torch
-
-    memo: dict[int, Any] = {}
-
-    def copy(value: Any, where: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            key = id(value)
-            if key not in memo:
-                buf = buffers.get(where)
-                src = value.detach()
-                if src.is_cuda:
-                    devices.add(src.device)
-                if buf is not None and buf.shape == src.shape and buf.dtype == src.dtype and src.is_contiguous() \
-                        and (buf.is_pinned() or not src.is_cuda):
-                    memo[key] = buf.copy_(src, non_blocking=src.is_cuda)
-                elif src.is_cuda:
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-                    memo[key] = buffers[where] = buf.copy_(src, non_blocking=True)
-                else:
-                    memo[key] = buffers[where] = src.to("cpu", copy=True)
-            return memo[key]
-        if isinstance(value, dict):
-            items = ((k, copy(v, f"{where}.{k}")) for k, v in value.items())
-            return {k: v for k, v in items} if type(value) is dict else type(value)(items)
-        if isinstance(value, list):
-            return [copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, tuple):
-            return tuple(copy(v, f"{where}[{i}]") for i, v in enumerate(value))
-        return value
-
-    devices: set[Any] = set()
-    out = copy(obj, "")
-    for device in devices:
-        event = torch.cuda.current_stream(device).record_event()
-        if ready is None:
-            event.synchronize()
-        else:
-            ready.append(event)
-    return out

@@ -113,14 +113,15 @@ def commit_problem(name: str, meta: Mapping[str, Any] | None, names: Collection[
 
 # --------------------------------------------------------------------------- writing steps
 def begin(path: str) -> None:
-    """Record the intent to create or remove the files of ``path`` (durable before any of them changes)."""
+    """Record the intent to create or remove the files of ``path`` (before any of them changes).
+
+    Not fsynced on its own: the save's one directory fsync makes it durable together with the files,
+    and metadata changes of one directory reach the disk in order (see
+    :class:`~torchckpt.storage.atomic.AtomicFiles`), so after any crash a file this step renamed or
+    removed has its marker beside it. A marker alone, or one beside a committed checkpoint, is harmless.
+    """
     marker = marker_path(path)
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(os.path.dirname(marker))
+    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
 
 
 def end(path: str) -> None:
@@ -130,10 +131,14 @@ def end(path: str) -> None:
 
 
 def delete(path: str) -> None:
-    """Remove a committed checkpoint: marker first, then the sidecar (it stops being a checkpoint), data, marker."""
+    """Remove a committed checkpoint: marker first, then the sidecar (it stops being a checkpoint), data, marker.
+
+    No fsync: a crash may bring back a prefix of these steps, each of which is safe (a committed
+    checkpoint, or leftovers with their marker that :func:`reclaim` removes); the next save's directory
+    fsync makes the removal durable.
+    """
     begin(path)
     discard(path)
-    fsync_dir(os.path.dirname(path))
     end(path)
 
 

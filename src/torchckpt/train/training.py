@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
-from ..storage.atomic import atomic_write, file_sha256, fsync_dir, write_error, write_json_atomic
+from ..storage.atomic import AtomicFiles, file_sha256
 
-__all__ = ["save", "write_payload", "write_data", "commit", "discard", "TrainingState", "capture", "meta_path",
+__all__ = ["save", "write_payload", "write_data", "sidecar_bytes", "discard", "TrainingState", "capture", "meta_path",
            "read_meta", "verify"]
 
 FORMAT = "torchckpt.training/1"
@@ -184,20 +184,22 @@ def _plain_number(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- write / read
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
-    """Write payload atomically, then its sidecar (the commit marker). Returns the sidecar document.
+    """Write payload and its sidecar (the commit record) atomically and durably. Returns the sidecar document.
 
-    If either cannot be written, no file of this checkpoint stays under its final name. Overwriting
-    a checkpoint removes its old sidecar first (durably), so a crash between the new data and its
-    sidecar leaves complete, unverified data, never new data condemned by the old sidecar.
+    The data file(s) and the sidecar are written under temp names, made durable, and renamed with the
+    sidecar last, after the old sidecar (when overwriting) is removed; one directory fsync ends the save
+    (:class:`~torchckpt.storage.atomic.AtomicFiles`). A crash at any moment leaves the old files, or new
+    data without a sidecar (complete, unverified; a Checkpointer reclaims it), or the new checkpoint:
+    never new data beside the old sidecar, never a partial file under a final name. If anything cannot
+    be written, no file of this checkpoint stays under its final name.
     """
+    path = os.fspath(path)
     try:
-        _drop_old_sidecar(path)
-        meta = write_data(path, payload, weights_format)  # atomic: on failure nothing final changed
-        try:
-            commit(path, meta)
-        except BaseException:
-            discard(path, quiet=True)  # new data without its sidecar must not stay under the final name
-            raise
+        with AtomicFiles(os.path.dirname(os.path.abspath(path))) as group:
+            meta = write_data(path, payload, weights_format, group=group)
+            with group.write(meta_path(path)) as fh:
+                fh.write(sidecar_bytes(meta))
+            group.publish(remove_first=[meta_path(path)])
     except CheckpointWriteError as exc:
         if getattr(exc, "errno", None) == errno.ENOSPC:
             exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
@@ -205,21 +207,9 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
     return meta
 
 
-def _drop_old_sidecar(path: str) -> None:
-    if not os.path.lexists(meta_path(path)):  # (unlink on a read-only file system fails even for nothing)
-        return
-    try:
-        os.remove(meta_path(path))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def commit(path: str, meta: Mapping[str, Any]) -> None:
-    """Write the sidecar of ``path``: from now on the checkpoint exists."""
-    write_json_atomic(meta_path(path), dict(meta))
+def sidecar_bytes(meta: Mapping[str, Any]) -> bytes:
+    """The sidecar document as written to disk."""
+    return json.dumps(dict(meta), indent=1, sort_keys=True, default=str).encode()
 
 
 def data_files(path: str) -> list[str]:
@@ -257,25 +247,36 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
-    """Write the data file(s) of a checkpoint atomically; returns the sidecar document (not yet written)."""
+def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
+               group: AtomicFiles | None = None) -> dict[str, Any]:
+    """Write the data file(s) of a checkpoint; returns the sidecar document (not yet written).
+
+    Without ``group`` the files are published atomically and durably here; with one, they are only
+    written into it (the caller adds the sidecar and publishes them all together).
+    """
     import torch
 
     path = os.fspath(path)
+    if group is None:
+        with AtomicFiles(os.path.dirname(os.path.abspath(path))) as own:
+            meta = write_data(path, payload, weights_format, group=own)
+            own.publish()
+        return meta
     digest: dict[str, Any] = {}
     files = [os.path.basename(path)]
     if weights_format == "safetensors" and "model" in payload:
         weights_path = path + ".safetensors"
-        with atomic_write(weights_path) as fh:
+        with group.write(weights_path) as fh:
             digest["weights_sha256"], digest["weights_size"] = _write_safetensors(fh, payload["model"])
         payload = {**payload, "model": None, "model_file": os.path.basename(weights_path)}
         files.append(os.path.basename(weights_path))
     elif weights_format != "pt":
         raise ValueError(f"weights_format must be 'pt' or 'safetensors', not {weights_format!r}")
-    with atomic_write(path) as fh:
+    with group.write(path) as fh:
         torch.save(payload, fh)
-    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(path),
-            "size": os.path.getsize(path), "epoch": payload.get("epoch"), "step": payload.get("step"),
+    written = group.temps[os.path.abspath(path)]  # read back before publishing: the digest goes in the sidecar
+    meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(written),
+            "size": os.path.getsize(written), "epoch": payload.get("epoch"), "step": payload.get("step"),
             "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
     return meta
