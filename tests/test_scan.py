@@ -184,5 +184,12 @@ def test_cli_scan_exit_codes_and_json(tmp_path, net):
     assert lfs_doc["exit_code"] == 3 and lfs_doc["status"] == "unreadable"
     assert doc["files"][1]["findings"][0]["offset"] is not None
     assert run(str(tmp_path)).returncode == 3  # a directory without --recursive
+    notes = tmp_path / "notes"  # only files that are not checkpoints: skipped, and skipped is fine
+    notes.mkdir()
+    (notes / "README.md").write_text("# notes\n")
+    res = run("-r", "--json", str(notes))
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["exit_code"] == 0 and doc["status"] == "clean"
+    assert [f["status"] for f in doc["files"]] == ["skipped"]
     assert run("-r", str(tmp_path)).returncode == 1
     assert os.path.exists(good)

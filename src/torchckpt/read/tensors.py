@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .unpickle.meta import MetaStorage, TensorMeta
+from .unpickle.meta import MetaStorage, TensorMeta, dtype_name
 
 __all__ = ["TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release"]
 
@@ -25,13 +25,6 @@ def is_tensor_like(value: Any) -> bool:
     if isinstance(value, TensorMeta) or (t.__module__.startswith("torch") and hasattr(value, "untyped_storage")):
         return True
     return t.__module__ == "numpy" and t.__name__ == "ndarray" and value.dtype.kind in "biufc"
-
-
-def dtype_name(value: Any) -> str:
-    """``"float16"`` for a tensor, a TensorMeta, a numpy array or a dtype (``torch.float16``, ``"torch.half"``)."""
-    dtype = getattr(value, "dtype", value)
-    name = str(dtype)
-    return name[6:] if name.startswith("torch.") else name
 
 
 def to_torch(value: Any, reader: Any) -> Any:

@@ -104,9 +104,11 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch
     for c in _chunks(t, chunk):
         stats.zeros += c.numel() - int(torch.count_nonzero(c))
         v = scratch[:c.numel()].copy_(c)  # a private float64 copy: centred in place below
-        if chunk_done is not None:
-            chunk_done(c)
         total_c = float(v.sum())
+        if math.isfinite(total_c):  # the common case: min and max in the chunk's own dtype (exact, fewer bytes)
+            c_lo, c_hi = torch.aminmax(c)
+        if chunk_done is not None:
+            chunk_done(c)  # the chunk's own bytes are not touched again
         if not math.isfinite(total_c):  # NaN or Inf somewhere in the chunk: count them, keep the rest
             ok = torch.isfinite(v)
             n_ok = int(ok.sum())
@@ -117,8 +119,8 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch
                 continue
             v = v[ok]
             total_c = float(v.sum())
+            c_lo, c_hi = torch.aminmax(v)
         n_ok = v.numel()
-        c_lo, c_hi = torch.aminmax(v)
         lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
         c_mean = total_c / n_ok
         v.sub_(c_mean)

@@ -59,24 +59,20 @@ def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Chec
                                      f"({type(exc).__name__}: {exc})", path=src.name) from None
 
 
+# The formats whose reader needs nothing from the sniff but the source.
+_READERS: dict[str, Callable[[Source, ReadOptions], Checkpoint]] = {
+    TORCH_LEGACY: read_torch_legacy, TORCH_TAR: read_torch_tar, SAFETENSORS: read_safetensors, PICKLE: read_pickle,
+    NUMPY: read_numpy, LUA_T7: read_t7}
+
+
 def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
     kind = sniffed.kind
     if kind == TORCHSCRIPT and sniffed.details.get("model_json"):
         return read_torchscript_v1(src, opts, sniffed.details["prefix"])
     if kind in (TORCH_ZIP, TORCHSCRIPT):
         return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT)
-    if kind == TORCH_LEGACY:
-        return read_torch_legacy(src, opts)
-    if kind == TORCH_TAR:
-        return read_torch_tar(src, opts)
-    if kind == SAFETENSORS:
-        return read_safetensors(src, opts)
-    if kind == PICKLE:
-        return read_pickle(src, opts)
-    if kind == NUMPY:
-        return read_numpy(src, opts)
-    if kind == LUA_T7:
-        return read_t7(src, opts)
+    if kind in _READERS:
+        return _READERS[kind](src, opts)
     if kind == "json" and (src.path is not None or src.url is not None):
         loaded = read_sharded_index(src, opts)
         if loaded is not None:

@@ -18,7 +18,7 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExce
     RemoteNotFoundError, UnsupportedFormatError
 from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source, confined_path
-from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, meta_dtype
+from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, dtype_name, meta_dtype
 from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
 from .base import Checkpoint, ReadOptions, run_pickle
@@ -160,7 +160,7 @@ def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
     attrs = _attrs(props, f"{fqn} properties")
     state = props.__dict__.get("stub_state")
     dtype = state[0] if not attrs and isinstance(state, tuple) and state else attrs.get("dtype")
-    name = str(dtype).replace("torch.", "") if isinstance(dtype, MetaDType) or \
+    name = dtype_name(dtype) if isinstance(dtype, MetaDType) or \
         type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch" else None
     if name not in DTYPE_SIZES:
         raise CorruptCheckpointError(f"DCP entry {fqn!r:.100} has dtype {dtype!r:.60}, not a tensor dtype")
@@ -204,7 +204,7 @@ class DcpTensor(TensorMeta):
 
     def __init__(self, directory: str, fqn: str, size: tuple[Any, ...], dtype: Any, chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]],
                  where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]], opts: ReadOptions) -> None:
-        name = meta_dtype(str(dtype).replace("torch.", ""))
+        name = meta_dtype(dtype_name(dtype))
         super().__init__(size, _contiguous(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
         self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
         self.full_dtype = dtype

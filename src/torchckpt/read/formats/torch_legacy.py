@@ -61,7 +61,7 @@ class _LegacyStorages:
             if self.opts.meta:
                 root = storage_type.meta(nbytes, location)
             else:
-                import torch
+                import torch  # lazy: structure-only reads (inspect, scan) never import torch
 
                 root = storage_type.wrap(self.opts.relocator(torch.UntypedStorage(nbytes), location))
             self.roots[root_key] = root
@@ -261,7 +261,7 @@ def _tar_storage(data: bytes, pos: int, nbytes: int, storage_type: StorageType, 
         storage = storage_type.meta(nbytes, location if isinstance(location, str) else "cpu")
         storage.file_offset = file_offset
         return storage
-    import torch
+    import torch  # lazy: structure-only reads (inspect, scan) never import torch
 
     raw = data[pos:pos + nbytes]
     untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if nbytes else \
@@ -278,7 +278,7 @@ def _storage_view(root: Any, offset: Any, numel: Any, item: int, label: str) -> 
         raise CorruptCheckpointError(f"storage view {label} lies outside its storage of {capacity} elements")
     if isinstance(root, MetaStorage):
         return MetaStorage(root.dtype, numel * item, root.location, root, offset * item)
-    import torch
+    import torch  # lazy: structure-only reads (inspect, scan) never import torch
 
     return torch.storage.TypedStorage(wrap_storage=root._untyped_storage[offset * item:(offset + numel) * item],
                                       dtype=root.dtype, _internal=True)

@@ -127,7 +127,7 @@ class _ZipStorages:
     def _read(self, info: zipfile.ZipInfo, nbytes: int) -> Any:
         _refuse_encrypted(info)
         if info.compress_type != zipfile.ZIP_STORED:
-            import torch
+            import torch  # lazy: structure-only reads (inspect, scan) never import torch
 
             data = bytearray(read_member(self.zf, info, self.src, self.opts)[:nbytes])
             note = "some storages were compressed inside the zip (re-zipped file?); they were decompressed"

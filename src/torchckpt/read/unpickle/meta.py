@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 
-__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name"]
+__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "dtype_name"]
 
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -37,6 +37,13 @@ class MetaDType(str):
 
 def meta_dtype(name: str) -> MetaDType:
     return MetaDType(_ALIASES.get(name, name))
+
+
+def dtype_name(value: Any) -> str:
+    """``"float16"`` for a tensor, a TensorMeta, a numpy array or a dtype (``torch.float16``, ``"torch.half"``)."""
+    dtype = getattr(value, "dtype", value)
+    name = str(dtype)
+    return name[6:] if name.startswith("torch.") else name
 
 
 class MetaStorage:
