@@ -49,10 +49,25 @@ t0 = time.perf_counter()
 torchckpt.save(os.path.join(folder, "ours.pt"), model=model, step=1)
 result = time.perf_counter() - t0
 """, r)
+    ours_overwrite = measure(setup + """
+torchckpt.save(os.path.join(folder, "last.pt"), model=model, step=1)
+os.sync()
+t0 = time.perf_counter()
+torchckpt.save(os.path.join(folder, "last.pt"), model=model, step=2)
+result = time.perf_counter() - t0
+""", r)
     ckpt_sync = measure(setup + """
 ck = torchckpt.Checkpointer(os.path.join(folder, "sync"), keep_last=1)
 t0 = time.perf_counter()
 ck.save(1, model=model)
+result = time.perf_counter() - t0
+""", r)
+    ckpt_sync_steady = measure(setup + """
+ck = torchckpt.Checkpointer(os.path.join(folder, "sync"), keep_last=1)
+ck.save(1, model=model)
+os.sync()
+t0 = time.perf_counter()
+ck.save(2, model=model)  # and retention removes step 1
 result = time.perf_counter() - t0
 """, r)
     ckpt_async = measure(setup + """
@@ -86,7 +101,9 @@ fut.result()
         ("torch.save(obj, path) (not durable)", plain, plain_fsync),
         ("torch.save + fsync                             [baseline]", plain_fsync, None),
         ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", ours, plain_fsync),
+        ("torchckpt.save, overwriting the file (fsync before rename)", ours_overwrite, plain_fsync),
         ("Checkpointer.save, sync", ckpt_sync, plain_fsync),
+        ("Checkpointer.save, sync, later saves (+ retention)", ckpt_sync_steady, plain_fsync),
     ])
     print_table("async save: time the training loop is blocked", [
         ("Checkpointer.save, sync                        [baseline]", ckpt_sync, None),
