@@ -294,12 +294,13 @@ def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
     import torch  # lazy, like the reader module (it imports numpy): only this format needs them
 
     from ..read.formats.simple import SAFETENSORS_DTYPES
+    from ..read.tensors import dtype_name
 
     codes = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for k, v in sd.items():
-        dtype = str(v.dtype).replace("torch.", "")
+        dtype = dtype_name(v.dtype)
         if dtype not in codes:
             raise ValueError(f"weights_format='safetensors' cannot store {k} of dtype {dtype}; use weights_format='pt'")
         nbytes = v.numel() * v.element_size()
