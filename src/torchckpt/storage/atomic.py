@@ -22,6 +22,7 @@ import threading
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from ..errors import CheckpointWriteError
+from .reclaim import drain, remove_file, replace_file
 
 __all__ = ["atomic_write", "AtomicFiles", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
            "os_error_in", "TEMP_MARK"]
@@ -181,6 +182,7 @@ class AtomicFiles:
         if not os.path.isdir(self.directory):
             raise CheckpointWriteError("the directory does not exist", path=self.directory,
                                        hint="Create it first (os.makedirs) or fix the path.")
+        drain()  # the space of files removed or replaced before is free again before anything is written
         tmp = _temp_path(path)
         try:
             fh = open(tmp, "wb")
@@ -228,7 +230,7 @@ class AtomicFiles:
                 _fsync_all([f.fh.fileno() for f in files])
                 for name in remove_first:
                     with contextlib.suppress(FileNotFoundError):
-                        os.remove(name)
+                        remove_file(name)
                 self._rename()
                 self._published = True  # complete and durable content under every name: kept whatever follows
                 fsync_dir(self.directory, strict=True)
@@ -245,7 +247,7 @@ class AtomicFiles:
 
     def _rename(self) -> None:
         for f in self._files:
-            os.replace(f.temp, f.path)
+            replace_file(f.temp, f.path)  # a replaced large file is freed in the background
             f.renamed = True
 
     def _abort(self) -> None:

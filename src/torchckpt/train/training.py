@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
 from ..storage.atomic import AtomicFiles, file_sha256
+from ..storage.reclaim import remove_file
 
 __all__ = ["save", "write_payload", "write_data", "sidecar_bytes", "discard", "TrainingState", "capture", "meta_path",
            "read_meta", "verify"]
@@ -224,7 +225,7 @@ def discard(path: str, *, quiet: bool = False) -> None:
     """Remove every file of the checkpoint at ``path`` that exists (sidecar first); ``quiet``: best effort."""
     for victim in data_files(path):
         with contextlib.suppress(OSError if quiet else FileNotFoundError):
-            os.remove(victim)
+            remove_file(victim)  # the name goes now; a large file's content is freed in the background
 
 
 def _payload_nbytes(payload: Any) -> int:
