@@ -44,6 +44,29 @@ with open(os.path.join(folder, "plain2.pt"), "wb") as fh:
     fh.flush(); os.fsync(fh.fileno())
 result = time.perf_counter() - t0
 """, r)
+    plain_overwrite = measure(setup + """
+def save_fsync(name):
+    with open(os.path.join(folder, name), "wb") as fh:  # "wb" truncates: the old content is freed here
+        torch.save({"model": model.state_dict(), "step": 1}, fh)
+        fh.flush(); os.fsync(fh.fileno())
+save_fsync("last.pt")
+os.sync()
+t0 = time.perf_counter()
+save_fsync("last.pt")
+result = time.perf_counter() - t0
+""", r)
+    plain_retention = measure(setup + """
+def save_fsync(name):
+    with open(os.path.join(folder, name), "wb") as fh:
+        torch.save({"model": model.state_dict(), "step": 1}, fh)
+        fh.flush(); os.fsync(fh.fileno())
+save_fsync("step1.pt")
+os.sync()
+t0 = time.perf_counter()
+save_fsync("step2.pt")
+os.remove(os.path.join(folder, "step1.pt"))  # keep the last one
+result = time.perf_counter() - t0
+""", r)
     ours = measure(setup + """
 t0 = time.perf_counter()
 torchckpt.save(os.path.join(folder, "ours.pt"), model=model, step=1)
@@ -101,9 +124,11 @@ fut.result()
         ("torch.save(obj, path) (not durable)", plain, plain_fsync),
         ("torch.save + fsync                             [baseline]", plain_fsync, None),
         ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", ours, plain_fsync),
-        ("torchckpt.save, overwriting the file (fsync before rename)", ours_overwrite, plain_fsync),
+        ("torch.save + fsync, overwriting the file   [baseline 2]", plain_overwrite, None),
+        ("torchckpt.save, overwriting the file (vs baseline 2)", ours_overwrite, plain_overwrite),
         ("Checkpointer.save, sync", ckpt_sync, plain_fsync),
-        ("Checkpointer.save, sync, later saves (+ retention)", ckpt_sync_steady, plain_fsync),
+        ("torch.save + fsync, then remove the previous [baseline 3]", plain_retention, None),
+        ("Checkpointer.save, sync, later saves + retention (vs 3)", ckpt_sync_steady, plain_retention),
     ])
     print_table("async save: time the training loop is blocked", [
         ("Checkpointer.save, sync                        [baseline]", ckpt_sync, None),
