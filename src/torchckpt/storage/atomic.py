@@ -22,7 +22,7 @@ import threading
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from ..errors import CheckpointWriteError
-from .reclaim import drain, remove_file, replace_file
+from .reclaim import drain, free_later, remove_file, replace_file
 
 __all__ = ["atomic_write", "AtomicFiles", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
            "os_error_in", "TEMP_MARK"]
@@ -134,6 +134,7 @@ class _Staged:
     def __init__(self, path: str, temp: str, fh: IO[bytes], out: "_Writeback") -> None:
         self.path, self.temp, self.fh, self.out = path, temp, fh, out
         self.renamed = False
+        self.replaced: int | None = None  # holds the content this file replaced, freed after the commit
 
 
 class AtomicFiles:
@@ -240,18 +241,27 @@ class AtomicFiles:
         except BaseException as exc:
             if not self._published:
                 self._abort()
+            else:
+                self._free_replaced()
             cause = os_error_in(exc) if isinstance(exc, Exception) else None
             if cause is None:
                 raise
             raise write_error(primary.path, cause, written=primary.out.written) from None
+        self._free_replaced()  # the commit is durable: old content is freed in the background from now
 
     def _rename(self) -> None:
         for f in self._files:
-            replace_file(f.temp, f.path)  # a replaced large file is freed in the background
+            f.replaced = replace_file(f.temp, f.path)
             f.renamed = True
+
+    def _free_replaced(self) -> None:
+        for f in self._files:
+            free_later(f.replaced)
+            f.replaced = None
 
     def _abort(self) -> None:
         """Remove every temp file, and every file already renamed (new data without the files after it)."""
+        self._free_replaced()
         for f in reversed(self._files):
             with contextlib.suppress(OSError):
                 f.fh.close()

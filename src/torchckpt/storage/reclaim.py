@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 
-__all__ = ["remove_file", "replace_file", "drain"]
+__all__ = ["remove_file", "replace_file", "free_later", "drain"]
 
 # below this, freeing is cheap: not worth a descriptor and a thread switch
 LARGE = 16 << 20
@@ -116,8 +116,12 @@ def remove_file(path: str) -> None:
         _closer.add(fd)
 
 
-def replace_file(source: str, target: str) -> None:
-    """``os.replace(source, target)``, leaving the freeing of a replaced large file to a background thread."""
+def replace_file(source: str, target: str) -> int | None:
+    """``os.replace(source, target)``; returns a descriptor holding a replaced large file, for :func:`free_later`.
+
+    The caller hands it over once its commit is durable, so that freeing the old content (which journals
+    the freed blocks) does not compete with the directory fsync that makes the new name durable.
+    """
     fd = _hold(target)
     try:
         os.replace(source, target)
@@ -125,6 +129,11 @@ def replace_file(source: str, target: str) -> None:
         if fd is not None:
             os.close(fd)
         raise
+    return fd
+
+
+def free_later(fd: int | None) -> None:
+    """Close ``fd`` (from :func:`replace_file`) on the background thread; the kernel frees the content there."""
     if fd is not None:
         _closer.add(fd)
 
