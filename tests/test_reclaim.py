@@ -99,11 +99,13 @@ def test_small_files_symlinks_and_fifos_are_removed_plainly_and_never_block(tmp_
     link.symlink_to(target)
     fifo = tmp_path / "fifo.pt"
     os.mkfifo(fifo)  # opening a FIFO for reading would block forever without O_NONBLOCK
+    shared = tmp_path / "shared.pt"
+    os.link(target, shared)  # a second name: removing one frees nothing, nothing to hold
     with reclaim._closer._cond:
-        for victim in (small, link, fifo):
+        for victim in (small, link, fifo, shared):
             reclaim.remove_file(str(victim))
             assert not os.path.lexists(victim)
-        assert _held_deleted("small.pt") == [] and _held_deleted("target.pt") == []
+        assert _held_deleted("small.pt") == [] and _held_deleted("target.pt") == [] and _held_deleted("shared.pt") == []
     assert target.stat().st_size == reclaim.LARGE + 4096  # removing a link never touches its target
     with pytest.raises(FileNotFoundError):
         reclaim.remove_file(str(tmp_path / "missing.pt"))
