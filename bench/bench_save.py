@@ -30,6 +30,12 @@ shutil.rmtree(folder, ignore_errors=True)
 os.makedirs(folder)
 os.sync()  # every case starts without dirty pages left by the previous one
 base = reset_peak()  # peak RSS is measured above the process with its model
+
+
+def save_fsync(name):  # the baseline a user has: torch.save, then fsync ("wb" truncates an existing file)
+    with open(os.path.join(folder, name), "wb") as fh:
+        torch.save({{"model": model.state_dict(), "step": 1}}, fh)
+        fh.flush(); os.fsync(fh.fileno())
 """
     r = args.repeats
     plain = measure(setup + """
@@ -39,16 +45,10 @@ result = time.perf_counter() - t0
 """, r)
     plain_fsync = measure(setup + """
 t0 = time.perf_counter()
-with open(os.path.join(folder, "plain2.pt"), "wb") as fh:
-    torch.save({"model": model.state_dict(), "step": 1}, fh)
-    fh.flush(); os.fsync(fh.fileno())
+save_fsync("plain2.pt")
 result = time.perf_counter() - t0
 """, r)
     plain_overwrite = measure(setup + """
-def save_fsync(name):
-    with open(os.path.join(folder, name), "wb") as fh:  # "wb" truncates: the old content is freed here
-        torch.save({"model": model.state_dict(), "step": 1}, fh)
-        fh.flush(); os.fsync(fh.fileno())
 save_fsync("last.pt")
 os.sync()
 t0 = time.perf_counter()
@@ -56,10 +56,6 @@ save_fsync("last.pt")
 result = time.perf_counter() - t0
 """, r)
     plain_retention = measure(setup + """
-def save_fsync(name):
-    with open(os.path.join(folder, name), "wb") as fh:
-        torch.save({"model": model.state_dict(), "step": 1}, fh)
-        fh.flush(); os.fsync(fh.fileno())
 save_fsync("step1.pt")
 os.sync()
 t0 = time.perf_counter()
