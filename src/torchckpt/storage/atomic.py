@@ -313,12 +313,16 @@ class _Writeback:
 
     def write(self, data: Any) -> int:
         n = self._fh.write(data)
+        self.appended(n)
+        return n
+
+    def appended(self, n: int) -> None:
+        """Count ``n`` bytes appended to the file (by ``write`` or by the kernel, e.g. copy_file_range)."""
         self._written += n
         if self._written - self._flushed >= self.STEP and _sync_file_range is not None:
             self._fh.flush()
             _sync_file_range(self._fd, self._flushed, self._written - self._flushed, 2)  # SYNC_FILE_RANGE_WRITE
             self._flushed = self._written
-        return n
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
