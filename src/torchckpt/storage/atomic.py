@@ -370,7 +370,7 @@ def write_json_atomic(path: str, document: Any) -> None:
 
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
-        os.remove(path)
+        remove_file(path)  # a crashed writer's temp file can be as large as a checkpoint
 
 
 def clean_temp_files(directory: str, *, only_dead: bool = True, is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
