@@ -3,6 +3,7 @@ thread, before the next write, and never kept alive by a forked child. Real file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -34,23 +35,28 @@ def _large_file(path, size: int = reclaim.LARGE + 4096) -> None:
         fh.write(b"\x01" * size)
 
 
+@contextlib.contextmanager
+def _removed_with_closer_paused(path):
+    """A large file at ``path``, removed while the closing thread cannot run (this test holds its lock)."""
+    _large_file(path)
+    with reclaim._closer._cond:
+        reclaim.remove_file(str(path))
+        assert not path.exists()
+        assert _held_deleted(path.name), "the content should be held for the background thread"
+        yield
+
+
 def test_remove_file_removes_the_name_at_once_and_frees_the_content_in_the_background(tmp_path):
     big = tmp_path / "ckpt-0000000001.pt"
-    _large_file(big)
-    with reclaim._closer._cond:  # the closing thread cannot run while this test holds its lock
-        reclaim.remove_file(str(big))
-        assert not big.exists()
-        assert _held_deleted(big.name), "the content should be held for the background thread"
+    with _removed_with_closer_paused(big):
+        pass
     reclaim.drain()
     assert _held_deleted(big.name) == []
 
 
 def test_the_next_write_starts_only_after_the_removed_content_is_freed(tmp_path):
     big = tmp_path / "old.pt"
-    _large_file(big)
-    with reclaim._closer._cond:
-        reclaim.remove_file(str(big))
-        assert _held_deleted(big.name)
+    with _removed_with_closer_paused(big):
         # a writer drains first: inside the write the old content is already freed (a full disk has its space back)
         with AtomicFiles(str(tmp_path)) as group:
             with group.write(str(tmp_path / "new.pt")) as fh:
@@ -77,10 +83,7 @@ def test_replacing_a_large_file_frees_the_old_content_and_keeps_the_new(tmp_path
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_keep_a_removed_checkpoint_alive(tmp_path):
     big = tmp_path / "ckpt-0000000002.pt"
-    _large_file(big)
-    with reclaim._closer._cond:
-        reclaim.remove_file(str(big))
-        assert _held_deleted(big.name)
+    with _removed_with_closer_paused(big):
         pid = os.fork()
         if pid == 0:  # the child (a DataLoader worker, say) must not hold the content for its lifetime
             os._exit(0 if _held_deleted(big.name) == [] else 1)
