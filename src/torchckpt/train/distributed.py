@@ -31,10 +31,10 @@ from ..errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheck
 from ..read.load import read_checkpoint
 from ..read import TensorMeta
 from ..storage.atomic import fsync_dir
-from .restore import _restore, _restore_rng
+from .restore import restore_object, restore_rng_state
 from .store import Entry
 from . import sidecar
-from .training import TrainingState, _json_safe, _plain_number, get_rng_state, versions
+from .training import TrainingState, get_rng_state, json_safe, plain_number, versions
 
 __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "is_dcp", "reclaim", "resume_dcp",
            "resume_one",
@@ -256,7 +256,7 @@ def remove(path: str) -> None:
 def base_meta(step: int, epoch: int | None, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     _, world = rank_and_world()
     return {"kind": "dcp", "step": step, "epoch": epoch, "world_size": world,
-            "metrics": _json_safe({k: _plain_number(v) for k, v in (metrics or {}).items()}),
+            "metrics": json_safe({k: plain_number(v) for k, v in (metrics or {}).items()}),
             "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
@@ -390,19 +390,19 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
             def restore(o: Any, s: Any, what: str = name) -> None:
-                _restore(o, s, what, path)
+                restore_object(o, s, what, path)
 
             _each_pair(obj, target[name], restore)
     mine = (target.get("ranks") or {}).get(str(source_rank)) or {}
     for name, obj in (stateful or {}).items():
-        _restore(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)
+        restore_object(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)
     if source_rank != rank and stateful:
         state.notes.append(f"rank {rank} did not exist when saving: its stateful objects took rank 0's state")
     state.extra = target.get("extra")
     state.rng = _expand_rng(mine.get("rng"))
     if restore_rng:
         if state.rng:
-            _restore_rng(state)  # all or nothing
+            restore_rng_state(state)  # all or nothing
         else:
             state.notes.append(f"no RNG state for rank {rank} in the checkpoint; randomness will differ")
     return state

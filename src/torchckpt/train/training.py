@@ -29,7 +29,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .._version import __version__
 from ..errors import CheckpointWriteError, CorruptCheckpointError
+from ..fit.align import strip_compile
 from ..storage.atomic import AtomicFiles, file_sha256
 from .. import read  # the face is lazy: the readers load when a safetensors file is first written
 from ..storage.reclaim import remove_file
@@ -79,8 +81,6 @@ def clean_state_dict(model: Any) -> dict[str, Any]:
     sd: dict[str, Any] = unwrap(model).state_dict()
     if any("_orig_mod." in k for k in sd):  # compiled sub-modules
         from collections import OrderedDict
-
-        from ..fit.align import strip_compile
 
         sd = OrderedDict((strip_compile(k), v) for k, v in sd.items())
     return sd
@@ -147,8 +147,6 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from .._version import __version__
-
     return {"torch": str(torch.__version__), "torchckpt": __version__, "python": platform.python_version(),
             "numpy": str(numpy.__version__)}
 
@@ -158,7 +156,7 @@ def capture(*, model: Any = None, optimizer: Any = None, scheduler: Any = None, 
             extra: Any = None, stateful: Mapping[str, Any] | None = None, rng: bool = True) -> dict[str, Any]:
     """The checkpoint payload as a plain dict (tensors still live where they are)."""
     payload: dict[str, Any] = {"format": FORMAT, "epoch": epoch, "step": step,
-                               "metrics": {k: _plain_number(v) for k, v in (metrics or {}).items()},
+                               "metrics": {k: plain_number(v) for k, v in (metrics or {}).items()},
                                "extra": extra, "versions": versions(),
                                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     if model is not None:
@@ -173,7 +171,7 @@ def capture(*, model: Any = None, optimizer: Any = None, scheduler: Any = None, 
     return payload
 
 
-def _plain_number(value: Any) -> Any:
+def plain_number(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         return value.item()
     return value
@@ -271,7 +269,7 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
     written = group.temps[os.path.abspath(path)]  # read back before publishing: the digest goes in the sidecar
     meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(written),
             "size": os.path.getsize(written), "epoch": payload.get("epoch"), "step": payload.get("step"),
-            "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
+            "metrics": json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
     return meta
 
@@ -291,7 +289,7 @@ def _refuse_dtype(name: str, dtype: str) -> Exception:
     return ValueError(f"weights_format='safetensors' cannot store {name} of dtype {dtype}; use weights_format='pt'")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     try:
         json.dumps(value)
         return value
