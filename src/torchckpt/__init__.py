@@ -23,9 +23,9 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .read.load import load, read_checkpoint
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
-    from .tools.dcp_convert import convert
+    from .tools.convert import convert
     from .tools.diffing import diff
-    from .tools.html_report import report
+    from .tools.report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
@@ -62,9 +62,9 @@ _LAZY = {
     "KeepEvery": ("train.checkpointer", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
-    "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
+    "convert": ("tools.convert", "convert"),  # .pt / .safetensors or a DCP directory
     "diff": ("tools.diffing", "diff"),
-    "report": ("tools.html_report", "report"),
+    "report": ("tools.report", "report"),
     "Policy": ("read", "Policy"),
     "Budget": ("read", "Budget"),
     "Stub": ("read", "Stub"),

@@ -19,14 +19,14 @@ import warnings
 from collections import Counter
 from typing import Any, Iterable
 
-from ..errors import CorruptCheckpointError
-from ..fit.tree import flatten, is_tensor_like
-from ..read.opener import open_checkpoint
-from ..read.trust import Policy, resolve_policy
-from ..read import Mode
-from .convert import ConvertReport, Materializer, Progress, float_dtype, part_to_write
-from .convert import convert as convert_file
-from .convert_io import same_bits
+from ...errors import CorruptCheckpointError
+from ...fit.tree import flatten, is_tensor_like
+from ...read.opener import open_checkpoint
+from ...read.trust import Policy, resolve_policy
+from ...read import Mode
+from .to_file import ConvertReport, Materializer, Progress, float_dtype, part_to_write
+from .to_file import convert as convert_file
+from .byte_io import same_bits
 
 __all__ = ["convert", "convert_to_dcp"]
 
@@ -37,7 +37,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             storage_options: Any = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
 
-    ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.convert`) or ``"dcp"``, a
+    ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.to_file.convert`) or ``"dcp"``, a
     torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
     """
     dst = os.fspath(dst)
