@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.remote import save
+    from .train.save import save
     from .train.training import TrainingState
 
 __all__ = [
@@ -53,7 +53,7 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
-    "save": ("train.remote", "save"),  # a local path or a URL
+    "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
