@@ -10,7 +10,7 @@ import os
 from typing import Any, Mapping
 
 from ..storage.remote import StorageOptions, is_url
-from .remote import RemoteStore
+from .fsspec_store import RemoteStore
 from .training import capture, write_payload
 
 __all__ = ["save"]
@@ -23,7 +23,7 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     """Write a training checkpoint atomically and durably; returns its sidecar (sha256, size, step ...).
 
     ``path`` is a local path or a URL (``s3://bucket/run/ckpt.pt``, ``storage_options`` for its
-    filesystem): a URL's files are uploaded whole, the sidecar last (:mod:`.remote`).
+    filesystem): a URL's files are uploaded whole, the sidecar last (:mod:`.fsspec_store`).
 
     ``model`` may be wrapped (DataParallel, DDP, torch.compile): the weights are saved with clean
     names. ``optimizer``/``scheduler`` may also be dicts or lists of them. ``stateful`` holds any other
