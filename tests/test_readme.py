@@ -192,6 +192,7 @@ def _accelerate(ns: dict, files) -> None:
     ns["opt"], ns["sched"] = accelerate_app.make_training(ns["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block(workdir, index):
     ns = namespace()
