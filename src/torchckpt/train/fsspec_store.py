@@ -28,7 +28,6 @@ from typing import Any, Iterator
 
 from ..errors import CorruptCheckpointError
 from ..storage import files
-from ..storage.atomic import write_error
 from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
@@ -126,14 +125,7 @@ class FsspecStore:
         return []
 
     def commit(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        try:
-            self.begin(path)
-        except OSError as exc:
-            raise write_error(path, exc) from None
-        try:
-            upload(path, payload, weights_format, self.options)
-        finally:
-            self.end(path)  # committed, or every file of it removed
+        store.write_marked(self, path, lambda: upload(path, payload, weights_format, self.options))
 
     # ------------------------------------------------------------------ resuming
     def resume(self, entry: store.Entry, **objects: Any) -> TrainingState:

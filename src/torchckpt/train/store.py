@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Protocol
 
 from . import sidecar
+from ..storage.atomic import write_error
 from .training import FORMAT, TrainingState
 
 __all__ = ["Store", "FileStore", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
-           "marker_path", "commit_problem", "step_of"]
+           "marker_path", "commit_problem", "step_of", "write_marked"]
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 LOCK_NAME = ".torchckpt.lock"
@@ -141,3 +142,21 @@ class FileStore(Store, Protocol):
     def commit(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
         """Write ``payload`` to ``path`` and commit it (sidecar last), marked as in progress until done."""
 
+
+class _Marks(Protocol):
+    def begin(self, path: str) -> None: ...
+
+    def end(self, path: str) -> None: ...
+
+
+def write_marked(store: _Marks, path: str, write: Callable[[], object]) -> None:
+    """``write()`` a checkpoint between its intent marker (``store.begin``) and the marker's removal
+    (``store.end``, also when the write fails: then every file of it is gone already)."""
+    try:
+        store.begin(path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        write()
+    finally:
+        store.end(path)  # committed, or every file of it removed
