@@ -240,7 +240,14 @@ class Checkpointer:
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
-        self._store.commit(path, payload, self.weights_format)
+        try:
+            self._store.begin(path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            self._store.write(path, payload, self.weights_format)
+        finally:
+            self._store.end(path)  # committed, or every file of it removed
         self._apply_retention()
 
     def _apply_retention(self) -> None:

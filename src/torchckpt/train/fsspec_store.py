@@ -124,8 +124,8 @@ class FsspecStore:
         to abort incomplete multipart uploads); staging folders of dead local writers go at each upload."""
         return []
 
-    def commit(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        store.write_marked(self, path, lambda: upload(path, payload, weights_format, self.options))
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
+        upload(path, payload, weights_format, self.options)
 
     # ------------------------------------------------------------------ resuming
     def resume(self, entry: store.Entry, **objects: Any) -> TrainingState:

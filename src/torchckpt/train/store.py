@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Protocol
 
 from . import sidecar
-from ..storage.atomic import write_error
 from .training import FORMAT, TrainingState
 
 __all__ = ["Store", "FileStore", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
-           "marker_path", "commit_problem", "step_of", "write_marked"]
+           "marker_path", "commit_problem", "step_of"]
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 LOCK_NAME = ".torchckpt.lock"
@@ -139,24 +138,13 @@ class FileStore(Store, Protocol):
     def path_for(self, step: int) -> str:
         """Where step ``step``'s checkpoint goes."""
 
-    def commit(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        """Write ``payload`` to ``path`` and commit it (sidecar last), marked as in progress until done."""
+    def begin(self, path: str) -> None:
+        """Write the intent marker of ``path`` before any of its files changes (raises OSError)."""
 
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
+        """Write ``payload`` to ``path`` and commit it (sidecar last); if anything fails, no file of it
+        stays under its final name."""
 
-class _Marks(Protocol):
-    def begin(self, path: str) -> None: ...
+    def end(self, path: str) -> None:
+        """The step begun on ``path`` is complete (committed or every file removed): drop its marker."""
 
-    def end(self, path: str) -> None: ...
-
-
-def write_marked(store: _Marks, path: str, write: Callable[[], object]) -> None:
-    """``write()`` a checkpoint between its intent marker (``store.begin``) and the marker's removal
-    (``store.end``, also when the write fails: then every file of it is gone already)."""
-    try:
-        store.begin(path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    try:
-        write()
-    finally:
-        store.end(path)  # committed, or every file of it removed
