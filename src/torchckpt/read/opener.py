@@ -22,7 +22,8 @@ from ..storage.files import list_sizes
 from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
-from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
+from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind, is_dcp_dir, read, read_dcp, \
+    read_deepspeed, read_folder
 from .sniff import TORCH_LEGACY, sniff
 from .unpickle.mode import Mode
 from .unpickle.policy import Policy
@@ -69,15 +70,20 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
                 _finish(ckpt, opts, path, sum(list_sizes(path, opts.storage_options).values()), empty)
                 yield ckpt
             return
-    elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
-        try:  # DCP, Hugging Face or accelerate folders; lazy DCP tensors open their own data files
+    elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) or deepspeed_kind(path)):
+        try:  # DCP, Hugging Face, accelerate or DeepSpeed folders; lazy DCP tensors open their own data files
             ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) \
+                else read_deepspeed(path, opts, lazy=lazy and mode is Mode.BUILD) if deepspeed_kind(path) \
                 else read_folder(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
-        with Source(b"", name=path) as empty:  # items were read inside the reader
-            _finish(ckpt, opts, path, _dir_size(path), empty)
-            yield ckpt
+        try:
+            with Source(b"", name=path) as empty:  # items were read inside the reader
+                _finish(ckpt, opts, path, _dir_size(path), empty)
+                yield ckpt
+        finally:
+            for resource in ckpt.resources:  # rank files a lazy DeepSpeed tree reads from
+                resource.close()
         return
     with Source(source, storage_options=opts.storage_options) as src:
         sniffed = sniff(src)
