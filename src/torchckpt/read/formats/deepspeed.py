@@ -36,8 +36,8 @@ from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
 
-__all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "ZeroTensor", "optimizer_state", "MODEL_FILE",
-           "OPTIM_FILE"]
+__all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state", "step_folder",
+           "MODEL_FILE", "OPTIM_FILE"]
 
 MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_FILE = re.compile(r"^(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -372,11 +372,15 @@ def _dtype_of(layout: ZeroLayout) -> str:
     return "float32"
 
 
+def step_folder(directory: str) -> tuple[str, str | None]:
+    """``(step folder, tag)``: a run folder's ``latest`` step folder, or a step folder itself (tag None)."""
+    tag = _tag(directory) if deepspeed_kind(directory) == "run" else None
+    return (os.path.join(directory, tag) if tag else directory), tag
+
+
 def read_deepspeed(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoint:
     """Read a DeepSpeed run folder (``latest``) or step folder as the consolidated fp32 state dict."""
-    kind = deepspeed_kind(directory)
-    tag = _tag(directory) if kind == "run" else None
-    step_dir = os.path.join(directory, tag) if tag else directory
+    step_dir, tag = step_folder(directory)
     layout = parse_step(step_dir, opts)
     try:
         tree = consolidate(layout, opts, lazy=lazy and not opts.meta)
@@ -393,6 +397,8 @@ def read_deepspeed(directory: str, opts: ReadOptions, lazy: bool = False) -> Che
                       details={"stage": layout.stage, "world_size": layout.world, "step": step,
                                "dtype": _dtype_of(layout), "tag": tag, "ds_version": first.get("ds_version"),
                                "step_folder": step_dir})
+    ckpt.details["metadata"] = {f"deepspeed.{k}": str(ckpt.details[k]) for k in
+                                ("stage", "world_size", "step", "dtype", "tag", "ds_version")}
     if layout.stage == 0:
         ckpt.notes.append("ZeRO stage 0: the weights are the module's, in the training dtype")
     else:
@@ -405,12 +411,13 @@ def read_deepspeed(directory: str, opts: ReadOptions, lazy: bool = False) -> Che
     return ckpt
 
 
-def optimizer_state(step_dir: str, opts: ReadOptions) -> tuple[ZeroLayout, list[dict[str, Any]], list[dict[str, Any]]]:
+def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list[dict[str, Any]], list[dict[str, Any]]]:
     """The Adam state of each trainable parameter, gathered like the weights: ``(layout, per_param, groups)``
     where ``per_param[i]`` is ``{"name", "group", "state": {"step", "exp_avg", "exp_avg_sq", ...}}`` in
     ``param_shapes`` order and ``groups`` the base optimizer's parameter groups (hyper-parameters)."""
     import torch  # lazy: only building tensors needs torch
 
+    step_dir, _ = step_folder(directory)
     layout = parse_step(step_dir, opts)
     try:
         if layout.stage == 0:
@@ -446,3 +453,19 @@ def _slot(state: Any, group: int, slot: str, size: int, file: str) -> Any:
         raise CorruptCheckpointError(f"{file}: optimizer state {slot!r} of group {group} is missing or shorter "
                                      f"than its fp32 partition ({size})")
     return value[:size]
+
+
+def rank_file_note(path: str) -> dict[str, str] | None:
+    """For one rank file of a DeepSpeed folder: ``{"kind", "folder", "note"}`` saying where its weights live."""
+    kind = rank_file_kind(path)
+    if kind is None:
+        return None
+    step_dir = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(step_dir)
+    folder = parent if os.path.isfile(os.path.join(parent, "latest")) else step_dir
+    stage3 = os.path.basename(path).startswith("zero_pp_rank_") and kind == "model"
+    what = ("one rank's ZeRO-3 model states (its parameters are empty)" if stage3 else
+            "one rank's slice of the ZeRO optimizer state" if kind == "optimizer" else
+            "DeepSpeed's model states (the module in its training dtype)")
+    return {"kind": "partial" if stage3 or kind == "optimizer" else kind, "folder": folder,
+            "note": f"this file is {what}; the consolidated fp32 weights live in the DeepSpeed folder: load {folder}"}
