@@ -31,7 +31,7 @@ from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointErr
 from ...storage.source import Source, confined_path
 from ..devices import Relocator
 from ..sniff import sniff
-from ..unpickle.meta import TensorMeta, dtype_name, meta_dtype
+from ..unpickle.meta import MetaStorage, TensorMeta, dtype_name, meta_dtype
 from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
@@ -206,7 +206,8 @@ class ZeroTensor(TensorMeta):
     __slots__ = ("plan", "slices", "ranks", "names")
 
     def __init__(self, plan: ParamPlan, slices: list[list[Any]], ranks: _Ranks, names: list[str]) -> None:
-        super().__init__(plan.shape, _stride(plan.shape), meta_dtype("float32"))
+        fp32 = meta_dtype("float32")  # its own storage: tensors are told apart (and tied ones found) by storage
+        super().__init__(plan.shape, _stride(plan.shape), fp32, storage=MetaStorage(fp32, plan.numel * fp32.itemsize))
         self.plan, self.slices, self.ranks, self.names = plan, slices, ranks, names
 
     def materialize(self, source: Any = None) -> Any:
@@ -316,7 +317,7 @@ def _fp32(t: Any) -> Any:
         return TensorMeta(t.shape, t.stride, meta_dtype("float32")) if _floating(t) else t
     import torch  # lazy: only building tensors needs torch
 
-    return t.to(torch.float32, copy=True) if _floating(t) else t.clone()
+    return t.detach().to(torch.float32, copy=True) if _floating(t) else t.detach().clone()
 
 
 def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "OrderedDict[str, Any]":
@@ -330,7 +331,7 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
     if layout.stage == 0:  # no partitions: the module holds the weights in their training dtype
         for name, value in module.items():
             if name not in out:
-                out[name] = value if opts.meta else value.clone()
+                out[name] = value if opts.meta else value.detach().clone()
         return out
     frozen = first.get("frozen_param_shapes") or {}
     for name, shape in frozen.items():
@@ -358,8 +359,8 @@ def _frozen(frags: list[Any], shape: tuple[int, ...], stage: int, opts: ReadOpti
     import torch  # lazy: only building tensors needs torch
 
     if stage < 3:
-        return frags[0].clone()
-    return torch.cat([f.reshape(-1) for f in frags]).narrow(0, 0, _prod(shape)).view(shape).clone()
+        return frags[0].detach().clone()
+    return torch.cat([f.detach().reshape(-1) for f in frags]).narrow(0, 0, _prod(shape)).view(shape).clone()
 
 
 def _dtype_of(layout: ZeroLayout) -> str:
@@ -440,7 +441,7 @@ def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list
                                      lambda r, view: layout.ranks.release(layout.optim_names[r], view))
             for name, value in (states[0].get(plan.group) or {}).items():
                 if name not in state:  # the scalar 'step' (one per group in ZeRO)
-                    state[name] = value.clone() if hasattr(value, "clone") else value
+                    state[name] = value.detach().clone() if hasattr(value, "clone") else value
             per_param.append({"name": plan.name, "group": plan.group, "state": state})
         return layout, per_param, list(groups)
     finally:
@@ -452,7 +453,7 @@ def _slot(state: Any, group: int, slot: str, size: int, file: str) -> Any:
     if value is None or not hasattr(value, "numel") or value.numel() < size:
         raise CorruptCheckpointError(f"{file}: optimizer state {slot!r} of group {group} is missing or shorter "
                                      f"than its fp32 partition ({size})")
-    return value[:size]
+    return value.detach()[:size]
 
 
 def rank_file_note(path: str) -> dict[str, str] | None:

@@ -139,7 +139,7 @@ def gather(plan: ParamPlan, slices: Callable[[int, int], Any], dtype: Any,
         if p.start + p.length > part.numel():
             raise CorruptCheckpointError(f"ZeRO partition of rank {p.rank}, group {p.group} has {part.numel()} "
                                          f"elements; {plan.name} needs up to {p.start + p.length}")
-        view = part[p.start:p.start + p.length]
+        view = part.detach()[p.start:p.start + p.length]
         out[p.out:p.out + p.length].copy_(view)
         if release is not None:
             release(p.rank, view)
