@@ -42,8 +42,11 @@ class TiedNet(torch.nn.Module):
         return self.head(self.norm(self.body(h)) * self.scale.to(h.dtype) + self.frozen(h))
 
 
-def make_model() -> TiedNet:
+def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
+    big = int(os.environ.get("DS_APP_BIG_MIB", "0"))  # bench/bench_deepspeed.py: layers of 4 MiB instead
+    if big:
+        return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(max(1, big // 4))])
     return TiedNet()
 
 
@@ -59,10 +62,14 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def batch(step: int, rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + rank)
+    if os.environ.get("DS_APP_BIG_MIB"):
+        return torch.randn(MICRO_BATCH, 1024, generator=g)
     return torch.randint(0, VOCAB, (MICRO_BATCH, 5), generator=g)
 
 
 def loss_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if os.environ.get("DS_APP_BIG_MIB"):
+        return out.float().pow(2).mean()
     return torch.nn.functional.cross_entropy(out.float().reshape(-1, VOCAB), x.roll(1, 1).reshape(-1))
 
 
