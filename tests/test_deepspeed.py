@@ -181,5 +181,5 @@ def test_broken_folders_are_diagnosed(ds_runs: str, tmp_path) -> None:
     other = tmp_path / "other"
     (other / "sub").mkdir(parents=True)
     (other / "notes.txt").write_text("hello")
-    with pytest.raises(UnsupportedFormatError, match="no checkpoint layout torchckpt knows: 1 files and 1 folders"):
+    with pytest.raises(UnsupportedFormatError, match="checkpoint folder torchckpt knows: 1 files and 1 folders"):
         torchckpt.load(str(other))

@@ -17,7 +17,7 @@ import contextlib
 import os
 from typing import Any, Iterator, Mapping
 
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
+from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from ..storage.files import list_sizes
 from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
@@ -131,15 +131,17 @@ def _unrecognised_folder(path: str) -> CheckpointError:
             if sniff(src).kind == "git-lfs":
                 pointers.append(e.name)
     shown = ", ".join(_printable(n) for n in [e.name for e in files][:8] + folders[:4])
-    reason = (f"this folder is no checkpoint layout torchckpt knows: {len(files)} files and {len(folders)} folders"
+    reason = (f"this is a directory, not a checkpoint file nor a checkpoint folder torchckpt knows: {len(files)} files "
+              f"and {len(folders)} folders"
               f"{' (' + shown + (' ...' if len(files) > 8 or len(folders) > 4 else '') + ')' if shown else ''}")
     if pointers:
         reason += f"; {len(pointers)} of its files are git-lfs pointers ({', '.join(map(_printable, pointers[:4]))})"
-    return UnsupportedFormatError(reason, path=path, hint=(
+    return NotACheckpointError(reason, path=path, hint=(
         "Run `git lfs pull` for the pointers. " if pointers else "") + (
         "Known folders have: .metadata (torch.distributed.checkpoint), config.json with model.safetensors / "
         "pytorch_model.bin (Hugging Face), optimizer.bin or random_states_0.pkl (accelerate), latest or "
-        "*_model_states.pt (DeepSpeed). Otherwise pass one checkpoint file inside it."))
+        "*_model_states.pt (DeepSpeed). Otherwise pass one checkpoint file inside it, or use "
+        "torchckpt.Checkpointer(dir) for a directory of training checkpoints."))
 
 
 def _printable(name: str) -> str:
