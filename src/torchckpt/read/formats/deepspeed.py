@@ -25,7 +25,7 @@ import dataclasses
 import os
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
 from ...storage.source import Source, confined_path
@@ -157,8 +157,8 @@ def _get(mapping: Any, key: str, what: str, file: str) -> Any:
 
 def _stage_of(value: Any) -> int:
     if isinstance(value, Stub):  # deepspeed.runtime.zero.config.ZeroStageEnum(2)
-        args = value.__dict__.get("stub_args") or ()
-        value = args[0] if len(args) == 1 else None
+        args: Any = value.__dict__.get("stub_args") or ()
+        value = args[0] if isinstance(args, tuple) and len(args) == 1 else None
     if type(value) is not int or not 0 <= value <= 3:
         raise CorruptCheckpointError(f"ZeRO stage {value!r:.40} is not 0-3")
     return value
@@ -175,7 +175,8 @@ class _Ranks:
     """The open rank files of one step folder: their trees (tensors map the files) and their Sources."""
 
     def __init__(self, step_dir: str, opts: ReadOptions) -> None:
-        self.step_dir, self.opts, self.sources = step_dir, opts, {}  # type: dict[str, Source]
+        self.step_dir, self.opts = step_dir, opts
+        self.sources: dict[str, Source] = {}
         self.globals: list[Any] = []
         self.notes: list[str] = []
 
@@ -437,7 +438,7 @@ def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list
             for slot in slot_names:
                 slices = [[_slot(states[r], g, slot, sizes[r][g], layout.optim_names[r]) for g in range(len(sizes[r]))]
                           for r in range(layout.world)]
-                state[slot] = gather(plan, lambda r, g, s=slices: s[r][g], torch.float32,
+                state[slot] = gather(plan, _indexer(slices), torch.float32,
                                      lambda r, view: layout.ranks.release(layout.optim_names[r], view))
             for name, value in (states[0].get(plan.group) or {}).items():
                 if name not in state:  # the scalar 'step' (one per group in ZeRO)
@@ -446,6 +447,10 @@ def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list
         return layout, per_param, list(groups)
     finally:
         layout.ranks.close()
+
+
+def _indexer(slices: list[list[Any]]) -> Callable[[int, int], Any]:
+    return lambda rank, group: slices[rank][group]
 
 
 def _slot(state: Any, group: int, slot: str, size: int, file: str) -> Any:
