@@ -120,8 +120,7 @@ def test_resume_plain_model_and_optimizer(ds_runs: str) -> None:
         models = z.parse_model_states(z.get_model_state_files(step_dir))
         for slot in ("exp_avg", "exp_avg_sq"):
             if config.startswith("3"):
-                groups = [[b["optimizer_state_dict"]["state"][g][slot] for g in sorted(b["optimizer_state_dict"]["state"])]
-                          for b in raw]
+                groups = [[s[g][slot] for g in sorted(s)] for s in (b["optimizer_state_dict"]["state"] for b in raw)]
                 moments = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(2, groups, models, True))
             else:
                 groups = [[b["base_optimizer_state"]["state"][g][slot][:len(p)]

@@ -181,7 +181,8 @@ def _walk(top: str) -> list[tuple[str, bool]]:
 
 def _checkpoint_dir(path: str) -> bool:
     """A directory the opener reads as one checkpoint."""
-    return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None or deepspeed_kind(path) is not None)
+    return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None
+                                    or deepspeed_kind(path) is not None)
 
 
 def _scan_dir(directory: str, strict: bool, policy: Policy) -> list[FileScan]:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..errors import ResumeError
 from ..read import read_zero_optimizer
-from .restore import _restore
+from .restore import restore_object
 from .training import TrainingState
 
 __all__ = ["resume_deepspeed"]
@@ -23,7 +23,7 @@ def resume_deepspeed(path: str, *, model: Any, optimizer: Any = None, scheduler:
                      stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
                      strict: bool = True) -> TrainingState:
     """Restore a DeepSpeed run folder (``latest``) or step folder into a plain model and optimizer."""
-    from ..fit.load_into import load_into
+    from ..fit.load_into import load_into  # start-up cost: the readers load on resume, not with torchckpt.save
 
     path = os.fspath(path)
     report = load_into(model, path, strict=strict)
@@ -31,11 +31,11 @@ def resume_deepspeed(path: str, *, model: Any, optimizer: Any = None, scheduler:
     if optimizer is not None:
         details, per_param, groups = read_zero_optimizer(path)
         state.step = details.get("step")
-        _restore(optimizer, plain_optimizer_state(optimizer, model, per_param, groups, path), "optimizer", path)
+        restore_object(optimizer, plain_optimizer_state(optimizer, model, per_param, groups, path), "optimizer", path)
         state.notes.append(f"optimizer state gathered from the {details['world_size']} ranks' ZeRO-{details['stage']} "
                            "partitions")
         if scheduler is not None:
-            _restore(scheduler, details.get("lr_scheduler"), "scheduler", path)
+            restore_object(scheduler, details.get("lr_scheduler"), "scheduler", path)
     elif scheduler is not None:
         raise ResumeError("restoring a scheduler needs the optimizer too", path=path,
                           hint="Pass optimizer=... as well.")

@@ -36,7 +36,8 @@ from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
 
-__all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state", "step_folder",
+__all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state",
+           "step_folder",
            "MODEL_FILE", "OPTIM_FILE"]
 
 MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -429,7 +430,8 @@ def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list
         bases = [_get(o, key, "the base optimizer's state", layout.optim_names[r]) for r, o in enumerate(layout.optim)]
         groups = _get(bases[0], "param_groups", "parameter groups", layout.optim_names[0])
         partition_key = "fp32_flat_groups" if layout.stage == 3 else "single_partition_of_fp32_groups"
-        sizes = [[_numel(t, layout.optim_names[r]) for t in parts] for r, parts in enumerate(layout.slices(partition_key))]
+        sizes = [[_numel(t, layout.optim_names[r]) for t in parts]
+                 for r, parts in enumerate(layout.slices(partition_key))]
         states = [_get(b, "state", "optimizer state", layout.optim_names[r]) for r, b in enumerate(bases)]
         slot_names = sorted(k for k, v in (states[0].get(0) or {}).items() if hasattr(v, "shape") and len(v.shape) == 1)
         per_param = []
