@@ -22,6 +22,7 @@ from ..read.formats.lua_t7 import T7Object, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
 from ..read.unpickle.stubs import Stub, stub_name
 from .align import align_keys
+from .quantized import quantized_entries, tuple_state_module
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
            "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
@@ -41,7 +42,7 @@ def is_module_like(obj: Any) -> bool:
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            _torchscript_stub(obj)
+            _torchscript_stub(obj) or tuple_state_module(obj)
     torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
 
@@ -160,6 +161,8 @@ def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int]
     for name, b in buffers.items():
         if b is not None and name not in non_persistent:
             out[prefix + name] = _tensor_of(b, prefix + name, module)
+    for name, value in quantized_entries(module, buffers):
+        out[prefix + name] = value
     for name, child in (attrs.get("_modules") or {}).items():
         if isinstance(child, Stub):
             _stub_state(child, f"{prefix}{name}.", out, active, depth + 1)
@@ -182,6 +185,8 @@ def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: s
         value = attrs.get(name)
         if value is not None and is_tensor_like(value):
             out[prefix + name] = _detach(value)
+    for name, value in quantized_entries(module, names):
+        out[prefix + name] = value
     for name, value in attrs.items():
         if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)

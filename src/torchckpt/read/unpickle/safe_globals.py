@@ -24,6 +24,8 @@ from .meta import DTYPE_SIZES, MetaStorage, TensorMeta, _const, check_int, meta_
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
+from .quantized import (PACKED_CLASSES, finish_script_object, meta_rebuild_qtensor, packed_object, rebuild_qtensor,
+                        script_object)
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
 from .torch_rebuild import (_Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
@@ -201,7 +203,10 @@ FACTORIES: dict[str, Callable[[], Any]] = {
                                               _plain(rebuild_device_tensor_from_numpy)),
     "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
                                             _plain(rebuild_meta_tensor_no_storage)),
-    "rebuild_qtensor": lambda: stub_class("torch._utils", "_rebuild_qtensor"),
+    "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _plain(rebuild_qtensor)),
+    "script_object": _safe("torch.ScriptObject", script_object, newobj=True, finish=finish_script_object),
+    **{"packed_" + n: _safe("__torch__.torch.classes.quantized." + n, packed_object(kind), newobj=True,
+                            finish=finish_script_object) for n, kind in PACKED_CLASSES.items()},
     "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", _from_type),
     "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", _from_type),
     "get_layout": _safe("torch.serialization._get_layout", _plain(get_layout)),
@@ -282,6 +287,7 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
         "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
         "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
         "get_layout": _safe("torch.serialization._get_layout", _like(get_layout, meta.layout_name)),
+        "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _like(rebuild_qtensor, meta_rebuild_qtensor)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
         "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
