@@ -75,7 +75,8 @@ _STDLIB_MODULES = frozenset(getattr(sys, "stdlib_module_names", ()))
 _BLOCK_EXEMPT = frozenset({
     ("torch.serialization", "_get_layout"),
     *(("torch.jit._pickle", n) for n in ("build_intlist", "build_tensorlist", "build_doublelist",
-                                         "build_boollist", "restore_type_tag")),
+                                         "build_boollist", "restore_type_tag", "build_tensor_from_id",
+                                         "build_class")),
     ("types", "SimpleNamespace"),
     ("codecs", "encode"),
     ("uuid", "UUID"), ("uuid", "SafeUUID"),
@@ -147,6 +148,8 @@ _TORCH_REBUILDERS = {
     **{("torch.jit._pickle", n): "jit_list" for n in ("build_intlist", "build_tensorlist", "build_doublelist",
                                                        "build_boollist")},
     ("torch.jit._pickle", "restore_type_tag"): "jit_type_tag",
+    ("torch.jit._pickle", "build_tensor_from_id"): "jit_tensor_from_id",  # model.json's tensor table (torch < 1.2)
+    ("torch.jit._pickle", "build_class"): "jit_build_class",  # an object of a TorchScript class: a stub
     ("torch", "ScriptObject"): "script_object",  # a TorchScript custom-class object in a whole-model pickle
     **{("__torch__.torch.classes.quantized", n): "packed_" + n for n in (
         "LinearPackedParamsBase", "Conv1dPackedParamsBase", "Conv2dPackedParamsBase", "Conv3dPackedParamsBase")},

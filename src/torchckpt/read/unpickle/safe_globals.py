@@ -150,6 +150,24 @@ def _jit_list(u: Any, items: Any) -> list[Any]:
     return list(items)
 
 
+def _jit_tensor_from_id(u: Any, tensor_id: Any) -> Any:
+    """``torch.jit._pickle.build_tensor_from_id(n)``: tensor ``n`` of the archive's table (TorchScript < 1.2)."""
+    if u.tensor_table is None:
+        raise _bad("build_tensor_from_id outside a TorchScript archive of torch < 1.2 (there is no tensor table)")
+    return u.tensor_table(check_int(tensor_id, "tensor id"))
+
+
+def _jit_build_class(u: Any, qualname: Any, state: Any) -> Any:
+    """``torch.jit._pickle.build_class(qualname, state)``: an inert stub of that TorchScript class with its state
+    (torch's own helper imports the class and runs its ``__setstate__``; nothing here does)."""
+    if not isinstance(qualname, str) or not 0 < len(qualname) <= 512:
+        raise _bad(f"build_class of a {type(qualname).__name__} qualified name")
+    module, _, name = qualname.rpartition(".")
+    obj = stub_class(module, name)()
+    obj.__setstate__(state)
+    return obj
+
+
 def _from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
     if not isinstance(args, tuple):
         raise _bad("tensor subclass arguments must be a tuple")
@@ -219,6 +237,8 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
                            target=torch_version),
     "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
+    "jit_tensor_from_id": _safe("torch.jit._pickle.build_tensor_from_id", _jit_tensor_from_id),
+    "jit_build_class": _safe("torch.jit._pickle.build_class", _jit_build_class),
     "jit_type_tag": _safe("torch.jit._pickle.restore_type_tag", lambda u, value, type_str=None: value),
     "np_reconstruct": _safe("numpy.core.multiarray._reconstruct", np_reconstruct, finish=finish_array),
     "np_scalar": _safe("numpy.core.multiarray.scalar", np_scalar),
