@@ -230,6 +230,9 @@ def children_of(value: Any) -> list[tuple[Any, Any]] | None:
         return out + list(enumerate(value.stub_list or []))
     if hasattr(value, "__dict__") and type(value).__module__ in ("argparse", "types"):
         return list(vars(value).items())
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None and value.dtype.kind == "O" \
+            and hasattr(value, "reshape"):
+        return list(enumerate(value.reshape(-1)))  # an object array: its items (a list of weight arrays)
     return None
 
 
