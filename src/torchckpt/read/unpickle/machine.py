@@ -24,6 +24,7 @@ from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededErro
     UnsafeCheckpointError
 from . import safe_globals
 from .budget import Meter
+from .functions import FunctionRef
 from .keys import KeyGuard, graph_depth
 from .meta import MetaStorage, TensorMeta
 from .opcodes import DISPATCH
@@ -363,6 +364,8 @@ class Unpickler:
             raise self._error(f"the pickle calls {func!r}, an inert stand-in, not a function", offset)
         if isinstance(func, _Marker):
             return func(*args)
+        if isinstance(func, FunctionRef):  # a torch function called by the pickle: recorded, as for any stub
+            return stub_class(func.module, func.name)(*args, **(kwargs or {}))
         if self.trusted_class(func) or (self.policy.trust and self.mode is not Mode.RECORD and callable(func)
                                         and not isinstance(func, (MetaStorage, TensorMeta))):
             return func(*args, **kwargs) if kwargs else func(*args)

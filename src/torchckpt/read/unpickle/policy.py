@@ -79,6 +79,7 @@ _BLOCK_EXEMPT = frozenset({
                                          "build_class")),
     ("types", "SimpleNamespace"),
     ("codecs", "encode"),
+    ("builtins", "getattr"),  # only as getattr(torch._C._VariableFunctionsClass, <function>): see functions.py
     ("uuid", "UUID"), ("uuid", "SafeUUID"),
     ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"), ("numpy", "memmap"),
 })
@@ -150,7 +151,8 @@ _TORCH_REBUILDERS = {
     ("torch.jit._pickle", "restore_type_tag"): "jit_type_tag",
     ("torch.jit._pickle", "build_tensor_from_id"): "jit_tensor_from_id",  # model.json's tensor table (torch < 1.2)
     ("torch.jit._pickle", "build_class"): "jit_build_class",  # an object of a TorchScript class: a stub
-    ("torch", "ScriptObject"): "script_object",  # a TorchScript custom-class object in a whole-model pickle
+    ("torch", "ScriptObject"): "script_object",
+    ("builtins", "getattr"): "builtin_getattr",  # a TorchScript custom-class object in a whole-model pickle
     **{("__torch__.torch.classes.quantized", n): "packed_" + n for n in (
         "LinearPackedParamsBase", "Conv1dPackedParamsBase", "Conv2dPackedParamsBase", "Conv3dPackedParamsBase")},
 }

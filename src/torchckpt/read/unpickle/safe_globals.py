@@ -24,6 +24,7 @@ from .meta import DTYPE_SIZES, MetaStorage, TensorMeta, _const, check_int, meta_
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
+from .functions import safe_getattr, torch_function_ref
 from .quantized import (PACKED_CLASSES, finish_script_object, meta_rebuild_qtensor, packed_object, rebuild_qtensor,
                         script_object)
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
@@ -237,6 +238,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
                            target=torch_version),
     "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
+    "builtin_getattr": _safe("builtins.getattr", safe_getattr),
     "jit_tensor_from_id": _safe("torch.jit._pickle.build_tensor_from_id", _jit_tensor_from_id),
     "jit_build_class": _safe("torch.jit._pickle.build_class", _jit_build_class),
     "jit_type_tag": _safe("torch.jit._pickle.restore_type_tag", lambda u, value, type_str=None: value),
@@ -346,6 +348,10 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
             return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
             return _Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+    if verdict is Verdict.UNKNOWN and not (mode is not Mode.RECORD and policy.imports_real(module, name)):
+        ref = torch_function_ref(cmod, cname)  # torch.sigmoid, F.relu stored as an activation: a reference
+        if ref is not None:
+            return ref
     if mode is not Mode.RECORD and policy.imports_real(module, name):
         try:
             obj: Any = importlib.import_module(cmod)
