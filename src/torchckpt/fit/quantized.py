@@ -14,10 +14,8 @@ import math
 import sys
 from typing import Any
 
+from ..read import PackedParams, Stub, meta_dtype, stub_name
 from ..read.tensors import TensorMeta, is_tensor_like
-from ..read.unpickle.meta import meta_dtype
-from ..read.unpickle.quantized import PackedParams
-from ..read.unpickle.stubs import Stub, stub_name
 
 __all__ = ["is_quantized_module", "quantized_entries"]
 

@@ -33,7 +33,7 @@ from .policy import Policy, Verdict
 from .py2 import Py2Bytes
 from .safe_globals import SafeCallable, StorageType
 from .stubs import Stub, stub_class
-from .torch_rebuild import _Marker
+from .torch_rebuild import Marker
 
 __all__ = ["Unpickler", "GlobalRef", "MISSING"]
 
@@ -66,7 +66,7 @@ class _Missing:
 
 MISSING = _Missing()
 _S_I_U = struct.Struct("<I")
-_LEAVES = (TensorMeta, MetaStorage, StorageType, SafeCallable, _Marker)
+_LEAVES = (TensorMeta, MetaStorage, StorageType, SafeCallable, Marker)
 
 
 class Unpickler:
@@ -362,7 +362,7 @@ class Unpickler:
             return func(*args, **kwargs) if kwargs else func(*args)
         if isinstance(func, Stub):
             raise self._error(f"the pickle calls {func!r}, an inert stand-in, not a function", offset)
-        if isinstance(func, _Marker):
+        if isinstance(func, Marker):
             return func(*args)
         if isinstance(func, FunctionRef):  # a torch function called by the pickle: recorded, as for any stub
             return stub_class(func.module, func.name)(*args, **(kwargs or {}))

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsafeCheckpointError
+from .keys import graph_depth
 from .meta import check_int
 from .stubs import Stub
 
@@ -205,8 +206,6 @@ def finish_array(u: Any, old: Any, state: Any) -> Any:
 
 def _object_array(u: Any, old: Any, shape: tuple[int, ...], fortran: bool, items: list[Any]) -> Any:
     """An object array from the items its pickle holds (numpy pickles ``arr.tolist()``-like flat items)."""
-    from .keys import graph_depth
-
     np = _np()
     if len(items) != math.prod(shape):
         raise _bad(f"numpy object array of shape {list(shape)} with {len(items)} items")

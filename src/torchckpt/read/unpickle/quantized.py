@@ -24,6 +24,7 @@ from typing import Any
 from ...errors import CorruptCheckpointError
 from .meta import MetaStorage, TensorMeta, check_int, check_view, dtype_name
 from .stubs import Stub, stub_class
+from .torch_rebuild import check_storage_view
 
 __all__ = ["PackedParams", "QSCHEMES", "QUANTIZED_DTYPES", "rebuild_qtensor", "meta_rebuild_qtensor",
            "PACKED_CLASSES", "script_object", "packed_object", "finish_script_object"]
@@ -157,12 +158,10 @@ def _qdtype(storage: Any) -> str:
 def rebuild_qtensor(storage: Any, storage_offset: Any, size: Any, stride: Any, quantizer_params: Any,
                     requires_grad: Any = False, backward_hooks: Any = None) -> Any:
     """``torch._utils._rebuild_qtensor``: a quantized tensor viewing ``storage``, every argument checked first."""
-    import torch
-
-    from .torch_rebuild import _check_view
+    import torch  # lazy: structure-only reads never import torch
 
     dtype = _qdtype(storage)
-    offset, size, stride = _check_view(storage, storage_offset, size, stride, 1)
+    offset, size, stride = check_storage_view(storage, storage_offset, size, stride, 1)
     _check_layout(size, stride)
     scheme, scale, zero_point, axis = check_quantizer(quantizer_params, size, dtype)
     zeros = [0] * len(size)  # allocate nothing: the view below is the tensor
