@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .unpickle.machine import GlobalRef
     from .unpickle.mode import Mode
     from .unpickle.policy import Policy, Verdict
+    from .unpickle.functions import FunctionRef
+    from .unpickle.meta import meta_dtype
+    from .unpickle.quantized import PackedParams
     from .unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     # values in a loaded tree
     "TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release",
     "Stub", "stub_name", "stub_to_plain", "is_stub_class", "T7Object", "LuaFunction", "t7_state_dict",
+    "PackedParams", "FunctionRef", "meta_dtype",
     # formats the layers above must recognise or write
     "is_dcp_dir", "folder_kind", "is_accelerate_folder", "SAFETENSORS_DTYPES", "safetensors_header", "write_safetensors",
     "tensor_bytes", "deepspeed_kind", "rank_file_kind", "read_zero_optimizer",
@@ -55,6 +59,7 @@ _WHERE = {
     "to_torch": "tensors", "release": "tensors",
     "Stub": "unpickle.stubs", "stub_name": "unpickle.stubs", "stub_to_plain": "unpickle.stubs",
     "is_stub_class": "unpickle.stubs",
+    "PackedParams": "unpickle.quantized", "FunctionRef": "unpickle.functions", "meta_dtype": "unpickle.meta",
     "T7Object": "formats.lua_t7", "LuaFunction": "formats.lua_t7", "t7_state_dict": "formats.lua_t7",
     "is_dcp_dir": "formats", "folder_kind": "formats", "is_accelerate_folder": "formats.folders",
     "SAFETENSORS_DTYPES": "formats.simple", "safetensors_header": "formats.simple",

@@ -26,7 +26,7 @@ from ..storage.atomic import clean_temp_files, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, store
-from .remote import RemoteStore, resume_url
+from .fsspec_store import RemoteStore, resume_url
 from .restore import resume_file
 from .snapshot import cpu_snapshot
 from .training import TrainingState, capture, verify, write_payload
@@ -106,7 +106,7 @@ class Checkpointer:
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
         storage_options: options for the fsspec filesystem when ``directory`` is a URL
-            (``s3://bucket/run``): uploads are published whole, the sidecar last (see :mod:`.remote`).
+            (``s3://bucket/run``): uploads are published whole, the sidecar last (see :mod:`.fsspec_store`).
 
     The first ``save`` takes the directory's writer lock and holds it until :meth:`close` (or the
     process ends); listing and resuming need no lock.
