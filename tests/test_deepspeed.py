@@ -182,3 +182,30 @@ def test_broken_folders_are_diagnosed(ds_runs: str, tmp_path) -> None:
     (other / "notes.txt").write_text("hello")
     with pytest.raises(UnsupportedFormatError, match="checkpoint folder torchckpt knows: 1 files and 1 folders"):
         torchckpt.load(str(other))
+
+
+def _resume_and_continue(rank: int, world: int, folder: str) -> dict:
+    model = app.make_model()
+    opt = app.make_optimizer(model)
+    torchckpt.resume(folder, model=model, optimizer=opt)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # averages the ranks' gradients, as DeepSpeed does
+    saved = torch.load(os.path.join(folder, "batches.pt"))
+    for k in range(CONTINUED):
+        opt.zero_grad()
+        x = saved["batches"][k][rank]
+        app.loss_of(ddp(x), x).backward()
+        opt.step()
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}  # numpy: tensors would go by shared memory
+
+
+def test_resume_on_two_processes(ds_runs: str) -> None:
+    """Two plain DDP processes resume the 2-rank ZeRO-3 run and follow DeepSpeed's continued run."""
+    from dist_launch import launch
+
+    folder = os.path.join(ds_runs, "3-fp32")
+    results = launch(_resume_and_continue, 2, folder, timeout=120)
+    after = oracle(folder + "-after")
+    for k, v in results[0].items():
+        v = torch.from_numpy(v)
+        assert torch.equal(v, torch.from_numpy(results[1][k])), k
+        torch.testing.assert_close(v, after[k].to(v.dtype), rtol=2e-7, atol=2e-9, msg=k)
