@@ -209,3 +209,21 @@ def test_resume_on_two_processes(ds_runs: str) -> None:
         v = torch.from_numpy(v)
         assert torch.equal(v, torch.from_numpy(results[1][k])), k
         torch.testing.assert_close(v, after[k].to(v.dtype), rtol=2e-7, atol=2e-9, msg=k)
+
+
+@pytest.mark.parametrize("config", ["2-fp32", "3-fp32"])
+def test_universal_checkpoint_folder(ds_runs: str, config: str, tmp_path) -> None:
+    """DeepSpeed's ds_to_universal output reads as the same fp32 state dict as the ZeRO folder it came from."""
+    universal = str(tmp_path / "global_step3_universal")
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           os.path.join(ds_runs, config, "global_step3"), "--output_folder", universal,
+                           "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, info = torchckpt.load(universal, return_info=True)
+    ref = oracle(os.path.join(ds_runs, config))
+    assert info.format == "deepspeed-universal" and sorted(ours) == sorted(ref)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    assert ours["head.weight"] is ours["emb.weight"]
+    assert "deepspeed-universal" in str(torchckpt.scan(universal))

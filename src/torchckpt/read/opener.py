@@ -23,7 +23,7 @@ from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
 from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind, is_dcp_dir, read, read_dcp, \
-    read_deepspeed, read_folder
+    read_deepspeed, read_folder, read_universal
 from .formats.deepspeed import rank_file_note
 from .sniff import TORCH_LEGACY, sniff
 from .unpickle.mode import Mode
@@ -74,6 +74,7 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
     elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) or deepspeed_kind(path)):
         try:  # DCP, Hugging Face, accelerate or DeepSpeed folders; lazy DCP tensors open their own data files
             ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) \
+                else read_universal(path, opts) if deepspeed_kind(path) == "universal" \
                 else read_deepspeed(path, opts, lazy=lazy and mode is Mode.BUILD) if deepspeed_kind(path) \
                 else read_folder(path, opts)
         except CheckpointError as exc:

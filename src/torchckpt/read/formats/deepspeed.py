@@ -37,7 +37,7 @@ from .base import Checkpoint, ReadOptions
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
 
 __all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state",
-           "step_folder",
+           "step_folder", "buffer_fp32", "frozen_param", "shape_of"
            "MODEL_FILE", "OPTIM_FILE"]
 
 MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -60,8 +60,11 @@ def _listing(path: str) -> list[str]:
 
 
 def deepspeed_kind(path: str) -> str | None:
-    """``"run"`` (``latest`` or ``global_step*`` folders with rank files), ``"step"`` (rank files) or None."""
+    """``"run"`` (``latest`` or ``global_step*`` folders with rank files), ``"step"`` (rank files),
+    ``"universal"`` (``zero/`` beside model states: ``ds_to_universal``'s output) or None."""
     names = _listing(path)
+    if "zero" in names and os.path.isdir(os.path.join(path, "zero")) and any(MODEL_FILE.match(n) for n in names):
+        return "universal"
     if any(rank_file_kind(n) for n in names):
         return "step"
     if "latest" in names and os.path.isfile(os.path.join(path, "latest")):
@@ -165,7 +168,7 @@ def _stage_of(value: Any) -> int:
     return value
 
 
-def _shape(value: Any, what: str) -> tuple[int, ...]:
+def shape_of(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(type(v) is int and 0 <= v < 1 << 48
                                                                           for v in value):
         raise CorruptCheckpointError(f"{what}: shape {value!r:.80} is not a list of sizes")
@@ -288,7 +291,7 @@ def parse_step(step_dir: str, opts: ReadOptions) -> ZeroLayout:
     if stage == 3 and len(model_states) != world:
         raise CorruptCheckpointError(f"{len(model_states)} model-state files but {world} optimizer partitions",
                                      path=step_dir)
-    shapes = [OrderedDict((str(k), _shape(v, f"param_shapes[{k!r:.60}]")) for k, v in g.items())
+    shapes = [OrderedDict((str(k), shape_of(v, f"param_shapes[{k!r:.60}]")) for k, v in g.items())
               for g in _get(first, "param_shapes", "parameter shapes", files.model[0]) or []]
     plans: list[ParamPlan] = []
     if optim:
@@ -313,7 +316,7 @@ def _floating(t: Any) -> bool:
         else bool(t.is_floating_point())
 
 
-def _fp32(t: Any) -> Any:
+def buffer_fp32(t: Any) -> Any:
     """A buffer as zero_to_fp32 returns it: floating ones in fp32; a new tensor, never a view of the file."""
     if isinstance(t, TensorMeta):
         return TensorMeta(t.shape, t.stride, meta_dtype("float32")) if _floating(t) else t
@@ -329,7 +332,7 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
     out: OrderedDict[str, Any] = OrderedDict()
     for name in first.get("buffer_names") or []:
         if name in module:
-            out[name] = _fp32(module[name])
+            out[name] = buffer_fp32(module[name])
     if layout.stage == 0:  # no partitions: the module holds the weights in their training dtype
         for name, value in module.items():
             if name not in out:
@@ -340,7 +343,7 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
         frags = [ms.get("frozen_param_fragments", {}).get(name) for ms in layout.model_states]
         if any(f is None for f in frags):
             raise CorruptCheckpointError(f"frozen parameter {name!r:.80} has no fragment in every model-state file")
-        out[name] = _frozen(frags, _shape(shape, f"frozen {name!r:.60}"), layout.stage, opts)
+        out[name] = frozen_param(frags, shape_of(shape, f"frozen {name!r:.60}"), layout.stage == 3, opts)
     key = "fp32_flat_groups" if layout.stage == 3 else "single_partition_of_fp32_groups"
     slices = layout.slices(key)
     for plan in layout.plans:
@@ -355,12 +358,13 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
     return out
 
 
-def _frozen(frags: list[Any], shape: tuple[int, ...], stage: int, opts: ReadOptions) -> Any:
+def frozen_param(frags: list[Any], shape: tuple[int, ...], stage3: bool, opts: ReadOptions) -> Any:
+    """A frozen parameter from the model states' fragments (whole in stages 0-2, one slice per rank in stage 3)."""
     if opts.meta:
         return TensorMeta(shape, _stride(shape), frags[0].dtype)
     import torch  # lazy: only building tensors needs torch
 
-    if stage < 3:
+    if not stage3:
         return frags[0].detach().clone()
     return torch.cat([f.detach().reshape(-1) for f in frags]).narrow(0, 0, _prod(shape)).view(shape).clone()
 
@@ -421,6 +425,10 @@ def optimizer_state(directory: str, opts: ReadOptions) -> tuple[ZeroLayout, list
     import torch  # lazy: only building tensors needs torch
 
     step_dir, _ = step_folder(directory)
+    if deepspeed_kind(step_dir) == "universal":
+        raise UnsupportedFormatError("resuming the optimizer from a DeepSpeed universal checkpoint is not supported "
+                                     "(its weights load)", path=step_dir,
+                                     hint="Resume from the ZeRO step folder it was made from, or pass only model=.")
     layout = parse_step(step_dir, opts)
     try:
         if layout.stage == 0:
