@@ -14,7 +14,7 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
 
 __all__ = ["Source", "SourceLike", "confined_path"]
@@ -307,8 +307,6 @@ class Source:
             for start in range(0, nbytes, step):
                 data = self._remote.read_ahead(offset + start, offset + min(nbytes, start + step))
                 if len(data) != min(step, nbytes - start):
-                    from ..errors import TruncatedCheckpointError
-
                     raise TruncatedCheckpointError(f"object ended while reading {nbytes} bytes at {offset}",
                                                    expected_size=offset + nbytes, actual_size=self.size)
                 view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
@@ -319,8 +317,6 @@ class Source:
                 chunk = min(nbytes - done, 1 << 28)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
-                    from ..errors import TruncatedCheckpointError
-
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
                                                    f"{nbytes} bytes at {offset}", expected_size=offset + nbytes,
                                                    actual_size=self.size)
