@@ -13,6 +13,7 @@ each one names the steps it wants kept, and a checkpoint survives if any policy 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -259,9 +260,22 @@ class Checkpointer:
         try:
             write = self._remote.write_payload if self._remote is not None else write_payload
             write(path, payload, self.weights_format)
-        finally:
-            self._store.end(path)  # committed, or every file of it removed
-        self._apply_retention()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            raise
+        # Committed: what fails from here on is housekeeping, a warning, never a failed save.
+        self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
+        self._after_commit(path, "apply retention", self._apply_retention)
+
+    @staticmethod
+    def _after_commit(path: str, what: str, step: Any) -> None:
+        try:
+            step()
+        except (OSError, CheckpointError) as exc:
+            why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
+            warnings.warn(f"torchckpt: saved {path}, but could not {what} ({why}); the checkpoint is committed, "
+                          "and the next save or resume tidies up", RetentionWarning, stacklevel=3)
 
     def _apply_retention(self) -> None:
         found = self.checkpoints()
