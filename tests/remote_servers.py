@@ -199,10 +199,17 @@ def http_server(root: str, *, ranges: bool = True) -> Iterator[Any]:
     server.sent = 0  # type: ignore[attr-defined]
     server.gets = 0  # type: ignore[attr-defined]
     server.url = f"http://{LOOPBACK}:{server.server_address[1]}"  # type: ignore[attr-defined]
+    with _serving(server):
+        yield server
+
+
+@contextlib.contextmanager
+def _serving(server: Any) -> Iterator[None]:
+    """Run ``server`` (an http.server) on a thread for the block; stop and close it afterwards."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
-        yield server
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -302,11 +309,5 @@ def fault_proxy(target_port: int) -> Iterator[Any]:
     server.fails = lambda method, path: False  # type: ignore[attr-defined]
     server.failed = []  # type: ignore[attr-defined]
     server.endpoint = f"http://{LOOPBACK}:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
