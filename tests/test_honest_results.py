@@ -1,0 +1,73 @@
+"""Issue 24: results never mislead (diff, report, errors, types, first-contact frictions).
+
+Each test names the numbered item of the issue it guards; each failed on the code before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchckpt
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "torchckpt", *map(str, args)], capture_output=True, text=True,
+                          **kw)
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# -- item 1: diff compares values by default, never claims what it did not check ----------------------
+def test_item1_diff_compares_values_by_default(tmp_path):
+    sd = {"w": torch.ones(4, 4), "b": torch.zeros(4)}
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(sd, a)
+    torch.save({"w": torch.ones(4, 4) * 2, "b": torch.zeros(4)}, b)
+    report = torchckpt.diff(a, b)
+    assert report.equal is False and [d.key for d in report.changed] == ["w"]
+    res = run_cli("diff", a, b, "--json")
+    doc = _strict(res.stdout)
+    assert res.returncode == 1 and doc["equal"] is False and "tensor values" in doc["compared"]
+    # structure only: never "equal", says what it compared, exit 0 (nothing compared differs)
+    structure = torchckpt.diff(a, b, values=False)
+    assert structure.equal is None and structure.structure_equal
+    res = run_cli("diff", a, b, "--structure-only", "--json")
+    doc = _strict(res.stdout)
+    assert res.returncode == 0 and doc["equal"] is None and doc["structure_equal"] is True
+    assert "tensor values" not in doc["compared"]
+    assert "NOT compared" in run_cli("diff", a, b, "--structure-only").stdout
+
+
+def test_item1_plain_values_are_compared(tmp_path):
+    w = torch.randn(3, 3)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"model": {"w": w}, "epoch": 3, "lr": 0.1, "config": {"depth": 4, "name": "x", "opt": {"m": 0.9}}},
+               a)
+    torch.save({"model": {"w": w.clone()}, "epoch": 4, "lr": 0.1, "config": {"depth": 4, "name": "y",
+                                                                              "opt": {"m": 0.99}}, "seed": 1}, b)
+    for values in (True, False):
+        report = torchckpt.diff(a, b, values=values)
+        assert report.equal is False and not report.changed
+        assert {k: (x, y) for k, x, y in report.plain_changed} == {
+            "epoch": (3, 4), "config.name": ("x", "y"), "config.opt.m": (0.9, 0.99)}
+        assert report.plain_only_b == ["seed"]
+        assert "value  epoch: 3 -> 4" in str(report)
+    res = run_cli("diff", a, b, "--json")
+    doc = _strict(res.stdout)
+    assert res.returncode == 1
+    assert {"key": "epoch", "a": 3, "b": 4} in doc["plain_values"]["changed"]  # epoch keeps its type
+    assert run_cli("diff", a, b, "--structure-only").returncode == 1
+    same = tmp_path / "c.pt"
+    torch.save({"model": {"w": w.clone()}, "epoch": 3, "lr": 0.1, "config": {"depth": 4, "name": "x",
+                                                                              "opt": {"m": 0.9}}}, same)
+    assert torchckpt.diff(a, same).equal is True
+    assert run_cli("diff", a, same).returncode == 0
