@@ -71,3 +71,28 @@ def test_item1_plain_values_are_compared(tmp_path):
                                                                               "opt": {"m": 0.9}}}, same)
     assert torchckpt.diff(a, same).equal is True
     assert run_cli("diff", a, same).returncode == 0
+
+
+# -- item 3: --json is strict JSON, epoch keeps its type ----------------------------------------------
+def test_item3_json_is_strict_and_epoch_is_a_number(tmp_path):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    w = torch.randn(8, 8)
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    bad[1, 1] = float("inf")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"state_dict": {"w": w, "v": torch.ones(3)}, "epoch": 12, "lr": float("inf")}, a)
+    torch.save({"state_dict": {"w": bad, "v": torch.ones(3)}, "epoch": 12, "lr": float("nan")}, b)
+    res = run_cli("diff", a, b, "--json")
+    doc = _strict(res.stdout)
+    assert res.returncode == 1
+    w_diff = next(d for d in doc["changed"] if d["key"] == "w")
+    assert w_diff["max_abs"] in ("nan", "inf") and float(w_diff["max_abs"]) != 0
+    assert {"key": "lr", "a": "inf", "b": "nan"} in doc["plain_values"]["changed"]
+    res = run_cli("report", b, "-o", tmp_path / "r.html", "--diff", a, "--json")
+    doc = _strict(res.stdout)
+    assert res.returncode == 0, res.stderr
+    assert doc["training"]["epoch"] == 12 and doc["training"]["lr"] == "nan"
+    w_stats = next(t for t in doc["tensors"] if t["key"].endswith("w"))
+    assert w_stats["nan"] == 1 and w_stats["inf"] == 1

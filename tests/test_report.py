@@ -77,7 +77,7 @@ def test_training_checkpoint_numbers_equal_torch(tmp_path):
     assert ("all zero", "state_dict.head.weight") in kinds
     assert ("exploding", "state_dict.features.0.weight") in kinds
     assert not any(k == "all zero" and key.endswith(("bias", "running_mean")) for k, key in kinds)
-    assert dict(r.training)["epoch"] == "12" and dict(r.training)["best_acc1"] == "0.764"
+    assert dict(r.training)["epoch"] == 12 and dict(r.training)["best_acc1"] == 0.764
     page = out.read_text()
     assert r.safety == "clean" and 'id="safety">clean<' in page
     for k, t in sd.items():  # every tensor's row shows torch's numbers

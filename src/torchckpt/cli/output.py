@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -19,6 +20,10 @@ __all__ = ["Output", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data: containers as lists/objects, records through ``to_dict()``, a
+    non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``, anything else as its repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -40,7 +45,7 @@ class Output:
                            highlight=False, soft_wrap=True)
 
     def json(self, document: Any) -> None:
-        sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
+        sys.stdout.write(json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         self.console.print(*objects, **kwargs)

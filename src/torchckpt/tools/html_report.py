@@ -73,7 +73,7 @@ class CheckpointReport:
     findings: list[str] = field(default_factory=list)
     stats: list[TensorStats] = field(default_factory=list)
     warnings: list[HealthWarning] = field(default_factory=list)
-    training: list[tuple[str, str]] = field(default_factory=list)
+    training: list[tuple[str, Any]] = field(default_factory=list)  # numbers keep their type
     plan: Any = None  # a LoadReport (dry run) when ``against`` was given
     plan_error: str | None = None
     other: str | None = None
@@ -269,12 +269,12 @@ class _tensor_stream:
         self._open.__exit__(*exc)
 
 
-def _training_values(info: InspectReport) -> list[tuple[str, str]]:
-    out = []
+def _training_values(info: InspectReport) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for path, type_name, value in info.values:
         leaf = path.rsplit(".", 1)[-1].lower()
         if path.count(".") <= 1 and (type_name == "optimizer state" or any(k in leaf for k in TRAINING_KEYS)):
-            out.append((path, value))
+            out.append((path, info.scalars.get(path, value)))
     return out[:40]
 
 
