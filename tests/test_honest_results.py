@@ -96,3 +96,60 @@ def test_item3_json_is_strict_and_epoch_is_a_number(tmp_path):
     assert doc["training"]["epoch"] == 12 and doc["training"]["lr"] == "nan"
     w_stats = next(t for t in doc["tensors"] if t["key"].endswith("w"))
     assert w_stats["nan"] == 1 and w_stats["inf"] == 1
+
+
+# -- items 4 and 5: wrong-model errors lead with counts and give one hint that works; the report unpacks --
+def _hint_kwargs(hint):
+    """The keyword arguments a hint tells the user to pass (``strict=False, on_mismatch="skip"``)."""
+    import re
+    return {k: (v == "True") if v in ("True", "False") else v.strip('"')
+            for k, v in re.findall(r'(strict|on_mismatch)=("?\w+"?)', hint)}
+
+
+def test_item4_wrong_model_leads_with_counts_and_one_working_hint(tmp_path):
+    sd = torch.nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                              dim_feedforward=16).state_dict()
+    sd["0.weight"] = torch.zeros(5, 5)  # one name in common, with another shape
+    path = tmp_path / "t.pt"
+    torch.save(sd, path)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.raises(torchckpt.StateDictMismatchError) as info:
+        torchckpt.load_into(mlp, path)
+    message = str(info.value)
+    first = message.splitlines()[0]
+    assert "3 missing" in first and f"{len(sd) - 1} unexpected" in first and "1 with another shape" in first
+    kwargs = _hint_kwargs(info.value.hint)
+    assert kwargs == {"strict": False, "on_mismatch": "skip"}
+    report = torchckpt.load_into(mlp, path, **kwargs)  # following the hint succeeds in one step
+    assert report.applied and report.skipped == ["0.weight"]
+
+
+def test_item4_resized_layer_in_one_step(tmp_path):
+    def net(classes):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, classes))
+    path = tmp_path / "c.pt"
+    torch.save(net(1000).state_dict(), path)
+    for extra in ({}, {"strict": True}):
+        with pytest.raises(torchckpt.StateDictMismatchError) as info:
+            torchckpt.load_into(net(10), path, **extra)
+        assert "2 with another shape" in str(info.value).splitlines()[0]
+        report = torchckpt.load_into(net(10), path, **extra, **_hint_kwargs(info.value.hint))
+        assert report.applied and sorted(report.skipped) == ["3.bias", "3.weight"]
+    # a model with an extra layer and a resized head: still one step
+    model = torch.nn.Sequential(*net(10), torch.nn.Linear(10, 2))
+    with pytest.raises(torchckpt.StateDictMismatchError) as info:
+        torchckpt.load_into(model, path)
+    assert "2 missing" in str(info.value).splitlines()[0]
+    assert torchckpt.load_into(model, path, **_hint_kwargs(info.value.hint)).applied
+
+
+def test_item5_load_into_unpacks_like_load_state_dict(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    path = tmp_path / "m.pt"
+    torch.save({"0.weight": torch.ones(3, 3), "0.bias": torch.ones(3), "9.weight": torch.ones(1)}, path)
+    missing, unexpected = torchckpt.load_into(model, path, strict=False)
+    expected = model.load_state_dict(torch.load(path), strict=False)
+    assert (missing, unexpected) == (expected.missing_keys, expected.unexpected_keys)
+    report = torchckpt.load_into(model, path, strict=False)
+    assert report[0] == missing and report[1] == unexpected and report.loaded == ["0.weight", "0.bias"]

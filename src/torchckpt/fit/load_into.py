@@ -183,26 +183,34 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
     if dry_run:
         return report  # the plan, whatever it says: the caller reads report.ok
     errors = [m for m in report.mismatched if m.action == "error"]
-    if errors:
-        raise StateDictMismatchError(_mismatch_message(report, errors), report=report,
-                                     hint='Pass on_mismatch="skip" to keep the model\'s values for these, '
-                                          'on_mismatch="copy_overlap" to copy the overlapping part, or rename=...')
-    if strict and not report.ok:
-        raise StateDictMismatchError(
-            f"the checkpoint does not fit the model exactly:\n{report.render()}",
-            hint="Pass strict=False to load the matching part (the report lists the rest), "
-                 "or rename=/prefix= to align names.", report=report)
+    if errors or (strict and not report.ok):
+        raise _misfit_error(report, errors, strict)
     _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign)
     report.applied = True
     return report
 
 
-def _mismatch_message(report: LoadReport, errors: list[Mismatch]) -> str:
-    width = max(len(m.key) for m in errors)
-    rows = "\n".join(f"  {m.key:{width}s}  checkpoint {list(m.checkpoint_shape)}  model {list(m.model_shape)}"
-                     for m in errors)
-    return (f"{len(errors)} of {report.model_keys} tensors did not fit the model:\n{rows}\n"
-            f"The other {len(report.loaded)} fit; nothing was loaded.")
+def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> StateDictMismatchError:
+    """One error for everything that did not fit, counts first, with the one change that makes the call succeed."""
+    missing, unexpected = (report.missing, report.unexpected) if strict else ([], [])
+    counts = [f"{len(missing)} missing" if missing else "", f"{len(unexpected)} unexpected" if unexpected else "",
+              f"{len(errors)} with another shape" if errors else ""]
+    head = (f"the checkpoint does not fit the model: {', '.join(c for c in counts if c)} "
+            f"({len(report.loaded)} of {report.model_keys} model tensors fit; the checkpoint has "
+            f"{report.checkpoint_keys}). Nothing was loaded.")
+    fix = []
+    if missing or unexpected:
+        fix.append("strict=False")
+    if errors:
+        fix.append('on_mismatch="skip"')
+    what = ("load the {n} tensors that fit and keep the model's values for the rest"
+            .format(n=len(report.loaded)))
+    hint = f"Pass {', '.join(fix)} to {what}"
+    if report.model_keys and len(report.loaded) * 2 < report.model_keys:
+        hint = (f"Most of the model did not fit: check that this checkpoint is for this model (or align names "
+                f"with prefix=/rename=). {hint}")
+    details = report.render().split("\n", 1)[1:]  # the listing, without its summary line (head says it)
+    return StateDictMismatchError("\n".join([head, *details]), hint=hint + ".", report=report)
 
 
 def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,
