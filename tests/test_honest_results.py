@@ -153,3 +153,40 @@ def test_item5_load_into_unpacks_like_load_state_dict(tmp_path):
     assert (missing, unexpected) == (expected.missing_keys, expected.unexpected_keys)
     report = torchckpt.load_into(model, path, strict=False)
     assert report[0] == missing and report[1] == unexpected and report.loaded == ["0.weight", "0.bias"]
+
+
+# -- item 9: save creates missing parent directories (local and through fsspec) -----------------------
+def test_item9_save_creates_parent_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    torchckpt.save("checkpoint/deeper/x.pt", model=model, step=3)  # the tutorials' relative path
+    assert torchckpt.resume("checkpoint/deeper/x.pt", model=torch.nn.Linear(2, 2)).step == 3
+    pytest.importorskip("fsspec")
+    url = f"local://{tmp_path}/remote/run/y.pt"  # a URL whose file system has real directories
+    torchckpt.save(url, model=model, step=4)
+    assert (tmp_path / "remote" / "run" / "y.pt").is_file()
+    assert torchckpt.resume(url, model=torch.nn.Linear(2, 2)).step == 4
+
+
+# -- item 10: load / load_into accept a Checkpointer run directory, as resume does ---------------------
+def test_item10_load_and_load_into_read_a_run_directory(tmp_path):
+    run = tmp_path / "runs" / "exp1"
+    model = torch.nn.Linear(3, 2)
+    with torchckpt.Checkpointer(str(run), keep_last=5) as ckpt:
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model.weight.fill_(step)
+            ckpt.save(step, model=model, epoch=step)
+    (run / "ckpt-0000000004.pt").write_bytes(b"PK\x03\x04 half-written, no sidecar")  # not committed
+    obj, info = torchckpt.load(run, return_info=True)
+    assert obj["epoch"] == 3 and torch.equal(obj["model"]["weight"], torch.full((2, 3), 3.0))
+    assert any("ckpt-0000000003.pt" in n and "run directory" in n for n in info.notes)
+    target = torch.nn.Linear(3, 2)
+    report = torchckpt.load_into(target, str(run))
+    assert torch.equal(target.weight, torch.full((2, 3), 3.0))
+    assert any("ckpt-0000000003.pt" in n for n in report.notes)
+    assert torchckpt.resume(str(run), model=torch.nn.Linear(3, 2)).step == 3  # the same checkpoint
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(torchckpt.NotACheckpointError):  # a plain folder still says what to do
+        torchckpt.load(empty)

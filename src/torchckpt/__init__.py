@@ -47,14 +47,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "load": ("read.load", "load"),
+    "load": ("train.runs", "load"),  # read.load.load, plus a Checkpointer run directory (its newest checkpoint)
     "download": ("storage.cache", "download"),
     "read_checkpoint": ("read.load", "read_checkpoint"),
     "state_dict_of": ("fit.tree", "state_dict_of"),
     "find_state_dicts": ("fit.tree", "find_state_dicts"),
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
-    "load_into": ("fit.load_into", "load_into"),
+    "load_into": ("train.runs", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
     "save": ("train.remote", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),

@@ -218,8 +218,11 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
          extra: Any = None, stateful: Mapping[str, Any] | None = None, weights_format: str = "pt",
          rng: bool = True, storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """:func:`torchckpt.train.training.save` for a local path or a URL (``s3://bucket/run/ckpt.pt``,
-    ``storage_options`` for its filesystem). A URL's files are uploaded whole, the sidecar last."""
+    ``storage_options`` for its filesystem). A URL's files are uploaded whole, the sidecar last.
+    Missing parent directories are created (as ``torch.save`` users expect of ``checkpoint/x.pt``)."""
     path = os.fspath(path)
+    files.makedirs(path.rsplit("/", 1)[0] if files.is_url(path) else os.path.dirname(os.path.abspath(path)),
+                   storage_options)
     if not files.is_url(path):
         return save_local(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                           step=step, metrics=metrics, extra=extra, stateful=stateful,
