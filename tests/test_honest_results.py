@@ -190,3 +190,22 @@ def test_item10_load_and_load_into_read_a_run_directory(tmp_path):
     empty.mkdir()
     with pytest.raises(torchckpt.NotACheckpointError):  # a plain folder still says what to do
         torchckpt.load(empty)
+
+
+# -- item 11: a truncated zip's error gives the actual and the expected size ----------------------------
+@pytest.mark.parametrize("cut", ["half", "directory", "end"])
+def test_item11_truncated_zip_gives_both_sizes(tmp_path, cut):
+    full = tmp_path / "full.pt"
+    torch.save({"w": torch.randn(300, 100), "v": torch.randn(5000)}, full)
+    data = full.read_bytes()
+    keep = {"half": len(data) // 2, "directory": len(data) - 300, "end": len(data) - 1}[cut]
+    short = tmp_path / "short.pt"
+    short.write_bytes(data[:keep])
+    with pytest.raises(torchckpt.TruncatedCheckpointError) as info:
+        torchckpt.load(short)
+    err = info.value
+    assert err.actual_size == keep and f"{keep:,} bytes" in str(err)
+    if cut == "half":  # cut inside tensor data: a lower bound from the sizes data.pkl declares
+        assert keep < err.expected_size <= len(data) and f"at least {err.expected_size:,}" in str(err)
+    else:  # every member complete: exact for torch.save's layout
+        assert err.expected_size == len(data) and f"{len(data):,} bytes expected" in str(err)
