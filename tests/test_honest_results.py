@@ -209,3 +209,33 @@ def test_item11_truncated_zip_gives_both_sizes(tmp_path, cut):
         assert keep < err.expected_size <= len(data) and f"at least {err.expected_size:,}" in str(err)
     else:  # every member complete: exact for torch.save's layout
         assert err.expected_size == len(data) and f"{len(data):,} bytes expected" in str(err)
+
+
+# -- item 12: Ctrl-C exits 130 with one line, and 130 is documented ------------------------------------
+@pytest.mark.slow
+def test_item12_ctrl_c_exits_130_with_one_line():
+    import signal
+    import socket
+    import time
+
+    pytest.importorskip("aiohttp")
+    with socket.socket() as server:  # answers nothing: the command waits until it is interrupted
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        server.settimeout(120)
+        proc = subprocess.Popen([sys.executable, "-m", "torchckpt", "inspect",
+                                 f"http://127.0.0.1:{server.getsockname()[1]}/x.pt"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = server.accept()
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            proc.kill()
+    assert proc.returncode == 130
+    assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted (Ctrl-C)"]
+    assert "130 interrupted" in run_cli("--help").stdout
+    from torchckpt.cli import codes
+    assert "130 interrupted" in codes.__doc__
