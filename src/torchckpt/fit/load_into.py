@@ -16,8 +16,7 @@ from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.mode import Mode
-from ..read.unpickle.stubs import Stub
+from ..read import Mode, Stub
 from .align import RenameRules, align_keys
 from .placement import Placer
 from .report import LoadReport, Mismatch

@@ -21,7 +21,7 @@ from ..fit.tree import LEAF_TYPES, children_of, flatten, is_module_like, is_tens
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
-from ..read.unpickle.mode import Mode
+from ..read import Mode
 
 __all__ = ["diff", "DiffReport"]
 
