@@ -239,3 +239,33 @@ def test_item12_ctrl_c_exits_130_with_one_line():
     assert "130 interrupted" in run_cli("--help").stdout
     from torchckpt.cli import codes
     assert "130 interrupted" in codes.__doc__
+
+
+# -- item 2: report --diff lists layers that became NaN/Inf first; zero-initialised tensors do not dominate --
+def test_item2_report_diff_nan_first_and_zero_init_does_not_dominate(tmp_path):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(64, 64, generator=g) * 0.05 for i in range(4)}
+    base.update({f"layer{i}.bias": torch.zeros(64) for i in range(4)})  # zero-initialised biases
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["layer1.weight"] += 0.02 * torch.randn(64, 64, generator=g)  # the real change: ~40% of the layer
+    for i in range(4):
+        tuned[f"layer{i}.bias"] += 1e-4 * torch.randn(64, generator=g)  # biases barely moved off zero
+    tuned["layer3.weight"][0, 0] = float("nan")  # training blew up here
+    pb, pt = tmp_path / "base.pt", tmp_path / "tuned.pt"
+    torch.save(base, pb)
+    torch.save(tuned, pt)
+    r = torchckpt.report(pt, diff=pb, output=tmp_path / "r.html")
+    assert r.changes[0].key == "layer3.weight" and r.changes[0].nonfinite == "here"
+    ranked = [c for c in r.changes if not c.nonfinite]
+    assert ranked[0].key == "layer1.weight" and ranked[0].change == pytest.approx(0.4, rel=0.1)
+    assert all(c.change < 0.01 for c in ranked if c.key.endswith("bias"))
+    text = str(r)
+    assert "NaN/Inf" in text and text.index("layer3.weight") < text.index("layer1.weight")
+    page = (tmp_path / "r.html").read_text()
+    table = page[page.index('id="most-changed"'):]
+    assert table.index("layer3.weight") < table.index("layer1.weight") and "became NaN/Inf" in table
+    res = run_cli("report", pt, "--diff", pb, "-o", tmp_path / "r2.html", "--json")
+    doc = _strict(res.stdout)
+    assert doc["diff"]["changes"][0]["key"] == "layer3.weight" and doc["diff"]["changes"][0]["change"] == "nan"

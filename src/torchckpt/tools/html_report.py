@@ -56,12 +56,21 @@ class HealthWarning:
 
 @dataclass
 class LayerChange:
+    """How much one layer moved from the other checkpoint (the base) to this one.
+
+    ``change`` = ‖this − base‖ / max(‖base‖, √n · m), where n is the layer's size and m the median RMS of
+    the base checkpoint's floating-point layers: the change relative to the layer's own size, but never
+    relative to less than a typical layer of that size, so a zero-initialised bias that moved a little
+    does not outrank a real change (0 when equal; nan when either side is not finite, see ``nonfinite``).
+    """
+
     key: str
     other_key: str
-    change: float  # ‖a−b‖/‖a‖ (inf when ‖a‖ is 0 and b differs, nan when either is not finite)
-    diff_norm: float
-    norm: float
+    change: float
+    diff_norm: float  # ‖this − base‖
+    norm: float  # ‖base‖
     nbytes: int
+    nonfinite: str = ""  # "here": became NaN/Inf in this checkpoint; "other": only the base has them; "both"
 
 
 @dataclass
@@ -130,6 +139,10 @@ class CheckpointReport:
         if self.plan_error:
             lines.append(f"  plan: {self.plan_error}")
         if self.other is not None:
+            broken = [c.key for c in self.changes if c.nonfinite in ("here", "both")]
+            if broken:
+                lines.append(f"  NaN/Inf against {self.other}: {len(broken)} layers: {', '.join(broken[:10])}"
+                             + (f", ... {len(broken) - 10} more" if len(broken) > 10 else ""))
             top = sorted((c for c in self.changes if not math.isnan(c.change) and c.change), key=lambda c: -c.change)[:5]
             lines.append(f"  diff against {self.other}: {len(self.changes)} layers compared; most changed: "
                          + (", ".join(f"{c.key} ({c.change:.3g})" for c in top) or "no layer changed"))
@@ -162,7 +175,9 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
     Args:
         against: a model (``torch.nn.Module``) or a zero-argument callable that builds one: the page
             then shows the load plan (what :func:`torchckpt.load_into` would do, nothing applied).
-        diff: another checkpoint: the page shows the relative change ‖a−b‖/‖a‖ of every common layer.
+        diff: another checkpoint (the base): the page shows how much every common layer moved
+            (:class:`LayerChange`: ‖this − base‖ relative to the base layer's size), layers that became
+            NaN/Inf first.
         bins: histogram bins for the ``histograms`` largest floating-point layers.
         progress: ``progress(done, total)`` after each tensor read.
         policy, trust, allow: what the file's pickles may import, as in :func:`torchckpt.load`.
@@ -221,6 +236,10 @@ def health_warnings(stats: list[TensorStats]) -> list[HealthWarning]:
                                      f"RMS {s.rms:.3g} is {s.rms / median if median else math.inf:.0f}x the "
                                      f"median layer's ({median:.3g}); max |x| {max(abs(s.min or 0), abs(s.max or 0)):.3g}"))
     return out
+
+
+def _numel(t: Any) -> int:
+    return int(math.prod(int(s) for s in t.shape))
 
 
 def _nbytes(t: Any) -> int:
@@ -305,15 +324,30 @@ def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, polic
         result.only_here = [k for k in a if k not in mapping]
         matched_b = set(mapping.values())
         result.only_other = [k for k in b if k not in matched_b]
+        nonfinite_here = {st.key for st in result.stats if st.nan or st.inf}
+        # key, other key, ‖a−b‖, ‖b‖, n, bytes, nonfinite, n if a floating-point layer (else 0)
+        measured: list[tuple[str, str, float, float, int, int, str, int]] = []
         for n, (ka, kb) in enumerate(mapping.items(), 1):
             if shapes_a[ka] != shapes_b[kb]:
                 result.changes.append(LayerChange(ka, kb, math.inf, math.nan, math.nan, _nbytes(a[ka][0])))
                 continue
             x = a[ka][1]()
             y = b[kb][1]()
-            diff_norm, norm = relative_change(x, y)
-            change = diff_norm / norm if norm else (0.0 if diff_norm == 0 else math.inf)
-            result.changes.append(LayerChange(ka, kb, change, diff_norm, norm, _nbytes(a[ka][0])))
+            diff_norm, base_norm = relative_change(y, x)  # (‖base − this‖, ‖base‖) in one pass
+            bad = ""
+            if math.isnan(diff_norm):  # this side's NaN/Inf are counted in its stats; look at the base's
+                other_bad = not math.isfinite(relative_change(y, y)[1])
+                bad = "both" if other_bad and ka in nonfinite_here else "other" if other_bad else "here"
+            n_typical = _numel(a[ka][0]) if dtype_name(b[kb][0]).startswith(FLOAT_DTYPES) else 0
+            measured.append((ka, kb, diff_norm, base_norm, _numel(a[ka][0]), _nbytes(a[ka][0]), bad, n_typical))
             del x, y
             if progress is not None:
                 progress(n, len(mapping))
+    rms = [norm / math.sqrt(n) for _, _, _, norm, _, _, bad, n in measured if n > 1 and not bad and norm > 0]
+    typical = statistics.median(rms) if rms else 0.0  # the base's typical floating-point layer RMS
+    for ka, kb, diff_norm, base_norm, n, nbytes, bad, _ in measured:
+        scale = max(base_norm, math.sqrt(n) * typical)
+        change = math.nan if bad else diff_norm / scale if scale else (0.0 if diff_norm == 0 else math.inf)
+        result.changes.append(LayerChange(ka, kb, change, diff_norm, base_norm, nbytes, bad))
+    order = {"here": 0, "both": 1}  # layers that became NaN/Inf first, then by change
+    result.changes.sort(key=lambda c: (order.get(c.nonfinite, 2), -c.change if not math.isnan(c.change) else 0))

@@ -170,7 +170,7 @@ def _change_chart(changes: list[Any]) -> str:
     fig = Figure(figsize=(7, 0.25 * len(top) + 0.8))
     ax = fig.subplots()
     ax.barh([c.key[-50:] for c in reversed(top)], [c.change for c in reversed(top)], color="#e15759")
-    ax.set_xlabel("relative change ‖a−b‖/‖a‖", fontsize=8)
+    ax.set_xlabel("relative change ‖this−base‖ / max(‖base‖, √n·typical RMS)", fontsize=8)
     ax.tick_params(labelsize=7)
     return _figure_svg(fig)
 
@@ -201,7 +201,8 @@ def render_page(r: Any) -> str:
                             title=lambda n: f"{n.path}\n" + (f"relative change {fmt(change_of[n.path])}"
                                                             if n.path in change_of else "only in this checkpoint"))
         diff_chart = _change_chart(r.changes)
-        top_changes = sorted((c for c in r.changes if not math.isnan(c.change)), key=lambda c: -c.change)[:20]
+        top_changes = [c for c in r.changes if c.nonfinite in ("here", "both")] + \
+            sorted((c for c in r.changes if not math.isnan(c.change)), key=lambda c: -c.change)[:20]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["bytes"] = human_bytes
     env.filters["fmt"] = fmt
@@ -271,11 +272,11 @@ svg.treemap{max-width:100%;height:auto;font-family:system-ui,sans-serif}
 {% if unused %}<h3>Checkpoint keys the model does not use ({{ unused|length }})</h3><ul>{% for k in unused[:200] %}<li><span class="dot" style="background:{{ status_colours.unexpected }}"></span><code>{{ k }}</code></li>{% endfor %}</ul>{% endif %}
 {% endif %}</section>{% endif %}
 {% if r.other is not none %}<section id="diff"><h2>Change against {{ r.other }}</h2>
-<p class="muted">Colour is ‖a−b‖/‖a‖ per layer on a log scale (grey: unchanged, purple: only here). {{ r.changes|length }} layers compared,
+<p class="muted">Colour is the relative change per layer, ‖this − base‖ / max(‖base‖, √n · median layer RMS of the base), on a log scale (grey: unchanged, purple: only here, dark: NaN/Inf). Layers that became NaN/Inf are listed first. {{ r.changes|length }} layers compared,
 {{ r.only_here|length }} only here, {{ r.only_other|length }} only in the other.</p>
 {{ diff_map }}{{ diff_chart }}
-<table id="most-changed"><tr><th>layer</th><th>relative change</th><th>‖a−b‖</th><th>‖a‖</th></tr>
-{% for c in top_changes %}<tr><td><code>{{ c.key }}</code></td><td class="num">{{ c.change|fmt }}</td><td class="num">{{ c.diff_norm|fmt }}</td><td class="num">{{ c.norm|fmt }}</td></tr>{% endfor %}</table>
+<table id="most-changed"><tr><th>layer</th><th>relative change</th><th>‖this−base‖</th><th>‖base‖</th></tr>
+{% for c in top_changes %}<tr><td><code>{{ c.key }}</code></td><td class="num">{% if c.nonfinite in ("here", "both") %}became NaN/Inf{% else %}{{ c.change|fmt }}{% endif %}</td><td class="num">{{ c.diff_norm|fmt }}</td><td class="num">{{ c.norm|fmt }}</td></tr>{% endfor %}</table>
 </section>{% endif %}
 {% if histograms %}<section id="histograms"><h2>Value distributions of the largest layers</h2><div class="grid">
 {% for k, svg in histograms %}<div>{{ svg }}</div>{% endfor %}</div></section>{% endif %}
