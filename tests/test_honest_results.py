@@ -269,3 +269,19 @@ def test_item2_report_diff_nan_first_and_zero_init_does_not_dominate(tmp_path):
     res = run_cli("report", pt, "--diff", pb, "-o", tmp_path / "r2.html", "--json")
     doc = _strict(res.stdout)
     assert doc["diff"]["changes"][0]["key"] == "layer3.weight" and doc["diff"]["changes"][0]["change"] == "nan"
+
+
+# -- item 6: print(resume(...)) is short and its report names the file's real format -------------------
+def test_item6_resume_prints_short_and_names_the_format(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters())
+    path = tmp_path / "x.pt"
+    torchckpt.save(path, model=model, optimizer=opt, epoch=1, step=3)
+    state = torchckpt.resume(path, model=model, optimizer=opt)
+    text = repr(state)
+    assert len(text) < 600 and "rng=<python, numpy, torch" in text and str(path) in text
+    assert "in-memory" not in str(state.report) and "PyTorch zip format" in state.report.format
+    assert state.rng and len(state.rng["python"][1]) > 600  # the states themselves are all there
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"epoch": 2, "state_dict": model.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    assert "legacy" in torchckpt.resume(legacy, model=model).report.format.lower()
