@@ -198,7 +198,10 @@ def makedirs(directory: Any, storage_options: StorageOptions | None = None) -> N
         while not os.path.isdir(here) and os.path.dirname(here) != here:
             created.append(here)
             here = os.path.dirname(here)
-        os.makedirs(_local(directory), exist_ok=True)
+        try:
+            os.makedirs(_local(directory), exist_ok=True)
+        except OSError as exc:  # a file where a directory should be, no permission, a full disk
+            raise atomic.write_error(directory, exc) from None
         for new in created:
             atomic.fsync_dir(os.path.dirname(new))
         return
