@@ -285,3 +285,20 @@ def test_item6_resume_prints_short_and_names_the_format(tmp_path):
     legacy = tmp_path / "legacy.pth"
     torch.save({"epoch": 2, "state_dict": model.state_dict()}, legacy, _use_new_zipfile_serialization=False)
     assert "legacy" in torchckpt.resume(legacy, model=model).report.format.lower()
+
+
+# -- item 8: a new BatchNorm's counter is missing, not "absent from pre-0.4.1 files" --------------------
+def test_item8_new_batchnorm_is_missing_not_pre_041(tmp_path):
+    old = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    path = tmp_path / "old.pt"
+    torch.save(old.state_dict(), path)
+    grown = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
+                                torch.nn.BatchNorm2d(4))
+    report = torchckpt.load_into(grown, path, strict=False)
+    assert "3.num_batches_tracked" in report.missing and not report.ignored
+    assert "pre-0.4.1" not in str(report)
+    # a file of the pre-0.4.1 era (no counters at all, running statistics present): ignored, and said why
+    sd = {k: v for k, v in old.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, path)
+    report = torchckpt.load_into(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), path)
+    assert report.ok and report.ignored == ["1.num_batches_tracked"] and "pre-0.4.1" in str(report)

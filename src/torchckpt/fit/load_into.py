@@ -145,7 +145,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                 tie = next((k for k, v in model_sd.items() if v is target and k != mkey and k in by_model), None)
             if tie is not None:
                 report.tied[mkey] = tie
-            elif mkey.endswith("num_batches_tracked"):
+            elif _pre_041_counter(mkey, by_model, tensors):
                 report.ignored.append(mkey)
             else:
                 report.missing.append(mkey)
@@ -187,6 +187,16 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
     _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign)
     report.applied = True
     return report
+
+
+def _pre_041_counter(mkey: str, by_model: Mapping[str, str], tensors: Mapping[str, Any]) -> bool:
+    """A BatchNorm's ``num_batches_tracked`` that the file lacks because of its era (torch < 0.4.1 did not
+    have it): the checkpoint has this layer's running statistics, and no counter anywhere. A layer that is
+    new in the model (no running statistics in the file) is missing, not old."""
+    if not mkey.endswith("num_batches_tracked"):
+        return False
+    prefix = mkey[:-len("num_batches_tracked")]
+    return prefix + "running_mean" in by_model and not any(k.endswith("num_batches_tracked") for k in tensors)
 
 
 def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> StateDictMismatchError:
