@@ -302,3 +302,43 @@ def test_item8_new_batchnorm_is_missing_not_pre_041(tmp_path):
     torch.save(sd, path)
     report = torchckpt.load_into(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), path)
     assert report.ok and report.ignored == ["1.num_batches_tracked"] and "pre-0.4.1" in str(report)
+
+
+# -- item 15: --dtype aliases; an unknown output extension needs --format; scan of a directory --------
+def test_item15_convert_dtype_aliases_and_unknown_extension(tmp_path):
+    src = tmp_path / "x.pt"
+    torch.save({"w": torch.randn(3, 3)}, src)
+    for alias, want in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("BF16", torch.bfloat16),
+                        ("half", torch.float16), ("fp32", torch.float32)):
+        report = torchckpt.convert(src, tmp_path / f"{alias}.safetensors", dtype=alias)
+        assert report.verified
+        assert torchckpt.load(tmp_path / f"{alias}.safetensors")["w"].dtype == want
+    res = run_cli("convert", src, tmp_path / "cli.pt", "--dtype", "bf16")
+    assert res.returncode == 0, res.stderr
+    assert torch.load(tmp_path / "cli.pt")["w"].dtype == torch.bfloat16
+    res = run_cli("convert", src, tmp_path / "out.txt")
+    assert res.returncode == 2 and "--format" in res.stderr and not (tmp_path / "out.txt").exists()
+    with pytest.raises(ValueError, match="output format"):
+        torchckpt.convert(src, tmp_path / "out.txt")
+    res = run_cli("convert", src, tmp_path / "out.txt", "--format", "safetensors")
+    assert res.returncode == 0, res.stderr
+    assert torchckpt.load(tmp_path / "out.txt")["w"].dtype == torch.float32
+
+
+def test_item15_scan_directory_hint_and_folder_files_listed(tmp_path):
+    import json as json_module
+
+    from safetensors.torch import save_file
+
+    plain, hf = tmp_path / "plain", tmp_path / "hf"
+    plain.mkdir()
+    hf.mkdir()
+    torch.save({"w": torch.ones(2)}, plain / "a.pt")
+    save_file({"w": torch.ones(2)}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json_module.dumps({"model_type": "bert"}))
+    res = run_cli("scan", plain)
+    assert res.returncode == 2 and "-r" in res.stderr and "unreadable" not in res.stdout + res.stderr
+    report = torchckpt.scan(tmp_path, recursive=True)
+    statuses = {f.path: f.status for f in report.files}
+    assert statuses[str(hf)] == "clean" and statuses[str(hf / "model.safetensors")] == "clean"
+    assert statuses[str(plain / "a.pt")] == "clean"

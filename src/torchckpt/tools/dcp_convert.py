@@ -24,7 +24,7 @@ from ..fit.tree import flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
 from ..read import Mode
-from .convert import ConvertReport, Materializer, Progress, float_dtype, part_to_write
+from .convert import ConvertReport, Materializer, Progress, float_dtype, output_format, part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits
 
@@ -41,7 +41,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
     """
     dst = os.fspath(dst)
-    if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
+    if output_format(dst, to) == "dcp":
         return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
                               policy=resolve_policy(policy, trust, allow), progress=progress,
                               storage_options=storage_options)
