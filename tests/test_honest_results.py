@@ -342,3 +342,33 @@ def test_item15_scan_directory_hint_and_folder_files_listed(tmp_path):
     statuses = {f.path: f.status for f in report.files}
     assert statuses[str(hf)] == "clean" and statuses[str(hf / "model.safetensors")] == "clean"
     assert statuses[str(plain / "a.pt")] == "clean"
+
+
+# -- item 13: the report page groups unused keys, separates thousands, and summarises the model -----------
+def test_item13_report_page_groups_numbers_and_model_summary(tmp_path):
+    pytest.importorskip("jinja2")
+    import html as html_module
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(100, 100))
+    model.add_module("head", torch.nn.Linear(100, 10))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 100)).sum().backward()
+    opt.step()
+    extra = {f"module.extra.{i}.w": torch.ones(3) for i in range(12)}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": torch.nn.DataParallel(model).state_dict() | extra, "optimizer": opt.state_dict(),
+                "epoch": 3}, path)
+    target = torch.nn.Sequential()
+    target.add_module("encoder", torch.nn.Linear(100, 100))
+    target.add_module("head", torch.nn.Linear(100, 10))
+    r = torchckpt.report(path, against=target, output=tmp_path / "r.html")
+    modules, other = r.model_summary()
+    assert [(m, n) for m, n, _ in modules] == [("encoder", 10_100), ("head", 1_010), ("extra", 36)]
+    assert [m for m, _, _ in other] == ["optimizer"] and other[0][1] == 2 * 11_110 + 4
+    page = html_module.unescape((tmp_path / "r.html").read_text())
+    summary = page[page.index('id="model-summary"'):]
+    assert "10,100" in summary and "11,146" in summary  # thousands separators, and the total
+    unused = page[page.index('id="unused"'):]
+    unused = unused[:unused.index("</ul>")]
+    assert "module.extra.* (12)" in unused and "extra.0.w" not in unused
+    assert "model: 11,146 values in 3 top-level modules" in str(r)

@@ -17,10 +17,10 @@ from ._version import __version__
 
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
-    from .fit.load_into import load_into
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
-    from .read.load import load, read_checkpoint
+    from .read.load import read_checkpoint
+    from .train.runs import load, load_into
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
     from .tools.dcp_convert import convert

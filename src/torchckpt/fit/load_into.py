@@ -10,7 +10,7 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, get_args
 
 from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
@@ -23,14 +23,22 @@ from .report import LoadReport, Mismatch
 from .shards import is_sharded, shard_like
 from .tree import TensorMeta, is_module_like, select, shapes
 
-__all__ = ["load_into"]
+if TYPE_CHECKING:  # torch stays lazy: only type checkers import it here
+    import torch
 
-ON_MISMATCH = ("error", "skip", "copy_overlap")
+    from ..storage.source import SourceLike
+
+__all__ = ["load_into", "OnMismatch", "DtypeRule"]
+
+OnMismatch = Literal["error", "skip", "copy_overlap"]
+DtypeRule = Literal["model", "error"]
+ON_MISMATCH = get_args(OnMismatch)
 ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}
 
 
-def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
-              rename: RenameRules = None, on_mismatch: str | None = None, dtype: str = "model",
+def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] | torch.nn.Module", *,
+              strict: bool = True, key: str | None = None, prefix: str | None = None,
+              rename: RenameRules = None, on_mismatch: OnMismatch | None = None, dtype: DtypeRule = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
               storage_options: Mapping[str, Any] | None = None) -> LoadReport:

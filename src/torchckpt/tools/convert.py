@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -68,7 +68,8 @@ class ConvertReport:
     __str__ = render
 
 
-def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
+def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatDtype | None = None,
+            weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
             allow: Iterable[str] | str | None = None, progress: Progress | None = None,
             storage_options: Any = None) -> ConvertReport:
@@ -202,6 +203,9 @@ def _itemsize(t: Any) -> int:
 # what people type for a floating-point dtype -> torch's name (torch.half, "fp16", "bf16" ...)
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
                  "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
+FloatDtype = Literal["float32", "float16", "bfloat16", "float64", "fp32", "float", "single", "fp16", "half", "bf16",
+                     "fp64", "double"]
+OutputFormat = Literal["pt", "safetensors", "dcp"]
 # destination extensions that mean a torch.save file; anything else needs an explicit ``to``
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle")
 

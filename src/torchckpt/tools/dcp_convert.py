@@ -23,15 +23,18 @@ from ..errors import CorruptCheckpointError
 from ..fit.tree import flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
+from ..storage.source import SourceLike
 from ..read import Mode
-from .convert import ConvertReport, Materializer, Progress, float_dtype, output_format, part_to_write
+from .convert import ConvertReport, FloatDtype, Materializer, OutputFormat, Progress, float_dtype, output_format, \
+    part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits
 
 __all__ = ["convert", "convert_to_dcp"]
 
 
-def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
+def convert(src: SourceLike, dst: str | os.PathLike[str], *, to: OutputFormat | None = None,
+            dtype: FloatDtype | None = None, weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
             allow: Iterable[str] | str | None = None, progress: Progress | None = None,
             storage_options: Any = None) -> ConvertReport:
@@ -49,7 +52,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
                         allow=allow, progress=progress, storage_options=storage_options)
 
 
-def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,
+def convert_to_dcp(src: Any, dst: str, *, dtype: FloatDtype | None = None, weights_only: bool = False,
                    key: str | None = None, policy: Policy | None = None,
                    progress: Progress | None = None, storage_options: Any = None) -> ConvertReport:
     """Write ``src`` as a DCP directory ``dst`` (which must not exist yet) and verify it."""

@@ -12,7 +12,7 @@ Plain values anywhere in the tree (``epoch``, ``lr``, a config, nested ones) are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 from ..fit.align import align_keys
 from ..errors import WeightsNotFoundError
@@ -20,7 +20,8 @@ from ..fit.report import group_keys
 from ..fit.tree import LEAF_TYPES, children_of, flatten, is_module_like, is_tensor_like, select, walk
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
-from ..read.trust import resolve_policy
+from ..read.trust import Policy, resolve_policy
+from ..storage.source import SourceLike
 from ..read import Mode
 
 __all__ = ["diff", "DiffReport"]
@@ -174,9 +175,9 @@ def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
         return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
-def diff(a: Any, b: Any, *, values: bool = True, key: str | None = None, atol: float = 0.0,
-         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None,
-         storage_options: Any = None) -> DiffReport:
+def diff(a: SourceLike, b: SourceLike, *, values: bool = True, key: str | None = None, atol: float = 0.0,
+         progress: Callable[[int, int], None] | None = None, policy: Policy | None = None, trust: bool = False,
+         allow: Iterable[str] | str | None = None, storage_options: Mapping[str, Any] | None = None) -> DiffReport:
     """Compare two checkpoints: keys, shapes, dtypes, plain values (epoch, lr, config) and tensor values.
 
     ``values=False`` compares structure and plain values only (no tensor data is read, no torch): the

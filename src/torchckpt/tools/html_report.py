@@ -100,8 +100,45 @@ class CheckpointReport:
             entry[1] += s.nbytes
         return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: -kv[1][1])}
 
+    @property
+    def weights_path(self) -> str:
+        """Where the model weights are in the checkpoint (``"state_dict"``; ``""`` for the root)."""
+        path = self.info.weights[0][0] if self.info.weights else "<root>"
+        return "" if path == "<root>" else path
+
+    def model_summary(self) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """``(modules, other)``: values and bytes per top-level module of the model weights (a wrapper
+        prefix such as ``module.`` looked through), and per top-level entry of everything else (optimizer
+        state, EMA copies ...), largest first."""
+        prefix = self.weights_path + "." if self.weights_path else ""
+        mine = [(s.key[len(prefix):], s) for s in self.stats if s.key.startswith(prefix)]
+        for _ in range(3):  # DataParallel / compile / Lightning wrappers: look through one shared first name
+            firsts = {k.split(".", 1)[0] for k, _ in mine if "." in k}
+            if len(firsts) != 1 or any("." not in k for k, _ in mine):
+                break
+            mine = [(k.split(".", 1)[1], st) for k, st in mine]
+        modules: dict[str, list[int]] = {}
+        for k, st in mine:
+            entry = modules.setdefault(k.split(".", 1)[0], [0, 0])
+            entry[0] += st.numel
+            entry[1] += st.nbytes
+        other: dict[str, list[int]] = {}
+        for st in self.stats:
+            if not st.key.startswith(prefix):
+                entry = other.setdefault(st.key.split(".", 1)[0], [0, 0])
+                entry[0] += st.numel
+                entry[1] += st.nbytes
+
+        def ranked(groups: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+            return sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda row: -row[1])
+        return ranked(modules), ranked(other)
+
     def to_dict(self) -> dict[str, Any]:
+        modules, other = self.model_summary()
         return {
+            "model_summary": {"weights": self.weights_path or "<root>",
+                              "modules": [{"module": m, "values": n, "bytes": b} for m, n, b in modules],
+                              "other": [{"entry": m, "values": n, "bytes": b} for m, n, b in other]},
             "path": self.info.path, "format": self.info.format, "description": self.info.description,
             "evidence": self.info.evidence, "file_size": self.info.file_size, "notes": self.info.notes,
             "safety": self.safety, "findings": self.findings,
@@ -131,6 +168,13 @@ class CheckpointReport:
     def __str__(self) -> str:
         lines = [f"{self.info.path}: {self.info.description}, {len(self.stats)} tensors, "
                  f"{sum(s.nbytes for s in self.stats):,} bytes; safety: {self.safety}"]
+        modules, other = self.model_summary()
+        if modules:
+            top = ", ".join(f"{m} {n:,}" for m, n, _ in modules[:6]) + (", ..." if len(modules) > 6 else "")
+            lines.append(f"  model: {sum(n for _, n, _ in modules):,} values in {len(modules)} top-level modules "
+                         f"({top})")
+        if other:
+            lines.append("  not model weights: " + ", ".join(f"{m} {n:,} values" for m, n, _ in other[:6]))
         lines += [f"  warning: {w.key}: {w.message}" for w in self.warnings[:20]]
         if len(self.warnings) > 20:
             lines.append(f"  ... and {len(self.warnings) - 20} more warnings")

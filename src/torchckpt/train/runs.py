@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointNotFoundError
 from ..fit.load_into import load_into as _load_into
@@ -61,19 +61,22 @@ def _run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tu
                    f"{os.path.basename(latest.rstrip('/'))}"
 
 
-@functools.wraps(_load)
-def load(source: Any, *args: Any, **kwargs: Any) -> Any:
-    source, note = _run_directory(source, kwargs.get("storage_options"))
-    result = _load(source, *args, **kwargs)
-    if note is not None and kwargs.get("return_info"):
-        result[1].notes.append(note)
-    return result
+if TYPE_CHECKING:  # type checkers see the real signatures (overloads included); the wrappers only add a directory
+    from ..fit.load_into import load_into as load_into
+    from ..read.load import load as load
+else:
+    @functools.wraps(_load)
+    def load(source: Any, *args: Any, **kwargs: Any) -> Any:
+        source, note = _run_directory(source, kwargs.get("storage_options"))
+        result = _load(source, *args, **kwargs)
+        if note is not None and kwargs.get("return_info"):
+            result[1].notes.append(note)
+        return result
 
-
-@functools.wraps(_load_into)
-def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
-    source, note = _run_directory(source, kwargs.get("storage_options"))
-    report = _load_into(model, source, *args, **kwargs)
-    if note is not None:
-        report.notes.append(note)
-    return report
+    @functools.wraps(_load_into)
+    def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+        source, note = _run_directory(source, kwargs.get("storage_options"))
+        report = _load_into(model, source, *args, **kwargs)
+        if note is not None:
+            report.notes.append(note)
+        return report
