@@ -372,3 +372,109 @@ def test_item13_report_page_groups_numbers_and_model_summary(tmp_path):
     unused = unused[:unused.index("</ul>")]
     assert "module.extra.* (12)" in unused and "extra.0.w" not in unused
     assert "model: 11,146 values in 3 top-level modules" in str(r)
+
+
+# -- item 7: allow=["mypkg.*"] gives a model that runs: its torch.nn children are real values -----------
+USER_PACKAGE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+        self.head = nn.Linear(4, 3)
+        self.note = {"classes": ("a", "b", "c"), "scale": 0.5}
+
+    def forward(self, x):
+        return self.head(self.features(x)) * self.note["scale"]
+
+
+def hook(module, args, output):
+    return output
+
+
+class Huge:
+    def __reduce__(self):
+        return (nn.Linear, (1 << 40, 1 << 40))
+'''
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "mypkg_i24"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(USER_PACKAGE)
+    (tmp_path / "evilpkg_i24.py").write_text("def hook(module, args, output):\n    return output\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    return importlib.import_module("mypkg_i24.models")
+
+
+def test_item7_allowed_model_runs_with_real_nn_children(tmp_path, user_package):
+    torch.manual_seed(0)
+    net = user_package.Net().eval()
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    model = torchckpt.load(path, allow=["mypkg_i24.*"])
+    assert type(model) is user_package.Net
+    assert type(model.features[0]) is torch.nn.Conv2d and type(model.features[1]) is torch.nn.BatchNorm2d
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.eval()(x), net(x))
+    assert isinstance(model.head.weight, torch.nn.Parameter) and model.head.weight.requires_grad
+    assert model.note == {"classes": ("a", "b", "c"), "scale": 0.5}
+    # without allow=, everything stays an inert stub, as before
+    stub = torchckpt.load(path)
+    assert isinstance(stub, torchckpt.Stub) and isinstance(stub.features, torchckpt.Stub)
+
+
+def _save_tampered(net, path, **entries):
+    net.__dict__.update(entries)  # what a hostile file's state dict can say
+    torch.save(net, path)
+
+
+@pytest.mark.parametrize("attack", ["forward_hook_real_function", "forward_hook_stub", "forward_attribute",
+                                    "dunder_class", "state_dict_attribute", "callable_value",
+                                    "parameter_not_tensor"])
+def test_item7_hostile_module_state_is_refused(tmp_path, user_package, attack):
+    import functools
+
+    net = user_package.Net()
+    path = tmp_path / "evil.pt"
+    if attack == "forward_hook_real_function":  # a function the caller's own allow= makes real
+        net.register_forward_hook(user_package.hook)
+        torch.save(net, path)
+    elif attack == "forward_hook_stub":  # a function outside allow=: an inert stub, refused all the same
+        import evilpkg_i24
+        net.head.register_forward_hook(evilpkg_i24.hook)
+        torch.save(net.head, path)
+    elif attack == "forward_attribute":
+        _save_tampered(net, path, forward=user_package.hook)
+    elif attack == "dunder_class":
+        _save_tampered(net, path, __class__="x")
+    elif attack == "state_dict_attribute":
+        _save_tampered(net.features[0], path, state_dict=3)
+    elif attack == "callable_value":
+        _save_tampered(net, path, helper=functools.partial(user_package.hook, None))
+    else:
+        net.head.__dict__["_parameters"]["weight"] = "not a tensor"
+        torch.save(net, path)
+    if attack == "callable_value":  # functools.partial stays an inert stub: kept, but it cannot run anything
+        model = torchckpt.load(path, allow=["mypkg_i24.*"])
+        assert isinstance(model.helper, torchckpt.Stub)
+        with pytest.raises(TypeError, match="inert"):
+            model.helper(None, None)
+        return
+    with pytest.raises((torchckpt.UnsafeCheckpointError, torchckpt.CorruptCheckpointError)):
+        torchckpt.load(path, allow=["mypkg_i24.*"])
+
+
+def test_item7_nn_classes_are_never_called(tmp_path, user_package):
+    """REDUCE on a torch.nn class would run its __init__ with the file's arguments (a 4 TiB Linear)."""
+    path = tmp_path / "huge.pt"
+    torch.save({"layer": user_package.Huge()}, path)
+    with pytest.raises(torchckpt.CheckpointError):
+        torchckpt.load(path, allow=["mypkg_i24.*"])
