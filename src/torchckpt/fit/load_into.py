@@ -212,9 +212,9 @@ def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> S
     missing, unexpected = (report.missing, report.unexpected) if strict else ([], [])
     counts = [f"{len(missing)} missing" if missing else "", f"{len(unexpected)} unexpected" if unexpected else "",
               f"{len(errors)} with another shape" if errors else ""]
-    head = (f"the checkpoint does not fit the model: {', '.join(c for c in counts if c)} "
+    head = (f"the checkpoint does not fit the model: {', '.join(c for c in counts if c)}; nothing was loaded "
             f"({len(report.loaded)} of {report.model_keys} model tensors fit; the checkpoint has "
-            f"{report.checkpoint_keys}). Nothing was loaded.")
+            f"{report.checkpoint_keys})")
     fix = []
     if missing or unexpected:
         fix.append("strict=False")

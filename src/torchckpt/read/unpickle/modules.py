@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsafeCheckpointError
+from .meta import TensorMeta
 from .stubs import Stub
 
 __all__ = ["is_module", "build_module", "torch_module_class"]
@@ -70,7 +71,7 @@ def _plain(value: Any, depth: int = 0) -> bool:
 
     if depth > _MAX_PLAIN_DEPTH:
         return False
-    if isinstance(value, _PLAIN) or isinstance(value, (torch.dtype, torch.device, torch.Tensor)):
+    if isinstance(value, _PLAIN) or isinstance(value, (torch.dtype, torch.device, torch.Tensor, TensorMeta)):
         return True
     if isinstance(value, Stub) or is_module(value):
         return True  # inert stand-ins, and modules built here
@@ -106,13 +107,13 @@ def build_module(inst: Any, state: Any) -> None:
                 raise _refuse(inst, f"the file registers {key} ({len(value)}): hooks run code when the model is "
                                     "used")
             value = type(default)()
-        elif key == "_parameters":
-            value = _names(inst, value, key, (torch.Tensor,))
+        elif key == "_parameters":  # TensorMeta: a structure-only read (inspect) under allow=
+            value = _names(inst, value, key, (torch.Tensor, TensorMeta))
             for k, v in value.items():
-                if v is not None and not isinstance(v, torch.nn.Parameter):
+                if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
                     value[k] = torch.nn.Parameter(v, requires_grad=v.is_floating_point() or v.is_complex())
         elif key == "_buffers":
-            value = _names(inst, value, key, (torch.Tensor,))
+            value = _names(inst, value, key, (torch.Tensor, TensorMeta))
         elif key == "_modules":
             value = _names(inst, value, key, (torch.nn.Module, Stub))
         elif key == "_non_persistent_buffers_set":
