@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..tools.convert import DTYPE_ALIASES, output_format
-from ..tools.dcp_convert import convert
+from ..tools.convert import convert
+from ..tools.convert.to_file import DTYPE_ALIASES, output_format
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output

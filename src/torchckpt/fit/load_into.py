@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, get_args
 
-from ..errors import CheckpointError, StateDictMismatchError
+from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
@@ -41,7 +41,7 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
               rename: RenameRules = None, on_mismatch: OnMismatch | None = None, dtype: DtypeRule = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
-              storage_options: Mapping[str, Any] | None = None) -> LoadReport:
+              storage_options: Mapping[str, Any] | None = None, mmap: bool = False) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
@@ -67,6 +67,14 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
             (``nn.Module.load_state_dict(assign=True)``), cast and moved like a copy would be.
         policy, trust, allow: what the file's pickles may import; see :func:`torchckpt.load`.
         storage_options: options for a URL ``source``'s fsspec filesystem (see :func:`torchckpt.load`).
+        mmap: only matters when tensors become parameters (a model on ``meta``, or ``assign=True``).
+            ``False`` (the default): each is read into the process's own memory (``pread`` straight into
+            the parameter, one copy), so the model never aliases the file and ``torch.save(
+            model.state_dict(), same_path)`` is safe. ``True``: zip and safetensors tensors at local
+            paths become copy-on-write views of the file (no copy, like ``torch.load(mmap=True)`` +
+            ``load_state_dict(assign=True)``); truncating or rewriting that file in place while the model
+            lives then kills the process (SIGBUS). A model with real parameters is always copied into,
+            and the file's pages are released as it goes, whatever ``mmap`` says.
 
     Returns:
         A :class:`~torchckpt.fit.report.LoadReport`; ``print(report)`` summarises it.
@@ -81,7 +89,7 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
-                                     map_location=map_location, dry_run=dry_run, assign=assign)
+                                     map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap)
         except CheckpointError as exc:
             raise exc.with_path(name)
     if saved_on and report.loaded:
@@ -102,8 +110,16 @@ def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any]
         yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
     with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
+        rank_file = ckpt.details.get("deepspeed_rank_file")
+        if rank_file is not None and rank_file["kind"] == "partial":
+            raise WeightsNotFoundError(f"one rank file of a DeepSpeed ZeRO checkpoint: {rank_file['note']}",
+                                       path=ckpt.name, hint=f"Pass the folder: load_into(model, {rank_file['folder']!r})")
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
         yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
+
+
+QUANTIZED_MODULES = ("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.", "torch.nn.quantized.",
+                     "torch.nn.intrinsic.quantized.")
 
 
 def _as_tensor(value: Any) -> Any:
@@ -121,7 +137,7 @@ def _dtype(value: Any) -> Any:
 
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
                     key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
-                    map_location: Any, dry_run: bool, assign: bool) -> LoadReport:
+                    map_location: Any, dry_run: bool, assign: bool, mmap: bool = False) -> LoadReport:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     model_sd = model.state_dict(keep_vars=True)
@@ -192,7 +208,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
     errors = [m for m in report.mismatched if m.action == "error"]
     if errors or (strict and not report.ok):
         raise _misfit_error(report, errors, strict)
-    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign)
+    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign, mmap)
     report.applied = True
     return report
 
@@ -231,7 +247,7 @@ def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> S
 
 
 def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,
-           report: LoadReport, assign: bool = False) -> None:
+           report: LoadReport, assign: bool = False, mmap: bool = False) -> None:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     metadata = getattr(ckpt, "_metadata", None) or {}
@@ -240,11 +256,16 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     target_device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else \
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
-    placer = Placer(src, assign=on_meta or assign)
+    placer = Placer(src, assign=on_meta or assign, mmap=mmap)
+    own: dict[str, list[str]] = {}  # module path -> the keys it saves itself (quantized modules: weight, scale, ...)
+    for full in prepared:
+        path, _, leaf = full.rpartition(".")
+        own.setdefault(path, []).append(leaf)
     for module_prefix, module in model.named_modules():
         prefix = module_prefix + "." if module_prefix else ""
         local = {}
-        for name in list(module._parameters) + list(module._buffers) + ["_extra_state"]:
+        names = list(module._parameters) + list(module._buffers) + ["_extra_state"]
+        for name in names + [n for n in own.get(module_prefix, ()) if n not in names]:
             full = prefix + name
             if full not in prepared:
                 continue
@@ -264,6 +285,10 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             continue
         ckpt_prefix = inverse.get(next(iter(local)), "").rsplit(".", 1)[0]
         local_metadata = dict(metadata.get(ckpt_prefix, metadata.get(module_prefix, {})))
+        if "version" not in local_metadata and type(module).__module__.startswith(QUANTIZED_MODULES):
+            # state_dict_of and the readers give a quantized module's keys in today's layout; without a
+            # version its _load_from_state_dict would look for the layout of torch 1.4
+            local_metadata["version"] = getattr(module, "_version", None)
         if on_meta or assign:
             local_metadata["assign_to_params_buffers"] = True
         missing: list[str] = []
@@ -278,7 +303,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     placer.finish()
     if placer.mapped:
         report.notes.append(f"{placer.mapped} tensors were placed without a copy: they map the file copy-on-write "
-                            "(like torch.load(mmap=True)); replace the file atomically (torchckpt.save does), "
+                            "(mmap=True, like torch.load(mmap=True)); replace the file atomically (torchckpt.save does), "
                             "never overwrite it in place, while the model is in use")
     for module_name, attr, source_key in ties:
         _retie(model, module_name, attr, source_key)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointNotFoundError
 from ..fit.load_into import load_into as _load_into
-from ..read.formats import folder_kind, is_dcp_dir
+from ..read import folder_kind, is_dcp_dir
 from ..read.load import load as _load
 from ..storage import files
 from ..storage.remote import is_url
 from . import distributed, store
-from .remote import RemoteStore
+from .fsspec_store import RemoteStore
 
 __all__ = ["load", "load_into", "latest_committed"]
 

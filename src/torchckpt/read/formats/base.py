@@ -77,6 +77,14 @@ class ReadOptions:
     read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
     storage_options: dict[str, Any] | None = None  # fsspec options for URLs (shards, DCP files beside them)
     meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
+    mapped: list[Source] = field(default_factory=list)  # every source a tensor of this read maps
+
+    def mapped_storage(self, src: Source, offset: int, nbytes: int) -> Any:
+        """``src.mapped_storage(offset, nbytes)``, remembering ``src``: the opener hands every mapped source
+        of the read (shards, a folder's files) to the reader, which can then release or copy their pages."""
+        if not any(s is src for s in self.mapped):
+            self.mapped.append(src)
+        return src.mapped_storage(offset, nbytes)
 
     def budget_meter(self) -> Meter:
         """The one :class:`Meter` of this read (made from ``policy.budget`` on first use)."""
@@ -92,10 +100,10 @@ class ReadOptions:
 
 def run_pickle(opts: ReadOptions, data: Any, src: Source, member: str | None, *, start: int = 0,
                end: int | None = None, persistent_load: Callable[[Any], Any] | None = None,
-               loaded: bool = True) -> tuple[Any, Unpickler]:
+               loaded: bool = True, tensor_table: Callable[[int], Any] | None = None) -> tuple[Any, Unpickler]:
     """Run one pickle stream through the VM in ``opts.mode`` and record it in the trace."""
     u = Unpickler(data, policy=opts.policy, mode=opts.mode, persistent_load=persistent_load, start=start, end=end,
-                  member=member, meter=opts.budget_meter())
+                  member=member, meter=opts.budget_meter(), tensor_table=tensor_table)
     stream = Stream(src.name, member, start, u.globals, loaded=loaded)
     opts.trace.streams.append(stream)
     obj = u.load()
@@ -122,6 +130,7 @@ class Checkpoint:
     size: int = 0
     reader: Source | None = field(default=None, repr=False)
     trace: Trace = field(default_factory=Trace, repr=False)
+    resources: list[Any] = field(default_factory=list, repr=False)  # closed (``close()``) when the opener's with ends
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsafeCheckpointError
+from .functions import FunctionRef
 from .meta import TensorMeta
 from .stubs import Stub
 
@@ -73,8 +74,8 @@ def _plain(value: Any, depth: int = 0) -> bool:
         return False
     if isinstance(value, _PLAIN) or isinstance(value, (torch.dtype, torch.device, torch.Tensor, TensorMeta)):
         return True
-    if isinstance(value, Stub) or is_module(value):
-        return True  # inert stand-ins, and modules built here
+    if isinstance(value, (Stub, FunctionRef)) or is_module(value):
+        return True  # inert stand-ins (a torch function is a reference, never called), and modules built here
     if isinstance(value, (tuple, list, set, frozenset)):
         return all(_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
@@ -133,7 +134,7 @@ def build_module(inst: Any, state: Any) -> None:
         if key.startswith("__") or hasattr(cls, key) or key in ("forward",):
             raise _refuse(inst, f"the state sets {key!r}, which {cls.__name__} defines itself (a method, property "
                                 "or class attribute)")
-        if callable(value) and not is_module(value) and not isinstance(value, Stub) or not _plain(value):
+        if callable(value) and not is_module(value) and not isinstance(value, (Stub, FunctionRef)) or not _plain(value):
             raise _refuse(inst, f"attribute {key!r} is a {type(value).__name__}, not plain data")
         checked[key] = value
     object.__setattr__(inst, "__dict__", checked)

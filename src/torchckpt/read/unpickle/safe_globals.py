@@ -1,6 +1,6 @@
 """What allowlisted globals become, and the object protocol (NEWOBJ, BUILD, APPENDS, SETITEMS) over them.
 
-Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`_Marker`, or a plain
+Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`Marker`, or a plain
 constant such as ``torch.float16``), never to the real class or function: calling it (REDUCE), NEWOBJ-ing
 it and BUILD-ing what it made go only through validating constructors (:mod:`.constructors`,
 :mod:`.numpy_values`, :mod:`.torch_rebuild`). Values, not mutation: a BUILD makes a *new* value from the
@@ -19,15 +19,19 @@ import types
 from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
+from . import meta
 from .constructors import CONSTANTS, CONSTRUCTORS
-from .meta import DTYPE_SIZES, MetaStorage, TensorMeta, _const, check_int, meta_dtype
+from .meta import DTYPE_SIZES, MetaDevice, MetaSize, MetaStorage, TensorMeta, check_int, const, meta_dtype
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
+from .functions import safe_getattr, torch_function_ref
+from .quantized import (PACKED_CLASSES, finish_script_object, meta_rebuild_qtensor, packed_object, rebuild_qtensor,
+                        script_object)
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .modules import build_module, is_module, torch_module_class
 from .stubs import Stub, stub_class
-from .torch_rebuild import (_Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
+from .torch_rebuild import (Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
                             rebuild_from_type_v2, rebuild_meta_tensor_no_storage, rebuild_parameter,
                             rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2, rebuild_tensor_v3,
                             torch_version)
@@ -127,8 +131,6 @@ def _torch_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
 
 
 def _meta_size(u: Any, sizes: Any = ()) -> Any:
-    from .meta import MetaSize
-
     if not isinstance(sizes, (list, tuple)) or len(sizes) > 4096:
         raise _bad(f"torch.Size of a {type(sizes).__name__}")
     u.meter.step(len(sizes))
@@ -136,8 +138,6 @@ def _meta_size(u: Any, sizes: Any = ()) -> Any:
 
 
 def _meta_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
-    from .meta import MetaDevice
-
     return MetaDevice(device_string(kind, index))
 
 
@@ -147,6 +147,24 @@ def _jit_list(u: Any, items: Any) -> list[Any]:
     u.meter.step(len(items))
     u.meter.materialise(8 * len(items) + 56, "lists")
     return list(items)
+
+
+def _jit_tensor_from_id(u: Any, tensor_id: Any) -> Any:
+    """``torch.jit._pickle.build_tensor_from_id(n)``: tensor ``n`` of the archive's table (TorchScript < 1.2)."""
+    if u.tensor_table is None:
+        raise _bad("build_tensor_from_id outside a TorchScript archive of torch < 1.2 (there is no tensor table)")
+    return u.tensor_table(check_int(tensor_id, "tensor id"))
+
+
+def _jit_build_class(u: Any, qualname: Any, state: Any) -> Any:
+    """``torch.jit._pickle.build_class(qualname, state)``: an inert stub of that TorchScript class with its state
+    (torch's own helper imports the class and runs its ``__setstate__``; nothing here does)."""
+    if not isinstance(qualname, str) or not 0 < len(qualname) <= 512:
+        raise _bad(f"build_class of a {type(qualname).__name__} qualified name")
+    module, _, name = qualname.rpartition(".")
+    obj = stub_class(module, name)()
+    obj.__setstate__(state)
+    return obj
 
 
 def _from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
@@ -182,7 +200,7 @@ def _copyreg_newobj_ex(u: Any, cls: Any = None, args: Any = (), kwargs: Any = No
 
 
 def _np_ndarray_marker(name: str) -> Callable[[], Any]:
-    return lambda: _Marker(name, None)
+    return lambda: Marker(name, None)
 
 
 def _safe(name: str, fn: Callable[..., Any], newobj: bool = False, finish: Any = None,
@@ -202,19 +220,25 @@ FACTORIES: dict[str, Callable[[], Any]] = {
                                               _plain(rebuild_device_tensor_from_numpy)),
     "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
                                             _plain(rebuild_meta_tensor_no_storage)),
-    "rebuild_qtensor": lambda: stub_class("torch._utils", "_rebuild_qtensor"),
+    "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _plain(rebuild_qtensor)),
+    "script_object": _safe("torch.ScriptObject", script_object, newobj=True, finish=finish_script_object),
+    **{"packed_" + n: _safe("__torch__.torch.classes.quantized." + n, packed_object(kind), newobj=True,
+                            finish=finish_script_object) for n, kind in PACKED_CLASSES.items()},
     "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", _from_type),
     "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", _from_type),
     "get_layout": _safe("torch.serialization._get_layout", _plain(get_layout)),
     "torch_size": _safe("torch.Size", _torch_size, newobj=True),
     "torch_device": _safe("torch.device", _torch_device),
-    "torch_tensor_class": lambda: _Marker("torch.Tensor", _attr("torch", "Tensor")),
-    "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter",
+    "torch_tensor_class": lambda: Marker("torch.Tensor", _attr("torch", "Tensor")),
+    "torch_parameter_class": lambda: Marker("torch.nn.parameter.Parameter",
                                              _attr("torch.nn.parameter", "Parameter"), legacy_parameter),
-    "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
+    "torch_variable_class": lambda: Marker("torch.autograd.variable.Variable", None, legacy_variable),
     "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
                            target=torch_version),
     "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
+    "builtin_getattr": _safe("builtins.getattr", safe_getattr),
+    "jit_tensor_from_id": _safe("torch.jit._pickle.build_tensor_from_id", _jit_tensor_from_id),
+    "jit_build_class": _safe("torch.jit._pickle.build_class", _jit_build_class),
     "jit_type_tag": _safe("torch.jit._pickle.restore_type_tag", lambda u, value, type_str=None: value),
     "np_reconstruct": _safe("numpy.core.multiarray._reconstruct", np_reconstruct, finish=finish_array),
     "np_scalar": _safe("numpy.core.multiarray.scalar", np_scalar),
@@ -233,7 +257,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "copyreg_newobj": _safe("copyreg.__newobj__", _copyreg_newobj),
     "copyreg_newobj_ex": _safe("copyreg.__newobj_ex__", _copyreg_newobj_ex),
     **{key: _safe(key, fn, newobj, finish, target) for key, (fn, newobj, finish, target) in CONSTRUCTORS.items()},
-    **{key: _const(value) for key, value in CONSTANTS.items()},
+    **{key: const(value) for key, value in CONSTANTS.items()},
 }
 
 
@@ -262,8 +286,6 @@ def _like(build: Callable[..., Any], structure: Callable[..., Any]) -> Callable[
 
 
 def _meta_factories() -> dict[str, Callable[[], Any]]:
-    from . import meta
-
     def from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
         if not isinstance(args, tuple) or not isinstance(func, SafeCallable):
             raise _bad(f"tensor subclass rebuilt through {func!r:.80}")
@@ -283,11 +305,12 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
         "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
         "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
         "get_layout": _safe("torch.serialization._get_layout", _like(get_layout, meta.layout_name)),
+        "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _like(rebuild_qtensor, meta_rebuild_qtensor)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
-        "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
-        "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter", None, legacy_parameter),
-        "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
+        "torch_tensor_class": lambda: Marker("torch.Tensor", None),
+        "torch_parameter_class": lambda: Marker("torch.nn.parameter.Parameter", None, legacy_parameter),
+        "torch_variable_class": lambda: Marker("torch.autograd.variable.Variable", None, legacy_variable),
     }
 
 
@@ -315,18 +338,20 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
             return _storage_type(cname)
         if cmod == "torch":
             if mode is not Mode.BUILD:
-                from .meta import meta_dtype
-
                 return meta_dtype(cname)
             return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
-            return _Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+            return Marker(f"{cmod}.{cname}", _attr(cmod, cname))
     if mode is Mode.BUILD and policy.allow and not policy.trust and not policy.imports_real(module, name):
         # the caller allowed their own classes: the torch.nn layers they are made of are real values too,
         # built by modules.build_module (never called, never their __setstate__)
         nn_class = torch_module_class(cmod, cname)
         if nn_class is not None:
             return nn_class
+    if verdict is Verdict.UNKNOWN and not (mode is not Mode.RECORD and policy.imports_real(module, name)):
+        ref = torch_function_ref(cmod, cname)  # torch.sigmoid, F.relu stored as an activation: a reference
+        if ref is not None:
+            return ref
     if mode is not Mode.RECORD and policy.imports_real(module, name):
         try:
             obj: Any = importlib.import_module(cmod)
@@ -357,7 +382,7 @@ def _storage_type(name: str) -> Any:
 
 # --------------------------------------------------------------------------- object protocol
 _NEVER_BUILT = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-                SafeCallable, _Marker, StorageType)
+                SafeCallable, Marker, StorageType)
 
 
 def build(u: Any, inst: Any, state: Any) -> Any:
@@ -426,7 +451,7 @@ def new_object(u: Any, cls: Any, args: Any, kwargs: Any) -> Any:
         if not cls.newobj:
             raise _bad(f"NEWOBJ on {cls.name}, which is not a class")
         return u.call(cls, args, u.pos, kwargs)
-    if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
+    if isinstance(cls, Marker) and cls.ctor is not None and not kwargs:
         return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
     if isinstance(cls, type) and u.trusted_class(cls):
         return cls.__new__(cls, *args, **kwargs)

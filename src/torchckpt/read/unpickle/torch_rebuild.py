@@ -18,7 +18,7 @@ def _bad(message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message)
 
 
-class _Marker:
+class Marker:
     """A class reference that may be passed around (``new_type`` arguments). Calling it runs only the
     given safe constructor (``ctor``); without one it refuses."""
 
@@ -70,7 +70,7 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 _STORAGE_TYPES: tuple[Any, ...] | None = None
 
 
-def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
+def check_storage_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     global _STORAGE_TYPES
     if _STORAGE_TYPES is None:
@@ -89,7 +89,7 @@ def _tensor_from_view(storage: Any, offset: Any, size: Any, stride: Any, dtype: 
     untyped = storage._untyped_storage if hasattr(storage, "_untyped_storage") else storage
     dtype = dtype if dtype is not None else storage.dtype
     itemsize = dtype.itemsize
-    offset, size, stride = _check_view(storage, offset, size, stride, itemsize)
+    offset, size, stride = check_storage_view(storage, offset, size, stride, itemsize)
     t = torch.empty((0,), dtype=dtype, device=untyped.device)
     return t.set_(untyped, offset, size, stride)
 
@@ -166,10 +166,10 @@ def rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any
 
     if not isinstance(args, tuple):
         raise _bad("tensor subclass arguments must be a tuple")
-    if isinstance(func, _Marker) or not callable(func):
+    if isinstance(func, Marker) or not callable(func):
         raise _bad(f"tensor subclass rebuilt through {func!r}")
     ret = func(*args)
-    target = new_type.target if isinstance(new_type, _Marker) else new_type
+    target = new_type.target if isinstance(new_type, Marker) else new_type
     if isinstance(ret, torch.Tensor) and isinstance(target, type) and issubclass(target, torch.Tensor) \
             and type(ret) is not target:
         ret = ret.as_subclass(target)

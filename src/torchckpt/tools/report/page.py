@@ -1,4 +1,4 @@
-"""The HTML page of :class:`~torchckpt.tools.html_report.CheckpointReport`: jinja2 for the page,
+"""The HTML page of :class:`~torchckpt.tools.report.CheckpointReport`: jinja2 for the page,
 matplotlib for the diff chart and its colour scale, our own small SVG for the treemaps and histograms.
 
 Everything is inline (styles, SVG), so the page needs no network. Values that come from the
@@ -13,7 +13,7 @@ from collections import Counter
 from html import escape
 from typing import Any
 
-from ..fit.report import group_keys
+from ...fit.report import group_keys
 from .treemap import Node, build_tree, layout, to_svg
 
 __all__ = ["render_page", "plan_statuses", "STATUS_COLOURS"]
