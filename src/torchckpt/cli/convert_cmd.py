@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from ..tools.convert import convert
-from ..tools.convert.to_file import DTYPE_ALIASES, output_format
+from ..tools.convert.to_file import DTYPE_ALIASES, FloatDtype, OutputFormat, output_format
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
@@ -34,13 +34,14 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
     try:
-        output_format(dst, to)
+        output_format(dst, cast("OutputFormat | None", to))
     except ValueError as exc:
         raise click.UsageError(str(exc).replace("to='pt' / 'safetensors' / 'dcp' (--to / --format on the command "
                                                 "line)", "--format pt / safetensors / dcp")) from None
     out = Output(json_mode=as_json)
     with out.task("converting", bytes_=True) as progress:
-        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
+        report = convert(src, dst, to=cast("OutputFormat | None", to), dtype=cast("FloatDtype | None", dtype),
+                         weights_only=weights_only, key=key,
                          policy=policy_from(trust, allow), progress=progress, storage_options=storage_options)
     out.show(report)
     return EXIT_OK

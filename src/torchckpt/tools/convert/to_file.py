@@ -208,7 +208,7 @@ OutputFormat = Literal["pt", "safetensors", "dcp"]
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle")
 
 
-def output_format(dst: str, to: str | None) -> str:
+def output_format(dst: str, to: OutputFormat | None) -> OutputFormat:
     """``to``, or the format ``dst``'s extension names; an unknown extension is refused (no silent .pt)."""
     if to:
         return to

@@ -170,9 +170,9 @@ class CheckpointReport:
                  f"{sum(s.nbytes for s in self.stats):,} bytes; safety: {self.safety}"]
         modules, other = self.model_summary()
         if modules:
-            top = ", ".join(f"{m} {n:,}" for m, n, _ in modules[:6]) + (", ..." if len(modules) > 6 else "")
+            listed = ", ".join(f"{m} {n:,}" for m, n, _ in modules[:6]) + (", ..." if len(modules) > 6 else "")
             lines.append(f"  model: {sum(n for _, n, _ in modules):,} values in {len(modules)} top-level modules "
-                         f"({top})")
+                         f"({listed})")
         if other:
             lines.append("  not model weights: " + ", ".join(f"{m} {n:,} values" for m, n, _ in other[:6]))
         lines += [f"  warning: {w.key}: {w.message}" for w in self.warnings[:20]]
