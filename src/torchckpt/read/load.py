@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, overload
 
 from ..storage.cache import download
 from ..storage.source import SourceLike
@@ -30,6 +30,20 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
                          workers=workers) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
+
+
+@overload
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: Literal[False] = False, policy: Policy | None = None,
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> Any: ...
+
+
+@overload
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: Literal[True], policy: Policy | None = None,
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> tuple[Any, Checkpoint]: ...
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
