@@ -218,3 +218,18 @@ def test_forged_qtensor_never_allocates_its_shape(tmp_path):
     torch.save({"w": _forged_qtensor(size=(1 << 62,), stride=(1,))}, path)
     with pytest.raises(CheckpointError):
         torchckpt.load(path)
+
+
+@pytest.mark.parametrize("kind", ["whole", "torchscript"])
+def test_inspect_and_convert_a_quantized_model(tmp_path, kind):
+    model = static_model()
+    path = tmp_path / "m.pt"
+    save(kind, model, path)
+    listed = {t.key: t for t in torchckpt.inspect(path).tensors}
+    assert listed["conv.weight"].dtype == "qint8" and listed["conv.weight"].shape == (4, 3, 3, 3)
+    assert "fc._packed_params._packed_params.0" in listed  # the packed weight, as the state dict holds it
+    report = torchckpt.convert(path, tmp_path / "out.pt")
+    assert report.verified
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same_state(model.state_dict(), torch.load(tmp_path / "out.pt"))  # plain torch reads it back

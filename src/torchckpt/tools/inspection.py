@@ -174,7 +174,11 @@ def _collect(obj: Any, report: InspectReport) -> None:
             report.tensors.append(_tensor_info(path or "<root>", value))
         elif is_module_like(value):
             for k, t in state_dict_of(value).items():
-                report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
+                key = f"{path}.{k}" if path else k
+                if is_tensor_like(t):
+                    report.tensors.append(_tensor_info(key, t))
+                elif isinstance(t, tuple):  # a quantized layer's packed (weight, bias), as its state_dict holds it
+                    report.tensors.extend(_tensor_info(f"{key}.{i}", x) for i, x in enumerate(t) if is_tensor_like(x))
             if path:
                 report.values.append((path, _type_name(value), repr(value)))
         elif is_optimizer_state(value):
