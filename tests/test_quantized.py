@@ -228,6 +228,8 @@ def test_inspect_and_convert_a_quantized_model(tmp_path, kind):
     listed = {t.key: t for t in torchckpt.inspect(path).tensors}
     assert listed["conv.weight"].dtype == "qint8" and listed["conv.weight"].shape == (4, 3, 3, 3)
     assert "fc._packed_params._packed_params.0" in listed  # the packed weight, as the state dict holds it
+    page = torchckpt.report(path, output=tmp_path / "r.html")  # stats of the values the tensors stand for
+    assert (tmp_path / "r.html").exists() and any(st.key == "conv.weight" for st in page.stats)
     report = torchckpt.convert(path, tmp_path / "out.pt")
     assert report.verified
     with warnings.catch_warnings():
