@@ -235,3 +235,12 @@ def test_inspect_and_convert_a_quantized_model(tmp_path, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_same_state(model.state_dict(), torch.load(tmp_path / "out.pt"))  # plain torch reads it back
+
+
+def test_diff_values_of_quantized_checkpoints(tmp_path):
+    save("state_dict", static_model(0), tmp_path / "a.pt")
+    save("whole", static_model(0), tmp_path / "same.pt")
+    save("state_dict", static_model(1), tmp_path / "b.pt")
+    assert torchckpt.diff(tmp_path / "a.pt", tmp_path / "same.pt", values=True).equal
+    changed = torchckpt.diff(tmp_path / "a.pt", tmp_path / "b.pt", values=True).changed
+    assert "conv.weight" in {d.key for d in changed}  # compared by the values the tensors stand for
