@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator, Mapping
 
-from ..errors import CheckpointError, StateDictMismatchError
+from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
@@ -102,6 +102,10 @@ def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any]
         yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
     with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
+        rank_file = ckpt.details.get("deepspeed_rank_file")
+        if rank_file is not None and rank_file["kind"] == "partial":
+            raise WeightsNotFoundError(f"one rank file of a DeepSpeed ZeRO checkpoint: {rank_file['note']}",
+                                       path=ckpt.name, hint=f"Pass the folder: load_into(model, {rank_file['folder']!r})")
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
         yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
 

@@ -22,6 +22,8 @@ from ..unpickle.mode import Mode
 from ..unpickle.py2 import decode_py2_text
 from .base import Check, Checkpoint, Loaded, ReadOptions, Trace
 from .dcp import is_dcp_dir, read_dcp
+from .deepspeed import deepspeed_kind, read_deepspeed
+from .ds_universal import read_universal
 from .folders import folder_kind, read_folder
 from .lua_t7 import read_t7
 from .sharded import read_sharded_index
@@ -30,7 +32,7 @@ from .torch_legacy import read_torch_legacy, read_torch_tar
 from .torch_zip import check_zip, open_zip, read_torch_zip
 from .torchscript_v1 import read_torchscript_v1
 
-__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
+__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "deepspeed_kind", "read_deepspeed", "read_universal", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
 
 
 def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Checkpoint:

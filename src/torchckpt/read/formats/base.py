@@ -130,6 +130,7 @@ class Checkpoint:
     size: int = 0
     reader: Source | None = field(default=None, repr=False)
     trace: Trace = field(default_factory=Trace, repr=False)
+    resources: list[Any] = field(default_factory=list, repr=False)  # closed (``close()``) when the opener's with ends
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property
