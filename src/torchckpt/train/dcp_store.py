@@ -40,12 +40,18 @@ class DcpStore:
     def entries(self) -> list[Entry]:
         return [dataclasses.replace(e, store=self) for e in distributed.entries(self.directory)]
 
-    def save(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None, async_save: bool,
-             **objects: Any) -> tuple[str, Callable[[], None] | None]:
-        """Every rank writes its shards of ``objects``; rank 0 commits. Returns (path, finish): ``finish``
-        is None when the checkpoint is committed already, else it completes and commits it (blocking)."""
+    @staticmethod
+    def capture(step: int, epoch: int | None, **objects: Any) -> dict[str, Any]:
+        """What each rank writes: its shards of ``objects`` (model, optimizer, ...), RNG states included."""
+        state: dict[str, Any] = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
+        return state
+
+    def save(self, step: int, state: dict[str, Any], *, epoch: int | None, metrics: Mapping[str, Any] | None,
+             async_save: bool) -> tuple[str, Callable[[], None] | None]:
+        """Every rank writes its shards (``state`` from :meth:`capture`); rank 0 commits. Returns (path,
+        finish): ``finish`` is None when the checkpoint is committed already, else it completes and commits
+        it (blocking)."""
         self._saver = self._saver or distributed.DcpSaver(self.directory)
-        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
         return self._saver.save(step, state, distributed.base_meta(step, epoch, metrics), async_save=async_save)
 
     def delete(self, path: str) -> None:
