@@ -33,7 +33,7 @@ SKIP = ("pip ", "python3 -m pip", "python3 -m pytest", "python -m pytest")
 NOT_HERE = {"trainer.fit(": "tests/test_lightning.py (a real Lightning run, killed and resumed)",
             # remote storage: tests/test_remote_*.py, against a real moto S3 server and http.server
             'opts = {"endpoint_url"': "tests/test_remote_read.py", 'torchckpt.inspect("s3://': "tests/test_remote_read.py",
-            'ckpt = torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
+            'with torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
             'torchckpt.load("https://': "tests/test_remote_cache.py", 'path = torchckpt.download("hf://':
             "tests/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)",
             "model = fully_shard(": "tests/test_distributed.py (FSDP2 on real gloo ranks)"}

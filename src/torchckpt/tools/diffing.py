@@ -262,6 +262,8 @@ def _compare(x: Any, y: Any, key: str) -> TensorDiff:
     """Max abs / relative difference and non-finite counts of two tensors of one shape, chunk by chunk."""
     import torch
 
+    # quantized tensors: the values they stand for (a byte view of one crashes torch, and it has no arithmetic)
+    x, y = (t.dequantize() if getattr(t, "is_quantized", False) else t for t in (x, y))
     ct = _compute_dtype(x, y)
     xf, yf = _flat(x), _flat(y)
     total = xf.numel()

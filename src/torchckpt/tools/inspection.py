@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
 from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
-    state_dict_of, walk
+    state_dict_of, state_tensors, walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
 from ..read import Stub, Verdict, stub_name
@@ -174,7 +174,7 @@ def _collect(obj: Any, report: InspectReport) -> None:
         if is_tensor_like(value):
             report.tensors.append(_tensor_info(path or "<root>", value))
         elif is_module_like(value):
-            for k, t in state_dict_of(value).items():
+            for k, t in state_tensors(state_dict_of(value)):
                 report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
             if path:
                 report.values.append((path, _type_name(value), repr(value)))

@@ -25,7 +25,8 @@ from ...errors import CorruptCheckpointError, LimitExceededError
 from ...fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
 from ...read.opener import open_checkpoint
-from ...read import LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain, tensor_bytes, write_safetensors
+from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, is_stub_class, stub_name, \
+    stub_to_plain, tensor_bytes, write_safetensors
 from ...read.load import load
 from ...read.tensors import dtype_name, release, to_torch
 from ...read.trust import Policy, resolve_policy
@@ -269,6 +270,9 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
     elif is_stub_class(obj):
         note("references to unimported classes -> names")
         out = stub_name(obj)
+    elif isinstance(obj, FunctionRef):
+        note("references to torch functions -> names")
+        out = obj.qualified_name
     elif isinstance(obj, T7Object):
         note("Lua Torch7 objects -> plain dicts")
         out = {"__class__": obj.typename, **({"data": _modernize(obj.data, changes, d, memo)})}
@@ -284,7 +288,7 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
     elif isinstance(obj, (list, tuple)):
         values = [_modernize(v, changes, d, memo) for v in obj]
         out = tuple(values) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
-            type(obj).__name__ == "Size" else values
+            isinstance(obj, PackedParams) or type(obj).__name__ == "Size" else values  # packed: (weight, bias)
         if type(obj).__name__ == "Size":
             import torch
 
@@ -428,8 +432,10 @@ def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: Mate
     if to == "pt":
         import torch  # lazy: verification reads tensors
 
-        try:
-            torch.load(dst, weights_only=True, map_location="meta")  # the promise: plain torch can read it
+        # torch cannot make a per-channel quantized tensor on "meta": those files are read for real (mapped)
+        quantized = any(dtype_name(t).startswith(("qint", "quint")) for _, t in tensors)
+        try:  # the promise: plain torch can read it
+            torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None
