@@ -53,6 +53,7 @@ class InspectReport:
     locations: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    scalars: dict[str, int | float | bool] = field(default_factory=dict)  # plain numbers by path, typed (not in JSON)
 
     @property
     def total_parameters(self) -> int:
@@ -184,6 +185,8 @@ def _collect(obj: Any, report: InspectReport) -> None:
                 report.values.append((path, _type_name(value), repr(value)))
         elif _children(value) is None and len(report.values) < MAX_VALUES:
             report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
+            if isinstance(value, (int, float, bool)):
+                report.scalars[path or "<root>"] = value
 
 
 def _optimizer_summary(opt: dict[str, Any]) -> str:
