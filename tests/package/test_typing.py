@@ -157,4 +157,5 @@ def test_literal_and_overload_types_reach_users(mypy_cache: str, tmp_path) -> No
         done.stdout
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 4, done.stdout
-    assert '"on_mismatch"' in errors[0] and '"dtype"' in errors[1] and '"model"' in errors[2] and '"to"' in errors[3]
+    assert '"on_mismatch"' in errors[0] and '"dtype"' in errors[1] and 'expected Module' in errors[2] \
+        and '"to"' in errors[3]
