@@ -246,9 +246,15 @@ class Checkpointer:
         path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
                                       async_save=self._executor is not None)
         if finish is None:
-            self._apply_retention()
+            self._after_commit(path, "apply retention", self._apply_retention)
             return path
-        self._submit(f"the background save of {path}", lambda: (finish(), self._apply_retention()))
+        done = finish
+
+        def finish_and_keep() -> None:
+            done()
+            self._after_commit(path, "apply retention", self._apply_retention)
+
+        self._submit(f"the background save of {path}", finish_and_keep)
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
