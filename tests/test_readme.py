@@ -50,6 +50,16 @@ MODELS = textwrap.dedent('''
             ("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                                        nn.AdaptiveAvgPool2d(1), nn.Flatten())),
             ("head", nn.Linear(4, classes))]))
+
+    class Net(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten())
+            self.head = nn.Linear(4, classes)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
 ''')
 
 
@@ -91,6 +101,15 @@ def _write_files(tmp_path):
     (tmp_path / "mypkg" / "models.py").write_text(MODELS)
     model = build_model()
     sd = model.state_dict()
+    sys.path.insert(0, str(tmp_path))
+    try:  # a whole model of the user's own class: torchckpt.load(..., allow=["mypkg.*"])
+        import mypkg.models
+
+        torch.save(mypkg.models.Net().eval(), "mypkg_model.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("mypkg.models", "mypkg"):
+            sys.modules.pop(name, None)
     torch.save({"epoch": 90, "arch": "net", "state_dict": nn.DataParallel(model).state_dict(), "best_acc1": 0.76},
                "model_best.pth.tar", _use_new_zipfile_serialization=False)
     torch.save({"epoch": 3, "state_dict": nn.DataParallel(model).state_dict()}, "checkpoint.pth")
@@ -192,6 +211,7 @@ def _accelerate(ns: dict, files) -> None:
     ns["opt"], ns["sched"] = accelerate_app.make_training(ns["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block(workdir, index):
     ns = namespace()

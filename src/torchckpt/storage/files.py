@@ -198,10 +198,20 @@ def remove(path: Any, storage_options: StorageOptions | None = None) -> None:
 
 
 def makedirs(directory: Any, storage_options: StorageOptions | None = None) -> None:
-    """Create a local directory; on object stores (no directories) nothing is created."""
+    """Create a directory and its missing parents (durably: each new entry's parent is fsynced); on object
+    stores (no directories) nothing is created."""
     directory = os.fspath(directory)
     if not is_url(directory):
-        os.makedirs(_local(directory), exist_ok=True)
+        created, here = [], os.path.abspath(_local(directory))
+        while not os.path.isdir(here) and os.path.dirname(here) != here:
+            created.append(here)
+            here = os.path.dirname(here)
+        try:
+            os.makedirs(_local(directory), exist_ok=True)
+        except OSError as exc:  # a file where a directory should be, no permission, a full disk
+            raise atomic.write_error(directory, exc) from None
+        for new in created:
+            atomic.fsync_dir(os.path.dirname(new))
         return
     if _protocol(directory) in _OBJECT_STORES:
         return
