@@ -1,19 +1,21 @@
 """The ``torchckpt`` command line. Subcommands live in sibling modules; every exit code is decided here.
 
 Exit codes: 0 success, 1 findings/differences (scan, diff, a plan that does not fit),
-2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint.
+2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint,
+70 internal error (a bug: its traceback is printed, escaped).
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Any
 
 import click
 
 from ..errors import CheckpointError
 from . import convert_cmd, diff_cmd, inspect_cmd, report_cmd, scan_cmd, tour_cmd
-from .codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
+from .codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
 from .output import Output
 
 
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> Any:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: show it escaped (its text may quote the file), exit 70
+        Output().error("".join(traceback.format_exception(exc)) +
+                       f"internal error: {type(exc).__name__} escaped torchckpt; please report it "
+                       "(with the file, if you can share it).")
+        return EXIT_INTERNAL
 
 
 def run() -> None:

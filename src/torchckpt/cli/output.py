@@ -1,7 +1,10 @@
 """One output sink for every subcommand: rich tables on a terminal, plain text in a pipe, or JSON.
 
 Colour only when stdout is a terminal (and NO_COLOR is unset); ``--json`` prints exactly one JSON
-document on stdout. Errors go to stderr through :func:`error`.
+document on stdout. Errors go to stderr through :func:`error`. Every human-readable string passes
+:func:`torchckpt.text.escape_terminal` on its way out (stdout and stderr, terminal or pipe): text from a
+file never reaches a terminal with its control characters; ``--json`` stays exact (``json.dumps``
+escapes them as ``\\u001b``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import sys
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from ..text import escape_terminal
 
 __all__ = ["Output", "to_jsonable"]
 
@@ -43,11 +49,14 @@ class Output:
         sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        self.console.print(*objects, **kwargs)
+        """Print text (escaped: see the module docstring) or rich renderables built from escaped text."""
+        self.console.print(*(escape_terminal(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/] {message}" if self.err.is_terminal else f"error: {message}",
-                       markup=self.err.is_terminal)
+        """``error: message`` on stderr; the message is escaped and never read as rich markup."""
+        text = Text("error: ", style="bold red" if self.err.is_terminal else "")
+        text.append(escape_terminal(message))
+        self.err.print(text, markup=False)
 
     def progress(self, *, bytes_: bool = False) -> Any:
         """A rich Progress drawn on stderr when it is a terminal; disabled elsewhere and in --json mode."""

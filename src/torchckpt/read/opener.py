@@ -24,6 +24,7 @@ from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
 from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
 from .sniff import TORCH_LEGACY, sniff
+from .unpickle.budget import TreeMeter
 from .unpickle.mode import Mode
 from .unpickle.policy import Policy
 
@@ -90,6 +91,7 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
 
 def _finish(ckpt: Checkpoint, opts: ReadOptions, name: str, size: int, reader: Source | None) -> None:
     ckpt.name, ckpt.size, ckpt.reader, ckpt.trace = name, size, reader, opts.trace
+    ckpt.tree_meter = TreeMeter(opts.policy.budget, size, name)
     ckpt.globals = opts.trace.globals
     relocator = opts.relocator
     if relocator.fallbacks:

@@ -64,7 +64,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree, classes = part_to_write(loaded.tree, key, weights_only, changes)
+        tree, classes = part_to_write(loaded.tree, key, weights_only, changes, loaded.tree_meter)
         if classes:
             report.notes.append("module classes are not kept in a DCP directory: " +
                                 ", ".join(sorted(set(classes.values())))[:200])

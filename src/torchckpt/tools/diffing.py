@@ -18,6 +18,7 @@ from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
+from ..read.unpickle.budget import TreeMeter
 from ..read.unpickle.mode import Mode
 
 __all__ = ["diff", "DiffReport"]
@@ -94,13 +95,13 @@ class DiffReport:
     __str__ = render
 
 
-def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
+def _tensors(obj: Any, key: str | None, meter: TreeMeter) -> dict[str, Any]:
     try:
-        return dict(select(obj, key).state_dict)
+        return dict(select(obj, key, meter=meter).state_dict)
     except WeightsNotFoundError:
         if key is not None:
             raise
-        return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
+        return dict(flatten(obj, meter))  # no weights as such: compare every tensor in the tree
 
 
 def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
@@ -123,7 +124,7 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
             open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
-        ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
+        ta, tb = _tensors(la.obj, key, la.tree_meter), _tensors(lb.obj, key, lb.tree_meter)
         report = DiffReport(sa.name, sb.name)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
         shapes_b = {k: tuple(v.shape) for k, v in tb.items() if is_tensor_like(v)}

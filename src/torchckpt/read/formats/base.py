@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ...errors import LimitExceededError
 from ...storage.source import Source
 from ..devices import Relocator
-from ..unpickle.budget import Meter
+from ..unpickle.budget import Meter, TreeMeter
 from ..unpickle.machine import GlobalRef, Unpickler
 from ..unpickle.mode import Mode
 from ..unpickle.policy import Policy
@@ -122,6 +122,9 @@ class Checkpoint:
     size: int = 0
     reader: Source | None = field(default=None, repr=False)
     trace: Trace = field(default_factory=Trace, repr=False)
+    # what walking the tree may cost (the policy's ``Budget.visits``, at least one per byte of the file):
+    # every front end's walks charge it, so sharing in the tree cannot make them exponential
+    tree_meter: TreeMeter = field(default_factory=TreeMeter, repr=False)
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property
