@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from ..errors import CorruptCheckpointError
-from ..fit.tree import flatten, is_tensor_like
+from ..fit.tree import expanded_size, flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
 from ..read.unpickle.mode import Mode
@@ -72,7 +72,10 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
             tree = {"state": tree}
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
         materialize = Materializer(source, target_dtype)
-        tensors = flatten(tree)
+        tensors = flatten(tree, loaded.tree_meter)
+        # DCP names every value by its full path: a shared container is written under each path, so its
+        # expanded size (counted with each value once) is charged before anything is built
+        loaded.tree_meter.visit(n=expanded_size(tree, _plain_children))
         sources: dict[int, Any] = {}
         plan_tree = _placeholders(tree, sources, materialize)
         total = sum(t.numel() * _out_itemsize(t, materialize) for _, t in tensors)
@@ -100,6 +103,12 @@ def _out_itemsize(t: Any, materialize: Materializer) -> int:
     if materialize.target_dtype is not None and dtype.is_floating_point:
         dtype = materialize.target_dtype
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _plain_children(tree: Any) -> Any:
+    if is_tensor_like(tree):
+        return ()
+    return tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
 
 
 def _placeholders(tree: Any, sources: dict[int, Any], materialize: Materializer) -> Any:

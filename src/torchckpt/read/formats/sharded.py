@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
 from ...storage.remote import join
 from ...storage.source import Source, confined_path
-from .base import Checkpoint, ReadOptions
+from .base import Checkpoint, ReadOptions, parse_json
 
 __all__ = ["read_sharded_index"]
 
@@ -23,8 +22,8 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     if src.size > MAX_INDEX:
         return None
     try:
-        index = json.loads(src.read_at(0, src.size))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        index = parse_json(src.read_at(0, src.size), "sharded checkpoint index")
+    except CorruptCheckpointError:
         return None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -9,7 +9,6 @@ stored member ``data.key``. The weights are plain tensors: they come back as a s
 
 from __future__ import annotations
 
-import json
 import math
 import zipfile
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from ...storage.source import Source
 from ..unpickle.meta import MetaStorage, TensorMeta, check_view, meta_dtype
 from ..sniff import DESCRIPTIONS, TORCHSCRIPT
 from ..unpickle.mode import Mode
-from .base import Checkpoint, ReadOptions
+from .base import Checkpoint, ReadOptions, parse_json
 from .torch_zip import check_zip, member_data_offset, open_zip, read_member
 
 __all__ = ["read_torchscript_v1"]
@@ -56,10 +55,7 @@ def _read(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, load
     info = zf.getinfo(f"{prefix}/model.json")
     if info.file_size > MAX_JSON:
         raise LimitExceededError(f"model.json declares {info.file_size} bytes")
-    try:
-        model = json.loads(read_member(zf, info, src, opts))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"model.json is not valid JSON ({exc})") from None
+    model = parse_json(read_member(zf, info, src, opts), "TorchScript model.json")
     if not isinstance(model, dict) or not isinstance(model.get("mainModule"), dict):
         raise CorruptCheckpointError("model.json has no mainModule")
     defs = model.get("tensors") or []
