@@ -22,7 +22,7 @@ from ..read.formats.lua_t7 import T7Object, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
 from ..read.unpickle.budget import TreeMeter
 from ..read.unpickle.stubs import Stub, stub_name
-from ..text import key_text
+from ..text import clip, key_text
 from .align import align_keys
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
@@ -472,8 +472,8 @@ def select(obj: Any, key: str | None = None, model: Any = None, meter: TreeMeter
     if len(candidates) == 1:
         return candidates[0]
     if model is None:
-        paths = [c.where for c in candidates]
-        raise AmbiguousCheckpointError(f"{len(paths)} sets of weights in the checkpoint: {', '.join(paths)}",
+        paths = [clip(c.where, 200) for c in candidates[:50]]
+        raise AmbiguousCheckpointError(f"{len(candidates)} sets of weights in the checkpoint: {', '.join(paths)}",
                                        candidates=paths,
                                        hint=f"Choose one with key=... (--key on the command line), "
                                             f"e.g. key={paths[0]!r}.")
@@ -488,7 +488,7 @@ def select(obj: Any, key: str | None = None, model: Any = None, meter: TreeMeter
     scored.sort(key=lambda t: -t[0])
     (best, first), (second, other) = scored[0], scored[1]
     if best == second and not _same_tensors(first.state_dict, other.state_dict):
-        tied = [c.where for s, c in scored if s == best]
+        tied = [clip(c.where, 200) for s, c in scored if s == best][:50]
         raise AmbiguousCheckpointError(
             f"{len(tied)} places in the checkpoint fit the model equally well ({best} keys each): "
             f"{', '.join(tied)}", candidates=tied,
@@ -503,11 +503,12 @@ def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _candidates_hint(obj: Any) -> str:
-    found = [c.where for c in find_state_dicts(obj)]
+    found = [clip(c.where, 200) for c in find_state_dicts(obj)[:20]]
     return f"Weights found at: {', '.join(found)}." if found else _top_level_hint(obj)
 
 
 def _top_level_hint(obj: Any) -> str:
     if isinstance(obj, dict):
-        return f"Top-level keys: {', '.join(map(str, list(obj)[:20]))}. Pass key=... to point at the weights."
+        keys = ", ".join(clip(key_text(k, 200), 60) for k in list(obj)[:20])
+        return f"Top-level keys: {keys}. Pass key=... to point at the weights."
     return f"The checkpoint holds a {type(obj).__name__}; `torchckpt inspect FILE` shows its structure."

@@ -10,6 +10,7 @@ kept as JSON. Every output is reloaded and compared with the source before the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,11 +19,11 @@ import struct
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError, LimitExceededError
+from ..errors import CheckpointError, CorruptCheckpointError, LimitExceededError
 from ..fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
 from ..read.opener import open_checkpoint
@@ -106,7 +107,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
-                         storage_options=storage_options) as loaded:
+                         storage_options=storage_options) as loaded, _naming(loaded.name):
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
@@ -159,6 +160,15 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+@contextlib.contextmanager
+def _naming(name: str) -> Iterator[None]:
+    """A CheckpointError raised while converting names the source file."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise exc.with_path(name)
 
 
 def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter[str],
