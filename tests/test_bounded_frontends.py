@@ -1,0 +1,201 @@
+"""Bounded end to end (issue 26): one regression test per class of attack on the layers above the VM.
+
+Files come from the attacker's kit (tests/hostile.py). Each test asserts real behaviour: a front end
+finishes, and either works or raises a CheckpointError that names the limit and how to raise it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hostile
+import torchckpt
+from torchckpt import Budget, CheckpointError, LimitExceededError, Policy
+from torchckpt.fit.tree import expanded_size, walk
+from torchckpt.read.unpickle.budget import TreeMeter
+from torchckpt.text import key_text, summary
+from torchckpt.tools.diffing import _compare
+from torchckpt.tools.tensor_stats import tensor_stats
+
+HERE = os.path.dirname(__file__)
+SRC = os.path.abspath(os.path.join(HERE, os.pardir, "src"))
+
+
+def _run_front_ends(files: list[str], tmp_path, timeout: float = 240.0) -> dict[str, dict[str, str]]:
+    """Every front end on every file, in a child process with a wall-clock limit (a hang fails the test)."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {HERE!r})
+        import hostile
+        print(json.dumps({{f: hostile.check(f, {str(tmp_path)!r}) for f in {files!r}}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_bounded(results: dict[str, dict[str, str]]) -> None:
+    for path, per_front in results.items():
+        for front, outcome in per_front.items():
+            assert not outcome.startswith("RAW"), f"{os.path.basename(path)} {front}: {outcome}"
+
+
+@pytest.mark.slow
+def test_dag_tuple_2_48_leaves_is_not_expanded(tmp_path):
+    """A 300-byte pickle of a tuple DAG with 2^48 leaves, in raw pickle, zip and legacy containers:
+    every front end (load, load_into, inspect, inspect --json, scan, diff, diff --values, convert to
+    .pt/.safetensors/DCP, report, report --diff, resume) finishes, with a value or a CheckpointError."""
+    files = [hostile.CATALOGUE[n](str(tmp_path / n)) for n in ("dag_tuple.pkl", "dag_tuple.pt", "dag_tuple_legacy.pt")]
+    assert os.path.getsize(files[0]) < 400
+    out = tmp_path / "out"
+    out.mkdir()
+    results = _run_front_ends(files, out)
+    _assert_bounded(results)
+    for per_front in results.values():
+        assert per_front["inspect"] == "ok" and per_front["load"] == "ok" and per_front["diff_values"] == "ok"
+        assert "visits limit" in per_front["convert_safetensors"]  # JSON cannot share: refused, not expanded
+
+
+def test_dag_tuple_is_summarised_within_its_limit():
+    report = torchckpt.inspect(pickle_bytes := __import__("pickle").dumps({"dag": hostile.dag_tuple(48)}, protocol=2))
+    assert len(pickle_bytes) < 400
+    (value,) = [v for p, _, v in report.values if p == "dag"]
+    assert len(value) <= 120 and value.endswith("...")
+
+
+def test_module_dag_state_dict_charges_every_name_and_names_the_policy(tmp_path):
+    """Module stubs sharing their submodules (2^48 names): state_dict_of raises before expanding,
+    naming the limit and the Policy that would allow it; a raised budget is honoured."""
+    path = hostile.module_dag(str(tmp_path / "m.pt"))
+    with pytest.raises(LimitExceededError) as info:
+        torchckpt.inspect(path)
+    text = str(info.value)
+    assert "visits limit" in text and "Policy(budget=Budget(visits=" in text and str(path) in text
+    small = hostile.module_dag(str(tmp_path / "small.pt"), depth=6)
+    assert len(torchckpt.inspect(small).tensors) == 2 ** 6  # tied weights under every name, as nn.Module does
+    with pytest.raises(LimitExceededError):
+        torchckpt.inspect(small, policy=Policy(budget=Budget(visits=10)))
+
+
+def test_expanded_size_counts_each_shared_value_once():
+    assert expanded_size(hostile.dag_tuple(48), lambda v: v if isinstance(v, tuple) else ()) == 2 ** 49 - 1
+
+
+def test_walk_lists_a_shared_container_once():
+    inner = {f"k{i}": i for i in range(2000)}
+    tree = {f"r{i}": inner for i in range(2000)}
+    meter = TreeMeter()
+    nodes = sum(1 for _ in walk(tree, meter=meter))
+    assert nodes == 1 + 2000 + 2000 and meter.used < 10_000
+
+
+def test_deep_long_names_paths_are_charged(tmp_path):
+    """200 levels of one 64 KiB key: paths would total ~1.3 GB of text; the walk raises instead."""
+    path = hostile.deep_long_names(str(tmp_path / "deep.pt"))
+    with pytest.raises(LimitExceededError) as info:
+        torchckpt.diff(path, path)
+    assert "visits" in str(info.value)
+
+
+def test_key_with_150000_dots_stays_linear(tmp_path):
+    path = hostile.dotted_key(str(tmp_path / "dots.pt"))
+    report = torchckpt.report(path)
+    assert report is not None
+    assert len(torchckpt.inspect(path).tensors) == 2
+
+
+def test_huge_integer_key_and_value_are_described_not_converted():
+    assert "digits" in key_text(10 ** 5000)
+    assert len(summary([10 ** 5000] * 3, 100)) <= 100
+
+
+def test_odd_optimizer_summary_says_what_is_unusual(tmp_path):
+    report = torchckpt.inspect(hostile.odd_optimizer(str(tmp_path / "o.pt")))
+    (summary_text,) = [v for p, t, v in report.values if t == "optimizer state"]
+    assert "unusual" in summary_text and "params is a int" in summary_text
+    assert "\x1b" not in summary_text
+
+
+def test_config_json_5000_digit_integer_is_a_typed_error(tmp_path):
+    folder = hostile.escape_folder(str(tmp_path / "f"))
+    with pytest.raises(CheckpointError) as info:
+        torchckpt.load(folder)
+    assert "5000 digits" in str(info.value)
+
+
+DTYPES = hostile.all_dtypes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_in_stats_diff_convert_inspect(dtype, tmp_path):
+    path = hostile.dtypes_file(str(tmp_path / "d.pt"), [dtype])
+    report = torchckpt.inspect(path)
+    assert len(report.tensors) == 1
+    diff = torchckpt.diff(path, path, values=True)
+    assert not diff.changed
+    stats = torchckpt.report(path)
+    assert stats is not None
+    for dst in ("c.pt", "c.safetensors"):
+        try:
+            torchckpt.convert(path, str(tmp_path / dst))
+        except CheckpointError as exc:  # a dtype safetensors cannot store is refused by name
+            assert dst.endswith("safetensors") and str(dtype).replace("torch.", "") in str(exc)
+
+
+def test_quantized_tensor_statistics_are_shape_only():
+    q = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)
+    stats = tensor_stats("q", q)
+    assert stats.numel == 4 and stats.mean is None
+
+
+def test_expanded_tensor_is_processed_per_stored_value():
+    e = torch.arange(3.0).reshape(3, 1).expand(3, 1 << 30)  # 3 stored values, 3 Gi elements (12 GB dense)
+    stats = tensor_stats("e", e, bins=3)
+    assert stats.numel == 3 << 30 and stats.finite == 3 << 30 and stats.mean == 1.0
+    assert stats.histogram is not None and stats.histogram[1] == [1 << 30] * 3
+    d = _compare(e, torch.arange(3.0).reshape(3, 1).expand(3, 1 << 30), "e")
+    assert d.max_abs == 0.0
+    d = _compare(e, torch.arange(1.0, 4.0).reshape(3, 1).expand(3, 1 << 30), "e")
+    assert d.max_abs == 1.0
+
+
+@pytest.mark.slow
+def test_expanded_tensor_diff_values_stays_one_chunk(tmp_path):
+    """diff --values of a zero-stride view (1 Gi elements of one stored float) in a child process whose
+    peak RSS must stay far below the 4 GB a dense copy would take."""
+    path = hostile.expanded(str(tmp_path / "e.pt"), numel=1 << 30)
+    other = tmp_path / "dense_partner.pt"
+    torch.save({"e": torch.ones(1).expand(1 << 30), "w": torch.ones(2)}, other)
+    script = textwrap.dedent(f"""
+        import resource, torchckpt
+        d = torchckpt.diff({path!r}, {str(other)!r}, values=True)
+        r = torchckpt.report({path!r})
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, [c.key for c in d.changed])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": SRC})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rss_kib, changed = done.stdout.split(" ", 1)
+    assert int(rss_kib) < 1_500_000, rss_kib
+    assert "'w'" in changed and "'e'" not in changed
+
+
+@pytest.mark.slow
+def test_hostile_catalogue_fast_slice(tmp_path):
+    """The CI slice of the attacker's kit: every front end on the catalogue's small files."""
+    names = ["module_dag.pt", "escape_keys.pt", "escape.safetensors", "odd_optimizer.pt", "shared_big_dict.pt",
+             "dtypes.pt"]
+    files = [hostile.CATALOGUE[n](str(tmp_path / n)) for n in names]
+    out = tmp_path / "out"
+    out.mkdir()
+    _assert_bounded(_run_front_ends(files, out, timeout=600))
+    for f in files:
+        assert hostile.scan_agrees_with_load(f), f
