@@ -23,8 +23,8 @@ from ..errors import CorruptCheckpointError
 from ..fit.tree import expanded_size, flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.mode import Mode
-from .convert import ConvertReport, Materializer, Progress, _naming, float_dtype, part_to_write
+from ..read import Mode
+from .convert import ConvertReport, Materializer, Progress, errors_name_source, float_dtype, part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits
 
@@ -60,7 +60,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
     target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded, \
-            _naming(loaded.name):
+            errors_name_source(loaded.name):
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))

@@ -18,8 +18,7 @@ from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
-from ..read.unpickle.budget import TreeMeter
-from ..read.unpickle.mode import Mode
+from ..read import Mode, TreeMeter
 from .tensor_stats import collapse_expanded, flat_pieces
 
 __all__ = ["diff", "DiffReport"]

@@ -17,9 +17,7 @@ from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimiz
     state_dict_of, walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.policy import Verdict
-from ..read.unpickle.budget import TreeMeter
-from ..read.unpickle.stubs import Stub, stub_name
+from ..read import Stub, TreeMeter, Verdict, stub_name
 from ..text import clip, summary
 
 __all__ = ["inspect", "InspectReport", "TensorInfo", "format_bytes"]
