@@ -114,7 +114,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
             if cast:
                 changes[f"floating-point tensors cast to {dtype_name(target_dtype)}"] += cast
         if to == "safetensors" or target_dtype is not None:
-            _check_dense(tensors, source.size, to, target_dtype)
+            check_dense(tensors, source.size, to, target_dtype)
         materialize = Materializer(source, target_dtype)
         if to == "safetensors":
             metadata = {"format": "pt"}
@@ -183,7 +183,7 @@ def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counte
     return _modernize(part, changes, 0, {}), {}
 
 
-def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_dtype: Any) -> None:
+def check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_dtype: Any) -> None:
     """Refuse views whose dense copy would dwarf the file (a crafted ``expand``: stride 0 over 1 element)."""
     budget = max(file_size, 0) + DENSE_BUDGET
     total = 0
@@ -198,7 +198,8 @@ def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target
         itemsize = _itemsize(t)
         total += (numel - extent) * itemsize
         if total > budget:
-            why = "safetensors stores every element" if to == "safetensors" else "casting copies every element"
+            why = {"safetensors": "safetensors stores every element", "dcp": "a DCP directory stores every element"}.get(
+                to, "casting copies every element")
             raise LimitExceededError(
                 f"tensor {name} is a view of {extent * itemsize:,} bytes that expands to {numel * itemsize:,} bytes "
                 f"(shape {list(shape)}, stride {list(stride)}); {why}, which would need more than the "

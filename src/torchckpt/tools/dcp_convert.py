@@ -24,7 +24,8 @@ from ..fit.tree import expanded_size, flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
 from ..read import Mode
-from .convert import ConvertReport, Materializer, Progress, errors_name_source, float_dtype, part_to_write
+from .convert import ConvertReport, Materializer, Progress, check_dense, errors_name_source, float_dtype, \
+    part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits
 
@@ -74,6 +75,7 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
         materialize = Materializer(source, target_dtype)
         tensors = flatten(tree, loaded.tree_meter)
+        check_dense(tensors, source.size, "dcp", target_dtype)  # DCP writes every element of a view
         # DCP names every value by its full path: a shared container is written under each path, so its
         # expanded size (counted with each value once) is charged before anything is built
         loaded.tree_meter.visit(n=expanded_size(tree, _plain_children))

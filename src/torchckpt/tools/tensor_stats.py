@@ -240,11 +240,22 @@ def relative_change(a: Any, b: Any, *, chunk: int = CHUNK) -> tuple[float, float
     """``(‖a−b‖, ‖a‖)`` in float64 over chunks; NaN where either side is not finite."""
     import torch
 
+    repeats = 1
+    zero_a = [d for d, (n, s) in enumerate(zip(a.shape, a.stride())) if s == 0 and n > 1]
+    if zero_a and zero_a == [d for d, (n, s) in enumerate(zip(b.shape, b.stride())) if s == 0 and n > 1]:
+        (a, repeats), (b, _) = collapse_expanded(a), collapse_expanded(b)  # sums over stored values, repeated
     diff_sq, base_sq = 0.0, 0.0
-    for ca, cb in zip(_chunks(a, chunk), _chunks(b, chunk)):
+    by_shape = not (a.is_contiguous() and b.is_contiguous())  # cut both alike, one chunk in memory
+    for ca, cb in zip(flat_pieces(a, chunk, by_shape), flat_pieces(b, chunk, by_shape)):
+        if ca.is_complex() or cb.is_complex():
+            ca, cb = ca.to(torch.complex128), cb.to(torch.complex128)
+            diff_sq += float(((ca - cb).abs() ** 2).sum())
+            base_sq += float((ca.abs() ** 2).sum())
+            continue
         ca, cb = ca.to(torch.float64), cb.to(torch.float64)
         diff_sq += float(((ca - cb) ** 2).sum())
         base_sq += float((ca * ca).sum())
+    diff_sq, base_sq = diff_sq * repeats, base_sq * repeats
     if not (math.isfinite(diff_sq) and math.isfinite(base_sq)):
         return float("nan"), float("nan")
     return math.sqrt(diff_sq), math.sqrt(base_sq)
