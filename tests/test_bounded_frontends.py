@@ -199,3 +199,24 @@ def test_hostile_catalogue_fast_slice(tmp_path):
     _assert_bounded(_run_front_ends(files, out, timeout=600))
     for f in files:
         assert hostile.scan_agrees_with_load(f), f
+
+
+def test_torchscript_code_members_inflate_under_one_budget(tmp_path):
+    """20 deflated code/ members of 15 MiB each (a few KiB compressed): 300 MiB together, past the
+    file's inflation budget (256 MiB floor). Each member alone is within it; one meter sees them all."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buf)
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        prefix = src.namelist()[0].split("/")[0]
+        for info in src.infolist():
+            dst.writestr(info, src.read(info), info.compress_type)
+        for i in range(20):
+            dst.writestr(f"{prefix}/code/__torch__/pad{i}.py", b"\n" * (15 << 20), zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(LimitExceededError) as info:
+        torchckpt.load(path)
+    assert "inflat" in str(info.value)
