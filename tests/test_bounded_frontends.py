@@ -220,3 +220,15 @@ def test_torchscript_code_members_inflate_under_one_budget(tmp_path):
     with pytest.raises(LimitExceededError) as info:
         torchckpt.load(path)
     assert "inflat" in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [[2 ** 64, 0], [2 ** 63, 0], [2 ** 40, 2 ** 40, 0], [2 ** 62, 2, 0]], ids=str)
+def test_safetensors_shape_beyond_int64_is_refused_by_load_scan_and_inspect_alike(shape, tmp_path):
+    header = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    for front in (torchckpt.load, torchckpt.inspect):
+        with pytest.raises(CheckpointError, match="64 bits"):
+            front(path)
+    assert torchckpt.scan(path).status != "clean"
+    assert hostile.scan_agrees_with_load(str(path))

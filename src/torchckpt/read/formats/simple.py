@@ -59,6 +59,10 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
                 type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(f"safetensors entry {name!r} is malformed: {e!r:.200}") from None
+        if ok and math.prod(d for d in shape if d) >= 1 << 63:  # torch (load) refuses what int64 cannot count:
+            raise CorruptCheckpointError(  # so does this check, which scan and inspect run too
+                f"safetensors entry {name!r:.200} has shape {str(shape)[:200]}: its element count does not fit "
+                "in 64 bits", hint="The header is damaged or crafted; no tensor has that many elements.")
         if not ok or (end - begin) != math.prod(shape) * itemsize:
             if end > data_size:
                 raise TruncatedCheckpointError(f"tensor {name!r} ends at data byte {end}; the data section has "
