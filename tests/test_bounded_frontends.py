@@ -270,3 +270,14 @@ def test_legacy_tar_reader_reads_exactly_the_pickles_torch_reads_in_its_order(tm
     with open_checkpoint(path) as ckpt:
         ours = [(s.member, s.offset) for s in ckpt.trace.streams]
     assert ours == torch_order
+
+
+def test_sharded_index_with_thousands_of_spellings_of_one_shard_reads_it_once(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({f"t{i}": torch.full((2,), float(i)) for i in range(2000)}, str(tmp_path / "model.safetensors"))
+    weight_map = {f"t{i}": "./" * i + "model.safetensors" for i in range(2000)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    out, info = torchckpt.load(tmp_path / "model.safetensors.index.json", return_info=True)
+    assert len(out) == 2000 and float(out["t1999"][0]) == 1999.0
+    assert "(1 shards)" in info.description
