@@ -306,8 +306,122 @@ def scan_agrees_with_load(path: str) -> bool:
     return (torchckpt.scan(path).status == "clean") == loads
 
 
-if __name__ == "__main__":  # python3 tests/hostile.py DIR [check]: write the catalogue (and run every front end)
+# -- random hostile checkpoints (the property test) ----------------------------------------------------
+
+def random_tree(rng: Any, budget: int = 60) -> Any:
+    """A random tree of dicts, lists and tuples that shares containers (DAG), nests deep, carries escape
+    strings, odd keys (ints, tuples, huge ints), odd optimizer groups and tensors of every dtype and
+    stride (views, zero strides)."""
+    made: list[Any] = []
+    dtypes = all_dtypes()
+
+    def leaf() -> Any:
+        kind = rng.randrange(9)
+        if kind == 0:
+            dt = rng.choice(dtypes)
+            base = torch.arange(rng.randrange(1, 12)).to(dt) if not dt.is_complex else \
+                torch.arange(rng.randrange(1, 12), dtype=torch.float64).to(dt)
+            if rng.random() < 0.3:
+                return base[:1].expand(rng.choice([3, 1 << 20]))  # zero stride
+            return base[::2] if rng.random() < 0.3 else base
+        if kind == 1:
+            return rng.choice(ESCAPES) + "x" * rng.randrange(3)
+        if kind == 2:
+            return rng.choice([0, -1, 2 ** 63, 10 ** 300, float("nan"), float("inf"), True, None, 1.5])
+        if kind == 3:
+            return b"\x1b]0;T\x07" * rng.randrange(1, 4)
+        if kind == 4 and made:
+            return rng.choice(made)  # sharing: a DAG
+        if kind == 5:
+            return {"state": {0: {"exp_avg": torch.zeros(2), rng.choice([1, "s", EVIL]): 1}},
+                    "param_groups": [{"params": rng.choice([3, [0], "x", None]), "lr": rng.choice([0.1, 10 ** 400])}]}
+        if kind == 6:
+            return dag_tuple(rng.randrange(1, 50))
+        return "k" * rng.randrange(0, 2000)
+
+    def node(depth: int) -> Any:
+        nonlocal budget
+        budget -= 1
+        if budget <= 0 or depth > rng.randrange(2, 40) or rng.random() < 0.35:
+            return leaf()
+        kind = rng.randrange(3)
+        n = rng.randrange(0, 6)
+        if kind == 0:
+            keys = [rng.choice([f"k{i}", f"{EVIL}{i}", "." * rng.randrange(1, 300), i, (i, "t"), 10 ** 50 + i])
+                    for i in range(n)]
+            out: Any = {k: node(depth + 1) for k in keys}
+        elif kind == 1:
+            out = [node(depth + 1) for _ in range(n)]
+        else:
+            out = tuple(node(depth + 1) for _ in range(n))
+        made.append(out)
+        return out
+
+    return {"model": {"w": torch.ones(2)}, "x": node(0)}
+
+
+def random_checkpoint(seed: int, directory: str) -> str:
+    """One random hostile checkpoint (zip, legacy or raw pickle) under ``directory``."""
+    import random
+
+    rng = random.Random(seed)
+    tree = random_tree(rng)
+    container = rng.choice(["zip", "legacy", "pickle"])
+    path = os.path.join(directory, f"fuzz{seed}.{ {'zip': 'pt', 'legacy': 'pth', 'pickle': 'pkl'}[container]}")
+    if container == "pickle":
+        tree = {k: v for k, v in tree.items()}
+        try:
+            with open(path, "wb") as fh:
+                fh.write(pickle.dumps(tree, protocol=2))
+        except (RecursionError, TypeError, pickle.PicklingError):  # tensors pickle through torch only
+            return write_zip(path[:-4] + ".pt", tree)
+        return path
+    return write_legacy(path, tree) if container == "legacy" else write_zip(path, tree)
+
+
+def fuzz(seeds: range, directory: str, names: list[str] | None = None) -> dict[str, int]:
+    """Run every front end on one random checkpoint per seed; print each raw failure and slow run."""
+    import time
+
+    counts = {"inputs": 0, "runs": 0, "raw": 0, "checkpoint_errors": 0, "slow": 0}
+    for seed in seeds:
+        try:
+            path = random_checkpoint(seed, directory)
+        except Exception:  # noqa: BLE001 - a tree torch cannot save is not an input
+            continue
+        counts["inputs"] += 1
+        for front, outcome in check(path, directory, names).items():
+            counts["runs"] += 1
+            if outcome.startswith("RAW"):
+                counts["raw"] += 1
+                print(f"seed {seed} {front}: {outcome}", flush=True)
+            elif outcome != "ok":
+                counts["checkpoint_errors"] += 1
+        start = time.monotonic()
+        agree = scan_agrees_with_load(path)
+        if not agree:
+            counts["raw"] += 1
+            print(f"seed {seed}: scan and load disagree", flush=True)
+        if time.monotonic() - start > 10:
+            counts["slow"] += 1
+        for f in os.listdir(directory):
+            full = os.path.join(directory, f)
+            if os.path.isfile(full):
+                os.unlink(full)
+            else:
+                import shutil
+                shutil.rmtree(full, ignore_errors=True)
+    return counts
+
+
+if __name__ == "__main__":  # python3 tests/hostile.py DIR [check] | python3 tests/hostile.py fuzz FIRST COUNT
     import tempfile
+
+    if sys.argv[1] == "fuzz":
+        first, count = int(sys.argv[2]), int(sys.argv[3])
+        with tempfile.TemporaryDirectory() as tmp:
+            print(fuzz(range(first, first + count), tmp), flush=True)
+        sys.exit(0)
 
     for name, where in write_all(sys.argv[1]).items():
         print(name, where, flush=True)
