@@ -22,7 +22,7 @@ from torchckpt.fit.tree import expanded_size, walk
 from torchckpt.read.unpickle.budget import TreeMeter
 from torchckpt.text import key_text, summary
 from torchckpt.tools.diffing import _compare
-from torchckpt.tools.tensor_stats import tensor_stats
+from torchckpt.tools.report.tensor_stats import tensor_stats
 
 HERE = os.path.dirname(__file__)
 SRC = os.path.abspath(os.path.join(HERE, os.pardir, "src"))

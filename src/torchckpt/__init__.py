@@ -23,14 +23,14 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .read.load import load, read_checkpoint
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
-    from .tools.dcp_convert import convert
+    from .tools.convert import convert
     from .tools.diffing import diff
-    from .tools.html_report import report
+    from .tools.report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.sampler import ResumableSampler
-    from .train.remote import save
+    from .train.save import save
     from .train.training import TrainingState
 
 __all__ = [
@@ -53,7 +53,7 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
-    "save": ("train.remote", "save"),  # a local path or a URL
+    "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
@@ -62,9 +62,9 @@ _LAZY = {
     "KeepEvery": ("train.checkpointer", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
-    "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
+    "convert": ("tools.convert", "convert"),  # .pt / .safetensors or a DCP directory
     "diff": ("tools.diffing", "diff"),
-    "report": ("tools.html_report", "report"),
+    "report": ("tools.report", "report"),
     "Policy": ("read", "Policy"),
     "Budget": ("read", "Budget"),
     "Stub": ("read", "Stub"),

@@ -22,6 +22,7 @@ from ..read import Stub, T7Object, TreeMeter, stub_name, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
 from ..text import clip, key_text
 from .align import align_keys
+from .quantized import quantized_entries, tuple_state_module
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
            "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
@@ -41,7 +42,7 @@ def is_module_like(obj: Any) -> bool:
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            _torchscript_stub(obj)
+            _torchscript_stub(obj) or tuple_state_module(obj)
     torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
 
@@ -217,10 +218,13 @@ def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int]
         if p is not None:
             meter.visit(len(prefix) + len(name))
             out[prefix + name] = _tensor_of(p, prefix + name, module)
+    buffers = attrs.get("_buffers") if isinstance(attrs.get("_buffers"), dict) else {}
     for name, b in _named(attrs.get("_buffers"), "_buffers", module):
         if b is not None and name not in non_persistent:
             meter.visit(len(prefix) + len(name))
             out[prefix + name] = _tensor_of(b, prefix + name, module)
+    for name, value in quantized_entries(module, buffers):
+        out[prefix + name] = value
     for name, child in _named(attrs.get("_modules"), "_modules", module):
         if isinstance(child, Stub):
             _stub_state(child, f"{prefix}{name}.", out, active, depth + 1, meter)
@@ -246,6 +250,8 @@ def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: s
         if value is not None and is_tensor_like(value):
             meter.visit(len(prefix) + len(name))
             out[prefix + name] = _detach(value)
+    for name, value in quantized_entries(module, names):
+        out[prefix + name] = value
     for name, value in attrs.items():
         if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{key_text(name)}.", out, active, decls, depth + 1, meter)
@@ -289,6 +295,9 @@ def children_of(value: Any) -> list[tuple[Any, Any]] | None:
         return out + list(enumerate(value.stub_list or []))
     if hasattr(value, "__dict__") and type(value).__module__ in ("argparse", "types"):
         return list(vars(value).items())
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None and value.dtype.kind == "O" \
+            and hasattr(value, "reshape"):
+        return list(enumerate(value.reshape(-1)))  # an object array: its items (a list of weight arrays)
     return None
 
 

@@ -19,7 +19,7 @@ from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
 from ..read import Mode, TreeMeter
-from .tensor_stats import collapse_expanded, flat_pieces
+from .report.tensor_stats import collapse_expanded, flat_pieces
 
 __all__ = ["diff", "DiffReport"]
 

@@ -101,10 +101,10 @@ class ReadOptions:
 
 def run_pickle(opts: ReadOptions, data: Any, src: Source, member: str | None, *, start: int = 0,
                end: int | None = None, persistent_load: Callable[[Any], Any] | None = None,
-               loaded: bool = True) -> tuple[Any, Unpickler]:
+               loaded: bool = True, tensor_table: Callable[[int], Any] | None = None) -> tuple[Any, Unpickler]:
     """Run one pickle stream through the VM in ``opts.mode`` and record it in the trace."""
     u = Unpickler(data, policy=opts.policy, mode=opts.mode, persistent_load=persistent_load, start=start, end=end,
-                  member=member, meter=opts.budget_meter())
+                  member=member, meter=opts.budget_meter(), tensor_table=tensor_table)
     stream = Stream(src.name, member, start, u.globals, loaded=loaded)
     opts.trace.streams.append(stream)
     obj = u.load()
@@ -134,6 +134,7 @@ class Checkpoint:
     # what walking the tree may cost (the policy's ``Budget.visits``, at least one per byte of the file):
     # every front end's walks charge it, so sharing in the tree cannot make them exponential
     tree_meter: TreeMeter = field(default_factory=TreeMeter, repr=False)
+    resources: list[Any] = field(default_factory=list, repr=False)  # closed (``close()``) when the opener's with ends
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..read.tensors import dtype_name
+from ...read.tensors import dtype_name
 
 __all__ = ["TensorStats", "tensor_stats", "workspace", "relative_change", "CHUNK", "flat_pieces", "collapse_expanded"]
 
