@@ -134,7 +134,8 @@ def _join(parts: list[str], limit: int = 12) -> str:
 def _prefixes(key: str, levels: int = 32) -> list[str]:
     """The dotted prefixes of ``key``, shortest first, at most ``levels`` of them (a key of 150,000 dots
     does not make 150,000 prefixes of growing length)."""
-    out, end = [], key.find(".")
+    out: list[str] = []
+    end = key.find(".")
     while end != -1 and len(out) < levels:
         out.append(key[:end])
         end = key.find(".", end + 1)
