@@ -281,3 +281,19 @@ def test_sharded_index_with_thousands_of_spellings_of_one_shard_reads_it_once(tm
     out, info = torchckpt.load(tmp_path / "model.safetensors.index.json", return_info=True)
     assert len(out) == 2000 and float(out["t1999"][0]) == 1999.0
     assert "(1 shards)" in info.description
+
+
+def test_nested_fraction_arithmetic_is_charged():
+    """Fraction(Fraction(big, 3), Fraction(1, big)): each part is within the digits limit, the product is
+    twice as long; nested, the digits would double per level. The result is checked like a literal."""
+    import pickle
+
+    from pickle_asm import PROTO2, STOP, call, glob, i
+
+    big = pickle.dumps(10 ** 4000 + 7, protocol=2)[2:-1]  # a LONG opcode of 4001 digits
+    inner = call(glob("fractions", "Fraction"), big, i(3))
+    other = call(glob("fractions", "Fraction"), i(1), big)
+    data = PROTO2 + call(glob("fractions", "Fraction"), inner, other) + STOP
+    assert torchckpt.load(PROTO2 + inner + STOP).denominator == 3  # one level is fine
+    with pytest.raises(LimitExceededError, match="digits"):
+        torchckpt.load(data)
