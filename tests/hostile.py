@@ -140,8 +140,9 @@ def escape_safetensors(path: str) -> str:
     return path
 
 
-def escape_folder(path: str) -> str:
-    """A Hugging Face folder: config.json values, and a sharded index whose shard name carries escapes."""
+def escape_folder(path: str, big_int: bool = True) -> str:
+    """A Hugging Face folder: config.json values, and a sharded index whose shard name carries escapes
+    (and, with ``big_int``, a 5000-digit integer in config.json)."""
     os.makedirs(path, exist_ok=True)
     shard = "model-00001" + "\x1b]0;T\x07" + ".safetensors"
     escape_safetensors(os.path.join(path, shard))
@@ -150,7 +151,7 @@ def escape_folder(path: str) -> str:
         json.dump({"metadata": {"note": EVIL}, "weight_map": {n: shard for n in names}}, fh)
     with open(os.path.join(path, "config.json"), "w") as fh:
         fh.write('{"model_type": ' + json.dumps(EVIL) + ', "architectures": [' + json.dumps(EVIL) + '], '
-                 '"big": ' + "9" * 5000 + '}')
+                 '"big": ' + ("9" * 5000 if big_int else "9") + '}')
     return path
 
 
@@ -223,6 +224,7 @@ CATALOGUE: dict[str, Callable[[str], str]] = {
     "escape_class.pt": escape_class_model,
     "escape.safetensors": escape_safetensors,
     "escape_folder": escape_folder,
+    "escape_folder_text": lambda p: escape_folder(p, big_int=False),
     "odd_optimizer.pt": odd_optimizer,
     "deep_long_names.pt": deep_long_names,
     "dotted_key.pt": dotted_key,
