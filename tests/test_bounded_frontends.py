@@ -297,3 +297,18 @@ def test_nested_fraction_arithmetic_is_charged():
     assert torchckpt.load(PROTO2 + inner + STOP).denominator == 3  # one level is fine
     with pytest.raises(LimitExceededError, match="digits"):
         torchckpt.load(data)
+
+
+def test_fuzz_seed_1173_histogram_of_one_complex_value():
+    """Found by the fuzz (tests/hostile.py fuzz): a 1-element complex tensor (an expanded view collapses to
+    one) made the histogram's half chunk hold half a complex value: a raw RuntimeError in report."""
+    stats = tensor_stats("c", torch.ones(1, dtype=torch.complex64).expand(5), bins=4)
+    assert stats.histogram is not None and sum(stats.histogram[1]) == 10  # real and imaginary parts
+
+
+def test_fuzz_seed_1261_convert_verifies_complex32(tmp_path):
+    """Found by the fuzz: verifying a converted complex32 tensor fell back to torch.equal, which has no
+    complex32 kernel (raw NotImplementedError)."""
+    src = tmp_path / "c32.pt"
+    torch.save({"c": torch.ones(3, dtype=torch.complex32)[::2]}, src)
+    torchckpt.convert(src, str(tmp_path / "out.pt"))

@@ -149,7 +149,7 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch
         return _repeated(stats, inner, repeats)
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
-    need = max(2, min(chunk, _flat_numel(t)))
+    need = max(4, min(chunk, _flat_numel(t)))  # >= 4: a histogram's half chunk holds one complex value
     if scratch is None:
         scratch = workspace(need)
     elif scratch.numel() < need or scratch.dtype != torch.float64:
@@ -221,7 +221,7 @@ def _histogram(t: Any, bins: int, lo: float, hi: float, chunk: int, scratch: Any
         lo, hi = lo - 0.5, hi + 0.5
     scale = bins / (hi - lo)
     counts = torch.zeros(bins, dtype=torch.int64)
-    half = max(2, min(chunk, _flat_numel(t))) // 2  # the scratch holds half a chunk of values + their bins
+    half = max(2, min(chunk, _flat_numel(t)) // 2)  # the scratch holds half a chunk of values + their bins
     values, index = scratch[:half], scratch[half:2 * half].view(torch.int32)[:half]
     for c in _chunks(t, half):
         v = values[:c.numel()].copy_(c)
