@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -28,6 +29,10 @@ __all__ = ["Output", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data: containers as lists/objects, records through ``to_dict()``, a
+    non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``, anything else as its repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -59,7 +64,7 @@ class Output:
                        highlight=False, soft_wrap=True)
 
     def json(self, document: Any) -> None:
-        sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
+        sys.stdout.write(json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         """Print text (escaped: see the module docstring) or rich renderables built from escaped text."""

@@ -13,6 +13,7 @@ each one names the steps it wants kept, and a checkpoint survives if any policy 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -22,14 +23,17 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from ..storage.atomic import clean_temp_files, os_error_in, write_error
+from ..storage.atomic import os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
-from . import distributed, store
-from .fsspec_store import RemoteStore, resume_url
+from . import distributed, exit_guard
+from .dcp_store import DcpStore
+from .fsspec_store import FsspecStore, resume_url
+from .local_store import LocalStore
 from .restore import resume_file
 from .snapshot import cpu_snapshot
-from .training import TrainingState, capture, verify, write_payload
+from .store import NAME, Entry, FileStore, Store
+from .training import TrainingState, capture
 from .zero import resume_deepspeed
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
@@ -57,6 +61,18 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         return self.path
+
+
+def stores_for(directory: str, storage_options: StorageOptions | None = None) -> tuple[FileStore, DcpStore | None]:
+    """The stores of a Checkpointer directory: its file store (a local directory or a URL prefix) and, on a
+    local directory, the sharded (DCP) checkpoints beside it."""
+    if is_url(directory):
+        return FsspecStore(directory, storage_options), None
+    return LocalStore(directory), DcpStore(directory)
+
+
+def _info(entry: Entry) -> CheckpointInfo:
+    return CheckpointInfo(entry.step, entry.path, (entry.meta or {}).get("metrics") or {}, entry.meta or {})
 
 
 class RetentionPolicy(Protocol):
@@ -100,9 +116,12 @@ class Checkpointer:
         keep_best, monitor, mode: also keep the ``keep_best`` best by ``metrics[monitor]``.
         every_n_steps: ``save`` writes only when ``step % every_n_steps == 0`` (or ``force=True``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
-        async_save: ``save`` copies the state to CPU memory and returns; writing happens in one
-            background thread (never two writes at once). Errors surface on the next ``save``,
-            on ``wait()`` or on ``close()``.
+        async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
+            returns; writing happens in one background thread (never two writes at once). Errors
+            surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
+            ``close()``: if the program ends first, torchckpt waits for the write (at most
+            ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
+            makes the exit status 1 (see :mod:`torchckpt.train.exit_guard`).
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
         storage_options: options for the fsspec filesystem when ``directory`` is a URL
@@ -112,7 +131,7 @@ class Checkpointer:
     process ends); listing and resuming need no lock.
     """
 
-    NAME = store.NAME
+    NAME = NAME
 
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
@@ -124,10 +143,12 @@ class Checkpointer:
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
         self.storage_options = storage_options
-        self._remote = RemoteStore(storage_options) if is_url(self.directory) else None
-        self._store: Any = self._remote or store  # the same steps on a local directory or a URL prefix
+        # where checkpoints live: one file store (a local directory or a URL prefix) and, on a local
+        # directory, sharded ones beside it; the Checkpointer speaks to them only through store.Store
+        self._store, self._sharded = stores_for(self.directory, storage_options)
+        self._stores: list[Store] = [self._store] + ([self._sharded] if self._sharded is not None else [])
         try:
-            if self._remote is None:
+            if self._sharded is not None:  # local
                 os.makedirs(self.directory, exist_ok=True)
         except OSError as exc:
             raise write_error(self.directory, exc) from None
@@ -145,8 +166,7 @@ class Checkpointer:
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
-        self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
-        self._writer = self._store.DirectoryLock(self.directory)
+        self._writer = self._store.lock()
         self.removed_temp: list[str] = []
         self.reclaimed: list[str] = []
         if distributed.is_committer() and self._writer.try_acquire():  # nobody writes: finish what killed writers left
@@ -156,28 +176,20 @@ class Checkpointer:
                 self._writer.release()
 
     def _tidy(self) -> None:
-        if self._remote is None:
-            self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
-        self.reclaimed = self._store.reclaim(self.directory)
-        if self._remote is None:  # sharded (DCP) saves are local only
-            self.reclaimed += distributed.reclaim(self.directory)
+        self.removed_temp = [name for s in self._stores for name in s.remove_temp_files()]
+        self.reclaimed = [name for s in self._stores for name in s.reclaim()]
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        path: str = self._store.path_for(self.directory, step)
-        return path
+        return self._store.path_for(step)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
-                for e in self._entries() if e.problem is None]
+        return [_info(e) for e in self._entries() if e.problem is None]
 
-    def _entries(self) -> list[store.Entry]:
+    def _entries(self) -> list[Entry]:
         """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
-        found: list[store.Entry] = self._store.entries(self.directory)
-        if self._remote is None:
-            found = sorted(found + distributed.entries(self.directory), key=lambda e: e.step)
-        return found
+        return sorted((e for s in self._stores for e in s.entries()), key=lambda e: e.step)
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -201,40 +213,56 @@ class Checkpointer:
         """
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
+        sharded = DcpStore.wanted_for(model)
+        if sharded and self._sharded is None:
+            raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
+                                      "local or shared file system only; give the Checkpointer a path, not a URL")
+        # Everything (RNG states included) is captured now, before waiting for the previous background
+        # write: that thread may draw from the global RNGs meanwhile (botocore's retry jitter uses `random`).
+        if sharded:
+            state = DcpStore.capture(step, epoch, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     extra=extra, stateful=stateful)
+        else:
+            payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                              step=step, metrics=metrics, extra=extra, stateful=stateful)
         self._raise_pending()
         if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
             self._writer.acquire()
             self._tidy()
-        if distributed.in_use(model):
-            if self._remote is not None:
-                raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
-                                          "local or shared file system only; give the Checkpointer a path, not a URL")
-            return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                      epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
-        payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                          step=step, metrics=metrics, extra=extra, stateful=stateful)
+        if sharded:
+            return self._save_sharded(step, state, epoch=epoch, metrics=metrics)
         path = self.path_for(step)
         if self._executor is None:
             self._commit(path, payload)
             return path
         ready: list[Any] = []
         snapshot = cpu_snapshot(payload, self._buffers, ready)
-        with self._lock:
-            self._pending = self._executor.submit(self._commit, path, snapshot, ready)
+        self._submit(f"the background save of {path}", self._commit, path, snapshot, ready)
         return path
 
-    def _save_sharded(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None,
-                      **objects: Any) -> str:
-        """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
-        self._dcp = self._dcp or distributed.DcpSaver(self.directory)
-        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
-        path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
-                                      async_save=self._executor is not None)
-        if finish is None:
-            self._apply_retention()
-            return path
+    def _submit(self, what: str, fn: Any, *args: Any) -> None:
+        """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
+        assert self._executor is not None
         with self._lock:
-            self._pending = self._executor.submit(lambda: (finish(), self._apply_retention()))  # type: ignore
+            self._pending = self._executor.submit(fn, *args)
+            exit_guard.track(self._pending, what, self._typed)
+
+    def _save_sharded(self, step: int, state: dict[str, Any], *, epoch: int | None,
+                      metrics: Mapping[str, Any] | None) -> str:
+        """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
+        assert self._sharded is not None  # save() sends only local directories here
+        path, finish = self._sharded.save(step, state, epoch=epoch, metrics=metrics,
+                                          async_save=self._executor is not None)
+        if finish is None:
+            self._after_commit(path, "apply retention", self._apply_retention)
+            return path
+        done = finish
+
+        def finish_and_keep() -> None:
+            done()
+            self._after_commit(path, "apply retention", self._apply_retention)
+
+        self._submit(f"the background save of {path}", finish_and_keep)
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
@@ -245,23 +273,36 @@ class Checkpointer:
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            write = self._remote.write_payload if self._remote is not None else write_payload
-            write(path, payload, self.weights_format)
-        finally:
-            self._store.end(path)  # committed, or every file of it removed
-        self._apply_retention()
+            self._store.write(path, payload, self.weights_format)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            raise
+        # Committed: what fails from here on is housekeeping, a warning, never a failed save.
+        self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
+        self._after_commit(path, "apply retention", self._apply_retention)
+
+    @staticmethod
+    def _after_commit(path: str, what: str, step: Any) -> None:
+        try:
+            step()
+        except (OSError, CheckpointError) as exc:
+            why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
+            warnings.warn(f"torchckpt: saved {path}, but could not {what} ({why}); the checkpoint is committed, "
+                          "and the next save or resume tidies up", RetentionWarning, stacklevel=3)
 
     def _apply_retention(self) -> None:
-        found = self.checkpoints()
+        committed = [e for e in self._entries() if e.problem is None]
+        found = [_info(e) for e in committed]
         if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
         for policy in self.policies:
             keep |= policy.keep(found)
-        for c in found:
+        for e, c in zip(committed, found):
             if c.step not in keep:
                 try:
-                    distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
+                    (e.store or self._store).delete(e.path)
                 except (OSError, CheckpointError) as exc:  # housekeeping: the new checkpoint is committed
                     why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
                     warnings.warn(f"torchckpt: saved {os.path.basename(found[-1].path)}, but could not remove the "
@@ -277,15 +318,21 @@ class Checkpointer:
             pending, self._pending = self._pending, None
         if pending is None:
             return
+        exit_guard.settled(pending)
         try:
             pending.result() if block else None
-        except CheckpointError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
-            cause = os_error_in(exc)
-            if cause is None:
+            typed = self._typed(exc)
+            if typed is exc:
                 raise
-            raise write_error(self.directory, cause) from None
+            raise typed from None
+
+    def _typed(self, exc: BaseException) -> BaseException:
+        """The error a background write's exception is reported as (a write error when the file system failed)."""
+        if isinstance(exc, CheckpointError):
+            return exc
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        return exc if cause is None else write_error(self.directory, cause)
 
     def close(self) -> None:
         """Finish pending writes, stop the background thread and release the directory."""
@@ -294,8 +341,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._dcp is not None:
-                self._dcp.close()
+            if self._sharded is not None:
+                self._sharded.close()
             self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
@@ -325,16 +372,8 @@ class Checkpointer:
                 continue
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                           map_location=map_location, restore_rng=restore_rng, strict=strict)
-            try:
-                if self._remote is not None:  # downloaded once, verified and restored there
-                    state = self._remote.resume_entry(entry, **kwargs)
-                elif distributed.is_dcp(entry.path):  # resharded into the objects' current layout
-                    state = distributed.resume_dcp(entry.path, entry.meta or {}, model=model, optimizer=optimizer,
-                                                   scheduler=scheduler, scaler=scaler, stateful=stateful,
-                                                   restore_rng=restore_rng, strict=strict)
-                else:
-                    verify(entry.path, entry.meta)
-                    state = resume_file(entry.path, verified=True, **kwargs)
+            try:  # verified first; a URL's file downloaded once; a sharded one resharded into the objects' layout
+                state = (entry.store or self._store).resume(entry, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
                 self._skip(skipped, name, exc.reason)
                 continue

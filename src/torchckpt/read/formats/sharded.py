@@ -11,6 +11,7 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError
 from ...storage.remote import join
 from ...storage.source import Source, confined_path
 from .base import Checkpoint, ReadOptions, parse_json
+from .parallel import read_parts
 
 __all__ = ["read_sharded_index"]
 
@@ -30,41 +31,56 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         return None
     folder = src.folder  # a local directory or a URL prefix
     itself = src.url if src.url is not None else os.path.realpath(src.path or "")
-    # one read per shard FILE: spellings of one file ("a.safetensors", "./a.safetensors", ...) resolve to the
-    # same path, and the keys are grouped in one pass (the index may spell one shard thousands of ways)
-    resolved: dict[str, str] = {}
-    groups: OrderedDict[str, tuple[str, list[str]]] = OrderedDict()  # path -> (first spelling, its keys)
-    for key, shard in weight_map.items():
-        path = resolved.get(shard)
-        if path is None:
-            path = resolved[shard] = confined_path(folder, shard, what="shard", checkpoint=src.name)
-            if shard.endswith(".json") or path == itself:
-                raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
-        groups.setdefault(path, (shard, []))[1].append(key)
+    # one read per shard FILE: the spellings of one file ("a.safetensors", "./a.safetensors", ...) resolve to
+    # one path and are read once, under the first spelling (an index may spell one shard thousands of ways)
+    spelled: dict[str, str] = {}  # spelling -> the first spelling of its file
+    first: dict[str, str] = {}  # resolved path -> first spelling
+    for spelling in dict.fromkeys(weight_map.values()):
+        path = confined_path(folder, spelling, what="shard", checkpoint=src.name)
+        if spelling.endswith(".json") or path == itself:
+            raise CorruptCheckpointError(f"the index names another index ({spelling!r:.120}) as a shard")
+        spelled[spelling] = first.setdefault(path, spelling)
+    shards = list(first.values())
     merged: OrderedDict[str, Any] = OrderedDict()
-    loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(groups)} shards)")
+    loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
     assert opts.read_child is not None, "the opener passes the format dispatcher"
-    for path, (shard, wanted) in groups.items():
+    itself = src.url if src.url is not None else os.path.realpath(src.path or "")
+    paths: dict[str, str] = {}
+    for shard in shards:  # every name is checked before any shard is read
+        path = confined_path(folder, shard, what="shard", checkpoint=src.name)
+        if shard.endswith(".json") or path == itself:
+            raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
         shown = join(folder, shard)
         if src.url is None and not os.path.isfile(path):
             raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
                                           hint="Download every shard next to the index file.")
+        paths[shard] = path
+    wanted: dict[str, list[str]] = {shard: [] for shard in shards}
+    for key, shard in weight_map.items():
+        wanted[spelled[shard]].append(key)
+
+    def read_shard(shard: str, shard_opts: ReadOptions) -> tuple[dict[str, Any], list[str]]:
+        shown = join(folder, shard)
         try:
-            shard_src = Source(path, name=shown, storage_options=opts.storage_options)
+            shard_src = Source(paths[shard], name=shown, storage_options=shard_opts.storage_options)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
                                           hint="Upload every shard next to the index file.") from None
+        assert shard_opts.read_child is not None
         with shard_src:
-            part = opts.read_child(shard_src, opts)
+            part = shard_opts.read_child(shard_src, shard_opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
-        missing = [k for k in wanted if k not in tensors]
+        missing = [k for k in wanted[shard] if k not in tensors]
         if missing:
             raise CorruptCheckpointError(f"shard {shard} lacks {len(missing)} tensors the index puts there, "
-                                         f"e.g. {missing[0]!r:.200}", path=path)
-        for key in wanted:
-            merged[key] = tensors[key]
-        loaded.notes.extend(f"{shard}: {note}" for note in part.notes)
-    loaded.evidence.append(f"JSON index with a weight_map over {len(groups)} shard files")
+                                         f"e.g. {missing[0]!r:.200}", path=paths[shard])
+        return {key: tensors[key] for key in wanted[shard]}, part.notes
+
+    # the shards are read side by side (opts.workers threads), merged in the index's order
+    for shard, (tensors, notes) in zip(shards, read_parts(opts, shards, read_shard)):
+        merged.update(tensors)
+        loaded.notes.extend(f"{shard}: {note}" for note in notes)
+    loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
     metadata = index.get("metadata") or {}
     loaded.details["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     return loaded

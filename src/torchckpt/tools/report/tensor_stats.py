@@ -141,8 +141,10 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch
 
     shape = tuple(int(s) for s in t.shape)
     stats = TensorStats(key, shape, dtype_name(t), t.numel() * t.element_size(), t.numel())
+    if getattr(t, "is_quantized", False):  # the values it stands for (torch has no arithmetic on quantized ones)
+        t = t.dequantize()
     if not _supported(t):
-        return stats  # no arithmetic on this dtype (quantized, bits): shape and bytes only
+        return stats  # no arithmetic on this dtype (bits, sub-byte): shape and bytes only
     stored, repeats = collapse_expanded(t)
     if repeats > 1:  # the statistics of the stored values, each counted ``repeats`` times
         inner = tensor_stats(key, stored, bins=bins, chunk=chunk, scratch=scratch, chunk_done=chunk_done)
