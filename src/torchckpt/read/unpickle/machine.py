@@ -106,6 +106,7 @@ class Unpickler:
         self.protocol = 0
         self._resolved: dict[tuple[str, str], tuple[Verdict, Any]] = {}
         self._real: dict[int, Any] = {}  # objects imported for real (trust / allow), by id
+        self.built_modules: dict[int, tuple[Any, int, int]] = {}  # by modules.build_module: id -> (module, size, height)
         self._fresh: dict[int, tuple[Any, Callable[..., Any], list[int]]] = {}  # BUILD-able values, by id
 
     @property

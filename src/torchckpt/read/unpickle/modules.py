@@ -11,7 +11,13 @@ runs), then its state is checked entry by entry and set as a whole:
   would have run at ``forward``/``state_dict`` time, so a file that carries one is refused;
 * any other attribute is plain data (numbers, strings, bytes, None, dtypes, devices, tensors, modules,
   stubs, and tuples/lists/dicts/sets of these), under a name that is not a dunder and does not shadow
-  anything the class defines (``forward``, ``state_dict``, a property ...).
+  anything the class defines (``forward``, ``state_dict``, a property ...) nor a parameter, buffer or
+  sub-module (``__dict__`` would win over it: ``forward`` would use a tensor ``state_dict`` never shows);
+* names of parameters, buffers and sub-modules are what ``register_parameter``/``add_module`` accept
+  (non-empty, no ``.``);
+* each module is given its state once, after its sub-modules (a module that contains itself, directly or
+  further down, is refused), and the tree it spans, counted as ``state_dict`` walks it (a child shared
+  twice counts twice), is held to the budget: ``visits`` modules, ``depth`` levels.
 
 The ``torch.nn`` classes a user module is made of (``Conv2d``, ``BatchNorm2d``, ``Sequential`` ...) are
 then real too (see :func:`torch_module_class`), built the same way, so the model runs.
@@ -86,21 +92,32 @@ def _plain(value: Any, depth: int = 0) -> bool:
 def _names(inst: Any, value: Any, what: str, kinds: tuple[type, ...]) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise CorruptCheckpointError(f"{type(inst).__name__}.{what} must be a dict with string keys")
+    for k in value:
+        if not k or "." in k:  # what register_parameter / add_module refuse: state_dict keys would be ambiguous
+            raise CorruptCheckpointError(f"{type(inst).__name__}.{what} has the name {k!r}: a name must be "
+                                         "non-empty and contain no '.'")
     for k, v in value.items():
         if v is not None and not isinstance(v, kinds):
             raise _refuse(inst, f"{what}[{k!r}] is a {type(v).__name__}, not a {kinds[0].__name__}")
     return collections.OrderedDict(value)
 
 
-def build_module(inst: Any, state: Any) -> None:
-    """Give the fresh module ``inst`` (made by ``cls.__new__``) the checked ``state``; see the module doc."""
+def build_module(u: Any, inst: Any, state: Any) -> None:
+    """Give the fresh module ``inst`` (made by ``cls.__new__``) the checked ``state``; see the module doc.
+    ``u`` is the unpickler: its ``built_modules`` holds, by id, each module built so far with the size and
+    height of the tree it spans."""
     import torch  # lazy: see torch_module_class
 
+    built: dict[int, tuple[Any, int, int]] = u.built_modules
+    if id(inst) in built:
+        raise CorruptCheckpointError(f"the state of {type(inst).__name__} is given twice (BUILD on a module "
+                                     "already built)")
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CorruptCheckpointError(f"the state of {type(inst).__name__} must be a dict with string keys")
     fresh = torch.nn.Module().__dict__  # every attribute nn.Module itself keeps, at its default
     hooks = {k for k, v in fresh.items() if isinstance(v, dict) and k not in ("_parameters", "_buffers", "_modules")}
     checked: dict[str, Any] = {}
+    owned: set[str] = set()  # names of parameters, buffers and sub-modules
     for key, default in fresh.items():
         value = state.get(key, default)
         if key in hooks:
@@ -113,10 +130,13 @@ def build_module(inst: Any, state: Any) -> None:
             for k, v in value.items():
                 if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
                     value[k] = torch.nn.Parameter(v, requires_grad=v.is_floating_point() or v.is_complex())
+            owned.update(value)
         elif key == "_buffers":
             value = _names(inst, value, key, (torch.Tensor, TensorMeta))
+            owned.update(value)
         elif key == "_modules":
             value = _names(inst, value, key, (torch.nn.Module, Stub))
+            owned.update(value)
         elif key == "_non_persistent_buffers_set":
             if not isinstance(value, (set, frozenset, list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise CorruptCheckpointError(f"{type(inst).__name__}._non_persistent_buffers_set must hold names")
@@ -134,7 +154,38 @@ def build_module(inst: Any, state: Any) -> None:
         if key.startswith("__") or hasattr(cls, key) or key in ("forward",):
             raise _refuse(inst, f"the state sets {key!r}, which {cls.__name__} defines itself (a method, property "
                                 "or class attribute)")
+        if key in owned:
+            raise _refuse(inst, f"the state sets {key!r} both as a plain attribute and as a parameter, buffer or "
+                                "sub-module: the attribute would hide it from forward")
         if callable(value) and not is_module(value) and not isinstance(value, (Stub, FunctionRef)) or not _plain(value):
             raise _refuse(inst, f"attribute {key!r} is a {type(value).__name__}, not plain data")
         checked[key] = value
+    size, height = _tree(u, inst, checked["_modules"])
     object.__setattr__(inst, "__dict__", checked)
+    built[id(inst)] = (inst, size, height)
+
+
+def _tree(u: Any, inst: Any, children: dict[str, Any]) -> tuple[int, int]:
+    """The size (modules, a shared child counted at each place, as ``state_dict`` visits them) and height of
+    the tree ``inst`` spans; refuses a child not built yet (the module itself or an ancestor: a cycle)."""
+    built: dict[int, tuple[Any, int, int]] = u.built_modules
+    size, height = 1, 1
+    for name, child in children.items():
+        if child is None or isinstance(child, Stub):
+            size += 1
+            continue
+        entry = built.get(id(child))
+        if entry is None or entry[0] is not child:
+            raise CorruptCheckpointError(
+                f"{type(inst).__name__}._modules[{name!r}] is a {type(child).__name__} whose state comes later: a "
+                "module that contains itself (a cycle), which state_dict() and load_state_dict() cannot walk")
+        size += entry[1]
+        height = max(height, entry[2] + 1)
+    meter = u.meter
+    meter.step(len(children))
+    meter.depth(height, "module tree")
+    limit = meter.budget.visits
+    if size > limit:
+        raise meter.budget.exceeded("visits", size, limit, f"the module tree of {type(inst).__name__} spans "
+                                    f"{size} modules once shared children are counted at each place")
+    return size, height

@@ -406,7 +406,7 @@ def build(u: Any, inst: Any, state: Any) -> Any:
         return inst
     real = u.trusted_instance(inst)
     if real and is_module(inst) and not u.policy.trust:  # allow=: a module is built as a checked value
-        build_module(inst, state)
+        build_module(u, inst, state)
         return inst
     if real:
         _trusted_build(inst, state)

@@ -1,0 +1,136 @@
+"""Red-team round 3: attacks on the code that landed last (modules under allow=, ...), one test per technique.
+
+Each file is written by torch.save from a real model the test tampers with, the way a hostile file's state
+says it; each must be refused with a typed CheckpointError naming the file (or load as something inert).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import torchckpt
+
+USER = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+'''
+
+
+@pytest.fixture
+def mypkg(tmp_path, monkeypatch):
+    pkg = tmp_path / "mypkg_rt3"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    return importlib.import_module("mypkg_rt3.models")
+
+
+def _refused(path, error, match):
+    t0 = time.monotonic()
+    with pytest.raises(error, match=match) as info:
+        torchckpt.load(path, allow=["mypkg_rt3.*"])
+    assert str(path) in str(info.value)
+    assert time.monotonic() - t0 < 30
+    return info.value
+
+
+def test_module_that_is_its_own_child(tmp_path, mypkg):
+    """A cycle in _modules loaded fine and made state_dict() die with RecursionError."""
+    net = mypkg.Net()
+    net._modules["me"] = net
+    path = tmp_path / "cycle.pt"
+    torch.save(net, path)
+    _refused(path, torchckpt.CorruptCheckpointError, "contains itself")
+
+
+def test_module_cycle_through_a_grandchild(tmp_path, mypkg):
+    net = mypkg.Net()
+    net.features._modules["up"] = net
+    path = tmp_path / "cycle2.pt"
+    torch.save(net, path)
+    _refused(path, torchckpt.CorruptCheckpointError, "contains itself")
+
+
+def test_module_dag_of_2_to_the_40_shared_children(tmp_path, mypkg):
+    """40 levels of Sequential(c, c): loads in a second, then state_dict() walks 2^40 modules (hangs)."""
+    c = torch.nn.Linear(1, 1)
+    for _ in range(40):
+        c = torch.nn.Sequential(c, c)
+    net = mypkg.Net()
+    net._modules["dag"] = c
+    path = tmp_path / "dag.pt"
+    torch.save(net, path)
+    _refused(path, torchckpt.LimitExceededError, "visits")
+
+
+def test_module_tree_deep_through_memo_refs(tmp_path, mypkg):
+    """Children pickled first (a flat list), each the parent of the one before: deep without deep pickle."""
+    mods = [torch.nn.Sequential()]
+    for _ in range(1000):
+        s = torch.nn.Sequential()
+        s._modules["c"] = mods[-1]
+        mods.append(s)
+    net = mypkg.Net()
+    net._modules["deep"] = mods[-1]
+    path = tmp_path / "deep.pt"
+    torch.save([*mods, net], path)
+    _refused(path, torchckpt.LimitExceededError, "nests too deep")
+
+
+@pytest.mark.parametrize("table,name", [("_parameters", "a.b"), ("_parameters", ""), ("_buffers", "x.y"),
+                                        ("_modules", "sub.m")])
+def test_module_names_that_register_refuses(tmp_path, mypkg, table, name):
+    """A dotted or empty name makes state_dict keys ambiguous (head.a.b is a parameter of head.a?)."""
+    net = mypkg.Net()
+    value = torch.nn.ReLU() if table == "_modules" else torch.nn.Parameter(torch.ones(1))
+    getattr(net.head, table)[name] = value
+    path = tmp_path / "names.pt"
+    torch.save(net, path)
+    _refused(path, torchckpt.CorruptCheckpointError, "no '.'")
+
+
+def test_module_attribute_shadowing_a_parameter(tmp_path, mypkg):
+    """__dict__['weight'] beside _parameters['weight']: forward uses one tensor, state_dict shows the other."""
+    net = mypkg.Net()
+    net.head.__dict__["weight"] = torch.zeros(3, 4)
+    path = tmp_path / "shadow.pt"
+    torch.save(net, path)
+    _refused(path, torchckpt.UnsafeCheckpointError, "hide it from forward")
+
+
+def test_module_state_given_twice(tmp_path, mypkg):
+    """A second BUILD after the parent checked the child would add the parent under it (a late cycle)."""
+    import io
+    import pickletools
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "helpers"))
+    from pickle_asm import torch_zip
+
+    lin = "torch.nn.modules.container\nSequential\n"
+    empty_state = b"}(X\x08\x00\x00\x00_modules}u"
+    body = (b"\x80\x02" + b"c" + lin.encode() + b")\x81" + empty_state + b"b" + b"\x940"  # child: memo 0
+            + b"c" + lin.encode() + b")\x81" + b"}(X\x08\x00\x00\x00_modules}(X\x01\x00\x00\x00ch\x00uub"
+            + b"\x940"  # parent: memo 1
+            + b"h\x00" + b"}(X\x08\x00\x00\x00_modules}(X\x01\x00\x00\x00ph\x01uub0" + b"h\x01.")
+    pickletools.dis(body, out=io.StringIO())  # a well-formed stream
+    path = tmp_path / "twice.pt"
+    path.write_bytes(torch_zip(body))
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="given twice") as info:
+        torchckpt.load(path, allow=["torch.nn.modules.container.Sequential", "mypkg_rt3.*"])
+    assert str(path) in str(info.value)
