@@ -134,3 +134,63 @@ def test_module_state_given_twice(tmp_path, mypkg):
     with pytest.raises(torchckpt.CorruptCheckpointError, match="given twice") as info:
         torchckpt.load(path, allow=["torch.nn.modules.container.Sequential", "mypkg_rt3.*"])
     assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- a blocked callable by another name
+def _helpers():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "helpers"))
+    import pickle_asm
+    return pickle_asm
+
+
+@pytest.mark.parametrize("module,name", [("torch._C", "_VariableFunctions.from_file"),
+                                         ("torch.functional", "torch.from_file"),
+                                         ("torch", "_C._VariableFunctions.from_file"),
+                                         ("torch._C._VariableFunctions", "from_file")])
+@pytest.mark.parametrize("allow", [None, ["torch.*"]])
+def test_blocked_function_through_an_alias_path(tmp_path, module, name, allow):
+    """torch.from_file is blocked by name; under allow=["torch.*"] its other spellings were imported for real
+    and called (the file created a file on disk), and scan called them clean."""
+    a = _helpers()
+    target = tmp_path / "created"
+    body = a.PROTO4 + a.call(a.glob(module, name), a.s(str(target)), b"\x88", a.i(16)) + a.STOP
+    path = tmp_path / "alias.pkl"
+    path.write_bytes(body)
+    with pytest.raises(torchckpt.UnsafeCheckpointError) as info:
+        torchckpt.load(path, allow=allow)
+    assert str(path) in str(info.value) and not target.exists()
+    assert torchckpt.scan(path).status == "findings"
+
+
+@pytest.mark.parametrize("allow", [None, ["torch.*"]])
+def test_getattr_of_a_blocked_function(tmp_path, allow):
+    """getattr(torch._C._VariableFunctionsClass, "from_file") gave an inert reference (scan: clean) or, under
+    allow=["torch.*"], the real function; torch.load would call it."""
+    a = _helpers()
+    ff = a.call(a.glob("builtins", "getattr"), a.glob("torch._C", "_VariableFunctionsClass"), a.s("from_file"))
+    path = tmp_path / "getattr.pkl"
+    path.write_bytes(a.PROTO2 + a.call(ff, a.s(str(tmp_path / "created")), b"\x88", a.i(16)) + a.STOP)
+    with pytest.raises(torchckpt.UnsafeCheckpointError, match="getattr") as info:
+        torchckpt.load(path, allow=allow)
+    assert str(path) in str(info.value) and not (tmp_path / "created").exists()
+    assert torchckpt.scan(path).status == "findings"
+
+
+def test_allowed_package_aliasing_a_dangerous_callable(tmp_path, monkeypatch):
+    """allow=["mypkg.*"] imports mypkg's names for real; mypkg.tools.run = os.system is os.system."""
+    pkg = tmp_path / "mypkg_rt3b"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tools.py").write_text("import os\nrun = os.system\nimport torch\nread = torch.from_file\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = _helpers()
+    marker = tmp_path / "ran"
+    for name, args in [("run", a.s(f"touch {marker}")), ("read", a.s(str(marker)) + b"\x88" + a.i(16))]:
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(a.PROTO2 + a.call(a.glob("mypkg_rt3b.tools", name), args) + a.STOP)
+        with pytest.raises(torchckpt.UnsafeCheckpointError) as info:
+            torchckpt.load(path, allow=["mypkg_rt3b.*"])
+        assert str(path) in str(info.value) and not marker.exists()

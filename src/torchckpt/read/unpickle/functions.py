@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .policy import Verdict
 from .stubs import is_stub_class, stub_name
 
 __all__ = ["FunctionRef", "torch_function_ref", "safe_getattr", "FUNCTION_NAMESPACES"]
@@ -81,12 +82,16 @@ def safe_getattr(u: Any, obj: Any, name: Any = None, *default: Any) -> Any:
     namespace = stub_name(obj) if is_stub_class(obj) else None
     if namespace is None and u.trusted_class(obj):
         namespace = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-    if namespace in FUNCTION_NAMESPACES and isinstance(name, str) and not default:
+    if namespace in FUNCTION_NAMESPACES and isinstance(name, str) and not default \
+            and u.policy.classify(namespace, name) is not Verdict.DANGEROUS:  # torch.from_file by another path
         ref = torch_function_ref(namespace, name)
-        if ref is not None:
+        if ref is not None and u.policy.classify(ref.module, name) is not Verdict.DANGEROUS:
             if u.trusted_class(obj):  # the caller imported the namespace for real: give the real function
-                return getattr(obj, name)
-            return ref
+                real = getattr(obj, name, None)
+                if real is not None and u.policy.classify_object(real) is not Verdict.DANGEROUS:
+                    return real
+            else:
+                return ref
     return u.unsafe(f"the pickle reaches an attribute by name (builtins.getattr({obj!r:.60}, {name!r:.60})); only "
                     "getattr(torch._C._VariableFunctionsClass, <function>) is read, as a reference",
                     "builtins.getattr")

@@ -304,8 +304,12 @@ class Unpickler:
                 obj = stub_class(module, name)
             else:
                 obj = safe_globals.resolve(module, name, verdict, self.policy, self.mode)
-                if verdict is Verdict.UNKNOWN and not (isinstance(obj, type) and issubclass(obj, Stub)):
-                    self._real[id(obj)] = obj
+                if verdict is Verdict.UNKNOWN and not isinstance(obj, FunctionRef) \
+                        and not (isinstance(obj, type) and issubclass(obj, Stub)):
+                    if self.policy.classify_object(obj) is Verdict.DANGEROUS:  # an alias of a blocked callable
+                        verdict, obj = Verdict.DANGEROUS, stub_class(module, name)
+                    else:
+                        self._real[id(obj)] = obj
             cached = self._resolved[key] = (verdict, obj)
         verdict, obj = cached
         self.globals.append(GlobalRef(module, name, verdict, offset, self.member))

@@ -104,6 +104,11 @@ _BLOCKED_NAMES = frozenset({
     ("uuid", "_get_command_stdout"), ("uuid", "_popen"), ("uuid", "_ifconfig_getnode"),
 })
 
+# The leaves of _BLOCKED_NAMES under each top-level package, blocked wherever in that package they are reached:
+# torch re-exports its functions under several paths (torch._C._VariableFunctions.from_file is torch.from_file).
+_BLOCKED_LEAVES = {root: frozenset(n for m, n in _BLOCKED_NAMES if m.partition(".")[0] == root)
+                   for root in ("torch", "numpy")}
+
 # Leaf names that execute code, spawn processes or unpickle, in whatever module they appear.
 _DANGEROUS_LEAVES = frozenset("""
 eval exec execfile system popen popen2 popen3 popen4 spawnl spawnle spawnlp spawnv spawnve spawnvp execl execle
@@ -229,7 +234,7 @@ def _classify_one(module: str, name: str) -> Verdict:
     if (module, name) in _BLOCK_EXEMPT:
         return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
     if (module, name) in _BLOCKED_NAMES or _module_blocked(module) or name in _DANGEROUS_LEAVES \
-            or _private_stdlib(module):
+            or _private_stdlib(module) or name in _BLOCKED_LEAVES.get(module.partition(".")[0], ()):
         return Verdict.DANGEROUS
     if module == "builtins":
         return Verdict.ALLOWED if name in _SAFE_BUILTINS else Verdict.DANGEROUS
@@ -313,6 +318,15 @@ class Policy:
         if "." in name:  # attribute chains: only exact allowlist entries are allowed
             return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
         return _classify_one(*canonical_global(module, name))
+
+    def classify_object(self, obj: object) -> Verdict:
+        """Verdict for an object imported for real, by where it says it was defined (``__module__`` and
+        ``__qualname__``): a name the file spelled as an alias (``mypkg.utils.run = os.system``,
+        ``torch.functional.torch.from_file``) is judged as what it is."""
+        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+            return Verdict.UNKNOWN
+        return self.classify(module, qualname)
 
     def imports_real(self, module: str, name: str) -> bool:
         """Whether an UNKNOWN global is imported for real under this policy."""
