@@ -194,3 +194,25 @@ def test_allowed_package_aliasing_a_dangerous_callable(tmp_path, monkeypatch):
         with pytest.raises(torchckpt.UnsafeCheckpointError) as info:
             torchckpt.load(path, allow=["mypkg_rt3b.*"])
         assert str(path) in str(info.value) and not marker.exists()
+
+
+_EMPTY_MODULES = b"}(X\x08\x00\x00\x00_modules}u"
+
+
+@pytest.mark.parametrize("attack", ["append_itself_after_build", "append_before_build", "parameterlist_append",
+                                    "moduledict_setitem"])
+def test_container_methods_on_a_module_built_as_a_value(tmp_path, mypkg, attack):
+    """APPENDS/SETITEMS called ModuleList.append / ModuleDict.__setitem__ with the file's items: a list that holds
+    itself (load died with a raw RecursionError), raw AttributeErrors on unbuilt modules."""
+    a = _helpers()
+    cont = "torch.nn.modules.container"
+    new = {"ml": a.glob(cont, "ModuleList") + b")\x81", "pl": a.glob(cont, "ParameterList") + b")\x81",
+           "md": a.glob(cont, "ModuleDict") + b")\x81"}
+    body = {"append_itself_after_build": new["ml"] + _EMPTY_MODULES + b"b\x94(h\x00e",
+            "append_before_build": new["ml"] + b"(" + new["ml"] + b"e",
+            "parameterlist_append": new["pl"] + _EMPTY_MODULES + b"b(" + a.glob("collections", "OrderedDict") + b"e",
+            "moduledict_setitem": new["md"] + _EMPTY_MODULES + b"b(" + a.s("a") + new["md"] + _EMPTY_MODULES
+            + b"bu"}[attack]
+    path = tmp_path / "container.pkl"
+    path.write_bytes(a.PROTO2 + body + a.STOP)
+    _refused(path, torchckpt.CorruptCheckpointError, "APPENDS|SETITEMS")

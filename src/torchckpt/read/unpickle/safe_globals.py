@@ -458,6 +458,14 @@ def new_object(u: Any, cls: Any, args: Any, kwargs: Any) -> Any:
     raise _bad(f"NEWOBJ on {cls!r:.80}, which is not a class this policy builds")
 
 
+def _mutable_real(u: Any, target: Any) -> bool:
+    """Whether APPENDS/SETITEMS may call ``target``'s own ``append``/``__setitem__``: an instance of a class the
+    caller imported for real, except a module built as a value under ``allow=`` (``ModuleList.append`` would add
+    a child unchecked, itself included, after :func:`modules.build_module` checked the tree; torch's pickles
+    never append to a module)."""
+    return u.trusted_instance(target) and (u.policy.trust or not is_module(target))
+
+
 def extend(u: Any, target: Any, items: list[Any]) -> None:
     """APPEND / APPENDS."""
     if isinstance(target, list):
@@ -465,7 +473,7 @@ def extend(u: Any, target: Any, items: list[Any]) -> None:
     elif isinstance(target, (Stub, collections.deque)):
         for item in items:
             target.append(item)
-    elif u.trusted_instance(target) and hasattr(target, "append"):
+    elif _mutable_real(u, target) and hasattr(target, "append"):
         for item in items:
             target.append(item)
     else:
@@ -474,7 +482,7 @@ def extend(u: Any, target: Any, items: list[Any]) -> None:
 
 def set_items(u: Any, target: Any, items: list[Any]) -> None:
     """SETITEM / SETITEMS (``items`` alternates keys and values)."""
-    if isinstance(target, (dict, Stub)) or (u.trusted_instance(target) and hasattr(target, "__setitem__")):
+    if isinstance(target, (dict, Stub)) or (_mutable_real(u, target) and hasattr(target, "__setitem__")):
         keys = items[0::2]
         u.keys.admit(target, keys)
         for i in range(0, len(items), 2):
