@@ -203,7 +203,7 @@ _EMPTY_MODULES = b"}(X\x08\x00\x00\x00_modules}u"
                                     "moduledict_setitem"])
 def test_container_methods_on_a_module_built_as_a_value(tmp_path, mypkg, attack):
     """APPENDS/SETITEMS called ModuleList.append / ModuleDict.__setitem__ with the file's items: a list that holds
-    itself (load died with a raw RecursionError), raw AttributeErrors on unbuilt modules."""
+    itself after build_module checked the tree (repr() and state_dict() of the model recursed until RecursionError), raw AttributeErrors on unbuilt modules."""
     a = _helpers()
     cont = "torch.nn.modules.container"
     new = {"ml": a.glob(cont, "ModuleList") + b")\x81", "pl": a.glob(cont, "ParameterList") + b")\x81",
