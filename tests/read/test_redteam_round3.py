@@ -216,3 +216,21 @@ def test_container_methods_on_a_module_built_as_a_value(tmp_path, mypkg, attack)
     path = tmp_path / "container.pkl"
     path.write_bytes(a.PROTO2 + body + a.STOP)
     _refused(path, torchckpt.CorruptCheckpointError, "APPENDS|SETITEMS")
+
+
+# --------------------------------------------------------------------------- DeepSpeed folders
+def test_deepspeed_rank_number_of_10_to_the_14(tmp_path):
+    """A rank file named zero_pp_rank_99999999999999_...: listing the missing ranks built a set of 10^14
+    numbers (MemoryError, or all the machine's memory)."""
+    step = tmp_path / "run" / "global_step1"
+    step.mkdir(parents=True)
+    (tmp_path / "run" / "latest").write_text("global_step1")
+    for rank in (0, 99_999_999_999_999):
+        torch.save({"x": 1}, step / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    t0 = time.monotonic()
+    with pytest.raises(torchckpt.CorruptCheckpointError, match=r"ranks \[1\] are missing") as info:
+        torchckpt.load(str(tmp_path / "run"))
+    assert str(step) in str(info.value) and "99999999999999" in str(info.value)
+    assert time.monotonic() - t0 < 10
+    report = torchckpt.scan(str(tmp_path / "run"))
+    assert report.status != "clean"

@@ -133,11 +133,17 @@ def _files(step_dir: str) -> _Files:
             hint="Copy the whole step folder as DeepSpeed saved it.")
     for files, what in ((model, "model states"), (optim, "optimizer partitions")):
         if files and sorted(files) != list(range(len(files))):
-            missing = sorted(set(range(max(files) + 1)) - set(files))
-            raise CorruptCheckpointError(f"DeepSpeed {what} of ranks {missing} are missing (found ranks "
-                                         f"{sorted(files)})", path=step_dir,
+            # the rank numbers are the file names': at most as many checks as files (a name may say rank 10^15)
+            missing = [r for r in range(len(files)) if r not in files]
+            beyond = sorted(r for r in files if r >= len(files))
+            raise CorruptCheckpointError(f"DeepSpeed {what} of ranks {_few(missing)} are missing: {len(files)} files "
+                                         f"are numbered up to rank {_few(beyond)}", path=step_dir,
                                          hint="Copy every rank's files of this step folder.")
     return _Files(model, optim)
+
+
+def _few(ranks: list[int]) -> str:
+    return str(ranks[:8])[:-1] + (f", ... {len(ranks) - 8} more]" if len(ranks) > 8 else "]")
 
 
 def _lfs_check(step_dir: str, names: list[str]) -> None:
