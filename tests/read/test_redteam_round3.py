@@ -234,3 +234,26 @@ def test_deepspeed_rank_number_of_10_to_the_14(tmp_path):
     assert time.monotonic() - t0 < 10
     report = torchckpt.scan(str(tmp_path / "run"))
     assert report.status != "clean"
+
+
+_UNIVERSAL = {"module": {"w": torch.zeros(2, 2)}, "buffer_names": [], "param_shapes": [{"w": [2, 2]}]}
+
+
+@pytest.mark.parametrize("attack,fields", [
+    ("int_module_key", {"module": {5: torch.zeros(2, 2)}}),
+    ("unhashable_buffer_name", {"buffer_names": [[1]]}),
+    ("param_shapes_group_not_a_dict", {"param_shapes": [[1, 2]]}),
+    ("frozen_shapes_a_list", {"module": {"w": torch.zeros(2, 2), "v": torch.zeros(1)}, "frozen_param_shapes": ["v"]}),
+    ("escape_in_parameter_name", {"module": {"w": torch.zeros(2, 2), "\x1b[31mevil": torch.zeros(1)}}),
+])
+def test_deepspeed_universal_forged_model_states(tmp_path, attack, fields):
+    """Forged model-state fields of a universal folder made load and scan raise raw ValueError/TypeError/
+    AttributeError from inside the reader; a parameter name's ESC reached the message raw."""
+    folder = tmp_path / "universal"
+    (folder / "zero" / "w").mkdir(parents=True)
+    torch.save({"param": torch.ones(2, 2)}, folder / "zero" / "w" / "fp32.pt")
+    torch.save({**_UNIVERSAL, **fields}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(torchckpt.CorruptCheckpointError) as info:
+        torchckpt.load(str(folder))
+    assert str(folder) in str(info.value) and "\x1b" not in str(info.value)
+    assert torchckpt.scan(str(folder)).status == "unreadable"

@@ -17,10 +17,11 @@ import contextlib
 import os
 from typing import Any, Iterator, Mapping
 
-from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ..storage.files import list_sizes
 from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
+from ..text import clip, escape_terminal
 from .devices import MapLocation, Relocator
 from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind, is_dcp_dir, read, read_dcp, \
     read_deepspeed, read_folder, read_universal
@@ -85,6 +86,14 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
                 else read_folder(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
+        except (TypeError, AttributeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            # a folder reader met a value of a type its files never hold (a crafted model_states.pt, index,
+            # metadata): a typed error naming the folder, never a traceback from inside the reader
+            raise CorruptCheckpointError(f"the files of this folder hold values of unexpected types "
+                                         f"({type(exc).__name__}: {escape_terminal(clip(str(exc), 200))})", path=path,
+                                         hint="The folder is damaged or was crafted: its files are not what "
+                                              f"{'DeepSpeed' if deepspeed_kind(path) else 'its writer'} saves.") \
+                from None
         try:
             with Source(b"", name=path) as empty:  # items were read inside the reader
                 _finish(ckpt, opts, path, _dir_size(path), empty)

@@ -47,6 +47,9 @@ def read_universal(directory: str, opts: ReadOptions) -> Checkpoint:
     first = states[0]
     if not all(isinstance(s, dict) and isinstance(s.get("module"), dict) for s in states):
         raise CorruptCheckpointError("the model-state files hold no DeepSpeed model states (module)", path=directory)
+    if not all(isinstance(k, str) for k in first["module"]):
+        raise CorruptCheckpointError("the module's state dict in the model states has keys that are not names",
+                                     path=directory)
     params = set(os.listdir(os.path.join(directory, "zero")))
     buffers = set(first.get("buffer_names") or [])
     frozen = first.get("frozen_param_shapes") or {}
@@ -67,7 +70,7 @@ def read_universal(directory: str, opts: ReadOptions) -> Checkpoint:
                                              "file", path=directory)
             tree[name] = frozen_param(frags, shape_of(frozen[name], name), len(states) > 1, opts)
         else:
-            raise CorruptCheckpointError(f"parameter {name!r:.80} of the module has no zero/{name:.80}/fp32.pt",
+            raise CorruptCheckpointError(f"parameter {name!r:.80} of the module has no zero/{name!r:.80}/fp32.pt",
                                          path=directory, hint="Run ds_to_universal again; the folder is incomplete.")
     return Checkpoint(tree=tree, format="deepspeed-universal", description="DeepSpeed universal checkpoint",
                       evidence=[f"zero/ with {len(params)} parameter folders beside {models[0]}"],
