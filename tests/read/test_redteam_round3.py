@@ -257,3 +257,27 @@ def test_deepspeed_universal_forged_model_states(tmp_path, attack, fields):
         torchckpt.load(str(folder))
     assert str(folder) in str(info.value) and "\x1b" not in str(info.value)
     assert torchckpt.scan(str(folder)).status == "unreadable"
+
+
+# --------------------------------------------------------------------------- TorchScript < 1.2
+def test_torchscript_v1_chain_of_long_module_names(tmp_path):
+    """300 nested submodules named with 20,000 characters, each with a parameter: a 6 MB model.json built
+    900 MB of state-dict keys (each key repeats every ancestor's name; quadratic), 2 GB peak."""
+    import resource
+
+    from test_torchscript_v1 import _module, _param, tensor_def, write_archive
+
+    t = torch.ones(1)
+    mod = _module("leaf", parameters=[_param("w", 0)])
+    for _ in range(300):
+        mod = _module("n" * 20_000, parameters=[_param("w", 0)], submodules=[mod])
+    model = {"protoVersion": "1", "mainModule": _module("", submodules=[mod]),
+             "tensors": [tensor_def(t, "tensors/0")], "producerVersion": "1.1"}
+    path = tmp_path / "chain.pt"
+    write_archive(path, model, {"tensors/0": t.numpy().tobytes()})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(torchckpt.LimitExceededError, match="module paths") as info:
+        torchckpt.load(path)
+    assert str(path) in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 600 << 10  # KiB: well under 900 MB
+    assert torchckpt.scan(path).status == "unreadable"

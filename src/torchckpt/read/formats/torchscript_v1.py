@@ -191,8 +191,23 @@ def _attribute_tensors(name: str, value: Any, out: "OrderedDict[str, Any]", tens
                 out.setdefault(f"{name}.{i}", item)
 
 
+class _Names:
+    """The characters of module paths and keys built from model.json, against a limit."""
+
+    def __init__(self, budget: Any, limit: int) -> None:
+        self.budget, self.limit, self.used = budget, limit, 0
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise self.budget.exceeded("amplification", self.used, self.limit,
+                                       "the module paths of model.json (each as long as all its ancestors' names) "
+                                       "would take")
+
+
 def _read(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, loaded: Checkpoint) -> Checkpoint:
     model = _model_def(src, zf, prefix, opts)
+    json_size = zf.getinfo(f"{prefix}/model.json").file_size
     defs = _field(model, "tensors") or []
     if not isinstance(defs, list):
         raise CorruptCheckpointError("model.json: tensors is not a list")
@@ -206,6 +221,11 @@ def _read(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, load
     state: OrderedDict[str, Any] = OrderedDict()
     todo: list[tuple[str, Any]] = [("", _field(model, "mainModule"))]
     seen = 0
+    # every module path (and key) is a new string as long as all its ancestors' names: a chain of long names
+    # makes quadratic text (a 6 MB model.json gave 900 MB of keys). Their total is held to 1/8 of the bytes
+    # the budget lets a read build per input byte, of model.json's size (16 MiB at least by default).
+    budget = opts.policy.budget
+    names = _Names(budget, max(budget.min_bytes // 4, budget.amplification * json_size // 8))
     while todo:
         path, module = todo.pop()
         seen += 1
@@ -214,6 +234,7 @@ def _read(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, load
         for p in _field(module, "parameters") or []:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
                 raise CorruptCheckpointError(f"model.json: malformed parameter {p!r:.80}")
+            names.charge(len(path) + len(p["name"]))
             state[path + p["name"]] = table(_int(_field(p, "tensorId"), "a tensorId"))
         for a in _field(module, "attributes") or []:
             if not isinstance(a, dict) or not isinstance(a.get("name"), str):
@@ -237,6 +258,7 @@ def _read(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions, load
             name = sub.get("name") if isinstance(sub, dict) else None
             if not isinstance(name, str):
                 raise CorruptCheckpointError("model.json: a submodule has no name")
+            names.charge(len(path) + len(name) + 1)
             todo.append((f"{path}{name}.", sub))
     used = set(table.used)
     constants = [table(i) for i in range(len(defs)) if i not in used]
