@@ -14,6 +14,8 @@ import os
 import pickle
 from typing import Any, Sequence
 
+from .text import escape_terminal
+
 __all__ = [
     "CheckpointError",
     "UnsupportedFormatError",
@@ -69,8 +71,11 @@ class CheckpointError(Exception):
         return self
 
     def __str__(self) -> str:
+        """The message, safe to print: the reason and path often quote the file (a key, a member name, a
+        value), so control characters (ESC ...) are shown escaped wherever it is printed (a traceback, a
+        warning, a log); ``reason``/``path`` and :meth:`to_dict` keep the exact text."""
         head = f"{self.path}: {self.reason}" if self.path else self.reason
-        return f"{head}\n{self.hint}" if self.hint else head
+        return escape_terminal(f"{head}\n{self.hint}" if self.hint else head)
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": type(self).__name__, "path": self.path, "reason": self.reason, "hint": self.hint}

@@ -281,3 +281,28 @@ def test_torchscript_v1_chain_of_long_module_names(tmp_path):
     assert str(path) in str(info.value)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 600 << 10  # KiB: well under 900 MB
     assert torchckpt.scan(path).status == "unreadable"
+
+
+# --------------------------------------------------------------------------- terminal escapes
+@pytest.mark.parametrize("how", ["uncaught_traceback", "printed_error", "warning_with_the_error"])
+def test_error_text_from_the_file_through_a_pty(tmp_path, how):
+    """A global named builtins.<ESC>[31m...: the UnsafeCheckpointError quoted it raw, and a script's traceback
+    (or print(err), or a warning built from it) wrote the escape sequence to the user's terminal."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    from test_terminal_escapes import run_on_pty
+
+    a = _helpers()
+    path = tmp_path / "esc.pkl"
+    path.write_bytes(a.PROTO2 + a.call(a.glob("builtins", "\x1b]8;;http://evil/\x07x\x1b[2J"), a.s("x")) + a.STOP)
+    code = {"uncaught_traceback": f"import torchckpt\ntorchckpt.load({str(path)!r})\n",
+            "printed_error": f"import torchckpt\ntry:\n    torchckpt.load({str(path)!r})\n"
+                             "except torchckpt.CheckpointError as e:\n    print(e)\n",
+            "warning_with_the_error": f"import torchckpt, warnings\ntry:\n    torchckpt.load({str(path)!r})\n"
+                                      "except torchckpt.CheckpointError as e:\n    warnings.warn(f'skipped: {e}')\n"}[how]
+    rc, output = run_on_pty([], python=["-c", code], timeout=60)
+    assert b"UnsafeCheckpointError" in output or b"imports builtins" in output, output[-500:]
+    assert b"\x1b]8" not in output and b"\x1b[2J" not in output, output[-800:]
+    assert b"\\x1b" in output

@@ -25,12 +25,13 @@ from torchckpt.text import escape_terminal, summary
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src")
 
 
-def run_on_pty(args: list[str], timeout: float = 120.0) -> tuple[int, bytes]:
-    """``python3 -m torchckpt ARGS`` with stdout and stderr on a pty; (exit code, every byte it wrote)."""
+def run_on_pty(args: list[str], timeout: float = 120.0, python: list[str] | None = None) -> tuple[int, bytes]:
+    """``python3 -m torchckpt ARGS`` (or ``python3 PYTHON...`` when given) with stdout and stderr on a pty;
+    (exit code, every byte it wrote)."""
     primary, secondary = pty.openpty()
     env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC), "COLUMNS": "200", "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torchckpt", *args], stdin=subprocess.DEVNULL, stdout=secondary,
+    proc = subprocess.Popen([sys.executable, *(python or ["-m", "torchckpt", *args])], stdin=subprocess.DEVNULL, stdout=secondary,
                             stderr=secondary, env=env, close_fds=True)
     os.close(secondary)
     chunks: list[bytes] = []
