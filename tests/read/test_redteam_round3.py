@@ -306,3 +306,26 @@ def test_error_text_from_the_file_through_a_pty(tmp_path, how):
     assert b"UnsafeCheckpointError" in output or b"imports builtins" in output, output[-500:]
     assert b"\x1b]8" not in output and b"\x1b[2J" not in output, output[-800:]
     assert b"\\x1b" in output
+
+
+# --------------------------------------------------------------------------- numpy object arrays
+@pytest.mark.parametrize("shape", ["itself", "each_other", "itself_in_a_list"])
+def test_numpy_object_array_that_contains_itself(tmp_path, shape):
+    """numpy pickles an array holding itself with a reference to its unbuilt placeholder: load gave
+    array([array([], dtype=int8), 1]), a silently different value, and scan called it clean."""
+    np = pytest.importorskip("numpy")
+    a = np.empty(2, dtype=object)
+    a[1] = 1
+    if shape == "itself":
+        a[0] = a
+    elif shape == "each_other":
+        b = np.empty(1, dtype=object)
+        b[0], a[0] = a, b
+    else:
+        a[0] = [a]
+    path = tmp_path / "self.pt"
+    torch.save({"a": a}, path)
+    with pytest.raises(torchckpt.CorruptCheckpointError, match="contains itself") as info:
+        torchckpt.load(path)
+    assert str(path) in str(info.value)
+    assert torchckpt.scan(path).status == "unreadable"

@@ -212,11 +212,34 @@ def _object_array(u: Any, old: Any, shape: tuple[int, ...], fortran: bool, items
     u.meter.step(len(items))
     u.meter.materialise(8 * len(items) + 112, "numpy object arrays")
     graph_depth(u.meter, items, u._leaf_types())  # the items join the tree: the same depth bound
+    _no_pending(u, items, old)
     arr = np.empty(len(items), dtype=object)
     for i, item in enumerate(items):
         arr[i] = item
     arr = arr.reshape(shape)  # numpy pickles the items in C order whatever the layout
     return _as_subtype(np.asfortranarray(arr) if fortran else arr, _subtype_name(old))
+
+
+def _no_pending(u: Any, items: list[Any], old: Any) -> None:
+    """Refuse items that hold a value still waiting for its BUILD (the array itself, or an array that holds
+    this one): numpy's pickle of an array that contains itself; the placeholder would stay in the array as a
+    silently different value (an empty int8 array)."""
+    fresh = u._fresh
+    todo, seen = list(items), set()
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        entry = fresh.get(id(item))
+        if item is old or entry is not None and entry[0] is item:
+            raise _bad("numpy object array that contains itself (or an array not yet built): its items would "
+                       "hold a placeholder, not the array")
+        if isinstance(item, (list, tuple, set, frozenset)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+    u.meter.step(len(seen))
 
 
 def _subtype_name(arr: Any) -> str:
