@@ -17,6 +17,7 @@ from ._version import __version__
 
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
+    from . import transforms
     from .fit.load_into import load_into
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
@@ -75,6 +76,10 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "transforms":  # the module of load_into's adaptations (torchckpt.transforms.InterpolatePosEmbed)
+        import importlib
+
+        return importlib.import_module(".transforms", __name__)
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")
