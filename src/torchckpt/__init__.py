@@ -32,13 +32,14 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
+    from .train.optimizer_map import remap_optimizer_state
     from .train.sampler import ResumableSampler
     from .train.remote import save
     from .train.training import TrainingState
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
-    "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
+    "Checkpointer", "TrainingState", "remap_optimizer_state", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
     "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
@@ -58,6 +59,7 @@ _LAZY = {
     "load_into": ("fit.load_into", "load_into"),
     "save": ("train.remote", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
+    "remap_optimizer_state": ("train.optimizer_map", "remap_optimizer_state"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
     "KeepLast": ("train.checkpointer", "KeepLast"),

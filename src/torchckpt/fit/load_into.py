@@ -135,6 +135,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
         report.notes.append(f"whole-model pickle read through inert stubs ({candidate.module_class} was not "
                             "imported, no code from the file ran); weights taken from its modules")
     tensors = {k: _as_tensor(v) for k, v in ckpt.items() if hasattr(v, "shape")}
+    report.checkpoint_shapes = shapes(tensors)
     keyed, rename = split_rename(rename)
     rules, more = resolve(transforms)
     tensors, adapt_notes = expand(tensors, keyed + more, lambda v: tuple(v.shape))

@@ -71,6 +71,7 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)
     adapted: list[Adapted] = field(default_factory=list)
     origins: dict[str, Origin] = field(default_factory=dict, repr=False)  # model key -> how it is made
+    checkpoint_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # in file order
     dry_run: bool = False
     applied: bool = False
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
 from ..read.formats.folders import is_accelerate_folder
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
+                      UnsupportedFormatError)
 from ..storage.atomic import clean_temp_files, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
@@ -306,8 +307,9 @@ class Checkpointer:
     # ------------------------------------------------------------------ resuming
     def resume(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-               strict: bool = True) -> TrainingState:
-        """Resume from the newest complete checkpoint.
+               strict: bool = True, rename: Any = None, prefix: str | None = None,
+               transforms: Any = None) -> TrainingState:
+        """Resume from the newest complete checkpoint (``rename``/``prefix``/``transforms``: see :func:`resume`).
 
         A damaged newer one (truncated, sidecar missing or unreadable, failing its digest or CRCs) is
         skipped with a :class:`SkippedCheckpointWarning`, and ``state.notes`` names each file skipped
@@ -323,7 +325,8 @@ class Checkpointer:
                     self._skip(skipped, name, entry.problem)
                 continue
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                          map_location=map_location, restore_rng=restore_rng, strict=strict)
+                          map_location=map_location, restore_rng=restore_rng, strict=strict,
+                          **_adapting(rename, prefix, transforms, entry.path))
             try:
                 if self._remote is not None:  # downloaded once, verified and restored there
                     state = self._remote.resume_entry(entry, **kwargs)
@@ -355,9 +358,19 @@ class Checkpointer:
                       stacklevel=3)
 
 
+def _adapting(rename: Any, prefix: str | None, transforms: Any, path: str) -> dict[str, Any]:
+    """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
+    given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
+    if given and os.path.isdir(path) and distributed.is_dcp(path):
+        raise ResumeError(f"{', '.join(given)}= is not supported for a sharded (DCP) checkpoint", path=path,
+                          hint="Convert it to one file first (torchckpt.convert), then resume from that file.")
+    return given
+
+
 def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
            stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True, storage_options: StorageOptions | None = None) -> TrainingState:
+           strict: bool = True, storage_options: StorageOptions | None = None, rename: Any = None,
+           prefix: str | None = None, transforms: Any = None) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
@@ -370,10 +383,16 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
     Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
     is downloaded once into a temporary folder, verified, restored, and the download removed.
+
+    When the model's architecture changed since saving, ``rename``, ``prefix`` and ``transforms`` are
+    :func:`torchckpt.load_into`'s (pass ``strict=False`` for new or dropped layers), and the optimizer
+    state follows the same plan (:func:`torchckpt.remap_optimizer_state`): carried through renames,
+    prefixes and fuse/split, afresh for new or resized parameters; ``state.notes`` says which.
     """
     path = os.fspath(path_or_dir)
     kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                  map_location=map_location, restore_rng=restore_rng, strict=strict)
+                  map_location=map_location, restore_rng=restore_rng, strict=strict,
+                  **_adapting(rename, prefix, transforms, path))
     if is_url(path):
         if files.isdir(path, storage_options):
             return Checkpointer(path, storage_options=storage_options).resume(**kwargs)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import CheckpointError, ResumeError
 from ..storage.source import confined_path
+from .optimizer_map import remap_optimizer_state
 from .training import FORMAT, TrainingState, get_rng_state, set_rng_state, verify
 
 __all__ = ["resume_file", "load_payload"]
@@ -241,6 +242,20 @@ def _optimizer_defaults() -> dict[str, frozenset[str]]:
     return out
 
 
+def _remap(optimizer: Any, saved: Any, model: Any, state: TrainingState, path: str) -> None:
+    """The optimizer state carried through the load plan (the model's architecture changed)."""
+    try:
+        remap = remap_optimizer_state(saved, optimizer=optimizer, model=model, report=state.report)
+    except ResumeError as exc:
+        exc.path = path
+        raise
+    _check_optimizer_state(optimizer, remap.state_dict, "optimizer", path)  # its type still has to fit
+    _restore(optimizer, remap.state_dict, "optimizer", path)
+    state.optimizer = remap
+    state.notes.append(remap.summary())
+    state.notes.extend(remap.notes)
+
+
 def _restore_rng(state: TrainingState) -> None:
     before = get_rng_state()
     try:
@@ -256,10 +271,13 @@ def _restore_rng(state: TrainingState) -> None:
 
 def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                 stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-                strict: bool = True, verified: bool = False) -> TrainingState:
+                strict: bool = True, verified: bool = False, rename: Any = None, prefix: str | None = None,
+                transforms: Any = None) -> TrainingState:
     """Restore a training run from one checkpoint file (see :func:`torchckpt.resume`).
 
     The file is first checked against its sidecar unless the caller did that already (``verified``).
+    With ``rename``/``prefix``/``transforms``, or ``strict=False`` and a model that differs from the
+    checkpoint's, the optimizer state is remapped through the load plan (:mod:`.optimizer_map`).
     """
     path = os.fspath(path)
     if not verified:
@@ -276,7 +294,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     from ..fit.load_into import load_into
 
     try:
-        state.report = load_into(model, weights, strict=strict)
+        state.report = load_into(model, weights, strict=strict, rename=rename, prefix=prefix, transforms=transforms)
     except CheckpointError as exc:
         exc.path = path if exc.path in (None, IN_MEMORY) else exc.path
         raise
@@ -286,7 +304,14 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
         state.extra = _foreign_extra(payload, state.report.weights_path if weights is payload else "model")
         if state.extra:
             state.notes.append(f"kept the other top-level keys in state.extra: {', '.join(map(str, state.extra))}")
-    _restore(optimizer, payload.get("optimizer", payload.get("optimizer_state_dict")), "optimizer", path)
+    saved_optimizer = payload.get("optimizer", payload.get("optimizer_state_dict"))
+    report = state.report
+    changed = rename is not None or prefix is not None or transforms is not None or bool(
+        report.missing or report.unexpected or report.mismatched or report.adapted)
+    if changed and optimizer is not None and hasattr(optimizer, "param_groups") and saved_optimizer is not None:
+        _remap(optimizer, saved_optimizer, model, state, path)
+    else:
+        _restore(optimizer, saved_optimizer, "optimizer", path)
     _restore(scheduler, payload.get("scheduler", payload.get("lr_scheduler")), "scheduler", path)
     _restore(scaler, payload.get("scaler"), "scaler", path)
     saved_stateful = payload.get("stateful") or {}
