@@ -23,9 +23,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import load, read_checkpoint
     from .storage.cache import download
-    from .read.unpickle.budget import Budget
-    from .read.unpickle.policy import Policy
-    from .read.unpickle.stubs import Stub, stub_to_plain
+    from .read import Budget, Policy, Stub, stub_to_plain
     from .tools.dcp_convert import convert
     from .tools.diffing import diff
     from .tools.html_report import report
@@ -70,10 +68,10 @@ _LAZY = {
     "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
     "diff": ("tools.diffing", "diff"),
     "report": ("tools.html_report", "report"),
-    "Policy": ("read.unpickle.policy", "Policy"),
-    "Budget": ("read.unpickle.budget", "Budget"),
-    "Stub": ("read.unpickle.stubs", "Stub"),
-    "stub_to_plain": ("read.unpickle.stubs", "stub_to_plain"),
+    "Policy": ("read", "Policy"),
+    "Budget": ("read", "Budget"),
+    "Stub": ("read", "Stub"),
+    "stub_to_plain": ("read", "stub_to_plain"),
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..read.formats.dcp import is_dcp_dir
+from ..read import is_dcp_dir
 from ..tools.scanning import scan
 from .args import checkpoint_paths
 from .codes import scan_exit_code

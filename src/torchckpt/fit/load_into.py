@@ -16,8 +16,7 @@ from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.mode import Mode
-from ..read.unpickle.stubs import Stub
+from ..read import Mode, Stub
 from ..transforms import TransformSpec
 from .adapt import Derived, choose, expand, resolve, split_rename
 from .align import RenameRules, align_keys

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, LimitExceededError, WeightsNotFoundError
-from ..read.formats.lua_t7 import T7Object, t7_state_dict
+from ..read import Stub, T7Object, stub_name, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
-from ..read.unpickle.stubs import Stub, stub_name
 from .align import align_keys
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",

@@ -26,13 +26,10 @@ from ..errors import CorruptCheckpointError, LimitExceededError
 from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
 from ..read.opener import open_checkpoint
-from ..read.formats.lua_t7 import LuaFunction, T7Object
-from ..read.formats.simple import SAFETENSORS_DTYPES
+from ..read import SAFETENSORS_DTYPES, LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain
 from ..read.load import load
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.mode import Mode
-from ..read.unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 from ..storage import files as storage
 from ..storage.atomic import atomic_write
 from ..storage.remote import is_url

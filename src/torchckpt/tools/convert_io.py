@@ -14,7 +14,7 @@ import os
 from typing import Any, Callable
 
 from ..errors import CorruptCheckpointError
-from ..read.formats.simple import SAFETENSORS_DTYPES, safetensors_header
+from ..read import SAFETENSORS_DTYPES, safetensors_header
 from ..read.tensors import dtype_name
 from ..storage.source import Source
 

@@ -23,7 +23,7 @@ from ..errors import CorruptCheckpointError
 from ..fit.tree import flatten, is_tensor_like
 from ..read.opener import open_checkpoint
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.mode import Mode
+from ..read import Mode
 from .convert import ConvertReport, Materializer, Progress, float_dtype, part_to_write
 from .convert import convert as convert_file
 from .convert_io import same_bits

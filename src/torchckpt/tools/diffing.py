@@ -18,7 +18,7 @@ from ..fit.tree import flatten, is_tensor_like, select
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import resolve_policy
-from ..read.unpickle.mode import Mode
+from ..read import Mode
 
 __all__ = ["diff", "DiffReport"]
 

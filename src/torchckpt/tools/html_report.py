@@ -23,7 +23,7 @@ from ..fit.load_into import load_into
 from ..fit.tree import tensors
 from ..read.opener import open_checkpoint
 from ..read.tensors import TensorMeta, dtype_name, release, to_torch
-from ..read.unpickle.mode import Mode
+from ..read import Mode
 from ..read.trust import Policy, resolve_policy
 from ..storage.atomic import atomic_write
 from ..storage.remote import is_url

@@ -17,8 +17,7 @@ from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimiz
     state_dict_of, walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
-from ..read.unpickle.policy import Verdict
-from ..read.unpickle.stubs import Stub, stub_name
+from ..read import Stub, Verdict, stub_name
 
 __all__ = ["inspect", "InspectReport", "TensorInfo", "format_bytes"]
 

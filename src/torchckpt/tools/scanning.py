@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError, NotACheckpointError, UnsafeCheckpointError
-from ..read.formats import Trace, folder_kind, is_dcp_dir
+from ..read import GlobalRef, Mode, Policy, Trace, Verdict, folder_kind, is_dcp_dir
 from ..read.opener import open_checkpoint
-from ..read.unpickle.machine import GlobalRef
-from ..read.unpickle.mode import Mode
 from ..read.trust import resolve_policy
-from ..read.unpickle.policy import Policy, Verdict
 from ..storage.remote import is_url, remote_listing
 from ..storage.source import confined_path
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from ..read.formats.folders import is_accelerate_folder
+from ..read import is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
 from ..storage.atomic import clean_temp_files, os_error_in, write_error

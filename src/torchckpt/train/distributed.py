@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
-from ..read.unpickle.meta import TensorMeta
+from ..read import TensorMeta
 from ..storage.atomic import fsync_dir, write_json_atomic
 from .restore import _restore, _restore_rng
 from .store import Entry

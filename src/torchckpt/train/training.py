@@ -295,7 +295,7 @@ def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
     """
     import torch  # lazy, like the reader module (it imports numpy): only this format needs them
 
-    from ..read.formats.simple import SAFETENSORS_DTYPES
+    from ..read import SAFETENSORS_DTYPES
     from ..read.tensors import dtype_name
 
     codes = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}

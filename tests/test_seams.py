@@ -1,0 +1,71 @@
+"""The seams between the layers, checked on the source: each layer is reached through its face, and
+the face costs nothing to import."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "src", "torchckpt")
+
+
+def _modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name (``read.formats`` for ``read/formats/__init__.py``)."""
+    out = {}
+    for folder, _, files in os.walk(PKG):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, PKG)[:-3].replace(os.sep, ".")
+                rel = rel[:-len(".__init__")] if rel.endswith(".__init__") else ("" if rel == "__init__" else rel)
+                with open(path, encoding="utf-8") as f:
+                    out[rel] = ast.parse(f.read(), path)
+    return out
+
+
+def _imported(module: str, tree: ast.Module, is_package: bool) -> list[tuple[str, int]]:
+    """The package-relative dotted module of every import of the package itself, with its line."""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = [p for p in base if p]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(parts + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("torchckpt"):
+                target = (node.module or "")[len("torchckpt."):]
+            else:
+                continue
+            found.append((target, node.lineno))
+    return found
+
+
+def test_nothing_outside_read_reaches_into_its_readers_or_vm() -> None:
+    reach_ins = []
+    for module, tree in _modules().items():
+        if module == "read" or module.startswith("read."):
+            continue
+        is_package = os.path.exists(os.path.join(PKG, *module.split("."), "__init__.py")) if module else True
+        for target, line in _imported(module, tree, is_package):
+            if target.startswith(("read.unpickle", "read.formats")):
+                reach_ins.append(f"{module}:{line} imports {target}")
+    assert reach_ins == [], "import these names from torchckpt.read (the layer's face):\n" + "\n".join(reach_ins)
+
+
+def test_the_read_face_names_only_what_exists_and_imports_nothing_until_asked() -> None:
+    code = (
+        "import sys, torchckpt.read as r\n"
+        "before = sorted(m for m in sys.modules if m.startswith('torchckpt.read.'))\n"
+        "assert before == [], before\n"
+        "for name in r.__all__: getattr(r, name)\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+        "try:\n    r.no_such_name\nexcept AttributeError as e:\n    print('ok', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert done.returncode == 0, done.stderr
+    assert "ok module 'torchckpt.read' has no attribute 'no_such_name'" in done.stdout
