@@ -216,3 +216,21 @@ def test_names_and_errors_for_bad_specs():
         torchckpt.load_into(nn.Linear(2, 2), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
                             transforms="bicubic")
     assert torchckpt.transforms.by_name("adapt_input_conv").name == AdaptInputConv.name
+
+
+@pytest.mark.parametrize("old,new,extra,flat", [(7, 12, 3, True), (12, 7, 0, True), (7, 10, 0, False)])
+def test_resize_rel_pos_table_matches_timm(old, new, extra, flat):
+    ref = timm_module("layers.pos_embed_rel").resize_rel_pos_bias_table
+    torch.manual_seed(0)
+    heads = 3
+    src_shape = ((2 * old - 1) ** 2 + extra, heads) if flat else (heads, 2 * old - 1, 2 * old - 1)
+    dst_shape = ((2 * new - 1) ** 2 + extra, heads) if flat else (heads, 2 * new - 1, 2 * new - 1)
+    table = torch.randn(src_shape)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Module()])
+    model.blocks[0].relative_position_bias_table = nn.Parameter(torch.zeros(dst_shape))
+    report = torchckpt.load_into(model, {"blocks.0.relative_position_bias_table": table}, on_mismatch="adapt")
+    expected = ref(table, (new, new), dst_shape)
+    got = model.blocks[0].relative_position_bias_table.detach()
+    assert torch.equal(got, expected)
+    assert [a.transform for a in report.adapted] == ["resize_rel_pos_table"]

@@ -8,7 +8,8 @@ second copy of the model), and each named in the :class:`~torchckpt.LoadReport` 
   ``resample_abs_pos_embed``), :class:`AdaptInputConv` (RGB -> grayscale or multispectral stems, as
   timm's ``adapt_input_conv``), :class:`MeanResize` (a vocabulary or classifier grown: new rows are the
   mean of the old rows, as transformers' ``resize_token_embeddings(mean_resizing=True)`` without its
-  noise; shrinking keeps the leading rows);
+  noise; shrinking keeps the leading rows), :class:`ResizeRelPosTable` (relative-position bias tables
+  at a new window size, as timm's ``resize_rel_pos_bias_table``);
 * **key transforms** change the layout: :class:`Fuse` (``q``,``k``,``v`` -> ``qkv``), :class:`Split`
   (``qkv`` -> ``q``,``k``,``v``), :class:`Stack` (per-expert MoE weights -> one stacked tensor) and
   :class:`Unstack` (the reverse). ``rename=`` spells fuse and split too: a tuple of patterns mapping to
@@ -26,8 +27,8 @@ import math
 import re
 from typing import Any, Mapping, Sequence, Union
 
-__all__ = ["Transform", "InterpolatePosEmbed", "AdaptInputConv", "MeanResize", "KeyTransform", "Fuse", "Split",
-           "Stack", "Unstack", "TransformSpec", "by_name", "NAMES"]
+__all__ = ["Transform", "InterpolatePosEmbed", "AdaptInputConv", "MeanResize", "ResizeRelPosTable", "KeyTransform",
+           "Fuse", "Split", "Stack", "Unstack", "TransformSpec", "by_name", "NAMES"]
 
 Shape = tuple[int, ...]
 
@@ -194,6 +195,124 @@ class MeanResize(Transform):
         return f"{source[0]} -> {target[0]} rows (new rows = mean of the old)"
 
 
+class ResizeRelPosTable(Transform):
+    """Resize a relative-position bias table to a new window: timm's ``resize_rel_pos_bias_table`` (BEiT's
+    geometric-progression grid, linear interpolation per head; extra class-token rows kept). Flat tables
+    are ``[(2*Wh-1)*(2*Ww-1) + extra, heads]``; ``[heads, 2*Wh-1, 2*Ww-1]`` tables (MaxViT) work too.
+
+    Args:
+        old_window, new_window: ``(Wh, Ww)`` for non-square windows (default: square, from the shapes).
+    """
+
+    name = "resize_rel_pos_table"
+
+    def __init__(self, *, old_window: tuple[int, int] | None = None, new_window: tuple[int, int] | None = None,
+                 keys: str | None = None) -> None:
+        super().__init__(keys)
+        self.old_window, self.new_window = old_window, new_window
+
+    def _sizes(self, source: Shape, target: Shape) -> tuple[tuple[int, int], tuple[int, int], int] | str:
+        if len(source) == 3 and len(target) == 3 and source[0] == target[0]:
+            return (source[1], source[2]), (target[1], target[2]), 0
+        if len(source) != 2 or len(target) != 2 or source[1] != target[1]:
+            return "a relative-position table is [positions, heads] (or [heads, H, W]) with the same heads"
+        for extra in range(4):
+            old = _table(self.old_window) or _square(source[0] - extra)
+            new = _table(self.new_window) or _square(target[0] - extra)
+            if old and new and old[0] % 2 and new[0] % 2 and old[0] * old[1] == source[0] - extra \
+                    and new[0] * new[1] == target[0] - extra:
+                return old, new, extra
+        return (f"{source[0]} and {target[0]} positions are not a (2W-1)^2 table plus up to 3 extra rows "
+                "(pass old_window=, new_window=)")
+
+    def why_not(self, key: str, source: Shape, target: Shape) -> str | None:
+        sizes = self._sizes(source, target)
+        return sizes if isinstance(sizes, str) else None
+
+    def looks_like(self, key: str, source: Shape, target: Shape, first_conv: str | None) -> bool:
+        return bool(re.search(r"rel(ative)?_pos(ition)?", key)) and self.why_not(key, source, target) is None
+
+    def __call__(self, tensor: Any, target: Shape) -> Any:
+        import torch  # lazy: torchckpt imports torch only when tensors are needed
+
+        sizes = self._sizes(tuple(tensor.shape), target)
+        assert not isinstance(sizes, str), sizes
+        src, dst, extra = sizes
+        flat = tensor.dim() == 2
+        rows = tensor[tensor.shape[0] - extra:] if extra else None
+        table = tensor[: tensor.shape[0] - extra] if extra else tensor
+        points = [torch.tensor(_progression(src[0], dst[0])), torch.tensor(_progression(src[1], dst[1]))]
+        ty, tx = dst[0] // 2.0, dst[1] // 2.0
+        grid = torch.meshgrid(torch.arange(-ty, ty + 0.1, 1.0), torch.arange(-tx, tx + 0.1, 1.0), indexing="ij")
+        heads = []
+        for i in range(table.shape[1] if flat else table.shape[0]):
+            z = table[:, i].reshape(src).float() if flat else table[i].float()
+            r = _linear(points, z, grid)
+            heads.append(r.reshape(-1, 1) if flat else r)
+        out = torch.cat(heads, dim=-1) if flat else torch.stack(heads, dim=0)
+        if rows is not None:
+            out = torch.cat([out, rows.float()], dim=0)
+        return out.to(tensor.dtype)
+
+    def describe(self, source: Shape, target: Shape) -> str:
+        sizes = self._sizes(source, target)
+        if isinstance(sizes, str):
+            return sizes
+        src, dst, extra = sizes
+        return f"{src[0]}x{src[1]} -> {dst[0]}x{dst[1]} relative positions" + (f", {extra} extra rows kept" if extra
+                                                                               else "")
+
+
+def _table(window: tuple[int, int] | None) -> tuple[int, int] | None:
+    return (2 * window[0] - 1, 2 * window[1] - 1) if window else None
+
+
+def _progression(src: int, dst: int) -> list[float]:
+    """BEiT's source coordinates: spaced by a geometric progression so that ``src`` points span ``dst``."""
+    left, right = 1.01, 1.5
+    q = left
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    dis: list[float] = []
+    cur = 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0.0] + dis
+
+
+def _linear(points: list[Any], values: Any, at: Sequence[Any]) -> Any:
+    """Linear interpolation of ``values`` on the rectilinear grid ``points`` at the coordinates ``at``
+    (clamped at the edges), as scipy's RegularGridInterpolator(method="linear") and timm's copy of it."""
+    import itertools
+
+    import torch  # lazy: torchckpt imports torch only when tensors are needed
+
+    idxs, dists, overall = [], [], []
+    for p, x in zip(points, at):
+        right = torch.bucketize(x, p)
+        right[right >= p.shape[0]] = p.shape[0] - 1
+        left = (right - 1).clamp(0, p.shape[0] - 1)
+        d_left, d_right = x - p[left], p[right] - x
+        d_left[d_left < 0] = 0.0
+        d_right[d_right < 0] = 0.0
+        both = (d_left == 0) & (d_right == 0)
+        d_left[both] = d_right[both] = 1.0
+        idxs.append((left, right))
+        dists.append((d_left, d_right))
+        overall.append(d_left + d_right)
+    numerator: Any = 0.0
+    for corner in itertools.product([0, 1], repeat=len(points)):
+        index = [idx[c] for c, idx in zip(corner, idxs)]
+        weight = [dist[1 - c] for c, dist in zip(corner, dists)]
+        numerator = numerator + values[tuple(index)] * torch.prod(torch.stack(weight), dim=0)
+    return numerator / torch.prod(torch.stack(overall), dim=0)
+
+
 class KeyTransform:
     """A layout change over checkpoint keys (several tensors -> one, or one -> several), applied before
     the keys are aligned with the model. Patterns are regular expressions searched in each checkpoint
@@ -263,7 +382,8 @@ class Unstack(KeyTransform):
         return f"Unstack({self.source!r}, {self.target!r})"
 
 
-NAMES: dict[str, type[Transform]] = {c.name: c for c in (InterpolatePosEmbed, AdaptInputConv, MeanResize)}
+NAMES: dict[str, type[Transform]] = {c.name: c for c in (InterpolatePosEmbed, AdaptInputConv, MeanResize,
+                                                          ResizeRelPosTable)}
 
 TransformSpec = Union[str, Transform, KeyTransform, Sequence[Union[str, Transform, KeyTransform]],
                       Mapping[str, Union[str, Transform]], None]

@@ -14,13 +14,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import StateDictMismatchError
 from ..read.tensors import to_torch
-from ..transforms import (AdaptInputConv, Fuse, InterpolatePosEmbed, KeyTransform, MeanResize, Split, Stack,
-                          Transform, TransformSpec, Unstack, by_name)
+from ..transforms import (AdaptInputConv, Fuse, InterpolatePosEmbed, KeyTransform, MeanResize, ResizeRelPosTable,
+                          Split, Stack, Transform, TransformSpec, Unstack, by_name)
 from .tree import TensorMeta
 
 __all__ = ["Derived", "Rule", "split_rename", "resolve", "expand", "choose", "AUTO"]
 
-AUTO: tuple[Transform, ...] = (InterpolatePosEmbed(), AdaptInputConv(), MeanResize())
+AUTO: tuple[Transform, ...] = (InterpolatePosEmbed(), ResizeRelPosTable(), AdaptInputConv(), MeanResize())
 
 
 @dataclass
