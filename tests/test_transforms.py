@@ -234,3 +234,21 @@ def test_resize_rel_pos_table_matches_timm(old, new, extra, flat):
     got = model.blocks[0].relative_position_bias_table.detach()
     assert torch.equal(got, expected)
     assert [a.transform for a in report.adapted] == ["resize_rel_pos_table"]
+
+
+def test_fuse_and_split_layouts_are_suggested_with_the_argument(tmp_path):
+    torch.manual_seed(0)
+    split = nn.Sequential(Split3(), nn.Linear(24, 2))
+    fused = nn.Sequential(Fused(), nn.Linear(24, 2))
+    plan = torchckpt.load_into(fused, saved(tmp_path, split), dry_run=True)
+    rule = "rename={('\\\\.q_proj\\\\.', '\\\\.k_proj\\\\.', '\\\\.v_proj\\\\.'): '.qkv.'}"
+    assert f"would fit with fuse: {rule}" in str(plan)
+    with pytest.raises(StateDictMismatchError) as info:
+        torchckpt.load_into(fused, saved(tmp_path, split))
+    assert rule in str(info.value)
+    # the suggestion as written loads
+    assert torchckpt.load_into(fused, saved(tmp_path, split),
+                               rename={('\\.q_proj\\.', '\\.k_proj\\.', '\\.v_proj\\.'): '.qkv.'}).ok
+    back = nn.Sequential(Split3(), nn.Linear(24, 2))
+    plan = torchckpt.load_into(back, saved(tmp_path, fused, "f.pt"), dry_run=True)
+    assert "would fit with split: rename={'\\\\.qkv\\\\.': ['.q_proj.', '.k_proj.', '.v_proj.']}" in str(plan)

@@ -18,7 +18,7 @@ from ..transforms import (AdaptInputConv, Fuse, InterpolatePosEmbed, KeyTransfor
                           Split, Stack, Transform, TransformSpec, Unstack, by_name)
 from .tree import TensorMeta
 
-__all__ = ["Derived", "Rule", "split_rename", "resolve", "expand", "choose", "AUTO"]
+__all__ = ["Derived", "Rule", "split_rename", "resolve", "expand", "choose", "suggest_layouts", "AUTO"]
 
 AUTO: tuple[Transform, ...] = (InterpolatePosEmbed(), ResizeRelPosTable(), AdaptInputConv(), MeanResize())
 
@@ -234,3 +234,42 @@ def _why_none(key: str, source: tuple[int, ...], target: tuple[int, ...], first_
         else:
             reasons.append(f"{t.name}: {why}")
     return "; ".join(reasons)
+
+
+def suggest_layouts(missing: Mapping[str, tuple[int, ...]], unexpected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """``rename=`` arguments that would fuse unexpected checkpoint tensors into a missing model tensor (their
+    dim 0 adds up) or split one into several (dim 0 divides evenly), for the report and the error."""
+    def groups(keys: Mapping[str, tuple[int, ...]]) -> dict[tuple[str, str], list[tuple[str, tuple[int, ...]]]]:
+        out: dict[tuple[str, str], list[tuple[str, tuple[int, ...]]]] = {}
+        for k, shape in keys.items():
+            parts = k.rsplit(".", 2)
+            if len(parts) >= 2 and shape:
+                parent = parts[0] if len(parts) == 3 else ""
+                out.setdefault((parent, parts[-1]), []).append((parts[-2], shape))
+        return out
+
+    def pattern(parent: str, name: str) -> str:
+        return rf"\.{re.escape(name)}\." if parent else rf"^{re.escape(name)}\."
+
+    def same(a: str, b: str) -> bool:
+        return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+    found: list[str] = []
+    ckpt_groups, model_groups = groups(unexpected), groups(missing)
+    for (mparent, leaf), members in model_groups.items():
+        for cparent, cleaf in ckpt_groups:
+            if cleaf != leaf or not same(mparent, cparent):
+                continue
+            sources = ckpt_groups[(cparent, cleaf)]
+            for name, shape in members:  # fuse: several checkpoint tensors -> this one
+                if len(sources) > 1 and all(s[1:] == shape[1:] for _, s in sources) \
+                        and sum(s[0] for _, s in sources) == shape[0]:
+                    patterns = ", ".join(repr(pattern(cparent, n)) for n, _ in sources)
+                    target = ("." if mparent else "") + name + "."
+                    found.append(f"fuse: rename={{({patterns}): {target!r}}}")
+            for name, shape in sources:  # split: this checkpoint tensor -> several
+                if len(members) > 1 and all(s == members[0][1] for _, s in members) \
+                        and len(members) * members[0][1][0] == shape[0] and shape[1:] == members[0][1][1:]:
+                    targets = ", ".join(repr(("." if mparent else "") + n + ".") for n, _ in members)
+                    found.append(f"split: rename={{{pattern(cparent, name)!r}: [{targets}]}} (check the order)")
+    return list(dict.fromkeys(found))

@@ -18,7 +18,7 @@ from ..read.tensors import dtype_name, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read import Mode, Stub
 from ..transforms import TransformSpec
-from .adapt import Derived, choose, expand, resolve, split_rename
+from .adapt import Derived, choose, expand, resolve, split_rename, suggest_layouts
 from .align import RenameRules, align_keys
 from .placement import Placer
 from .report import Adapted, LoadReport, Mismatch, Origin
@@ -214,6 +214,10 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
         report.loaded.append(mkey)
     report.unexpected = [c for c in tensors if c not in alignment.mapping
                          and c not in alignment.outside and not (c in model_sd and c in prepared)]
+    if report.missing and report.unexpected:
+        report.notes.extend("would fit with " + hint for hint in suggest_layouts(
+            {k: tuple(model_sd[k].shape) for k in report.missing if hasattr(model_sd[k], "shape")},
+            {c: tuple(tensors[c].shape) for c in report.unexpected}))
     if dry_run:
         return report  # the plan, whatever it says: the caller reads report.ok
     errors = [m for m in report.mismatched if m.action == "error"]
