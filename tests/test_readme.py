@@ -215,6 +215,10 @@ ADAPT_MODELS = textwrap.dedent('''
             super().__init__()
             self.attn = Attn(fused)
 
+        def forward(self, x):
+            a = self.attn
+            return a.qkv(x) if hasattr(a, "qkv") else torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1)
+
     class MoE(nn.Module):
         def __init__(self, stacked):
             super().__init__()
@@ -251,6 +255,7 @@ def _adaptations(ns: dict) -> None:
     ns["fused_opt"] = torch.optim.Adam(fused.parameters())
     torch.save(models["MoE"](False).state_dict(), "experts.pt")
     ns["moe_model"] = models["MoE"](True)
+    ns["probe"] = torch.randn(2, 8)
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
@@ -260,7 +265,7 @@ def test_readme_python_block(workdir, index):
         _hugging_face(ns, workdir)
     if "output/checkpoint_3/" in blocks("python")[index]:
         _accelerate(ns, workdir)
-    if "vit_224.pt" in blocks("python")[index] or "fused_opt" in blocks("python")[index]:
+    if any(name in blocks("python")[index] for name in ("vit_224.pt", "fused_opt", "split_qkv.pt")):
         _adaptations(ns)
     if "lightning" in blocks("python")[index]:
         ns["lightning"] = pytest.importorskip("lightning")

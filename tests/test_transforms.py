@@ -252,3 +252,16 @@ def test_fuse_and_split_layouts_are_suggested_with_the_argument(tmp_path):
     back = nn.Sequential(Split3(), nn.Linear(24, 2))
     plan = torchckpt.load_into(back, saved(tmp_path, fused, "f.pt"), dry_run=True)
     assert "would fit with split: rename={'\\\\.qkv\\\\.': ['.q_proj.', '.k_proj.', '.v_proj.']}" in str(plan)
+
+
+def test_check_mapping_reports_max_delta_of_fuse_and_catches_a_wrong_order(tmp_path):
+    torch.manual_seed(0)
+    path = saved(tmp_path, nn.Sequential(Split3(), nn.Linear(24, 2)))
+    probe = torch.randn(4, 8)
+    check = torchckpt.check_mapping(nn.Sequential(Split3(), nn.Linear(24, 2)), nn.Sequential(Fused(), nn.Linear(24, 2)),
+                                    path, probe, rename={(r"\.q_proj\.", r"\.k_proj\.", r"\.v_proj\."): ".qkv."})
+    assert check.max_abs_delta < 1e-5 and check.outputs == 1 and check.report.ok
+    assert "max |delta|" in str(check)
+    wrong = torchckpt.check_mapping(nn.Sequential(Split3(), nn.Linear(24, 2)), nn.Sequential(Fused(), nn.Linear(24, 2)),
+                                    path, probe, rename={(r"\.k_proj\.", r"\.q_proj\.", r"\.v_proj\."): ".qkv."})
+    assert wrong.max_abs_delta > 1e-3

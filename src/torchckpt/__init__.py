@@ -18,6 +18,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
     from . import transforms
+    from .fit.equivalence import check_mapping
     from .fit.load_into import load_into
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
-    "Checkpointer", "TrainingState", "remap_optimizer_state", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
+    "Checkpointer", "TrainingState", "remap_optimizer_state", "check_mapping", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
     "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
@@ -55,6 +56,7 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
+    "check_mapping": ("fit.equivalence", "check_mapping"),
     "save": ("train.remote", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "remap_optimizer_state": ("train.optimizer_map", "remap_optimizer_state"),
