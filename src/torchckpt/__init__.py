@@ -77,11 +77,14 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("transforms",)  # modules reached as attributes: torchckpt.transforms.InterpolatePosEmbed()
+
+
 def __getattr__(name: str) -> Any:
-    if name == "transforms":  # the module of load_into's adaptations (torchckpt.transforms.InterpolatePosEmbed)
+    if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(".transforms", __name__)
+        return importlib.import_module(f".{name}", __name__)
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")
