@@ -1,10 +1,11 @@
 """Benchmark: torchckpt.save (atomic, durable, content digest) vs torch.save + fsync, and async blocking time.
 
-    python bench/bench_save.py [--size-mib 1024] [--repeats 5] [--threads 1]
+    python bench/bench_save.py [--size-mib 1024] [--repeats 5] [--threads 1] [--cases all|core|a,b]
 
-Targets (issue 14): torchckpt.save and sync Checkpointer.save <= 1.1x of torch.save + fsync (the
-durable baseline); async Checkpointer.save blocks <= 0.1x of a sync save (dcp.async_save, the
-baseline a user has, is in the same run). The model is zero-filled (content does not change the cost
+Targets (issues 14, 27): torchckpt.save, sync Checkpointer.save and an async Checkpointer.save until
+it is durable (save + wait) <= 1.1x of torch.save + fsync (the durable baseline) at 64 MiB, 512 MiB
+and 2 GiB; async Checkpointer.save blocks <= 0.1x of a sync save (dcp.async_save, the baseline a user
+has, is in the same run). The runs of all cases alternate (fresh processes), medians shown. The model is zero-filled (content does not change the cost
 of an uncompressed write) so that setting up each fresh process is quick.
 """
 
@@ -12,11 +13,20 @@ from __future__ import annotations
 
 import tempfile
 
-from common import bench_args, measure, print_table
+import os
+
+from common import bench_args, measure_alternated, print_table
+
+# --cases: a named set or a comma-separated list of case names
+CASE_SETS = {"all": ["plain", "plain_fsync", "ours", "plain_overwrite", "ours_overwrite", "ckpt_sync", "ckpt_async_total",
+                     "plain_retention", "ckpt_sync_steady", "ckpt_async", "ckpt_async_steady", "dcp_async"],
+             "core": ["plain_fsync", "ours", "ckpt_sync", "ckpt_async_total"]}
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_args(__doc__, extra=lambda ap: ap.add_argument(
+        "--cases", default="all", help="'all', 'core' (the issue-27 rows: baseline, save, sync and async "
+                                       "Checkpointer) or a comma-separated list of case names"))
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)
     # Cases alternate (plain, ours, plain, ours, ...) in fresh processes, each starting after os.sync().
     setup = f"""
@@ -37,66 +47,74 @@ def save_fsync(name):  # the baseline a user has: torch.save, then fsync ("wb" t
         torch.save({{"model": model.state_dict(), "step": 1}}, fh)
         fh.flush(); os.fsync(fh.fileno())
 """
-    r = args.repeats
-    plain = measure(setup + """
+    codes = {
+        "plain": """
 t0 = time.perf_counter()
 torch.save({"model": model.state_dict(), "step": 1}, os.path.join(folder, "plain.pt"))
 result = time.perf_counter() - t0
-""", r)
-    plain_fsync = measure(setup + """
+""",
+        "plain_fsync": """
 t0 = time.perf_counter()
 save_fsync("plain2.pt")
 result = time.perf_counter() - t0
-""", r)
-    plain_overwrite = measure(setup + """
+""",
+        "plain_overwrite": """
 save_fsync("last.pt")
 os.sync()
 t0 = time.perf_counter()
 save_fsync("last.pt")
 result = time.perf_counter() - t0
-""", r)
-    plain_retention = measure(setup + """
+""",
+        "plain_retention": """
 save_fsync("step1.pt")
 os.sync()
 t0 = time.perf_counter()
 save_fsync("step2.pt")
 os.remove(os.path.join(folder, "step1.pt"))  # keep the last one
 result = time.perf_counter() - t0
-""", r)
-    ours = measure(setup + """
+""",
+        "ours": """
 t0 = time.perf_counter()
 torchckpt.save(os.path.join(folder, "ours.pt"), model=model, step=1)
 result = time.perf_counter() - t0
-""", r)
-    ours_overwrite = measure(setup + """
+""",
+        "ours_overwrite": """
 torchckpt.save(os.path.join(folder, "last.pt"), model=model, step=1)
 os.sync()
 t0 = time.perf_counter()
 torchckpt.save(os.path.join(folder, "last.pt"), model=model, step=2)
 result = time.perf_counter() - t0
-""", r)
-    ckpt_sync = measure(setup + """
+""",
+        "ckpt_sync": """
 ck = torchckpt.Checkpointer(os.path.join(folder, "sync"), keep_last=1)
 t0 = time.perf_counter()
 ck.save(1, model=model)
 result = time.perf_counter() - t0
-""", r)
-    ckpt_sync_steady = measure(setup + """
+""",
+        "ckpt_sync_steady": """
 ck = torchckpt.Checkpointer(os.path.join(folder, "sync"), keep_last=1)
 ck.save(1, model=model)
 os.sync()
 t0 = time.perf_counter()
 ck.save(2, model=model)  # and retention removes step 1
 result = time.perf_counter() - t0
-""", r)
-    ckpt_async = measure(setup + """
+""",
+        "ckpt_async": """
 ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
 t0 = time.perf_counter()
 ck.save(1, model=model)
 result = time.perf_counter() - t0
 ck.close()
-""", r)
-    ckpt_async_steady = measure(setup + """
+""",
+        "ckpt_async_total": """
+ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
+t0 = time.perf_counter()
+ck.save(1, model=model)
+ck.wait()  # until the checkpoint is durable: the whole cost of the save, blocking or not
+result = time.perf_counter() - t0
+ck.close()
+""",
+        "ckpt_async_steady": """
 ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
 ck.save(1, model=model)
 ck.wait()  # training continues; the next save comes after the previous write finished
@@ -104,8 +122,8 @@ t0 = time.perf_counter()
 ck.save(2, model=model)
 result = time.perf_counter() - t0
 ck.close()
-""", r)
-    dcp_async = measure(setup + """
+""",
+        "dcp_async": """
 import torch.distributed.checkpoint as dcp, warnings
 warnings.simplefilter("ignore")
 sd = model.state_dict()
@@ -114,24 +132,37 @@ t0 = time.perf_counter()
 fut = dcp.async_save(sd, checkpoint_id=os.path.join(folder, "dcp2"))
 result = time.perf_counter() - t0
 fut.result()
-""", r)
-    print(f"model of ~{args.size_mib} MiB; medians of {r} fresh processes; threads: {args.threads or 'default'}")
-    print_table("durable save", [
-        ("torch.save(obj, path) (not durable)", plain, plain_fsync),
-        ("torch.save + fsync                             [baseline]", plain_fsync, None),
-        ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", ours, plain_fsync),
-        ("torch.save + fsync, overwriting the file   [baseline 2]", plain_overwrite, None),
-        ("torchckpt.save, overwriting the file (vs baseline 2)", ours_overwrite, plain_overwrite),
-        ("Checkpointer.save, sync", ckpt_sync, plain_fsync),
-        ("torch.save + fsync, then remove the previous [baseline 3]", plain_retention, None),
-        ("Checkpointer.save, sync, later saves + retention (vs 3)", ckpt_sync_steady, plain_retention),
-    ])
-    print_table("async save: time the training loop is blocked", [
-        ("Checkpointer.save, sync                        [baseline]", ckpt_sync, None),
-        ("Checkpointer.save, async, first save (blocking part)", ckpt_async, ckpt_sync),
-        ("Checkpointer.save, async, later saves (blocking part)", ckpt_async_steady, ckpt_sync),
-        ("dcp.async_save, later saves (blocking part)", dcp_async, ckpt_sync),
-    ])
+""",
+    }
+    chosen = CASE_SETS.get(args.cases, args.cases.split(","))
+    unknown = [c for c in chosen if c not in codes]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {sorted(codes)} or one of {sorted(CASE_SETS)}")
+    res = measure_alternated({name: setup + codes[name] for name in chosen}, args.repeats)
+    r = args.repeats
+    print(f"model of ~{args.size_mib} MiB; medians of {r} alternated fresh processes; threads: "
+          f"{args.threads or 'default'}; load average {os.getloadavg()[0]:.1f}")
+
+    def rows(table: list[tuple[str, str, str | None]]) -> list[tuple[str, dict, dict | None]]:
+        return [(label, res[name], res.get(base) if base else None) for label, name, base in table if name in res]
+
+    print_table("durable save", rows([
+        ("torch.save(obj, path) (not durable)", "plain", "plain_fsync"),
+        ("torch.save + fsync                             [baseline]", "plain_fsync", None),
+        ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", "ours", "plain_fsync"),
+        ("torch.save + fsync, overwriting the file   [baseline 2]", "plain_overwrite", None),
+        ("torchckpt.save, overwriting the file (vs baseline 2)", "ours_overwrite", "plain_overwrite"),
+        ("Checkpointer.save, sync", "ckpt_sync", "plain_fsync"),
+        ("Checkpointer.save, async, save + wait (total)", "ckpt_async_total", "plain_fsync"),
+        ("torch.save + fsync, then remove the previous [baseline 3]", "plain_retention", None),
+        ("Checkpointer.save, sync, later saves + retention (vs 3)", "ckpt_sync_steady", "plain_retention"),
+    ]))
+    print_table("async save: time the training loop is blocked", rows([
+        ("Checkpointer.save, sync                        [baseline]", "ckpt_sync", None),
+        ("Checkpointer.save, async, first save (blocking part)", "ckpt_async", "ckpt_sync"),
+        ("Checkpointer.save, async, later saves (blocking part)", "ckpt_async_steady", "ckpt_sync"),
+        ("dcp.async_save, later saves (blocking part)", "dcp_async", "ckpt_sync"),
+    ]))
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)

@@ -14,7 +14,7 @@ from collections import OrderedDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def bench_args(doc: str | None, size_mib: int = 1024):
+def bench_args(doc: str | None, size_mib: int = 1024, extra=None):
     """The arguments every benchmark takes: --size-mib, --repeats, --dir."""
     import argparse
 
@@ -23,6 +23,8 @@ def bench_args(doc: str | None, size_mib: int = 1024):
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per case (the median is shown)")
     ap.add_argument("--dir", default=None, help="where to write the temporary files")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each measured process (0: default)")
+    if extra is not None:
+        extra(ap)  # a benchmark's own arguments
     args = ap.parse_args()
     if args.threads:
         os.environ["TORCHCKPT_BENCH_THREADS"] = str(args.threads)  # read by every child's prelude
@@ -86,32 +88,61 @@ CHILD_PRELUDE = textwrap.dedent("""
 """)
 
 
+def _child_script(code: str) -> str:
+    # CPU seconds are taken over the same span as ``result``: the snippet's own start and end lines.
+    code = textwrap.dedent(code).replace("t0 = time.perf_counter()\n", "t0 = time.perf_counter(); cpu0 = cpu_s()\n")
+    code = code.replace("result = time.perf_counter() - t0\n", "result = time.perf_counter() - t0; cpu = cpu_s() - cpu0\n")
+    return CHILD_PRELUDE.format(here=HERE) + code + textwrap.dedent("""
+        print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base, "cpu": globals().get("cpu")}))
+    """)
+
+
+def _run_child(script: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summary(outs: list[dict]) -> dict:
+    errors = [o for o in outs if "error" in o]
+    if errors:
+        return errors[0]
+    res = {"seconds": statistics.median(o["seconds"] for o in outs), "peak_mib": max(o["peak_mib"] for o in outs),
+           "runs": len(outs)}
+    if all(o.get("cpu") is not None for o in outs):
+        res["cpu"] = statistics.median(o["cpu"] for o in outs)
+    return res
+
+
 def measure(code: str, repeats: int = 3) -> dict:
     """Run ``code`` (which sets ``result`` seconds) in fresh processes; median seconds, max peak RSS over base.
 
     ``code`` calls ``base = reset_peak()`` once its setup is done: peak RSS is measured from there.
     """
-    times, peaks, cpus = [], [], []
-    # CPU seconds are taken over the same span as ``result``: the snippet's own start and end lines.
-    code = textwrap.dedent(code).replace("t0 = time.perf_counter()\n", "t0 = time.perf_counter(); cpu0 = cpu_s()\n")
-    code = code.replace("result = time.perf_counter() - t0\n", "result = time.perf_counter() - t0; cpu = cpu_s() - cpu0\n")
+    script = _child_script(code)
+    outs = []
     for _ in range(repeats):
-        script = CHILD_PRELUDE.format(here=HERE) + code + textwrap.dedent("""
-            print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base, "cpu": globals().get("cpu")}))
-        """)
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        times.append(out["seconds"])
-        peaks.append(out["peak_mib"])
-        if out.get("cpu") is not None:
-            cpus.append(out["cpu"])
-    res = {"seconds": statistics.median(times), "peak_mib": max(peaks), "runs": len(times)}
-    if len(cpus) == len(times):
-        res["cpu"] = statistics.median(cpus)
+        outs.append(_run_child(script))
+        if "error" in outs[-1]:
+            break
+    res = _summary(outs)
     print(f"  ... case done: {res}", file=sys.stderr, flush=True)  # progress (the table comes at the end)
     return res
+
+
+def measure_alternated(codes: dict[str, str], repeats: int = 5) -> dict[str, dict]:
+    """Like :func:`measure` for several cases whose runs alternate (a, b, c, a, b, c, ...): a change in
+    machine load or disk speed during the run hits every case alike. Returns the summary per case."""
+    scripts = {name: _child_script(code) for name, code in codes.items()}
+    outs: dict[str, list[dict]] = {name: [] for name in codes}
+    for i in range(repeats):
+        for name, script in scripts.items():
+            if not any("error" in o for o in outs[name]):
+                outs[name].append(_run_child(script))
+        print(f"  ... round {i + 1}/{repeats}: " + ", ".join(
+            f"{n} {o[-1].get('seconds', float('nan')):.3f}s" for n, o in outs.items()), file=sys.stderr, flush=True)
+    return {name: _summary(o) for name, o in outs.items()}
 
 
 def print_table(title: str, rows: list[tuple[str, dict, dict | None]], size_mib: float | None = None) -> None:

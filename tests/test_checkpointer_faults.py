@@ -18,7 +18,7 @@ import torch
 import torchckpt
 from torchckpt import CheckpointWriteError
 from torchckpt.train.checkpointer import SkippedCheckpointWarning
-from torchckpt.train.training import read_meta
+from torchckpt.train import sidecar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ckpt_worker.py")
@@ -155,7 +155,7 @@ def test_a_kill_while_overwriting_a_single_file_leaves_a_resumable_file(tmp_path
     model = torch.nn.Linear(4, 4)
     state = torchckpt.resume(path, model=model)  # an old sidecar must never condemn new, complete data
     assert state.step == step and float(model.bias[0].detach()) == float(step)
-    meta = read_meta(str(path))
+    meta = sidecar.read(str(path))
     assert meta is None or meta["step"] == step  # a sidecar, if any, describes the data beside it
 
 

@@ -69,3 +69,31 @@ def test_the_read_face_names_only_what_exists_and_imports_nothing_until_asked() 
                           env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
     assert done.returncode == 0, done.stderr
     assert "ok module 'torchckpt.read' has no attribute 'no_such_name'" in done.stdout
+
+
+def _own_imports(tree: ast.AST) -> list[ast.ImportFrom]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            and (n.level or (n.module or "").startswith("torchckpt"))]
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    private = [f"{module}:{node.lineno} imports {alias.name}" for module, tree in _modules().items()
+               for node in _own_imports(tree) for alias in node.names
+               if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert private == []
+
+
+def test_function_level_imports_of_own_modules_are_few_and_say_why() -> None:
+    """Imports sit at the top; inside a function only to break a cycle or to keep start-up cheap, and
+    the line says which."""
+    found: set[tuple[str, int, str]] = set()  # a set: a nested function's import is seen from each enclosing one
+    for module, tree in _modules().items():
+        path = os.path.join(PKG, *module.split(".")) + ".py"
+        lines = open(path if os.path.exists(path) else os.path.join(PKG, *module.split("."), "__init__.py"),
+                     encoding="utf-8").read().splitlines()
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found |= {(module, node.lineno, lines[node.lineno - 1]) for node in _own_imports(fn)}
+    assert len(found) <= 5, found
+    unexplained = [f"{m}:{n}" for m, n, line in found if "cycle" not in line and "start-up" not in line]
+    assert unexplained == [], unexplained

@@ -171,6 +171,29 @@ def test_scaler_and_safetensors_weights(tmp_path, net):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
 
 
+def test_tied_weights_in_safetensors_are_stored_once_as_convert_does(tmp_path):
+    """One safetensors writer: a training save and convert lay out tied weights the same way (stored
+    once, the other name recorded as an alias), and resume restores both names."""
+    import json
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    tied = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    torchckpt.save(tmp_path / "c.pt", model=tied, step=1, weights_format="safetensors")
+    torch.save(tied.state_dict(), tmp_path / "sd.pt")
+    torchckpt.convert(tmp_path / "sd.pt", tmp_path / "conv.safetensors")
+    for path in (tmp_path / "c.pt.safetensors", tmp_path / "conv.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert sorted(f.keys()) == ["0.weight"], path  # the tied tensor's bytes once
+            assert json.loads(f.metadata()["torchckpt.aliases"]) == {"1.weight": "0.weight"}, path
+    assert os.path.getsize(tmp_path / "c.pt.safetensors") < 8 + 2 * 10 * 6 * 4
+    fresh = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 10, bias=False))
+    torchckpt.resume(tmp_path / "c.pt", model=fresh)
+    assert torch.equal(fresh[0].weight, tied[0].weight) and torch.equal(fresh[1].weight, tied[0].weight)
+
+
 def test_retention_policies_are_pure():
     from torchckpt.train.checkpointer import CheckpointInfo, KeepBest, KeepEvery, KeepLast
 

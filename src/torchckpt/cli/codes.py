@@ -7,8 +7,12 @@ into exit codes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import UnsafeCheckpointError
-from ..tools.scanning import ScanReport
+
+if TYPE_CHECKING:  # the type only: `inspect` does not import the scanner
+    from ..tools.scanning import ScanReport
 
 __all__ = ["EXIT_OK", "EXIT_FINDINGS", "EXIT_USAGE", "EXIT_UNREADABLE", "EXIT_UNSAFE", "EXIT_INTERRUPTED",
            "exit_code_for", "scan_exit_code"]

@@ -10,7 +10,6 @@ from ..tools.inspection import inspect
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
-from .plan import plan_against
 from .storage_opt import storage_option
 
 
@@ -31,7 +30,11 @@ def command(file: str, as_json: bool, max_tensors: int, against: str | None, tru
     out = Output(json_mode=as_json)
     policy = policy_from(trust, allow)
     report = inspect(file, policy=policy, storage_options=storage_options)
-    plan = plan_against(file, against, policy=policy, storage_options=storage_options) if against else None
+    plan = None
+    if against:
+        from .plan import plan_against  # lazy: load_into's planner only for --against
+
+        plan = plan_against(file, against, policy=policy, storage_options=storage_options)
     if as_json:
         doc = report.to_dict()
         if plan is not None:

@@ -6,15 +6,21 @@ Exit codes: 0 success, 1 findings/differences (scan, diff, a plan that does not 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import click
 
 from ..errors import CheckpointError
-from . import convert_cmd, diff_cmd, inspect_cmd, report_cmd, scan_cmd, tour_cmd
 from .codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
 from .output import Output
+
+# Subcommand -> its module (``cli/<module>.py`` defines ``command``). A command's module is imported only
+# when that command runs (or --help lists them all): `inspect` must not pay for `convert`'s numpy and
+# torch.distributed imports. The order is the order of the --help listing.
+_COMMANDS = {"inspect": "inspect_cmd", "tour": "tour_cmd", "scan": "scan_cmd", "convert": "convert_cmd",
+             "diff": "diff_cmd", "report": "report_cmd"}
 
 
 class _Failed(Exception):
@@ -26,6 +32,16 @@ class _Failed(Exception):
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command: click.Command = importlib.import_module(f".{module}", __package__).command
+        return command
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -41,11 +57,6 @@ def cli() -> None:
     Exit codes: 0 ok, 1 findings or differences, 2 usage error, 3 unreadable or unsupported
     input, 4 unsafe checkpoint.
     """
-
-
-for _command in (inspect_cmd.command, tour_cmd.command, scan_cmd.command, convert_cmd.command, diff_cmd.command,
-                 report_cmd.command):
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> Any:

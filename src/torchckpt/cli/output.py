@@ -2,18 +2,22 @@
 
 Colour only when stdout is a terminal (and NO_COLOR is unset); ``--json`` prints exactly one JSON
 document on stdout. Errors go to stderr through :func:`error`.
+
+rich is imported only when a terminal is drawn on (it costs about as much as the rest of a small
+``inspect``): text for a pipe or a file, JSON and errors in a pipe are written directly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["Output", "to_jsonable"]
 
@@ -33,24 +37,45 @@ def to_jsonable(value: Any) -> Any:
 class Output:
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
+
+    @functools.cached_property
+    def console(self) -> Console:
+        from rich.console import Console  # lazy: only a terminal needs rich
+
         colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        self.console = Console(no_color=not colour, highlight=False, soft_wrap=not sys.stdout.isatty(),
-                               force_terminal=None if colour else False, width=None if colour else 120)
-        self.err = Console(stderr=True, no_color=not sys.stderr.isatty() or "NO_COLOR" in os.environ,
-                           highlight=False, soft_wrap=True)
+        return Console(no_color=not colour, highlight=False, soft_wrap=not sys.stdout.isatty(),
+                       force_terminal=None if colour else False, width=None if colour else 120)
+
+    @functools.cached_property
+    def err(self) -> Console:
+        from rich.console import Console  # lazy: only a terminal needs rich
+
+        return Console(stderr=True, no_color=not sys.stderr.isatty() or "NO_COLOR" in os.environ,
+                       highlight=False, soft_wrap=True)
 
     def json(self, document: Any) -> None:
         sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        self.console.print(*objects, **kwargs)
+        if not sys.stdout.isatty() and kwargs.get("markup") is False and all(isinstance(o, str) for o in objects):
+            sys.stdout.write(" ".join(objects) + "\n")  # a pipe or a file: the text as it is, no wrapping
+        elif not objects and not sys.stdout.isatty():
+            sys.stdout.write("\n")
+        else:
+            self.console.print(*objects, **kwargs)
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/] {message}" if self.err.is_terminal else f"error: {message}",
-                       markup=self.err.is_terminal)
+        if not sys.stderr.isatty():
+            sys.stderr.write(f"error: {message}\n")
+        else:
+            from rich.markup import escape  # lazy with rich: a message naming `x[0]` is text, not markup
+
+            self.err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
 
     def progress(self, *, bytes_: bool = False) -> Any:
         """A rich Progress drawn on stderr when it is a terminal; disabled elsewhere and in --json mode."""
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
         enabled = self.err.is_terminal and not self.json_mode
         counter = DownloadColumn() if bytes_ else MofNCompleteColumn()
         return Progress("[progress.description]{task.description}", BarColumn(), counter, TimeRemainingColumn(),
@@ -66,6 +91,9 @@ class Output:
     @contextlib.contextmanager
     def task(self, description: str, *, bytes_: bool = False) -> Iterator[Callable[[int, int], None]]:
         """``with out.task("scanning") as progress``: a ``progress(done, total)`` callback for a tool."""
+        if self.json_mode or not sys.stderr.isatty():  # nothing is drawn: no need for rich
+            yield lambda done, total: None
+            return
         with self.progress(bytes_=bytes_) as bar:
             task = bar.add_task(description, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -30,6 +30,7 @@ from ..read.load import load
 from ..tools.convert import convert
 from ..tools.inspection import inspect as inspect_file
 from ..tools.scanning import scan
+from ..train import sidecar
 from ..train.checkpointer import resume
 from ..train.training import save
 from .samples import saved_on_device, write_py2_legacy
@@ -214,7 +215,7 @@ def _check_resume(obj: Any, path: str) -> list[str]:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     state = resume(path, model=net, optimizer=opt)
     return [f"resume: epoch {state.epoch}, step {state.step}, metrics {state.metrics}; model, optimizer and "
-            f"{len(state.rng or {})} RNG states restored (sha-checked: {os.path.exists(path + '.meta.json')})"]
+            f"{len(state.rng or {})} RNG states restored (sha-checked: {os.path.exists(sidecar.path_of(path))})"]
 
 
 def _check_convert(obj: Any, path: str) -> list[str]:

@@ -35,7 +35,8 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
               rename: RenameRules = None, on_mismatch: str | None = None, dtype: str = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
-              storage_options: Mapping[str, Any] | None = None, transforms: TransformSpec = None) -> LoadReport:
+              storage_options: Mapping[str, Any] | None = None, mmap: bool = False,
+              transforms: TransformSpec = None) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
@@ -64,6 +65,14 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
             (``nn.Module.load_state_dict(assign=True)``), cast and moved like a copy would be.
         policy, trust, allow: what the file's pickles may import; see :func:`torchckpt.load`.
         storage_options: options for a URL ``source``'s fsspec filesystem (see :func:`torchckpt.load`).
+        mmap: only matters when tensors become parameters (a model on ``meta``, or ``assign=True``).
+            ``False`` (the default): each is read into the process's own memory (``pread`` straight into
+            the parameter, one copy), so the model never aliases the file and ``torch.save(
+            model.state_dict(), same_path)`` is safe. ``True``: zip and safetensors tensors at local
+            paths become copy-on-write views of the file (no copy, like ``torch.load(mmap=True)`` +
+            ``load_state_dict(assign=True)``); truncating or rewriting that file in place while the model
+            lives then kills the process (SIGBUS). A model with real parameters is always copied into,
+            and the file's pages are released as it goes, whatever ``mmap`` says.
         transforms: adaptations from :mod:`torchckpt.transforms`: a transform or its name
             (``"interpolate_pos_embed"``, ``"adapt_input_conv"``, ``"mean_resize"``), a list of them,
             or ``{key: name}``; each runs per tensor while streaming and is named in the report.
@@ -81,7 +90,7 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
-                                     map_location=map_location, dry_run=dry_run, assign=assign,
+                                     map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap,
                                      transforms=transforms)
         except CheckpointError as exc:
             raise exc.with_path(name)
@@ -122,7 +131,8 @@ def _dtype(value: Any) -> Any:
 
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
                     key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
-                    map_location: Any, dry_run: bool, assign: bool, transforms: TransformSpec = None) -> LoadReport:
+                    map_location: Any, dry_run: bool, assign: bool, mmap: bool = False,
+                    transforms: TransformSpec = None) -> LoadReport:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     model_sd = model.state_dict(keep_vars=True)
@@ -231,7 +241,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
             f"the checkpoint does not fit the model exactly:\n{report.render()}",
             hint="Pass strict=False to load the matching part (the report lists the rest), "
                  "or rename=/prefix= to align names.", report=report)
-    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign)
+    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign, mmap)
     report.applied = True
     return report
 
@@ -245,7 +255,7 @@ def _mismatch_message(report: LoadReport, errors: list[Mismatch]) -> str:
 
 
 def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,
-           report: LoadReport, assign: bool = False) -> None:
+           report: LoadReport, assign: bool = False, mmap: bool = False) -> None:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     metadata = getattr(ckpt, "_metadata", None) or {}
@@ -254,7 +264,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     target_device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else \
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
-    placer = Placer(src, assign=on_meta or assign)
+    placer = Placer(src, assign=on_meta or assign, mmap=mmap)
     for module_prefix, module in model.named_modules():
         prefix = module_prefix + "." if module_prefix else ""
         local = {}
@@ -297,7 +307,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     placer.finish()
     if placer.mapped:
         report.notes.append(f"{placer.mapped} tensors were placed without a copy: they map the file copy-on-write "
-                            "(like torch.load(mmap=True)); replace the file atomically (torchckpt.save does), "
+                            "(mmap=True, like torch.load(mmap=True)); replace the file atomically (torchckpt.save does), "
                             "never overwrite it in place, while the model is in use")
     for module_name, attr, source_key in ties:
         _retie(model, module_name, attr, source_key)

@@ -6,10 +6,12 @@ and afterwards releases the file pages that were only a way through:
 
 - model on the CPU: the mapped tensor itself (the module copies it into its parameter), then its
   pages are dropped, so the file is never resident next to the model;
-- model on ``meta`` (placed by assignment), CPU target, same dtype: the mapped tensor *is* the
-  parameter (copy-on-write view of the file, no copy at all, like ``torch.load(mmap=True)`` +
-  ``load_state_dict(assign=True)``); a storage already given to another parameter is copied so
-  two untied parameters never share memory;
+- model on ``meta`` (placed by assignment), CPU target, same dtype: the tensor is read with
+  ``pread`` straight into new memory that becomes the parameter (one copy, never through the
+  mapped pages, which are dropped), so the model never aliases the file: a later ``torch.save`` to
+  the same path cannot kill it. Only with ``mmap=True`` is the mapped tensor itself the parameter
+  (copy-on-write view of the file, like ``torch.load(mmap=True)`` + ``load_state_dict(assign=True)``).
+  A storage already given to another parameter is copied so two untied parameters never share memory;
 - CUDA target: the bytes go through two pinned staging buffers, reused for every tensor, with the
   copy into one buffer overlapping the asynchronous upload from the other;
 - a cast or a device move never keeps the source: its pages are released after the module loaded.
@@ -30,9 +32,10 @@ STAGE_BYTES = 64 << 20  # per staging buffer; two of them, pinned, for the life 
 class Placer:
     """One load's placement state: staging buffers, storages given to the model, pages to release."""
 
-    def __init__(self, src: Any, *, assign: bool) -> None:
+    def __init__(self, src: Any, *, assign: bool, mmap: bool = False) -> None:
         self.src = src
         self.assign = assign
+        self.keep_mapped = mmap  # assigned tensors may stay views of the file (the caller asked for mmap=True)
         self._owned: set[int] = set()  # data pointers of mapped storages now owned by model parameters
         self._release: list[tuple[int, int]] = []
         self._stage: list[Any] = []
@@ -79,9 +82,11 @@ class Placer:
             return value.clone()  # an in-memory checkpoint: never alias the caller's tensors
         if ptr in self._owned:
             return value.clone()
-        self._owned.add(ptr)
         if self.src.maps(ptr, storage.nbytes()):
+            if not self.keep_mapped:  # its mapped pages stay listed for release: the parameter is private
+                return self.src.private_copy(value)
             self.mapped += 1
+        self._owned.add(ptr)
         return value
 
     # ------------------------------------------------------------------ releasing

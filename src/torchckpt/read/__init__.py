@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .formats import Checkpoint, Trace, folder_kind, is_dcp_dir
     from .formats.folders import is_accelerate_folder
     from .formats.lua_t7 import LuaFunction, T7Object, t7_state_dict
+    from .formats.safetensors import tensor_bytes, write_safetensors
     from .formats.simple import SAFETENSORS_DTYPES, safetensors_header
     from .load import read_checkpoint
     from .opener import open_checkpoint
@@ -40,7 +41,8 @@ __all__ = [
     "TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release",
     "Stub", "stub_name", "stub_to_plain", "is_stub_class", "T7Object", "LuaFunction", "t7_state_dict",
     # formats the layers above must recognise or write
-    "is_dcp_dir", "folder_kind", "is_accelerate_folder", "SAFETENSORS_DTYPES", "safetensors_header",
+    "is_dcp_dir", "folder_kind", "is_accelerate_folder", "SAFETENSORS_DTYPES", "safetensors_header", "write_safetensors",
+    "tensor_bytes",
 ]
 
 _WHERE = {
@@ -55,6 +57,7 @@ _WHERE = {
     "T7Object": "formats.lua_t7", "LuaFunction": "formats.lua_t7", "t7_state_dict": "formats.lua_t7",
     "is_dcp_dir": "formats", "folder_kind": "formats", "is_accelerate_folder": "formats.folders",
     "SAFETENSORS_DTYPES": "formats.simple", "safetensors_header": "formats.simple",
+    "write_safetensors": "formats.safetensors", "tensor_bytes": "formats.safetensors",
 }
 
 

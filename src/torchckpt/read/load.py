@@ -16,11 +16,13 @@ from .unpickle.mode import Mode
 __all__ = ["load", "read_checkpoint"]
 
 
-def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None,
+def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
                     policy: Policy | None = None,
                     storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
-    """Read ``source`` and return the tree together with its format, evidence and notes."""
+    """Read ``source`` and return the tree together with its format, evidence and notes.
+
+    The tensors are in the process's own memory unless ``mmap=True`` (see :func:`load`)."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
     with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
                          map_location=map_location, mmap=mmap, storage_options=storage_options) as ckpt:
@@ -28,7 +30,7 @@ def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mm
         return ckpt
 
 
-def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | None = None, trust: bool = False,
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
          allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None,
          storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
          check_hash: bool = False) -> Any:
@@ -41,9 +43,14 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool | 
         map_location: where tensors go; every form ``torch.load`` accepts. The default ``"cpu"``
             loads checkpoints saved on ``cuda:N`` on a machine without a GPU. ``None`` restores the
             saved devices, falling back to the CPU for devices this machine lacks.
-        mmap: map tensor data from the file instead of reading it (zip format, local paths). The
-            default maps when it can. Mapped tensors are copy-on-write; do not truncate or overwrite
-            the file in place while they are alive (``torchckpt.save`` replaces files atomically).
+        mmap: ``False`` (the default, like ``torch.load``): tensor data is read into the process's own
+            memory (``pread`` straight into each tensor's storage, one copy), so the returned tensors
+            never depend on the file again: ``torch.save(ck, same_path)`` is safe. ``True``: tensors
+            of zip and safetensors files at local paths are copy-on-write views of a private mapping
+            of the file (no read until touched, pages shared with the page cache). A mapping does not
+            survive the file being truncated or rewritten in place: while such tensors are alive, a
+            ``torch.save`` to the same path kills the process (SIGBUS) and leaves a 0-byte file;
+            replace the file atomically (``torchckpt.save`` does) or copy the tensors first.
         trust: import the real classes the file names (whole-model pickles) instead of inert stubs.
             **Dangerous**: importing and restoring classes runs their code. Blocklisted callables
             (``os.system`` & co.) are refused even then.

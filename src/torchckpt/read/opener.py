@@ -90,6 +90,8 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
 
 def _finish(ckpt: Checkpoint, opts: ReadOptions, name: str, size: int, reader: Source | None) -> None:
     ckpt.name, ckpt.size, ckpt.reader, ckpt.trace = name, size, reader, opts.trace
+    if reader is not None:  # shards and a folder's files: their pages are released (or copied) through the reader
+        reader.mapped_children = [s for s in opts.mapped if s is not reader]
     ckpt.globals = opts.trace.globals
     relocator = opts.relocator
     if relocator.fallbacks:

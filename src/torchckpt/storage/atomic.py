@@ -15,7 +15,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import json
 import os
 import secrets
 import threading
@@ -24,7 +23,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, cast
 from ..errors import CheckpointWriteError
 from .reclaim import drain, free_later, remove_file, replace_file
 
-__all__ = ["atomic_write", "AtomicFiles", "write_json_atomic", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
+__all__ = ["atomic_write", "AtomicFiles", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
            "os_error_in", "TEMP_MARK"]
 
 TEMP_MARK = ".tmp-"
@@ -361,11 +360,6 @@ def file_sha256(path: str, chunk: int = 8 << 20) -> tuple[str, int]:
             digest.update(view[:n])
             size += n
     return digest.hexdigest(), size
-
-
-def write_json_atomic(path: str, document: Any) -> None:
-    with atomic_write(path) as fh:
-        fh.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
 
 
 def _remove_quietly(path: str) -> None:

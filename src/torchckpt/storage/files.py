@@ -16,7 +16,6 @@ Nothing here writes to the local disk for a URL.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -27,8 +26,8 @@ from ..errors import CheckpointNotFoundError, CheckpointWriteError
 from . import atomic
 from .remote import StorageOptions, filesystem, is_url, join, remote_errors, strip_file_scheme
 
-__all__ = ["atomic_write", "write_json_atomic", "read_bytes", "size_of", "list_sizes", "remove", "makedirs",
-           "sync_dir", "clean_temp_files", "local_copy", "join", "is_url", "exists", "isdir"]
+__all__ = ["write_whole", "read_bytes", "size_of", "list_sizes", "remove", "makedirs", "sync_dir", "local_copy", "join",
+           "is_url", "exists", "isdir"]
 
 T = TypeVar("T")
 
@@ -59,8 +58,9 @@ class _CountingWriter:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Any, storage_options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
-    """Yield a binary file; when the block succeeds the whole content appears under ``path`` at once.
+def write_whole(path: Any, storage_options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
+    """Yield a binary file; when the block succeeds the whole content appears under ``path`` at once
+    (a local path: :func:`.atomic.atomic_write`, durable; a URL: uploaded whole, or not at all).
 
     If the block raises, nothing is published (the previous object, if any, is untouched).
     """
@@ -104,11 +104,6 @@ def _discard(fs: Any, raw: Any, target: str, direct: bool) -> None:
     if not direct:
         with contextlib.suppress(Exception):
             fs.rm(target)
-
-
-def write_json_atomic(path: Any, document: Any, storage_options: StorageOptions | None = None) -> None:
-    with atomic_write(path, storage_options) as fh:
-        fh.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
 
 
 def read_bytes(path: Any, storage_options: StorageOptions | None = None) -> bytes:
@@ -206,16 +201,6 @@ def sync_dir(directory: Any, storage_options: StorageOptions | None = None) -> N
     """Make renames and deletions in ``directory`` durable (object stores: already durable)."""
     if not is_url(os.fspath(directory)):
         atomic.fsync_dir(_local(directory))
-
-
-def clean_temp_files(directory: Any, storage_options: StorageOptions | None = None,
-                     is_ours: Callable[[str], bool] = lambda n: True) -> list[str]:
-    """Remove temp files of crashed local writers. On object stores an interrupted upload leaves no
-    object (configure the bucket to abort incomplete multipart uploads), so there is nothing to remove."""
-    directory = os.fspath(directory)
-    if not is_url(directory):
-        return atomic.clean_temp_files(_local(directory), is_ours=is_ours)
-    return []
 
 
 @contextlib.contextmanager

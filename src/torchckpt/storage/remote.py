@@ -15,7 +15,7 @@ import socket
 from typing import Any, Iterator, Mapping
 
 from ..errors import (CheckpointError, RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError,
-                      RemoteStorageError, RemoteUnreachableError)
+                      RemoteStorageError, RemoteUnreachableError, TruncatedCheckpointError)
 
 __all__ = ["is_url", "strip_file_scheme", "filesystem", "remote_errors", "RemoteFile", "join", "StorageOptions",
            "remote_listing"]
@@ -225,8 +225,6 @@ class RemoteFile:
         if len(data) == self.size:  # the server ignored Range and sent everything: keep it
             self._whole = data
             return data[start:end]
-        from ..errors import TruncatedCheckpointError
-
         raise TruncatedCheckpointError(f"asked the server for bytes {start}..{end} and got {len(data)} bytes",
                                        path=self.url, expected_size=self.size)
 

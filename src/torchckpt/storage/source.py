@@ -14,7 +14,7 @@ import mmap
 import os
 from typing import IO, Any, Union
 
-from ..errors import CheckpointNotFoundError, NotACheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
 
 __all__ = ["Source", "SourceLike", "confined_path"]
@@ -80,6 +80,7 @@ class Source:
         self._map_base: int | None = None
         self._bytes: bytes | None = None
         self._file: IO[bytes] | None = None
+        self.mapped_children: list[Source] = []  # sources of the same read whose mappings tensors view
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._bytes = bytes(source)
             self.name = name or "<bytes>"
@@ -240,19 +241,41 @@ class Source:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def maps(self, pointer: int, nbytes: int) -> bool:
-        """Whether ``[pointer, pointer+nbytes)`` lies inside this source's file mapping (a mapped storage)."""
-        if self._mmap is None or self._map_base is None:
-            return False
-        offset = pointer - self._map_base
-        return 0 <= offset and offset + nbytes <= self.size
+        """Whether ``[pointer, pointer+nbytes)`` lies inside this source's file mapping (a mapped storage),
+        or inside that of one of its :attr:`mapped_children` (the shards or files of the same read)."""
+        return self._owner(pointer, nbytes) is not None
+
+    def _owner(self, pointer: int, nbytes: int) -> "Source | None":
+        for src in (self, *self.mapped_children):
+            if src._mmap is not None and src._map_base is not None \
+                    and 0 <= pointer - src._map_base and pointer - src._map_base + nbytes <= src.size:
+                return src
+        return None
 
     def release_pointer(self, pointer: int, nbytes: int) -> None:
         """:meth:`release` for a mapped storage given by its data pointer (no-op if not ours)."""
-        if self._mmap is None or self._map_base is None:
-            return
-        offset = pointer - self._map_base
-        if 0 <= offset and offset + nbytes <= self.size:
-            self.release(offset, nbytes)
+        owner = self._owner(pointer, nbytes)
+        if owner is not None:
+            assert owner._map_base is not None
+            owner.release(pointer - owner._map_base, nbytes)
+
+    def private_copy(self, tensor: Any) -> Any:
+        """A copy of ``tensor`` (a contiguous CPU view of this read's file mapping) in the process's own
+        memory, read with ``pread`` straight into the new tensor, never through the mapped pages; None if
+        ``tensor`` does not map the file. What a caller keeps must not alias the file: a later
+        ``torch.save`` to the same path truncates it under a mapping (SIGBUS, a 0-byte file)."""
+        import torch
+
+        nbytes = tensor.numel() * tensor.element_size()
+        owner = self._owner(tensor.data_ptr(), nbytes) if tensor.device.type == "cpu" and nbytes else None
+        if owner is None:
+            return None
+        assert owner._map_base is not None
+        if not tensor.is_contiguous():
+            return tensor.clone(memory_format=torch.contiguous_format)
+        out = torch.empty(tensor.shape, dtype=tensor.dtype)
+        owner.read_into(out.untyped_storage(), tensor.data_ptr() - owner._map_base, nbytes)
+        return out
 
     def read_into_storage(self, offset: int, nbytes: int) -> Any:
         """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned)."""
@@ -284,8 +307,6 @@ class Source:
             for start in range(0, nbytes, step):
                 data = self._remote.read_ahead(offset + start, offset + min(nbytes, start + step))
                 if len(data) != min(step, nbytes - start):
-                    from ..errors import TruncatedCheckpointError
-
                     raise TruncatedCheckpointError(f"object ended while reading {nbytes} bytes at {offset}",
                                                    expected_size=offset + nbytes, actual_size=self.size)
                 view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
@@ -296,8 +317,6 @@ class Source:
                 chunk = min(nbytes - done, 1 << 28)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
-                    from ..errors import TruncatedCheckpointError
-
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
                                                    f"{nbytes} bytes at {offset}", expected_size=offset + nbytes,
                                                    actual_size=self.size)
@@ -308,6 +327,8 @@ class Source:
             view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
 
     def close(self) -> None:
+        """Close what this source opened. A mapping that tensors view stays known (not unmapped), so the
+        pages of a closed shard can still be released or copied while its parent read is open."""
         for obj in reversed(self._owned):
             if obj is self._mmap and self._exported:
                 continue  # tensors view it; refcounting unmaps it with the last of them
@@ -316,7 +337,11 @@ class Source:
             except (BufferError, OSError):
                 pass  # an exported view keeps an mmap alive; it is released with the last view
         self._owned.clear()
-        self._mmap = None
+        if not self._exported:
+            self._mmap = None
+        children, self.mapped_children = self.mapped_children, []
+        for child in children:
+            child.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from ..errors import CorruptCheckpointError, LimitExceededError
 from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
 from ..read.opener import open_checkpoint
-from ..read import SAFETENSORS_DTYPES, LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain
+from ..read import LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain, tensor_bytes, write_safetensors
 from ..read.load import load
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
@@ -37,7 +36,6 @@ from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
 
-ST_NAMES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}  # "float16" -> "F16"
 DENSE_BUDGET = 64 << 20  # bytes a zero-stride view may expand to beyond the file's size when written densely
 Progress = Callable[[int, int], None]
 
@@ -147,7 +145,7 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
         if not kwargs.get("to"):
             kwargs["to"] = "safetensors" if dst.endswith(".safetensors") else "pt"
         report = convert(src, local, storage_options=storage_options, **kwargs)
-        with open(local, "rb") as fh, storage.atomic_write(dst, storage_options) as out:
+        with open(local, "rb") as fh, storage.write_whole(dst, storage_options) as out:
             shutil.copyfileobj(fh, out, 8 << 20)
         report.destination = dst
         report.notes.append("written and verified in a temporary local file, then uploaded whole")
@@ -370,62 +368,26 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
     return tree
 
 
-def _identity(t: Any) -> tuple[Any, ...]:
-    if isinstance(t, TensorMeta):
-        return (id(t.storage), t.storage_offset, tuple(t.shape), tuple(t.stride), str(t.dtype))
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
-
-
 def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict[str, str],
                        materialize: Materializer, progress: Progress | None, report: ConvertReport) -> int:
-    import torch
+    def write_tensor(name: str, t: Any) -> int:
+        span = materialize.file_range(t)
+        if span is not None and copy_range(materialize.source, fh, *span):
+            return span[1]
+        data = tensor_bytes(materialize(t))
+        fh.write(data)
+        materialize.release(t)
+        return data.nbytes
 
-    first: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    header: dict[str, Any] = {}
-    order: list[tuple[str, Any]] = []
-    offset = 0
-    for name, t in tensors:
-        ident = _identity(t)
-        if ident in first:
-            aliases[name] = first[ident]
-            continue
-        first[ident] = name
-        dtype = dtype_name(t)
-        probe = materialize(torch.empty(0, dtype=getattr(torch, dtype))) if not isinstance(t, TensorMeta) else None
-        out_dtype = dtype_name(probe) if probe is not None else _cast_name(dtype, materialize)
-        if out_dtype not in ST_NAMES:
-            raise CorruptCheckpointError(f"tensor {name} has dtype {out_dtype}, which safetensors cannot store")
-        nbytes = t.numel() * getattr(torch, out_dtype).itemsize
-        header[name] = {"dtype": ST_NAMES[out_dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        order.append((name, t))
-    if aliases:
-        metadata["torchckpt.aliases"] = json.dumps(aliases)
-        report.changes.append(f"tied tensors stored once ({len(aliases)} aliases in the metadata)")
-    header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    done = 0
+    def refuse(name: str, dtype: str) -> Exception:
+        return CorruptCheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+
     with atomic_write(path) as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for name, t in order:
-            span = materialize.file_range(t)
-            if span is not None and copy_range(materialize.source, fh, *span):
-                done += span[1]
-                if progress is not None:
-                    progress(done, offset)
-                continue
-            value = materialize(t).detach().to("cpu").contiguous()
-            data = value.view(torch.uint8) if value.dim() else value.reshape(1).view(torch.uint8)
-            fh.write(memoryview(data.numpy()))
-            done += data.numel()
-            del value, data
-            materialize.release(t)
-            if progress is not None:
-                progress(done, offset)
-    return 8 + len(raw) + offset
+        written = write_safetensors(fh, tensors, metadata, dtype_of=lambda name, t: _cast_name(dtype_name(t), materialize),
+                                    write_tensor=write_tensor, progress=progress, refuse=refuse)
+    if written.aliases:
+        report.changes.append(f"tied tensors stored once ({len(written.aliases)} aliases in the metadata)")
+    return written.size
 
 
 def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:

@@ -30,10 +30,11 @@ from typing import Any, Callable, Iterator, Mapping
 from ..errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, ResumeError
 from ..read.load import read_checkpoint
 from ..read import TensorMeta
-from ..storage.atomic import fsync_dir, write_json_atomic
-from .restore import _restore, _restore_rng
+from ..storage.atomic import fsync_dir
+from .restore import restore_object, restore_rng_state
 from .store import Entry
-from .training import TrainingState, _json_safe, _plain_number, get_rng_state, read_meta, versions
+from . import sidecar
+from .training import TrainingState, get_rng_state, json_safe, plain_number, versions
 
 __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "is_dcp", "reclaim", "resume_dcp",
            "resume_one",
@@ -41,7 +42,6 @@ __all__ = ["in_use", "rank_and_world", "is_committer", "DcpSaver", "entries", "i
 
 DCP_FORMAT = "torchckpt.training.dcp/1"
 DCP_NAME = re.compile(r"^ckpt-(\d+)\.dcp$")
-META_SUFFIX = ".meta.json"
 
 
 # --------------------------------------------------------------------------- where are we
@@ -189,8 +189,8 @@ class DcpSaver:
                 if os.path.isfile(full):
                     files[name] = os.path.getsize(full)
             fsync_dir(path)
-            write_json_atomic(path + META_SUFFIX, {**meta, "format": DCP_FORMAT, "file": os.path.basename(path),
-                                                   "files": files, "size": sum(files.values())})
+            sidecar.write(path, {**meta, "format": DCP_FORMAT, "file": os.path.basename(path), "files": files,
+                                 "size": sum(files.values())})
         if dist is not None:
             dist.barrier(group=group)
 
@@ -240,14 +240,14 @@ def _write_error(path: str, exc: BaseException) -> CheckpointWriteError:
 
 
 def _discard_uncommitted(path: str) -> None:
-    if os.path.isdir(path) and not os.path.exists(path + META_SUFFIX):
+    if os.path.isdir(path) and not os.path.exists(sidecar.path_of(path)):
         shutil.rmtree(path, ignore_errors=True)
 
 
 def remove(path: str) -> None:
     """Delete a DCP checkpoint: the marker first (it stops being a checkpoint), then its directory."""
     try:
-        os.remove(path + META_SUFFIX)
+        os.remove(sidecar.path_of(path))
     except FileNotFoundError:
         pass
     shutil.rmtree(path, ignore_errors=True)
@@ -256,7 +256,7 @@ def remove(path: str) -> None:
 def base_meta(step: int, epoch: int | None, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     _, world = rank_and_world()
     return {"kind": "dcp", "step": step, "epoch": epoch, "world_size": world,
-            "metrics": _json_safe({k: _plain_number(v) for k, v in (metrics or {}).items()}),
+            "metrics": json_safe({k: plain_number(v) for k, v in (metrics or {}).items()}),
             "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
@@ -275,12 +275,12 @@ def entries(directory: str) -> list[Entry]:
     except FileNotFoundError:
         return []
     out = []
-    for name in sorted({n[: -len(META_SUFFIX)] if n.endswith(META_SUFFIX) else n for n in names}):
+    for name in sorted({sidecar.base_name(n) for n in names}):
         m = DCP_NAME.match(name)
         if not m:
             continue
         path = os.path.join(directory, name)
-        meta = read_meta(path) if name + META_SUFFIX in names else None
+        meta = sidecar.read(path) if os.path.basename(sidecar.path_of(name)) in names else None
         if meta is None:
             problem: str | None = ("it has no commit marker (its save never finished)" if name in names
                                    else "its files are gone")
@@ -390,19 +390,19 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
             def restore(o: Any, s: Any, what: str = name) -> None:
-                _restore(o, s, what, path)
+                restore_object(o, s, what, path)
 
             _each_pair(obj, target[name], restore)
     mine = (target.get("ranks") or {}).get(str(source_rank)) or {}
     for name, obj in (stateful or {}).items():
-        _restore(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)
+        restore_object(obj, (mine.get("stateful") or {}).get(str(name)), f"stateful[{name!r}]", path)
     if source_rank != rank and stateful:
         state.notes.append(f"rank {rank} did not exist when saving: its stateful objects took rank 0's state")
     state.extra = target.get("extra")
     state.rng = _expand_rng(mine.get("rng"))
     if restore_rng:
         if state.rng:
-            _restore_rng(state)  # all or nothing
+            restore_rng_state(state)  # all or nothing
         else:
             state.notes.append(f"no RNG state for rank {rank} in the checkpoint; randomness will differ")
     return state

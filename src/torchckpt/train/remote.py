@@ -3,7 +3,7 @@ that has no rename, no fsync and no locks.
 
 * **Publish whole.** A checkpoint's data files are written to a local staging folder by the same
   writer as local checkpoints (:func:`~torchckpt.train.training.write_data`), then uploaded with
-  :func:`torchckpt.storage.files.atomic_write`: on object stores an object is visible only once its
+  :func:`torchckpt.storage.files.write_whole`: on object stores an object is visible only once its
   upload completed (an interrupted multipart upload is aborted, never completed), and the size the
   store reports is checked against the bytes sent.
 * **Commit record last.** The sidecar is uploaded after the data; listing (one LIST, sizes included)
@@ -21,7 +21,6 @@ there against its sidecar, restores from it and removes the download.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -32,12 +31,12 @@ from ..storage import files
 from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
-from .training import META_SUFFIX, TrainingState, capture, data_files, meta_path, verify, write_data
+from . import sidecar
+from .training import TrainingState, capture, data_files, verify, write_data
 from .training import save as save_local
 
 __all__ = ["RemoteStore", "save", "resume_url"]
 
-MAX_SIDECAR = 1 << 20
 STAGING = "torchckpt-upload-"  # + pid: a local folder a writer stages one checkpoint in before uploading it
 
 
@@ -79,7 +78,7 @@ class RemoteStore:
         sizes = files.list_sizes(directory, self.options)
         steps: dict[int, str] = {}
         for name in sizes:
-            base = name[: -len(META_SUFFIX)] if name.endswith(META_SUFFIX) else name
+            base = sidecar.base_name(name)
             if base.startswith(".") and base.endswith(store.MARKER_SUFFIX):
                 base = base[1: -len(store.MARKER_SUFFIX)]
             m = store.NAME.match(base)
@@ -91,9 +90,9 @@ class RemoteStore:
             path = join(directory, name)
             unfinished = os.path.basename(store.marker_path(name)) in sizes
             meta, problem = None, None
-            if name + META_SUFFIX in sizes:
+            if os.path.basename(sidecar.path_of(name)) in sizes:
                 try:
-                    meta = self._read_meta(path)
+                    meta = sidecar.read(path, strict=True, storage_options=self.options)
                 except CorruptCheckpointError as exc:
                     problem = exc.reason
             if problem is None:
@@ -101,24 +100,9 @@ class RemoteStore:
             out.append(store.Entry(step, path, meta, problem, unfinished))
         return out
 
-    def _read_meta(self, path: str) -> dict[str, Any] | None:
-        where = meta_path(path)
-        try:
-            data = files.read_bytes(where, self.options)
-        except CheckpointNotFoundError:
-            return None
-        try:
-            meta = json.loads(data[:MAX_SIDECAR].decode("utf-8"))
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"the sidecar is unreadable ({type(exc).__name__}: {exc})", path=where,
-                                         hint="It was damaged after the checkpoint was saved.") from None
-        if not isinstance(meta, dict):
-            raise CorruptCheckpointError(f"the sidecar holds a JSON {type(meta).__name__}, not an object", path=where)
-        return meta
-
     # ------------------------------------------------------------------ writing steps
     def begin(self, path: str) -> None:
-        with files.atomic_write(store.marker_path(path), self.options):
+        with files.write_whole(store.marker_path(path), self.options):
             pass
 
     def end(self, path: str) -> None:
@@ -145,9 +129,6 @@ class RemoteStore:
             self.end(entry.path)
         return removed
 
-    def clean_temp_files(self, directory: str) -> list[str]:
-        return files.clean_temp_files(directory, self.options)
-
     def write_payload(self, path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
         """Write the checkpoint's files to a staging folder, upload each whole, then the sidecar."""
         _clean_stale_staging()
@@ -156,13 +137,12 @@ class RemoteStore:
             local = os.path.join(staging, os.path.basename(path.rstrip("/")))
             meta = write_data(local, payload, weights_format)
             try:
-                files.remove(meta_path(path), self.options)  # a re-save of a step: the old record goes first
+                files.remove(sidecar.path_of(path), self.options)  # a re-save of a step: the old record goes first
                 for name in meta.get("files") or [os.path.basename(local)]:
                     with open(os.path.join(staging, name), "rb") as src, \
-                            files.atomic_write(join(path.rsplit("/", 1)[0], name), self.options) as dst:
+                            files.write_whole(join(path.rsplit("/", 1)[0], name), self.options) as dst:
                         shutil.copyfileobj(src, dst, 8 << 20)
-                with files.atomic_write(meta_path(path), self.options) as fh:  # the commit record
-                    fh.write(json.dumps(dict(meta), indent=1, sort_keys=True, default=str).encode())
+                sidecar.write(path, meta, self.options)  # the commit record, last
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.discard(path)  # data without its sidecar must not stay under the final name
@@ -175,7 +155,7 @@ class RemoteStore:
     @contextlib.contextmanager
     def downloaded(self, path: str) -> Iterator[str]:
         """The checkpoint at ``path`` (and its weights file and sidecar) in a temporary local folder."""
-        with files.local_copy(path, self.options, companions=(".safetensors", META_SUFFIX)) as local:
+        with files.local_copy(path, self.options, companions=(".safetensors", sidecar.SUFFIX)) as local:
             yield local
 
     def resume_entry(self, entry: store.Entry, **kwargs: Any) -> TrainingState:

@@ -24,7 +24,7 @@ IN_MEMORY = "<in-memory checkpoint>"  # the name load_into gives a dict; resume 
 
 def load_payload(path: str, map_location: Any) -> dict[str, Any]:
     """The payload of a training checkpoint file as a dict, its separate weights file (confined) loaded in."""
-    from ..read.load import load
+    from ..read.load import load  # start-up cost: the readers load on the first resume, not with torchckpt.save
 
     payload = load(path, map_location=map_location or "cpu")
     if not isinstance(payload, dict):
@@ -51,7 +51,7 @@ def _foreign_extra(payload: Mapping[str, Any], weights_key: str) -> dict[str, An
     return {k: v for k, v in payload.items() if k not in _RESTORED_KEYS and k != top}
 
 
-def _restore(obj: Any, state: Any, what: str, path: str) -> None:
+def restore_object(obj: Any, state: Any, what: str, path: str) -> None:
     if obj is None:
         return
     if state is None:
@@ -65,14 +65,14 @@ def _restore(obj: Any, state: Any, what: str, path: str) -> None:
             if name not in state:
                 raise ResumeError(f"the checkpoint has no {what}[{name!r}] state (it has {sorted(map(str, state))})",
                                   path=path)
-            _restore(o, state[name], f"{what}[{name!r}]", path)
+            restore_object(o, state[name], f"{what}[{name!r}]", path)
         return
     if isinstance(obj, (list, tuple)):
         if not isinstance(state, list) or len(state) != len(obj):
             raise ResumeError(f"{what}: {len(obj)} objects given, the checkpoint has "
                               f"{len(state) if isinstance(state, list) else 1}", path=path)
         for i, (o, s) in enumerate(zip(obj, state)):
-            _restore(o, s, f"{what}[{i}]", path)
+            restore_object(o, s, f"{what}[{i}]", path)
         return
     if what.startswith("optimizer"):
         _check_optimizer_state(obj, state, what, path)
@@ -250,13 +250,13 @@ def _remap(optimizer: Any, saved: Any, model: Any, state: TrainingState, path: s
         exc.path = path
         raise
     _check_optimizer_state(optimizer, remap.state_dict, "optimizer", path)  # its type still has to fit
-    _restore(optimizer, remap.state_dict, "optimizer", path)
+    restore_object(optimizer, remap.state_dict, "optimizer", path)
     state.optimizer = remap
     state.notes.append(remap.summary())
     state.notes.extend(remap.notes)
 
 
-def _restore_rng(state: TrainingState) -> None:
+def restore_rng_state(state: TrainingState) -> None:
     before = get_rng_state()
     try:
         if not isinstance(state.rng, Mapping):
@@ -291,7 +291,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     weights = payload.get("model")
     if weights is None:
         weights = payload  # a plain training dict (state_dict / model_state_dict ...): let load_into find it
-    from ..fit.load_into import load_into
+    from ..fit.load_into import load_into  # start-up cost: as load above
 
     try:
         state.report = load_into(model, weights, strict=strict, rename=rename, prefix=prefix, transforms=transforms)
@@ -311,16 +311,16 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     if changed and optimizer is not None and hasattr(optimizer, "param_groups") and saved_optimizer is not None:
         _remap(optimizer, saved_optimizer, model, state, path)
     else:
-        _restore(optimizer, saved_optimizer, "optimizer", path)
-    _restore(scheduler, payload.get("scheduler", payload.get("lr_scheduler")), "scheduler", path)
-    _restore(scaler, payload.get("scaler"), "scaler", path)
+        restore_object(optimizer, saved_optimizer, "optimizer", path)
+    restore_object(scheduler, payload.get("scheduler", payload.get("lr_scheduler")), "scheduler", path)
+    restore_object(scaler, payload.get("scaler"), "scaler", path)
     saved_stateful = payload.get("stateful") or {}
     for name, obj in (stateful or {}).items():
-        _restore(obj, saved_stateful.get(name) if isinstance(saved_stateful, Mapping) else None,
+        restore_object(obj, saved_stateful.get(name) if isinstance(saved_stateful, Mapping) else None,
                  f"stateful[{name!r}]", path)
     if restore_rng:
         if state.rng:
-            _restore_rng(state)
+            restore_rng_state(state)
         else:
             state.notes.append("the checkpoint holds no RNG state; randomness will differ from the original run")
     return state

@@ -29,7 +29,8 @@ from typing import Any, Callable, Collection, Mapping
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
 from ..storage.atomic import fsync_dir, write_error
-from .training import FORMAT, discard, meta_path, read_meta
+from . import sidecar
+from .training import FORMAT, discard
 
 __all__ = ["DirectoryLock", "Entry", "NAME", "path_for", "entries", "begin", "end", "delete", "reclaim",
            "LOCK_NAME", "MARKER_SUFFIX"]
@@ -69,7 +70,7 @@ def entries(directory: str) -> list[Entry]:
         return []
     steps: dict[int, str] = {}
     for name in names:
-        base = name[: -len(".meta.json")] if name.endswith(".meta.json") else name
+        base = sidecar.base_name(name)
         marker = _MARKER.match(name)
         m = NAME.match(base) or (NAME.match(marker.group(1)) if marker else None)
         if m:
@@ -81,7 +82,7 @@ def entries(directory: str) -> list[Entry]:
         unfinished = os.path.basename(marker_path(path)) in names
         meta, problem = None, None
         try:
-            meta = read_meta(path, strict=True)
+            meta = sidecar.read(path, strict=True)
         except CorruptCheckpointError as exc:
             problem = exc.reason
         if problem is None:
@@ -153,7 +154,7 @@ def reclaim(directory: str) -> list[str]:
         if not entry.unfinished:
             continue
         if entry.problem is not None:
-            for victim in (meta_path(entry.path), entry.path, entry.path + ".safetensors"):
+            for victim in (sidecar.path_of(entry.path), entry.path, entry.path + ".safetensors"):
                 if os.path.exists(victim):
                     removed.append(os.path.basename(victim))
             discard(entry.path)

@@ -29,19 +29,17 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .._version import __version__
 from ..errors import CheckpointWriteError, CorruptCheckpointError
+from ..fit.align import strip_compile
 from ..storage.atomic import AtomicFiles, file_sha256
+from .. import read  # the face is lazy: the readers load when a safetensors file is first written
 from ..storage.reclaim import remove_file
+from . import sidecar
 
-__all__ = ["save", "write_payload", "write_data", "sidecar_bytes", "discard", "TrainingState", "capture", "meta_path",
-           "read_meta", "verify"]
+__all__ = ["save", "write_payload", "write_data", "discard", "TrainingState", "capture", "verify"]
 
 FORMAT = "torchckpt.training/1"
-META_SUFFIX = ".meta.json"
-
-
-def meta_path(path: str) -> str:
-    return os.fspath(path) + META_SUFFIX
 
 
 @dataclass
@@ -84,8 +82,6 @@ def clean_state_dict(model: Any) -> dict[str, Any]:
     sd: dict[str, Any] = unwrap(model).state_dict()
     if any("_orig_mod." in k for k in sd):  # compiled sub-modules
         from collections import OrderedDict
-
-        from ..fit.align import strip_compile
 
         sd = OrderedDict((strip_compile(k), v) for k, v in sd.items())
     return sd
@@ -152,8 +148,6 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from .._version import __version__
-
     return {"torch": str(torch.__version__), "torchckpt": __version__, "python": platform.python_version(),
             "numpy": str(numpy.__version__)}
 
@@ -163,7 +157,7 @@ def capture(*, model: Any = None, optimizer: Any = None, scheduler: Any = None, 
             extra: Any = None, stateful: Mapping[str, Any] | None = None, rng: bool = True) -> dict[str, Any]:
     """The checkpoint payload as a plain dict (tensors still live where they are)."""
     payload: dict[str, Any] = {"format": FORMAT, "epoch": epoch, "step": step,
-                               "metrics": {k: _plain_number(v) for k, v in (metrics or {}).items()},
+                               "metrics": {k: plain_number(v) for k, v in (metrics or {}).items()},
                                "extra": extra, "versions": versions(),
                                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     if model is not None:
@@ -178,7 +172,7 @@ def capture(*, model: Any = None, optimizer: Any = None, scheduler: Any = None, 
     return payload
 
 
-def _plain_number(value: Any) -> Any:
+def plain_number(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         return value.item()
     return value
@@ -202,9 +196,8 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
     try:
         with AtomicFiles(os.path.dirname(os.path.abspath(path))) as group:
             meta = write_data(path, payload, weights_format, group=group)
-            with group.write(meta_path(path)) as fh:
-                fh.write(sidecar_bytes(meta))
-            group.publish(remove_first=[meta_path(path)], verified=True)  # the sidecar checks the data
+            sidecar.write_into(group, path, meta)
+            group.publish(remove_first=[sidecar.path_of(path)], verified=True)  # the sidecar checks the data
     except CheckpointWriteError as exc:
         if getattr(exc, "errno", None) == errno.ENOSPC:
             exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
@@ -212,14 +205,9 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
     return meta
 
 
-def sidecar_bytes(meta: Mapping[str, Any]) -> bytes:
-    """The sidecar document as written to disk."""
-    return json.dumps(dict(meta), indent=1, sort_keys=True, default=str).encode()
-
-
 def data_files(path: str) -> list[str]:
     """Every file of the checkpoint at ``path``: data, weights, sidecar (sidecar first)."""
-    return [meta_path(path), path, path + ".safetensors"]
+    return [sidecar.path_of(path), path, path + ".safetensors"]
 
 
 def discard(path: str, *, quiet: bool = False) -> None:
@@ -282,7 +270,7 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
     written = group.temps[os.path.abspath(path)]  # read back before publishing: the digest goes in the sidecar
     meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(written),
             "size": os.path.getsize(written), "epoch": payload.get("epoch"), "step": payload.get("step"),
-            "metrics": _json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
+            "metrics": json_safe(payload.get("metrics") or {}), "versions": payload.get("versions"),
             "created": payload.get("created"), **digest}
     return meta
 
@@ -291,69 +279,24 @@ def _write_safetensors(fh: Any, sd: Mapping[str, Any]) -> tuple[str, int]:
     """Stream ``sd`` to ``fh`` as safetensors, one tensor at a time; returns (sha256, size) of what was written.
 
     The digest is computed in the same pass over the same bytes (no second copy of the model in memory,
-    no re-read of the file). Tensors that share memory are written once per name, as safetensors wants.
+    no re-read of the file). Tied tensors are stored once (:func:`torchckpt.read.write_safetensors`).
     """
-    import torch  # lazy, like the reader module (it imports numpy): only this format needs them
-
-    from ..read import SAFETENSORS_DTYPES
-    from ..read.tensors import dtype_name
-
-    codes = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for k, v in sd.items():
-        dtype = dtype_name(v.dtype)
-        if dtype not in codes:
-            raise ValueError(f"weights_format='safetensors' cannot store {k} of dtype {dtype}; use weights_format='pt'")
-        nbytes = v.numel() * v.element_size()
-        header[k] = {"dtype": codes[dtype], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     sha = hashlib.sha256()
-    for chunk in (len(raw).to_bytes(8, "little"), raw):
-        sha.update(chunk)
-        fh.write(chunk)
-    for v in sd.values():
-        t = v.detach().to("cpu").contiguous()
-        if t.numel():
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            sha.update(data)  # hashlib releases the GIL for large buffers
-            fh.write(data)
-        del t
-    return sha.hexdigest(), 8 + len(raw) + offset
+    written = read.write_safetensors(fh, sd.items(), {"format": "pt"}, on_bytes=sha.update, refuse=_refuse_dtype)
+    return sha.hexdigest(), written.size
 
 
-def _json_safe(value: Any) -> Any:
+def _refuse_dtype(name: str, dtype: str) -> Exception:
+    return ValueError(f"weights_format='safetensors' cannot store {name} of dtype {dtype}; use weights_format='pt'")
+
+
+def json_safe(value: Any) -> Any:
     try:
         json.dumps(value)
         return value
     except (TypeError, ValueError):
         return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in value.items()} \
             if isinstance(value, dict) else repr(value)
-
-
-def read_meta(path: str, *, strict: bool = False) -> dict[str, Any] | None:
-    """The sidecar of ``path``; None when there is none.
-
-    A sidecar that is not a JSON object gives None, or with ``strict`` a CorruptCheckpointError saying why.
-    """
-    where = meta_path(path)
-    try:
-        with open(where, "rb") as fh:
-            meta = json.loads(fh.read(1 << 20).decode("utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        if strict:
-            raise CorruptCheckpointError(f"the sidecar is unreadable ({type(exc).__name__}: {exc})", path=where,
-                                         hint="It was damaged after the checkpoint was saved.") from None
-        return None
-    if not isinstance(meta, dict):
-        if strict:
-            raise CorruptCheckpointError(f"the sidecar holds a JSON {type(meta).__name__}, not an object", path=where)
-        return None
-    return meta
 
 
 def zip_digest(path: str) -> str:
@@ -372,12 +315,12 @@ def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
 
     Raises CorruptCheckpointError naming what does not match. Files without a sidecar are not checked.
     """
-    meta = meta if meta is not None else read_meta(path)
+    meta = meta if meta is not None else sidecar.read(path)
     if meta is None:
         return
     damaged = "The file was modified or damaged after it was saved."
     if not isinstance(meta.get("size"), int) or not isinstance(meta.get("content_sha256"), str):
-        raise CorruptCheckpointError("the sidecar lacks the size or content digest of the file", path=meta_path(path),
+        raise CorruptCheckpointError("the sidecar lacks the size or content digest of the file", path=sidecar.path_of(path),
                                      hint=damaged)
     try:
         size = os.path.getsize(path)

@@ -77,6 +77,14 @@ class ReadOptions:
     read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
     storage_options: dict[str, Any] | None = None  # fsspec options for URLs (shards, DCP files beside them)
     meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
+    mapped: list[Source] = field(default_factory=list)  # every source a tensor of this read maps
+
+    def mapped_storage(self, src: Source, offset: int, nbytes: int) -> Any:
+        """``src.mapped_storage(offset, nbytes)``, remembering ``src``: the opener hands every mapped source
+        of the read (shards, a folder's files) to the reader, which can then release or copy their pages."""
+        if not any(s is src for s in self.mapped):
+            self.mapped.append(src)
+        return src.mapped_storage(offset, nbytes)
 
     def budget_meter(self) -> Meter:
         """The one :class:`Meter` of this read (made from ``policy.budget`` on first use)."""

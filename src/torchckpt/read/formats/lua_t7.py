@@ -21,6 +21,7 @@ from ...errors import CorruptCheckpointError, LimitExceededError, TruncatedCheck
 from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, LUA_T7
 from ..tensors import is_tensor_like
+from ..unpickle.meta import MetaStorage, TensorMeta, check_view, meta_dtype
 from .base import Checkpoint, ReadOptions
 
 __all__ = ["read_t7", "T7Object", "LuaFunction", "LuaTable", "t7_state_dict"]
@@ -186,8 +187,6 @@ class _Reader:
             return _empty(dtype, self.meta)
         if not isinstance(storage, _Storage):
             raise CorruptCheckpointError("Torch7 tensor without a storage")
-        from ..unpickle.meta import check_view
-
         offset, size, stride = check_view(storage.count, offset, sizes, strides)
         if math.prod(size) >= 1 << 62:  # a zero-stride view can claim any size: torch's numel would overflow
             raise LimitExceededError(f"Torch7 tensor of size {list(size)} at byte {self.pos}", offset=self.pos)
@@ -216,8 +215,6 @@ class _Storage:
 
     def view(self, reader: _Reader, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> Any:
         if reader.meta:
-            from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
-
             item = meta_dtype(self.dtype).itemsize
             storage = MetaStorage(meta_dtype(self.dtype), self.count * item)
             storage.file_offset = self.file_offset
@@ -233,8 +230,6 @@ class _Storage:
 
 def _empty(dtype: str, meta: bool) -> Any:
     if meta:
-        from ..unpickle.meta import TensorMeta, meta_dtype
-
         return TensorMeta((0,), (1,), meta_dtype(dtype))
     import torch
 

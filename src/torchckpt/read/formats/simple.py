@@ -117,7 +117,7 @@ def _read_safetensors_data(src: Source, opts: ReadOptions, entries: dict[str, An
         begin, end = e["data_offsets"]
         offset = data_start + begin
         if mapped and offset % itemsize == 0:
-            storage = src.mapped_storage(offset, end - begin)
+            storage = opts.mapped_storage(src, offset, end - begin)
         else:
             storage = src.read_into_storage(offset, end - begin)
         shape = tuple(e["shape"])

@@ -137,7 +137,7 @@ class _ZipStorages:
         offset = self._stored_offset(info, nbytes)
         if self.mapped:
             self.offsets[info.filename] = (offset, nbytes)
-            return self.src.mapped_storage(offset, nbytes)
+            return self.opts.mapped_storage(self.src, offset, nbytes)
         return self.src.read_into_storage(offset, nbytes)
 
 

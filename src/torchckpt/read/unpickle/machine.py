@@ -32,7 +32,7 @@ from .policy import Policy, Verdict
 from .py2 import Py2Bytes
 from .safe_globals import SafeCallable, StorageType
 from .stubs import Stub, stub_class
-from .torch_rebuild import _Marker
+from .torch_rebuild import Marker
 
 __all__ = ["Unpickler", "GlobalRef", "MISSING"]
 
@@ -65,7 +65,7 @@ class _Missing:
 
 MISSING = _Missing()
 _S_I_U = struct.Struct("<I")
-_LEAVES = (TensorMeta, MetaStorage, StorageType, SafeCallable, _Marker)
+_LEAVES = (TensorMeta, MetaStorage, StorageType, SafeCallable, Marker)
 
 
 class Unpickler:
@@ -358,7 +358,7 @@ class Unpickler:
             return func(*args, **kwargs) if kwargs else func(*args)
         if isinstance(func, Stub):
             raise self._error(f"the pickle calls {func!r}, an inert stand-in, not a function", offset)
-        if isinstance(func, _Marker):
+        if isinstance(func, Marker):
             return func(*args)
         if self.trusted_class(func) or (self.policy.trust and self.mode is not Mode.RECORD and callable(func)
                                         and not isinstance(func, (MetaStorage, TensorMeta))):

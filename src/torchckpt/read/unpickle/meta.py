@@ -244,5 +244,5 @@ class MetaSize(tuple[int, ...]):
         return f"torch.Size({list(self)})"
 
 
-def _const(value: Any) -> Callable[[], Any]:
+def const(value: Any) -> Callable[[], Any]:
     return lambda: value

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import LimitExceededError
+from .stubs import Stub
 
 __all__ = ["Py2Bytes", "decode_py2_text"]
 
@@ -35,8 +36,6 @@ def decode_py2_text(root: Any, max_depth: int = 1_000) -> tuple[Any, int]:
     Returns ``(new_root, count)``. Containers are rebuilt only when something inside changed, and
     shared containers stay shared. Nesting is capped at ``max_depth``.
     """
-    from .stubs import Stub
-
     count = 0
     done: dict[int, Any] = {}
 

@@ -1,6 +1,6 @@
 """What allowlisted globals become, and the object protocol (NEWOBJ, BUILD, APPENDS, SETITEMS) over them.
 
-Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`_Marker`, or a plain
+Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`Marker`, or a plain
 constant such as ``torch.float16``), never to the real class or function: calling it (REDUCE), NEWOBJ-ing
 it and BUILD-ing what it made go only through validating constructors (:mod:`.constructors`,
 :mod:`.numpy_values`, :mod:`.torch_rebuild`). Values, not mutation: a BUILD makes a *new* value from the
@@ -19,14 +19,15 @@ import types
 from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
+from . import meta
 from .constructors import CONSTANTS, CONSTRUCTORS
-from .meta import DTYPE_SIZES, MetaStorage, TensorMeta, _const, check_int, meta_dtype
+from .meta import DTYPE_SIZES, MetaDevice, MetaSize, MetaStorage, TensorMeta, check_int, const, meta_dtype
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
-from .torch_rebuild import (_Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
+from .torch_rebuild import (Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
                             rebuild_from_type_v2, rebuild_meta_tensor_no_storage, rebuild_parameter,
                             rebuild_parameter_with_state, rebuild_tensor, rebuild_tensor_v2, rebuild_tensor_v3,
                             torch_version)
@@ -126,8 +127,6 @@ def _torch_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
 
 
 def _meta_size(u: Any, sizes: Any = ()) -> Any:
-    from .meta import MetaSize
-
     if not isinstance(sizes, (list, tuple)) or len(sizes) > 4096:
         raise _bad(f"torch.Size of a {type(sizes).__name__}")
     u.meter.step(len(sizes))
@@ -135,8 +134,6 @@ def _meta_size(u: Any, sizes: Any = ()) -> Any:
 
 
 def _meta_device(u: Any, kind: Any = "cpu", index: Any = None) -> Any:
-    from .meta import MetaDevice
-
     return MetaDevice(device_string(kind, index))
 
 
@@ -181,7 +178,7 @@ def _copyreg_newobj_ex(u: Any, cls: Any = None, args: Any = (), kwargs: Any = No
 
 
 def _np_ndarray_marker(name: str) -> Callable[[], Any]:
-    return lambda: _Marker(name, None)
+    return lambda: Marker(name, None)
 
 
 def _safe(name: str, fn: Callable[..., Any], newobj: bool = False, finish: Any = None,
@@ -207,10 +204,10 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "get_layout": _safe("torch.serialization._get_layout", _plain(get_layout)),
     "torch_size": _safe("torch.Size", _torch_size, newobj=True),
     "torch_device": _safe("torch.device", _torch_device),
-    "torch_tensor_class": lambda: _Marker("torch.Tensor", _attr("torch", "Tensor")),
-    "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter",
+    "torch_tensor_class": lambda: Marker("torch.Tensor", _attr("torch", "Tensor")),
+    "torch_parameter_class": lambda: Marker("torch.nn.parameter.Parameter",
                                              _attr("torch.nn.parameter", "Parameter"), legacy_parameter),
-    "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
+    "torch_variable_class": lambda: Marker("torch.autograd.variable.Variable", None, legacy_variable),
     "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
                            target=torch_version),
     "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
@@ -232,7 +229,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "copyreg_newobj": _safe("copyreg.__newobj__", _copyreg_newobj),
     "copyreg_newobj_ex": _safe("copyreg.__newobj_ex__", _copyreg_newobj_ex),
     **{key: _safe(key, fn, newobj, finish, target) for key, (fn, newobj, finish, target) in CONSTRUCTORS.items()},
-    **{key: _const(value) for key, value in CONSTANTS.items()},
+    **{key: const(value) for key, value in CONSTANTS.items()},
 }
 
 
@@ -261,8 +258,6 @@ def _like(build: Callable[..., Any], structure: Callable[..., Any]) -> Callable[
 
 
 def _meta_factories() -> dict[str, Callable[[], Any]]:
-    from . import meta
-
     def from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
         if not isinstance(args, tuple) or not isinstance(func, SafeCallable):
             raise _bad(f"tensor subclass rebuilt through {func!r:.80}")
@@ -284,9 +279,9 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
         "get_layout": _safe("torch.serialization._get_layout", _like(get_layout, meta.layout_name)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
-        "torch_tensor_class": lambda: _Marker("torch.Tensor", None),
-        "torch_parameter_class": lambda: _Marker("torch.nn.parameter.Parameter", None, legacy_parameter),
-        "torch_variable_class": lambda: _Marker("torch.autograd.variable.Variable", None, legacy_variable),
+        "torch_tensor_class": lambda: Marker("torch.Tensor", None),
+        "torch_parameter_class": lambda: Marker("torch.nn.parameter.Parameter", None, legacy_parameter),
+        "torch_variable_class": lambda: Marker("torch.autograd.variable.Variable", None, legacy_variable),
     }
 
 
@@ -314,12 +309,10 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
             return _storage_type(cname)
         if cmod == "torch":
             if mode is not Mode.BUILD:
-                from .meta import meta_dtype
-
                 return meta_dtype(cname)
             return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
-            return _Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+            return Marker(f"{cmod}.{cname}", _attr(cmod, cname))
     if mode is not Mode.RECORD and policy.imports_real(module, name):
         try:
             obj: Any = importlib.import_module(cmod)
@@ -350,7 +343,7 @@ def _storage_type(name: str) -> Any:
 
 # --------------------------------------------------------------------------- object protocol
 _NEVER_BUILT = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-                SafeCallable, _Marker, StorageType)
+                SafeCallable, Marker, StorageType)
 
 
 def build(u: Any, inst: Any, state: Any) -> Any:
@@ -416,7 +409,7 @@ def new_object(u: Any, cls: Any, args: Any, kwargs: Any) -> Any:
         if not cls.newobj:
             raise _bad(f"NEWOBJ on {cls.name}, which is not a class")
         return u.call(cls, args, u.pos, kwargs)
-    if isinstance(cls, _Marker) and cls.ctor is not None and not kwargs:
+    if isinstance(cls, Marker) and cls.ctor is not None and not kwargs:
         return cls(*args)  # copyreg.__newobj__(Parameter, data) of torch <= 0.3, protocol < 2
     if isinstance(cls, type) and u.trusted_class(cls):
         return cls.__new__(cls, *args, **kwargs)

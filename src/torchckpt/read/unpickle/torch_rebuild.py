@@ -18,7 +18,7 @@ def _bad(message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message)
 
 
-class _Marker:
+class Marker:
     """A class reference that may be passed around (``new_type`` arguments). Calling it runs only the
     given safe constructor (``ctor``); without one it refuses."""
 
@@ -166,10 +166,10 @@ def rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any
 
     if not isinstance(args, tuple):
         raise _bad("tensor subclass arguments must be a tuple")
-    if isinstance(func, _Marker) or not callable(func):
+    if isinstance(func, Marker) or not callable(func):
         raise _bad(f"tensor subclass rebuilt through {func!r}")
     ret = func(*args)
-    target = new_type.target if isinstance(new_type, _Marker) else new_type
+    target = new_type.target if isinstance(new_type, Marker) else new_type
     if isinstance(ret, torch.Tensor) and isinstance(target, type) and issubclass(target, torch.Tensor) \
             and type(ret) is not target:
         ret = ret.as_subclass(target)

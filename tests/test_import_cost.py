@@ -1,0 +1,88 @@
+"""Cold start: ``import torchckpt`` and ``torchckpt inspect|scan`` of a small file import only what they need.
+
+Each check runs a fresh interpreter and reads its ``sys.modules`` at exit: a module imported at the top of
+any module on the path (a reader, a subcommand, the output sink) shows up here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+# Runs the CLI in-process, then prints which of the heavy modules it imported.
+CLI = """
+import atexit, json, sys
+HEAVY = ("torch", "numpy", "rich", "fsspec", "safetensors", "torch.distributed")
+atexit.register(lambda: sys.__stderr__.write("MODULES " + json.dumps(sorted(h for h in HEAVY if h in sys.modules)) + "\\n"))
+from torchckpt.cli.main import run
+sys.argv = ["torchckpt", *sys.argv[1:]]
+run()
+"""
+
+
+def modules_after(code: str, *args: str) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("MODULES "))
+    return json.loads(line[len("MODULES "):]), res
+
+
+def test_import_torchckpt_leaves_torch_and_numpy_out():
+    code = ("import atexit, json, sys\nimport torchckpt\n"
+            "atexit.register(lambda: sys.__stderr__.write('MODULES ' + json.dumps(sorted(m for m in "
+            "('torch', 'numpy', 'click', 'rich') if m in sys.modules)) + '\\n'))\n"
+            "assert torchckpt.CheckpointError and torchckpt.__version__\n")
+    heavy, res = modules_after(code)
+    assert res.returncode == 0, res.stderr
+    assert heavy == [], heavy
+
+
+def test_public_names_still_resolve_lazily():
+    code = ("import atexit, json, sys\nimport torchckpt\n"
+            "atexit.register(lambda: sys.__stderr__.write('MODULES ' + json.dumps(sorted(m for m in "
+            "('torch', 'numpy') if m in sys.modules)) + '\\n'))\n"
+            "missing = [n for n in torchckpt.__all__ if getattr(torchckpt, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "assert set(torchckpt.__all__) <= set(dir(torchckpt))\n")
+    heavy, res = modules_after(code)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    sd = {"fc.weight": torch.randn(4, 3), "fc.bias": torch.zeros(4), "step": 7}
+    files = {"zip": folder / "small.pt", "safetensors": folder / "small.safetensors",
+             "legacy": folder / "legacy.pt"}
+    torch.save(sd, files["zip"])
+    save_file({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, files["safetensors"])
+    torch.save(sd, files["legacy"], _use_new_zipfile_serialization=False)
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zip", "safetensors", "legacy"])
+@pytest.mark.parametrize("command", [["inspect"], ["inspect", "--json"], ["scan"], ["scan", "--json"]])
+def test_inspect_and_scan_of_a_small_file_import_no_torch(small_files, kind, command):
+    heavy, res = modules_after(CLI, *command, str(small_files[kind]))
+    assert res.returncode == 0, res.stderr
+    assert "fc.weight" in res.stdout or "clean" in res.stdout, res.stdout  # it did the work
+    # rich only draws on a terminal; in a pipe the text is written as it is.
+    assert heavy == [], (command, kind, heavy)
+
+
+@pytest.mark.slow
+def test_piped_output_is_the_rendered_text(small_files):
+    """Without rich in a pipe, the text is still exactly the record's rendering (no wrapping, no markup)."""
+    import torchckpt
+
+    _, res = modules_after(CLI, "inspect", str(small_files["zip"]))
+    assert res.stdout == torchckpt.inspect(small_files["zip"]).render(60) + "\n"
