@@ -265,3 +265,16 @@ def test_check_mapping_reports_max_delta_of_fuse_and_catches_a_wrong_order(tmp_p
     wrong = torchckpt.check_mapping(nn.Sequential(Split3(), nn.Linear(24, 2)), nn.Sequential(Fused(), nn.Linear(24, 2)),
                                     path, probe, rename={(r"\.k_proj\.", r"\.q_proj\.", r"\.v_proj\."): ".qkv."})
     assert wrong.max_abs_delta > 1e-3
+
+
+def test_sizes_a_file_declares_are_bounded():
+    """A hostile file declares a dim 0 of 100000 with no bytes behind it (numel 0): Unstack would make
+    100000 keys and a relative-position resize would loop over 50000-point grids; both refuse, naming why."""
+    per = nn.Module()
+    per.w = nn.Parameter(torch.zeros(4))
+    with pytest.raises(StateDictMismatchError, match="would make 100000 tensors"):
+        torchckpt.load_into(per, {"moe.w1": torch.empty(100000, 0)}, transforms=[Unstack(r"\.w1$", ".{i}")])
+    table = nn.Module()
+    table.relative_position_bias_table = nn.Parameter(torch.zeros(2, 13, 13))
+    with pytest.raises(StateDictMismatchError, match="empty or implausibly large"):
+        torchckpt.load_into(table, {"relative_position_bias_table": torch.empty(2, 100001, 0)}, on_mismatch="adapt")

@@ -212,12 +212,18 @@ class ResizeRelPosTable(Transform):
         self.old_window, self.new_window = old_window, new_window
 
     def _sizes(self, source: Shape, target: Shape) -> tuple[tuple[int, int], tuple[int, int], int] | str:
+        if not all(source) or any(s > 1 << 24 for s in source):
+            return f"the checkpoint's table {list(source)} is empty or implausibly large"
+        if len(source) == 3 and max(source[1:]) > 4095:
+            return f"the checkpoint's table {list(source)} is implausibly large (over 4095 relative positions a side)"
         if len(source) == 3 and len(target) == 3 and source[0] == target[0]:
             return (source[1], source[2]), (target[1], target[2]), 0
         if len(source) != 2 or len(target) != 2 or source[1] != target[1]:
             return "a relative-position table is [positions, heads] (or [heads, H, W]) with the same heads"
         for extra in range(4):
             old = _table(self.old_window) or _square(source[0] - extra)
+            if old and old[0] > 4095:
+                return f"the checkpoint's table {list(source)} is implausibly large"
             new = _table(self.new_window) or _square(target[0] - extra)
             if old and new and old[0] % 2 and new[0] % 2 and old[0] * old[1] == source[0] - extra \
                     and new[0] * new[1] == target[0] - extra:

@@ -20,6 +20,7 @@ from .tree import TensorMeta
 
 __all__ = ["Derived", "Rule", "split_rename", "resolve", "expand", "choose", "suggest_layouts", "AUTO"]
 
+MAX_PIECES = 1 << 16  # Unstack makes one key per row of dim 0, a size the file declares: bounded
 AUTO: tuple[Transform, ...] = (InterpolatePosEmbed(), ResizeRelPosTable(), AdaptInputConv(), MeanResize())
 
 
@@ -176,6 +177,9 @@ def expand(tensors: dict[str, Any], keyed: Sequence[KeyTransform], shape_of: Cal
                 s = tuple(shape_of(tensors[k]))
                 if not s:
                     continue
+                if s[0] > MAX_PIECES:
+                    raise StateDictMismatchError(f"{t!r}: {k} of shape {list(s)} would make {s[0]} tensors",
+                                                 hint=f"Unstack takes at most {MAX_PIECES} experts; check the pattern.")
                 new = {re.sub(t.source, t.target.replace("{i}", str(i)), k):
                        Derived("select", [k], [tensors[k]], s[1:], index=i, transform=repr(t)) for i in range(s[0])}
                 tensors = _replace(tensors, [k], new)

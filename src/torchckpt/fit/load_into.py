@@ -278,7 +278,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             if isinstance(value, tuple) and value[0] == "overlap":
                 value = _overlap(target, _read(value[1], src))
             elif isinstance(value, tuple) and value[0] == "transform":
-                value = placer.place(value[2](_read(value[1], src), tuple(target.shape)), target, device)
+                value = placer.place(_transformed(value[2], _read(value[1], src), target, full), target, device)
             elif isinstance(value, tuple) and value[0] == "reshape":
                 raw = _read(value[1], src) if isinstance(value[1], Derived) else value[1]
                 value = placer.place(raw, target, device, tuple(target.shape))
@@ -319,6 +319,15 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     for module in model.modules():
         for hook in module._load_state_dict_post_hooks.values():
             hook(module, incompatible)
+
+
+def _transformed(transform: Any, tensor: Any, target: Any, key: str) -> Any:
+    try:
+        return transform(tensor, tuple(target.shape))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # values torch cannot resample
+        raise StateDictMismatchError(f"{transform.name} failed on {key} ({list(tensor.shape)} -> "
+                                     f"{list(target.shape)}): {type(exc).__name__}: {exc}",
+                                     hint="Leave this key out of transforms= (strict=False skips it).") from None
 
 
 def _read(value: Any, src: Any) -> Any:

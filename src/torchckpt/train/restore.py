@@ -249,8 +249,7 @@ def _remap(optimizer: Any, saved: Any, model: Any, state: TrainingState, path: s
     except ResumeError as exc:
         exc.path = path
         raise
-    _check_optimizer_state(optimizer, remap.state_dict, "optimizer", path)  # its type still has to fit
-    restore_object(optimizer, remap.state_dict, "optimizer", path)
+    restore_object(optimizer, remap.state_dict, "optimizer", path)  # checked like any saved state
     state.optimizer = remap
     state.notes.append(remap.summary())
     state.notes.extend(remap.notes)
