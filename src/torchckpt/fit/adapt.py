@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import StateDictMismatchError
-from ..read.tensors import to_torch
+from ..read.tensors import release, to_torch
 from ..transforms import (AdaptInputConv, Fuse, InterpolatePosEmbed, KeyTransform, MeanResize, ResizeRelPosTable,
                           Split, Stack, Transform, TransformSpec, Unstack, by_name)
 from .tree import TensorMeta
@@ -53,13 +53,18 @@ class Derived:
 
         tensors = [to_torch(v, reader) for v in self.values]
         if self.op == "cat":
-            return torch.cat(tensors, dim=self.dim)
-        if self.op == "stack":
-            return torch.stack(tensors, dim=0)
-        if self.op == "select":
-            return tensors[0][self.index].clone()
-        size = tensors[0].shape[self.dim] // self.pieces
-        return tensors[0].narrow(self.dim, self.index * size, size).clone()
+            out = torch.cat(tensors, dim=self.dim)
+        elif self.op == "stack":
+            out = torch.stack(tensors, dim=0)
+        elif self.op == "select":
+            out = tensors[0][self.index].clone()
+        else:
+            size = tensors[0].shape[self.dim] // self.pieces
+            out = tensors[0].narrow(self.dim, self.index * size, size).clone()
+        if self.op in ("cat", "stack"):  # the sources are read once: drop their file pages now
+            for t in tensors:
+                release(reader, t)
+        return out
 
 
 def split_rename(rename: Any) -> tuple[list[KeyTransform], Any]:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from ..errors import CheckpointError, StateDictMismatchError
 from ..read.opener import open_checkpoint
-from ..read.tensors import dtype_name, to_torch
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read import Mode, Stub
 from ..transforms import TransformSpec
@@ -278,7 +278,7 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             if isinstance(value, tuple) and value[0] == "overlap":
                 value = _overlap(target, _read(value[1], src))
             elif isinstance(value, tuple) and value[0] == "transform":
-                value = placer.place(_transformed(value[2], _read(value[1], src), target, full), target, device)
+                value = placer.place(_transformed(value[2], _read(value[1], src), target, full, src), target, device)
             elif isinstance(value, tuple) and value[0] == "reshape":
                 raw = _read(value[1], src) if isinstance(value[1], Derived) else value[1]
                 value = placer.place(raw, target, device, tuple(target.shape))
@@ -321,9 +321,11 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             hook(module, incompatible)
 
 
-def _transformed(transform: Any, tensor: Any, target: Any, key: str) -> Any:
+def _transformed(transform: Any, tensor: Any, target: Any, key: str, src: Any) -> Any:
     try:
-        return transform(tensor, tuple(target.shape))
+        out = transform(tensor, tuple(target.shape))
+        release(src, tensor)  # read once: drop its file pages now (the output is new memory)
+        return out
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # values torch cannot resample
         raise StateDictMismatchError(f"{transform.name} failed on {key} ({list(tensor.shape)} -> "
                                      f"{list(target.shape)}): {type(exc).__name__}: {exc}",
