@@ -16,6 +16,7 @@ from ..errors import StateDictMismatchError
 from ..read.tensors import release, to_torch
 from ..transforms import (AdaptInputConv, Fuse, InterpolatePosEmbed, KeyTransform, MeanResize, ResizeRelPosTable,
                           Split, Stack, Transform, TransformSpec, Unstack, by_name)
+from .align import RenameRules, RenameSpec
 from .tree import TensorMeta
 
 __all__ = ["Derived", "Rule", "split_rename", "resolve", "expand", "choose", "suggest_layouts", "AUTO"]
@@ -67,7 +68,7 @@ class Derived:
         return out
 
 
-def split_rename(rename: Any) -> tuple[list[KeyTransform], Any]:
+def split_rename(rename: RenameSpec) -> tuple[list[KeyTransform], RenameRules]:
     """``rename=`` entries that fuse (a tuple of patterns -> one replacement) or split (one pattern -> a
     list) become :class:`Fuse`/:class:`Split` on dim 0; the rest stay plain renaming rules."""
     if rename is None or callable(rename):

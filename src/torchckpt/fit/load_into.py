@@ -19,7 +19,7 @@ from ..read.trust import Policy, resolve_policy
 from ..read import Mode, Stub
 from ..transforms import TransformSpec
 from .adapt import Derived, choose, expand, resolve, split_rename, suggest_layouts
-from .align import RenameRules, align_keys
+from .align import RenameSpec, align_keys
 from .placement import Placer
 from .report import Adapted, LoadReport, Mismatch, Origin
 from .shards import is_sharded, shard_like
@@ -32,7 +32,7 @@ ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"
 
 
 def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
-              rename: RenameRules = None, on_mismatch: str | None = None, dtype: str = "model",
+              rename: RenameSpec = None, on_mismatch: str | None = None, dtype: str = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
               storage_options: Mapping[str, Any] | None = None, mmap: bool = False,
@@ -130,7 +130,7 @@ def _dtype(value: Any) -> Any:
 
 
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
-                    key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
+                    key: str | None, prefix: str | None, rename: RenameSpec, on_mismatch: str, dtype: str,
                     map_location: Any, dry_run: bool, assign: bool, mmap: bool = False,
                     transforms: TransformSpec = None) -> LoadReport:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
@@ -145,12 +145,12 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                             "imported, no code from the file ran); weights taken from its modules")
     tensors = {k: _as_tensor(v) for k, v in ckpt.items() if hasattr(v, "shape")}
     report.checkpoint_shapes = shapes(tensors)
-    keyed, rename = split_rename(rename)
+    keyed, plain = split_rename(rename)
     rules, more = resolve(transforms)
     tensors, adapt_notes = expand(tensors, keyed + more, lambda v: tuple(v.shape))
     report.notes.extend(adapt_notes)
     first_conv = next((k for k, v in model_sd.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4), None)
-    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=rename, prefix=prefix)
+    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=plain, prefix=prefix)
     report.outside = list(alignment.outside)
     by_model = {m: c for c, m in alignment.mapping.items()}
     for c, m in alignment.mapping.items():

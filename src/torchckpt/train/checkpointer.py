@@ -18,7 +18,7 @@ import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
 from ..read import is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
@@ -31,6 +31,10 @@ from .remote import RemoteStore, resume_url
 from .restore import resume_file
 from .snapshot import cpu_snapshot
 from .training import TrainingState, capture, verify, write_payload
+
+if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
+    from ..fit.align import RenameSpec
+    from ..transforms import TransformSpec
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
            "SkippedCheckpointWarning", "RetentionWarning", "cpu_snapshot"]
@@ -307,8 +311,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ resuming
     def resume(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-               strict: bool = True, rename: Any = None, prefix: str | None = None,
-               transforms: Any = None) -> TrainingState:
+               strict: bool = True, rename: RenameSpec = None, prefix: str | None = None,
+               transforms: TransformSpec = None) -> TrainingState:
         """Resume from the newest complete checkpoint (``rename``/``prefix``/``transforms``: see :func:`resume`).
 
         A damaged newer one (truncated, sidecar missing or unreadable, failing its digest or CRCs) is
@@ -358,7 +362,7 @@ class Checkpointer:
                       stacklevel=3)
 
 
-def _adapting(rename: Any, prefix: str | None, transforms: Any, path: str) -> dict[str, Any]:
+def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
     """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
     given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
     if given and os.path.isdir(path) and distributed.is_dcp(path):
@@ -369,8 +373,8 @@ def _adapting(rename: Any, prefix: str | None, transforms: Any, path: str) -> di
 
 def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
            stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True, storage_options: StorageOptions | None = None, rename: Any = None,
-           prefix: str | None = None, transforms: Any = None) -> TrainingState:
+           strict: bool = True, storage_options: StorageOptions | None = None, rename: RenameSpec = None,
+           prefix: str | None = None, transforms: TransformSpec = None) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointError, ResumeError
 from ..storage.source import confined_path
 from .optimizer_map import remap_optimizer_state
 from .training import FORMAT, TrainingState, get_rng_state, set_rng_state, verify
+
+if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
+    from ..fit.align import RenameSpec
+    from ..transforms import TransformSpec
 
 __all__ = ["resume_file", "load_payload"]
 
@@ -270,8 +274,8 @@ def restore_rng_state(state: TrainingState) -> None:
 
 def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                 stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-                strict: bool = True, verified: bool = False, rename: Any = None, prefix: str | None = None,
-                transforms: Any = None) -> TrainingState:
+                strict: bool = True, verified: bool = False, rename: RenameSpec = None, prefix: str | None = None,
+                transforms: TransformSpec = None) -> TrainingState:
     """Restore a training run from one checkpoint file (see :func:`torchckpt.resume`).
 
     The file is first checked against its sidecar unless the caller did that already (``verified``).
