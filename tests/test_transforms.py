@@ -278,3 +278,14 @@ def test_sizes_a_file_declares_are_bounded():
     table.relative_position_bias_table = nn.Parameter(torch.zeros(2, 13, 13))
     with pytest.raises(StateDictMismatchError, match="empty or implausibly large"):
         torchckpt.load_into(table, {"relative_position_bias_table": torch.empty(2, 100001, 0)}, on_mismatch="adapt")
+
+
+def test_interpolate_nhwc_pos_embed_matches_timm():
+    ref = timm_module("layers.pos_embed").resample_abs_pos_embed_nhwc
+    torch.manual_seed(0)
+    pos = torch.randn(1, 8, 6, 12)
+    model = nn.Module()
+    model.pos_embed = nn.Parameter(torch.zeros(1, 14, 10, 12))
+    report = torchckpt.load_into(model, {"pos_embed": pos}, on_mismatch="adapt")
+    assert torch.equal(model.pos_embed.detach(), ref(pos, [14, 10]))
+    assert "8x6 -> 14x10 grid" in report.adapted[0].detail

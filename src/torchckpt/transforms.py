@@ -66,7 +66,8 @@ class Transform:
 
 class InterpolatePosEmbed(Transform):
     """Resample absolute position embeddings ``[1, prefix + H*W, D]`` (or ``[prefix + H*W, D]``) to a new
-    grid, keeping the prefix (class, distillation) tokens: timm's ``resample_abs_pos_embed``.
+    grid, keeping the prefix (class, distillation) tokens: timm's ``resample_abs_pos_embed``; ``[1, H, W, D]``
+    grids as its ``resample_abs_pos_embed_nhwc``.
 
     Args:
         num_prefix_tokens: tokens before the grid; ``None`` takes the smallest count (0..8) that leaves a
@@ -85,6 +86,8 @@ class InterpolatePosEmbed(Transform):
         self.interpolation, self.antialias = interpolation, antialias
 
     def _grids(self, source: Shape, target: Shape) -> tuple[int, tuple[int, int], tuple[int, int]] | str:
+        if len(source) == 4 and len(target) == 4 and source[0] == target[0] == 1 and source[3] == target[3]:
+            return 0, (source[1], source[2]), (target[1], target[2])  # [1, H, W, D] (SAM, ViTDet)
         if len(source) != len(target) or len(source) not in (2, 3) or source[:-2] != target[:-2] \
                 or source[-1] != target[-1] or (len(source) == 3 and source[0] != 1):
             return "position embeddings are [1, tokens, dim] or [tokens, dim] with the same dim on both sides"
@@ -112,7 +115,7 @@ class InterpolatePosEmbed(Transform):
         grids = self._grids(tuple(tensor.shape), target)
         assert not isinstance(grids, str), grids
         p, old, new = grids
-        flat = tensor.reshape(1, tensor.shape[-2], tensor.shape[-1])
+        flat = tensor.reshape(1, -1, tensor.shape[-1])
         prefix, grid = flat[:, :p], flat[:, p:]
         dim = grid.shape[-1]
         grid = grid.float().reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)
