@@ -289,3 +289,27 @@ def test_interpolate_nhwc_pos_embed_matches_timm():
     report = torchckpt.load_into(model, {"pos_embed": pos}, on_mismatch="adapt")
     assert torch.equal(model.pos_embed.detach(), ref(pos, [14, 10]))
     assert "8x6 -> 14x10 grid" in report.adapted[0].detail
+
+
+def test_a_transformers_vit_at_a_new_image_size_and_channels(tmp_path):
+    """A real model built locally: transformers' ViT (224-style 4x4 grid, RGB) into the same ViT at a 6x6
+    grid with one input channel, in one call; each tensor equals timm's reference."""
+    from transformers import ViTConfig, ViTModel
+
+    resample = timm_module("layers.pos_embed").resample_abs_pos_embed
+    adapt = timm_module("models._manipulate").adapt_input_conv
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8)
+    torch.manual_seed(0)
+    src = ViTModel(ViTConfig(image_size=32, num_channels=3, **small))
+    dst = ViTModel(ViTConfig(image_size=48, num_channels=1, **small))
+    plan = torchckpt.load_into(dst, saved(tmp_path, src), on_mismatch="adapt", dry_run=True)
+    assert {a.key: a.transform for a in plan.adapted} == {
+        "embeddings.position_embeddings": "interpolate_pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "adapt_input_conv"}
+    report = torchckpt.load_into(dst, saved(tmp_path, src), on_mismatch="adapt")
+    assert report.ok
+    assert torch.equal(dst.embeddings.position_embeddings,
+                       resample(src.embeddings.position_embeddings.detach(), [6, 6], num_prefix_tokens=1))
+    assert torch.equal(dst.embeddings.patch_embeddings.projection.weight,
+                       adapt(1, src.embeddings.patch_embeddings.projection.weight.detach().clone()))
+    dst(torch.randn(1, 1, 48, 48))  # and it runs at the new size
