@@ -77,7 +77,7 @@ def test_the_public_convert_takes_every_option_of_the_file_converter():
     """torchckpt.convert dispatches to DCP or to tools.convert: no option of the latter may be lost."""
     import inspect
 
-    from torchckpt.tools import convert as file_convert
+    from torchckpt.tools.convert import to_file as file_convert
 
     public = inspect.signature(torchckpt.convert).parameters
     for name, param in inspect.signature(file_convert.convert).parameters.items():

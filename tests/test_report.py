@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import torchckpt
-from torchckpt.tools.html_report import CheckpointReport
-from torchckpt.tools.report_page import plan_statuses
+from torchckpt.tools.report import CheckpointReport
+from torchckpt.tools.report.page import plan_statuses
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("jinja2")
@@ -173,7 +173,7 @@ def test_streaming_memory_stays_near_the_largest_tensor(tmp_path):
     page = tmp_path / "big.html"
     script = textwrap.dedent(f"""
         import torch, jinja2, torchckpt
-        from torchckpt.tools import html_report, report_page
+        from torchckpt.tools.report import html_report, page
         def peak():
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM"):
@@ -244,7 +244,7 @@ def test_page_renders_in_headless_chromium(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
                                    torch.uint8, torch.bool])
 def test_chunked_statistics_merge_exactly(dtype):
-    from torchckpt.tools.tensor_stats import tensor_stats
+    from torchckpt.tools.report.tensor_stats import tensor_stats
 
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(1000, generator=g) * 3 + 5)
@@ -272,7 +272,7 @@ def test_histogram_counts_equal_numpy(dtype):
     """Every bin's count equals numpy.histogram over the finite values with the same range, whatever the chunking."""
     import numpy as np
 
-    from torchckpt.tools.tensor_stats import tensor_stats
+    from torchckpt.tools.report.tensor_stats import tensor_stats
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(5000, generator=g) * 7).to(dtype)

@@ -90,8 +90,10 @@ def test_dtype_rebuilt_after_an_array_used_it(tmp_path):
     refused(tmp_path, data, CorruptCheckpointError, match="BUILD on a finished")
 
 
-def test_dtype_changed_to_objects_is_refused(tmp_path):
-    refused(tmp_path, PROTO2 + np_dtype("O") + STOP, UnsafeCheckpointError, match="Python objects")
+def test_object_dtype_never_reads_bytes(tmp_path):
+    # dtype('O') is a value (object arrays are built from their pickled items), but never over raw bytes
+    refused(tmp_path, PROTO2 + np_array(np_dtype("O"), (2,), b"\x41" * 16) + STOP, UnsafeCheckpointError,
+            match="Python objects")
 
 
 def test_structured_dtype_with_an_object_field(tmp_path):

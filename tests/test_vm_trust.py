@@ -137,7 +137,10 @@ def _arg(value) -> bytes:
 @pytest.mark.parametrize("family", sorted(GADGETS))
 def test_command_runner_is_refused_under_trust(tmp_path, family):
     module, name, args = GADGETS[family]
-    assert Policy(trust=True).classify(module, name) is Verdict.DANGEROUS
+    # getattr is decided where it is called: only getattr(torch._C._VariableFunctionsClass, <function>) is
+    # read (as an inert reference); every other call is refused, as below
+    assert Policy(trust=True).classify(module, name) is (Verdict.ALLOWED if family == "builtins_getattr"
+                                                         else Verdict.DANGEROUS)
     data = PROTO2 + call(glob(module, name), *(_arg(a) for a in args(tmp_path))) + STOP
     path = tmp_path / f"{family}.pkl"
     path.write_bytes(data)

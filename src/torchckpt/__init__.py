@@ -25,15 +25,15 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .read.load import load, read_checkpoint
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
-    from .tools.dcp_convert import convert
+    from .tools.convert import convert
     from .tools.diffing import diff
-    from .tools.html_report import report
+    from .tools.report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
     from .train.optimizer_map import remap_optimizer_state
     from .train.sampler import ResumableSampler
-    from .train.remote import save
+    from .train.save import save
     from .train.training import TrainingState
 
 __all__ = [
@@ -57,7 +57,7 @@ _LAZY = {
     "scan": ("tools.scanning", "scan"),
     "load_into": ("fit.load_into", "load_into"),
     "check_mapping": ("fit.equivalence", "check_mapping"),
-    "save": ("train.remote", "save"),  # a local path or a URL
+    "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
     "remap_optimizer_state": ("train.optimizer_map", "remap_optimizer_state"),
     "TrainingState": ("train.training", "TrainingState"),
@@ -67,9 +67,9 @@ _LAZY = {
     "KeepEvery": ("train.checkpointer", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
-    "convert": ("tools.dcp_convert", "convert"),  # .pt / .safetensors (tools.convert) or DCP
+    "convert": ("tools.convert", "convert"),  # .pt / .safetensors or a DCP directory
     "diff": ("tools.diffing", "diff"),
-    "report": ("tools.html_report", "report"),
+    "report": ("tools.report", "report"),
     "Policy": ("read", "Policy"),
     "Budget": ("read", "Budget"),
     "Stub": ("read", "Stub"),

@@ -90,6 +90,17 @@ class NotACheckpointError(UnsupportedFormatError):
     """The file is something else entirely: a git-lfs pointer, an HTML page, JSON text, empty."""
 
 
+class PartialCheckpointError(UnsupportedFormatError):
+    """The file is one part of a multi-file checkpoint (a shard of a torch.distributed.checkpoint folder):
+    read alone it would give a fraction of the weights, so it is refused. ``folder`` is the checkpoint to
+    load instead, when it was found next to the file."""
+
+    def __init__(self, reason: str, *, folder: str | None = None, path: Any = None, hint: str | None = None,
+                 format: str | None = None):
+        super().__init__(reason, path=path, hint=hint, format=format)
+        self.folder = folder
+
+
 class CorruptCheckpointError(CheckpointError, ValueError):
     """The file claims a known format but its content is inconsistent or malformed."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..tools.dcp_convert import convert
+from ..tools.convert import convert
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output

@@ -32,7 +32,7 @@ def command(file: str, as_json: bool, max_tensors: int, against: str | None, tru
     report = inspect(file, policy=policy, storage_options=storage_options)
     plan = None
     if against:
-        from .plan import plan_against  # lazy: load_into's planner only for --against
+        from .plan import plan_against  # lazy for start-up cost: load_into's planner only for --against
 
         plan = plan_against(file, against, policy=policy, storage_options=storage_options)
     if as_json:

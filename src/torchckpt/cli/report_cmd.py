@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..tools.html_report import MissingExtraError, report, require_extra
+from ..tools.report import MissingExtraError, report, require_extra
 from .codes import EXIT_OK
 from .output import Output
 from .plan import build_model

@@ -32,7 +32,7 @@ from ..tools.inspection import inspect as inspect_file
 from ..tools.scanning import scan
 from ..train import sidecar
 from ..train.checkpointer import resume
-from ..train.training import save
+from ..train.save import save
 from .samples import saved_on_device, write_py2_legacy
 
 __all__ = ["Scenario", "Outcome", "TourReport", "run_tour", "SCENARIOS"]

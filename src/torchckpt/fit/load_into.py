@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator, Mapping
 
-from ..errors import CheckpointError, StateDictMismatchError
+from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
@@ -112,8 +112,16 @@ def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any]
         yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
         return
     with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
+        rank_file = ckpt.details.get("deepspeed_rank_file")
+        if rank_file is not None and rank_file["kind"] == "partial":
+            raise WeightsNotFoundError(f"one rank file of a DeepSpeed ZeRO checkpoint: {rank_file['note']}",
+                                       path=ckpt.name, hint=f"Pass the folder: load_into(model, {rank_file['folder']!r})")
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
         yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
+
+
+QUANTIZED_MODULES = ("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.", "torch.nn.quantized.",
+                     "torch.nn.intrinsic.quantized.")
 
 
 def _as_tensor(value: Any) -> Any:
@@ -265,10 +273,15 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
     placer = Placer(src, assign=on_meta or assign, mmap=mmap)
+    own: dict[str, list[str]] = {}  # module path -> the keys it saves itself (quantized modules: weight, scale, ...)
+    for full in prepared:
+        path, _, leaf = full.rpartition(".")
+        own.setdefault(path, []).append(leaf)
     for module_prefix, module in model.named_modules():
         prefix = module_prefix + "." if module_prefix else ""
         local = {}
-        for name in list(module._parameters) + list(module._buffers) + ["_extra_state"]:
+        names = list(module._parameters) + list(module._buffers) + ["_extra_state"]
+        for name in names + [n for n in own.get(module_prefix, ()) if n not in names]:
             full = prefix + name
             if full not in prepared:
                 continue
@@ -293,6 +306,10 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             continue
         ckpt_prefix = inverse.get(next(iter(local)), "").rsplit(".", 1)[0]
         local_metadata = dict(metadata.get(ckpt_prefix, metadata.get(module_prefix, {})))
+        if "version" not in local_metadata and type(module).__module__.startswith(QUANTIZED_MODULES):
+            # state_dict_of and the readers give a quantized module's keys in today's layout; without a
+            # version its _load_from_state_dict would look for the layout of torch 1.4
+            local_metadata["version"] = getattr(module, "_version", None)
         if on_meta or assign:
             local_metadata["assign_to_params_buffers"] = True
         missing: list[str] = []

@@ -21,6 +21,7 @@ from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, LimitExce
 from ..read import Stub, T7Object, stub_name, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
 from .align import align_keys
+from .quantized import quantized_entries, tuple_state_module
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
            "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
@@ -40,7 +41,7 @@ def is_module_like(obj: Any) -> bool:
     if isinstance(obj, Stub):
         attrs = obj.stub_attributes()
         return isinstance(attrs.get("_parameters"), dict) and isinstance(attrs.get("_modules"), dict) or \
-            _torchscript_stub(obj)
+            _torchscript_stub(obj) or tuple_state_module(obj)
     torch = sys.modules.get("torch")  # a real nn.Module implies torch is imported already (torch stays lazy)
     return torch is not None and isinstance(obj, torch.nn.Module)
 
@@ -159,6 +160,8 @@ def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int]
     for name, b in buffers.items():
         if b is not None and name not in non_persistent:
             out[prefix + name] = _tensor_of(b, prefix + name, module)
+    for name, value in quantized_entries(module, buffers):
+        out[prefix + name] = value
     for name, child in (attrs.get("_modules") or {}).items():
         if isinstance(child, Stub):
             _stub_state(child, f"{prefix}{name}.", out, active, depth + 1)
@@ -181,6 +184,8 @@ def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: s
         value = attrs.get(name)
         if value is not None and is_tensor_like(value):
             out[prefix + name] = _detach(value)
+    for name, value in quantized_entries(module, names):
+        out[prefix + name] = value
     for name, value in attrs.items():
         if isinstance(value, Stub) and _torchscript_stub(value):
             _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)
@@ -224,6 +229,9 @@ def children_of(value: Any) -> list[tuple[Any, Any]] | None:
         return out + list(enumerate(value.stub_list or []))
     if hasattr(value, "__dict__") and type(value).__module__ in ("argparse", "types"):
         return list(vars(value).items())
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None and value.dtype.kind == "O" \
+            and hasattr(value, "reshape"):
+        return list(enumerate(value.reshape(-1)))  # an object array: its items (a list of weight arrays)
     return None
 
 

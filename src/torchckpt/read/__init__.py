@@ -17,12 +17,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
-    from .formats import Checkpoint, Trace, folder_kind, is_dcp_dir
+    from .formats import Checkpoint, Trace, deepspeed_kind, folder_kind, is_dcp_dir
+    from .formats.deepspeed import rank_file_kind
     from .formats.folders import is_accelerate_folder
     from .formats.lua_t7 import LuaFunction, T7Object, t7_state_dict
     from .formats.safetensors import tensor_bytes, write_safetensors
     from .formats.simple import SAFETENSORS_DTYPES, safetensors_header
-    from .load import read_checkpoint
+    from .load import read_checkpoint, read_zero_optimizer
     from .opener import open_checkpoint
     from .tensors import MetaStorage, TensorMeta, dtype_name, is_tensor_like, release, to_torch
     from .trust import resolve_policy
@@ -30,6 +31,9 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .unpickle.machine import GlobalRef
     from .unpickle.mode import Mode
     from .unpickle.policy import Policy, Verdict
+    from .unpickle.functions import FunctionRef
+    from .unpickle.meta import meta_dtype
+    from .unpickle.quantized import PackedParams
     from .unpickle.stubs import Stub, is_stub_class, stub_name, stub_to_plain
 
 __all__ = [
@@ -40,9 +44,10 @@ __all__ = [
     # values in a loaded tree
     "TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release",
     "Stub", "stub_name", "stub_to_plain", "is_stub_class", "T7Object", "LuaFunction", "t7_state_dict",
+    "PackedParams", "FunctionRef", "meta_dtype",
     # formats the layers above must recognise or write
     "is_dcp_dir", "folder_kind", "is_accelerate_folder", "SAFETENSORS_DTYPES", "safetensors_header", "write_safetensors",
-    "tensor_bytes",
+    "tensor_bytes", "deepspeed_kind", "rank_file_kind", "read_zero_optimizer",
 ]
 
 _WHERE = {
@@ -54,10 +59,12 @@ _WHERE = {
     "to_torch": "tensors", "release": "tensors",
     "Stub": "unpickle.stubs", "stub_name": "unpickle.stubs", "stub_to_plain": "unpickle.stubs",
     "is_stub_class": "unpickle.stubs",
+    "PackedParams": "unpickle.quantized", "FunctionRef": "unpickle.functions", "meta_dtype": "unpickle.meta",
     "T7Object": "formats.lua_t7", "LuaFunction": "formats.lua_t7", "t7_state_dict": "formats.lua_t7",
     "is_dcp_dir": "formats", "folder_kind": "formats", "is_accelerate_folder": "formats.folders",
     "SAFETENSORS_DTYPES": "formats.simple", "safetensors_header": "formats.simple",
     "write_safetensors": "formats.safetensors", "tensor_bytes": "formats.safetensors",
+    "deepspeed_kind": "formats", "rank_file_kind": "formats.deepspeed", "read_zero_optimizer": "load",
 }
 
 

@@ -8,12 +8,13 @@ from typing import Any, Iterable, Mapping
 from ..storage.cache import download
 from ..storage.source import SourceLike
 from .devices import MapLocation
-from .formats import Checkpoint
+from .formats import Checkpoint, ReadOptions, read
+from .formats.deepspeed import optimizer_state
 from .opener import open_checkpoint
 from .trust import Policy, resolve_policy
 from .unpickle.mode import Mode
 
-__all__ = ["load", "read_checkpoint"]
+__all__ = ["load", "read_checkpoint", "read_zero_optimizer"]
 
 
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False,
@@ -84,3 +85,17 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = 
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy,
                              storage_options=storage_options)
     return (loaded.obj, loaded) if return_info else loaded.obj
+
+
+def read_zero_optimizer(directory: str, *, policy: Policy | None = None) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                              list[dict[str, Any]]]:
+    """The optimizer state of a DeepSpeed ZeRO folder (run or step folder), gathered per parameter from every
+    rank's partition: ``(details, per_param, groups)``. ``per_param[i]`` is ``{"name", "group", "state"}``
+    (``state``: ``step``, ``exp_avg``, ``exp_avg_sq`` shaped like the parameter), in DeepSpeed's parameter
+    order; ``groups`` are the optimizer's parameter groups as saved (hyper-parameters)."""
+    opts = ReadOptions(policy=policy or Policy(), mode=Mode.BUILD, read_child=read)
+    layout, per_param, groups = optimizer_state(directory, opts)
+    first = layout.model_states[0]
+    details = {"stage": layout.stage, "world_size": layout.world, "step": first.get("global_steps"),
+               "step_folder": layout.step_dir, "lr_scheduler": first.get("lr_scheduler")}
+    return details, per_param, groups

@@ -17,12 +17,14 @@ import contextlib
 import os
 from typing import Any, Iterator, Mapping
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, NotACheckpointError
 from ..storage.files import list_sizes
 from ..storage.remote import is_url
 from ..storage.source import Source, SourceLike
 from .devices import MapLocation, Relocator
-from .formats import Checkpoint, ReadOptions, Trace, folder_kind, is_dcp_dir, read, read_dcp, read_folder
+from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind, is_dcp_dir, read, read_dcp, \
+    read_deepspeed, read_folder, read_universal
+from .formats.deepspeed import rank_file_note
 from .sniff import TORCH_LEGACY, sniff
 from .unpickle.mode import Mode
 from .unpickle.policy import Policy
@@ -69,21 +71,33 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
                 _finish(ckpt, opts, path, sum(list_sizes(path, opts.storage_options).values()), empty)
                 yield ckpt
             return
-    elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path)):
-        try:  # DCP, Hugging Face or accelerate folders; lazy DCP tensors open their own data files
+    elif path is not None and os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) or deepspeed_kind(path)):
+        try:  # DCP, Hugging Face, accelerate or DeepSpeed folders; lazy DCP tensors open their own data files
             ckpt = read_dcp(path, opts, lazy=lazy and mode is Mode.BUILD) if is_dcp_dir(path) \
+                else read_universal(path, opts) if deepspeed_kind(path) == "universal" \
+                else read_deepspeed(path, opts, lazy=lazy and mode is Mode.BUILD) if deepspeed_kind(path) \
                 else read_folder(path, opts)
         except CheckpointError as exc:
             raise exc.with_path(path)
-        with Source(b"", name=path) as empty:  # items were read inside the reader
-            _finish(ckpt, opts, path, _dir_size(path), empty)
-            yield ckpt
+        try:
+            with Source(b"", name=path) as empty:  # items were read inside the reader
+                _finish(ckpt, opts, path, _dir_size(path), empty)
+                yield ckpt
+        finally:
+            for resource in ckpt.resources:  # rank files a lazy DeepSpeed tree reads from
+                resource.close()
         return
+    if path is not None and not is_url(path) and os.path.isdir(path):
+        raise _unrecognised_folder(path)
     with Source(source, storage_options=opts.storage_options) as src:
         sniffed = sniff(src)
         if lazy and mode is Mode.BUILD and sniffed.kind == TORCH_LEGACY and src.path is not None:
             opts.mode = Mode.STRUCTURE
         ckpt = read(src, opts, sniffed)
+        rank_file = rank_file_note(src.path) if src.path is not None else None
+        if rank_file is not None:  # one part of a multi-file checkpoint is never taken for the whole silently
+            ckpt.details["deepspeed_rank_file"] = rank_file
+            ckpt.notes.append(rank_file["note"])
         _finish(ckpt, opts, src.name, src.size, src)
         yield ckpt
 
@@ -104,3 +118,34 @@ def _finish(ckpt: Checkpoint, opts: ReadOptions, name: str, size: int, reader: S
 
 def _dir_size(path: str) -> int:
     return sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+
+
+def _unrecognised_folder(path: str) -> CheckpointError:
+    """What a folder that is no checkpoint layout we know holds, and what each layout would need."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as exc:
+        return CheckpointNotFoundError(f"the folder cannot be listed ({exc.strerror or exc})", path=path)
+    files = [e for e in entries if e.is_file()]
+    folders = [e.name + "/" for e in entries if e.is_dir()]
+    pointers = []
+    for e in files[:256]:
+        with Source(e.path) as src:
+            if sniff(src).kind == "git-lfs":
+                pointers.append(e.name)
+    shown = ", ".join(_printable(n) for n in [e.name for e in files][:8] + folders[:4])
+    reason = (f"this is a directory, not a checkpoint file nor a checkpoint folder torchckpt knows: {len(files)} files "
+              f"and {len(folders)} folders"
+              f"{' (' + shown + (' ...' if len(files) > 8 or len(folders) > 4 else '') + ')' if shown else ''}")
+    if pointers:
+        reason += f"; {len(pointers)} of its files are git-lfs pointers ({', '.join(map(_printable, pointers[:4]))})"
+    return NotACheckpointError(reason, path=path, hint=(
+        "Run `git lfs pull` for the pointers. " if pointers else "") + (
+        "Known folders have: .metadata (torch.distributed.checkpoint), config.json with model.safetensors / "
+        "pytorch_model.bin (Hugging Face), optimizer.bin or random_states_0.pkl (accelerate), latest or "
+        "*_model_states.pt (DeepSpeed). Otherwise pass one checkpoint file inside it, or use "
+        "torchckpt.Checkpointer(dir) for a directory of training checkpoints."))
+
+
+def _printable(name: str) -> str:
+    return name.encode("unicode_escape", "backslashreplace").decode("ascii")[:80]

@@ -30,6 +30,7 @@ SAFETENSORS = "safetensors"
 PICKLE = "pickle"
 NUMPY = "numpy"
 LUA_T7 = "lua-t7"
+DCP_SHARD = "dcp-shard"  # one data file of a torch.distributed.checkpoint folder: refused alone
 
 DESCRIPTIONS = {
     TORCH_ZIP: "PyTorch zip format (torch >= 1.6)",
@@ -102,10 +103,14 @@ def _sniff_zip(src: Source) -> Sniffed:
     try:
         with zipfile.ZipFile(src.open()) as zf:
             names = zf.namelist()
+            first = min((i.header_offset for i in zf.infolist()), default=0)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError,
             UnicodeDecodeError, OverflowError) as exc:  # ValueError covers UnicodeDecodeError of member names
         return Sniffed("bad-zip", [f"starts like a zip archive but its directory is unreadable ({exc})"],
                        {"size": src.size})
+    if first > 0 and src.read_at(0, 4) == b"PK\x03\x04":  # an archive after another archive: a DCP shard
+        return Sniffed(DCP_SHARD, [f"zip archives back to back (the last starts at byte {first}): the layout of "
+                                   "a torch.distributed.checkpoint shard (__0_0.distcp)"], {"size": src.size})
     tops = {n.split("/", 1)[0] for n in names if "/" in n}
     pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     details: dict[str, Any] = {"members": len(names)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError, NotACheckpointError, UnsafeCheckpointError
-from ..read import GlobalRef, Mode, Policy, Trace, Verdict, folder_kind, is_dcp_dir
+from ..read import GlobalRef, Mode, Policy, Trace, Verdict, deepspeed_kind, folder_kind, is_dcp_dir
 from ..read.opener import open_checkpoint
 from ..read.trust import resolve_policy
 from ..storage.remote import is_url, remote_listing
@@ -181,7 +181,8 @@ def _walk(top: str) -> list[tuple[str, bool]]:
 
 def _checkpoint_dir(path: str) -> bool:
     """A directory the opener reads as one checkpoint."""
-    return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None)
+    return os.path.isdir(path) and (is_dcp_dir(path) or folder_kind(path) is not None
+                                    or deepspeed_kind(path) is not None)
 
 
 def _scan_dir(directory: str, strict: bool, policy: Policy) -> list[FileScan]:

@@ -20,17 +20,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
-from ..read import is_accelerate_folder
+from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
 from ..storage.atomic import clean_temp_files, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, store
-from .remote import RemoteStore, resume_url
+from .fsspec_store import RemoteStore, resume_url
 from .restore import resume_file
 from .snapshot import cpu_snapshot
 from .training import TrainingState, capture, verify, write_payload
+from .zero import resume_deepspeed
 
 if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
     from ..fit.align import RenameSpec
@@ -110,7 +111,7 @@ class Checkpointer:
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
         storage_options: options for the fsspec filesystem when ``directory`` is a URL
-            (``s3://bucket/run``): uploads are published whole, the sidecar last (see :mod:`.remote`).
+            (``s3://bucket/run``): uploads are published whole, the sidecar last (see :mod:`.fsspec_store`).
 
     The first ``save`` takes the directory's writer lock and holds it until :meth:`close` (or the
     process ends); listing and resuming need no lock.
@@ -365,8 +366,9 @@ class Checkpointer:
 def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
     """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
     given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
-    if given and os.path.isdir(path) and distributed.is_dcp(path):
-        raise ResumeError(f"{', '.join(given)}= is not supported for a sharded (DCP) checkpoint", path=path,
+    if given and os.path.isdir(path) and (distributed.is_dcp(path) or deepspeed_kind(path)):
+        raise ResumeError(f"{', '.join(given)}= is not supported for a sharded (DCP or DeepSpeed) checkpoint",
+                          path=path,
                           hint="Convert it to one file first (torchckpt.convert), then resume from that file.")
     return given
 
@@ -384,7 +386,9 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
     Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
     ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
-    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0).
+    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0). A DeepSpeed ZeRO
+    folder (run or step folder) resumes into a plain model and optimizer: the fp32 weights and the Adam
+    moments are gathered from every rank's partition.
     Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
     is downloaded once into a temporary folder, verified, restored, and the download removed.
 
@@ -404,6 +408,8 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
         state: TrainingState = distributed.resume_one(path, **kwargs)
         return state
+    if os.path.isdir(path) and deepspeed_kind(path):  # a DeepSpeed run or step folder: gathered into plain PyTorch
+        return resume_deepspeed(path, **kwargs)
     if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
         return Checkpointer(path).resume(**kwargs)
     return resume_file(path, **kwargs)

@@ -37,7 +37,7 @@ from .. import read  # the face is lazy: the readers load when a safetensors fil
 from ..storage.reclaim import remove_file
 from . import sidecar
 
-__all__ = ["save", "write_payload", "write_data", "discard", "TrainingState", "capture", "verify"]
+__all__ = ["write_payload", "write_data", "discard", "TrainingState", "capture", "verify"]
 
 FORMAT = "torchckpt.training/1"
 
@@ -351,20 +351,3 @@ def verify(path: str, meta: Mapping[str, Any] | None = None) -> None:
         if not os.path.exists(wpath) or file_sha256(wpath)[0] != weights:
             raise CorruptCheckpointError("the weights file is missing or does not match its sha256", path=wpath,
                                          hint=damaged)
-
-
-def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-         epoch: int | None = None, step: int | None = None, metrics: Mapping[str, Any] | None = None,
-         extra: Any = None, stateful: Mapping[str, Any] | None = None, weights_format: str = "pt",
-         rng: bool = True) -> dict[str, Any]:
-    """Write a training checkpoint atomically and durably; returns its sidecar (sha256, size, step ...).
-
-    ``model`` may be wrapped (DataParallel, DDP, torch.compile): the weights are saved with clean
-    names. ``optimizer``/``scheduler`` may also be dicts or lists of them. ``stateful`` holds any other
-    objects with ``state_dict()``/``load_state_dict()`` (a :class:`~torchckpt.train.sampler.ResumableSampler`,
-    an EMA helper ...). RNG states are recorded unless ``rng=False``. With
-    ``weights_format="safetensors"`` the weights go to ``<path>.safetensors`` beside the training state.
-    """
-    payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
-                      metrics=metrics, extra=extra, stateful=stateful, rng=rng)
-    return write_payload(os.fspath(path), payload, weights_format)

@@ -7,20 +7,23 @@ Post-processing common to every format: Python 2 byte strings left in the tree a
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import tarfile
 import zipfile
 from typing import Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, NotACheckpointError, TruncatedCheckpointError, \
-    UnsupportedFormatError
+    PartialCheckpointError, UnsupportedFormatError
 from ...storage.source import Source
-from ..sniff import LUA_T7, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
+from ..sniff import DCP_SHARD, LUA_T7, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY, TORCH_TAR, TORCH_ZIP, TORCHSCRIPT, \
     Sniffed, sniff
 from ..unpickle.mode import Mode
 from ..unpickle.py2 import decode_py2_text
 from .base import Check, Checkpoint, Loaded, ReadOptions, Trace
 from .dcp import is_dcp_dir, read_dcp
+from .deepspeed import deepspeed_kind, read_deepspeed
+from .ds_universal import read_universal
 from .folders import folder_kind, read_folder
 from .lua_t7 import read_t7
 from .sharded import read_sharded_index
@@ -29,7 +32,7 @@ from .torch_legacy import read_torch_legacy, read_torch_tar
 from .torch_zip import check_zip, open_zip, read_torch_zip
 from .torchscript_v1 import read_torchscript_v1
 
-__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
+__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "deepspeed_kind", "read_deepspeed", "read_universal", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
 
 
 def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Checkpoint:
@@ -135,9 +138,24 @@ _UNRECOGNISED: tuple[type[UnsupportedFormatError], _Reason, str | None] = (
     "Expected a PyTorch (.pt/.pth/.bin/.ckpt), safetensors, pickle or numpy file.")
 
 
+def _shard_error(src: Source) -> PartialCheckpointError:
+    """A lone shard of a DCP folder: name the folder that holds it and its ``.metadata``, when there is one."""
+    parent = os.path.dirname(os.path.abspath(src.path)) if src.path is not None else None
+    folder = parent if parent is not None and os.path.isfile(os.path.join(parent, ".metadata")) else None
+    hint = (f"Load the folder instead: torchckpt.load({folder!r}) (or `torchckpt inspect {folder}`)." if folder
+            else "Load the torch.distributed.checkpoint folder this file came from (the one with a .metadata file); "
+                 "its other shards and .metadata are needed to put the tensors together.")
+    return PartialCheckpointError(
+        "this is one shard of a torch.distributed.checkpoint folder (several torch.save archives back to back, "
+        f"{src.size} bytes): read alone it would give one piece of one tensor, so it is not loaded",
+        folder=folder, hint=hint, format="dcp-shard")
+
+
 def diagnose(src: Source, sniffed: Sniffed) -> CheckpointError:
     """The error for content that is not a checkpoint torchckpt reads."""
     kind = sniffed.kind
+    if kind == DCP_SHARD:
+        return _shard_error(src)
     if kind in _TRUNCATED:
         reason, hint = _TRUNCATED[kind]
         return TruncatedCheckpointError(reason(src, sniffed), hint=hint, actual_size=src.size)

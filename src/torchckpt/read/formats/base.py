@@ -100,10 +100,10 @@ class ReadOptions:
 
 def run_pickle(opts: ReadOptions, data: Any, src: Source, member: str | None, *, start: int = 0,
                end: int | None = None, persistent_load: Callable[[Any], Any] | None = None,
-               loaded: bool = True) -> tuple[Any, Unpickler]:
+               loaded: bool = True, tensor_table: Callable[[int], Any] | None = None) -> tuple[Any, Unpickler]:
     """Run one pickle stream through the VM in ``opts.mode`` and record it in the trace."""
     u = Unpickler(data, policy=opts.policy, mode=opts.mode, persistent_load=persistent_load, start=start, end=end,
-                  member=member, meter=opts.budget_meter())
+                  member=member, meter=opts.budget_meter(), tensor_table=tensor_table)
     stream = Stream(src.name, member, start, u.globals, loaded=loaded)
     opts.trace.streams.append(stream)
     obj = u.load()
@@ -130,6 +130,7 @@ class Checkpoint:
     size: int = 0
     reader: Source | None = field(default=None, repr=False)
     trace: Trace = field(default_factory=Trace, repr=False)
+    resources: list[Any] = field(default_factory=list, repr=False)  # closed (``close()``) when the opener's with ends
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
     @property

@@ -213,8 +213,8 @@ def _check_trailing(src: Source, buf: Any, pos: int, opts: ReadOptions) -> None:
 
 
 def read_numpy(src: Source, opts: ReadOptions) -> Checkpoint:
-    """``.npy`` and ``.npz``; object arrays (pickles) are refused. npz members are inflated under the
-    same bound as zip members (decompression bombs)."""
+    """``.npy`` and ``.npz``; an object array (whose data is a pickle) is built by the safe unpickler from
+    the items it holds. npz members are inflated under the same bound as zip members (decompression bombs)."""
     loaded = Checkpoint(format=NUMPY, description=DESCRIPTIONS[NUMPY])
     try:
         if src.head(2) == b"PK":
@@ -222,26 +222,43 @@ def read_numpy(src: Source, opts: ReadOptions) -> Checkpoint:
             with open_zip(src) as zf:
                 for info in zf.infolist():
                     name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                    out[name] = _npy(read_member(zf, info, src, opts), f"member {info.filename}")
+                    out[name] = _npy(read_member(zf, info, src, opts), f"member {info.filename}", src, opts)
             loaded.tree = out
         else:
-            loaded.tree = _npy(src.buffer(), "the file")
+            loaded.tree = _npy(src.buffer(), "the file", src, opts)
     except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise TruncatedCheckpointError(f"numpy file cut short or damaged: {exc}") from None
     return loaded
 
 
-def _npy(data: Any, what: str) -> Any:
-    """One .npy blob as a numpy array; object arrays (pickles) are refused."""
+def _npy(data: Any, what: str, src: Source, opts: ReadOptions) -> Any:
+    """One .npy blob as a numpy array; an object array's pickle runs through the safe unpickler."""
     import numpy as np  # lazy: ~0.3 s that reading any other format (scan, inspect of safetensors) need not pay
 
+    blob = bytes(data)
     try:
-        return np.load(io.BytesIO(bytes(data)), allow_pickle=False)  # safe-door: pickles refused
+        return np.load(io.BytesIO(blob), allow_pickle=False)  # safe-door: pickles go to our VM below
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise CorruptCheckpointError(f"{what} of the .npy/.npz holds pickled objects",
-                                         hint="Object arrays are refused; save the arrays with a numeric dtype.") \
-                from None
+            return _npy_objects(np, blob, what, src, opts)
         raise CorruptCheckpointError(f"invalid numpy data in {what}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast/tokenize: any failure is bad data
         raise CorruptCheckpointError(f"invalid numpy header in {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _npy_objects(np: Any, blob: bytes, what: str, src: Source, opts: ReadOptions) -> Any:
+    """An object array of a .npy: numpy's header parser for the header, then the pickle that follows it
+    (``np.save(allow_pickle=True)`` writes ``pickle.dump(array)``) through the one safe unpickler."""
+    f = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(f)  # numpy's own header parser (literal_eval), versions 1 and 2
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, _, dtype = read_header[version](f)
+    except Exception as exc:  # noqa: BLE001 - any failure of the header parser is bad data
+        raise CorruptCheckpointError(f"invalid numpy header in {what} ({type(exc).__name__}: {exc})") from None
+    value, _ = run_pickle(opts, blob, src, f"{what} (object array)", start=f.tell())
+    if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != tuple(shape):
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise CorruptCheckpointError(f"{what}: the header declares a {dtype} array of shape {list(shape)}, its "
+                                     f"pickle holds a {got}")
+    return value

@@ -24,6 +24,7 @@ from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededErro
     UnsafeCheckpointError
 from . import safe_globals
 from .budget import Meter
+from .functions import FunctionRef
 from .keys import KeyGuard, graph_depth
 from .meta import MetaStorage, TensorMeta
 from .opcodes import DISPATCH
@@ -79,17 +80,20 @@ class Unpickler:
             recorded in :attr:`globals` instead of raised).
         meter: the budget meter shared by every stream of one file (a fresh one by default).
         member: name of the zip/tar member or stream, for messages.
+        tensor_table: the tensor of an id, for ``torch.jit._pickle.build_tensor_from_id`` (the attributes of a
+            TorchScript archive of torch < 1.2 name tensors of ``model.json`` by number); None elsewhere.
     """
 
     def __init__(self, data: Any, *, policy: Policy, persistent_load: Callable[[Any], Any] | None = None,
                  start: int = 0, end: int | None = None, member: str | None = None, mode: Mode = Mode.BUILD,
-                 meter: Meter | None = None) -> None:
+                 meter: Meter | None = None, tensor_table: Callable[[int], Any] | None = None) -> None:
         self.data: bytes = data  # or a buffer that slices the same way (mmap, memoryview)
         self.pos = start
         self.start = start
         self.end = len(data) if end is None else min(end, len(data))
         self.policy = policy
         self.persistent_load = persistent_load
+        self.tensor_table = tensor_table
         self.member = member
         self.mode = mode
         self.meter = meter if meter is not None else Meter(policy.budget)
@@ -360,6 +364,8 @@ class Unpickler:
             raise self._error(f"the pickle calls {func!r}, an inert stand-in, not a function", offset)
         if isinstance(func, Marker):
             return func(*args)
+        if isinstance(func, FunctionRef):  # a torch function called by the pickle: recorded, as for any stub
+            return stub_class(func.module, func.name)(*args, **(kwargs or {}))
         if self.trusted_class(func) or (self.policy.trust and self.mode is not Mode.RECORD and callable(func)
                                         and not isinstance(func, (MetaStorage, TensorMeta))):
             return func(*args, **kwargs) if kwargs else func(*args)

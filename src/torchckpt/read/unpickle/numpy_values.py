@@ -5,8 +5,10 @@ numpy pickles a dtype as ``dtype(desc)`` followed by BUILD(state) and an array a
 ``__setstate__`` of either would let a later BUILD change a dtype an array already uses (turning
 bytes into object pointers) or resize a buffer. Here BUILD never mutates: each finisher validates the
 whole state and makes a *new* value with numpy's public constructors, which the VM puts in place of the
-placeholder. No object dtype is ever made (not even inside structured or subarray fields), and every
-buffer must hold exactly shape x itemsize bytes. ``matrix`` and ``recarray`` stay those subclasses;
+placeholder. An object dtype never reads bytes: it is refused in structured and subarray fields, scalars
+and byte buffers, and an object array (``np.array([a, b], dtype=object)``, a pickled list of weight
+arrays) is built only from the items its pickle holds (a list, as numpy writes it), each of them a value the
+VM already validated, within the budget. Every byte buffer must hold exactly shape x itemsize bytes. ``matrix`` and ``recarray`` stay those subclasses;
 ``memmap`` becomes a plain in-memory array (no file is opened).
 """
 
@@ -16,6 +18,7 @@ import math
 from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsafeCheckpointError
+from .keys import graph_depth
 from .meta import check_int
 from .stubs import Stub
 
@@ -41,6 +44,11 @@ def _bad(message: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(message)
 
 
+def _plain_object(dtype: Any) -> bool:
+    """``dtype('O')`` itself: an array of it is built from pickled items, never from bytes."""
+    return bool(dtype.kind == "O" and dtype.fields is None and dtype.subdtype is None)
+
+
 def _no_object(dtype: Any) -> Any:
     if dtype.hasobject:
         raise UnsafeCheckpointError(f"numpy dtype {dtype} holds Python objects: its bytes would be read as "
@@ -58,7 +66,7 @@ def np_dtype(u: Any, obj: Any, align: Any = False, copy: Any = False) -> Any:
     target = getattr(obj, "target", None)
     if target is not None and isinstance(target, type) and issubclass(target, np.generic):
         if target is np.object_:
-            raise _no_object(np.dtype(object))
+            return np.dtype(object)
         return _no_object(np.dtype(target))
     if isinstance(obj, bytes):
         obj = obj.decode("latin-1")
@@ -66,9 +74,10 @@ def np_dtype(u: Any, obj: Any, align: Any = False, copy: Any = False) -> Any:
             and obj[:1] not in "<>|=":
         raise _bad(f"numpy dtype {obj!r:.80}")
     try:
-        return _no_object(np.dtype(obj, align=bool(align)))
+        new = np.dtype(obj, align=bool(align))
     except (TypeError, ValueError) as exc:
         raise _bad(f"numpy dtype {obj!r}: {exc}") from None
+    return new if _plain_object(new) else _no_object(new)
 
 
 def finish_dtype(u: Any, old: Any, state: Any) -> Any:
@@ -132,7 +141,7 @@ def finish_dtype(u: Any, old: Any, state: Any) -> Any:
         new = new.newbyteorder(byteorder)
     elif byteorder not in ("<", ">", "|", "="):
         raise _bad(f"numpy dtype byte order {byteorder!r:.20}")
-    return _no_object(new)
+    return new if _plain_object(new) else _no_object(new)
 
 
 # --------------------------------------------------------------------------- arrays
@@ -167,7 +176,8 @@ def finish_array(u: Any, old: Any, state: Any) -> Any:
     shape, dtype, fortran, raw = state[-4], state[-3], state[-2], state[-1]
     if not isinstance(dtype, np.dtype):
         raise _bad(f"numpy array with dtype {type(dtype).__name__}")
-    _no_object(dtype)
+    if not (_plain_object(dtype) and isinstance(raw, list)):
+        _no_object(dtype)
     u.consume(dtype)
     if not isinstance(shape, (tuple, list)) or len(shape) > MAX_DIMS:
         raise _bad("numpy array shape must be a tuple of at most 64 dimensions")
@@ -175,6 +185,8 @@ def finish_array(u: Any, old: Any, state: Any) -> Any:
     if any(s < 0 for s in shape):
         raise _bad(f"numpy array shape {shape}")
     count = math.prod(shape)
+    if isinstance(raw, list):
+        return _object_array(u, old, shape, bool(fortran), raw)
     if isinstance(raw, str):  # Python 2 data read as text: its code points are the bytes
         if len(raw) > count * dtype.itemsize:
             raise _bad(f"numpy array of shape {shape} and dtype {dtype} with {len(raw)} characters of data")
@@ -190,6 +202,21 @@ def finish_array(u: Any, old: Any, state: Any) -> Any:
     else:
         arr = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return _as_subtype(arr, _subtype_name(old))
+
+
+def _object_array(u: Any, old: Any, shape: tuple[int, ...], fortran: bool, items: list[Any]) -> Any:
+    """An object array from the items its pickle holds (numpy pickles ``arr.tolist()``-like flat items)."""
+    np = _np()
+    if len(items) != math.prod(shape):
+        raise _bad(f"numpy object array of shape {list(shape)} with {len(items)} items")
+    u.meter.step(len(items))
+    u.meter.materialise(8 * len(items) + 112, "numpy object arrays")
+    graph_depth(u.meter, items, u._leaf_types())  # the items join the tree: the same depth bound
+    arr = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        arr[i] = item
+    arr = arr.reshape(shape)  # numpy pickles the items in C order whatever the layout
+    return _as_subtype(np.asfortranarray(arr) if fortran else arr, _subtype_name(old))
 
 
 def _subtype_name(arr: Any) -> str:

@@ -75,9 +75,11 @@ _STDLIB_MODULES = frozenset(getattr(sys, "stdlib_module_names", ()))
 _BLOCK_EXEMPT = frozenset({
     ("torch.serialization", "_get_layout"),
     *(("torch.jit._pickle", n) for n in ("build_intlist", "build_tensorlist", "build_doublelist",
-                                         "build_boollist", "restore_type_tag")),
+                                         "build_boollist", "restore_type_tag", "build_tensor_from_id",
+                                         "build_class")),
     ("types", "SimpleNamespace"),
     ("codecs", "encode"),
+    ("builtins", "getattr"),  # only as getattr(torch._C._VariableFunctionsClass, <function>): see functions.py
     ("uuid", "UUID"), ("uuid", "SafeUUID"),
     ("numpy.core.memmap", "memmap"), ("numpy._core.memmap", "memmap"), ("numpy", "memmap"),
 })
@@ -147,6 +149,12 @@ _TORCH_REBUILDERS = {
     **{("torch.jit._pickle", n): "jit_list" for n in ("build_intlist", "build_tensorlist", "build_doublelist",
                                                        "build_boollist")},
     ("torch.jit._pickle", "restore_type_tag"): "jit_type_tag",
+    ("torch.jit._pickle", "build_tensor_from_id"): "jit_tensor_from_id",  # model.json's tensor table (torch < 1.2)
+    ("torch.jit._pickle", "build_class"): "jit_build_class",  # an object of a TorchScript class: a stub
+    ("torch", "ScriptObject"): "script_object",
+    ("builtins", "getattr"): "builtin_getattr",  # a TorchScript custom-class object in a whole-model pickle
+    **{("__torch__.torch.classes.quantized", n): "packed_" + n for n in (
+        "LinearPackedParamsBase", "Conv1dPackedParamsBase", "Conv2dPackedParamsBase", "Conv3dPackedParamsBase")},
 }
 _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 _NUMPY = {
@@ -236,6 +244,7 @@ int16 short int32 int int64 long bool qint8 quint8 qint32 quint4x2 quint2x4 floa
 float8_e4m3fnuz float8_e5m2fnuz uint16 uint32 uint64 float8_e8m0fnu float4_e2m1fn_x2
 strided sparse_coo sparse_csr sparse_csc sparse_bsr sparse_bsc _mkldnn
 contiguous_format channels_last channels_last_3d preserve_format
+per_tensor_affine per_channel_affine per_channel_affine_float_qparams per_tensor_symmetric per_channel_symmetric
 """.split())
 
 

@@ -25,6 +25,9 @@ from .meta import DTYPE_SIZES, MetaDevice, MetaSize, MetaStorage, TensorMeta, ch
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
 from .mode import Mode
+from .functions import safe_getattr, torch_function_ref
+from .quantized import (PACKED_CLASSES, finish_script_object, meta_rebuild_qtensor, packed_object, rebuild_qtensor,
+                        script_object)
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
 from .stubs import Stub, stub_class
 from .torch_rebuild import (Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
@@ -145,6 +148,24 @@ def _jit_list(u: Any, items: Any) -> list[Any]:
     return list(items)
 
 
+def _jit_tensor_from_id(u: Any, tensor_id: Any) -> Any:
+    """``torch.jit._pickle.build_tensor_from_id(n)``: tensor ``n`` of the archive's table (TorchScript < 1.2)."""
+    if u.tensor_table is None:
+        raise _bad("build_tensor_from_id outside a TorchScript archive of torch < 1.2 (there is no tensor table)")
+    return u.tensor_table(check_int(tensor_id, "tensor id"))
+
+
+def _jit_build_class(u: Any, qualname: Any, state: Any) -> Any:
+    """``torch.jit._pickle.build_class(qualname, state)``: an inert stub of that TorchScript class with its state
+    (torch's own helper imports the class and runs its ``__setstate__``; nothing here does)."""
+    if not isinstance(qualname, str) or not 0 < len(qualname) <= 512:
+        raise _bad(f"build_class of a {type(qualname).__name__} qualified name")
+    module, _, name = qualname.rpartition(".")
+    obj = stub_class(module, name)()
+    obj.__setstate__(state)
+    return obj
+
+
 def _from_type(u: Any, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
     if not isinstance(args, tuple):
         raise _bad("tensor subclass arguments must be a tuple")
@@ -198,7 +219,10 @@ FACTORIES: dict[str, Callable[[], Any]] = {
                                               _plain(rebuild_device_tensor_from_numpy)),
     "rebuild_meta_tensor_no_storage": _safe("torch._utils._rebuild_meta_tensor_no_storage",
                                             _plain(rebuild_meta_tensor_no_storage)),
-    "rebuild_qtensor": lambda: stub_class("torch._utils", "_rebuild_qtensor"),
+    "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _plain(rebuild_qtensor)),
+    "script_object": _safe("torch.ScriptObject", script_object, newobj=True, finish=finish_script_object),
+    **{"packed_" + n: _safe("__torch__.torch.classes.quantized." + n, packed_object(kind), newobj=True,
+                            finish=finish_script_object) for n, kind in PACKED_CLASSES.items()},
     "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", _from_type),
     "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", _from_type),
     "get_layout": _safe("torch.serialization._get_layout", _plain(get_layout)),
@@ -211,6 +235,9 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "torch_version": _safe("torch.torch_version.TorchVersion", _plain(torch_version), newobj=True,
                            target=torch_version),
     "jit_list": _safe("torch.jit._pickle.build_list", _jit_list),
+    "builtin_getattr": _safe("builtins.getattr", safe_getattr),
+    "jit_tensor_from_id": _safe("torch.jit._pickle.build_tensor_from_id", _jit_tensor_from_id),
+    "jit_build_class": _safe("torch.jit._pickle.build_class", _jit_build_class),
     "jit_type_tag": _safe("torch.jit._pickle.restore_type_tag", lambda u, value, type_str=None: value),
     "np_reconstruct": _safe("numpy.core.multiarray._reconstruct", np_reconstruct, finish=finish_array),
     "np_scalar": _safe("numpy.core.multiarray.scalar", np_scalar),
@@ -277,6 +304,7 @@ def _meta_factories() -> dict[str, Callable[[], Any]]:
         "rebuild_from_type_v2": _safe("torch._tensor._rebuild_from_type_v2", from_type),
         "rebuild_from_type": _safe("torch._tensor._rebuild_from_type", from_type),
         "get_layout": _safe("torch.serialization._get_layout", _like(get_layout, meta.layout_name)),
+        "rebuild_qtensor": _safe("torch._utils._rebuild_qtensor", _like(rebuild_qtensor, meta_rebuild_qtensor)),
         "torch_size": _safe("torch.Size", _meta_size, newobj=True),
         "torch_device": _safe("torch.device", _meta_device),
         "torch_tensor_class": lambda: Marker("torch.Tensor", None),
@@ -313,6 +341,10 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
             return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
             return Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+    if verdict is Verdict.UNKNOWN and not (mode is not Mode.RECORD and policy.imports_real(module, name)):
+        ref = torch_function_ref(cmod, cname)  # torch.sigmoid, F.relu stored as an activation: a reference
+        if ref is not None:
+            return ref
     if mode is not Mode.RECORD and policy.imports_real(module, name):
         try:
             obj: Any = importlib.import_module(cmod)

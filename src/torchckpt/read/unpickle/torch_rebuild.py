@@ -70,7 +70,7 @@ def legacy_variable(data: Any = None, *rest: Any) -> Any:
 _STORAGE_TYPES: tuple[Any, ...] | None = None
 
 
-def _check_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
+def check_storage_view(storage: Any, offset: Any, size: Any, stride: Any, itemsize: int) -> tuple[Any, ...]:
     """Validate a tensor view against its storage; returns (offset, size, stride) as ints."""
     global _STORAGE_TYPES
     if _STORAGE_TYPES is None:
@@ -89,7 +89,7 @@ def _tensor_from_view(storage: Any, offset: Any, size: Any, stride: Any, dtype: 
     untyped = storage._untyped_storage if hasattr(storage, "_untyped_storage") else storage
     dtype = dtype if dtype is not None else storage.dtype
     itemsize = dtype.itemsize
-    offset, size, stride = _check_view(storage, offset, size, stride, itemsize)
+    offset, size, stride = check_storage_view(storage, offset, size, stride, itemsize)
     t = torch.empty((0,), dtype=dtype, device=untyped.device)
     return t.set_(untyped, offset, size, stride)
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..read.tensors import dtype_name
+from ...read.tensors import dtype_name
 
 __all__ = ["TensorStats", "tensor_stats", "workspace", "relative_change", "CHUNK"]
 

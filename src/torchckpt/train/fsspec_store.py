@@ -24,18 +24,17 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from ..storage import files
 from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
 from . import sidecar
-from .training import TrainingState, capture, data_files, verify, write_data
-from .training import save as save_local
+from .training import TrainingState, data_files, verify, write_data
 
-__all__ = ["RemoteStore", "save", "resume_url"]
+__all__ = ["RemoteStore", "resume_url"]
 
 STAGING = "torchckpt-upload-"  # + pid: a local folder a writer stages one checkpoint in before uploading it
 
@@ -191,22 +190,6 @@ def _renamed(state: TrainingState, local: str, url: str) -> None:
     state.path = url
     if state.report is not None and getattr(state.report, "source", None) == local:
         state.report.source = url
-
-
-def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-         epoch: int | None = None, step: int | None = None, metrics: Mapping[str, Any] | None = None,
-         extra: Any = None, stateful: Mapping[str, Any] | None = None, weights_format: str = "pt",
-         rng: bool = True, storage_options: StorageOptions | None = None) -> dict[str, Any]:
-    """:func:`torchckpt.train.training.save` for a local path or a URL (``s3://bucket/run/ckpt.pt``,
-    ``storage_options`` for its filesystem). A URL's files are uploaded whole, the sidecar last."""
-    path = os.fspath(path)
-    if not files.is_url(path):
-        return save_local(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                          step=step, metrics=metrics, extra=extra, stateful=stateful,
-                          weights_format=weights_format, rng=rng)
-    payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
-                      metrics=metrics, extra=extra, stateful=stateful, rng=rng)
-    return RemoteStore(storage_options).write_payload(path, payload, weights_format)
 
 
 def resume_url(url: str, storage_options: StorageOptions | None = None, **kwargs: Any) -> TrainingState:

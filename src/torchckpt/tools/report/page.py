@@ -1,4 +1,4 @@
-"""The HTML page of :class:`~torchckpt.tools.html_report.CheckpointReport`: jinja2 for the page,
+"""The HTML page of :class:`~torchckpt.tools.report.CheckpointReport`: jinja2 for the page,
 matplotlib for the diff chart and its colour scale, our own small SVG for the treemaps and histograms.
 
 Everything is inline (styles, SVG), so the page needs no network. Values that come from the

@@ -17,20 +17,20 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import CheckpointError
-from ..fit.align import align_keys
-from ..fit.load_into import load_into
-from ..fit.tree import tensors
-from ..read.opener import open_checkpoint
-from ..read.tensors import TensorMeta, dtype_name, release, to_torch
-from ..read import Mode
-from ..read.trust import Policy, resolve_policy
-from ..storage.atomic import atomic_write
-from ..storage.remote import is_url
-from ..storage.source import SourceLike
-from .inspection import InspectReport, inspect
-from .report_page import render_page
-from .scanning import scan
+from ...errors import CheckpointError
+from ...fit.align import align_keys
+from ...fit.load_into import load_into
+from ...fit.tree import tensors
+from ...read.opener import open_checkpoint
+from ...read.tensors import TensorMeta, dtype_name, release, to_torch
+from ...read import Mode
+from ...read.trust import Policy, resolve_policy
+from ...storage.atomic import atomic_write
+from ...storage.remote import is_url
+from ...storage.source import SourceLike
+from ..inspection import InspectReport, inspect
+from .page import render_page
+from ..scanning import scan
 from .tensor_stats import TensorStats, relative_change, tensor_stats, workspace
 
 __all__ = ["report", "CheckpointReport", "HealthWarning", "LayerChange", "MissingExtraError"]

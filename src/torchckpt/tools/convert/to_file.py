@@ -21,18 +21,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import CorruptCheckpointError, LimitExceededError
-from ..fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
+from ...errors import CorruptCheckpointError, LimitExceededError
+from ...fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
-from ..read.opener import open_checkpoint
-from ..read import LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain, tensor_bytes, write_safetensors
-from ..read.load import load
-from ..read.tensors import dtype_name, release, to_torch
-from ..read.trust import Policy, resolve_policy
-from ..storage import files as storage
-from ..storage.atomic import atomic_write
-from ..storage.remote import is_url
-from .convert_io import compare_all, copy_range, same_bits, verify_safetensors
+from ...read.opener import open_checkpoint
+from ...read import LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain, tensor_bytes, write_safetensors
+from ...read.load import load
+from ...read.tensors import dtype_name, release, to_torch
+from ...read.trust import Policy, resolve_policy
+from ...storage import files as storage
+from ...storage.atomic import atomic_write
+from ...storage.remote import is_url
+from .byte_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
 

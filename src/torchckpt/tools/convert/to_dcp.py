@@ -17,36 +17,17 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any
 
-from ..errors import CorruptCheckpointError
-from ..fit.tree import flatten, is_tensor_like
-from ..read.opener import open_checkpoint
-from ..read.trust import Policy, resolve_policy
-from ..read import Mode
-from .convert import ConvertReport, Materializer, Progress, float_dtype, part_to_write
-from .convert import convert as convert_file
-from .convert_io import same_bits
+from ...errors import CorruptCheckpointError
+from ...fit.tree import flatten, is_tensor_like
+from ...read.opener import open_checkpoint
+from ...read.trust import Policy
+from ...read import Mode
+from .to_file import ConvertReport, Materializer, Progress, float_dtype, part_to_write
+from .byte_io import same_bits
 
-__all__ = ["convert", "convert_to_dcp"]
-
-
-def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
-            key: str | None = None, policy: Policy | None = None, trust: bool = False,
-            allow: Iterable[str] | str | None = None, progress: Progress | None = None,
-            storage_options: Any = None) -> ConvertReport:
-    """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
-
-    ``to``: ``"pt"``, ``"safetensors"`` (see :func:`torchckpt.tools.convert.convert`) or ``"dcp"``, a
-    torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
-    """
-    dst = os.fspath(dst)
-    if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
-        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
-                              policy=resolve_policy(policy, trust, allow), progress=progress,
-                              storage_options=storage_options)
-    return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, policy=policy, trust=trust,
-                        allow=allow, progress=progress, storage_options=storage_options)
+__all__ = ["convert_to_dcp"]
 
 
 def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,

@@ -13,10 +13,10 @@ import json
 import os
 from typing import Any, Callable
 
-from ..errors import CorruptCheckpointError
-from ..read import SAFETENSORS_DTYPES, safetensors_header
-from ..read.tensors import dtype_name
-from ..storage.source import Source
+from ...errors import CorruptCheckpointError
+from ...read import SAFETENSORS_DTYPES, safetensors_header
+from ...read.tensors import dtype_name
+from ...storage.source import Source
 
 __all__ = ["copy_range", "equal_bytes", "same_bits", "compare_all", "verify_safetensors"]
 

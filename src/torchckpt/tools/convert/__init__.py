@@ -1,0 +1,37 @@
+"""``torchckpt.convert``: any readable checkpoint to a modern ``.pt``, ``.safetensors`` or a DCP
+directory, verified.
+
+``to_file`` writes ``.pt`` and ``.safetensors`` (through the one safetensors writer,
+:func:`torchckpt.read.write_safetensors`), ``to_dcp`` a torch.distributed.checkpoint directory, and
+``byte_io`` holds the byte-level work both share (file-to-file copies, bitwise verification).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from ...read import Policy, resolve_policy
+from .to_dcp import convert_to_dcp
+from .to_file import ConvertReport, Progress
+from .to_file import convert as convert_file
+
+__all__ = ["convert", "ConvertReport"]
+
+
+def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
+            key: str | None = None, policy: Policy | None = None, trust: bool = False,
+            allow: Iterable[str] | str | None = None, progress: Progress | None = None,
+            storage_options: Any = None) -> ConvertReport:
+    """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
+
+    ``to``: ``"pt"``, ``"safetensors"`` (see :func:`.to_file.convert`) or ``"dcp"``, a
+    torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
+    """
+    dst = os.fspath(dst)
+    if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
+        return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
+                              policy=resolve_policy(policy, trust, allow), progress=progress,
+                              storage_options=storage_options)
+    return convert_file(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key, policy=policy, trust=trust,
+                        allow=allow, progress=progress, storage_options=storage_options)
