@@ -52,7 +52,8 @@ def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None =
             of the network is reported as outside the selected part, not as unexpected).
         rename: explicit rules: ``{regex: replacement}``, a list of pairs, or a function of the key.
             A tuple of patterns mapping to one replacement fuses the matches (concatenated on dim 0 in
-            the tuple's order); one pattern mapping to a list splits the match evenly on dim 0.
+            the tuple's order); one pattern mapping to a list splits the match evenly on dim 0. Fuse and
+            split entries run before the plain rules; the report names each under ``adapted``.
         on_mismatch: a tensor whose shape differs: ``"error"`` (raise listing all; the default when
             ``strict``), ``"skip"`` (keep the model's values; the default when not ``strict``),
             ``"copy_overlap"`` (copy the overlapping slice), ``"adapt"`` (apply the transform of
