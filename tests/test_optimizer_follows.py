@@ -153,3 +153,18 @@ def test_unnamed_positions_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(ResumeError, match="has exp_avg of shape \\[24\\], but the checkpoint's parameter keys"):
         torchckpt.remap_optimizer_state(one.state_dict(), optimizer=torch.optim.Adam(new.parameters()),
                                         model=new, report=report)
+
+
+def test_checkpointer_directory_resumes_through_the_mapping(tmp_path):
+    torch.manual_seed(0)
+    old = Old()
+    opt = torch.optim.Adam(old.parameters(), lr=1e-2)
+    train(old, opt, batches(2))
+    ckpt = torchckpt.Checkpointer(str(tmp_path / "run"))
+    ckpt.save(2, model=old, optimizer=opt)
+    ckpt.close()
+    new = Renamed()
+    new_opt = torch.optim.Adam(new.parameters(), lr=1e-2)
+    state = torchckpt.resume(str(tmp_path / "run"), model=new, optimizer=new_opt, rename=RENAME, strict=False)
+    assert state.step == 2 and len(state.optimizer.carried) == 8
+    assert torch.equal(new_opt.state[new.body["value"].weight]["exp_avg_sq"], opt.state[old.v_proj.weight]["exp_avg_sq"])
