@@ -4,7 +4,8 @@
 
 Prints median seconds, the ratio to the baseline row above it and peak RSS above the process
 baseline. Targets (issue 2): zip load within 1.1x of torch.load(mmap=True); legacy and
-Python-2 files no slower than torch.load; inspect under 0.5 s.
+Python-2 files no slower than torch.load; inspect under 0.5 s. Issue 22: the default reads into
+memory (like torch.load), peak RSS <= 1.0x of torch.load's; mmap=True maps like torch.load(mmap=True).
 """
 
 from __future__ import annotations
@@ -49,28 +50,28 @@ result = time.perf_counter() - t0
     r = args.repeats
     zip_mmap = measure(load(f"torch.load({files['zip']!r}, mmap=True, weights_only=True)"), r)
     zip_wo = measure(load(f"torch.load({files['zip']!r}, weights_only=True)"), r)
-    ours_zip = measure(load(f"torchckpt.load({files['zip']!r})"), r)
+    ours_zip = measure(load(f"torchckpt.load({files['zip']!r}, mmap=True)"), r)
+    ours_zip_default = measure(load(f"torchckpt.load({files['zip']!r})"), r)
     warm = f"""
 torchckpt.load({files['zip']!r}); torch.load({files['zip']!r}, mmap=True, weights_only=True)  # imports done
 """
     zip_mmap_warm = measure(warm + load(f"torch.load({files['zip']!r}, mmap=True, weights_only=True)"), r)
-    ours_zip_warm = measure(warm + load(f"torchckpt.load({files['zip']!r})"), r)
-    ours_zip_copy = measure(load(f"torchckpt.load({files['zip']!r}, mmap=False)"), r)
+    ours_zip_warm = measure(warm + load(f"torchckpt.load({files['zip']!r}, mmap=True)"), r)
     leg_torch = measure(load(f"torch.load({files['legacy']!r}, weights_only=True)"), r)
     ours_leg = measure(load(f"torchckpt.load({files['legacy']!r})"), r)
     ours_py2 = measure(load(f"torchckpt.load({files['py2']!r})"), r)
     touched_torch = measure(load(f"torch.load({files['zip']!r}, mmap=True, weights_only=True)", touch=True), r)
-    touched_ours = measure(load(f"torchckpt.load({files['zip']!r})", touch=True), r)
+    touched_ours = measure(load(f"torchckpt.load({files['zip']!r}, mmap=True)", touch=True), r)
     print_table("zip format (torch >= 1.6)", [
-        ("torch.load(mmap=True, weights_only=True)   [baseline]", zip_mmap, None),
-        ("torchckpt.load (mmap by default), first call in process", ours_zip, zip_mmap),
-        ("torch.load(mmap=True), warm process          [baseline]", zip_mmap_warm, None),
-        ("torchckpt.load, warm process (modules imported)", ours_zip_warm, zip_mmap_warm),
         ("torch.load(weights_only=True)               [baseline]", zip_wo, None),
-        ("torchckpt.load(mmap=False)", ours_zip_copy, zip_wo),
+        ("torchckpt.load (default: read into memory)", ours_zip_default, zip_wo),
+        ("torch.load(mmap=True, weights_only=True)   [baseline]", zip_mmap, None),
+        ("torchckpt.load(mmap=True), first call in process", ours_zip, zip_mmap),
+        ("torch.load(mmap=True), warm process          [baseline]", zip_mmap_warm, None),
+        ("torchckpt.load(mmap=True), warm process (modules imported)", ours_zip_warm, zip_mmap_warm),
         ("torch.load(mmap=True) + read one value per tensor [base]", touched_torch, None),
-        ("torchckpt.load + read one value per tensor", touched_ours, touched_torch),
-    ])
+        ("torchckpt.load(mmap=True) + read one value per tensor", touched_ours, touched_torch),
+    ], size)
     print_table("legacy stream format and Python 2 files", [
         ("torch.load(weights_only=True) legacy       [baseline]", leg_torch, None),
         ("torchckpt.load legacy", ours_leg, leg_torch),

@@ -199,10 +199,17 @@ def http_server(root: str, *, ranges: bool = True) -> Iterator[Any]:
     server.sent = 0  # type: ignore[attr-defined]
     server.gets = 0  # type: ignore[attr-defined]
     server.url = f"http://{LOOPBACK}:{server.server_address[1]}"  # type: ignore[attr-defined]
+    with _serving(server):
+        yield server
+
+
+@contextlib.contextmanager
+def _serving(server: Any) -> Iterator[None]:
+    """Run ``server`` (an http.server) on a thread for the block; stop and close it afterwards."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
-        yield server
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -228,3 +235,79 @@ def blackhole() -> Iterator[int]:
         for s in fillers:
             s.close()
         sock.close()
+
+
+class _FaultHandler(http.server.BaseHTTPRequestHandler):
+    """Forwards each request to the upstream S3 server, unless ``server.fails(method, path)`` says to answer
+    it with a 500 InternalError instead (a real HTTP failure the client sees exactly as from AWS)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self) -> None:
+        import http.client
+
+        body = self._body()
+        server: Any = self.server
+        if server.fails(self.command, self.path):
+            server.failed.append((self.command, self.path))
+            payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                       b"<Message>injected fault</Message></Error>")
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(LOOPBACK, server.target_port, timeout=30)
+        try:
+            conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
+                         headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            # a HEAD answer says the object's length, not that of its (empty) body
+            self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        finally:
+            conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+@contextlib.contextmanager
+def fault_proxy(target_port: int) -> Iterator[Any]:
+    """An HTTP proxy on 127.0.0.1 in front of ``target_port`` (moto). Set ``proxy.fails = fn(method, path)``
+    to choose the requests that get a 500; ``proxy.failed`` lists those answered so; ``proxy.endpoint``."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), _FaultHandler)
+    server.daemon_threads = True
+    server.target_port = target_port  # type: ignore[attr-defined]
+    server.fails = lambda method, path: False  # type: ignore[attr-defined]
+    server.failed = []  # type: ignore[attr-defined]
+    server.endpoint = f"http://{LOOPBACK}:{server.server_address[1]}"  # type: ignore[attr-defined]
+    with _serving(server):
+        yield server

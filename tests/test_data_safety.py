@@ -71,6 +71,15 @@ def _write(folder, kind: str) -> str:
     if kind == "safetensors":
         path = os.path.join(folder, "m.safetensors")
         save_file(sd, path)
+    elif kind == "sharded":  # an index over two shards: their mappings belong to the same read
+        import json
+
+        save_file({k: v for k, v in sd.items() if k.startswith("a.")}, os.path.join(folder, "s1.safetensors"))
+        save_file({k: v for k, v in sd.items() if k.startswith("b.")}, os.path.join(folder, "s2.safetensors"))
+        path = os.path.join(folder, "model.safetensors.index.json")
+        with open(path, "w") as fh:
+            json.dump({"weight_map": {k: "s1.safetensors" if k.startswith("a.") else "s2.safetensors"
+                                      for k in sd}}, fh)
     elif kind == "ckpt":  # a training dict: weights + optimizer, the shape people edit
         path = os.path.join(folder, "train.pt")
         torch.save({"model": sd, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(256, 256)}},
@@ -98,7 +107,8 @@ def _expected(kind: str) -> float:
 
 # --------------------------------------------------------------- a real second process changes the file
 SECOND = {
-    "truncate": "import os, sys; os.truncate(sys.argv[1], 0)",
+    "truncate": ("import os, sys\nd = os.path.dirname(sys.argv[1])\n"  # the file, and any shards beside it
+                 "for f in os.listdir(d): os.truncate(os.path.join(d, f), 0)"),
     "rewrite": ("import os, sys\nn = os.path.getsize(sys.argv[1])\n"
                 "with open(sys.argv[1], 'r+b') as f: f.write(b'\\x7f' * n); f.flush(); os.fsync(f.fileno())"),
     "replace": ("import os, sys\nopen(sys.argv[1] + '.new', 'wb').write(b'x' * 100)\n"
@@ -134,7 +144,8 @@ def _held_while_changed(handed: str, path: str, how: str, change: str) -> subpro
 
 @pytest.mark.parametrize("handed,kind,change", [
     *((h, k, "truncate") for h, k in [("load_sd", "zip"), ("load_sd", "safetensors"), ("meta", "zip"),
-                                      ("meta", "safetensors"), ("assign", "zip"), ("resume", "torchckpt")]),
+                                      ("meta", "safetensors"), ("meta", "sharded"), ("assign", "zip"),
+                                      ("resume", "torchckpt")]),
     ("load_sd", "zip", "rewrite"), ("meta", "safetensors", "rewrite"), ("load_sd", "zip", "replace")])
 def test_tensors_handed_out_survive_another_process_changing_the_file(tmp_path, handed, kind, change):
     path = _write(str(tmp_path), kind)

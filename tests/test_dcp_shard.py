@@ -78,3 +78,12 @@ def test_two_torch_save_archives_back_to_back_are_not_read_as_the_last(tmp_path)
 def test_an_ordinary_file_is_no_shard(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "one.pt")
     assert torch.equal(torchckpt.load(tmp_path / "one.pt")["w"], torch.ones(2))
+
+
+def test_a_zip_behind_a_fake_local_header_is_no_shard_but_a_finding(tmp_path):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    path = tmp_path / "prefixed.pt"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 26 + buf.getvalue())  # no whole archive before it
+    report = torchckpt.scan(path)
+    assert any("before the first zip member" in f.message for f in report.files[0].findings)

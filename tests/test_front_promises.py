@@ -140,7 +140,7 @@ def test_print_info_does_not_dump_tensors(tmp_path):
 def test_cli_scan_directory_suggests_r_and_atol_must_be_positive(tmp_path, net):
     torch.save(net.state_dict(), tmp_path / "a.pt")
     res = run_cli("scan", str(tmp_path))
-    assert res.returncode == 3 and "-r" in res.stdout and "recursive=True" not in res.stdout + res.stderr
+    assert res.returncode == 2 and "-r" in res.stderr and "recursive=True" not in res.stdout + res.stderr
     res = run_cli("diff", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--atol", "-1")
     assert res.returncode == 2 and "atol" in res.stderr.lower()
     with pytest.raises(ValueError, match="atol"):

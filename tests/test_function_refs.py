@@ -111,3 +111,11 @@ def test_a_pickle_calling_a_referenced_function_only_records_it(tmp_path):
     path.write_bytes(pickle.dumps({"y": _Reduce(torch.nn.functional.relu, ("not a tensor",))}, protocol=2))
     got = torchckpt.load(path)["y"]
     assert type(got).__name__ == "relu" and got.stub_args == ("not a tensor",)  # a stub record, nothing ran
+
+
+def test_convert_keeps_the_weights_and_names_the_functions(saved, tmp_path):
+    model, path = saved
+    report = torchckpt.convert(path, tmp_path / "out.pt")
+    assert report.verified
+    out = torch.load(tmp_path / "out.pt")  # plain torch, weights_only
+    assert all(torch.equal(out[k], v) for k, v in model.state_dict().items())

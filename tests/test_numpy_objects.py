@@ -141,3 +141,12 @@ def test_npy_object_array_whose_pickle_disagrees_with_its_header(tmp_path):
     (tmp_path / "x.npy").write_bytes(forged)
     with pytest.raises(CheckpointError):
         torchckpt.load(tmp_path / "x.npy")
+
+
+def test_convert_an_object_array_of_weights(tmp_path):
+    value = object_array(weights())
+    torch.save({"weights": value}, tmp_path / "w.pt")
+    assert torchckpt.convert(tmp_path / "w.pt", tmp_path / "out.pt").verified
+    out = torch.load(tmp_path / "out.pt")  # plain torch, weights_only: the arrays became tensors
+    for a, b in zip(value, out["weights"]):
+        assert torch.equal(torch.from_numpy(a), b)

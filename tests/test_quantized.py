@@ -218,3 +218,29 @@ def test_forged_qtensor_never_allocates_its_shape(tmp_path):
     torch.save({"w": _forged_qtensor(size=(1 << 62,), stride=(1,))}, path)
     with pytest.raises(CheckpointError):
         torchckpt.load(path)
+
+
+@pytest.mark.parametrize("kind", ["whole", "torchscript"])
+def test_inspect_and_convert_a_quantized_model(tmp_path, kind):
+    model = static_model()
+    path = tmp_path / "m.pt"
+    save(kind, model, path)
+    listed = {t.key: t for t in torchckpt.inspect(path).tensors}
+    assert listed["conv.weight"].dtype == "qint8" and listed["conv.weight"].shape == (4, 3, 3, 3)
+    assert "fc._packed_params._packed_params.0" in listed  # the packed weight, as the state dict holds it
+    page = torchckpt.report(path, output=tmp_path / "r.html")  # stats of the values the tensors stand for
+    assert (tmp_path / "r.html").exists() and any(st.key == "conv.weight" for st in page.stats)
+    report = torchckpt.convert(path, tmp_path / "out.pt")
+    assert report.verified
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same_state(model.state_dict(), torch.load(tmp_path / "out.pt"))  # plain torch reads it back
+
+
+def test_diff_values_of_quantized_checkpoints(tmp_path):
+    save("state_dict", static_model(0), tmp_path / "a.pt")
+    save("whole", static_model(0), tmp_path / "same.pt")
+    save("state_dict", static_model(1), tmp_path / "b.pt")
+    assert torchckpt.diff(tmp_path / "a.pt", tmp_path / "same.pt", values=True).equal
+    changed = torchckpt.diff(tmp_path / "a.pt", tmp_path / "b.pt", values=True).changed
+    assert "conv.weight" in {d.key for d in changed}  # compared by the values the tensors stand for

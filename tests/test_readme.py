@@ -33,7 +33,7 @@ SKIP = ("pip ", "python3 -m pip", "python3 -m pytest", "python -m pytest")
 NOT_HERE = {"trainer.fit(": "tests/test_lightning.py (a real Lightning run, killed and resumed)",
             # remote storage: tests/test_remote_*.py, against a real moto S3 server and http.server
             'opts = {"endpoint_url"': "tests/test_remote_read.py", 'torchckpt.inspect("s3://': "tests/test_remote_read.py",
-            'ckpt = torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
+            'with torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
             'torchckpt.load("https://': "tests/test_remote_cache.py", 'path = torchckpt.download("hf://':
             "tests/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)",
             "model = fully_shard(": "tests/test_distributed.py (FSDP2 on real gloo ranks)"}
@@ -50,6 +50,16 @@ MODELS = textwrap.dedent('''
             ("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                                        nn.AdaptiveAvgPool2d(1), nn.Flatten())),
             ("head", nn.Linear(4, classes))]))
+
+    class Net(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten())
+            self.head = nn.Linear(4, classes)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
 ''')
 
 
@@ -91,6 +101,15 @@ def _write_files(tmp_path):
     (tmp_path / "mypkg" / "models.py").write_text(MODELS)
     model = build_model()
     sd = model.state_dict()
+    sys.path.insert(0, str(tmp_path))
+    try:  # a whole model of the user's own class: torchckpt.load(..., allow=["mypkg.*"])
+        import mypkg.models
+
+        torch.save(mypkg.models.Net().eval(), "mypkg_model.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("mypkg.models", "mypkg"):
+            sys.modules.pop(name, None)
     torch.save({"epoch": 90, "arch": "net", "state_dict": nn.DataParallel(model).state_dict(), "best_acc1": 0.76},
                "model_best.pth.tar", _use_new_zipfile_serialization=False)
     torch.save({"epoch": 3, "state_dict": nn.DataParallel(model).state_dict()}, "checkpoint.pth")

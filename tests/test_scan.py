@@ -183,7 +183,8 @@ def test_cli_scan_exit_codes_and_json(tmp_path, net):
     lfs_doc = json.loads(run("--json", str(lfs)).stdout)
     assert lfs_doc["exit_code"] == 3 and lfs_doc["status"] == "unreadable"
     assert doc["files"][1]["findings"][0]["offset"] is not None
-    assert run(str(tmp_path)).returncode == 3  # a directory without --recursive
+    res = run(str(tmp_path))  # a directory without --recursive: a usage error naming the command (issue 24)
+    assert res.returncode == 2 and "-r" in res.stderr
     notes = tmp_path / "notes"  # only files that are not checkpoints: skipped, and skipped is fine
     notes.mkdir()
     (notes / "README.md").write_text("# notes\n")

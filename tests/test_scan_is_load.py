@@ -544,7 +544,8 @@ def test_model_folder_scans_as_load_reads_it_and_the_files_it_skips(tmp_path, ne
     assert set(torchckpt.load(folder)) == set(net.state_dict())  # load reads model.safetensors only
     report = torchckpt.scan(folder)
     status = {os.path.basename(f.path): f.status for f in report.files}
-    assert status == {"hf": "clean", "pytorch_model.bin": "findings", "config.json": "skipped"}
+    assert status == {"hf": "clean", "model.safetensors": "clean", "pytorch_model.bin": "findings",
+                      "config.json": "skipped"}  # each weights file is also listed on its own (issue 24)
     assert report.status == "findings" and not (tmp_path / "canary").exists()
 
 

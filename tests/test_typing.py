@@ -65,7 +65,7 @@ def test_public_names_are_typed_for_users(mypy_cache: str, tmp_path) -> None:
     report_type, missing_type, load_type, checkpointer_type, version_type = revealed
     assert report_type == '"torchckpt.fit.report.LoadReport"'
     assert missing_type == '"list[str]"'
-    assert load_type.startswith('"def (source: str | os.PathLike[str] | bytes') and "map_location:" in load_type
+    assert load_type.startswith('"Overload(def (source: str | os.PathLike[str] | bytes') and "map_location:" in load_type
     assert checkpointer_type.startswith('"def (directory: str, *, keep_last: int | None')
     assert checkpointer_type.endswith('-> torchckpt.train.checkpointer.Checkpointer"')
     assert version_type == '"str"'
@@ -127,3 +127,32 @@ def test_private_stdlib_modules_are_refused_even_with_trust() -> None:
         assert "_queue.SimpleQueue" in str(caught.value)
     assert isinstance(torchckpt.load(b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00hiX\x06\x00\x00\x00latin1\x86R.",
                                      trust=False), bytes)  # a data-only private module stays allowed
+
+
+def test_literal_and_overload_types_reach_users(mypy_cache: str, tmp_path) -> None:
+    """Issue 24 item 14: return_info picks the return type, on_mismatch/dtype/to are Literals, model and
+    source are real types."""
+    user = tmp_path / "user_literals.py"
+    user.write_text(textwrap.dedent('''
+        import torchckpt
+        from torch import nn
+
+        obj, info = torchckpt.load("ckpt.pt", return_info=True)
+        reveal_type(info)
+        reveal_type(torchckpt.load("ckpt.pt"))
+        missing, unexpected = torchckpt.load_into(nn.Linear(2, 2), "ckpt.pt")
+        reveal_type(missing)
+        torchckpt.load_into(nn.Linear(2, 2), "ckpt.pt", on_mismatch="skipp")
+        torchckpt.load_into(nn.Linear(2, 2), "ckpt.pt", dtype="float16")
+        torchckpt.load_into(42, "ckpt.pt")
+        torchckpt.convert("a.pt", "b.safetensors", dtype="bf16", to="safetensors")
+        torchckpt.convert("a.pt", "b.x", to="onnx")
+    '''))
+    done = _mypy(str(user), cache=mypy_cache)
+    revealed = [line.split("Revealed type is ", 1)[1] for line in done.stdout.splitlines() if "Revealed type is" in line]
+    assert [r.replace("builtins.", "") for r in revealed] == [
+        '"torchckpt.read.formats.base.Checkpoint"', '"Any"', '"list[str]"'], \
+        done.stdout
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 4, done.stdout
+    assert '"on_mismatch"' in errors[0] and '"dtype"' in errors[1] and '"model"' in errors[2] and '"to"' in errors[3]

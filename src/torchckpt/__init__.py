@@ -19,10 +19,10 @@ from ._version import __version__
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
     from . import transforms
     from .fit.equivalence import check_mapping
-    from .fit.load_into import load_into
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
-    from .read.load import load, read_checkpoint
+    from .read.load import read_checkpoint
+    from .train.runs import load, load_into
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
     from .tools.convert import convert
@@ -48,14 +48,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "load": ("read.load", "load"),
+    "load": ("train.runs", "load"),  # read.load.load, plus a Checkpointer run directory (its newest checkpoint)
     "download": ("storage.cache", "download"),
     "read_checkpoint": ("read.load", "read_checkpoint"),
     "state_dict_of": ("fit.tree", "state_dict_of"),
     "find_state_dicts": ("fit.tree", "find_state_dicts"),
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
-    "load_into": ("fit.load_into", "load_into"),
+    "load_into": ("train.runs", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
     "check_mapping": ("fit.equivalence", "check_mapping"),
     "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from ..tools.convert import convert
+from ..tools.convert.to_file import DTYPE_ALIASES, FloatDtype, OutputFormat, output_format
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK
 from .output import Output
@@ -16,8 +17,10 @@ from .storage_opt import storage_option
 @click.command("convert")
 @checkpoint_paths("src")
 @click.argument("dst", type=click.Path(dir_okay=False))
-@click.option("--to", "to", type=click.Choice(["pt", "safetensors", "dcp"]), help="Output format (default: from DST's extension).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Cast floating-point tensors.")
+@click.option("--to", "--format", "to", type=click.Choice(["pt", "safetensors", "dcp"]),
+              help="Output format (default: from DST's extension; an unknown extension needs this).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", *DTYPE_ALIASES], case_sensitive=False),
+              help="Cast floating-point tensors (fp32, fp16, bf16, half, ... accepted).")
 @click.option("--weights-only", is_flag=True, help="Write only the model's state dict.")
 @click.option("--key", help="Dotted path of the part to convert (the weights inside a training dict).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
@@ -30,9 +33,15 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
     A whole-model pickle becomes its state dict (module classes kept as metadata).
     """
+    try:
+        output_format(dst, cast("OutputFormat | None", to))
+    except ValueError as exc:
+        raise click.UsageError(str(exc).replace("to='pt' / 'safetensors' / 'dcp' (--to / --format on the command "
+                                                "line)", "--format pt / safetensors / dcp")) from None
     out = Output(json_mode=as_json)
     with out.task("converting", bytes_=True) as progress:
-        report = convert(src, dst, to=to, dtype=dtype, weights_only=weights_only, key=key,
+        report = convert(src, dst, to=cast("OutputFormat | None", to), dtype=cast("FloatDtype | None", dtype),
+                         weights_only=weights_only, key=key,
                          policy=policy_from(trust, allow), progress=progress, storage_options=storage_options)
     out.show(report)
     return EXIT_OK

@@ -1,7 +1,8 @@
 """The ``torchckpt`` command line. Subcommands live in sibling modules; every exit code is decided here.
 
 Exit codes: 0 success, 1 findings/differences (scan, diff, a plan that does not fit),
-2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint.
+2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint,
+130 interrupted (Ctrl-C: one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def cli() -> None:
     """Load any PyTorch checkpoint safely, inspect it, and move it between formats.
 
     Exit codes: 0 ok, 1 findings or differences, 2 usage error, 3 unreadable or unsupported
-    input, 4 unsafe checkpoint.
+    input, 4 unsafe checkpoint, 130 interrupted (Ctrl-C).
     """
 
 
@@ -77,13 +78,20 @@ def main(argv: list[str] | None = None) -> Any:
         if "--json" in args:  # machine output stays machine-readable on failure too
             out.json({**error.to_dict(), "exit_code": exit_code_for(error)})
         return exit_code_for(error)
-    except click.exceptions.Abort:
-        return EXIT_INTERRUPTED
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        return _interrupted()
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+
+
+def _interrupted() -> int:
+    Output().error("interrupted (Ctrl-C)")
+    return EXIT_INTERRUPTED
 
 
 def run() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one is being reported
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

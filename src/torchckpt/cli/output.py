@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -23,6 +24,10 @@ __all__ = ["Output", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data: containers as lists/objects, records through ``to_dict()``, a
+    non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``, anything else as its repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -54,7 +59,7 @@ class Output:
                        highlight=False, soft_wrap=True)
 
     def json(self, document: Any) -> None:
-        sys.stdout.write(json.dumps(to_jsonable(document), indent=2) + "\n")
+        sys.stdout.write(json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         if not sys.stdout.isatty() and kwargs.get("markup") is False and all(isinstance(o, str) for o in objects):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..read import is_dcp_dir
+from ..read import folder_kind, is_dcp_dir
 from ..tools.scanning import scan
 from .args import checkpoint_paths
 from .codes import scan_exit_code
@@ -26,15 +26,16 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
             storage_options: dict[str, Any] | None) -> int:
     """Scan checkpoints with the same parser and policy that `load` uses; nothing is executed.
 
-    Exit codes: 0 clean, 1 findings, 2 usage, 3 unreadable.
+    Exit codes: 0 clean, 1 findings, 2 usage (a directory without -r), 3 unreadable.
     """
+    for path in paths:
+        if not recursive and os.path.isdir(path) and not is_dcp_dir(path) and not folder_kind(path):
+            raise click.UsageError(f"{path} is a directory: pass -r (--recursive) to scan the files in it, "
+                                   f"e.g. torchckpt scan -r {path}")
     out = Output(json_mode=as_json)
     with out.task("scanning") as progress:
         report = scan(paths, recursive=recursive, strict=strict, storage_options=storage_options,
                       progress=progress)
-    for f in report.files:
-        if f.status == "unreadable" and not recursive and os.path.isdir(f.path) and not is_dcp_dir(f.path):
-            f.error = "is a directory: pass -r (--recursive) to scan the files in it"  # the CLI's spelling
     code = scan_exit_code(report)
     if as_json:
         out.json({"exit_code": code, **report.to_dict()})

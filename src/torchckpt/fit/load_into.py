@@ -10,7 +10,7 @@ as soon as a module is done (peak memory stays near one copy of the model).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, get_args
 
 from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from ..read.opener import open_checkpoint
@@ -25,14 +25,22 @@ from .report import Adapted, LoadReport, Mismatch, Origin
 from .shards import is_sharded, shard_like
 from .tree import TensorMeta, is_module_like, select, shapes
 
-__all__ = ["load_into"]
+if TYPE_CHECKING:  # torch stays lazy: only type checkers import it here
+    import torch
 
-ON_MISMATCH = ("error", "skip", "copy_overlap", "adapt")
+    from ..storage.source import SourceLike
+
+__all__ = ["load_into", "OnMismatch", "DtypeRule"]
+
+OnMismatch = Literal["error", "skip", "copy_overlap", "adapt"]
+DtypeRule = Literal["model", "error"]
+ON_MISMATCH = get_args(OnMismatch)
 ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}
 
 
-def load_into(model: Any, source: Any, *, strict: bool = True, key: str | None = None, prefix: str | None = None,
-              rename: RenameSpec = None, on_mismatch: str | None = None, dtype: str = "model",
+def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] | torch.nn.Module", *,
+              strict: bool = True, key: str | None = None, prefix: str | None = None,
+              rename: RenameSpec = None, on_mismatch: OnMismatch | None = None, dtype: DtypeRule = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
               storage_options: Mapping[str, Any] | None = None, mmap: bool = False,
@@ -179,7 +187,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                 tie = next((k for k, v in model_sd.items() if v is target and k != mkey and k in by_model), None)
             if tie is not None:
                 report.tied[mkey] = tie
-            elif mkey.endswith("num_batches_tracked"):
+            elif _pre_041_counter(mkey, by_model, tensors):
                 report.ignored.append(mkey)
             else:
                 report.missing.append(mkey)
@@ -240,27 +248,44 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
     if dry_run:
         return report  # the plan, whatever it says: the caller reads report.ok
     errors = [m for m in report.mismatched if m.action == "error"]
-    if errors:
-        raise StateDictMismatchError(_mismatch_message(report, errors), report=report,
-                                     hint='Pass on_mismatch="adapt" to resize them (torchckpt.transforms), '
-                                          'on_mismatch="skip" to keep the model\'s values for these, '
-                                          'on_mismatch="copy_overlap" to copy the overlapping part, or rename=...')
-    if strict and not report.ok:
-        raise StateDictMismatchError(
-            f"the checkpoint does not fit the model exactly:\n{report.render()}",
-            hint="Pass strict=False to load the matching part (the report lists the rest), "
-                 "or rename=/prefix= to align names.", report=report)
+    if errors or (strict and not report.ok):
+        raise _misfit_error(report, errors, strict)
     _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign, mmap)
     report.applied = True
     return report
 
 
-def _mismatch_message(report: LoadReport, errors: list[Mismatch]) -> str:
-    width = max(len(m.key) for m in errors)
-    rows = "\n".join(f"  {m.key:{width}s}  checkpoint {list(m.checkpoint_shape)}  model {list(m.model_shape)}"
-                     + (f"\n  {'':{width}s}  {m.note}" if m.note else "") for m in errors)
-    return (f"{len(errors)} of {report.model_keys} tensors did not fit the model:\n{rows}\n"
-            f"The other {len(report.loaded)} fit; nothing was loaded.")
+def _pre_041_counter(mkey: str, by_model: Mapping[str, str], tensors: Mapping[str, Any]) -> bool:
+    """A BatchNorm's ``num_batches_tracked`` that the file lacks because of its era (torch < 0.4.1 did not
+    have it): the checkpoint has this layer's running statistics, and no counter anywhere. A layer that is
+    new in the model (no running statistics in the file) is missing, not old."""
+    if not mkey.endswith("num_batches_tracked"):
+        return False
+    prefix = mkey[:-len("num_batches_tracked")]
+    return prefix + "running_mean" in by_model and not any(k.endswith("num_batches_tracked") for k in tensors)
+
+
+def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> StateDictMismatchError:
+    """One error for everything that did not fit, counts first, with the one change that makes the call succeed."""
+    missing, unexpected = (report.missing, report.unexpected) if strict else ([], [])
+    counts = [f"{len(missing)} missing" if missing else "", f"{len(unexpected)} unexpected" if unexpected else "",
+              f"{len(errors)} with another shape" if errors else ""]
+    head = (f"the checkpoint does not fit the model: {', '.join(c for c in counts if c)}; nothing was loaded "
+            f"({len(report.loaded)} of {report.model_keys} model tensors fit; the checkpoint has "
+            f"{report.checkpoint_keys})")
+    fix = []
+    if missing or unexpected:
+        fix.append("strict=False")
+    if errors:
+        fix.append('on_mismatch="skip"')
+    what = ("load the {n} tensors that fit and keep the model's values for the rest"
+            .format(n=len(report.loaded)))
+    hint = f"Pass {', '.join(fix)} to {what}"
+    if report.model_keys and len(report.loaded) * 2 < report.model_keys:
+        hint = (f"Most of the model did not fit: check that this checkpoint is for this model (or align names "
+                f"with prefix=/rename=). {hint}")
+    details = report.render().split("\n", 1)[1:]  # the listing, without its summary line (head says it)
+    return StateDictMismatchError("\n".join([head, *details]), hint=hint + ".", report=report)
 
 
 def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,

@@ -20,7 +20,7 @@ from ..read.tensors import TensorMeta, is_tensor_like
 __all__ = ["is_quantized_module", "quantized_entries"]
 
 _EAGER = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.",
-          "torch.nn.intrinsic.quantized.", "torch.ao.nn.qat.", "torch.ao.nn.quantizable.")
+          "torch.nn.intrinsic.quantized.")
 _PACKAGES: tuple[str, ...] = _EAGER + tuple("__torch__." + p for p in _EAGER)
 
 

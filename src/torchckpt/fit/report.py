@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 __all__ = ["LoadReport", "Mismatch", "Adapted", "Origin", "group_keys"]
 
@@ -52,6 +52,9 @@ class LoadReport:
 
     ``ok`` is True when every model tensor was loaded from the checkpoint and every checkpoint
     tensor was used (missing ``num_batches_tracked`` of pre-0.4.1 files and tied weights count as loaded).
+
+    Like the ``_IncompatibleKeys`` that ``nn.Module.load_state_dict`` returns, it unpacks as
+    ``missing_keys, unexpected_keys = load_into(...)`` (and ``report[0]``, ``report[1]``).
     """
 
     source: str
@@ -88,6 +91,13 @@ class LoadReport:
     def unexpected_keys(self) -> list[str]:
         """Checkpoint keys the model does not have (``load_state_dict``'s name; alias of ``unexpected``)."""
         return self.unexpected
+
+    def __iter__(self) -> Iterator[list[str]]:
+        """``missing_keys, unexpected_keys = report``, as with ``load_state_dict``'s result."""
+        return iter((self.missing, self.unexpected))
+
+    def __getitem__(self, index: int) -> list[str]:
+        return (self.missing, self.unexpected)[index]
 
     @property
     def skipped(self) -> list[str]:

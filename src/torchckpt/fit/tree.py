@@ -25,7 +25,7 @@ from .quantized import quantized_entries, tuple_state_module
 
 __all__ = ["state_dict_of", "is_module_like", "find_state_dicts", "Candidate", "is_tensor_like",
            "is_state_dict", "walk", "children_of", "flatten", "tensors", "lookup", "select", "shapes",
-           "TensorMeta", "module_classes"]
+           "TensorMeta", "module_classes", "state_tensors"]
 
 MAX_DEPTH = 64
 LUA_NN_PACKAGES = ("nn.", "cudnn.", "cunn.", "fbnn.", "inn.", "nngraph.")
@@ -287,8 +287,19 @@ def tensors(obj: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[tuple[str, Any]
             yield path or "tensor", value
         elif is_module_like(value) and id(value) not in modules:  # a shared module is listed once
             modules.add(id(value))
-            for key, t in state_dict_of(value).items():
+            for key, t in state_tensors(state_dict_of(value)):
                 yield (f"{path}.{key}" if path else key), t
+
+
+def state_tensors(state: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """The tensors of a module's state dict: its tensor entries, and the ``(weight, bias)`` of a quantized
+    layer's packed parameters as ``key.0`` / ``key.1``; other entries (a quantized layer's ``dtype``) are not
+    tensors."""
+    for key, value in state.items():
+        if is_tensor_like(value):
+            yield key, value
+        elif isinstance(value, tuple):
+            yield from ((f"{key}.{i}", x) for i, x in enumerate(value) if is_tensor_like(x))
 
 
 def lookup(obj: Any, dotted: str) -> Any:

@@ -9,7 +9,8 @@
   the sidecar with a content digest, as :func:`torchckpt.save` does.
 - **async_save=True** copies the tensors to CPU memory on the training thread and writes in one
   background thread (one write at a time; removals are queued behind the writes). A failed write
-  is raised on the next save, on load, or at the end of ``fit``.
+  is raised on the next save, on load, or at the end of ``fit``; if the program ends first, its
+  typed error is printed to stderr and the exit status becomes 1 (:mod:`torchckpt.train.exit_guard`).
 - **Retention** stays with Lightning's ``ModelCheckpoint`` (``save_top_k``, ``every_n_train_steps``);
   removing a checkpoint removes its sidecar too.
 - **Resuming from a torchckpt training checkpoint** (written by :func:`torchckpt.save` or a
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
+from ..train import exit_guard
 from ..train.checkpointer import cpu_snapshot
 from ..train.restore import load_payload
 from ..train.training import FORMAT, discard, verify, write_payload
@@ -72,6 +74,7 @@ class TorchckptIO(CheckpointIO):
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
         snapshot = cpu_snapshot(checkpoint, self._buffers)
         self._pending = self._pool().submit(write_payload, path, snapshot)
+        exit_guard.track(self._pending, f"the background save of {path}", _typed)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a checkpoint and its sidecar (queued behind pending writes with ``async_save``)."""
@@ -79,6 +82,8 @@ class TorchckptIO(CheckpointIO):
         if self.async_save and self._pending is not None:
             previous = self._pending
             self._pending = self._pool().submit(_remove_after, previous, path)
+            exit_guard.settled(previous)  # the removal waits for it and carries its outcome
+            exit_guard.track(self._pending, f"the background save before removing {path}", _typed)
             return
         discard(path)
 
@@ -120,12 +125,21 @@ class TorchckptIO(CheckpointIO):
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        exit_guard.settled(pending)
         try:
             pending.result()
         except OSError as exc:
-            if isinstance(exc, CheckpointWriteError):
+            typed = _typed(exc)
+            if typed is exc:
                 raise
-            raise CheckpointWriteError(f"background save failed: {exc}") from exc
+            raise typed from exc
+
+
+def _typed(exc: BaseException) -> BaseException:
+    """A background write's failure as the caller sees it."""
+    if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
+        return CheckpointWriteError(f"background save failed: {exc}")
+    return exc
 
 
 def _remove_after(previous: Future[Any], path: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, overload
 
 from ..storage.cache import download
 from ..storage.source import SourceLike
@@ -20,21 +20,36 @@ __all__ = ["load", "read_checkpoint", "read_zero_optimizer"]
 def read_checkpoint(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False,
                     trust: bool = False, allow: Iterable[str] | str | None = None, meta: bool = False,
                     policy: Policy | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
+                    storage_options: Mapping[str, Any] | None = None, workers: int | None = None) -> Checkpoint:
     """Read ``source`` and return the tree together with its format, evidence and notes.
 
     The tensors are in the process's own memory unless ``mmap=True`` (see :func:`load`)."""
     mode = Mode.STRUCTURE if meta else Mode.BUILD
     with open_checkpoint(source, mode, resolve_policy(policy, trust, allow),
-                         map_location=map_location, mmap=mmap, storage_options=storage_options) as ckpt:
+                         map_location=map_location, mmap=mmap, storage_options=storage_options,
+                         workers=workers) as ckpt:
         ckpt.reader = None  # closed on return: nothing lazy is left in a build or structure tree
         return ckpt
+
+
+@overload
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: Literal[False] = False, policy: Policy | None = None,
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> Any: ...
+
+
+@overload
+def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
+         allow: Iterable[str] | str | None = None, return_info: Literal[True], policy: Policy | None = None,
+         storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
+         check_hash: bool = False) -> tuple[Any, Checkpoint]: ...
 
 
 def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = False, trust: bool = False,
          allow: Iterable[str] | str | None = None, return_info: bool = False, policy: Policy | None = None,
          storage_options: Mapping[str, Any] | None = None, sha256: str | None = None,
-         check_hash: bool = False) -> Any:
+         check_hash: bool = False, workers: int | None = None) -> Any:
     """Load a checkpoint of any format and era without running code from it.
 
     Args:
@@ -64,6 +79,9 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = 
             sha256 (the hex digest or a prefix of at least 8 digits; ``check_hash=True`` takes the
             prefix from a torch.hub style name ``model-<hex>.pt``) before reading it; a cached copy
             is re-hashed and reused when it still matches. See :func:`torchckpt.download`.
+        workers: threads that read the shards of a sharded checkpoint (an index file, a folder) side by
+            side; the default is one per core, at most 8; ``workers=1`` reads them one after another.
+            The work budget bounds all shards together; an error names the shard.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 
@@ -83,7 +101,7 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = 
             raise TypeError("sha256=/check_hash= need a path or URL, not an open file or bytes")
         source = download(os.fspath(source), sha256=sha256, check_hash=check_hash, storage_options=storage_options)
     loaded = read_checkpoint(source, map_location=map_location, mmap=mmap, trust=trust, allow=allow, policy=policy,
-                             storage_options=storage_options)
+                             storage_options=storage_options, workers=workers)
     return (loaded.obj, loaded) if return_info else loaded.obj
 
 

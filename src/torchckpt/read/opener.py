@@ -35,8 +35,8 @@ __all__ = ["open_checkpoint", "Checkpoint", "Mode", "Trace"]
 @contextlib.contextmanager
 def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: Policy | None = None, *,
                     map_location: MapLocation = "cpu", mmap: bool | None = None, lazy: bool = False,
-                    trace: Trace | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> Iterator[Checkpoint]:
+                    trace: Trace | None = None, storage_options: Mapping[str, Any] | None = None,
+                    workers: int | None = None) -> Iterator[Checkpoint]:
     """Open any checkpoint: a file path, bytes, a binary file, a URL, or a directory (torch.distributed.checkpoint,
     Hugging Face ``save_pretrained`` or accelerate ``save_state``).
 
@@ -51,15 +51,20 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
         trace: collect the trace here (``scan`` keeps what was recorded even when the read fails).
         storage_options: options for a URL's fsspec filesystem, also used for the files it names
             (shards, DCP data files). URLs are read by byte ranges.
+        workers: threads that read the shards of a sharded checkpoint side by side (default: one per
+            core, at most 8; a ``structure`` or ``record`` read uses one); 1 reads them one by one.
 
     Yields the :class:`Checkpoint`; its ``reader`` stays open inside the ``with`` block.
     Raises :class:`~torchckpt.errors.CheckpointError` subclasses naming the file.
     """
     mode = Mode(mode)
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"workers must be a positive number of threads, not {workers!r}")
     trace = trace if trace is not None else Trace()
     relocator = Relocator(map_location)
     opts = ReadOptions(relocator=relocator, mmap=mmap, policy=policy or Policy(), mode=mode, trace=trace,
-                       read_child=read, storage_options=dict(storage_options) if storage_options else None)
+                       read_child=read, storage_options=dict(storage_options) if storage_options else None,
+                       workers=workers)
     path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and is_url(path):
         if is_dcp_dir(path, opts.storage_options):  # a DCP directory under a URL prefix

@@ -108,7 +108,8 @@ def _sniff_zip(src: Source) -> Sniffed:
             UnicodeDecodeError, OverflowError) as exc:  # ValueError covers UnicodeDecodeError of member names
         return Sniffed("bad-zip", [f"starts like a zip archive but its directory is unreadable ({exc})"],
                        {"size": src.size})
-    if first > 0 and src.read_at(0, 4) == b"PK\x03\x04":  # an archive after another archive: a DCP shard
+    # an archive right after another whole one (its end record just before): the layout of a DCP shard
+    if first >= 22 and src.read_at(0, 4) == b"PK\x03\x04" and src.read_at(first - 22, 4) == b"PK\x05\x06":
         return Sniffed(DCP_SHARD, [f"zip archives back to back (the last starts at byte {first}): the layout of "
                                    "a torch.distributed.checkpoint shard (__0_0.distcp)"], {"size": src.size})
     tops = {n.split("/", 1)[0] for n in names if "/" in n}

@@ -44,14 +44,23 @@ def _local(path: Any) -> str:
 
 
 class _CountingWriter:
-    def __init__(self, fh: Any) -> None:
+    """The upload's file object: counts the bytes written; a failure of ``write`` or ``flush`` (a part
+    uploaded from inside ``write``) is a typed error naming the URL."""
+
+    def __init__(self, fh: Any, url: str, storage_options: StorageOptions | None) -> None:
         self._fh = fh
+        self._url, self._options = url, storage_options
         self.written = 0
 
     def write(self, data: Any) -> int:
-        n = self._fh.write(data)
+        with remote_errors(self._url, "write", self._options):
+            n = self._fh.write(data)
         self.written += len(memoryview(data).cast("B")) if n is None else n
         return n if n is not None else len(data)
+
+    def flush(self) -> None:
+        with remote_errors(self._url, "write", self._options):
+            self._fh.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
@@ -74,16 +83,20 @@ def write_whole(path: Any, storage_options: StorageOptions | None = None) -> Ite
     target = inner if direct else _temp_name(inner)
     with remote_errors(path, "write", storage_options):
         raw = fs.open(target, "wb")
-    counted = _CountingWriter(raw)
+    counted = _CountingWriter(raw, path, storage_options)
     try:
         yield counted  # type: ignore[misc]
     except BaseException:
         _discard(fs, raw, target, direct)
         raise
     with remote_errors(path, "write", storage_options):
-        raw.close()
-        if not direct:
-            fs.mv(target, inner)
+        try:
+            raw.close()  # the last part and CompleteMultipartUpload
+            if not direct:
+                fs.mv(target, inner)
+        except BaseException:
+            _discard(fs, raw, target, direct)  # a failed completion leaves no multipart upload open
+            raise
         fs.invalidate_cache(inner)
         arrived = fs.info(inner).get("size")
     if arrived != counted.written:
@@ -185,10 +198,20 @@ def remove(path: Any, storage_options: StorageOptions | None = None) -> None:
 
 
 def makedirs(directory: Any, storage_options: StorageOptions | None = None) -> None:
-    """Create a local directory; on object stores (no directories) nothing is created."""
+    """Create a directory and its missing parents (durably: each new entry's parent is fsynced); on object
+    stores (no directories) nothing is created."""
     directory = os.fspath(directory)
     if not is_url(directory):
-        os.makedirs(_local(directory), exist_ok=True)
+        created, here = [], os.path.abspath(_local(directory))
+        while not os.path.isdir(here) and os.path.dirname(here) != here:
+            created.append(here)
+            here = os.path.dirname(here)
+        try:
+            os.makedirs(_local(directory), exist_ok=True)
+        except OSError as exc:  # a file where a directory should be, no permission, a full disk
+            raise atomic.write_error(directory, exc) from None
+        for new in created:
+            atomic.fsync_dir(os.path.dirname(new))
         return
     if _protocol(directory) in _OBJECT_STORES:
         return

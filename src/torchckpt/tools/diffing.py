@@ -1,23 +1,27 @@
-"""``torchckpt.diff``: what differs between two checkpoints, key by key and (optionally) value by value.
+"""``torchckpt.diff``: what differs between two checkpoints, key by key and value by value.
 
 Prefix-aware: when two files differ only by a wrapper prefix (``module.``, ``_orig_mod.``, ``model.``),
-that is one line, not hundreds of removed and added keys. With ``values=True`` each pair of tensors
-is compared one at a time (memory stays near the largest tensor): max absolute and relative
+that is one line, not hundreds of removed and added keys. By default (``values=True``) each pair of
+tensors is compared one at a time (memory stays near the largest tensor): max absolute and relative
 difference, NaN/Inf in either, and the list of layers that changed (what fine-tuning touched).
+Plain values anywhere in the tree (``epoch``, ``lr``, a config, nested ones) are always compared.
+``values=False`` reads structure only; the report then never calls the files equal
+(:attr:`DiffReport.equal` is ``None``: not checked), it only says whether the structure matches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 from ..fit.align import align_keys
 from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
-from ..fit.tree import flatten, is_tensor_like, select
+from ..fit.tree import LEAF_TYPES, children_of, flatten, is_module_like, is_tensor_like, select, walk
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
-from ..read.trust import resolve_policy
+from ..read.trust import Policy, resolve_policy
+from ..storage.source import SourceLike
 from ..read import Mode
 
 __all__ = ["diff", "DiffReport"]
@@ -48,29 +52,55 @@ class DiffReport:
     values_compared: bool = False
     changed: list[TensorDiff] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
+    plain_compared: int = 0  # plain (non-tensor) values found in both trees and compared
+    plain_changed: list[tuple[str, Any, Any]] = field(default_factory=list)  # (path, A's value, B's value)
+    plain_only_a: list[str] = field(default_factory=list)
+    plain_only_b: list[str] = field(default_factory=list)
 
     @property
-    def equal(self) -> bool:
-        return not (self.only_a or self.only_b or self.shape_changes or self.dtype_changes or self.changed
-                    or self.renamed or self.nonfinite)
+    def structure_equal(self) -> bool:
+        """Same keys (up to a wrapper prefix: see :attr:`renamed`), shapes and dtypes, and the same plain values."""
+        return not (self.only_a or self.only_b or self.shape_changes or self.dtype_changes or self.renamed
+                    or self.plain_changed or self.plain_only_a or self.plain_only_b)
+
+    @property
+    def equal(self) -> bool | None:
+        """``True`` only when everything was compared and nothing differs; ``False`` when something
+        differs; ``None`` when the structure matches but tensor values were not compared (``values=False``)."""
+        if not self.structure_equal or self.changed or self.nonfinite:
+            return False
+        return True if self.values_compared else None
+
+    @property
+    def compared(self) -> list[str]:
+        """What this report checked: ``keys``, ``shapes``, ``dtypes``, ``plain values`` and (by default) ``tensor values``."""
+        return ["keys", "shapes", "dtypes", "plain values"] + (["tensor values"] if self.values_compared else [])
 
     @property
     def changed_layers(self) -> list[str]:
         return sorted({k.rsplit(".", 1)[0] if "." in k else k for k in (d.key for d in self.changed)})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "equal": self.equal, "renamed": self.renamed, "common": self.common,
+        return {"a": self.a, "b": self.b, "equal": self.equal, "structure_equal": self.structure_equal,
+                "compared": self.compared, "renamed": self.renamed, "common": self.common,
                 "only_a": self.only_a, "only_b": self.only_b,
                 "shape_changes": [{"key": k, "a": a, "b": b} for k, a, b in self.shape_changes],
                 "dtype_changes": [{"key": k, "a": a, "b": b} for k, a, b in self.dtype_changes],
                 "values_compared": self.values_compared, "changed": [d.to_dict() for d in self.changed],
-                "changed_layers": self.changed_layers, "nonfinite": self.nonfinite}
+                "changed_layers": self.changed_layers, "nonfinite": self.nonfinite,
+                "plain_values": {"compared": self.plain_compared, "only_a": self.plain_only_a,
+                                 "only_b": self.plain_only_b,
+                                 "changed": [{"key": k, "a": _plain(x), "b": _plain(y)}
+                                             for k, x, y in self.plain_changed]}}
 
     def render(self) -> str:
         """The human report (``print(report)``): what differs, key by key, and by how much."""
+        plain = f", {self.plain_compared} plain values" if self.plain_compared else ""
         if self.equal:
-            what = "identical tensors" if self.values_compared else "the same keys, shapes and dtypes"
-            return f"{self.a} and {self.b}: {what} ({self.common} tensors)"
+            return f"{self.a} and {self.b}: identical ({self.common} tensors{plain})"
+        if self.equal is None:
+            return (f"{self.a} and {self.b}: the same keys, shapes and dtypes ({self.common} tensors{plain}); "
+                    "tensor values NOT compared (structure only)")
         lines = [f"{self.a} vs {self.b}: {self.common} tensors in common"]
         if self.renamed:
             lines.append(f"  names differ only by {self.renamed}")
@@ -89,9 +119,51 @@ class DiffReport:
                 lines.append(f"    {d.key}: max |a-b| {d.max_abs:.3g}, relative {d.max_rel:.3g}")
         for k in self.nonfinite:
             lines.append(f"  NaN/Inf: {k}")
+        if self.plain_only_a:
+            lines.append(f"  values only in A: {', '.join(group_keys(self.plain_only_a, self.plain_only_a))}")
+        if self.plain_only_b:
+            lines.append(f"  values only in B: {', '.join(group_keys(self.plain_only_b, self.plain_only_b))}")
+        for k, x, y in self.plain_changed[:30]:
+            lines.append(f"  value  {k}: {_short(x)} -> {_short(y)}")
+        if len(self.plain_changed) > 30:
+            lines.append(f"  ... and {len(self.plain_changed) - 30} more plain values differ")
+        if not self.values_compared:
+            lines.append("  tensor values NOT compared (structure only)")
         return "\n".join(lines)
 
     __str__ = render
+
+
+def _plain(value: Any) -> Any:
+    """A plain value as JSON keeps it: numbers, strings, booleans and None as themselves, the rest as repr."""
+    return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _plain_values(obj: Any) -> dict[str, Any]:
+    """Every plain value (number, string, bytes, bool, None) of a tree by dotted path; modules' internals
+    and tensors are left out (tensors are compared on their own)."""
+    return {path or "<root>": value for path, value, _ in walk(obj, descend=lambda _, v: not is_module_like(v))
+            if isinstance(value, LEAF_TYPES) and not is_tensor_like(value) and children_of(value) is None}
+
+
+def _same_plain(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
+        return False
+    return bool(x == y) or (isinstance(x, float) and x != x and y != y)
+
+
+def _compare_plain(report: DiffReport, a: Any, b: Any) -> None:
+    pa, pb = _plain_values(a), _plain_values(b)
+    report.plain_only_a = [k for k in pa if k not in pb]
+    report.plain_only_b = [k for k in pb if k not in pa]
+    common = [k for k in pa if k in pb]
+    report.plain_compared = len(common)
+    report.plain_changed = [(k, pa[k], pb[k]) for k in common if not _same_plain(pa[k], pb[k])]
 
 
 def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
@@ -103,10 +175,13 @@ def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
         return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
 
 
-def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: float = 0.0,
-         progress: Any = None, policy: Any = None, trust: bool = False, allow: Any = None,
-         storage_options: Any = None) -> DiffReport:
-    """Compare two checkpoints. Without ``values`` only structure is read (no tensor data, no torch).
+def diff(a: SourceLike, b: SourceLike, *, values: bool = True, key: str | None = None, atol: float = 0.0,
+         progress: Callable[[int, int], None] | None = None, policy: Policy | None = None, trust: bool = False,
+         allow: Iterable[str] | str | None = None, storage_options: Mapping[str, Any] | None = None) -> DiffReport:
+    """Compare two checkpoints: keys, shapes, dtypes, plain values (epoch, lr, config) and tensor values.
+
+    ``values=False`` compares structure and plain values only (no tensor data is read, no torch): the
+    report's :attr:`~DiffReport.equal` is then ``None`` (not checked) unless something differs.
 
     With ``values`` each pair of tensors is streamed in chunks of at most :data:`CHUNK_BYTES` in its own
     dtype (upcast per chunk only where needed); a chunk whose bytes are equal costs one comparison.
@@ -125,6 +200,7 @@ def diff(a: Any, b: Any, *, values: bool = False, key: str | None = None, atol: 
         assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
         ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
         report = DiffReport(sa.name, sb.name)
+        _compare_plain(report, la.obj, lb.obj)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
         shapes_b = {k: tuple(v.shape) for k, v in tb.items() if is_tensor_like(v)}
         alignment = align_keys(shapes_a, shapes_b)
@@ -186,6 +262,8 @@ def _compare(x: Any, y: Any, key: str) -> TensorDiff:
     """Max abs / relative difference and non-finite counts of two tensors of one shape, chunk by chunk."""
     import torch
 
+    # quantized tensors: the values they stand for (a byte view of one crashes torch, and it has no arithmetic)
+    x, y = (t.dequantize() if getattr(t, "is_quantized", False) else t for t in (x, y))
     ct = _compute_dtype(x, y)
     xf, yf = _flat(x), _flat(y)
     total = xf.numel()

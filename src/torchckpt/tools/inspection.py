@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
 from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
-    state_dict_of, walk
+    state_dict_of, state_tensors, walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
 from ..read import Stub, Verdict, stub_name
@@ -53,6 +53,7 @@ class InspectReport:
     locations: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    scalars: dict[str, int | float | bool] = field(default_factory=dict)  # plain numbers by path, typed (not in JSON)
 
     @property
     def total_parameters(self) -> int:
@@ -173,7 +174,7 @@ def _collect(obj: Any, report: InspectReport) -> None:
         if is_tensor_like(value):
             report.tensors.append(_tensor_info(path or "<root>", value))
         elif is_module_like(value):
-            for k, t in state_dict_of(value).items():
+            for k, t in state_tensors(state_dict_of(value)):
                 report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
             if path:
                 report.values.append((path, _type_name(value), repr(value)))
@@ -184,6 +185,8 @@ def _collect(obj: Any, report: InspectReport) -> None:
                 report.values.append((path, _type_name(value), repr(value)))
         elif _children(value) is None and len(report.values) < MAX_VALUES:
             report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
+            if isinstance(value, (int, float, bool)):
+                report.scalars[path or "<root>"] = value
 
 
 def _optimizer_summary(opt: dict[str, Any]) -> str:

@@ -186,11 +186,14 @@ def _checkpoint_dir(path: str) -> bool:
 
 
 def _scan_dir(directory: str, strict: bool, policy: Policy) -> list[FileScan]:
-    """The directory as one checkpoint, then every file in it that the read did not touch. A file that
-    resolves outside the directory is not part of it: if the read named it, that is already an unsafe
-    finding, and it is not read here either."""
+    """The directory as one checkpoint, then its files on their own: for a Hugging Face or accelerate
+    folder every file (``model.safetensors`` is a checkpoint by itself too), for a DCP directory those the
+    read did not touch (its ``.distcp`` shards are not). A file that resolves outside the directory is not
+    part of it: if the read named it, that is already an unsafe finding, and it is not read here either."""
     result = scan_file(directory, strict=strict, policy=policy)
-    named = {src for src, _, _ in result.ranges if "\x00" not in src} | {os.path.join(directory, ".metadata")}
+    named = {os.path.join(directory, ".metadata")}
+    if is_dcp_dir(directory):
+        named |= {src for src, _, _ in result.ranges if "\x00" not in src}
     read = {os.path.realpath(src) for src in named}  # item names (file[key]) match no file: harmless
     rest = []
     for name in sorted(os.listdir(directory)):

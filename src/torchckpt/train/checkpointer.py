@@ -13,6 +13,7 @@ each one names the steps it wants kept, and a checkpoint survives if any policy 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -26,7 +27,7 @@ from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpoin
 from ..storage.atomic import clean_temp_files, os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
-from . import distributed, store
+from . import distributed, exit_guard, store
 from .fsspec_store import RemoteStore, resume_url
 from .restore import resume_file
 from .snapshot import cpu_snapshot
@@ -105,9 +106,12 @@ class Checkpointer:
         keep_best, monitor, mode: also keep the ``keep_best`` best by ``metrics[monitor]``.
         every_n_steps: ``save`` writes only when ``step % every_n_steps == 0`` (or ``force=True``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
-        async_save: ``save`` copies the state to CPU memory and returns; writing happens in one
-            background thread (never two writes at once). Errors surface on the next ``save``,
-            on ``wait()`` or on ``close()``.
+        async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
+            returns; writing happens in one background thread (never two writes at once). Errors
+            surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
+            ``close()``: if the program ends first, torchckpt waits for the write (at most
+            ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
+            makes the exit status 1 (see :mod:`torchckpt.train.exit_guard`).
         weights_format: ``"pt"`` or ``"safetensors"`` for the model weights.
         policies: extra :class:`RetentionPolicy` objects.
         storage_options: options for the fsspec filesystem when ``directory`` is a URL
@@ -206,40 +210,50 @@ class Checkpointer:
         """
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
+        sharded = distributed.in_use(model)
+        if sharded and self._remote is not None:
+            raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
+                                      "local or shared file system only; give the Checkpointer a path, not a URL")
+        # Everything (RNG states included) is captured now, before waiting for the previous background
+        # write: that thread may draw from the global RNGs meanwhile (botocore's retry jitter uses `random`).
+        if sharded:
+            state = distributed.capture_dcp(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                            extra=extra, stateful=stateful, info={"step": step, "epoch": epoch})
+        else:
+            payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                              step=step, metrics=metrics, extra=extra, stateful=stateful)
         self._raise_pending()
         if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
             self._writer.acquire()
             self._tidy()
-        if distributed.in_use(model):
-            if self._remote is not None:
-                raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
-                                          "local or shared file system only; give the Checkpointer a path, not a URL")
-            return self._save_sharded(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                      epoch=epoch, metrics=metrics, extra=extra, stateful=stateful)
-        payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                          step=step, metrics=metrics, extra=extra, stateful=stateful)
+        if sharded:
+            return self._save_sharded(step, state, epoch=epoch, metrics=metrics)
         path = self.path_for(step)
         if self._executor is None:
             self._commit(path, payload)
             return path
         ready: list[Any] = []
         snapshot = cpu_snapshot(payload, self._buffers, ready)
-        with self._lock:
-            self._pending = self._executor.submit(self._commit, path, snapshot, ready)
+        self._submit(f"the background save of {path}", self._commit, path, snapshot, ready)
         return path
 
-    def _save_sharded(self, step: int, *, epoch: int | None, metrics: Mapping[str, Any] | None,
-                      **objects: Any) -> str:
+    def _submit(self, what: str, fn: Any, *args: Any) -> None:
+        """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
+        assert self._executor is not None
+        with self._lock:
+            self._pending = self._executor.submit(fn, *args)
+            exit_guard.track(self._pending, what, self._typed)
+
+    def _save_sharded(self, step: int, state: dict[str, Any], *, epoch: int | None,
+                      metrics: Mapping[str, Any] | None) -> str:
         """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
         self._dcp = self._dcp or distributed.DcpSaver(self.directory)
-        state = distributed.capture_dcp(**objects, info={"step": step, "epoch": epoch})
         path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
                                       async_save=self._executor is not None)
         if finish is None:
             self._apply_retention()
             return path
-        with self._lock:
-            self._pending = self._executor.submit(lambda: (finish(), self._apply_retention()))  # type: ignore
+        self._submit(f"the background save of {path}", lambda: (finish(), self._apply_retention()))
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
@@ -252,9 +266,22 @@ class Checkpointer:
         try:
             write = self._remote.write_payload if self._remote is not None else write_payload
             write(path, payload, self.weights_format)
-        finally:
-            self._store.end(path)  # committed, or every file of it removed
-        self._apply_retention()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            raise
+        # Committed: what fails from here on is housekeeping, a warning, never a failed save.
+        self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
+        self._after_commit(path, "apply retention", self._apply_retention)
+
+    @staticmethod
+    def _after_commit(path: str, what: str, step: Any) -> None:
+        try:
+            step()
+        except (OSError, CheckpointError) as exc:
+            why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
+            warnings.warn(f"torchckpt: saved {path}, but could not {what} ({why}); the checkpoint is committed, "
+                          "and the next save or resume tidies up", RetentionWarning, stacklevel=3)
 
     def _apply_retention(self) -> None:
         found = self.checkpoints()
@@ -282,15 +309,21 @@ class Checkpointer:
             pending, self._pending = self._pending, None
         if pending is None:
             return
+        exit_guard.settled(pending)
         try:
             pending.result() if block else None
-        except CheckpointError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
-            cause = os_error_in(exc)
-            if cause is None:
+            typed = self._typed(exc)
+            if typed is exc:
                 raise
-            raise write_error(self.directory, cause) from None
+            raise typed from None
+
+    def _typed(self, exc: BaseException) -> BaseException:
+        """The error a background write's exception is reported as (a write error when the file system failed)."""
+        if isinstance(exc, CheckpointError):
+            return exc
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        return exc if cause is None else write_error(self.directory, cause)
 
     def close(self) -> None:
         """Finish pending writes, stop the background thread and release the directory."""

@@ -149,37 +149,38 @@ class DcpSaver:
         if dist is not None and dist.get_rank() == 0:
             _discard_uncommitted(path)
         if dist is not None:
-            dist.barrier()  # nobody writes into the directory before it is clean
+            _barrier(dist, None, path, step, "before writing")  # nobody writes into the directory before it is clean
         if not async_save:
             try:
                 with _single_process_quiet():
                     dcp.save(state, checkpoint_id=path, no_dist=dist is None)
             except _failures() as exc:  # any rank's failure surfaces here, on every rank
-                raise _write_error(path, exc) from None
-            self._commit(path, meta, None)
+                raise _write_error(path, exc, step) from None
+            self._commit(path, meta, None, step)
             return path, None
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         if self._stager is None:  # reused: staged CPU buffers stay warm from one save to the next
             self._stager = DefaultStager(StagingOptions(False, False, False, False))
         if dist is not None and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+            # the caller's timeout, not gloo's 30-minute default: a hung rank must fail every live rank's save
+            self._group = dist.new_group(backend="gloo", timeout=caller_timeout(dist))
         try:
             future: Any = dcp.async_save(state, checkpoint_id=path, async_stager=self._stager,
                                     process_group=self._group, no_dist=dist is None)
         except _failures() as exc:
-            raise _write_error(path, exc) from None
+            raise _write_error(path, exc, step) from None
 
         def finish() -> None:
             try:
                 future.result()
             except _failures() as exc:
-                raise _write_error(path, exc) from None
-            self._commit(path, meta, self._group)
+                raise _write_error(path, exc, step) from None
+            self._commit(path, meta, self._group, step)
 
         return path, finish
 
-    def _commit(self, path: str, meta: dict[str, Any], group: Any) -> None:
+    def _commit(self, path: str, meta: dict[str, Any], group: Any, step: int) -> None:
         """Every rank's data and ``.metadata`` are on disk: rank 0 writes the marker, then all meet."""
         dist = _dist()
         if dist is None or dist.get_rank() == 0:
@@ -192,7 +193,7 @@ class DcpSaver:
             sidecar.write(path, {**meta, "format": DCP_FORMAT, "file": os.path.basename(path), "files": files,
                                  "size": sum(files.values())})
         if dist is not None:
-            dist.barrier(group=group)
+            _barrier(dist, group, path, step, "after the commit")
 
     def close(self) -> None:
         if self._stager is not None:
@@ -233,10 +234,35 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _write_error(path: str, exc: BaseException) -> CheckpointWriteError:
-    return CheckpointWriteError(f"distributed save failed (seen on rank {rank_and_world()[0]}): {_describe(exc)}",
+def _write_error(path: str, exc: BaseException, step: int | None = None) -> CheckpointWriteError:
+    what = f"distributed save of step {step}" if step is not None else "distributed save"
+    return CheckpointWriteError(f"{what} failed (seen on rank {rank_and_world()[0]}): {_describe(exc)}",
                                 path=path, hint="The previous checkpoint stays the latest one; this directory was "
                                 "not committed. Check the failing rank's disk and log, then save again.")
+
+
+def caller_timeout(dist: Any) -> Any:
+    """The timeout of the caller's default process group (``init_process_group(timeout=...)``), for the
+    groups torchckpt creates; None (torch's default) when it cannot be read."""
+    import torch
+
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return world._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return None
+
+
+def _barrier(dist: Any, group: Any, path: str, step: int, when: str) -> None:
+    """A barrier under the group's timeout; a rank that does not arrive (hung, killed) is a typed error."""
+    try:
+        dist.barrier(group=group)
+    except _failures() as exc:
+        err = _write_error(path, exc, step)
+        raise CheckpointWriteError(f"{err.reason} (waiting for every rank {when}; a rank hung or died?)",
+                                   path=path, hint=err.hint) from None
 
 
 def _discard_uncommitted(path: str) -> None:

@@ -21,16 +21,21 @@ if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resum
     from ..fit.align import RenameSpec
     from ..transforms import TransformSpec
 
-__all__ = ["resume_file", "load_payload"]
+__all__ = ["resume_file", "load_payload", "read_payload"]
 
 IN_MEMORY = "<in-memory checkpoint>"  # the name load_into gives a dict; resume puts the file name back
 
 
 def load_payload(path: str, map_location: Any) -> dict[str, Any]:
     """The payload of a training checkpoint file as a dict, its separate weights file (confined) loaded in."""
+    return read_payload(path, map_location)[0]
+
+
+def read_payload(path: str, map_location: Any) -> tuple[dict[str, Any], str]:
+    """:func:`load_payload` and the file's format description (``"PyTorch zip format (torch >= 1.6)"``)."""
     from ..read.load import load  # start-up cost: the readers load on the first resume, not with torchckpt.save
 
-    payload = load(path, map_location=map_location or "cpu")
+    payload, info = load(path, map_location=map_location or "cpu", return_info=True)
     if not isinstance(payload, dict):
         raise ResumeError("not a training checkpoint (the file holds a "
                           f"{type(payload).__name__})", path=path,
@@ -40,7 +45,7 @@ def load_payload(path: str, map_location: Any) -> dict[str, Any]:
         # the payload is untrusted: the weights file it names must lie beside it
         payload["model"] = load(confined_path(os.path.dirname(os.path.abspath(path)), model_file,
                                               what="weights file", checkpoint=path), map_location=map_location or "cpu")
-    return payload
+    return payload, info.description
 
 
 # top-level keys of the training dicts people write by hand (PyTorch tutorials, ImageNet example,
@@ -285,7 +290,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     path = os.fspath(path)
     if not verified:
         verify(path)
-    payload = load_payload(path, map_location)
+    payload, description = read_payload(path, map_location)
     ours = payload.get("format") == FORMAT
     step = payload.get("step", payload.get("global_step"))
     state = TrainingState(path=path, epoch=payload.get("epoch"), step=step,
@@ -301,7 +306,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     except CheckpointError as exc:
         exc.path = path if exc.path in (None, IN_MEMORY) else exc.path
         raise
-    state.report.source = path
+    state.report.source, state.report.format = path, description  # the file, not the dict it was read into
     if not ours:
         state.notes.append("not written by torchckpt.save: restored what could be recognised")
         state.extra = _foreign_extra(payload, state.report.weights_path if weights is payload else "model")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from ..storage import files
 from ..storage.remote import StorageOptions, is_url
 from .fsspec_store import RemoteStore
 from .training import capture, write_payload
@@ -32,6 +33,9 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     ``weights_format="safetensors"`` the weights go to ``<path>.safetensors`` beside the training state.
     """
     path = os.fspath(path)
+    # missing parent directories are created (as torch.save users expect of "checkpoint/x.pt"), durably
+    files.makedirs(path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path)),
+                   storage_options)
     payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
                       metrics=metrics, extra=extra, stateful=stateful, rng=rng)
     if is_url(path):

@@ -5,7 +5,7 @@ retention) runs in the writer's thread. The copy is made storage by storage, exa
 ``torch.save`` writes: tensors that share a storage (tied weights, views) still share one in the
 snapshot and in the file, as they would in a synchronous save. Each CPU storage is copied with one
 ``memmove`` into a buffer kept from the previous save (warm memory copies about twice as fast as fresh
-allocations). ``memmove`` releases the GIL and does not go through torch's intra-op thread pool: waking
+allocations; fresh ones are ordinary pages, see :func:`_new_buffer`). ``memmove`` releases the GIL and does not go through torch's intra-op thread pool: waking
 that pool from sleep costs tens of milliseconds on a busy machine, far more than copying a few MiB.
 
 CUDA tensors go to pinned buffers with asynchronous copies; one event per device tells the writer when
@@ -15,31 +15,24 @@ they have landed. Other devices and tensor kinds (quantized, sparse, conjugate v
 from __future__ import annotations
 
 import ctypes
-import mmap
 from typing import Any
 
 __all__ = ["cpu_snapshot"]
 
 _memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
-_HUGE_PAGE = 2 << 20
 
 
 def _new_buffer(nbytes: int) -> Any:
-    """A CPU storage of ``nbytes``; a large one in transparent huge pages where the kernel has them.
+    """A CPU storage of ``nbytes`` in ordinary pages.
 
-    The first save writes every buffer for the first time: with 2 MiB pages that costs one page fault
-    per 2 MiB instead of one per 4 KiB (48 MiB: 11 ms instead of 45-52 ms, measured).
+    Not ``madvise(MADV_HUGEPAGE)``: with the kernel's default THP defrag setting (``madvise``) such a
+    region is filled by synchronous memory compaction, and on a machine whose memory is full of page
+    cache (a training machine that has been writing checkpoints) that made the first async snapshot
+    5-6x slower: 512 MiB in 4 MiB buffers took 7.6-9.2 s instead of 1.3-1.6 s (bench/bench_save.py, issue 27).
     """
     import torch
 
-    if nbytes >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            memory.madvise(mmap.MADV_HUGEPAGE)
-            return torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()  # keeps the mapping alive
-        except (OSError, ValueError):
-            pass
     return torch.UntypedStorage(nbytes)
 
 

@@ -56,6 +56,15 @@ class TrainingState:
     optimizer: Any = None  # an OptimizerRemap when the optimizer state was remapped (the model changed)
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        """Short: the RNG states are summarised (they are hundreds of numbers), the load report is one line."""
+        rng = f"<{', '.join(map(str, self.rng))}>" if isinstance(self.rng, dict) else repr(self.rng)
+        report = self.report.summary_line() if hasattr(self.report, "summary_line") else repr(self.report)
+        extra = repr(self.extra)
+        extra = extra if len(extra) <= 200 else extra[:197] + "..."
+        return (f"TrainingState(path={self.path!r}, epoch={self.epoch!r}, step={self.step!r}, "
+                f"metrics={self.metrics!r}, extra={extra}, rng={rng}, report={report!r}, notes={self.notes!r})")
+
     def restore_rng(self) -> None:
         """Restore every RNG as saved (``resume`` does this unless ``restore_rng=False``)."""
         if self.rng:

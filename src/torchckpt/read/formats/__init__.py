@@ -29,7 +29,7 @@ from .lua_t7 import read_t7
 from .sharded import read_sharded_index
 from .simple import read_numpy, read_pickle, read_safetensors
 from .torch_legacy import read_torch_legacy, read_torch_tar
-from .torch_zip import check_zip, open_zip, read_torch_zip
+from .torch_zip import check_zip, expected_zip_size, open_zip, read_torch_zip
 from .torchscript_v1 import read_torchscript_v1
 
 __all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "deepspeed_kind", "read_deepspeed", "read_universal", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
@@ -103,8 +103,6 @@ _FOREIGN = ("hdf5", "protobuf", "gguf")
 _TRUNCATED: dict[str, tuple[_Reason, str | None]] = {
     "empty": (lambda src, s: "the file is empty (0 bytes)",
               "The save or download did not complete: fetch or save it again."),
-    "bad-zip": (lambda src, s: f"a zip archive (the PyTorch format) whose central directory is missing or damaged; "
-                               f"the file is {src.size} bytes", None),
 }
 _UNSUPPORTED: dict[str, tuple[type[UnsupportedFormatError], _Reason, str | None]] = {
     "git-lfs": (NotACheckpointError,
@@ -156,6 +154,11 @@ def diagnose(src: Source, sniffed: Sniffed) -> CheckpointError:
     kind = sniffed.kind
     if kind == DCP_SHARD:
         return _shard_error(src)
+    if kind == "bad-zip":
+        expected, exact, missing = expected_zip_size(src)
+        size = f"{'' if exact else 'at least '}{expected:,} bytes expected" if expected else "expected size unknown"
+        return TruncatedCheckpointError(f"a zip archive (the PyTorch format) cut short: the file is {src.size:,} bytes, "
+                                        f"{size}; {missing}", expected_size=expected, actual_size=src.size)
     if kind in _TRUNCATED:
         reason, hint = _TRUNCATED[kind]
         return TruncatedCheckpointError(reason(src, sniffed), hint=hint, actual_size=src.size)

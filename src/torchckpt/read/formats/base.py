@@ -77,6 +77,7 @@ class ReadOptions:
     read_child: Callable[[Source, "ReadOptions"], "Checkpoint"] | None = None
     storage_options: dict[str, Any] | None = None  # fsspec options for URLs (shards, DCP files beside them)
     meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
+    workers: int | None = None  # threads reading the parts of a sharded checkpoint (None: parallel.default_workers)
     mapped: list[Source] = field(default_factory=list)  # every source a tensor of this read maps
 
     def mapped_storage(self, src: Source, offset: int, nbytes: int) -> Any:

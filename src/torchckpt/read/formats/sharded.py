@@ -12,6 +12,7 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError
 from ...storage.remote import join
 from ...storage.source import Source, confined_path
 from .base import Checkpoint, ReadOptions
+from .parallel import read_parts
 
 __all__ = ["read_sharded_index"]
 
@@ -35,7 +36,8 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
     assert opts.read_child is not None, "the opener passes the format dispatcher"
     itself = src.url if src.url is not None else os.path.realpath(src.path or "")
-    for shard in shards:
+    paths: dict[str, str] = {}
+    for shard in shards:  # every name is checked before any shard is read
         path = confined_path(folder, shard, what="shard", checkpoint=src.name)
         if shard.endswith(".json") or path == itself:
             raise CorruptCheckpointError(f"the index names another index ({shard!r:.120}) as a shard")
@@ -43,22 +45,32 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         if src.url is None and not os.path.isfile(path):
             raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
                                           hint="Download every shard next to the index file.")
+        paths[shard] = path
+    wanted: dict[str, list[str]] = {shard: [] for shard in shards}
+    for key, shard in weight_map.items():
+        wanted[shard].append(key)
+
+    def read_shard(shard: str, shard_opts: ReadOptions) -> tuple[dict[str, Any], list[str]]:
+        shown = join(folder, shard)
         try:
-            shard_src = Source(path, name=shown, storage_options=opts.storage_options)
+            shard_src = Source(paths[shard], name=shown, storage_options=shard_opts.storage_options)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(f"shard {shard} listed in the index is missing", path=shown,
                                           hint="Upload every shard next to the index file.") from None
+        assert shard_opts.read_child is not None
         with shard_src:
-            part = opts.read_child(shard_src, opts)
+            part = shard_opts.read_child(shard_src, shard_opts)
         tensors = part.obj if isinstance(part.obj, dict) else {}
-        wanted = [k for k, v in weight_map.items() if v == shard]
-        missing = [k for k in wanted if k not in tensors]
+        missing = [k for k in wanted[shard] if k not in tensors]
         if missing:
             raise CorruptCheckpointError(f"shard {shard} lacks {len(missing)} tensors the index puts there, "
-                                         f"e.g. {missing[0]!r}", path=path)
-        for key in wanted:
-            merged[key] = tensors[key]
-        loaded.notes.extend(f"{shard}: {note}" for note in part.notes)
+                                         f"e.g. {missing[0]!r}", path=paths[shard])
+        return {key: tensors[key] for key in wanted[shard]}, part.notes
+
+    # the shards are read side by side (opts.workers threads), merged in the index's order
+    for shard, (tensors, notes) in zip(shards, read_parts(opts, shards, read_shard)):
+        merged.update(tensors)
+        loaded.notes.extend(f"{shard}: {note}" for note in notes)
     loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
     metadata = index.get("metadata") or {}
     loaded.details["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}

@@ -26,7 +26,7 @@ from ..unpickle.budget import Budget, Meter
 from ..unpickle.mode import Mode
 from .base import Check, Checkpoint, ReadOptions, StorageBudget, ascii_text, run_pickle
 
-__all__ = ["read_torch_zip", "open_zip", "member_data_offset", "read_member", "check_zip", "torchscript_declarations"]
+__all__ = ["read_torch_zip", "expected_zip_size", "open_zip", "member_data_offset", "read_member", "check_zip", "torchscript_declarations"]
 
 
 def open_zip(src: Source) -> zipfile.ZipFile:
@@ -320,3 +320,93 @@ def torchscript_declarations(zf: zipfile.ZipFile, prefix: str, src: Source) -> d
                 decl[lm.group(1)] = re.findall(r'"([^"]*)"', lm.group(2))
             out[f"{module}.{m.group(1)}"] = decl
     return out
+
+
+_SCAN_CHUNK = 16 << 20
+_MAX_MEMBERS = 100_000
+
+
+def _descriptor_end(src: Source, start: int) -> tuple[int, int] | None:
+    """``(data end, descriptor end)`` for member data starting at ``start``: the first ``PK\\x07\\x08``
+    whose compressed size (32- or 64-bit) equals the bytes before it. None when the file ends first."""
+    pos = start
+    while pos < src.size:
+        chunk = src.read_at(pos, _SCAN_CHUNK + 24)
+        at = chunk.find(b"PK\x07\x08")
+        while at != -1 and at < _SCAN_CHUNK:
+            here = pos + at
+            tail = chunk[at:at + 24]
+            if len(tail) >= 16 and struct.unpack("<I", tail[8:12])[0] == here - start:
+                return here, here + 16
+            if len(tail) >= 24 and struct.unpack("<Q", tail[8:16])[0] == here - start:
+                return here, here + 24
+            at = chunk.find(b"PK\x07\x08", at + 1)
+        pos += _SCAN_CHUNK
+    return None
+
+
+def _declared_storages(src: Source, start: int, end: int) -> dict[str, int] | None:
+    """Storage key -> bytes, as the pickle ``[start, end)`` (a complete ``data.pkl``) declares them; run in
+    structure mode under the default policy and budget (nothing is imported, no tensor data is read)."""
+    declared: dict[str, int] = {}
+
+    def record(pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and isinstance(pid[1], StorageType) and isinstance(pid[4], int):
+            declared[ascii_text(pid[2])] = pid[4] * pid[1].itemsize
+            return pid[1].meta(pid[4] * pid[1].itemsize, ascii_text(pid[3]))
+        raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.100}")
+
+    try:
+        run_pickle(ReadOptions(mode=Mode.STRUCTURE), src.read_at(start, end - start), src, "data.pkl",
+                   persistent_load=record)
+    except (CheckpointError, ValueError):
+        return None
+    return declared
+
+
+def expected_zip_size(src: Source) -> tuple[int | None, bool, str]:
+    """For a zip archive without its central directory: ``(expected size, exact, what is missing)``.
+
+    Walks the local member records from the start (each one's end found from its header or its data
+    descriptor). When every member is complete, the expected size is where their data ends plus the
+    central directory they need and the end records torch writes (zip64 locator and end record): exact
+    for files written by ``torch.save``. When the file is cut inside a member, the storage sizes that the
+    (complete) ``data.pkl`` declares give a lower bound. Local files and bytes only (a URL would be read
+    whole); ``(None, False, ...)`` when nothing can be said.
+    """
+    if src.url is not None:
+        return None, False, "the central directory is missing"
+    offset, directory, members, done = 0, 0, 0, set()
+    pickle_range: tuple[int, int] | None = None
+    while offset + 30 <= src.size and members < _MAX_MEMBERS:
+        header = src.read_at(offset, 30)
+        if header[:4] != b"PK\x03\x04":
+            break
+        flags, compressed, name_len, extra_len = (struct.unpack("<H", header[6:8])[0],
+                                                  struct.unpack("<I", header[18:22])[0],
+                                                  *struct.unpack("<HH", header[26:30]))
+        name = src.read_at(offset + 30, name_len).decode("utf-8", "replace")
+        start = offset + 30 + name_len + extra_len
+        ends = _descriptor_end(src, start) if flags & 0x8 else \
+            ((start + compressed, start + compressed) if compressed != 0xFFFFFFFF else None)
+        if ends is None or ends[1] > src.size:
+            cut = f"the file is cut inside member {name!r} (its data starts at byte {start:,})"
+            if pickle_range is None:
+                return None, False, cut
+            declared = _declared_storages(src, *pickle_range)
+            prefix = name.split("/", 1)[0]
+            missing = sum(n for key, n in (declared or {}).items() if f"{prefix}/data/{key}" not in done)
+            if not declared:
+                return None, False, cut
+            later = sum(46 + (30 if f"{prefix}/data/{k}" != name else 0) + len(f"{prefix}/data/{k}".encode())
+                        for k in declared if f"{prefix}/data/{k}" not in done)  # headers and directory entries
+            return start + missing + later + directory + 56 + 20 + 22, False, cut
+        if name.endswith("/data.pkl") and pickle_range is None:
+            pickle_range = (start, ends[0])
+        done.add(name)
+        directory += 46 + name_len
+        members += 1
+        offset = ends[1]
+    if not members or offset < src.size and src.read_at(offset, 4) != b"PK\x01\x02":
+        return None, False, "the central directory is missing"
+    return offset + directory + 56 + 20 + 22, True, f"the central directory of its {members} members is missing"

@@ -86,6 +86,16 @@ class Meter:
         self._max_steps = max(b.steps, b.amplification * self.input_size)
         self._max_bytes = max(b.min_bytes, b.amplification * self.input_size)
 
+    def absorb(self, other: "Meter") -> None:
+        """Charge here what ``other`` counted (a part of the same read, read on its own thread): its input
+        widens the allowance, its work is added, and the total is checked against this meter's limits."""
+        self.add_input(other.input_size)
+        self.materialised += other.materialised
+        for source, nbytes in other.inflated.items():
+            self.inflated[source] = self.inflated.get(source, 0) + nbytes
+        self.step(other.steps)
+        self.materialise(0)
+
     def step(self, n: int) -> None:
         """Charge ``n`` units of work."""
         self.steps += n

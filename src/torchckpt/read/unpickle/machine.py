@@ -32,6 +32,7 @@ from .mode import Mode
 from .policy import Policy, Verdict
 from .py2 import Py2Bytes
 from .safe_globals import SafeCallable, StorageType
+from .modules import torch_module_class
 from .stubs import Stub, stub_class
 from .torch_rebuild import Marker
 
@@ -330,6 +331,13 @@ class Unpickler:
         """Whether ``cls`` was imported for real because the caller trusted it (``trust`` / ``allow``)."""
         return self._real.get(id(cls)) is cls
 
+    def value_only(self, cls: Any) -> bool:
+        """A torch.nn class made real because the caller allowed their own classes (not this one): it is
+        built as a value (NEWOBJ, then a checked BUILD), never called (its ``__init__`` would allocate
+        whatever sizes the file asks for)."""
+        return not self.policy.imports_real(getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")) \
+            and torch_module_class(getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")) is cls
+
     def trusted_instance(self, obj: Any) -> bool:
         return self._real.get(id(type(obj))) is type(obj)
 
@@ -366,7 +374,8 @@ class Unpickler:
             return func(*args)
         if isinstance(func, FunctionRef):  # a torch function called by the pickle: recorded, as for any stub
             return stub_class(func.module, func.name)(*args, **(kwargs or {}))
-        if self.trusted_class(func) or (self.policy.trust and self.mode is not Mode.RECORD and callable(func)
+        if self.trusted_class(func) and not self.value_only(func) or (self.policy.trust and self.mode is not Mode.RECORD
+                                                                    and callable(func)
                                         and not isinstance(func, (MetaStorage, TensorMeta))):
             return func(*args, **kwargs) if kwargs else func(*args)
         raise self._error(f"the pickle calls a {type(func).__name__}, which this policy does not call", offset)

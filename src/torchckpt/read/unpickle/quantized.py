@@ -19,6 +19,7 @@ build alone.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from ...errors import CorruptCheckpointError
@@ -165,16 +166,21 @@ def rebuild_qtensor(storage: Any, storage_offset: Any, size: Any, stride: Any, q
     _check_layout(size, stride)
     scheme, scale, zero_point, axis = check_quantizer(quantizer_params, size, dtype)
     zeros = [0] * len(size)  # allocate nothing: the view below is the tensor
-    if axis is None:
-        q = torch._empty_affine_quantized(zeros, scale=scale, zero_point=zero_point, dtype=storage.dtype)
-    else:
-        _check_values(scheme, scale, zero_point, dtype)
-        q = torch._empty_per_channel_affine_quantized(zeros, scales=scale.to(torch.float64),
-                                                      zero_points=zero_point if scheme != "per_channel_affine"
-                                                      else zero_point.to(torch.int64), axis=axis,
-                                                      dtype=storage.dtype)
+    with warnings.catch_warnings():  # torch 2.13 deprecates making quantized tensors; reading them is the job
+        warnings.simplefilter("ignore", UserWarning)
+        q = _empty_quantized(torch, zeros, scheme, scale, zero_point, axis, dtype, storage.dtype)
     q.set_(storage, offset, size, stride)
     return q
+
+
+def _empty_quantized(torch: Any, zeros: list[int], scheme: str, scale: Any, zero_point: Any, axis: int | None,
+                     dtype: str, torch_dtype: Any) -> Any:
+    if axis is None:
+        return torch._empty_affine_quantized(zeros, scale=scale, zero_point=zero_point, dtype=torch_dtype)
+    _check_values(scheme, scale, zero_point, dtype)
+    return torch._empty_per_channel_affine_quantized(zeros, scales=scale.to(torch.float64),
+                                                     zero_points=zero_point if scheme != "per_channel_affine"
+                                                     else zero_point.to(torch.int64), axis=axis, dtype=torch_dtype)
 
 
 def meta_rebuild_qtensor(storage: Any, storage_offset: Any, size: Any, stride: Any, quantizer_params: Any,

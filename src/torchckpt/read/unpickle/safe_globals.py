@@ -29,6 +29,7 @@ from .functions import safe_getattr, torch_function_ref
 from .quantized import (PACKED_CLASSES, finish_script_object, meta_rebuild_qtensor, packed_object, rebuild_qtensor,
                         script_object)
 from .policy import ALLOWLIST, Policy, Verdict, canonical_global
+from .modules import build_module, is_module, torch_module_class
 from .stubs import Stub, stub_class
 from .torch_rebuild import (Marker, get_layout, legacy_parameter, legacy_variable, rebuild_device_tensor_from_numpy,
                             rebuild_from_type_v2, rebuild_meta_tensor_no_storage, rebuild_parameter,
@@ -341,6 +342,12 @@ def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode
             return _attr("torch", cname)
         if cmod in ("numpy", "numpy.dtypes"):
             return Marker(f"{cmod}.{cname}", _attr(cmod, cname))
+    if mode is Mode.BUILD and policy.allow and not policy.trust and not policy.imports_real(module, name):
+        # the caller allowed their own classes: the torch.nn layers they are made of are real values too,
+        # built by modules.build_module (never called, never their __setstate__)
+        nn_class = torch_module_class(cmod, cname)
+        if nn_class is not None:
+            return nn_class
     if verdict is Verdict.UNKNOWN and not (mode is not Mode.RECORD and policy.imports_real(module, name)):
         ref = torch_function_ref(cmod, cname)  # torch.sigmoid, F.relu stored as an activation: a reference
         if ref is not None:
@@ -398,6 +405,9 @@ def build(u: Any, inst: Any, state: Any) -> Any:
             inst.requires_grad_(state[-3])
         return inst
     real = u.trusted_instance(inst)
+    if real and is_module(inst) and not u.policy.trust:  # allow=: a module is built as a checked value
+        build_module(inst, state)
+        return inst
     if real:
         _trusted_build(inst, state)
         return inst

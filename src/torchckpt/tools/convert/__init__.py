@@ -13,14 +13,15 @@ from typing import Any, Iterable
 
 from ...read import Policy, resolve_policy
 from .to_dcp import convert_to_dcp
-from .to_file import ConvertReport, Progress
+from ...storage.source import SourceLike
+from .to_file import ConvertReport, FloatDtype, OutputFormat, Progress, output_format
 from .to_file import convert as convert_file
 
 __all__ = ["convert", "ConvertReport"]
 
 
-def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
-            key: str | None = None, policy: Policy | None = None, trust: bool = False,
+def convert(src: SourceLike, dst: str | os.PathLike[str], *, to: OutputFormat | None = None,
+            dtype: FloatDtype | None = None, weights_only: bool = False, key: str | None = None, policy: Policy | None = None, trust: bool = False,
             allow: Iterable[str] | str | None = None, progress: Progress | None = None,
             storage_options: Any = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it; ``to`` defaults from the extension of ``dst``.
@@ -29,7 +30,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     torch.distributed.checkpoint directory (also chosen by a destination ending in ``.dcp``).
     """
     dst = os.fspath(dst)
-    if to == "dcp" or (to is None and dst.rstrip("/\\").endswith(".dcp")):
+    if output_format(dst, to) == "dcp":
         return convert_to_dcp(src, dst, dtype=dtype, weights_only=weights_only, key=key,
                               policy=resolve_policy(policy, trust, allow), progress=progress,
                               storage_options=storage_options)

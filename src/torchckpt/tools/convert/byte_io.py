@@ -84,6 +84,8 @@ def same_bits(got: Any, want: Any) -> bool:
 
     if got is None or tuple(got.shape) != tuple(want.shape):
         return False
+    if want.is_quantized or got.is_quantized:  # no byte view of a quantized tensor (torch crashes on one)
+        return same_quantized(got, want)
     if got.dtype != want.dtype:
         got = got.to(want.dtype)
     if want.numel() and got.stride() == want.stride():
@@ -94,6 +96,21 @@ def same_bits(got: Any, want: Any) -> bool:
         return equal_bytes(_bytes_of(got), _bytes_of(want))
     except (RuntimeError, TypeError):  # dtypes without a byte view (quantized): compare values
         return torch.equal(got, want)
+
+
+def same_quantized(got: Any, want: Any) -> bool:
+    """Two quantized tensors with the same dtype, qscheme, integer values, scales, zero points and axis."""
+    import torch
+
+    if not (got.is_quantized and want.is_quantized) or got.dtype != want.dtype or got.qscheme() != want.qscheme():
+        return False
+    if not torch.equal(got.int_repr(), want.int_repr()):
+        return False
+    if got.qscheme() == torch.per_tensor_affine:
+        return bool(got.q_scale() == want.q_scale() and got.q_zero_point() == want.q_zero_point())
+    return bool(torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+                and torch.equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points())
+                and got.q_per_channel_axis() == want.q_per_channel_axis())
 
 
 def _mapped_bytes(source: Any, offset: int, nbytes: int) -> Any:

@@ -24,13 +24,13 @@ from ...fit.tree import flatten, is_tensor_like
 from ...read.opener import open_checkpoint
 from ...read.trust import Policy
 from ...read import Mode
-from .to_file import ConvertReport, Materializer, Progress, float_dtype, part_to_write
+from .to_file import ConvertReport, FloatDtype, Materializer, Progress, float_dtype, part_to_write
 from .byte_io import same_bits
 
 __all__ = ["convert_to_dcp"]
 
 
-def convert_to_dcp(src: Any, dst: str, *, dtype: str | None = None, weights_only: bool = False,
+def convert_to_dcp(src: Any, dst: str, *, dtype: FloatDtype | None = None, weights_only: bool = False,
                    key: str | None = None, policy: Policy | None = None,
                    progress: Progress | None = None, storage_options: Any = None) -> ConvertReport:
     """Write ``src`` as a DCP directory ``dst`` (which must not exist yet) and verify it."""

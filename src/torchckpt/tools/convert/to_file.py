@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -25,7 +25,8 @@ from ...errors import CorruptCheckpointError, LimitExceededError
 from ...fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
     state_dict_of
 from ...read.opener import open_checkpoint
-from ...read import LuaFunction, Mode, Stub, T7Object, is_stub_class, stub_name, stub_to_plain, tensor_bytes, write_safetensors
+from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, is_stub_class, stub_name, \
+    stub_to_plain, tensor_bytes, write_safetensors
 from ...read.load import load
 from ...read.tensors import dtype_name, release, to_torch
 from ...read.trust import Policy, resolve_policy
@@ -66,7 +67,8 @@ class ConvertReport:
     __str__ = render
 
 
-def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = None, weights_only: bool = False,
+def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatDtype | None = None,
+            weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
             allow: Iterable[str] | str | None = None, progress: Progress | None = None,
             storage_options: Any = None) -> ConvertReport:
@@ -94,7 +96,7 @@ def convert(src: Any, dst: str, *, to: str | None = None, dtype: str | None = No
     if is_url(dst):
         return _convert_to_url(src, dst, storage_options, to=to, dtype=dtype, weights_only=weights_only, key=key,
                                policy=policy, trust=trust, allow=allow, progress=progress)
-    to = to or ("safetensors" if dst.endswith(".safetensors") else "pt")
+    to = output_format(dst, to)
     if to not in ("pt", "safetensors"):
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = float_dtype(dtype) if dtype else None
@@ -142,8 +144,7 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
     try:
         local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])
-        if not kwargs.get("to"):
-            kwargs["to"] = "safetensors" if dst.endswith(".safetensors") else "pt"
+        kwargs["to"] = output_format(dst, kwargs.get("to"))
         report = convert(src, local, storage_options=storage_options, **kwargs)
         with open(local, "rb") as fh, storage.write_whole(dst, storage_options) as out:
             shutil.copyfileobj(fh, out, 8 << 20)
@@ -198,9 +199,35 @@ def _itemsize(t: Any) -> int:
     return int(t.dtype.itemsize)
 
 
+# what people type for a floating-point dtype -> torch's name (torch.half, "fp16", "bf16" ...)
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
+                 "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
+FloatDtype = Literal["float32", "float16", "bfloat16", "float64", "fp32", "float", "single", "fp16", "half", "bf16",
+                     "fp64", "double"]
+OutputFormat = Literal["pt", "safetensors", "dcp"]
+# destination extensions that mean a torch.save file; anything else needs an explicit ``to``
+PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle")
+
+
+def output_format(dst: str, to: OutputFormat | None) -> OutputFormat:
+    """``to``, or the format ``dst``'s extension names; an unknown extension is refused (no silent .pt)."""
+    if to:
+        return to
+    name = dst.rstrip("/\\").lower()
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith(".dcp"):
+        return "dcp"
+    if name.endswith(PT_EXTENSIONS):
+        return "pt"
+    raise ValueError(f"cannot tell the output format from {dst!r}: use a .pt/.pth/.bin/.ckpt, .safetensors or .dcp "
+                     "name, or pass to='pt' / 'safetensors' / 'dcp' (--to / --format on the command line)")
+
+
 def float_dtype(name: str) -> Any:
     import torch  # lazy: only a cast needs torch's dtype objects
 
+    name = DTYPE_ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     value = getattr(torch, dtype_name(name), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype name (bfloat16, float16, float32), not {name!r}")
@@ -243,6 +270,9 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
     elif is_stub_class(obj):
         note("references to unimported classes -> names")
         out = stub_name(obj)
+    elif isinstance(obj, FunctionRef):
+        note("references to torch functions -> names")
+        out = obj.qualified_name
     elif isinstance(obj, T7Object):
         note("Lua Torch7 objects -> plain dicts")
         out = {"__class__": obj.typename, **({"data": _modernize(obj.data, changes, d, memo)})}
@@ -258,7 +288,7 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
     elif isinstance(obj, (list, tuple)):
         values = [_modernize(v, changes, d, memo) for v in obj]
         out = tuple(values) if isinstance(obj, tuple) and type(obj).__module__ == "builtins" or \
-            type(obj).__name__ == "Size" else values
+            isinstance(obj, PackedParams) or type(obj).__name__ == "Size" else values  # packed: (weight, bias)
         if type(obj).__name__ == "Size":
             import torch
 
@@ -402,8 +432,10 @@ def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: Mate
     if to == "pt":
         import torch  # lazy: verification reads tensors
 
-        try:
-            torch.load(dst, weights_only=True, map_location="meta")  # the promise: plain torch can read it
+        # torch cannot make a per-channel quantized tensor on "meta": those files are read for real (mapped)
+        quantized = any(dtype_name(t).startswith(("qint", "quint")) for _, t in tensors)
+        try:  # the promise: plain torch can read it
+            torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None

@@ -56,12 +56,21 @@ class HealthWarning:
 
 @dataclass
 class LayerChange:
+    """How much one layer moved from the other checkpoint (the base) to this one.
+
+    ``change`` = ‖this − base‖ / max(‖base‖, √n · m), where n is the layer's size and m the median RMS of
+    the base checkpoint's floating-point layers: the change relative to the layer's own size, but never
+    relative to less than a typical layer of that size, so a zero-initialised bias that moved a little
+    does not outrank a real change (0 when equal; nan when either side is not finite, see ``nonfinite``).
+    """
+
     key: str
     other_key: str
-    change: float  # ‖a−b‖/‖a‖ (inf when ‖a‖ is 0 and b differs, nan when either is not finite)
-    diff_norm: float
-    norm: float
+    change: float
+    diff_norm: float  # ‖this − base‖
+    norm: float  # ‖base‖
     nbytes: int
+    nonfinite: str = ""  # "here": became NaN/Inf in this checkpoint; "other": only the base has them; "both"
 
 
 @dataclass
@@ -73,7 +82,7 @@ class CheckpointReport:
     findings: list[str] = field(default_factory=list)
     stats: list[TensorStats] = field(default_factory=list)
     warnings: list[HealthWarning] = field(default_factory=list)
-    training: list[tuple[str, str]] = field(default_factory=list)
+    training: list[tuple[str, Any]] = field(default_factory=list)  # numbers keep their type
     plan: Any = None  # a LoadReport (dry run) when ``against`` was given
     plan_error: str | None = None
     other: str | None = None
@@ -91,8 +100,45 @@ class CheckpointReport:
             entry[1] += s.nbytes
         return {k: (v[0], v[1]) for k, v in sorted(out.items(), key=lambda kv: -kv[1][1])}
 
+    @property
+    def weights_path(self) -> str:
+        """Where the model weights are in the checkpoint (``"state_dict"``; ``""`` for the root)."""
+        path = self.info.weights[0][0] if self.info.weights else "<root>"
+        return "" if path == "<root>" else path
+
+    def model_summary(self) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """``(modules, other)``: values and bytes per top-level module of the model weights (a wrapper
+        prefix such as ``module.`` looked through), and per top-level entry of everything else (optimizer
+        state, EMA copies ...), largest first."""
+        prefix = self.weights_path + "." if self.weights_path else ""
+        mine = [(s.key[len(prefix):], s) for s in self.stats if s.key.startswith(prefix)]
+        for _ in range(3):  # DataParallel / compile / Lightning wrappers: look through one shared first name
+            firsts = {k.split(".", 1)[0] for k, _ in mine if "." in k}
+            if len(firsts) != 1 or any("." not in k for k, _ in mine):
+                break
+            mine = [(k.split(".", 1)[1], st) for k, st in mine]
+        modules: dict[str, list[int]] = {}
+        for k, st in mine:
+            entry = modules.setdefault(k.split(".", 1)[0], [0, 0])
+            entry[0] += st.numel
+            entry[1] += st.nbytes
+        other: dict[str, list[int]] = {}
+        for st in self.stats:
+            if not st.key.startswith(prefix):
+                entry = other.setdefault(st.key.split(".", 1)[0], [0, 0])
+                entry[0] += st.numel
+                entry[1] += st.nbytes
+
+        def ranked(groups: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+            return sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda row: -row[1])
+        return ranked(modules), ranked(other)
+
     def to_dict(self) -> dict[str, Any]:
+        modules, other = self.model_summary()
         return {
+            "model_summary": {"weights": self.weights_path or "<root>",
+                              "modules": [{"module": m, "values": n, "bytes": b} for m, n, b in modules],
+                              "other": [{"entry": m, "values": n, "bytes": b} for m, n, b in other]},
             "path": self.info.path, "format": self.info.format, "description": self.info.description,
             "evidence": self.info.evidence, "file_size": self.info.file_size, "notes": self.info.notes,
             "safety": self.safety, "findings": self.findings,
@@ -122,6 +168,13 @@ class CheckpointReport:
     def __str__(self) -> str:
         lines = [f"{self.info.path}: {self.info.description}, {len(self.stats)} tensors, "
                  f"{sum(s.nbytes for s in self.stats):,} bytes; safety: {self.safety}"]
+        modules, other = self.model_summary()
+        if modules:
+            listed = ", ".join(f"{m} {n:,}" for m, n, _ in modules[:6]) + (", ..." if len(modules) > 6 else "")
+            lines.append(f"  model: {sum(n for _, n, _ in modules):,} values in {len(modules)} top-level modules "
+                         f"({listed})")
+        if other:
+            lines.append("  not model weights: " + ", ".join(f"{m} {n:,} values" for m, n, _ in other[:6]))
         lines += [f"  warning: {w.key}: {w.message}" for w in self.warnings[:20]]
         if len(self.warnings) > 20:
             lines.append(f"  ... and {len(self.warnings) - 20} more warnings")
@@ -130,6 +183,10 @@ class CheckpointReport:
         if self.plan_error:
             lines.append(f"  plan: {self.plan_error}")
         if self.other is not None:
+            broken = [c.key for c in self.changes if c.nonfinite in ("here", "both")]
+            if broken:
+                lines.append(f"  NaN/Inf against {self.other}: {len(broken)} layers: {', '.join(broken[:10])}"
+                             + (f", ... {len(broken) - 10} more" if len(broken) > 10 else ""))
             top = sorted((c for c in self.changes if not math.isnan(c.change) and c.change), key=lambda c: -c.change)[:5]
             lines.append(f"  diff against {self.other}: {len(self.changes)} layers compared; most changed: "
                          + (", ".join(f"{c.key} ({c.change:.3g})" for c in top) or "no layer changed"))
@@ -162,7 +219,9 @@ def report(source: SourceLike, *, against: Any = None, diff: SourceLike | None =
     Args:
         against: a model (``torch.nn.Module``) or a zero-argument callable that builds one: the page
             then shows the load plan (what :func:`torchckpt.load_into` would do, nothing applied).
-        diff: another checkpoint: the page shows the relative change ‖a−b‖/‖a‖ of every common layer.
+        diff: another checkpoint (the base): the page shows how much every common layer moved
+            (:class:`LayerChange`: ‖this − base‖ relative to the base layer's size), layers that became
+            NaN/Inf first.
         bins: histogram bins for the ``histograms`` largest floating-point layers.
         progress: ``progress(done, total)`` after each tensor read.
         policy, trust, allow: what the file's pickles may import, as in :func:`torchckpt.load`.
@@ -223,6 +282,10 @@ def health_warnings(stats: list[TensorStats]) -> list[HealthWarning]:
     return out
 
 
+def _numel(t: Any) -> int:
+    return int(math.prod(int(s) for s in t.shape))
+
+
 def _nbytes(t: Any) -> int:
     return int(math.prod(int(s) for s in t.shape)) * (t.dtype.itemsize if isinstance(t, TensorMeta)
                                                        else t.element_size())
@@ -269,12 +332,12 @@ class _tensor_stream:
         self._open.__exit__(*exc)
 
 
-def _training_values(info: InspectReport) -> list[tuple[str, str]]:
-    out = []
+def _training_values(info: InspectReport) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for path, type_name, value in info.values:
         leaf = path.rsplit(".", 1)[-1].lower()
         if path.count(".") <= 1 and (type_name == "optimizer state" or any(k in leaf for k in TRAINING_KEYS)):
-            out.append((path, value))
+            out.append((path, info.scalars.get(path, value)))
     return out[:40]
 
 
@@ -305,15 +368,30 @@ def _diff(result: CheckpointReport, source: SourceLike, other: SourceLike, polic
         result.only_here = [k for k in a if k not in mapping]
         matched_b = set(mapping.values())
         result.only_other = [k for k in b if k not in matched_b]
+        nonfinite_here = {st.key for st in result.stats if st.nan or st.inf}
+        # key, other key, ‖a−b‖, ‖b‖, n, bytes, nonfinite, n if a floating-point layer (else 0)
+        measured: list[tuple[str, str, float, float, int, int, str, int]] = []
         for n, (ka, kb) in enumerate(mapping.items(), 1):
             if shapes_a[ka] != shapes_b[kb]:
                 result.changes.append(LayerChange(ka, kb, math.inf, math.nan, math.nan, _nbytes(a[ka][0])))
                 continue
             x = a[ka][1]()
             y = b[kb][1]()
-            diff_norm, norm = relative_change(x, y)
-            change = diff_norm / norm if norm else (0.0 if diff_norm == 0 else math.inf)
-            result.changes.append(LayerChange(ka, kb, change, diff_norm, norm, _nbytes(a[ka][0])))
+            diff_norm, base_norm = relative_change(y, x)  # (‖base − this‖, ‖base‖) in one pass
+            bad = ""
+            if math.isnan(diff_norm):  # this side's NaN/Inf are counted in its stats; look at the base's
+                other_bad = not math.isfinite(relative_change(y, y)[1])
+                bad = "both" if other_bad and ka in nonfinite_here else "other" if other_bad else "here"
+            n_typical = _numel(a[ka][0]) if dtype_name(b[kb][0]).startswith(FLOAT_DTYPES) else 0
+            measured.append((ka, kb, diff_norm, base_norm, _numel(a[ka][0]), _nbytes(a[ka][0]), bad, n_typical))
             del x, y
             if progress is not None:
                 progress(n, len(mapping))
+    rms = [norm / math.sqrt(n) for _, _, _, norm, _, _, bad, n in measured if n > 1 and not bad and norm > 0]
+    typical = statistics.median(rms) if rms else 0.0  # the base's typical floating-point layer RMS
+    for ka, kb, diff_norm, base_norm, n, nbytes, bad, _ in measured:
+        scale = max(base_norm, math.sqrt(n) * typical)
+        change = math.nan if bad else diff_norm / scale if scale else (0.0 if diff_norm == 0 else math.inf)
+        result.changes.append(LayerChange(ka, kb, change, diff_norm, base_norm, nbytes, bad))
+    order = {"here": 0, "both": 1}  # layers that became NaN/Inf first, then by change
+    result.changes.sort(key=lambda c: (order.get(c.nonfinite, 2), -c.change if not math.isnan(c.change) else 0))

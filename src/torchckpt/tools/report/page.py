@@ -13,6 +13,7 @@ from collections import Counter
 from html import escape
 from typing import Any
 
+from ...fit.report import group_keys
 from .treemap import Node, build_tree, layout, to_svg
 
 __all__ = ["render_page", "plan_statuses", "STATUS_COLOURS"]
@@ -41,6 +42,8 @@ def fmt(x: Any) -> str:
         if math.isinf(x):
             return "inf" if x > 0 else "-inf"
         return f"{x:.4g}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
     return str(x)
 
 
@@ -170,7 +173,7 @@ def _change_chart(changes: list[Any]) -> str:
     fig = Figure(figsize=(7, 0.25 * len(top) + 0.8))
     ax = fig.subplots()
     ax.barh([c.key[-50:] for c in reversed(top)], [c.change for c in reversed(top)], color="#e15759")
-    ax.set_xlabel("relative change ‖a−b‖/‖a‖", fontsize=8)
+    ax.set_xlabel("relative change ‖this−base‖ / max(‖base‖, √n·typical RMS)", fontsize=8)
     ax.tick_params(labelsize=7)
     return _figure_svg(fig)
 
@@ -201,7 +204,8 @@ def render_page(r: Any) -> str:
                             title=lambda n: f"{n.path}\n" + (f"relative change {fmt(change_of[n.path])}"
                                                             if n.path in change_of else "only in this checkpoint"))
         diff_chart = _change_chart(r.changes)
-        top_changes = sorted((c for c in r.changes if not math.isnan(c.change)), key=lambda c: -c.change)[:20]
+        top_changes = [c for c in r.changes if c.nonfinite in ("here", "both")] + \
+            sorted((c for c in r.changes if not math.isnan(c.change)), key=lambda c: -c.change)[:20]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["bytes"] = human_bytes
     env.filters["fmt"] = fmt
@@ -210,6 +214,7 @@ def render_page(r: Any) -> str:
                        plan_tree=_markup(plan_html), plan_counts=plan_counts, unused=unused,
                        status_colours=STATUS_COLOURS, dtype_colours=DTYPE_COLOURS, diff_map=_markup(diff_map),
                        diff_chart=_markup(diff_chart), top_changes=top_changes,
+                       unused_groups=group_keys(unused, unused + list(r.plan.renamed) + r.plan.loaded) if unused else [], summary=r.model_summary(),
                        total_bytes=sum(s.nbytes for s in stats), total_params=sum(s.numel for s in stats))
 
 
@@ -253,8 +258,13 @@ svg.treemap{max-width:100%;height:auto;font-family:system-ui,sans-serif}
 {% if info.locations %}<tr><th>devices</th><td>{% for d, n in info.locations.items() %}{{ d }}: {{ n|bytes }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>{% endif %}
 {% if info.stubbed_classes %}<tr><th>classes read as stubs</th><td>{{ info.stubbed_classes|join(", ") }}</td></tr>{% endif %}
 </table>
+{% if summary[0] %}<h2>Model</h2><table id="model-summary"><tr><th>top-level module{% if r.weights_path %} (in <code>{{ r.weights_path }}</code>){% endif %}</th><th>values</th><th>bytes</th></tr>
+{% for m, n, b in summary[0] %}<tr><td><code>{{ m }}</code></td><td class="num">{{ n|fmt }}</td><td class="num">{{ b|bytes }}</td></tr>{% endfor %}
+<tr><th>total</th><th class="num">{{ summary[0]|sum(attribute=1)|fmt }}</th><th class="num">{{ summary[0]|sum(attribute=2)|bytes }}</th></tr></table>{% endif %}
+{% if summary[1] %}<h2>Not model weights</h2><table id="other-state"><tr><th>entry</th><th>values</th><th>bytes</th></tr>
+{% for m, n, b in summary[1] %}<tr><td><code>{{ m }}</code></td><td class="num">{{ n|fmt }}</td><td class="num">{{ b|bytes }}</td></tr>{% endfor %}</table>{% endif %}
 <h2>By dtype</h2><table id="by-dtype"><tr><th>dtype</th><th>tensors</th><th>bytes</th></tr>
-{% for d, (n, b) in r.by_dtype.items() %}<tr><td><span class="dot" style="background:{{ dtype_colours.get(d, '#bab0ac') }}"></span>{{ d }}</td><td class="num">{{ n }}</td><td class="num">{{ b|bytes }}</td></tr>{% endfor %}
+{% for d, (n, b) in r.by_dtype.items() %}<tr><td><span class="dot" style="background:{{ dtype_colours.get(d, '#bab0ac') }}"></span>{{ d }}</td><td class="num">{{ n|fmt }}</td><td class="num">{{ b|bytes }}</td></tr>{% endfor %}
 </table>
 {% if r.training %}<h2>Training metadata</h2><table id="training">{% for k, v in r.training %}<tr><th>{{ k }}</th><td><code>{{ v }}</code></td></tr>{% endfor %}</table>{% endif %}
 </section>
@@ -266,16 +276,16 @@ svg.treemap{max-width:100%;height:auto;font-family:system-ui,sans-serif}
 {{ treemap }}</section>
 {% if r.plan is not none or r.plan_error %}<section id="plan"><h2>Load plan</h2>
 {% if r.plan_error %}<p class="verdict findings">{{ r.plan_error }}</p>{% else %}
-<div class="legend">{% for s, c in status_colours.items() %}<span><span class="dot" style="background:{{ c }}"></span>{{ s }}: {{ plan_counts.get(s, 0) }}</span>{% endfor %}</div>
+<div class="legend">{% for s, c in status_colours.items() %}<span><span class="dot" style="background:{{ c }}"></span>{{ s }}: {{ plan_counts.get(s, 0)|fmt }}</span>{% endfor %}</div>
 {{ plan_tree }}
-{% if unused %}<h3>Checkpoint keys the model does not use ({{ unused|length }})</h3><ul>{% for k in unused[:200] %}<li><span class="dot" style="background:{{ status_colours.unexpected }}"></span><code>{{ k }}</code></li>{% endfor %}</ul>{% endif %}
+{% if unused %}<h3>Checkpoint keys the model does not use ({{ unused|length|fmt }})</h3><ul id="unused">{% for k in unused_groups[:200] %}<li><span class="dot" style="background:{{ status_colours.unexpected }}"></span><code>{{ k }}</code></li>{% endfor %}</ul>{% endif %}
 {% endif %}</section>{% endif %}
 {% if r.other is not none %}<section id="diff"><h2>Change against {{ r.other }}</h2>
-<p class="muted">Colour is ‖a−b‖/‖a‖ per layer on a log scale (grey: unchanged, purple: only here). {{ r.changes|length }} layers compared,
+<p class="muted">Colour is the relative change per layer, ‖this − base‖ / max(‖base‖, √n · median layer RMS of the base), on a log scale (grey: unchanged, purple: only here, dark: NaN/Inf). Layers that became NaN/Inf are listed first. {{ r.changes|length }} layers compared,
 {{ r.only_here|length }} only here, {{ r.only_other|length }} only in the other.</p>
 {{ diff_map }}{{ diff_chart }}
-<table id="most-changed"><tr><th>layer</th><th>relative change</th><th>‖a−b‖</th><th>‖a‖</th></tr>
-{% for c in top_changes %}<tr><td><code>{{ c.key }}</code></td><td class="num">{{ c.change|fmt }}</td><td class="num">{{ c.diff_norm|fmt }}</td><td class="num">{{ c.norm|fmt }}</td></tr>{% endfor %}</table>
+<table id="most-changed"><tr><th>layer</th><th>relative change</th><th>‖this−base‖</th><th>‖base‖</th></tr>
+{% for c in top_changes %}<tr><td><code>{{ c.key }}</code></td><td class="num">{% if c.nonfinite in ("here", "both") %}became NaN/Inf{% else %}{{ c.change|fmt }}{% endif %}</td><td class="num">{{ c.diff_norm|fmt }}</td><td class="num">{{ c.norm|fmt }}</td></tr>{% endfor %}</table>
 </section>{% endif %}
 {% if histograms %}<section id="histograms"><h2>Value distributions of the largest layers</h2><div class="grid">
 {% for k, svg in histograms %}<div>{{ svg }}</div>{% endfor %}</div></section>{% endif %}
@@ -284,7 +294,7 @@ svg.treemap{max-width:100%;height:auto;font-family:system-ui,sans-serif}
 {% for s in stats %}<tr data-key="{{ s.key }}"><td><code>{{ s.key }}</code></td><td>{{ s.shape|list }}</td><td>{{ s.dtype }}</td>
 <td class="num">{{ s.nbytes|bytes }}</td><td class="num">{{ s.mean|fmt }}</td><td class="num">{{ s.std|fmt }}</td>
 <td class="num">{{ s.min|fmt }}</td><td class="num">{{ s.max|fmt }}</td><td class="num">{{ '%.1f%%'|format(100 * s.zeros_fraction) }}</td>
-<td class="num">{{ s.nan }}</td><td class="num">{{ s.inf }}</td></tr>{% endfor %}</table></section>
+<td class="num">{{ s.nan|fmt }}</td><td class="num">{{ s.inf|fmt }}</td></tr>{% endfor %}</table></section>
 <p class="muted">Made by torchckpt; no code from the checkpoint was run to make this page.</p>
 </main></body></html>
 """

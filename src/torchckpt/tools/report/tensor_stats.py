@@ -94,6 +94,8 @@ def tensor_stats(key: str, t: Any, *, bins: int = 0, chunk: int = CHUNK, scratch
 
     shape = tuple(int(s) for s in t.shape)
     stats = TensorStats(key, shape, dtype_name(t), t.numel() * t.element_size(), t.numel())
+    if getattr(t, "is_quantized", False):  # the values it stands for (torch has no arithmetic on quantized ones)
+        t = t.dequantize()
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     need = max(2, min(chunk, _flat_numel(t)))

@@ -1,0 +1,83 @@
+"""Reading the parts of one checkpoint (the shards an index lists, the data files of a DCP directory)
+with a bounded pool of threads.
+
+Reading a part is mostly ``pread`` into tensor storages (or a ranged download), which releases the
+GIL, so parts read side by side use every core (and overlap remote latency). Each part is read with
+its own :class:`Trace` and budget :class:`Meter`; as the parts complete, in order, their traces are
+appended to the read's trace and their work is charged to the read's meter, so the trace is the one
+a sequential read makes and the one :class:`Budget` still bounds the whole read (a part in flight is
+bounded by its own meter). An error from a part is raised as it is (typed, naming the part's file);
+the parts not yet started are cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from ..unpickle.budget import Meter
+from .base import ReadOptions, Trace
+
+__all__ = ["read_parts", "default_workers", "MAX_WORKERS"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_WORKERS = 8
+
+
+def default_workers() -> int:
+    """Threads when the caller does not say: one per core, at most :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def workers_for(opts: ReadOptions, parts: int) -> int:
+    """The pool size for ``parts`` parts: ``opts.workers`` (default: :func:`default_workers`; a structure-only
+    read, which reads no tensor data and is pure Python, uses one thread), never more than the parts."""
+    wanted = opts.workers if opts.workers is not None else (1 if opts.meta else default_workers())
+    return max(1, min(wanted, parts))
+
+
+def read_parts(opts: ReadOptions, parts: Sequence[T], read_one: Callable[[T, ReadOptions], R]) -> Iterator[R]:
+    """``read_one(part, part_opts)`` for every part, results in the order of ``parts``.
+
+    With one worker the parts are read one after another with ``opts`` itself. Otherwise each runs on
+    the pool with a copy of ``opts`` that has its own trace and meter, merged into ``opts`` when its
+    turn comes. A generator: results are produced as they are consumed, and closing it early (or an
+    error) cancels the parts not yet started and waits for those running.
+    """
+    workers = workers_for(opts, len(parts))
+    if workers == 1:
+        for part in parts:
+            yield read_one(part, opts)
+        return
+    meter = opts.budget_meter()
+
+    def run(part: T, part_opts: ReadOptions) -> R:
+        return read_one(part, part_opts)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchckpt-read")
+    try:
+        jobs: list[tuple[Future[R], ReadOptions]] = []
+        for part in parts:
+            part_opts = dataclasses.replace(opts, trace=Trace(), meter=Meter(meter.budget))
+            jobs.append((pool.submit(run, part, part_opts), part_opts))
+        for future, part_opts in jobs:
+            try:
+                result = future.result()
+            finally:  # what a failed part read is recorded too (scan reports it)
+                _merge_trace(opts.trace, part_opts.trace)
+            assert part_opts.meter is not None
+            meter.absorb(part_opts.meter)  # the whole read stays within the one budget
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_trace(trace: Trace, done: Trace) -> None:
+    trace.streams.extend(done.streams)
+    trace.ranges.extend(done.ranges)
+    trace.checks.extend(done.checks)

@@ -1,0 +1,82 @@
+"""A Checkpointer run directory wherever one checkpoint is read: ``torchckpt.load`` and ``load_into``.
+
+``resume("runs/exp1")`` restores the newest committed checkpoint of a directory; ``load`` and
+``load_into`` accept the same directory and read that same checkpoint (chosen by the same listing
+the Checkpointer uses, without taking its lock or tidying anything), and say which one in
+``info.notes`` / ``report.notes``. Every other source goes through unchanged. The functions here
+are what the facade exports; their signatures are those of :func:`torchckpt.read.load.load` and
+:func:`torchckpt.fit.load_into.load_into`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..errors import CheckpointNotFoundError
+from ..fit.load_into import load_into as _load_into
+from ..read import folder_kind, is_dcp_dir
+from ..read.load import load as _load
+from ..storage import files
+from ..storage.remote import is_url
+from . import distributed, store
+from .fsspec_store import RemoteStore
+
+__all__ = ["load", "load_into", "latest_committed"]
+
+
+def latest_committed(directory: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The newest committed checkpoint of a Checkpointer directory (a file, or a ``.dcp`` folder);
+    ``None`` when ``directory`` holds no checkpoint of that protocol at all. Nothing is written."""
+    if is_url(directory):
+        found = RemoteStore(dict(storage_options) if storage_options else None).entries(directory)
+    else:
+        found = sorted(store.entries(directory) + distributed.entries(directory), key=lambda e: e.step)
+    if not found:
+        return None
+    committed = [e for e in found if e.problem is None]
+    if not committed:
+        problems = "; ".join(f"{os.path.basename(e.path)}: {e.problem}" for e in found[-3:])
+        raise CheckpointNotFoundError(f"no complete checkpoint in this run directory ({problems})", path=directory,
+                                      hint="Pass one checkpoint file, or wait for a save to finish.")
+    return committed[-1].path
+
+
+def _run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[Any, str | None]:
+    """``(what to read, note)``: a Checkpointer directory becomes its newest committed checkpoint."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source, None
+    path = os.fspath(source)
+    so = dict(storage_options) if storage_options else None
+    if is_url(path):
+        if not files.isdir(path, so) or is_dcp_dir(path, so):
+            return source, None
+    elif not os.path.isdir(path) or is_dcp_dir(path) or folder_kind(path):
+        return source, None
+    latest = latest_committed(path, storage_options)
+    if latest is None:
+        return source, None
+    return latest, f"{path} is a Checkpointer run directory: read its newest committed checkpoint, " \
+                   f"{os.path.basename(latest.rstrip('/'))}"
+
+
+if TYPE_CHECKING:  # type checkers see the real signatures (overloads included); the wrappers only add a directory
+    from ..fit.load_into import load_into as load_into
+    from ..read.load import load as load
+else:
+    @functools.wraps(_load)
+    def load(source: Any, *args: Any, **kwargs: Any) -> Any:
+        source, note = _run_directory(source, kwargs.get("storage_options"))
+        result = _load(source, *args, **kwargs)
+        if note is not None and kwargs.get("return_info"):
+            result[1].notes.append(note)
+        return result
+
+    @functools.wraps(_load_into)
+    def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+        source, note = _run_directory(source, kwargs.get("storage_options"))
+        report = _load_into(model, source, *args, **kwargs)
+        if note is not None:
+            report.notes.append(note)
+        return report

@@ -1,0 +1,127 @@
+"""Background saves: the state is the one at save() time, and a failed or pending save is never lost
+silently, even when the program just ends (issue 22, items 2 and 5)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt.train.training import set_rng_state
+
+from test_checkpointer_faults import _mounted_tmpfs
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+class _SlowNoisyExtra:
+    """Pickled by the background writer: takes a while and draws from Python's global ``random`` meanwhile
+    (what botocore's retry jitter does in an upload thread). It pickles as an empty dict."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def __reduce__(self):  # runs inside torch.save, in the writer thread
+        self.started.set()
+        for _ in range(20):
+            random.random()
+            time.sleep(0.02)
+        return (dict, ())
+
+
+def test_rng_is_captured_when_save_is_called_not_after_waiting_for_the_previous_write(tmp_path):
+    model = torch.nn.Linear(8, 8)
+    noisy = _SlowNoisyExtra()
+    with torchckpt.Checkpointer(tmp_path / "run", async_save=True, keep_last=None) as ckpt:
+        ckpt.save(1, model=model, extra=noisy)
+        assert noisy.started.wait(30)  # the first write is under way (and slow)
+        random.seed(1234)
+        torch.manual_seed(99)
+        at_save = (random.getstate(), torch.get_rng_state().clone())
+        ckpt.save(2, model=model)  # waits for write 1, which keeps drawing from `random` meanwhile
+    state = torchckpt.resume(str(tmp_path / "run" / "ckpt-0000000002.pt"), model=torch.nn.Linear(8, 8),
+                             restore_rng=False)
+    saved = state.rng
+    assert saved is not None
+    after = random.getstate()
+    set_rng_state(saved)
+    assert random.getstate() == at_save[0]
+    assert torch.equal(torch.get_rng_state(), at_save[1])
+    assert after != at_save[0]  # the writer really did draw from `random` after save() was called
+
+
+# --------------------------------------------------------------- item 2: a script that just ends
+ENDS = textwrap.dedent("""
+    import os, signal, sys, torch, torchckpt
+    directory, kind, fsize = sys.argv[1], sys.argv[2], sys.argv[3]
+    if fsize != "0":  # no small file system to mount: the process's file-size limit is the real fault instead
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), int(fsize)))
+    small, big = torch.nn.Linear(16, 16), torch.nn.Linear(1024, 1024)  # ~1 KiB and 4 MiB of tensors
+    if kind == "checkpointer":
+        ckpt = torchckpt.Checkpointer(os.path.join(directory, "run"), async_save=True, keep_last=None)
+        ckpt.save(1, model=small)
+        ckpt.wait()
+        ckpt.save(2, model=big)  # cannot fit; nobody waits, nobody closes
+    elif kind == "lightning":
+        from torchckpt.integrations.lightning import TorchckptIO
+        io = TorchckptIO(async_save=True)
+        io.save_checkpoint({"state_dict": big.state_dict()}, os.path.join(directory, "last.ckpt"))
+    elif kind == "fits":
+        ckpt = torchckpt.Checkpointer(os.path.join(directory, "run"), async_save=True, keep_last=None)
+        ckpt.save(1, model=small)  # fits; the program ends while it may still be writing
+    print("the script ended", flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["checkpointer", "lightning", "fits"])
+def test_a_background_save_is_not_lost_when_the_script_just_ends(tmp_path, kind):
+    if kind == "lightning":
+        pytest.importorskip("lightning")
+    with _mounted_tmpfs(tmp_path / "small", "size=2m") as mounted:
+        env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-c", ENDS, str(tmp_path / "small"), kind,
+                               "0" if mounted else str(2 << 20)], capture_output=True, text=True, env=env,
+                              timeout=240)
+        assert "the script ended" in proc.stdout, proc.stderr[-3000:]
+        if kind == "fits":
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert torchckpt.Checkpointer(tmp_path / "small" / "run").latest().step == 1
+            return
+        assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+        assert "CheckpointWriteError" in proc.stderr, proc.stderr[-3000:]
+        assert ("the disk is full" if mounted else "file-size limit") in proc.stderr, proc.stderr[-3000:]
+        assert "without wait() or close()" in proc.stderr
+        if kind == "checkpointer":
+            assert [c.step for c in torchckpt.Checkpointer(tmp_path / "small" / "run").checkpoints()] == [1]
+
+
+@pytest.mark.slow
+def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
+    """A write that never finishes (its extra state blocks forever) does not hold the exit forever."""
+    script = textwrap.dedent("""
+        import sys, threading, torch, torchckpt
+        class Hangs:
+            def __reduce__(self):
+                threading.Event().wait()  # forever
+        ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
+        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=Hangs())
+        print("the script ended", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="2")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert "the script ended" in proc.stdout
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "still being written 2 s after the program ended" in proc.stderr
+    assert torchckpt.Checkpointer(tmp_path / "run").latest() is None
