@@ -30,7 +30,7 @@ def main() -> None:
         out = os.path.join(tmp, "report.html")
         # The modules each case needs are imported before its clock and its memory baseline start (an
         # import is a constant, not work on the file); the report itself imports nothing else.
-        prelude = "import jinja2\nfrom torchckpt.tools import html_report, report_page\nbase = reset_peak()\n"
+        prelude = "import jinja2\nfrom torchckpt.tools.report import html_report, page\nbase = reset_peak()\n"
         read_once = measure(prelude + f"""
 t = time.perf_counter()
 sd = torch.load({path!r}, weights_only=True)

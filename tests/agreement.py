@@ -93,6 +93,7 @@ def seeds() -> dict[str, Case]:
         with open(os.path.join(here, "data", "t7", name), "rb") as fh:
             out[f"t7-{name[:-3]}"] = Case("t7", {"f": fh.read()})
     out["dcp"] = _dcp_seed(net)
+    out.update(_issue28_seeds(net, saved))
     out["training"] = _training_seed(net)
     from pickle_asm import PROTO2, STOP, call, glob, legacy, s, wrap_in_dict
 
@@ -104,6 +105,48 @@ def seeds() -> dict[str, Case]:
     out["polyglot"] = Case("zip", {"f": torch_zip(pickle.dumps({"a": [1, 2]}, protocol=2),
                                                   {"data/extra.pkl": pickle.dumps({"hidden": 1}, protocol=2)})})
     return out
+
+
+def _issue28_seeds(net, saved) -> dict[str, Case]:
+    """Quantized tensors and packed params, a numpy object array, a torch function reference in a whole model,
+    and a TorchScript archive of torch < 1.2 (model.json + tensors/ + attributes.pkl)."""
+    import json
+    import zipfile
+
+    import numpy as np
+    import torch
+    import torch.jit._pickle
+
+    torch.manual_seed(0)
+    weight = torch.quantize_per_channel(torch.randn(4, 3), torch.rand(4, dtype=torch.double) + 0.1,
+                                        torch.zeros(4, dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(weight, torch.randn(4))
+    qsd = {"w": torch.quantize_per_tensor(torch.randn(5), 0.1, 2, torch.quint8), "fc._packed_params": packed}
+    objects = np.empty(2, dtype=object)
+    objects[0], objects[1] = np.ones((2, 2), np.float32), np.arange(3)
+    with_fn = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with_fn.act = torch.sigmoid
+
+    class TensorRef:
+        def __reduce__(self):
+            return torch.jit._pickle.build_tensor_from_id, (1,)
+
+    t0, t1 = torch.arange(6.0), torch.ones(2)
+    defs = [{"dims": [str(d) for d in t.shape], "offset": "0", "strides": [str(x) for x in t.stride()],
+             "dataType": "FLOAT", "data": {"key": f"tensors/{i}"}, "device": "cpu"} for i, t in enumerate((t0, t1))]
+    model = {"protoVersion": "3", "tensors": defs, "mainModule": {
+        "name": "m", "parameters": [{"isBuffer": False, "tensorId": "0", "name": "w"}],
+        "attributes": [{"type": "Tensor", "name": "a", "id": "0"}]}}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("m/model.json", json.dumps(model))
+        zf.writestr("m/attributes.pkl", pickle.dumps((TensorRef(),), protocol=2))
+        for i, t in enumerate((t0, t1)):
+            zf.writestr(f"m/tensors/{i}", t.numpy().tobytes())
+    return {"quantized": Case("zip", {"f": saved(lambda b: torch.save(qsd, b))}),
+            "object-array": Case("pickle", {"f": pickle.dumps({"weights": objects}, protocol=4)}),
+            "function-ref": Case("zip", {"f": saved(lambda b: torch.save(with_fn, b))}),
+            "torchscript-v1": Case("zip", {"f": buf.getvalue()})}
 
 
 def _training_seed(net) -> Case:

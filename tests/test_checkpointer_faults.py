@@ -45,6 +45,7 @@ def _mounted_tmpfs(where, options: str):
 
 
 # --------------------------------------------------------------------------- 12: disk full
+@pytest.mark.slow
 def test_disk_full_is_a_write_error_and_keeps_the_previous_checkpoint(tmp_path):
     with _mounted_tmpfs(tmp_path / "small", "size=2m") as mounted:
         # 2 MiB of disk, or (where mounting is not permitted) a 2 MiB file-size limit on the writer
@@ -92,6 +93,7 @@ def test_retention_that_cannot_remove_an_old_checkpoint_warns_and_keeps_the_new_
     assert [c.step for c in ckpt.checkpoints()] == [3]
 
 
+@pytest.mark.slow
 def test_a_full_disk_before_the_first_save_is_a_write_error(tmp_path):
     with _mounted_tmpfs(tmp_path / "full", "size=1m") as mounted:
         if not mounted:  # no right to mount: a file-size limit cannot fill a disk; the tmpfs cases cover the rest
@@ -106,6 +108,7 @@ def test_a_full_disk_before_the_first_save_is_a_write_error(tmp_path):
         assert not [n for n in os.listdir(tmp_path / "full" / "run") if n.startswith("ckpt-")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,orphan", [
     ("before-sidecar", "ckpt-0000000003.pt"),  # step 3's data renamed, its sidecar not
     ("after-weights", "ckpt-0000000003.pt.safetensors"),  # step 3's weights file renamed, its data and sidecar not
@@ -130,6 +133,7 @@ def test_a_kill_inside_the_protocol_leaves_nothing_uncommitted(tmp_path, where, 
     assert "ckpt-0000000000.pt" in os.listdir(tmp_path)  # retention never deletes what it did not write
 
 
+@pytest.mark.slow
 def test_a_kill_after_the_renames_before_the_directory_fsync_keeps_the_new_checkpoint(tmp_path):
     res = _worker("kill-at", "before-dir-fsync", str(tmp_path))
     assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
@@ -142,6 +146,7 @@ def test_a_kill_after_the_renames_before_the_directory_fsync_keeps_the_new_check
 
 
 # Every point of an overwrite (single file, no Checkpointer): the old checkpoint or the new one, never a mix
+@pytest.mark.slow
 @pytest.mark.parametrize("where,step", [
     ("before-old-sidecar-removed", 1),  # the new files are durable under temp names; nothing final changed
     ("after-old-sidecar-removed", 1),  # the old data stays, without a sidecar: complete, unverified
@@ -159,6 +164,7 @@ def test_a_kill_while_overwriting_a_single_file_leaves_a_resumable_file(tmp_path
     assert meta is None or meta["step"] == step  # a sidecar, if any, describes the data beside it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,sidecar", [("between-renames", False), ("before-dir-fsync", True)])
 def test_a_kill_while_saving_a_new_single_file_leaves_it_complete(tmp_path, where, sidecar):
     path = tmp_path / "new.pt"  # no file under these names yet: renamed first, fsynced together
@@ -202,6 +208,7 @@ def test_a_new_checkpoint_whose_content_did_not_reach_the_disk_is_never_resumed(
 
 
 # --------------------------------------------------------------------------- 15: two writers
+@pytest.mark.slow
 def test_a_second_writer_gets_a_clear_error_naming_the_holder(tmp_path, net):
     holder = subprocess.Popen([sys.executable, WORKER, "hold", str(tmp_path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -225,6 +232,7 @@ def test_a_second_writer_gets_a_clear_error_naming_the_holder(tmp_path, net):
             holder.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_writer_does_not_block_the_next_one(tmp_path, net):
     holder = subprocess.Popen([sys.executable, WORKER, "hold", str(tmp_path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -367,6 +375,7 @@ def _read_only_parent(tmp_path):
         yield tmp_path / "ro" if mounted else None
 
 
+@pytest.mark.slow
 def test_new_subdir_under_a_read_only_parent(tmp_path):
     with _read_only_parent(tmp_path) as parent:
         if parent is not None:

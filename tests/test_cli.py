@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from torchckpt.cli.main import main
@@ -18,6 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torchckpt", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_inspect_human_and_json(tmp_path, net):
     path = tmp_path / "ckpt.pth"
     torch.save({"epoch": 4, "arch": "small", "state_dict": net.state_dict()}, path,
@@ -52,12 +54,14 @@ def test_exit_codes(tmp_path, capsys):
     assert main(["no-such-command"]) == 2
 
 
+@pytest.mark.slow
 def test_help_everywhere():
     for args in (["--help"], ["inspect", "--help"], ["tour", "--help"]):
         res = run_cli(*args)
         assert res.returncode == 0 and "Usage" in res.stdout
 
 
+@pytest.mark.slow
 def test_tour_runs_every_scenario(tmp_path):
     res = run_cli("tour", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -65,6 +69,7 @@ def test_tour_runs_every_scenario(tmp_path):
     assert len(outcomes) >= 12 and all(o["ok"] for o in outcomes)
 
 
+@pytest.mark.slow
 def test_inspect_never_imports_torch(tmp_path, net):
     """inspect reads structure only: no torch import, so it is fast whatever the file size."""
     from safetensors.torch import save_file
@@ -86,6 +91,7 @@ def test_inspect_never_imports_torch(tmp_path, net):
     assert json.loads(res.stdout) == [total] * 4
 
 
+@pytest.mark.slow
 def test_json_mode_reports_errors_as_json(tmp_path):
     (tmp_path / "page.bin").write_bytes(b"<html><title>Error 403</title></html>")
     res = run_cli("inspect", "--json", str(tmp_path / "page.bin"))

@@ -66,6 +66,7 @@ def test_convert_whole_model_writes_its_state_dict(tmp_path, whole_model, ext):
     assert rep.ok and torch.equal(target.head.weight, expected["head.weight"])
 
 
+@pytest.mark.slow
 def test_convert_key_is_honoured_without_weights_only(tmp_path, net):
     src = tmp_path / "train.pt"
     other = torch.nn.Linear(2, 2).state_dict()

@@ -177,6 +177,7 @@ def test_convert_onto_itself_is_safe(tmp_path, net):
     assert report.verified and torch.load(path, weights_only=True)["args"] == {"a": 1}
 
 
+@pytest.mark.slow
 def test_convert_streams_legacy_to_safetensors_with_small_memory(tmp_path):
     code = f"""
 import torch, resource, torchckpt
@@ -197,6 +198,7 @@ print(peak - base)
     assert float(res.stdout.strip()) < 110
 
 
+@pytest.mark.slow
 def test_convert_cli(tmp_path, net):
     src = _py2_training_file(tmp_path, net)
     res = subprocess.run([sys.executable, "-m", "torchckpt", "convert", str(src), str(tmp_path / "o.safetensors"),
@@ -240,6 +242,7 @@ def test_diff_prefix_only_shapes_values_and_nonfinite(tmp_path, net):
     assert ("conv1.weight" in report.only_a) or report.shape_changes
 
 
+@pytest.mark.slow
 def test_diff_cli_exit_codes(tmp_path, net):
     a = tmp_path / "a.pt"
     torch.save(net.state_dict(), a)

@@ -177,6 +177,13 @@ def test_broken_folders_are_diagnosed(ds_runs: str, tmp_path) -> None:
     (one_rank / "latest").write_text("../../etc")
     with pytest.raises(CheckpointError, match="outside|inside"):  # 'latest' may not lead out of the folder
         torchckpt.load(str(one_rank))
+    no_optim = tmp_path / "no_optim"  # ZeRO-2 without its optimizer files: the bf16 module, said so
+    shutil.copytree(os.path.join(ds_runs, "2-bf16"), no_optim)
+    for f in (no_optim / "global_step3").glob("*optim_states.pt"):
+        f.unlink()
+    weights, info = torchckpt.load(str(no_optim), return_info=True)
+    assert weights["body.weight"].dtype == torch.bfloat16
+    assert any("ZeRO stage 2 but no *_optim_states.pt" in n for n in info.notes)
     other = tmp_path / "other"
     (other / "sub").mkdir(parents=True)
     (other / "notes.txt").write_text("hello")

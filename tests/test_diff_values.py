@@ -93,6 +93,7 @@ def test_chunks_nonfinite_and_dtypes(tmp_path, monkeypatch):
     assert any(s.startswith("nan_both (A: 1, B: 1)") for s in report.nonfinite)
 
 
+@pytest.mark.slow
 def test_cli_values_on_safetensors(tmp_path):
     """`diff --values` on safetensors files used to fail with 'tensor data location unknown'."""
     a = {"w": torch.ones(10)}

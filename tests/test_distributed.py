@@ -112,6 +112,7 @@ def fsdp_checkpoint(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 def test_fsdp2_save_on_2_ranks_writes_shards_and_commits(fsdp_checkpoint):
     ckpt = torchckpt.Checkpointer(fsdp_checkpoint)
     assert [c.step for c in ckpt.checkpoints()] == [1, 2]
@@ -128,12 +129,14 @@ def test_fsdp2_save_on_2_ranks_writes_shards_and_commits(fsdp_checkpoint):
     assert len(chunks) == 2 and [list(c.sizes) for c in chunks] == [[8, 8], [8, 8]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, mesh, continuation", [(2, None, True), (4, None, False), (4, (2, 2), False)],
                          ids=["2-ranks-bit-exact", "4-ranks", "4-ranks-hsdp-2x2"])
 def test_fsdp2_resume_on_other_world_sizes(fsdp_checkpoint, world, mesh, continuation):
     launch(fsdp_resume, world, str(fsdp_checkpoint), mesh, continuation)
 
 
+@pytest.mark.slow
 def test_resume_in_one_plain_process(fsdp_checkpoint):
     """Saved by 2 FSDP2 ranks, resumed by a script with no process group and a plain model."""
     model = tiny_model()
@@ -144,6 +147,7 @@ def test_resume_in_one_plain_process(fsdp_checkpoint):
     assert any("saved on 2 rank(s), resumed on 1" in n for n in state.notes)
 
 
+@pytest.mark.slow
 def test_resume_from_one_sharded_checkpoint_directory(tmp_path, fsdp_checkpoint):
     """torchckpt.resume(".../ckpt-<step>.dcp") restores that checkpoint; an uncommitted one is refused."""
     import shutil
@@ -159,6 +163,7 @@ def test_resume_from_one_sharded_checkpoint_directory(tmp_path, fsdp_checkpoint)
         torchckpt.resume(tmp_path / "ckpt-0000000002.dcp", model=model, optimizer=opt, scheduler=sched)
 
 
+@pytest.mark.slow
 def test_async_save_commits_in_the_background_and_retention_removes_whole_directories(tmp_path):
     launch(fsdp_save, 2, str(tmp_path), True, 1)
     ckpt = torchckpt.Checkpointer(tmp_path)
@@ -169,6 +174,7 @@ def test_async_save_commits_in_the_background_and_retention_removes_whole_direct
     assert_equal_tree(ref["model"], torchckpt.load(ckpt.latest())["model"])
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, fsdp_checkpoint):
     import shutil
 
@@ -196,6 +202,7 @@ def ddp_save(rank: int, world: int, directory: str) -> None:
     torchckpt.Checkpointer(directory).save(3, model=model, optimizer=opt, scheduler=sched)
 
 
+@pytest.mark.slow
 def test_ddp_replicated_state_is_written_once(tmp_path):
     launch(ddp_save, 2, str(tmp_path))
     latest = torchckpt.Checkpointer(tmp_path).latest()
@@ -250,6 +257,7 @@ def resume_after_crash(rank: int, world: int, directory: str) -> None:
     assert_equal_tree(torch.load(os.path.join(directory, "reference.pt"), weights_only=True), full_state(model, opt))
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
     outcome = launch(save_then_die, 2, str(tmp_path), timeout=60, pg_timeout=10, expect_ok=False)
     assert outcome[1] == ("signal", signal.SIGKILL)

@@ -63,6 +63,7 @@ def test_convert_into_an_existing_path_is_refused(tmp_path):
         torchckpt.convert(tmp_path / "a.pt", tmp_path / "out.dcp")
 
 
+@pytest.mark.slow
 def test_cli_converts_to_dcp(tmp_path, two_rank_dcp):  # noqa: F811
     torchckpt.convert(two_rank_dcp, tmp_path / "w.pt", weights_only=True, key="optim.state.w")
     src = os.path.join(os.path.dirname(__file__), os.pardir, "src")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import torchckpt
@@ -24,6 +25,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_train_fsdp_example_under_torchrun_then_resume_in_one_process(tmp_path):
     out = torchrun(str(tmp_path), "--steps", "4", "--every", "2")
     assert "done at step 4 on 2 rank(s)" in out.stdout
@@ -39,6 +41,7 @@ def test_train_fsdp_example_under_torchrun_then_resume_in_one_process(tmp_path):
     assert int(opt.state[model[0].weight]["step"]) == 4
 
 
+@pytest.mark.slow
 def test_ddp_under_torchrun_writes_the_replicated_state_once(tmp_path):
     out = torchrun(str(tmp_path), "--steps", "2", "--every", "2", "--ddp")
     assert "done at step 2 on 2 rank(s)" in out.stdout

@@ -54,6 +54,7 @@ def save_with_a_failing_rank(rank: int, world: int, directory: str, async_save: 
     return {"error": error, "returned": returned, "latest": latest_after_failure, "seconds": failed_in}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_rank_that_cannot_write_fails_the_save_on_every_rank_and_training_goes_on(tmp_path, async_save):
     outcome = launch(save_with_a_failing_rank, 2, str(tmp_path), async_save, timeout=90, pg_timeout=20)
@@ -106,6 +107,7 @@ def resume_per_rank_state(rank: int, world: int, directory: str) -> dict:
     return {"pos": (pos.rank, pos.seen), "notes": state.notes, "next": torch.randn(3).tolist()}
 
 
+@pytest.mark.slow
 def test_per_rank_state_resumes_on_the_same_and_on_other_world_sizes(tmp_path):
     saved = launch(save_per_rank_state, 2, str(tmp_path))
     same = launch(resume_per_rank_state, 2, str(tmp_path))
@@ -138,6 +140,7 @@ def resume_into_a_wider_model(rank: int, world: int, directory: str) -> str:
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_raises_on_every_rank(tmp_path):
     launch(save_per_rank_state, 2, str(tmp_path))
     outcome = launch(resume_into_a_wider_model, 2, str(tmp_path), timeout=60, pg_timeout=20)

@@ -32,6 +32,7 @@ def load_sharded(rank: int, world: int, path: str, want_cast: bool) -> None:
     assert model[2].weight.to_local().shape[0] == (3 if rank == 0 else 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt", "safetensors", "bf16.pt", "legacy.pt"])
 def test_load_into_a_fsdp2_model_from_one_file(tmp_path, fmt):
     state = source_state()
@@ -79,6 +80,7 @@ def peak_while_loading(rank: int, world: int, path: str) -> float:
     return peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_each_rank_reads_about_its_slice_not_the_whole_model(tmp_path, legacy):
     """64 MiB of weights into FSDP2 on 2 ranks: no rank's memory grows by even its own half (32 MiB)."""

@@ -81,6 +81,7 @@ def two_rank_dcp(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_every_dtype_of_a_chunked_tensor_is_exact(two_rank_dcp):
     out = torchckpt.load(two_rank_dcp)
     for key, want in full_tensors().items():
@@ -90,6 +91,7 @@ def test_every_dtype_of_a_chunked_tensor_is_exact(two_rank_dcp):
     assert all(len(meta.state_dict_metadata[k].chunks) == 2 for k in full_tensors() if k != "empty")  # really split
 
 
+@pytest.mark.slow
 def test_lists_and_tuples_come_back_as_saved(two_rank_dcp):
     out = torchckpt.load(two_rank_dcp)
     groups = out["optim"]["param_groups"]
@@ -98,6 +100,7 @@ def test_lists_and_tuples_come_back_as_saved(two_rank_dcp):
     assert torch.equal(out["optim"]["state"]["w"]["exp_avg"], full_tensors()["fp32"])
 
 
+@pytest.mark.slow
 def test_inspect_shows_dtypes_bytes_and_optimizer_groups(two_rank_dcp):
     report = torchckpt.inspect(two_rank_dcp)
     by_key = {t.key: t for t in report.tensors}
@@ -116,6 +119,7 @@ def _rewrite_metadata(path, change) -> None:
     meta_file.write_bytes(pickle.dumps(meta))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     ("overlap", "overlap"), ("gap", "cover"), ("outside", "does not fit"), ("dtype", "declares"),
     ("list_gap", "gap in the list"),

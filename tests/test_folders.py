@@ -147,6 +147,7 @@ def accelerate_folders(tmp_path_factory):
         return str(out), json.load(fh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["safe", "bin"])
 def test_accelerate_folder_resumes_model_optimizer_scheduler_and_rng(accelerate_folders, layout):
     import accelerate_app
@@ -188,6 +189,7 @@ def test_accelerate_folder_resumes_model_optimizer_scheduler_and_rng(accelerate_
     _assert_same(fresh, weights)
 
 
+@pytest.mark.slow
 def test_malicious_random_states_are_refused(accelerate_folders, tmp_path):
     import shutil
 
@@ -229,6 +231,7 @@ def test_tied_weights_of_a_sharded_gpt2_folder_into_a_meta_model(tmp_path):
         assert torch.equal(target.eval()(ids).logits, source(ids).logits)
 
 
+@pytest.mark.slow
 def test_reading_folders_never_imports_the_libraries_that_wrote_them(bert, accelerate_folders, tmp_path):
     """transformers, accelerate and lightning stay optional: loading and resuming their folders needs none."""
     _, _, model = bert

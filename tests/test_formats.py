@@ -209,6 +209,7 @@ def test_legacy_tar_format(tmp_path):
     assert torch.equal(out["w"], t) and torch.equal(out["b"], t[1]) and out["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_lazy_import_does_not_load_torch():
     import subprocess
     import sys

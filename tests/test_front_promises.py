@@ -35,6 +35,7 @@ def backbone() -> nn.Module:
 
 
 # -- 1. truncated, empty and missing files in the CLI: a message and exit 3 ---------------------------
+@pytest.mark.slow
 def test_cli_truncated_empty_and_missing_files_exit_3(tmp_path, net):
     good = tmp_path / "good.pt"
     torch.save(net.state_dict(), good)
@@ -58,6 +59,7 @@ def test_cli_truncated_empty_and_missing_files_exit_3(tmp_path, net):
     assert res.returncode == 3 and json.loads(res.stdout)["error"] == "TruncatedCheckpointError"
 
 
+@pytest.mark.slow
 def test_a_broken_command_fails_loudly():
     code = ("import sys; sys.modules['torchckpt.cli.diff_cmd'] = None\n"
             "from torchckpt.cli.main import main\n"
@@ -137,6 +139,7 @@ def test_print_info_does_not_dump_tensors(tmp_path):
     assert "tensor(" not in text and "999" not in text and info.kind in text
 
 
+@pytest.mark.slow
 def test_cli_scan_directory_suggests_r_and_atol_must_be_positive(tmp_path, net):
     torch.save(net.state_dict(), tmp_path / "a.pt")
     res = run_cli("scan", str(tmp_path))
@@ -246,6 +249,7 @@ def test_cli_prints_what_each_record_renders(tmp_path, net, capsys, monkeypatch)
 
 
 # -- 9. a cut-off safetensors file is a truncated safetensors file, not "unrecognised content" ---------
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [12, 40])
 def test_truncated_safetensors_header_is_named(tmp_path, keep):
     from safetensors.torch import save_file

@@ -35,6 +35,7 @@ def modules_after(code: str, *args: str) -> tuple[list[str], subprocess.Complete
     return json.loads(line[len("MODULES "):]), res
 
 
+@pytest.mark.slow
 def test_import_torchckpt_leaves_torch_and_numpy_out():
     code = ("import atexit, json, sys\nimport torchckpt\n"
             "atexit.register(lambda: sys.__stderr__.write('MODULES ' + json.dumps(sorted(m for m in "
@@ -45,6 +46,7 @@ def test_import_torchckpt_leaves_torch_and_numpy_out():
     assert heavy == [], heavy
 
 
+@pytest.mark.slow
 def test_public_names_still_resolve_lazily():
     code = ("import atexit, json, sys\nimport torchckpt\n"
             "atexit.register(lambda: sys.__stderr__.write('MODULES ' + json.dumps(sorted(m for m in "

@@ -48,6 +48,7 @@ def _steps(root: str) -> list[int]:
     return sorted(int(p.rsplit("step=", 1)[1][:-5]) for p in glob.glob(os.path.join(root, "*.ckpt")))
 
 
+@pytest.mark.slow
 def test_fit_killed_and_resumed_restores_exactly_what_was_saved(tmp_path):
     root = str(tmp_path / "ckpts")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE] + sys.path)}

@@ -89,6 +89,7 @@ MODEL = N * ROWS * COLS * 4
 TENSOR = ROWS * COLS * 4  # one tensor in flight (read, placed, released) is the price of streaming
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
 def test_meta_model_holds_one_copy(files, fmt):
     """A model built on meta ends up with the weights once: no copy next to the mapped file."""
@@ -98,6 +99,7 @@ def test_meta_model_holds_one_copy(files, fmt):
     assert out["peak_extra"] <= MODEL + 2 * TENSOR + 4 * MIB, f"{out['peak_extra'] / MODEL:.3f}x the model"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
 def test_cpu_model_loads_without_a_second_copy(files, fmt):
     """Into an allocated model, a load costs a small fraction of the model, whatever the format."""

@@ -41,6 +41,7 @@ def wheel(dists: dict[str, str]) -> str:
     return dists["wheel"]
 
 
+@pytest.mark.slow
 def test_twine_check_passes_for_wheel_and_sdist(dists: dict[str, str]) -> None:
     done = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", dists["wheel"], dists["sdist"]],
                           capture_output=True, text=True, timeout=120)
@@ -48,6 +49,7 @@ def test_twine_check_passes_for_wheel_and_sdist(dists: dict[str, str]) -> None:
     assert done.stdout.count("PASSED") == 2, done.stdout
 
 
+@pytest.mark.slow
 def test_sdist_carries_license_changelog_tests_and_type_marker(dists: dict[str, str]) -> None:
     with tarfile.open(dists["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
@@ -56,6 +58,7 @@ def test_sdist_carries_license_changelog_tests_and_type_marker(dists: dict[str, 
         assert needed in names, needed
 
 
+@pytest.mark.slow
 def test_wheel_carries_license_type_marker_and_metadata(wheel: str) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()

@@ -277,6 +277,7 @@ def _adaptations(ns: dict) -> None:
     ns["probe"] = torch.randn(2, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block(workdir, index):
     ns = namespace()

@@ -27,6 +27,7 @@ def served(tmp_path, net, monkeypatch):
         yield server, root, digest
 
 
+@pytest.mark.slow
 def test_miss_then_hit_without_a_transfer(served, net):
     server, root, digest = served
     url = f"{server.url}/model.pt"
@@ -39,6 +40,7 @@ def test_miss_then_hit_without_a_transfer(served, net):
     assert torchckpt.download(url, sha256=digest[:12]) == path  # a prefix is enough
 
 
+@pytest.mark.slow
 def test_mismatch_is_refused_and_not_kept(served):
     server, root, digest = served
     url = f"{server.url}/model.pt"
@@ -50,6 +52,7 @@ def test_mismatch_is_refused_and_not_kept(served):
     assert not [f for _, _, names in os.walk(cache) for f in names], "a file that failed its check is not kept"
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_downloaded_again(served):
     server, root, digest = served
     url = f"{server.url}/model.pt"
@@ -62,6 +65,7 @@ def test_a_damaged_cache_entry_is_downloaded_again(served):
     assert server.sent == 2 * sent and hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
 
 
+@pytest.mark.slow
 def test_hash_prefix_in_the_file_name(served, net):
     server, root, digest = served
     out = torchckpt.load(f"{server.url}/resnet-{digest[:8]}.pt", check_hash=True)
@@ -81,6 +85,7 @@ def test_local_file_is_verified_in_place(tmp_path, net):
         torchckpt.load(tmp_path / "m.pt", sha256="1" * 64)
 
 
+@pytest.mark.slow
 def test_download_from_a_server_without_range(tmp_path, net, monkeypatch):
     """python -m http.server answers every GET with the whole file: the download streams it once."""
     torch.save(net.state_dict(), tmp_path / "m.pt")

@@ -59,6 +59,7 @@ def test_storage_option_parsing():
     assert parse_storage_options([]) is None
 
 
+@pytest.mark.slow
 def test_not_found(s3):
     fs, opts = s3
     for url in ("s3://errs/missing.pt", "s3://no-such-bucket/m.pt"):
@@ -70,6 +71,7 @@ def test_not_found(s3):
     assert "s3://errs/missing.pt: no such remote object" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_access_denied(tmp_path):
     import fsspec
     import requests
@@ -103,6 +105,7 @@ def _denied(endpoint, opts):
         torchckpt.Checkpointer("s3://locked/run", storage_options=fresh).save(1, model=torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 def test_connection_refused():
     port = free_port()  # nothing listens there
     opts = s3_options(f"http://{LOOPBACK}:{port}")
@@ -115,6 +118,7 @@ def test_connection_refused():
         torchckpt.load(f"http://{LOOPBACK}:{port}/m.pt")
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_times_out():
     with blackhole() as port:
         opts = s3_options(f"http://{LOOPBACK}:{port}", config_kwargs={"connect_timeout": 1, "read_timeout": 1,
@@ -127,6 +131,7 @@ def test_unreachable_endpoint_times_out():
         assert res.returncode == 3 and "did not answer" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url, extra", [("hf://org/repo/model.safetensors", "hf"), ("gs://b/m.pt", "gcs")])
 def test_missing_extra_names_what_to_install(url, extra):
     package = {"hf": "huggingface_hub", "gcs": "gcsfs"}[extra]
@@ -140,6 +145,7 @@ def test_missing_extra_names_what_to_install(url, extra):
     assert url in res.stdout and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_scan_diff_convert_and_inspect_take_urls(s3, tmp_path, net, monkeypatch):
     fs, opts = s3
     torch.save(net.state_dict(), tmp_path / "a.pt")

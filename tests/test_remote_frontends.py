@@ -44,6 +44,7 @@ def test_every_front_end_takes_storage_options(name):
     assert "storage_options" in params, f"torchckpt.{name} has no storage_options="
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_reading_command_takes_storage_option(command):
     res = subprocess.run([sys.executable, "-m", "torchckpt", command, "--help"], capture_output=True, text=True,
@@ -55,6 +56,7 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_read_front_ends_reach_the_server(s3, tmp_path):
     fs, opts, net = s3
     url = "s3://fends/m.pt"
@@ -75,6 +77,7 @@ def test_read_front_ends_reach_the_server(s3, tmp_path):
     assert _same(torch.load(local, weights_only=True), net.state_dict())
 
 
+@pytest.mark.slow
 def test_convert_and_report_reach_the_server(s3, tmp_path):
     fs, opts, net = s3
     torchckpt.convert("s3://fends/m.pt", "s3://fends/m.safetensors", storage_options=opts)
@@ -93,6 +96,7 @@ def test_convert_and_report_reach_the_server(s3, tmp_path):
     assert (tmp_path / "c.html").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_write_front_ends_reach_the_server(s3):
     fs, opts, net = s3
     meta = torchckpt.save("s3://fends/run/one.pt", model=net, step=3, storage_options=opts)

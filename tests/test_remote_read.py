@@ -36,6 +36,7 @@ def _big_state(mib: int = 16) -> dict:
     return {f"layer{i}.weight": torch.arange(n, dtype=torch.float32).reshape(-1, 64) + i for i in range(4)}
 
 
+@pytest.mark.slow
 def test_load_and_load_into_from_s3(s3, tmp_path, net):
     fs, opts, _ = s3
     torch.save(net.state_dict(), tmp_path / "m.pt")
@@ -51,6 +52,7 @@ def test_load_and_load_into_from_s3(s3, tmp_path, net):
     assert report.ok and torch.equal(fresh.fc.weight, net.fc.weight)
 
 
+@pytest.mark.slow
 def test_inspect_of_remote_zip_moves_kilobytes(s3, tmp_path):
     fs, opts, proxy = s3
     state = _big_state(16)
@@ -67,6 +69,7 @@ def test_inspect_of_remote_zip_moves_kilobytes(s3, tmp_path):
     assert proxy.down >= size  # the data did come over the wire for load
 
 
+@pytest.mark.slow
 def test_inspect_of_remote_safetensors_reads_the_header(s3, tmp_path):
     from safetensors.torch import save_file
 
@@ -82,6 +85,7 @@ def test_inspect_of_remote_safetensors_reads_the_header(s3, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_hf_sharded_index_from_s3(s3, tmp_path, net):
     from safetensors.torch import save_file
 
@@ -106,6 +110,7 @@ def test_hf_sharded_index_from_s3(s3, tmp_path, net):
         torchckpt.load("s3://bkt/hf/model.safetensors.index.json", storage_options=opts)
 
 
+@pytest.mark.slow
 def test_dcp_directory_from_s3(s3, tmp_path, net):
     import torch.distributed.checkpoint as dcp
 
@@ -132,6 +137,7 @@ def test_dcp_directory_from_s3(s3, tmp_path, net):
     assert [(f.status, f.format) for f in scanned] == [("clean", "dcp")], scanned
 
 
+@pytest.mark.slow
 def test_http_ranges_and_a_server_without_ranges(tmp_path):
     state = _big_state(8)
     torch.save(state, tmp_path / "big.pt")
@@ -147,6 +153,7 @@ def test_http_ranges_and_a_server_without_ranges(tmp_path):
         assert server.sent == size  # read once, whole, then served from memory
 
 
+@pytest.mark.slow
 def test_many_small_tensors_cost_few_requests(tmp_path):
     """A zip of 300 small tensors: each tensor's local header and data come from one read-ahead block,
     not three requests per tensor; inspect still moves only what it reads."""

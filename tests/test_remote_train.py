@@ -37,6 +37,7 @@ def _perturbed():
     return model
 
 
+@pytest.mark.slow
 def test_checkpointer_on_s3_saves_lists_keeps_and_resumes(s3, tmp_path, monkeypatch):
     fs, opts, _ = s3
     monkeypatch.chdir(tmp_path)  # nothing may land on the local disk
@@ -71,6 +72,7 @@ def test_checkpointer_on_s3_saves_lists_keeps_and_resumes(s3, tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_save_and_resume_one_file_url_and_safetensors_weights(s3, net):
     fs, opts, _ = s3
     meta = torchckpt.save("s3://train/single/model.pt", model=net, step=9, storage_options=opts)
@@ -84,6 +86,7 @@ def test_save_and_resume_one_file_url_and_safetensors_weights(s3, net):
     assert ckpt.resume(model=fresh).step == 1 and torch.equal(fresh.fc.weight, net.fc.weight)
 
 
+@pytest.mark.slow
 def test_a_damaged_remote_checkpoint_is_skipped_on_resume(s3, net):
     fs, opts, _ = s3
     ckpt = torchckpt.Checkpointer("s3://train/damaged", keep_last=5, storage_options=opts)
@@ -101,6 +104,7 @@ def test_a_damaged_remote_checkpoint_is_skipped_on_resume(s3, net):
     assert fresh.fc.bias.detach()[0].item() == 1.0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_upload_leaves_the_previous_checkpoint_latest(s3):
     fs, opts, proxy = s3
     url = "s3://train/killed"
@@ -145,6 +149,7 @@ def test_kill_9_mid_upload_leaves_the_previous_checkpoint_latest(s3):
     assert staged == [], "the killed writer's local staging folder is removed by the next writer"
 
 
+@pytest.mark.slow
 def test_async_save_to_s3(s3, net):
     fs, opts, _ = s3
     with torchckpt.Checkpointer("s3://train/async", keep_last=2, async_save=True, storage_options=opts) as ckpt:

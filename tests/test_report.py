@@ -167,6 +167,7 @@ def test_page_is_self_contained_and_escaped(tmp_path):
     assert "Content-Security-Policy" in page
 
 
+@pytest.mark.slow
 def test_streaming_memory_stays_near_the_largest_tensor(tmp_path):
     """The issue's bound: peak memory under 1.2x the largest tensor plus the page (imports excluded)."""
     mib = 1 << 20
@@ -189,6 +190,7 @@ def test_streaming_memory_stays_near_the_largest_tensor(tmp_path):
     assert grew < 1.2 * 32 * mib + page.stat().st_size, f"peak grew by {grew / mib:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_cli_writes_the_page_and_exit_codes(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(_net().state_dict(), path)
@@ -221,6 +223,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no chromium installed (apt-get install chromium)")
 def test_page_renders_in_headless_chromium(tmp_path):
     model = _net()

@@ -162,6 +162,7 @@ def test_nullifai_broken_stream_reports_what_came_before(tmp_path):
     assert "dangerous-global" in kinds and "unparsable-pickle" in kinds
 
 
+@pytest.mark.slow
 def test_cli_scan_exit_codes_and_json(tmp_path, net):
     good = tmp_path / "good.pt"
     torch.save(net.state_dict(), good)

@@ -384,6 +384,7 @@ def test_dcp_member_symlinked_outside_is_refused(tmp_path, member, outside):
 
 
 # ----------------------------------------------------------------------------- issue 11: 7, 18, 19
+@pytest.mark.slow
 def test_scan_tree_with_broken_downloads_is_unreadable(tmp_path, net):
     tree = tmp_path / "tree"
     tree.mkdir()

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "src", "torchckpt")
 
@@ -56,6 +58,7 @@ def test_nothing_outside_read_reaches_into_its_readers_or_vm() -> None:
     assert reach_ins == [], "import these names from torchckpt.read (the layer's face):\n" + "\n".join(reach_ins)
 
 
+@pytest.mark.slow
 def test_the_read_face_names_only_what_exists_and_imports_nothing_until_asked() -> None:
     code = (
         "import sys, torchckpt.read as r\n"
@@ -98,3 +101,50 @@ def test_function_level_imports_of_own_modules_are_few_and_say_why() -> None:
     why = ("cycle", "start-up", "lazy")
     unexplained = [f"{m}:{n}" for m, n, line in found if "#" not in line or not any(w in line.split("#", 1)[1] for w in why)]
     assert unexplained == [], unexplained
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """Every import of the package's own modules (top-level, in functions, for type checkers) as a graph:
+    it has no cycle, so every layer can be read, tested and changed from the bottom up."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, tree in modules.items():
+        is_package = os.path.exists(os.path.join(PKG, *module.split("."), "__init__.py")) if module else True
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            for target, _ in _imported(module, ast.Module(body=[node], type_ignores=[]), is_package):
+                for name in [f"{target}.{a.name}".strip(".") for a in node.names] + [target]:
+                    while name and name not in modules:
+                        name = name.rpartition(".")[0]
+                    if name != module and (name or target == ""):
+                        graph[module].add(name)
+                        break
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == []

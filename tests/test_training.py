@@ -41,6 +41,7 @@ def uninterrupted(tmp_path_factory):
 
 # 9 batches per epoch: mid-epoch, the last batch of an epoch (with workers the loader has already
 # fetched the whole epoch), the epoch boundary, and into the next epoch
+@pytest.mark.slow
 @pytest.mark.parametrize("workers,k", [(0, 5), (0, 9), (0, 13), (2, 5), (2, 8), (2, 9), (2, 13)])
 def test_bit_exact_resume_in_a_fresh_process(tmp_path, uninterrupted, workers, k):
     n = 24
@@ -75,6 +76,7 @@ def test_without_rng_restore_the_run_differs(tmp_path):
     assert outcomes == [True, False]
 
 
+@pytest.mark.slow
 def test_crash_at_random_moments_never_loses_work(tmp_path):
     rng = random.Random(0)
     directory = tmp_path / "ckpts"

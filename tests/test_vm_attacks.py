@@ -324,6 +324,7 @@ def test_str_subclass_names_are_judged_as_plain_text(tmp_path):
 
 
 # --------------------------------------------------------------------------- crashes stay in a subprocess
+@pytest.mark.slow
 def test_segfault_class_attacks_do_not_crash_the_process(tmp_path):
     """Object pointers and short buffers would segfault in repr; run them where a crash is visible."""
     files = {

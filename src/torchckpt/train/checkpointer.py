@@ -24,14 +24,17 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
-from ..storage.atomic import clean_temp_files, os_error_in, write_error
+from ..storage.atomic import os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
-from . import distributed, exit_guard, store
-from .fsspec_store import RemoteStore, resume_url
+from . import distributed, exit_guard
+from .dcp_store import DcpStore
+from .fsspec_store import FsspecStore, resume_url
+from .local_store import LocalStore
 from .restore import resume_file
 from .snapshot import cpu_snapshot
-from .training import TrainingState, capture, verify, write_payload
+from .store import NAME, Entry, FileStore, Store
+from .training import TrainingState, capture
 from .zero import resume_deepspeed
 
 if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
@@ -63,6 +66,18 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         return self.path
+
+
+def stores_for(directory: str, storage_options: StorageOptions | None = None) -> tuple[FileStore, DcpStore | None]:
+    """The stores of a Checkpointer directory: its file store (a local directory or a URL prefix) and, on a
+    local directory, the sharded (DCP) checkpoints beside it."""
+    if is_url(directory):
+        return FsspecStore(directory, storage_options), None
+    return LocalStore(directory), DcpStore(directory)
+
+
+def _info(entry: Entry) -> CheckpointInfo:
+    return CheckpointInfo(entry.step, entry.path, (entry.meta or {}).get("metrics") or {}, entry.meta or {})
 
 
 class RetentionPolicy(Protocol):
@@ -121,7 +136,7 @@ class Checkpointer:
     process ends); listing and resuming need no lock.
     """
 
-    NAME = store.NAME
+    NAME = NAME
 
     def __init__(self, directory: str, *, keep_last: int | None = 3, keep_best: int | None = None,
                  monitor: str | None = None, mode: str = "min", every_n_steps: int | None = None,
@@ -133,10 +148,12 @@ class Checkpointer:
             raise ValueError("mode must be 'min' or 'max'")
         self.directory = os.fspath(directory)
         self.storage_options = storage_options
-        self._remote = RemoteStore(storage_options) if is_url(self.directory) else None
-        self._store: Any = self._remote or store  # the same steps on a local directory or a URL prefix
+        # where checkpoints live: one file store (a local directory or a URL prefix) and, on a local
+        # directory, sharded ones beside it; the Checkpointer speaks to them only through store.Store
+        self._store, self._sharded = stores_for(self.directory, storage_options)
+        self._stores: list[Store] = [self._store] + ([self._sharded] if self._sharded is not None else [])
         try:
-            if self._remote is None:
+            if self._sharded is not None:  # local
                 os.makedirs(self.directory, exist_ok=True)
         except OSError as exc:
             raise write_error(self.directory, exc) from None
@@ -154,8 +171,7 @@ class Checkpointer:
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
-        self._dcp: distributed.DcpSaver | None = None  # sharded saves (process group or DTensor model)
-        self._writer = self._store.DirectoryLock(self.directory)
+        self._writer = self._store.lock()
         self.removed_temp: list[str] = []
         self.reclaimed: list[str] = []
         if distributed.is_committer() and self._writer.try_acquire():  # nobody writes: finish what killed writers left
@@ -165,28 +181,20 @@ class Checkpointer:
                 self._writer.release()
 
     def _tidy(self) -> None:
-        if self._remote is None:
-            self.removed_temp = clean_temp_files(self.directory, is_ours=lambda n: n.startswith(".ckpt-"))
-        self.reclaimed = self._store.reclaim(self.directory)
-        if self._remote is None:  # sharded (DCP) saves are local only
-            self.reclaimed += distributed.reclaim(self.directory)
+        self.removed_temp = [name for s in self._stores for name in s.remove_temp_files()]
+        self.reclaimed = [name for s in self._stores for name in s.reclaim()]
 
     # ------------------------------------------------------------------ listing (from disk)
     def path_for(self, step: int) -> str:
-        path: str = self._store.path_for(self.directory, step)
-        return path
+        return self._store.path_for(step)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        return [CheckpointInfo(e.step, e.path, (e.meta or {}).get("metrics") or {}, e.meta or {})
-                for e in self._entries() if e.problem is None]
+        return [_info(e) for e in self._entries() if e.problem is None]
 
-    def _entries(self) -> list[store.Entry]:
+    def _entries(self) -> list[Entry]:
         """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
-        found: list[store.Entry] = self._store.entries(self.directory)
-        if self._remote is None:
-            found = sorted(found + distributed.entries(self.directory), key=lambda e: e.step)
-        return found
+        return sorted((e for s in self._stores for e in s.entries()), key=lambda e: e.step)
 
     def latest(self) -> CheckpointInfo | None:
         found = self.checkpoints()
@@ -210,15 +218,15 @@ class Checkpointer:
         """
         if self.every_n_steps and step % self.every_n_steps and not force:
             return None
-        sharded = distributed.in_use(model)
-        if sharded and self._remote is not None:
+        sharded = DcpStore.wanted_for(model)
+        if sharded and self._sharded is None:
             raise NotImplementedError(f"{self.directory}: sharded (torch.distributed) checkpoints are written to a "
                                       "local or shared file system only; give the Checkpointer a path, not a URL")
         # Everything (RNG states included) is captured now, before waiting for the previous background
         # write: that thread may draw from the global RNGs meanwhile (botocore's retry jitter uses `random`).
         if sharded:
-            state = distributed.capture_dcp(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                            extra=extra, stateful=stateful, info={"step": step, "epoch": epoch})
+            state = DcpStore.capture(step, epoch, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     extra=extra, stateful=stateful)
         else:
             payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                               step=step, metrics=metrics, extra=extra, stateful=stateful)
@@ -247,13 +255,18 @@ class Checkpointer:
     def _save_sharded(self, step: int, state: dict[str, Any], *, epoch: int | None,
                       metrics: Mapping[str, Any] | None) -> str:
         """Through torch.distributed.checkpoint: each rank writes its shards, rank 0 commits (see distributed.py)."""
-        self._dcp = self._dcp or distributed.DcpSaver(self.directory)
-        path, finish = self._dcp.save(step, state, distributed.base_meta(step, epoch, metrics),
-                                      async_save=self._executor is not None)
+        assert self._sharded is not None  # save() sends only local directories here
+        path, finish = self._sharded.save(step, state, epoch=epoch, metrics=metrics,
+                                          async_save=self._executor is not None)
         if finish is None:
             self._apply_retention()
             return path
-        self._submit(f"the background save of {path}", lambda: (finish(), self._apply_retention()))
+
+        def finish_and_retain() -> None:
+            finish()
+            self._apply_retention()
+
+        self._submit(f"the background save of {path}", finish_and_retain)
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
@@ -264,8 +277,7 @@ class Checkpointer:
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            write = self._remote.write_payload if self._remote is not None else write_payload
-            write(path, payload, self.weights_format)
+            self._store.write(path, payload, self.weights_format)
         except BaseException:
             with contextlib.suppress(Exception):  # the write's own error is the one to report
                 self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
@@ -284,16 +296,17 @@ class Checkpointer:
                           "and the next save or resume tidies up", RetentionWarning, stacklevel=3)
 
     def _apply_retention(self) -> None:
-        found = self.checkpoints()
+        committed = [e for e in self._entries() if e.problem is None]
+        found = [_info(e) for e in committed]
         if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
         for policy in self.policies:
             keep |= policy.keep(found)
-        for c in found:
+        for e, c in zip(committed, found):
             if c.step not in keep:
                 try:
-                    distributed.remove(c.path) if distributed.is_dcp(c.path) else self._store.delete(c.path)
+                    (e.store or self._store).delete(e.path)
                 except (OSError, CheckpointError) as exc:  # housekeeping: the new checkpoint is committed
                     why = exc.reason if isinstance(exc, CheckpointError) else f"{exc.strerror or exc}"
                     warnings.warn(f"torchckpt: saved {os.path.basename(found[-1].path)}, but could not remove the "
@@ -332,8 +345,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._dcp is not None:
-                self._dcp.close()
+            if self._sharded is not None:
+                self._sharded.close()
             self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
@@ -365,16 +378,8 @@ class Checkpointer:
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                           map_location=map_location, restore_rng=restore_rng, strict=strict,
                           **_adapting(rename, prefix, transforms, entry.path))
-            try:
-                if self._remote is not None:  # downloaded once, verified and restored there
-                    state = self._remote.resume_entry(entry, **kwargs)
-                elif distributed.is_dcp(entry.path):  # resharded into the objects' current layout
-                    state = distributed.resume_dcp(entry.path, entry.meta or {}, model=model, optimizer=optimizer,
-                                                   scheduler=scheduler, scaler=scaler, stateful=stateful,
-                                                   restore_rng=restore_rng, strict=strict)
-                else:
-                    verify(entry.path, entry.meta)
-                    state = resume_file(entry.path, verified=True, **kwargs)
+            try:  # verified first; a URL's file downloaded once; a sharded one resharded into the objects' layout
+                state = (entry.store or self._store).resume(entry, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
                 self._skip(skipped, name, exc.reason)
                 continue

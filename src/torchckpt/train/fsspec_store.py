@@ -34,7 +34,7 @@ from .restore import resume_file
 from . import sidecar
 from .training import TrainingState, data_files, verify, write_data
 
-__all__ = ["RemoteStore", "resume_url"]
+__all__ = ["FsspecStore", "upload", "downloaded", "resume_url"]
 
 STAGING = "torchckpt-upload-"  # + pid: a local folder a writer stages one checkpoint in before uploading it
 
@@ -56,37 +56,29 @@ class _NoLock:
         self.held = False
 
 
-class RemoteStore:
-    """The steps of :mod:`.store` (``entries``, ``begin``, ``end``, ``delete``, ``reclaim``) for a
-    directory that is a URL prefix, plus the write, the temp-file cleanup and the resume of one entry."""
+class FsspecStore:
+    """Single-file checkpoints under a URL prefix on any fsspec filesystem
+    (:class:`~torchckpt.train.store.FileStore`): uploads published whole, the sidecar last."""
 
-    NAME = store.NAME
-
-    def __init__(self, storage_options: StorageOptions | None = None) -> None:
+    def __init__(self, directory: str, storage_options: StorageOptions | None = None) -> None:
+        self.directory = directory
         self.options = dict(storage_options or {})
 
-    def DirectoryLock(self, directory: str) -> _NoLock:  # noqa: N802 - the same spelling as store.DirectoryLock
+    def lock(self) -> _NoLock:
         return _NoLock()
 
-    def path_for(self, directory: str, step: int) -> str:
-        return join(directory, os.path.basename(store.path_for("", step)))
+    def path_for(self, step: int) -> str:
+        return join(self.directory, store.file_name(step))
 
     # ------------------------------------------------------------------ listing
-    def entries(self, directory: str) -> list[store.Entry]:
+    def entries(self) -> list[store.Entry]:
         """Every step with a data file, sidecar or marker under the prefix, oldest first (one LIST)."""
-        sizes = files.list_sizes(directory, self.options)
-        steps: dict[int, str] = {}
-        for name in sizes:
-            base = sidecar.base_name(name)
-            if base.startswith(".") and base.endswith(store.MARKER_SUFFIX):
-                base = base[1: -len(store.MARKER_SUFFIX)]
-            m = store.NAME.match(base)
-            if m:
-                steps[int(m.group(1))] = base
+        sizes = files.list_sizes(self.directory, self.options)
+        steps = dict(found for found in map(store.step_of, sizes) if found is not None)
         out = []
         for step in sorted(steps):
             name = steps[step]
-            path = join(directory, name)
+            path = join(self.directory, name)
             unfinished = os.path.basename(store.marker_path(name)) in sizes
             meta, problem = None, None
             if os.path.basename(sidecar.path_of(name)) in sizes:
@@ -96,7 +88,7 @@ class RemoteStore:
                     problem = exc.reason
             if problem is None:
                 problem = store.commit_problem(name, meta, sizes, lambda: sizes[name])
-            out.append(store.Entry(step, path, meta, problem, unfinished))
+            out.append(store.Entry(step, path, meta, problem, unfinished, store=self))
         return out
 
     # ------------------------------------------------------------------ writing steps
@@ -108,18 +100,17 @@ class RemoteStore:
         files.remove(store.marker_path(path), self.options)
 
     def discard(self, path: str) -> None:
-        for victim in data_files(path):  # the sidecar first: without it the data is no checkpoint
-            files.remove(victim, self.options)
+        _discard(path, self.options)
 
     def delete(self, path: str) -> None:
         self.begin(path)
         self.discard(path)
         self.end(path)
 
-    def reclaim(self, directory: str) -> list[str]:
+    def reclaim(self) -> list[str]:
         """Remove the files of saves and deletes that a killed writer left unfinished."""
         removed: list[str] = []
-        for entry in self.entries(directory):
+        for entry in self.entries():
             if not entry.unfinished:
                 continue
             if entry.problem is not None:
@@ -128,41 +119,60 @@ class RemoteStore:
             self.end(entry.path)
         return removed
 
-    def write_payload(self, path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
-        """Write the checkpoint's files to a staging folder, upload each whole, then the sidecar."""
-        _clean_stale_staging()
-        staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
-        try:
-            local = os.path.join(staging, os.path.basename(path.rstrip("/")))
-            meta = write_data(local, payload, weights_format)
-            try:
-                files.remove(sidecar.path_of(path), self.options)  # a re-save of a step: the old record goes first
-                for name in meta.get("files") or [os.path.basename(local)]:
-                    with open(os.path.join(staging, name), "rb") as src, \
-                            files.write_whole(join(path.rsplit("/", 1)[0], name), self.options) as dst:
-                        shutil.copyfileobj(src, dst, 8 << 20)
-                sidecar.write(path, meta, self.options)  # the commit record, last
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.discard(path)  # data without its sidecar must not stay under the final name
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return meta
+    def remove_temp_files(self) -> list[str]:
+        """Nothing to remove: on object stores an interrupted upload leaves no object (configure the bucket
+        to abort incomplete multipart uploads); staging folders of dead local writers go at each upload."""
+        return []
+
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
+        upload(path, payload, weights_format, self.options)
 
     # ------------------------------------------------------------------ resuming
-    @contextlib.contextmanager
-    def downloaded(self, path: str) -> Iterator[str]:
-        """The checkpoint at ``path`` (and its weights file and sidecar) in a temporary local folder."""
-        with files.local_copy(path, self.options, companions=(".safetensors", sidecar.SUFFIX)) as local:
-            yield local
-
-    def resume_entry(self, entry: store.Entry, **kwargs: Any) -> TrainingState:
-        with self.downloaded(entry.path) as local:
+    def resume(self, entry: store.Entry, **objects: Any) -> TrainingState:
+        """Download the checkpoint once, verify it against its sidecar there, restore, remove the download."""
+        with downloaded(entry.path, self.options) as local:
             verify(local, entry.meta)
-            state = resume_file(local, verified=True, **kwargs)
+            state = resume_file(local, verified=True, **objects)
         _renamed(state, local, entry.path)
         return state
+
+
+def upload(path: str, payload: dict[str, Any], weights_format: str = "pt",
+           storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """Write one checkpoint's files to a local staging folder, upload each whole, then the sidecar; returns
+    the sidecar. If anything fails, none of its files stays under its final name."""
+    options = dict(storage_options or {})
+    _clean_stale_staging()
+    staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
+    try:
+        local = os.path.join(staging, os.path.basename(path.rstrip("/")))
+        meta = write_data(local, payload, weights_format)
+        try:
+            files.remove(sidecar.path_of(path), options)  # a re-save of a step: the old record goes first
+            for name in meta.get("files") or [os.path.basename(local)]:
+                with open(os.path.join(staging, name), "rb") as src, \
+                        files.write_whole(join(path.rsplit("/", 1)[0], name), options) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            sidecar.write(path, meta, options)  # the commit record, last
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _discard(path, options)  # data without its sidecar must not stay under the final name
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _discard(path: str, options: StorageOptions) -> None:
+    for victim in data_files(path):  # the sidecar first: without it the data is no checkpoint
+        files.remove(victim, options)
+
+
+@contextlib.contextmanager
+def downloaded(path: str, storage_options: StorageOptions | None = None) -> Iterator[str]:
+    """The checkpoint at ``path`` (and its weights file and sidecar) in a temporary local folder."""
+    with files.local_copy(path, storage_options, companions=(".safetensors", sidecar.SUFFIX)) as local:
+        yield local
 
 
 def _clean_stale_staging() -> None:
@@ -194,8 +204,7 @@ def _renamed(state: TrainingState, local: str, url: str) -> None:
 
 def resume_url(url: str, storage_options: StorageOptions | None = None, **kwargs: Any) -> TrainingState:
     """Resume from one checkpoint file at ``url`` (downloaded once, verified, restored, removed)."""
-    remote = RemoteStore(storage_options)
-    with remote.downloaded(url) as local:
+    with downloaded(url, storage_options) as local:
         state = resume_file(local, **kwargs)
     _renamed(state, local, url)
     return state

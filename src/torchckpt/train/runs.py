@@ -20,8 +20,7 @@ from ..read import folder_kind, is_dcp_dir
 from ..read.load import load as _load
 from ..storage import files
 from ..storage.remote import is_url
-from . import distributed, store
-from .fsspec_store import RemoteStore
+from .checkpointer import stores_for
 
 __all__ = ["load", "load_into", "latest_committed"]
 
@@ -29,10 +28,8 @@ __all__ = ["load", "load_into", "latest_committed"]
 def latest_committed(directory: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The newest committed checkpoint of a Checkpointer directory (a file, or a ``.dcp`` folder);
     ``None`` when ``directory`` holds no checkpoint of that protocol at all. Nothing is written."""
-    if is_url(directory):
-        found = RemoteStore(dict(storage_options) if storage_options else None).entries(directory)
-    else:
-        found = sorted(store.entries(directory) + distributed.entries(directory), key=lambda e: e.step)
+    kept = stores_for(directory, dict(storage_options) if storage_options else None)
+    found = sorted((e for s in kept if s is not None for e in s.entries()), key=lambda e: e.step)
     if not found:
         return None
     committed = [e for e in found if e.problem is None]

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
-from .fsspec_store import RemoteStore
+from .fsspec_store import upload
 from .training import capture, write_payload
 
 __all__ = ["save"]
@@ -39,5 +39,5 @@ def save(path: str, *, model: Any = None, optimizer: Any = None, scheduler: Any 
     payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
                       metrics=metrics, extra=extra, stateful=stateful, rng=rng)
     if is_url(path):
-        return RemoteStore(storage_options).write_payload(path, payload, weights_format)
+        return upload(path, payload, weights_format, storage_options)
     return write_payload(path, payload, weights_format)

@@ -1,39 +1,36 @@
-"""The on-disk protocol of a checkpoint directory, as small functions a Checkpointer composes.
+"""The protocol between a :class:`~torchckpt.train.checkpointer.Checkpointer` and where its checkpoints
+live: :class:`Store`. One implementation per file: :mod:`.local_store` (a local directory),
+:mod:`.fsspec_store` (a URL prefix on any fsspec filesystem) and :mod:`.dcp_store` (sharded
+``ckpt-<step>.dcp`` directories written through torch.distributed.checkpoint). A new store
+implements :class:`Store` (and :class:`FileStore` if it writes single-file checkpoints) in one file;
+the Checkpointer speaks to nothing else.
 
-A checkpoint ``ckpt-<step>.pt`` exists once its sidecar ``ckpt-<step>.pt.meta.json`` (the commit
-record, written last) exists and matches its data file. Everything else is crash safety:
+Every store keeps the same promise. A checkpoint ``ckpt-<step>.pt`` exists once its sidecar
+``ckpt-<step>.pt.meta.json`` (the commit record, written last, :mod:`.sidecar`) exists and matches
+its data. Everything else is crash safety:
 
-* **one writer**: a writer holds an exclusive ``flock`` on ``.torchckpt.lock`` (holding its pid) for
-  as long as it writes; a second writer gets :class:`~torchckpt.errors.CheckpointWriteError` naming
-  the holder. Readers take no lock.
+* **one writer**: a writer holds the store's lock for as long as it writes (a local directory: an
+  exclusive ``flock`` on ``.torchckpt.lock`` holding its pid); a second writer gets
+  :class:`~torchckpt.errors.CheckpointWriteError` naming the holder. Readers take no lock.
 * **intent markers**: before a checkpoint's files are created (save) or removed (retention), an
   empty marker ``.ckpt-<step>.pt.uncommitted`` is written; it is removed when the step is done.
   A kill at any moment leaves either a committed checkpoint or a marker that names the leftovers,
-  so :func:`reclaim` (run under the lock) removes exactly the files this protocol wrote and never
-  a file it did not (a ``ckpt-7.pt`` copied in by hand has no marker and is left alone).
-
-The local file system implements these with rename and fsync; another store (an object store, a
-rank-aware writer) keeps the same steps: begin, write data, commit, list committed, delete.
+  so ``reclaim`` (run under the lock) removes exactly the files this protocol wrote and never a
+  file it did not (a ``ckpt-7.pt`` copied in by hand has no marker and is left alone).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import re
-import socket
-from dataclasses import dataclass
-from typing import Any, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Mapping, Protocol
 
-from ..errors import CheckpointWriteError, CorruptCheckpointError
-from ..storage.atomic import fsync_dir, write_error
 from . import sidecar
-from .training import FORMAT, discard
+from .training import FORMAT, TrainingState
 
-__all__ = ["DirectoryLock", "Entry", "NAME", "path_for", "entries", "begin", "end", "delete", "reclaim",
-           "LOCK_NAME", "MARKER_SUFFIX"]
+__all__ = ["Store", "FileStore", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
+           "marker_path", "commit_problem", "step_of"]
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 LOCK_NAME = ".torchckpt.lock"
@@ -41,54 +38,36 @@ MARKER_SUFFIX = ".uncommitted"
 _MARKER = re.compile(r"^\.(ckpt-\d+\.pt)" + re.escape(MARKER_SUFFIX) + "$")
 
 
-def path_for(directory: str, step: int) -> str:
-    return os.path.join(directory, f"ckpt-{step:010d}.pt")
+def file_name(step: int) -> str:
+    """The name of step ``step``'s checkpoint file in any store."""
+    return f"ckpt-{step:010d}.pt"
 
 
 def marker_path(path: str) -> str:
+    """The intent marker of the checkpoint at ``path`` (a local path or a URL)."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f".{name}{MARKER_SUFFIX}")
 
 
-# --------------------------------------------------------------------------- listing
+def step_of(name: str) -> tuple[int, str] | None:
+    """``(step, checkpoint file name)`` for a checkpoint's data file, sidecar or marker name, else None."""
+    base = sidecar.base_name(name)
+    marker = _MARKER.match(name)
+    m = NAME.match(base) or (NAME.match(marker.group(1)) if marker else None)
+    return (int(m.group(1)), m.group(0)) if m else None
+
+
+# --------------------------------------------------------------------------- what a store lists
 @dataclass(frozen=True)
 class Entry:
-    """One step found in the directory. ``problem`` is None for a committed checkpoint."""
+    """One step found in a store. ``problem`` is None for a committed checkpoint."""
 
     step: int
     path: str
     meta: Mapping[str, Any] | None
     problem: str | None
     unfinished: bool = False  # an intent marker is present: a save or delete did not finish (yet)
-
-
-def entries(directory: str) -> list[Entry]:
-    """Every step that has a data file, a sidecar or a marker, oldest first, with what is wrong with it."""
-    try:
-        names = set(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    steps: dict[int, str] = {}
-    for name in names:
-        base = sidecar.base_name(name)
-        marker = _MARKER.match(name)
-        m = NAME.match(base) or (NAME.match(marker.group(1)) if marker else None)
-        if m:
-            steps[int(m.group(1))] = os.path.join(directory, m.group(0))
-    out = []
-    for step in sorted(steps):
-        path = steps[step]
-        name = os.path.basename(path)
-        unfinished = os.path.basename(marker_path(path)) in names
-        meta, problem = None, None
-        try:
-            meta = sidecar.read(path, strict=True)
-        except CorruptCheckpointError as exc:
-            problem = exc.reason
-        if problem is None:
-            problem = commit_problem(name, meta, names, lambda: os.path.getsize(path))
-        out.append(Entry(step, path, meta, problem, unfinished))
-    return out
+    store: "Store | None" = field(default=None, compare=False, repr=False)  # the store that listed it
 
 
 def commit_problem(name: str, meta: Mapping[str, Any] | None, names: Collection[str],
@@ -112,121 +91,60 @@ def commit_problem(name: str, meta: Mapping[str, Any] | None, names: Collection[
     return None
 
 
-# --------------------------------------------------------------------------- writing steps
-def begin(path: str) -> None:
-    """Record the intent to create or remove the files of ``path`` (before any of them changes).
-
-    Not fsynced on its own: the save's one directory fsync makes it durable together with the files,
-    and metadata changes of one directory reach the disk in order (see
-    :class:`~torchckpt.storage.atomic.AtomicFiles`), so after any crash a file this step renamed or
-    removed has its marker beside it. A marker alone, or one beside a committed checkpoint, is harmless.
-    """
-    marker = marker_path(path)
-    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-
-
-def end(path: str) -> None:
-    """The step begun on ``path`` is complete (committed or deleted)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(marker_path(path))
-
-
-def delete(path: str) -> None:
-    """Remove a committed checkpoint: marker first, then the sidecar (it stops being a checkpoint), data, marker.
-
-    No fsync: a crash may bring back a prefix of these steps, each of which is safe (a committed
-    checkpoint, or leftovers with their marker that :func:`reclaim` removes); the next save's directory
-    fsync makes the removal durable.
-    """
-    begin(path)
-    discard(path)
-    end(path)
-
-
-def reclaim(directory: str) -> list[str]:
-    """Finish what killed writers left (call under the lock): returns the names of files removed.
-
-    A marker beside a committed checkpoint is dropped (the save finished, or a delete had not yet
-    begun removing); a marker beside an uncommitted one means its files are leftovers: they go.
-    """
-    removed: list[str] = []
-    for entry in entries(directory):
-        if not entry.unfinished:
-            continue
-        if entry.problem is not None:
-            for victim in (sidecar.path_of(entry.path), entry.path, entry.path + ".safetensors"):
-                if os.path.exists(victim):
-                    removed.append(os.path.basename(victim))
-            discard(entry.path)
-            fsync_dir(directory)
-        end(entry.path)
-    return removed
-
-
-# --------------------------------------------------------------------------- the writer's lock
-class DirectoryLock:
-    """An exclusive, inter-process lock on a checkpoint directory (``flock`` on ``.torchckpt.lock``).
-
-    The kernel drops it when the holder exits or is killed, so a stale lock cannot block a new run.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, LOCK_NAME)
-        self._fd: int | None = None
+# --------------------------------------------------------------------------- the protocol
+class WriterLock(Protocol):
+    """The one-writer lock of a store."""
 
     @property
-    def held(self) -> bool:
-        return self._fd is not None
+    def held(self) -> bool: ...
 
     def acquire(self) -> None:
-        """Take the lock or raise CheckpointWriteError naming the process that holds it."""
-        if self._fd is not None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise write_error(self.path, exc) from None
-            raise CheckpointWriteError(
-                f"another writer holds this checkpoint directory ({holder or 'holder unknown'})",
-                path=os.path.dirname(self.path),
-                hint="Two runs saving into one directory would delete each other's checkpoints. Stop the other "
-                     "run, close() its Checkpointer, or give this run its own directory.") from None
-        try:  # who holds it, for the error a second writer gets; the lock itself does not need it
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError:  # a full disk: the save that follows reports it
-            pass
-        self._fd = fd
+        """Take the lock or raise CheckpointWriteError naming who holds it."""
 
     def try_acquire(self) -> bool:
-        try:
-            self.acquire()
-        except CheckpointWriteError:
-            return False
-        return True
+        """Take the lock if nobody holds it; False otherwise (never raises for a held lock)."""
 
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
-
-    def __del__(self) -> None:
-        self.release()
+    def release(self) -> None: ...
 
 
-def _read_holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    if text.startswith("pid ") and text.split()[1].isdigit():
-        pid = int(text.split()[1])
-        return f"{text}{' (this process)' if pid == os.getpid() else ''}"
-    return ""
+class Store(Protocol):
+    """Where a Checkpointer's checkpoints live: listing, locking, deleting, reclaiming, resuming."""
+
+    directory: str
+
+    def lock(self) -> WriterLock:
+        """A new (not yet taken) writer lock on this store."""
+
+    def entries(self) -> list[Entry]:
+        """Every step this store holds, committed or not, oldest first (each Entry's ``store`` is self)."""
+
+    def delete(self, path: str) -> None:
+        """Remove a committed checkpoint so that a crash at any moment leaves it committed or reclaimable."""
+
+    def reclaim(self) -> list[str]:
+        """Remove the files of saves and deletes that killed writers left unfinished (call under the lock);
+        returns their names."""
+
+    def remove_temp_files(self) -> list[str]:
+        """Remove the temp files of dead writers (call under the lock); returns their names."""
+
+    def resume(self, entry: Entry, **objects: Any) -> TrainingState:
+        """Verify the committed ``entry`` and restore ``objects`` from it (``resume_file``'s arguments)."""
+
+
+class FileStore(Store, Protocol):
+    """A store of single-file checkpoints (``ckpt-<step>.pt`` and their sidecars)."""
+
+    def path_for(self, step: int) -> str:
+        """Where step ``step``'s checkpoint goes."""
+
+    def begin(self, path: str) -> None:
+        """Write the intent marker of ``path`` before any of its files changes (raises OSError)."""
+
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
+        """Write ``payload`` to ``path`` and commit it (sidecar last); if anything fails, no file of it
+        stays under its final name."""
+
+    def end(self, path: str) -> None:
+        """The step begun on ``path`` is complete (committed or every file removed): drop its marker."""
+

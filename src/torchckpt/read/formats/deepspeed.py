@@ -406,7 +406,14 @@ def read_deepspeed(directory: str, opts: ReadOptions, lazy: bool = False) -> Che
                                "step_folder": step_dir})
     ckpt.details["metadata"] = {f"deepspeed.{k}": str(ckpt.details[k]) for k in
                                 ("stage", "world_size", "step", "dtype", "tag", "ds_version")}
-    if layout.stage == 0:
+    config = first.get("ds_config")
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    configured = zero.get("stage") if isinstance(zero, dict) else None
+    if layout.stage == 0 and type(configured) is int and configured > 0:
+        ckpt.notes.append(f"the run used ZeRO stage {configured} but no *_optim_states.pt file is here: these are "
+                          f"the module's weights in the training dtype ({_dtype_of(layout)}), not the fp32 master "
+                          "weights; copy the optimizer files too for those")
+    elif layout.stage == 0:
         ckpt.notes.append("ZeRO stage 0: the weights are the module's, in the training dtype")
     else:
         ckpt.notes.append(f"consolidated {len(layout.plans)} trainable parameters from the fp32 partitions of "

@@ -137,12 +137,18 @@ class _Table:
         device = _field(d, "device") or "cpu"
         if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda)(:[0-9]{1,3})?", device):
             raise CorruptCheckpointError(f"model.json: tensor {tid} is on device {device!r:.40} (cpu or cuda saved)")
-        storage = MetaStorage(mdtype, count * mdtype.itemsize, device)
-        if member.compress_type == zipfile.ZIP_STORED:
+        nbytes = count * mdtype.itemsize
+        storage = MetaStorage(mdtype, nbytes, device)
+        if member.flag_bits & 1:
+            raise CorruptCheckpointError(f"member {member.filename} is encrypted", member=member.filename)
+        if member.compress_type == zipfile.ZIP_STORED:  # read at its offset in both modes, as torch_zip does
             storage.file_offset = member_data_offset(self.src, member)
             if storage.file_offset + member.file_size > self.src.size:
                 raise CorruptCheckpointError(f"member {member.filename} runs past the end of the file")
             self.opts.trace.ranges.append((self.src.name, storage.file_offset, member.file_size))
+        elif self.opts.mode is Mode.RECORD and member.filename not in self.storages:
+            read_member(self.zf, member, self.src, self.opts)  # load inflates it: so does scan, under the same bound
+            self.storages[member.filename] = None
         meta = TensorMeta(size, stride, mdtype, offset, storage)
         if self.opts.meta:
             return meta
@@ -151,7 +157,8 @@ class _Table:
 
         raw = self.storages.get(member.filename)
         if raw is None:
-            data = bytearray(read_member(self.zf, member, self.src, self.opts)[:count * mdtype.itemsize])
+            data = bytearray(self.src.read_at(storage.file_offset, nbytes) if storage.file_offset is not None
+                             else read_member(self.zf, member, self.src, self.opts)[:nbytes])
             raw = self.storages[member.filename] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
         if quantized:
             base = torch._empty_affine_quantized([0], scale=float(scale), zero_point=zero_point,
