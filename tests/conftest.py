@@ -9,7 +9,11 @@ from collections import OrderedDict
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+# Imported by name through sys.path: the helpers (tests/helpers/*.py), this module (from conftest import ...)
+# and the few test modules whose fixtures or payloads other layers' tests reuse (test_malicious, test_distributed ...)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+for _folder in ("package", "tools", "train", "fit", "storage", "read", "helpers", ""):
+    sys.path.insert(0, os.path.join(TESTS, _folder))
 
 SHARED_T7 = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "fixtures", "t7")
 LOCAL_T7 = os.path.join(os.path.dirname(__file__), "data", "t7")

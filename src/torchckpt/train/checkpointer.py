@@ -259,14 +259,15 @@ class Checkpointer:
         path, finish = self._sharded.save(step, state, epoch=epoch, metrics=metrics,
                                           async_save=self._executor is not None)
         if finish is None:
-            self._apply_retention()
+            self._after_commit(path, "apply retention", self._apply_retention)
             return path
+        done = finish
 
-        def finish_and_retain() -> None:
-            finish()
-            self._apply_retention()
+        def finish_and_keep() -> None:
+            done()
+            self._after_commit(path, "apply retention", self._apply_retention)
 
-        self._submit(f"the background save of {path}", finish_and_retain)
+        self._submit(f"the background save of {path}", finish_and_keep)
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:

@@ -18,7 +18,7 @@ import torch
 import torchckpt
 from torchckpt.errors import UnsupportedFormatError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "src")
 
 pytest.importorskip("mypy")
@@ -131,6 +131,7 @@ def test_private_stdlib_modules_are_refused_even_with_trust() -> None:
                                      trust=False), bytes)  # a data-only private module stays allowed
 
 
+@pytest.mark.slow
 def test_literal_and_overload_types_reach_users(mypy_cache: str, tmp_path) -> None:
     """Issue 24 item 14: return_info picks the return type, on_mismatch/dtype/to are Literals, model and
     source are real types."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-TIMM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, ".testdeps")
+TIMM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, ".testdeps")
 
 
 def timm_module(name: str) -> Any:

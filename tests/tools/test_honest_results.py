@@ -27,6 +27,7 @@ def _strict(text):
 
 
 # -- item 1: diff compares values by default, never claims what it did not check ----------------------
+@pytest.mark.slow
 def test_item1_diff_compares_values_by_default(tmp_path):
     sd = {"w": torch.ones(4, 4), "b": torch.zeros(4)}
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
@@ -47,6 +48,7 @@ def test_item1_diff_compares_values_by_default(tmp_path):
     assert "NOT compared" in run_cli("diff", a, b, "--structure-only").stdout
 
 
+@pytest.mark.slow
 def test_item1_plain_values_are_compared(tmp_path):
     w = torch.randn(3, 3)
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
@@ -74,6 +76,7 @@ def test_item1_plain_values_are_compared(tmp_path):
 
 
 # -- item 3: --json is strict JSON, epoch keeps its type ----------------------------------------------
+@pytest.mark.slow
 def test_item3_json_is_strict_and_epoch_is_a_number(tmp_path):
     pytest.importorskip("jinja2")
     pytest.importorskip("matplotlib")
@@ -242,6 +245,7 @@ def test_item12_ctrl_c_exits_130_with_one_line():
 
 
 # -- item 2: report --diff lists layers that became NaN/Inf first; zero-initialised tensors do not dominate --
+@pytest.mark.slow
 def test_item2_report_diff_nan_first_and_zero_init_does_not_dominate(tmp_path):
     pytest.importorskip("jinja2")
     pytest.importorskip("matplotlib")
@@ -305,6 +309,7 @@ def test_item8_new_batchnorm_is_missing_not_pre_041(tmp_path):
 
 
 # -- item 15: --dtype aliases; an unknown output extension needs --format; scan of a directory --------
+@pytest.mark.slow
 def test_item15_convert_dtype_aliases_and_unknown_extension(tmp_path):
     src = tmp_path / "x.pt"
     torch.save({"w": torch.randn(3, 3)}, src)
@@ -325,6 +330,7 @@ def test_item15_convert_dtype_aliases_and_unknown_extension(tmp_path):
     assert torchckpt.load(tmp_path / "out.txt")["w"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_item15_scan_directory_hint_and_folder_files_listed(tmp_path):
     import json as json_module
 

@@ -19,11 +19,11 @@ from remote_servers import LOOPBACK, blackhole, free_port, http_server, moto_ser
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE]), "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "..", "src"), HERE]), "NO_COLOR": "1"}
     return subprocess.run([sys.executable, "-m", "torchckpt", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -139,7 +139,7 @@ def test_missing_extra_names_what_to_install(url, extra):
             "import torchckpt\n"
             f"try:\n    torchckpt.load({url!r})\n"
             "except torchckpt.RemoteStorageError as e:\n    print(type(e).__name__, '|', e)\n")
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..", "src")}
+    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..", "..", "src")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert f"pip install 'torchckpt[{extra}]'" in res.stdout, res.stdout + res.stderr
     assert url in res.stdout and "Traceback" not in res.stderr

@@ -61,7 +61,7 @@ def test_a_rank_that_cannot_write_fails_the_save_on_every_rank_and_training_goes
     for rank in (0, 1):
         error = outcome[rank]["error"]
         assert error is not None, f"rank {rank} reported the failed save as a success"
-        assert "distributed save failed" in error and "ckpt-0000000002.dcp" in error
+        assert "distributed save of step 2 failed" in error and "ckpt-0000000002.dcp" in error
         assert "rank 1: OSError: [Errno 27] File too large" in error  # every rank names the rank that failed
         assert outcome[rank]["latest"] == 1  # the failed step never became the latest
         assert outcome[rank]["seconds"] < 15  # raised promptly, not after a process-group timeout

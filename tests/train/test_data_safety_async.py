@@ -19,7 +19,7 @@ from torchckpt.train.training import set_rng_state
 
 from test_checkpointer_faults import _mounted_tmpfs
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 class _SlowNoisyExtra:

@@ -32,7 +32,7 @@ def ds_runs(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(os.path.dirname(__file__), "deepspeed_app.py"), out,
+           "--master_port", str(free_port()), os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers", "deepspeed_app.py"), out,
            *CONFIGS, "--continue", str(CONTINUED)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -25,19 +25,19 @@ from torch import nn
 from torchckpt.cli.main import main
 from torchckpt.demo.samples import saved_on_device, write_py2_legacy
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, os.pardir, "README.md")
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
+README = os.path.join(HERE, os.pardir, os.pardir, "README.md")
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.S)
 SKIP = ("pip ", "python3 -m pip", "python3 -m pytest", "python -m pytest")
 # Statements not run here, and where they are tested instead:
-NOT_HERE = {"trainer.fit(": "tests/test_lightning.py (a real Lightning run, killed and resumed)",
-            # remote storage: tests/test_remote_*.py, against a real moto S3 server and http.server
-            'opts = {"endpoint_url"': "tests/test_remote_read.py", 'torchckpt.inspect("s3://': "tests/test_remote_read.py",
-            'with torchckpt.Checkpointer("s3://': "tests/test_remote_train.py (incl. kill -9 mid-upload)",
-            'torchckpt.load("https://': "tests/test_remote_cache.py", 'path = torchckpt.download("hf://':
-            "tests/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)",
-            "model = fully_shard(": "tests/test_distributed.py (FSDP2 on real gloo ranks)"}
-NOT_HERE_BASH = {"torchrun ": "tests/test_distributed_example.py (the example under torchrun, 2 ranks)"}
+NOT_HERE = {"trainer.fit(": "tests/train/test_lightning.py (a real Lightning run, killed and resumed)",
+            # remote storage: tests/*/test_remote_*.py, against a real moto S3 server and http.server
+            'opts = {"endpoint_url"': "tests/read/test_remote_read.py", 'torchckpt.inspect("s3://': "tests/read/test_remote_read.py",
+            'with torchckpt.Checkpointer("s3://': "tests/train/test_remote_train.py (incl. kill -9 mid-upload)",
+            'torchckpt.load("https://': "tests/storage/test_remote_cache.py", 'path = torchckpt.download("hf://':
+            "tests/storage/test_remote_errors.py (the missing [hf] extra; hf:// itself needs the network)",
+            "model = fully_shard(": "tests/train/test_distributed.py (FSDP2 on real gloo ranks)"}
+NOT_HERE_BASH = {"torchrun ": "tests/train/test_distributed_example.py (the example under torchrun, 2 ranks)"}
 
 MODELS = textwrap.dedent('''
     from collections import OrderedDict

@@ -23,7 +23,7 @@ from dist_launch import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGSTOP, torchrun")]
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 PG_TIMEOUT = 8
 
 WORKER = textwrap.dedent("""

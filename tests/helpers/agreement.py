@@ -90,7 +90,7 @@ def seeds() -> dict[str, Case]:
                                                                             "eps": 1e-5})]}))
     out["t7"] = Case("t7", {"f": bytes(w.out)})
     for name in ("floattensor.t7", "recursive_class.t7", "tds_hash.t7"):
-        with open(os.path.join(here, "data", "t7", name), "rb") as fh:
+        with open(os.path.join(here, os.pardir, "data", "t7", name), "rb") as fh:
             out[f"t7-{name[:-3]}"] = Case("t7", {"f": fh.read()})
     out["dcp"] = _dcp_seed(net)
     out.update(_issue28_seeds(net, saved))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 # Runs the CLI in-process, then prints which of the heavy modules it imported.
 CLI = """

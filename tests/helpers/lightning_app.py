@@ -1,4 +1,4 @@
-"""A tiny Lightning run used by tests/test_lightning.py (also run as a script that gets SIGKILLed).
+"""A tiny Lightning run used by tests/train/test_lightning.py (also run as a script that gets SIGKILLed).
 
     python lightning_app.py DIR   -> trains with TorchckptIO(async_save=True) and ModelCheckpoint
                                      every 3 steps (save_top_k=2), forever; prints each saved step.

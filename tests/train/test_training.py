@@ -15,7 +15,7 @@ import torch
 import torchckpt
 from torchckpt import CheckpointWriteError, ResumeError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 
 
 def _run(*args: str) -> None:

@@ -22,7 +22,7 @@ import torchckpt  # noqa: E402
 from torchckpt.errors import CorruptCheckpointError, ResumeError, UnsafeCheckpointError  # noqa: E402
 from torchckpt.train.training import verify  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 
 
 class Capture(lightning.Callback):

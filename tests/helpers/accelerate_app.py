@@ -1,4 +1,4 @@
-"""Writes accelerate save_state folders with the real library (run as a script by tests/test_folders.py).
+"""Writes accelerate save_state folders with the real library (run as a script by tests/read/test_folders.py).
 
     python accelerate_app.py OUT_DIR  -> OUT_DIR/safe (model.safetensors), OUT_DIR/bin (pytorch_model.bin),
                                          OUT_DIR/next.json: the random numbers drawn right after saving.

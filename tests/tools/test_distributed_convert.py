@@ -66,7 +66,7 @@ def test_convert_into_an_existing_path_is_refused(tmp_path):
 @pytest.mark.slow
 def test_cli_converts_to_dcp(tmp_path, two_rank_dcp):  # noqa: F811
     torchckpt.convert(two_rank_dcp, tmp_path / "w.pt", weights_only=True, key="optim.state.w")
-    src = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+    src = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torchckpt", "convert", str(tmp_path / "w.pt"), str(tmp_path / "w.dcp")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)

@@ -12,7 +12,7 @@ import torch
 import torchckpt
 from dist_launch import free_port
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import torchckpt
 from torchckpt.errors import NotACheckpointError, UnsafeCheckpointError, UnsupportedFormatError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 
 
 # --------------------------------------------------------------------------- Hugging Face

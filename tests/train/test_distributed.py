@@ -263,7 +263,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
     assert outcome[1] == ("signal", signal.SIGKILL)
     # the survivor raises (never a success, never a hang until the launcher's timeout)
     assert outcome[0][0] == "error", outcome[0]
-    assert "CheckpointWriteError" in outcome[0][1] and "distributed save failed" in outcome[0][1]
+    assert "CheckpointWriteError" in outcome[0][1] and "distributed save of step 2 failed" in outcome[0][1]
     assert (tmp_path / "ckpt-0000000002.dcp").is_dir()  # half written ...
     assert not (tmp_path / "ckpt-0000000002.dcp.meta.json").exists()  # ... and never committed
     ckpt = torchckpt.Checkpointer(tmp_path)  # the next run (its rank 0) reclaims the leftovers

@@ -20,7 +20,7 @@ from remote_servers import s3_bucket
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_damaged_remote_checkpoint_is_skipped_on_resume(s3, net):
 def test_kill_9_mid_upload_leaves_the_previous_checkpoint_latest(s3):
     fs, opts, proxy = s3
     url = "s3://train/killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "..", "src"), HERE])}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "remote_saver.py"), url, proxy.endpoint],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:

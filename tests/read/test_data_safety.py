@@ -22,7 +22,7 @@ import torchckpt
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX mappings and signals")]
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 PRELUDE = textwrap.dedent("""
     import os, sys, torch, torchckpt

@@ -20,7 +20,7 @@ from torchckpt import CheckpointWriteError
 from torchckpt.train.checkpointer import SkippedCheckpointWarning
 from torchckpt.train import sidecar
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")  # the helper scripts
 WORKER = os.path.join(HERE, "ckpt_worker.py")
 
 
