@@ -4,6 +4,7 @@ the face costs nothing to import."""
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PKG = os.path.join(ROOT, "src", "torchckpt")
 
 
+@functools.lru_cache(maxsize=1)  # parsed once for all the checks below
 def _modules() -> dict[str, ast.Module]:
     """Every module of the package by dotted name (``read.formats`` for ``read/formats/__init__.py``)."""
     out = {}

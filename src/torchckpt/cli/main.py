@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 1 findings/differences (scan, diff, a plan that does not fit),
 2 usage, 3 unreadable or unsupported input (a missing path included), 4 unsafe checkpoint,
+70 internal error (a bug: its traceback is printed, escaped),
 130 interrupted (Ctrl-C: one line on stderr, no traceback).
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from typing import Any
 
 import click
 
 from ..errors import CheckpointError
-from .codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
+from .codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
 from .output import Output
 
 # Subcommand -> its module (``cli/<module>.py`` defines ``command``). A command's module is imported only
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> Any:
         return _interrupted()
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a bug: show it escaped (its text may quote the file), exit 70
+        Output().error("".join(traceback.format_exception(exc)) +
+                       f"internal error: {type(exc).__name__} escaped torchckpt; please report it "
+                       "(with the file, if you can share it).")
+        return EXIT_INTERNAL
 
 
 def _interrupted() -> int:

@@ -1,7 +1,10 @@
 """One output sink for every subcommand: rich tables on a terminal, plain text in a pipe, or JSON.
 
 Colour only when stdout is a terminal (and NO_COLOR is unset); ``--json`` prints exactly one JSON
-document on stdout. Errors go to stderr through :func:`error`.
+document on stdout. Errors go to stderr through :func:`error`. Every human-readable string passes
+:func:`torchckpt.text.escape_terminal` on its way out (stdout and stderr, terminal or pipe): text from a
+file never reaches a terminal with its control characters; ``--json`` stays exact (``json.dumps``
+escapes them as ``\\u001b``).
 
 rich is imported only when a terminal is drawn on (it costs about as much as the rest of a small
 ``inspect``): text for a pipe or a file, JSON and errors in a pipe are written directly.
@@ -19,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+from ..text import escape_terminal
 
 __all__ = ["Output", "to_jsonable"]
 
@@ -62,6 +67,8 @@ class Output:
         sys.stdout.write(json.dumps(to_jsonable(document), indent=2, allow_nan=False) + "\n")
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
+        """Print text (escaped: see the module docstring) or rich renderables built from escaped text."""
+        objects = tuple(escape_terminal(o) if isinstance(o, str) else o for o in objects)
         if not sys.stdout.isatty() and kwargs.get("markup") is False and all(isinstance(o, str) for o in objects):
             sys.stdout.write(" ".join(objects) + "\n")  # a pipe or a file: the text as it is, no wrapping
         elif not objects and not sys.stdout.isatty():
@@ -70,6 +77,8 @@ class Output:
             self.console.print(*objects, **kwargs)
 
     def error(self, message: str) -> None:
+        """``error: message`` on stderr; the message is escaped, and never read as rich markup."""
+        message = escape_terminal(message)
         if not sys.stderr.isatty():
             sys.stderr.write(f"error: {message}\n")
         else:

@@ -16,7 +16,7 @@ from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundErr
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
-from ..read import Mode, Stub
+from ..read import Mode, Stub, TreeMeter
 from ..transforms import TransformSpec
 from .adapt import Derived, choose, expand, resolve, split_rename, suggest_layouts
 from .align import RenameSpec, align_keys
@@ -95,12 +95,12 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
         raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, not {on_mismatch!r}")
     if dtype not in ("model", "error"):
         raise ValueError(f"dtype must be 'model' or 'error', not {dtype!r}")
-    with _open_source(source, resolve_policy(policy, trust, allow), storage_options) as (obj, name, fmt, notes, src, saved_on):
+    with _open_source(source, resolve_policy(policy, trust, allow), storage_options) as (obj, name, fmt, notes, src, saved_on, meter):
         try:
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
                                      map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap,
-                                     transforms=transforms)
+                                     transforms=transforms, meter=meter)
         except CheckpointError as exc:
             raise exc.with_path(name)
     if saved_on and report.loaded:
@@ -115,10 +115,11 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
 
 @contextlib.contextmanager
 def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any] | None = None
-                 ) -> Iterator[tuple[Any, str, str, list[str], Any, set[str]]]:
+                 ) -> Iterator[tuple[Any, str, str, list[str], Any, set[str], TreeMeter]]:
     if isinstance(source, (dict, list, Stub)) or is_module_like(source):
         what = "in-memory module" if is_module_like(source) and not isinstance(source, Stub) else "in-memory"
-        yield source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set()
+        yield (source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set(),
+               TreeMeter(policy.budget))
         return
     with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
         rank_file = ckpt.details.get("deepspeed_rank_file")
@@ -126,7 +127,7 @@ def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any]
             raise WeightsNotFoundError(f"one rank file of a DeepSpeed ZeRO checkpoint: {rank_file['note']}",
                                        path=ckpt.name, hint=f"Pass the folder: load_into(model, {rank_file['folder']!r})")
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
-        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on
+        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on, ckpt.tree_meter
 
 
 QUANTIZED_MODULES = ("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.", "torch.nn.quantized.",
@@ -149,11 +150,11 @@ def _dtype(value: Any) -> Any:
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
                     key: str | None, prefix: str | None, rename: RenameSpec, on_mismatch: str, dtype: str,
                     map_location: Any, dry_run: bool, assign: bool, mmap: bool = False,
-                    transforms: TransformSpec = None) -> LoadReport:
+                    transforms: TransformSpec = None, meter: TreeMeter | None = None) -> LoadReport:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     model_sd = model.state_dict(keep_vars=True)
-    candidate = select(obj, key, model_sd)
+    candidate = select(obj, key, model_sd, meter)
     ckpt = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in candidate.state_dict.items()}
     report = LoadReport(source=name, format=fmt, weights_path=candidate.where, model_keys=len(model_sd),
                         checkpoint_keys=len(ckpt), notes=notes + candidate.notes, dry_run=dry_run)

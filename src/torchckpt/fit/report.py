@@ -178,6 +178,17 @@ def _join(parts: list[str], limit: int = 12) -> str:
     return ", ".join(shown) + more
 
 
+def _prefixes(key: str, levels: int = 32) -> list[str]:
+    """The dotted prefixes of ``key``, shortest first, at most ``levels`` of them (a key of 150,000 dots
+    does not make 150,000 prefixes of growing length)."""
+    out: list[str] = []
+    end = key.find(".")
+    while end != -1 and len(out) < levels:
+        out.append(key[:end])
+        end = key.find(".", end + 1)
+    return out
+
+
 def group_keys(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
     """Collapse keys into ``prefix.* (n)`` where every key of ``universe`` under that prefix is listed.
 
@@ -189,9 +200,7 @@ def group_keys(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
     totals: Counter[str] = Counter()
     hits: Counter[str] = Counter()
     for key in set(universe) | selected:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
+        for prefix in _prefixes(key):
             totals[prefix] += 1
             if key in selected:
                 hits[prefix] += 1
@@ -200,10 +209,8 @@ def group_keys(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
     for key in keys:
         if key in done:
             continue
-        parts = key.split(".")
         best = None
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
+        for prefix in _prefixes(key):
             if totals[prefix] == hits[prefix] and hits[prefix] > 1:
                 best = prefix
                 break

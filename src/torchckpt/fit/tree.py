@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import AmbiguousCheckpointError, CorruptCheckpointError, LimitExceededError, WeightsNotFoundError
-from ..read import Stub, T7Object, stub_name, t7_state_dict
+from ..read import Stub, T7Object, TreeMeter, stub_name, t7_state_dict
 from ..read.tensors import TensorMeta, is_tensor_like
+from ..text import clip, key_text
 from .align import align_keys
 from .quantized import quantized_entries, tuple_state_module
 
@@ -51,7 +52,7 @@ def _torchscript_stub(stub: Stub) -> bool:
     return stub_name(stub).startswith("__torch__")
 
 
-def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
+def state_dict_of(obj: Any, meter: TreeMeter | None = None) -> "OrderedDict[str, Any]":
     """The state dict of a module: a real ``nn.Module``, or the stub tree of a whole-model pickle.
 
     For stubs the result equals what ``model.state_dict()`` returns for the original class:
@@ -59,16 +60,21 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
     every name; tensors are detached and share storage with the loaded ones.
     A TorchScript module stub is read through the ``__parameters__``/``__buffers__`` declarations
     of its ``code/``. A mapping that already is a state dict is returned as is.
+    Every module and tensor reached is charged to ``meter`` (a submodule shared under many names is
+    reached under each, as in ``nn.Module.state_dict``).
 
     Raises:
         WeightsNotFoundError: ``obj`` is neither a module nor a state dict.
+        LimitExceededError: the stub tree reaches more values than the budget allows.
     """
     if isinstance(obj, Stub):
         out: OrderedDict[str, Any] = OrderedDict()
+        meter = meter if meter is not None else TreeMeter()
         if _torchscript_stub(obj):
-            _torchscript_state(obj, "", out, set(), obj.__dict__.get("stub_declarations") or {}, 0)
+            _torchscript_state(obj, "", out, set(), obj.__dict__.get("stub_declarations") or {}, 0, meter)
         else:
-            _stub_state(obj, "", out, set(), 0)
+            meter.visit(n=expanded_size(obj, _stub_parts))  # counted with each module once: a DAG of
+            _stub_state(obj, "", out, set(), 0, meter)  # modules raises here, before it is expanded
         if out or is_module_like(obj):
             return out
     elif isinstance(obj, T7Object):
@@ -84,7 +90,7 @@ def state_dict_of(obj: Any) -> "OrderedDict[str, Any]":
                                hint="Pass the model object, or use find_state_dicts() on a training dict.")
 
 
-def module_classes(obj: Any) -> dict[str, str]:
+def module_classes(obj: Any, meter: TreeMeter | None = None) -> dict[str, str]:
     """Module path -> dotted class name for a module tree (``{"": "mypkg.Net", "fc": "torch.nn...Linear"}``).
 
     Works on real modules, whole-model stubs and Lua ``nn`` trees; what ``convert`` keeps as metadata
@@ -92,7 +98,7 @@ def module_classes(obj: Any) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     listed: set[int] = set()
-    for path, module, _ in walk(obj, children=_submodules):
+    for path, module, _ in walk(obj, children=_submodules, meter=meter):
         name = _class_name(module)
         if name is not None and id(module) not in listed:
             listed.add(id(module))
@@ -144,37 +150,96 @@ def _tensor_of(value: Any, key: str, module: Stub) -> Any:
     return _detach(value)
 
 
-def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], depth: int) -> None:
+def _named(mapping: Any, what: str, module: Stub) -> list[tuple[str, Any]]:
+    """``(name, value)`` of a stub's ``_parameters``/``_buffers``/``_modules``: a dict of string names."""
+    if not mapping:
+        return []
+    if not isinstance(mapping, dict):
+        raise CorruptCheckpointError(f"{what} of {stub_name(module)} is a {type(mapping).__name__}, not a dict",
+                                     hint="The whole-model pickle is damaged; `torchckpt inspect FILE` shows it.")
+    return [(key_text(k), v) for k, v in mapping.items()]
+
+
+def _stub_parts(value: Any) -> Any:
+    """What :func:`_stub_state` expands of a module stub: its parameters, buffers and submodules."""
+    if not isinstance(value, Stub):
+        return ()
+    attrs = value.stub_attributes()
+    return [v for what in ("_parameters", "_buffers", "_modules") if isinstance(attrs.get(what), dict)
+            for v in attrs[what].values()]
+
+
+def expanded_size(obj: Any, children: Callable[[Any], Any]) -> int:
+    """How many nodes ``obj`` has when every shared value is written out under each path that reaches it.
+
+    Each distinct node is looked at once (sizes of shared values are remembered), so a 400-byte tuple
+    DAG with 2^48 paths is counted in 48 steps; a writer that must expand (JSON) charges the result
+    to the budget before it builds anything. A cycle has no finite expansion: ``sys.maxsize``.
+    """
+    sizes: dict[int, int] = {}
+    keep: list[Any] = []  # the nodes counted stay alive, so their ids are not reused during the count
+    active: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            active.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children(node))
+            continue
+        if id(node) in active:
+            return sys.maxsize
+        if id(node) in sizes:
+            continue
+        kids = list(children(node))
+        if not kids:
+            sizes[id(node)] = 1
+            keep.append(node)
+            continue
+        active.add(id(node))
+        keep.append(node)
+        stack.append((node, True))
+        stack.extend((c, False) for c in kids)
+    return sizes.get(id(obj), 1)
+
+
+def _stub_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], depth: int,
+                meter: TreeMeter) -> None:
     if depth > MAX_DEPTH:
-        raise LimitExceededError(f"module nesting deeper than {MAX_DEPTH} at {prefix!r}")
+        raise LimitExceededError(f"module nesting deeper than {MAX_DEPTH} at {prefix[:200]!r}")
     if id(module) in active:
         return  # a module containing itself: nn.Module would recurse forever; we stop
+    meter.visit(len(prefix))
     active.add(id(module))
     attrs = module.stub_attributes()
-    params = attrs.get("_parameters") or {}
-    buffers = attrs.get("_buffers") or {}
     non_persistent = attrs.get("_non_persistent_buffers_set") or set()
-    for name, p in params.items():
+    if not isinstance(non_persistent, (set, frozenset, list, tuple)):
+        non_persistent = set()
+    for name, p in _named(attrs.get("_parameters"), "_parameters", module):
         if p is not None:
+            meter.visit(len(prefix) + len(name))
             out[prefix + name] = _tensor_of(p, prefix + name, module)
-    for name, b in buffers.items():
+    buffers = attrs.get("_buffers") if isinstance(attrs.get("_buffers"), dict) else {}
+    for name, b in _named(attrs.get("_buffers"), "_buffers", module):
         if b is not None and name not in non_persistent:
+            meter.visit(len(prefix) + len(name))
             out[prefix + name] = _tensor_of(b, prefix + name, module)
     for name, value in quantized_entries(module, buffers):
         out[prefix + name] = value
-    for name, child in (attrs.get("_modules") or {}).items():
+    for name, child in _named(attrs.get("_modules"), "_modules", module):
         if isinstance(child, Stub):
-            _stub_state(child, f"{prefix}{name}.", out, active, depth + 1)
+            _stub_state(child, f"{prefix}{name}.", out, active, depth + 1, meter)
         elif child is not None and hasattr(child, "state_dict"):
             for k, v in child.state_dict().items():
+                meter.visit(len(prefix) + len(name) + len(k))
                 out[f"{prefix}{name}.{k}"] = v
     active.discard(id(module))
 
 
 def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: set[int], decls: dict[str, Any],
-                       depth: int) -> None:
+                       depth: int, meter: TreeMeter) -> None:
     if depth > MAX_DEPTH or id(module) in active:
         return
+    meter.visit(len(prefix))
     active.add(id(module))
     attrs = module.stub_attributes()
     decl = decls.get(stub_name(module), {})
@@ -183,12 +248,13 @@ def _torchscript_state(module: Stub, prefix: str, out: dict[str, Any], active: s
     for name in names:
         value = attrs.get(name)
         if value is not None and is_tensor_like(value):
+            meter.visit(len(prefix) + len(name))
             out[prefix + name] = _detach(value)
     for name, value in quantized_entries(module, names):
         out[prefix + name] = value
     for name, value in attrs.items():
         if isinstance(value, Stub) and _torchscript_stub(value):
-            _torchscript_state(value, f"{prefix}{name}.", out, active, decls, depth + 1)
+            _torchscript_state(value, f"{prefix}{key_text(name)}.", out, active, decls, depth + 1, meter)
     active.discard(id(module))
 
 
@@ -236,27 +302,35 @@ def children_of(value: Any) -> list[tuple[Any, Any]] | None:
 
 
 def walk(obj: Any, *, children: Children = children_of, max_depth: int = MAX_DEPTH,
-         descend: Callable[[str, Any], bool] | None = None) -> Iterator[tuple[str, Any, int]]:
+         descend: Callable[[str, Any], bool] | None = None,
+         meter: TreeMeter | None = None) -> Iterator[tuple[str, Any, int]]:
     """Yield ``(dotted path, value, depth)`` for every node, root first, children in order.
 
     A container met twice (shared or cyclic) is expanded once, under the path where it was met
-    first. ``descend(path, value)`` is asked after the node was yielded (so a caller can decide from
-    what it just saw); ``False`` keeps the walk out of that node. Nodes deeper than ``max_depth``
-    are yielded but not expanded.
+    first (its children are not even listed again). ``descend(path, value)`` is asked after the
+    node was yielded (so a caller can decide from what it just saw); ``False`` keeps the walk out
+    of that node. Nodes deeper than ``max_depth`` are yielded but not expanded. Every node yielded,
+    and the length of its path, is charged to ``meter`` (the default budget when none is given).
+
+    Raises:
+        LimitExceededError: the walk reaches more than the budget's ``visits``.
     """
+    meter = meter if meter is not None else TreeMeter()
     seen: set[int] = set()
     stack: list[tuple[str, Any, int]] = [("", obj, 0)]
     while stack:
         path, value, depth = stack.pop()
+        meter.visit(len(path))
         yield path, value, depth
-        if depth >= max_depth or (descend is not None and not descend(path, value)):
+        if depth >= max_depth or id(value) in seen or (descend is not None and not descend(path, value)):
             continue
         kids = children(value)
-        if not kids or id(value) in seen:
+        if not kids:
             continue
         seen.add(id(value))
         for key, child in reversed(kids):
-            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+            name = key_text(key)
+            stack.append((f"{path}.{name}" if path else name, child, depth + 1))
 
 
 def _containers(value: Any) -> list[tuple[Any, Any]] | None:
@@ -268,26 +342,28 @@ def _containers(value: Any) -> list[tuple[Any, Any]] | None:
     return None
 
 
-def flatten(tree: Any) -> list[tuple[str, Any]]:
+def flatten(tree: Any, meter: TreeMeter | None = None) -> list[tuple[str, Any]]:
     """``(dotted path, tensor)`` for every tensor in nested dicts/lists/tuples, in order.
 
     A tensor shared under two paths is listed under both; the root tensor is named ``"tensor"``.
     """
-    return [(path or "tensor", value) for path, value, _ in walk(tree, children=_containers, max_depth=10_000)
+    return [(path or "tensor", value) for path, value, _ in walk(tree, children=_containers, max_depth=10_000,
+                                                                  meter=meter)
             if is_tensor_like(value)]
 
 
-def tensors(obj: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[tuple[str, Any]]:
+def tensors(obj: Any, *, max_depth: int = MAX_DEPTH, meter: TreeMeter | None = None) -> Iterator[tuple[str, Any]]:
     """``(dotted path, tensor)`` for every tensor of a loaded tree, in order; a module (real, stub of a
     whole-model pickle, or Lua ``nn``) contributes its state dict under its path. The root tensor is
     named ``"tensor"``."""
     modules: set[int] = set()
-    for path, value, _ in walk(obj, max_depth=max_depth, descend=lambda _, v: not is_module_like(v)):
+    meter = meter if meter is not None else TreeMeter()
+    for path, value, _ in walk(obj, max_depth=max_depth, descend=lambda _, v: not is_module_like(v), meter=meter):
         if is_tensor_like(value):
             yield path or "tensor", value
         elif is_module_like(value) and id(value) not in modules:  # a shared module is listed once
             modules.add(id(value))
-            for key, t in state_tensors(state_dict_of(value)):
+            for key, t in state_tensors(state_dict_of(value, meter)):
                 yield (f"{path}.{key}" if path else key), t
 
 
@@ -338,27 +414,41 @@ class Candidate:
         return self.path or "<root>"
 
 
-def find_state_dicts(obj: Any, max_depth: int = 8) -> list[Candidate]:
-    """Every state dict or module in ``obj``, outermost first (nested ones inside a hit are skipped)."""
+def find_state_dicts(obj: Any, max_depth: int = 8, meter: TreeMeter | None = None) -> list[Candidate]:
+    """Every state dict or module in ``obj``, outermost first (nested ones inside a hit are skipped).
+
+    A value shared under several paths is a candidate under each, but examined once.
+    """
     found: list[Candidate] = []
     taken: set[str] = set()
+    meter = meter if meter is not None else TreeMeter()
+    verdicts: dict[int, "OrderedDict[str, Any] | dict[str, Any] | None"] = {}  # id -> its weights, or None
+    kinds: dict[int, str] = {}
 
     def descend(path: str, value: Any) -> bool:
         if path in taken or is_optimizer_state(value) or is_module_like(value):
             return False  # a hit's insides, optimizer slots (exp_avg ...) and modules are not more weights
         return not isinstance(value, (list, tuple)) or len(value) <= 64
 
-    for path, value, _ in walk(obj, max_depth=max_depth, descend=descend):
-        if is_state_dict(value):
-            found.append(Candidate(path, value, "state dict"))
+    for path, value, _ in walk(obj, max_depth=max_depth, descend=descend, meter=meter):
+        if id(value) not in verdicts:
+            if isinstance(value, dict) and is_state_dict(value):
+                verdicts[id(value)], kinds[id(value)] = value, "state dict"
+            elif is_module_like(value):
+                try:
+                    verdicts[id(value)], kinds[id(value)] = state_dict_of(value, meter) or None, "module"
+                except WeightsNotFoundError:
+                    verdicts[id(value)] = None
+            else:
+                verdicts[id(value)] = None
+        sd = verdicts[id(value)]
+        if sd is None:
+            continue
+        if kinds[id(value)] == "state dict":
+            found.append(Candidate(path, sd, "state dict"))
             taken.add(path)
-        elif is_module_like(value):
-            try:
-                sd = state_dict_of(value)
-            except WeightsNotFoundError:
-                continue
-            if sd:
-                found.append(_module_candidate(path, value, sd))
+        else:
+            found.append(_module_candidate(path, value, sd))
     return found
 
 
@@ -372,7 +462,7 @@ def shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
 
 
-def select(obj: Any, key: str | None = None, model: Any = None) -> Candidate:
+def select(obj: Any, key: str | None = None, model: Any = None, meter: TreeMeter | None = None) -> Candidate:
     """Choose the weights in a loaded checkpoint.
 
     Args:
@@ -380,6 +470,7 @@ def select(obj: Any, key: str | None = None, model: Any = None) -> Candidate:
         model: an ``nn.Module`` (or its ``state_dict()``): among several candidates, take the one whose
             keys and shapes fit it best; the choice and the alternatives are in ``Candidate.notes``.
             Without a model, several candidates are ambiguous.
+        meter: the file's :class:`TreeMeter` (``TreeMeter(policy.budget, file_size)``); every walk charges it.
 
     Raises:
         WeightsNotFoundError: ``key`` names nothing or no weights, or the checkpoint holds none.
@@ -390,17 +481,17 @@ def select(obj: Any, key: str | None = None, model: Any = None) -> Candidate:
         if is_state_dict(value):
             return Candidate(key, value, "state dict")
         if is_module_like(value):
-            return _module_candidate(key, value, state_dict_of(value))
+            return _module_candidate(key, value, state_dict_of(value, meter))
         raise WeightsNotFoundError(f"key={key!r} points to a {type(value).__name__}, not weights",
                                    hint=_candidates_hint(obj))
-    candidates = find_state_dicts(obj)
+    candidates = find_state_dicts(obj, meter=meter)
     if not candidates:
         raise WeightsNotFoundError("no state dict or module found in the checkpoint", hint=_top_level_hint(obj))
     if len(candidates) == 1:
         return candidates[0]
     if model is None:
-        paths = [c.where for c in candidates]
-        raise AmbiguousCheckpointError(f"{len(paths)} sets of weights in the checkpoint: {', '.join(paths)}",
+        paths = [clip(c.where, 200) for c in candidates[:50]]
+        raise AmbiguousCheckpointError(f"{len(candidates)} sets of weights in the checkpoint: {', '.join(paths)}",
                                        candidates=paths,
                                        hint=f"Choose one with key=... (--key on the command line), "
                                             f"e.g. key={paths[0]!r}.")
@@ -415,7 +506,7 @@ def select(obj: Any, key: str | None = None, model: Any = None) -> Candidate:
     scored.sort(key=lambda t: -t[0])
     (best, first), (second, other) = scored[0], scored[1]
     if best == second and not _same_tensors(first.state_dict, other.state_dict):
-        tied = [c.where for s, c in scored if s == best]
+        tied = [clip(c.where, 200) for s, c in scored if s == best][:50]
         raise AmbiguousCheckpointError(
             f"{len(tied)} places in the checkpoint fit the model equally well ({best} keys each): "
             f"{', '.join(tied)}", candidates=tied,
@@ -430,11 +521,12 @@ def _same_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _candidates_hint(obj: Any) -> str:
-    found = [c.where for c in find_state_dicts(obj)]
+    found = [clip(c.where, 200) for c in find_state_dicts(obj)[:20]]
     return f"Weights found at: {', '.join(found)}." if found else _top_level_hint(obj)
 
 
 def _top_level_hint(obj: Any) -> str:
     if isinstance(obj, dict):
-        return f"Top-level keys: {', '.join(map(str, list(obj)[:20]))}. Pass key=... to point at the weights."
+        keys = ", ".join(clip(key_text(k, 200), 60) for k in list(obj)[:20])
+        return f"Top-level keys: {keys}. Pass key=... to point at the weights."
     return f"The checkpoint holds a {type(obj).__name__}; `torchckpt inspect FILE` shows its structure."

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .opener import open_checkpoint
     from .tensors import MetaStorage, TensorMeta, dtype_name, is_tensor_like, release, to_torch
     from .trust import resolve_policy
-    from .unpickle.budget import Budget
+    from .unpickle.budget import Budget, TreeMeter
     from .unpickle.machine import GlobalRef
     from .unpickle.mode import Mode
     from .unpickle.policy import Policy, Verdict
@@ -40,7 +40,7 @@ __all__ = [
     # opening a checkpoint and what comes back
     "open_checkpoint", "read_checkpoint", "Mode", "Checkpoint", "Trace",
     # what a pickle may import, and how much work it may cost
-    "Policy", "Verdict", "Budget", "GlobalRef", "resolve_policy",
+    "Policy", "Verdict", "Budget", "TreeMeter", "GlobalRef", "resolve_policy",
     # values in a loaded tree
     "TensorMeta", "MetaStorage", "is_tensor_like", "dtype_name", "to_torch", "release",
     "Stub", "stub_name", "stub_to_plain", "is_stub_class", "T7Object", "LuaFunction", "t7_state_dict",
@@ -53,7 +53,7 @@ __all__ = [
 _WHERE = {
     "open_checkpoint": "opener", "read_checkpoint": "load",
     "Mode": "unpickle.mode", "Checkpoint": "formats", "Trace": "formats",
-    "Policy": "unpickle.policy", "Verdict": "unpickle.policy", "Budget": "unpickle.budget",
+    "Policy": "unpickle.policy", "Verdict": "unpickle.policy", "Budget": "unpickle.budget", "TreeMeter": "unpickle.budget",
     "GlobalRef": "unpickle.machine", "resolve_policy": "trust",
     "TensorMeta": "tensors", "MetaStorage": "tensors", "is_tensor_like": "tensors", "dtype_name": "tensors",
     "to_torch": "tensors", "release": "tensors",

@@ -26,6 +26,7 @@ from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind
     read_deepspeed, read_folder, read_universal
 from .formats.deepspeed import rank_file_note
 from .sniff import TORCH_LEGACY, sniff
+from .unpickle.budget import TreeMeter
 from .unpickle.mode import Mode
 from .unpickle.policy import Policy
 
@@ -109,6 +110,7 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
 
 def _finish(ckpt: Checkpoint, opts: ReadOptions, name: str, size: int, reader: Source | None) -> None:
     ckpt.name, ckpt.size, ckpt.reader, ckpt.trace = name, size, reader, opts.trace
+    ckpt.tree_meter = TreeMeter(opts.policy.budget, size, name)
     if reader is not None:  # shards and a folder's files: their pages are released (or copied) through the reader
         reader.mapped_children = [s for s in opts.mapped if s is not reader]
     ckpt.globals = opts.trace.globals

@@ -22,7 +22,9 @@ from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..storage.source import SourceLike
-from ..read import Mode
+from ..read import Mode, TreeMeter
+from ..text import summary
+from .report.tensor_stats import collapse_expanded, flat_pieces
 
 __all__ = ["diff", "DiffReport"]
 
@@ -140,8 +142,7 @@ def _plain(value: Any) -> Any:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return summary(value, limit)  # bounded, and escaped: the value came from a file
 
 
 def _plain_values(obj: Any) -> dict[str, Any]:
@@ -166,13 +167,13 @@ def _compare_plain(report: DiffReport, a: Any, b: Any) -> None:
     report.plain_changed = [(k, pa[k], pb[k]) for k in common if not _same_plain(pa[k], pb[k])]
 
 
-def _tensors(obj: Any, key: str | None) -> dict[str, Any]:
+def _tensors(obj: Any, key: str | None, meter: TreeMeter) -> dict[str, Any]:
     try:
-        return dict(select(obj, key).state_dict)
+        return dict(select(obj, key, meter=meter).state_dict)
     except WeightsNotFoundError:
         if key is not None:
             raise
-        return dict(flatten(obj))  # no weights as such: compare every tensor in the tree
+        return dict(flatten(obj, meter))  # no weights as such: compare every tensor in the tree
 
 
 def diff(a: SourceLike, b: SourceLike, *, values: bool = True, key: str | None = None, atol: float = 0.0,
@@ -198,7 +199,7 @@ def diff(a: SourceLike, b: SourceLike, *, values: bool = True, key: str | None =
             open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
-        ta, tb = _tensors(la.obj, key), _tensors(lb.obj, key)
+        ta, tb = _tensors(la.obj, key, la.tree_meter), _tensors(lb.obj, key, lb.tree_meter)
         report = DiffReport(sa.name, sb.name)
         _compare_plain(report, la.obj, lb.obj)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}
@@ -250,48 +251,74 @@ def _compute_dtype(x: Any, y: Any) -> Any:
     if x.is_complex() or y.is_complex():
         return torch.complex128
     if x.is_floating_point() or y.is_floating_point():
-        return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        try:
+            return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        except RuntimeError:  # float8 types do not promote
+            return torch.float64
+    if torch.uint64 in (x.dtype, y.dtype):
+        return torch.float64  # beyond int64: exact up to 2^53, ordered beyond
     return torch.int64
 
 
-def _flat(t: Any) -> Any:
-    return t.reshape(-1) if t.dim() != 1 else (t if t.is_contiguous() else t.contiguous())
+def _native(t: Any) -> bool:
+    """Whether torch's reductions (aminmax, isfinite, sub) take this dtype as it is."""
+    return not (dtype_name(t).startswith("float8") or dtype_name(t) in ("uint16", "uint32", "uint64"))
+
+
+def _pairs(x: Any, y: Any, step: int) -> Any:
+    """Aligned flat pieces of two tensors of one shape, each at most ``step`` elements (views when both
+    are contiguous; otherwise each piece alone is copied, so an expanded view never is whole)."""
+    if x.is_contiguous() and y.is_contiguous():
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        return ((xf[s:s + step], yf[s:s + step]) for s in range(0, xf.numel(), step))
+    return zip(flat_pieces(x, step, by_shape=True), flat_pieces(y, step, by_shape=True))
 
 
 def _compare(x: Any, y: Any, key: str) -> TensorDiff:
-    """Max abs / relative difference and non-finite counts of two tensors of one shape, chunk by chunk."""
+    """Max abs / relative difference and non-finite counts of two tensors of one shape, chunk by chunk.
+
+    Memory stays one chunk per operand whatever the strides; two views expanded along the same
+    dimensions (stride 0) are compared on their stored values alone."""
     import torch
 
     # quantized tensors: the values they stand for (a byte view of one crashes torch, and it has no arithmetic)
     x, y = (t.dequantize() if getattr(t, "is_quantized", False) else t for t in (x, y))
-    ct = _compute_dtype(x, y)
-    xf, yf = _flat(x), _flat(y)
-    total = xf.numel()
-    if total == 0:
+    if x.numel() == 0:
         return TensorDiff(key, 0.0, 0.0)
+    zero_x = [d for d, (n, s) in enumerate(zip(x.shape, x.stride())) if s == 0 and n > 1]
+    zero_y = [d for d, (n, s) in enumerate(zip(y.shape, y.stride())) if s == 0 and n > 1]
+    if zero_x and zero_x == zero_y:
+        (xs, repeats), (ys, _) = collapse_expanded(x), collapse_expanded(y)
+        d = _compare(xs, ys, key)
+        d.nonfinite_a, d.nonfinite_b = d.nonfinite_a * repeats, d.nonfinite_b * repeats
+        return d
+    ct = _compute_dtype(x, y)
+    total = x.numel()
     step = max(1, CHUNK_BYTES // ct.itemsize)
     same_dtype = x.dtype == y.dtype
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(x.dtype.itemsize)
     buf = torch.empty(min(step, total), dtype=ct)
     max_abs, scale, bad_a, bad_b = 0.0, 0.0, 0, 0
-    skipped: list[tuple[int, int]] = []  # chunks found bitwise equal: their scale is needed only if others differ
+    skipped: list[int] = []  # chunks found bitwise equal: their scale is needed only if others differ
     maybe_equal = same_dtype and bits is not None  # test chunks for bitwise equality until one differs
-    for start in range(0, total, step):
-        stop = min(total, start + step)
-        xa, yb = xf[start:stop], yf[start:stop]
+    native = _native(x) and _native(y)  # else each piece is cast to ct first (float8, uint16/32/64)
+    for index, (xa, yb) in enumerate(_pairs(x, y, step)):
         if maybe_equal and torch.equal(xa.view(bits), yb.view(bits)):
+            xa = xa if native else xa.to(ct)
             if ct.is_floating_point and not _all_finite(xa):
                 bad = int((~torch.isfinite(xa)).sum())
                 bad_a, bad_b = bad_a + bad, bad_b + bad
-            skipped.append((start, stop))
+            skipped.append(index)
             continue
         maybe_equal = False
-        out = buf[:stop - start]
+        if not native:
+            xa, yb = xa.to(ct), yb.to(ct)
+        out = buf[:xa.numel()]
         if xa.dtype == ct and yb.dtype == ct:
             torch.sub(xa, yb, out=out)
         else:  # upcast this chunk only
             out.copy_(xa)
-            out.sub_(yb if yb.dtype != torch.bool else yb.to(ct))
+            out.sub_(yb if yb.dtype not in (torch.bool, torch.uint16, torch.uint32, torch.uint64) else yb.to(ct))
         if ct.is_complex:
             chunk_max = float(torch.linalg.vector_norm(out, float("inf")))
         else:  # max |delta| in one fused pass (13x faster than vector_norm(inf)); NaN propagates, inf shows
@@ -305,8 +332,10 @@ def _compare(x: Any, y: Any, key: str) -> TensorDiff:
         na, nb, m, s = _nonfinite_chunk(xa.to(ct), yb.to(ct))
         bad_a, bad_b, max_abs, scale = bad_a + na, bad_b + nb, max(max_abs, m), max(scale, s)
     if max_abs and skipped:
-        for start, stop in skipped:
-            scale = max(scale, _abs_max(xf[start:stop]))
+        again = set(skipped)
+        for index, (xa, _) in enumerate(_pairs(x, y, step)):
+            if index in again:
+                scale = max(scale, _abs_max(xa if native else xa.to(ct)))
     rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
     return TensorDiff(key, max_abs, rel, bad_a, bad_b)
 

@@ -17,7 +17,8 @@ from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimiz
     state_dict_of, state_tensors, walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
-from ..read import Stub, Verdict, stub_name
+from ..read import Stub, TreeMeter, Verdict, stub_name
+from ..text import clip, summary
 
 __all__ = ["inspect", "InspectReport", "TensorInfo", "format_bytes"]
 
@@ -152,8 +153,9 @@ def inspect(source: SourceLike, *, policy: Policy | None = None, trust: bool = F
                            file_size=loaded.size, locations=dict(locations), notes=list(loaded.notes),
                            metadata=dict(loaded.details.get("metadata") or {}))
     try:  # the tree walk finds what the reader could not know (a stub where a tensor belongs): name the file
-        _collect(loaded.obj, report)
-        report.weights = [(c.path or "<root>", c.source, len(c.state_dict)) for c in find_state_dicts(loaded.obj)]
+        _collect(loaded.obj, report, loaded.tree_meter)
+        report.weights = [(c.path or "<root>", c.source, len(c.state_dict))
+                          for c in find_state_dicts(loaded.obj, meter=loaded.tree_meter)]
     except CheckpointError as exc:
         raise exc.with_path(loaded.name)
     seen: dict[str, str] = {}
@@ -168,48 +170,81 @@ def _tensor_info(key: str, t: Any) -> TensorInfo:
     return TensorInfo(key, shape, dtype_name(t), math.prod(shape) * t.dtype.itemsize)
 
 
-def _collect(obj: Any, report: InspectReport) -> None:
-    """Flatten the tree: tensors by dotted key, other leaves as (path, type, repr)."""
-    for path, value, _ in walk(obj, children=_children, max_depth=32):
+def _collect(obj: Any, report: InspectReport, meter: TreeMeter) -> None:
+    """Flatten the tree: tensors by dotted key, other leaves as (path, type, bounded summary).
+
+    Every node (and every tensor of a module's state dict) is charged to ``meter``; a module shared
+    under several paths is read once and listed under each."""
+    module_states: dict[int, Any] = {}
+    for path, value, _ in walk(obj, children=_children, max_depth=32, meter=meter):
         if is_tensor_like(value):
             report.tensors.append(_tensor_info(path or "<root>", value))
         elif is_module_like(value):
-            for k, t in state_tensors(state_dict_of(value)):
+            if id(value) not in module_states:
+                module_states[id(value)] = (value, list(state_tensors(state_dict_of(value, meter))))
+            sd = module_states[id(value)][1]
+            meter.visit(len(path), n=len(sd))
+            for k, t in sd:
                 report.tensors.append(_tensor_info(f"{path}.{k}" if path else k, t))
-            if path:
-                report.values.append((path, _type_name(value), repr(value)))
+            if path and len(report.values) < MAX_VALUES:
+                report.values.append((path, _type_name(value), summary(value, MAX_REPR)))
         elif is_optimizer_state(value):
-            report.values.append((path or "<root>", "optimizer state", _optimizer_summary(value)))
+            if len(report.values) < MAX_VALUES:
+                report.values.append((path or "<root>", "optimizer state", _optimizer_summary(value)))
         elif isinstance(value, Stub):
-            if path:
-                report.values.append((path, _type_name(value), repr(value)))
+            if path and len(report.values) < MAX_VALUES:
+                report.values.append((path, _type_name(value), summary(value, MAX_REPR)))
         elif _children(value) is None and len(report.values) < MAX_VALUES:
-            report.values.append((path or "<root>", _type_name(value), _short_repr(value)))
+            report.values.append((path or "<root>", _type_name(value), summary(value, MAX_REPR)))
             if isinstance(value, (int, float, bool)):
                 report.scalars[path or "<root>"] = value
 
 
 def _optimizer_summary(opt: dict[str, Any]) -> str:
+    """Groups, params, learning rates and slot names of an optimizer state; what is odd is said, not raised."""
     groups: list[Any] = opt["param_groups"] if isinstance(opt.get("param_groups"), list) else []
-    params = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
-    lrs = sorted({g["lr"] for g in groups if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))})
+    params, odd = 0, []
+    for i, g in enumerate(groups[:10_000]):
+        ps = g.get("params") if isinstance(g, dict) else None
+        if isinstance(ps, (list, tuple)):
+            params += len(ps)
+        else:
+            odd.append(f"group {i} params is {'missing' if ps is None else 'a ' + type(ps).__name__}")
+    lrs = sorted({float(g["lr"]) for g in groups[:10_000]
+                  if isinstance(g, dict) and isinstance(g.get("lr"), (int, float)) and not isinstance(g["lr"], bool)
+                  and (not isinstance(g["lr"], int) or g["lr"].bit_length() < 1000)})
     state: dict[Any, Any] = opt["state"] if isinstance(opt.get("state"), dict) else {}
-    slots = sorted({k for v in state.values() if isinstance(v, dict) for k in v})
-    lr = f", lr {', '.join(f'{x:g}' for x in lrs)}" if lrs else ""
-    return (f"{len(groups)} param group(s), {params} params{lr}; state for {len(state)} params"
-            + (f" ({', '.join(map(str, slots))})" if slots else ""))
+    slot_names: dict[str, None] = {}
+    for v in list(state.values())[:10_000]:
+        if isinstance(v, dict):
+            for k in list(v)[:100]:
+                slot_names.setdefault(k if isinstance(k, str) else summary(k, 40), None)
+    slots = sorted(slot_names)
+    lr = f", lr {', '.join(f'{x:g}' for x in lrs[:8])}" if lrs else ""
+    text = (f"{len(groups)} param group(s), {params} params{lr}; state for {len(state)} params"
+            + (f" ({', '.join(slots[:20])}{', ...' if len(slots) > 20 else ''})" if slots else ""))
+    if odd:
+        text += "; unusual: " + "; ".join(odd[:3]) + (f" (+{len(odd) - 3} more)" if len(odd) > 3 else "")
+    return clip(text, 400)
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
-    """What inspect opens: modules are summarised, optimizer state shows only its ``state``, short
-    lists of plain values are one value."""
+    """What inspect opens: modules are summarised, optimizer state shows only its ``state``, lists and
+    tuples without tensors or dicts inside are one value (a bounded summary)."""
     if is_module_like(value):
         return []
     if is_optimizer_state(value):
         return [("state", value["state"])]
-    if isinstance(value, (list, tuple)) and not any(is_tensor_like(v) or isinstance(v, (dict, list)) for v in value):
+    if isinstance(value, (list, tuple)) and not any(is_tensor_like(v) or isinstance(v, dict) or
+                                                    (isinstance(v, (list, tuple)) and _has_structure(v))
+                                                    for v in value[:10_000]):
         return None
     return children_of(value)
+
+
+def _has_structure(value: Any) -> bool:
+    """A tensor or a dict directly inside ``value`` (a list or tuple): worth opening in the listing."""
+    return any(is_tensor_like(v) or isinstance(v, dict) for v in value[:10_000])
 
 
 def _type_name(value: Any) -> str:
@@ -217,11 +252,3 @@ def _type_name(value: Any) -> str:
         return f"stub {stub_name(value)}"
     t = type(value)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a repr must never break inspect
-        text = f"<unprintable {type(value).__name__}: {exc}>"
-    return text if len(text) <= MAX_REPR else text[:MAX_REPR - 3] + "..."

@@ -4,13 +4,14 @@ reader made on the way (what ``scan`` reports on)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...errors import LimitExceededError
+from ...errors import CorruptCheckpointError, LimitExceededError
 from ...storage.source import Source
 from ..devices import Relocator
-from ..unpickle.budget import Meter
+from ..unpickle.budget import Meter, TreeMeter
 from ..unpickle.machine import GlobalRef, Unpickler
 from ..unpickle.mode import Mode
 from ..unpickle.policy import Policy
@@ -131,6 +132,9 @@ class Checkpoint:
     size: int = 0
     reader: Source | None = field(default=None, repr=False)
     trace: Trace = field(default_factory=Trace, repr=False)
+    # what walking the tree may cost (the policy's ``Budget.visits``, at least one per byte of the file):
+    # every front end's walks charge it, so sharing in the tree cannot make them exponential
+    tree_meter: TreeMeter = field(default_factory=TreeMeter, repr=False)
     resources: list[Any] = field(default_factory=list, repr=False)  # closed (``close()``) when the opener's with ends
 
     # The names used before the opener was unified (front ends move to ``tree``/``format``).
@@ -166,3 +170,26 @@ class StorageBudget:
             raise LimitExceededError(
                 f"{self.what} declare {self.total} bytes of data but the file has only {self.file_size} bytes "
                 f"(storage {key!r:.60})")
+
+
+def parse_json(raw: bytes | str, what: str, digits: int = 4_300) -> Any:
+    """JSON from a file (a safetensors header, an index, ``config.json``, metadata), or a typed error.
+
+    Every way ``json.loads`` fails on hostile text becomes :class:`CorruptCheckpointError` naming
+    ``what``: invalid UTF-8 or JSON, nesting deep enough to exhaust the recursion limit, and an
+    integer literal longer than ``digits`` (the budget's limit; Python refuses to convert it anyway).
+    """
+    def bounded_int(text: str) -> int:
+        if len(text.lstrip("-")) > digits:
+            raise CorruptCheckpointError(f"{what} holds an integer with {len(text.lstrip('-'))} digits "
+                                         f"(more than {digits}); no checkpoint needs one",
+                                         hint="The file is damaged or crafted; `torchckpt scan FILE` reports on it.")
+        return int(text)
+
+    try:
+        return json.loads(raw, parse_int=bounded_int)
+    except CorruptCheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})",
+                                     hint="Download or write the file again.") from None

@@ -21,7 +21,7 @@ from typing import Any
 
 from ...errors import CorruptCheckpointError, UnsupportedFormatError
 from ...storage.source import Source, confined_path
-from .base import Checkpoint, ReadOptions
+from .base import Checkpoint, ReadOptions, parse_json
 
 __all__ = ["folder_kind", "read_folder", "is_accelerate_folder"]
 
@@ -99,12 +99,13 @@ def _read_config(directory: str) -> dict[str, Any]:
         if size > MAX_CONFIG:
             raise CorruptCheckpointError(f"config.json is {size} bytes; a model config is far smaller", path=path)
         with open(real, "rb") as fh:
-            config = json.loads(fh.read())
+            raw = fh.read()
     except OSError as exc:
         raise CorruptCheckpointError(f"config.json cannot be read ({exc.strerror or exc})", path=path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
-        raise CorruptCheckpointError(f"config.json is not valid JSON ({type(exc).__name__}: {exc})", path=path,
-                                     hint="Download the model folder again.") from None
+    try:
+        config = parse_json(raw, "config.json")
+    except CorruptCheckpointError as exc:
+        raise exc.with_path(path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"config.json holds a {type(config).__name__}, not an object", path=path)
     return config

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
 from ...storage.remote import join
 from ...storage.source import Source, confined_path
-from .base import Checkpoint, ReadOptions
+from .base import Checkpoint, ReadOptions, parse_json
 from .parallel import read_parts
 
 __all__ = ["read_sharded_index"]
@@ -24,14 +23,24 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
     if src.size > MAX_INDEX:
         return None
     try:
-        index = json.loads(src.read_at(0, src.size))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        index = parse_json(src.read_at(0, src.size), "sharded checkpoint index")
+    except CorruptCheckpointError:
         return None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return None
     folder = src.folder  # a local directory or a URL prefix
-    shards = list(dict.fromkeys(weight_map.values()))
+    itself = src.url if src.url is not None else os.path.realpath(src.path or "")
+    # one read per shard FILE: the spellings of one file ("a.safetensors", "./a.safetensors", ...) resolve to
+    # one path and are read once, under the first spelling (an index may spell one shard thousands of ways)
+    spelled: dict[str, str] = {}  # spelling -> the first spelling of its file
+    first: dict[str, str] = {}  # resolved path -> first spelling
+    for spelling in dict.fromkeys(weight_map.values()):
+        path = confined_path(folder, spelling, what="shard", checkpoint=src.name)
+        if spelling.endswith(".json") or path == itself:
+            raise CorruptCheckpointError(f"the index names another index ({spelling!r:.120}) as a shard")
+        spelled[spelling] = first.setdefault(path, spelling)
+    shards = list(first.values())
     merged: OrderedDict[str, Any] = OrderedDict()
     loaded = Checkpoint(tree=merged, format="sharded", description=f"sharded checkpoint index ({len(shards)} shards)")
     assert opts.read_child is not None, "the opener passes the format dispatcher"
@@ -48,7 +57,7 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         paths[shard] = path
     wanted: dict[str, list[str]] = {shard: [] for shard in shards}
     for key, shard in weight_map.items():
-        wanted[shard].append(key)
+        wanted[spelled[shard]].append(key)
 
     def read_shard(shard: str, shard_opts: ReadOptions) -> tuple[dict[str, Any], list[str]]:
         shown = join(folder, shard)
@@ -64,7 +73,7 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         missing = [k for k in wanted[shard] if k not in tensors]
         if missing:
             raise CorruptCheckpointError(f"shard {shard} lacks {len(missing)} tensors the index puts there, "
-                                         f"e.g. {missing[0]!r}", path=paths[shard])
+                                         f"e.g. {missing[0]!r:.200}", path=paths[shard])
         return {key: tensors[key] for key in wanted[shard]}, part.notes
 
     # the shards are read side by side (opts.workers threads), merged in the index's order

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import struct
 import zipfile
@@ -15,7 +14,8 @@ from ...storage.source import Source
 from ..sniff import DESCRIPTIONS, NUMPY, PICKLE, SAFETENSORS
 from ..unpickle.meta import MetaStorage, TensorMeta, meta_dtype
 from ..unpickle.mode import Mode
-from .base import Check, Checkpoint, ReadOptions, run_pickle
+from ..unpickle.budget import Budget, TreeMeter
+from .base import Check, Checkpoint, ReadOptions, parse_json, run_pickle
 from .torch_zip import open_zip, read_member
 
 __all__ = ["read_safetensors", "safetensors_header", "read_pickle", "read_numpy", "SAFETENSORS_DTYPES"]
@@ -41,10 +41,7 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
     if n > MAX_HEADER or 8 + n > src.size:
         raise TruncatedCheckpointError(f"safetensors header declares {n} bytes; the file has {src.size}",
                                        expected_size=8 + n, actual_size=src.size)
-    try:
-        header = json.loads(src.read_at(8, n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"safetensors header is not valid JSON ({exc})") from None
+    header = parse_json(src.read_at(8, n), "safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError("safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -62,6 +59,10 @@ def safetensors_header(src: Source) -> tuple[dict[str, Any], dict[str, str], int
                 type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(f"safetensors entry {name!r} is malformed: {e!r:.200}") from None
+        if ok and math.prod(d for d in shape if d) >= 1 << 63:  # torch (load) refuses what int64 cannot count:
+            raise CorruptCheckpointError(  # so does this check, which scan and inspect run too
+                f"safetensors entry {name!r:.200} has shape {str(shape)[:200]}: its element count does not fit "
+                "in 64 bits", hint="The header is damaged or crafted; no tensor has that many elements.")
         if not ok or (end - begin) != math.prod(shape) * itemsize:
             if end > data_size:
                 raise TruncatedCheckpointError(f"tensor {name!r} ends at data byte {end}; the data section has "
@@ -100,7 +101,7 @@ def read_safetensors(src: Source, opts: ReadOptions) -> Checkpoint:
     else:
         _read_safetensors_data(src, opts, entries, data_start, out)
     _restore_aliases(out, metadata, loaded)
-    loaded.tree = _restore_tree(out, metadata, loaded)
+    loaded.tree = _restore_tree(out, metadata, loaded, opts.policy.budget, src.size)
     loaded.details["storage_bytes"] = src.size - data_start
     return loaded
 
@@ -135,10 +136,7 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
     raw = metadata.get("torchckpt.aliases")
     if not raw:
         return
-    try:
-        aliases = json.loads(raw)
-    except json.JSONDecodeError:
-        return
+    aliases = parse_json(raw, "torchckpt.aliases metadata")
     if not isinstance(aliases, dict):
         raise CorruptCheckpointError("torchckpt.aliases metadata is not a JSON object of names")
     restored = []
@@ -152,17 +150,17 @@ def _restore_aliases(out: "OrderedDict[str, Any]", metadata: dict[str, str], loa
         loaded.notes.append(f"restored {len(restored)} tied tensor(s) stored once: {', '.join(restored[:5])}")
 
 
-def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint) -> Any:
+def _restore_tree(tensors: "OrderedDict[str, Any]", metadata: dict[str, str], loaded: Checkpoint,
+                  budget: Budget, file_size: int) -> Any:
     """Rebuild the nested tree torchckpt.convert recorded as JSON (tensors by dotted path)."""
     raw = metadata.get("torchckpt.tree")
     if not raw:
         return tensors
-    try:
-        skeleton = json.loads(raw)
-    except json.JSONDecodeError:
-        return tensors
+    skeleton = parse_json(raw, "torchckpt.tree metadata")
+    meter = TreeMeter(budget, file_size)  # deep nesting times long names: every path built is charged
 
     def build(node: Any, path: str) -> Any:
+        meter.visit(len(path))
         if isinstance(node, dict) and node == {"__tensor__": True}:
             return tensors.get(path or "tensor")
         if isinstance(node, dict):

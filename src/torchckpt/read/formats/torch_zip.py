@@ -175,13 +175,13 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         if opts.mode is Mode.RECORD:
             check_zip(src, zf, opts, loaded_members=_loaded_members(prefix, torchscript))
         names = set(zf.namelist())
-        byteorder = read_member(zf, zf.getinfo(f"{prefix}/byteorder"), src).decode(errors="replace").strip() \
+        byteorder = read_member(zf, zf.getinfo(f"{prefix}/byteorder"), src, opts).decode(errors="replace").strip() \
             if f"{prefix}/byteorder" in names else "little"
         if byteorder != "little":
             raise UnsupportedFormatError(f"the checkpoint was written on a {byteorder[:20]!r}-endian machine",
                                          hint="Load it with torch.load on that machine and save it again.")
         if f"{prefix}/version" in names:
-            loaded.details["archive_version"] = read_member(zf, zf.getinfo(f"{prefix}/version"), src).decode(
+            loaded.details["archive_version"] = read_member(zf, zf.getinfo(f"{prefix}/version"), src, opts).decode(
                 errors="replace").strip()[:100]
         storages = _ZipStorages(src, zf, prefix, opts, loaded)
         data_pkl = f"{prefix}/data.pkl"
@@ -191,7 +191,7 @@ def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: 
         loaded.tree, u = run_pickle(opts, read_member(zf, zf.getinfo(data_pkl), src, opts), src, data_pkl,
                                     persistent_load=storages)
         if torchscript:
-            loaded.details["declarations"] = torchscript_declarations(zf, prefix, src)
+            loaded.details["declarations"] = torchscript_declarations(zf, prefix, src, opts)
             if isinstance(loaded.tree, Stub):
                 loaded.tree.__dict__["stub_declarations"] = loaded.details["declarations"]
             if constants_pkl in names:
@@ -305,15 +305,19 @@ _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n|\n)*)", re.M)
 _LIST_RE = re.compile(r"^  (__parameters__|__buffers__) = \[(.*?)\]", re.M)
 
 
-def torchscript_declarations(zf: zipfile.ZipFile, prefix: str, src: Source) -> dict[str, dict[str, list[str]]]:
-    """``{"__torch__.pkg.Class": {"__parameters__": [...], "__buffers__": [...]}}`` read as text."""
+def torchscript_declarations(zf: zipfile.ZipFile, prefix: str, src: Source,
+                             opts: ReadOptions | None = None) -> dict[str, dict[str, list[str]]]:
+    """``{"__torch__.pkg.Class": {"__parameters__": [...], "__buffers__": [...]}}`` read as text.
+
+    Every member inflates under the one meter of this read (``opts``): the file's inflation budget
+    covers ``code/`` too, not a fresh allowance per member."""
     out: dict[str, dict[str, list[str]]] = {}
     for info in zf.infolist():
         name = info.filename
         if not name.startswith(f"{prefix}/code/") or not name.endswith(".py") or info.file_size > 16 << 20:
             continue
         module = name[len(prefix) + len("/code/"):-3].replace("/", ".")
-        text = read_member(zf, info, src).decode("utf-8", "replace")
+        text = read_member(zf, info, src, opts).decode("utf-8", "replace")
         for m in _CLASS_RE.finditer(text):
             decl: dict[str, list[str]] = {}
             for lm in _LIST_RE.finditer(m.group(2)):

@@ -15,7 +15,6 @@ torch's parser accepts both.
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from ..unpickle.meta import MetaStorage, TensorMeta, check_view, meta_dtype
 from ..unpickle.quantized import QUANTIZED_DTYPES
 from ..sniff import DESCRIPTIONS, TORCHSCRIPT
 from ..unpickle.mode import Mode
-from .base import Checkpoint, ReadOptions, run_pickle
+from .base import Checkpoint, ReadOptions, parse_json, run_pickle
 from .torch_zip import check_zip, member_data_offset, open_zip, read_member
 
 __all__ = ["read_torchscript_v1"]
@@ -72,11 +71,7 @@ def _model_def(src: Source, zf: zipfile.ZipFile, prefix: str, opts: ReadOptions)
     info = zf.getinfo(f"{prefix}/model.json")
     if info.file_size > MAX_JSON:
         raise LimitExceededError(f"model.json declares {info.file_size} bytes")
-    try:
-        model = json.loads(read_member(zf, info, src, opts))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"model.json is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") \
-            from None
+    model = parse_json(read_member(zf, info, src, opts), "TorchScript model.json")
     if not isinstance(model, dict) or not isinstance(_field(model, "mainModule"), dict):
         raise CorruptCheckpointError("model.json has no mainModule")
     return model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ...errors import LimitExceededError
 
-__all__ = ["Budget", "Meter"]
+__all__ = ["Budget", "Meter", "TreeMeter"]
 
 # A limit that scales with the input has a fixed floor for small inputs: the hint names both.
 _FLOORS = {"amplification": "min_bytes", "inflation": "inflate_floor"}
@@ -36,6 +36,11 @@ class Budget:
             per byte of the file ...
         inflate_floor: ... or this many, whichever is more (decompression bombs).
         memo_gap: unused memo slots one PUT may skip (the memo is a dense list).
+        visits: nodes the tools above the reader (tree walks, ``state_dict_of``, summaries, convert,
+            diff, report, load planning) may visit in one loaded tree, or one per 8 bytes of the file
+            if that is more. A value shared under many paths counts at every path it is reached by,
+            and every 64 characters of a dotted key path built count once more (a 400-byte pickle of
+            a tuple DAG has 2^48 paths; deep nesting times long names makes long paths).
     """
 
     steps: int = 20_000_000
@@ -46,6 +51,7 @@ class Budget:
     inflation: int = 8
     inflate_floor: int = 256 << 20
     memo_gap: int = 1 << 16
+    visits: int = 2_000_000
 
     def exceeded(self, limit: str, value: int, allowed: int, what: str) -> LimitExceededError:
         """The error for ``limit`` (a field name) at ``value`` > ``allowed``: names the limit and how to raise it."""
@@ -135,3 +141,32 @@ class Meter:
                              f"compressed member {member} inflates past the {limit} bytes that the compressed "
                              f"members of this {file_size}-byte file may take together (decompression bomb?)")
         self.inflated[source] = self.inflated.get(source, 0) + nbytes
+
+
+class TreeMeter:
+    """Visits of one loaded tree by the tools above the reader, charged against ``Budget.visits``.
+
+    Every walker of file-derived data (:func:`torchckpt.fit.tree.walk` and the walkers built on it,
+    ``state_dict_of`` on module stubs, convert's tree skeleton) charges each node it reaches, and
+    the length of each key path it builds, here: sharing cannot make the work exponential, and a
+    deep tree of long names cannot make it quadratic without raising
+    :class:`~torchckpt.errors.LimitExceededError` naming the limit and the ``Policy`` that allows it.
+    """
+
+    __slots__ = ("budget", "used", "limit", "name")
+
+    def __init__(self, budget: Budget | None = None, input_size: int = 0, name: str | None = None) -> None:
+        self.budget = budget if budget is not None else Budget()
+        self.used = 0
+        self.limit = max(self.budget.visits, int(input_size) // 8)
+        self.name = name  # the file, for the error
+
+    def visit(self, path_length: int = 0, n: int = 1) -> None:
+        """Charge ``n`` nodes reached under a key path of ``path_length`` characters."""
+        self.used += n + (path_length >> 6)
+        if self.used > self.limit:
+            error = self.budget.exceeded(
+                "visits", self.used, self.limit,
+                "walking the checkpoint's tree reaches too many values (shared values count at every path "
+                "they are reached by, long key paths count per 64 characters)")
+            raise error.with_path(self.name) if self.name else error

@@ -244,7 +244,13 @@ def _fraction(u: Any, numerator: Any = 0, denominator: Any = None) -> fractions.
             _check_decimal(u, part, "Fraction")
         else:
             raise _bad(f"Fraction of a {type(part).__name__}")
-    return fractions.Fraction(numerator, denominator)
+    parts = [p for p in (numerator, denominator) if isinstance(p, fractions.Fraction)]
+    words = sum(p.numerator.bit_length() + p.denominator.bit_length() for p in parts) >> 6
+    u.meter.step(words * words // 64 + 1)  # Fraction(a/b, c/d) multiplies and reduces (gcd): charged
+    result = fractions.Fraction(numerator, denominator)
+    _check_int_value(u, result.numerator, "Fraction numerator")  # nesting cannot double the digits per level
+    _check_int_value(u, result.denominator, "Fraction denominator")
+    return result
 
 
 # --------------------------------------------------------------------------- datetime, uuid, paths

@@ -20,11 +20,12 @@ from collections import Counter
 from typing import Any
 
 from ...errors import CorruptCheckpointError
-from ...fit.tree import flatten, is_tensor_like
+from ...fit.tree import expanded_size, flatten, is_tensor_like
 from ...read.opener import open_checkpoint
 from ...read.trust import Policy
 from ...read import Mode
-from .to_file import ConvertReport, FloatDtype, Materializer, Progress, float_dtype, part_to_write
+from .to_file import ConvertReport, FloatDtype, Materializer, Progress, check_dense, errors_name_source, float_dtype, \
+    part_to_write
 from .byte_io import same_bits
 
 __all__ = ["convert_to_dcp"]
@@ -40,12 +41,13 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: FloatDtype | None = None, weigh
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists; converting into a DCP directory needs a new path")
     target_dtype = float_dtype(dtype) if dtype else None
-    with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded:
+    with open_checkpoint(src, Mode.BUILD, policy or Policy(), lazy=True, storage_options=storage_options) as loaded, \
+            errors_name_source(loaded.name):
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, "dcp", notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree, classes = part_to_write(loaded.tree, key, weights_only, changes)
+        tree, classes = part_to_write(loaded.tree, key, weights_only, changes, loaded.tree_meter)
         if classes:
             report.notes.append("module classes are not kept in a DCP directory: " +
                                 ", ".join(sorted(set(classes.values())))[:200])
@@ -53,7 +55,11 @@ def convert_to_dcp(src: Any, dst: str, *, dtype: FloatDtype | None = None, weigh
             tree = {"state": tree}
             report.notes.append("the checkpoint is not a dict: stored under the key 'state'")
         materialize = Materializer(source, target_dtype)
-        tensors = flatten(tree)
+        tensors = flatten(tree, loaded.tree_meter)
+        check_dense(tensors, source.size, "dcp", target_dtype)  # DCP writes every element of a view
+        # DCP names every value by its full path: a shared container is written under each path, so its
+        # expanded size (counted with each value once) is charged before anything is built
+        loaded.tree_meter.visit(n=expanded_size(tree, _plain_children))
         sources: dict[int, Any] = {}
         plan_tree = _placeholders(tree, sources, materialize)
         total = sum(t.numel() * _out_itemsize(t, materialize) for _, t in tensors)
@@ -81,6 +87,12 @@ def _out_itemsize(t: Any, materialize: Materializer) -> int:
     if materialize.target_dtype is not None and dtype.is_floating_point:
         dtype = materialize.target_dtype
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _plain_children(tree: Any) -> Any:
+    if is_tensor_like(tree):
+        return ()
+    return tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
 
 
 def _placeholders(tree: Any, sources: dict[int, Any], materialize: Materializer) -> Any:

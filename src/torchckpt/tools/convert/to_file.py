@@ -10,6 +10,7 @@ kept as JSON. Every output is reloaded and compared with the source before the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,15 +18,15 @@ import shutil
 import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import CorruptCheckpointError, LimitExceededError
-from ...fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, lookup, module_classes, select, \
-    state_dict_of
+from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError
+from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
+    select, state_dict_of
 from ...read.opener import open_checkpoint
-from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, is_stub_class, stub_name, \
+from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, TreeMeter, is_stub_class, stub_name, \
     stub_to_plain, tensor_bytes, write_safetensors
 from ...read.load import load
 from ...read.tensors import dtype_name, release, to_torch
@@ -33,6 +34,7 @@ from ...read.trust import Policy, resolve_policy
 from ...storage import files as storage
 from ...storage.atomic import atomic_write
 from ...storage.remote import is_url
+from ...text import key_text, summary
 from .byte_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
@@ -101,29 +103,29 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
         raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
     target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
-                         storage_options=storage_options) as loaded:
+                         storage_options=storage_options) as loaded, errors_name_source(loaded.name):
         source = loaded.reader
         assert source is not None  # the opener yields an open reader inside its ``with``
         report = ConvertReport(source.name, dst, loaded.description, to, notes=list(loaded.notes))
         changes: Counter[str] = Counter()
-        tree, classes = part_to_write(loaded.obj, key, weights_only, changes)
-        tensors = flatten(tree)
+        tree, classes = part_to_write(loaded.obj, key, weights_only, changes, loaded.tree_meter)
+        tensors = flatten(tree, loaded.tree_meter)
         if target_dtype is not None:
             cast = sum(1 for _, t in tensors if _is_float(t) and dtype_name(t) != dtype_name(target_dtype))
             if cast:
                 changes[f"floating-point tensors cast to {dtype_name(target_dtype)}"] += cast
         if to == "safetensors" or target_dtype is not None:
-            _check_dense(tensors, source.size, to, target_dtype)
+            check_dense(tensors, source.size, to, target_dtype)
         materialize = Materializer(source, target_dtype)
         if to == "safetensors":
             metadata = {"format": "pt"}
             if classes:
                 metadata["torchckpt.classes"] = json.dumps(classes)
             elif not weights_only and key is None:
-                metadata["torchckpt.tree"] = json.dumps(_skeleton(tree), default=str)
+                metadata["torchckpt.tree"] = json.dumps(_skeleton(tree, loaded.tree_meter, expanded=False))
             report.bytes = _write_safetensors(dst, tensors, metadata, materialize, progress, report)
         else:
-            final = _materialize_tree(tree, materialize)
+            final = _materialize_tree(tree, materialize, {})
             if classes:
                 final._metadata = {prefix: {"torchckpt.class": name} for prefix, name in classes.items()}
             with atomic_write(dst) as fh:
@@ -155,20 +157,33 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     return report
 
 
-def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter[str]) -> tuple[Any, dict[str, str]]:
-    """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model."""
+@contextlib.contextmanager
+def errors_name_source(name: str) -> Iterator[None]:
+    """A CheckpointError raised while converting names the source file."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise exc.with_path(name)
+
+
+def part_to_write(obj: Any, key: str | None, weights_only: bool, changes: Counter[str],
+                  meter: TreeMeter | None = None) -> tuple[Any, dict[str, str]]:
+    """What to write: the tree, the weights, or the part at ``key``; and the module classes of a model.
+
+    Every walk charges ``meter`` (the file's :class:`TreeMeter`); a shared value is converted once and
+    stays shared in the output."""
     if weights_only:
-        return select(obj, key).state_dict, {}
+        return select(obj, key, meter=meter).state_dict, {}
     part = lookup(obj, key) if key is not None else obj
     if is_module_like(part):
-        classes = module_classes(part)
+        classes = module_classes(part, meter)
         changes[f"whole model ({classes.get('', 'module')}) -> its state dict; module classes kept as metadata"] += 1
-        sd = state_dict_of(part)
+        sd = state_dict_of(part, meter)
         return OrderedDict((k, _modernize(v, changes, 0, {})) for k, v in sd.items()), classes
     return _modernize(part, changes, 0, {}), {}
 
 
-def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_dtype: Any) -> None:
+def check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_dtype: Any) -> None:
     """Refuse views whose dense copy would dwarf the file (a crafted ``expand``: stride 0 over 1 element)."""
     budget = max(file_size, 0) + DENSE_BUDGET
     total = 0
@@ -183,7 +198,8 @@ def _check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target
         itemsize = _itemsize(t)
         total += (numel - extent) * itemsize
         if total > budget:
-            why = "safetensors stores every element" if to == "safetensors" else "casting copies every element"
+            why = {"safetensors": "safetensors stores every element", "dcp": "a DCP directory stores every element"}.get(
+                to, "casting copies every element")
             raise LimitExceededError(
                 f"tensor {name} is a view of {extent * itemsize:,} bytes that expands to {numel * itemsize:,} bytes "
                 f"(shape {list(shape)}, stride {list(stride)}); {why}, which would need more than the "
@@ -249,7 +265,7 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
         changes[f"{type(obj).__name__} -> {type(obj).__mro__[1].__name__}"] += 1
         return type(obj).__mro__[1](obj) if type(obj).__mro__[1] is not object else str(obj)
     if id(obj) in memo:
-        return memo[id(obj)]
+        return memo[id(obj)][1]
     d = depth + 1
 
     def note(what: str) -> None:
@@ -297,7 +313,7 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
         out = {(_modernize(v, changes, d, memo)) for v in obj}
     elif isinstance(obj, frozenset):
         note("frozensets -> sorted lists")
-        out = sorted((_modernize(v, changes, d, memo) for v in obj), key=repr)
+        out = sorted((_modernize(v, changes, d, memo) for v in obj), key=lambda v: summary(v, 4096))
     elif type(obj).__module__ == "torch" and type(obj).__name__ in ("device", "dtype", "Size", "layout"):
         out = obj
     elif hasattr(obj, "__dict__") and type(obj).__name__ in ("Namespace", "SimpleNamespace"):
@@ -311,8 +327,8 @@ def _modernize(obj: Any, changes: Counter[str], depth: int, memo: dict[int, Any]
         out = obj.isoformat()
     else:
         note(f"other objects -> repr strings (e.g. {type(obj).__name__})")
-        out = repr(obj)
-    memo[id(obj)] = out
+        out = summary(obj, 4096)
+    memo[id(obj)] = (obj, out)  # the key object stays alive: a temporary's id is never reused for another
     return out
 
 
@@ -320,19 +336,32 @@ def _key(k: Any, changes: Counter[str]) -> Any:
     if isinstance(k, (str, int, float, bool)) or k is None:
         return k
     changes["non-scalar dict keys -> repr strings"] += 1
-    return repr(k)
+    return summary(k, 4096)
 
 
-def _skeleton(tree: Any) -> Any:
+def _skeleton(tree: Any, meter: TreeMeter, expanded: bool = True) -> Any:
+    """The JSON outline of the tree (tensors as markers) kept in safetensors metadata. JSON cannot
+    share a value, so a value shared under many paths is written under each: its expanded size is
+    counted first (each shared value once) and charged to ``meter`` before anything is built."""
+    if not expanded:
+        meter.visit(n=expanded_size(tree, _skeleton_children))
     if is_tensor_like(tree):
         return {"__tensor__": True}
     if isinstance(tree, dict):
-        return {str(k): _skeleton(v) for k, v in tree.items()}
+        return {key_text(k): _skeleton(v, meter) for k, v in tree.items()}
     if isinstance(tree, (list, tuple, set)):
-        return [_skeleton(v) for v in tree]
-    if isinstance(tree, (str, int, float, bool)) or tree is None:
+        return [_skeleton(v, meter) for v in tree]
+    if isinstance(tree, str) or tree is None or isinstance(tree, (bool, float)):
         return tree
-    return repr(tree)
+    if isinstance(tree, int):
+        return tree if tree.bit_length() < 1000 else key_text(tree)
+    return summary(tree, 4096)
+
+
+def _skeleton_children(tree: Any) -> Any:
+    if is_tensor_like(tree) or not isinstance(tree, (dict, list, tuple, set)):
+        return ()
+    return tree.values() if isinstance(tree, dict) else tree
 
 
 def _is_float(t: Any) -> bool:
@@ -382,20 +411,25 @@ class Materializer:
             release(self.source, t)
 
 
-def _materialize_tree(tree: Any, materialize: Callable[[Any], Any]) -> Any:
+def _materialize_tree(tree: Any, materialize: Callable[[Any], Any], memo: dict[int, Any]) -> Any:
+    """The tree with every tensor read; a shared container stays one shared container (``memo``)."""
     if is_tensor_like(tree):
         return materialize(tree)
+    if id(tree) in memo:
+        return memo[id(tree)][1]
     if isinstance(tree, dict):
-        out: Any = type(tree)((k, _materialize_tree(v, materialize)) for k, v in tree.items())
+        out: Any = type(tree)((k, _materialize_tree(v, materialize, memo)) for k, v in tree.items())
         metadata = getattr(tree, "_metadata", None)
         if metadata is not None:
             out._metadata = metadata  # torch's per-module state-dict metadata
-        return out
-    if isinstance(tree, list):
-        return [_materialize_tree(v, materialize) for v in tree]
-    if isinstance(tree, tuple) and type(tree) is tuple:
-        return tuple(_materialize_tree(v, materialize) for v in tree)
-    return tree
+    elif isinstance(tree, list):
+        out = [_materialize_tree(v, materialize, memo) for v in tree]
+    elif isinstance(tree, tuple) and type(tree) is tuple:
+        out = tuple(_materialize_tree(v, materialize, memo) for v in tree)
+    else:
+        return tree
+    memo[id(tree)] = (tree, out)
+    return out
 
 
 def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict[str, str],

@@ -307,7 +307,7 @@ class _tensor_stream:
         ckpt = self._open.__enter__()
         self.reader = ckpt.reader
         try:
-            return [(k, t, self._materializer(t)) for k, t in tensors(ckpt.tree)]
+            return [(k, t, self._materializer(t)) for k, t in tensors(ckpt.tree, meter=ckpt.tree_meter)]
         except BaseException as exc:
             self._open.__exit__(type(exc), exc, exc.__traceback__)
             raise

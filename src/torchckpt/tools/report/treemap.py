@@ -16,6 +16,7 @@ __all__ = ["Node", "Box", "build_tree", "layout", "to_svg"]
 
 HEADER = 14  # pixels reserved for a module's label
 PAD = 2
+MAX_LEVELS = 32  # module levels drawn; deeper keys end in one leaf
 
 
 @dataclass
@@ -41,15 +42,20 @@ class Box:
 
 
 def build_tree(items: Iterable[tuple[str, float]]) -> Node:
-    """The module tree of ``(dotted key, value)`` pairs; every node's value is the sum of its leaves."""
+    """The module tree of ``(dotted key, value)`` pairs; every node's value is the sum of its leaves.
+
+    A key with more than :data:`MAX_LEVELS` dots keeps the rest as one leaf name, so building the
+    tree stays linear in the keys' length (a key of 150,000 dots is not 150,000 levels of paths)."""
     root = Node("", "")
     for key, value in items:
-        node, parts = root, key.split(".")
+        node, parts = root, key.split(".", MAX_LEVELS)
         node.value += value
-        for i, part in enumerate(parts):
+        path = ""
+        for part in parts:
+            path = f"{path}.{part}" if path else part
             child = node.children.get(part)
             if child is None:
-                child = node.children[part] = Node(part, ".".join(parts[:i + 1]))
+                child = node.children[part] = Node(part, path)
             child.value += value
             node = child
     return root
