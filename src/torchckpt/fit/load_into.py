@@ -21,6 +21,7 @@ from ..transforms import TransformSpec
 from .adapt import Derived, choose, expand, resolve, split_rename, suggest_layouts
 from .align import RenameSpec, align_keys
 from .placement import Placer
+from .plan import LoadOptions, Opened, Plan, Step
 from .report import Adapted, LoadReport, Mismatch, Origin
 from .shards import is_sharded, shard_like
 from .tree import TensorMeta, is_module_like, select, shapes
@@ -95,14 +96,14 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
         raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, not {on_mismatch!r}")
     if dtype not in ("model", "error"):
         raise ValueError(f"dtype must be 'model' or 'error', not {dtype!r}")
-    with _open_source(source, resolve_policy(policy, trust, allow), storage_options) as (obj, name, fmt, notes, src, saved_on, meter):
+    options = LoadOptions(strict=strict, key=key, prefix=prefix, rename=rename, on_mismatch=on_mismatch, dtype=dtype,
+                          map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap, transforms=transforms)
+    with _open_source(source, resolve_policy(policy, trust, allow), storage_options) as opened:
         try:
-            report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
-                                     rename=rename, on_mismatch=on_mismatch, dtype=dtype,
-                                     map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap,
-                                     transforms=transforms, meter=meter)
+            report = _plan_and_apply(model, opened, options)
         except CheckpointError as exc:
-            raise exc.with_path(name)
+            raise exc.with_path(opened.name)
+    saved_on = opened.saved_on
     if saved_on and report.loaded:
         import torch  # lazy: torchckpt imports torch only when tensors are needed
 
@@ -114,12 +115,11 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
 
 
 @contextlib.contextmanager
-def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any] | None = None
-                 ) -> Iterator[tuple[Any, str, str, list[str], Any, set[str], TreeMeter]]:
+def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any] | None = None) -> Iterator[Opened]:
     if isinstance(source, (dict, list, Stub)) or is_module_like(source):
         what = "in-memory module" if is_module_like(source) and not isinstance(source, Stub) else "in-memory"
-        yield (source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None, set(),
-               TreeMeter(policy.budget))
+        yield Opened(source, "<module>" if what == "in-memory module" else "<in-memory checkpoint>", what, [], None,
+                     frozenset(), TreeMeter(policy.budget))
         return
     with open_checkpoint(source, Mode.BUILD, policy, lazy=True, storage_options=storage_options) as ckpt:
         rank_file = ckpt.details.get("deepspeed_rank_file")
@@ -127,7 +127,8 @@ def _open_source(source: Any, policy: Policy, storage_options: Mapping[str, Any]
             raise WeightsNotFoundError(f"one rank file of a DeepSpeed ZeRO checkpoint: {rank_file['note']}",
                                        path=ckpt.name, hint=f"Pass the folder: load_into(model, {rank_file['folder']!r})")
         saved_on = {loc for loc in (ckpt.details.get("locations") or {}) if loc not in ("cpu", "meta")}
-        yield ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, saved_on, ckpt.tree_meter
+        yield Opened(ckpt.tree, ckpt.name, ckpt.description, list(ckpt.notes), ckpt.reader, frozenset(saved_on),
+                     ckpt.tree_meter)
 
 
 QUANTIZED_MODULES = ("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.", "torch.nn.quantized.",
@@ -147,39 +148,53 @@ def _dtype(value: Any) -> Any:
     return value.torch_dtype() if isinstance(value, TensorMeta) else value.dtype
 
 
-def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
-                    key: str | None, prefix: str | None, rename: RenameSpec, on_mismatch: str, dtype: str,
-                    map_location: Any, dry_run: bool, assign: bool, mmap: bool = False,
-                    transforms: TransformSpec = None, meter: TreeMeter | None = None) -> LoadReport:
+def _plan_and_apply(model: Any, opened: Opened, options: LoadOptions) -> LoadReport:
+    plan = _plan(model, opened, options)
+    report = plan.report
+    if options.dry_run:
+        return report  # the plan, whatever it says: the caller reads report.ok
+    errors = [m for m in report.mismatched if m.action == "error"]
+    if errors or (options.strict and not report.ok):
+        raise _misfit_error(report, errors, options.strict)
+    _apply(model, plan, opened.reader, options)
+    report.applied = True
+    return report
+
+
+def _plan(model: Any, opened: Opened, options: LoadOptions) -> Plan:
+    """One :class:`Step` per model key that gets a value, and the report of everything else (raises only for
+    ``dtype="error"`` or an unadaptable shape, and never when ``dry_run``)."""
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
+    dry_run, on_mismatch = options.dry_run, options.on_mismatch
     model_sd = model.state_dict(keep_vars=True)
-    candidate = select(obj, key, model_sd, meter)
+    candidate = select(opened.tree, options.key, model_sd, opened.meter)
     ckpt = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in candidate.state_dict.items()}
-    report = LoadReport(source=name, format=fmt, weights_path=candidate.where, model_keys=len(model_sd),
-                        checkpoint_keys=len(ckpt), notes=notes + candidate.notes, dry_run=dry_run)
+    report = LoadReport(source=opened.name, format=opened.format, weights_path=candidate.where,
+                        model_keys=len(model_sd), checkpoint_keys=len(ckpt), notes=opened.notes + candidate.notes,
+                        dry_run=dry_run)
     if candidate.source == "module stub":
         report.notes.append(f"whole-model pickle read through inert stubs ({candidate.module_class} was not "
                             "imported, no code from the file ran); weights taken from its modules")
     tensors = {k: _as_tensor(v) for k, v in ckpt.items() if hasattr(v, "shape")}
     report.checkpoint_shapes = shapes(tensors)
-    keyed, plain = split_rename(rename)
-    rules, more = resolve(transforms)
+    keyed, plain = split_rename(options.rename)
+    rules, more = resolve(options.transforms)
     tensors, adapt_notes = expand(tensors, keyed + more, lambda v: tuple(v.shape))
     report.notes.extend(adapt_notes)
     first_conv = next((k for k, v in model_sd.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4), None)
-    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=plain, prefix=prefix)
+    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=plain, prefix=options.prefix)
     report.outside = list(alignment.outside)
     by_model = {m: c for c, m in alignment.mapping.items()}
     for c, m in alignment.mapping.items():
         if c != m:
             report.renamed[c] = (m, alignment.rules.get(c, "renamed"))
-    prepared: dict[str, Any] = {}
+    steps: dict[str, Step] = {}
     owner: dict[int, str] = {}
     for mkey, target in model_sd.items():
         ckey = by_model.get(mkey)
         if ckey is None and mkey in ckpt and not hasattr(ckpt[mkey], "shape"):
-            prepared[mkey] = ckpt[mkey]  # non-tensor extra state, passed through
+            steps[mkey] = Step(mkey, mkey, "load", ckpt[mkey])  # non-tensor extra state, passed through
             report.loaded.append(mkey)
             continue
         if ckey is None:
@@ -197,9 +212,10 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
         owner.setdefault(id(target), mkey)
         origin = _origin(value, ckey)
         if not isinstance(target, torch.Tensor):
-            prepared[mkey] = value
+            steps[mkey] = Step(mkey, ckey, "load", value)
             report.loaded.append(mkey)
             continue
+        step = Step(mkey, ckey, "load", value)
         if tuple(value.shape) != tuple(target.shape):
             vshape, tshape = tuple(value.shape), tuple(target.shape)
             transform, note = None, ""
@@ -212,11 +228,11 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                     raise
                 transform, note = None, "error: " + exc.reason
             if reshape:
-                value = ("reshape", value)
+                step = Step(mkey, ckey, "reshape", value)
                 origin = Origin("reshape", origin.keys) if origin.op == "copy" else Origin("transform", origin.keys)
                 report.notes.append(f"{mkey}: reshaped {list(vshape)} -> {list(tshape)}")
             elif transform is not None:
-                value = ("transform", value, transform)
+                step = Step(mkey, ckey, "transform", value, transform)
                 report.adapted.append(Adapted(mkey, tuple(origin.keys), transform.name,
                                               transform.describe(vshape, tshape)))
                 origin = Origin("transform", origin.keys)
@@ -226,7 +242,7 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
                     action = "error"
                 report.mismatched.append(Mismatch(mkey, ckey, vshape, tshape, action, note))
                 if action == "copied overlap":
-                    prepared[mkey] = ("overlap", value)
+                    steps[mkey] = Step(mkey, ckey, "copy_overlap", value)
                 continue
         if isinstance(tensors[ckey], Derived):
             d = tensors[ckey]
@@ -234,26 +250,19 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
         report.origins[mkey] = origin
         vdtype = _dtype(tensors[ckey])
         if vdtype != target.dtype:
-            if dtype == "error" and not dry_run:
+            if options.dtype == "error" and not dry_run:
                 raise StateDictMismatchError(f"{ckey} is {vdtype} but the model's {mkey} is {target.dtype}",
                                              hint="Pass dtype='model' to cast (the default).", report=report)
             report.cast.append((mkey, dtype_name(vdtype), dtype_name(target.dtype)))
-        prepared[mkey] = value
+        steps[mkey] = step
         report.loaded.append(mkey)
     report.unexpected = [c for c in tensors if c not in alignment.mapping
-                         and c not in alignment.outside and not (c in model_sd and c in prepared)]
+                         and c not in alignment.outside and not (c in model_sd and c in steps)]
     if report.missing and report.unexpected:
         report.notes.extend("would fit with " + hint for hint in suggest_layouts(
             {k: tuple(model_sd[k].shape) for k in report.missing if hasattr(model_sd[k], "shape")},
             {c: tuple(tensors[c].shape) for c in report.unexpected}))
-    if dry_run:
-        return report  # the plan, whatever it says: the caller reads report.ok
-    errors = [m for m in report.mismatched if m.action == "error"]
-    if errors or (strict and not report.ok):
-        raise _misfit_error(report, errors, strict)
-    _apply(model, prepared, ckpt, alignment.mapping, src, map_location, report, assign, mmap)
-    report.applied = True
-    return report
+    return Plan(report, steps, dict(alignment.mapping), getattr(ckpt, "_metadata", None) or {})
 
 
 def _pre_041_counter(mkey: str, by_model: Mapping[str, str], tensors: Mapping[str, Any]) -> bool:
@@ -289,19 +298,20 @@ def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> S
     return StateDictMismatchError("\n".join([head, *details]), hint=hint + ".", report=report)
 
 
-def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: dict[str, str], src: Any, map_location: Any,
-           report: LoadReport, assign: bool = False, mmap: bool = False) -> None:
+def _apply(model: Any, plan: Plan, src: Any, options: LoadOptions) -> None:
+    """Carry out ``plan``'s steps module by module (``src`` reads the tensors still in the file)."""
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
-    metadata = getattr(ckpt, "_metadata", None) or {}
-    inverse = {m: c for c, m in mapping.items()}
+    report, steps, metadata = plan.report, plan.steps, plan.metadata
+    assign, map_location = options.assign, options.map_location
+    inverse = {m: c for c, m in plan.mapping.items()}
     on_meta = any(p.device.type == "meta" for p in model.parameters())
     target_device = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else \
         torch.device("cpu")
     ties = _tie_groups(model) if on_meta else []
-    placer = Placer(src, assign=on_meta or assign, mmap=mmap)
+    placer = Placer(src, assign=on_meta or assign, mmap=options.mmap)
     own: dict[str, list[str]] = {}  # module path -> the keys it saves itself (quantized modules: weight, scale, ...)
-    for full in prepared:
+    for full in steps:
         path, _, leaf = full.rpartition(".")
         own.setdefault(path, []).append(leaf)
     for module_prefix, module in model.named_modules():
@@ -310,17 +320,18 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
         names = list(module._parameters) + list(module._buffers) + ["_extra_state"]
         for name in names + [n for n in own.get(module_prefix, ()) if n not in names]:
             full = prefix + name
-            if full not in prepared:
+            if full not in steps:
                 continue
-            value = prepared[full]
+            step = steps[full]
+            value = step.value
             target = module._parameters.get(name, module._buffers.get(name))
             device = target_device if on_meta or target is None else target.device
-            if isinstance(value, tuple) and value[0] == "overlap":
-                value = _overlap(target, _read(value[1], src))
-            elif isinstance(value, tuple) and value[0] == "transform":
-                value = placer.place(_transformed(value[2], _read(value[1], src), target, full, src), target, device)
-            elif isinstance(value, tuple) and value[0] == "reshape":
-                raw = _read(value[1], src) if isinstance(value[1], Derived) else value[1]
+            if step.action == "copy_overlap":
+                value = _overlap(target, _read(value, src))
+            elif step.action == "transform":
+                value = placer.place(_transformed(step.transform, _read(value, src), target, full, src), target, device)
+            elif step.action == "reshape":
+                raw = _read(value, src) if isinstance(value, Derived) else value
                 value = placer.place(raw, target, device, tuple(target.shape))
             elif isinstance(value, Derived):
                 value = placer.place(value.materialize(src), target, device)
