@@ -19,6 +19,7 @@ __all__ = [
     "UnsupportedFormatError",
     "NotACheckpointError",
     "CorruptCheckpointError",
+    "AmbiguousOutputError",
     "TruncatedCheckpointError",
     "LimitExceededError",
     "UnsafeCheckpointError",
@@ -99,6 +100,11 @@ class PartialCheckpointError(UnsupportedFormatError):
                  format: str | None = None):
         super().__init__(reason, path=path, hint=hint, format=format)
         self.folder = folder
+
+
+class AmbiguousOutputError(CheckpointError, ValueError):
+    """A conversion's destination and options do not say one output format (an index file named as the
+    destination, a shard size for a single-file output)."""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):
