@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import AmbiguousOutputError, CheckpointError, CorruptCheckpointError, LimitExceededError
+from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError
 from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
     select, state_dict_of
 from ...read.opener import open_checkpoint
@@ -242,24 +242,11 @@ def output_format(dst: str, to: OutputFormat | None, max_shard_size: int | str |
     Sharded safetensors is asked for by ``to="sharded-safetensors"``, or by ``max_shard_size`` with a
     destination folder that has no extension; a destination naming the index file, or ``max_shard_size``
     with another format, is refused (:class:`~torchckpt.errors.AmbiguousOutputError`)."""
-    name = dst.rstrip("/\\").lower()
-    if name.endswith(".index.json"):
-        raise AmbiguousOutputError(
-            f"{dst!r} names the index file of a sharded checkpoint, not its folder",
-            hint="Pass the folder the shards go in: torchckpt convert SRC OUT_DIR --to sharded-safetensors "
-                 "(convert(src, 'out_dir', to='sharded-safetensors')); it writes model.safetensors.index.json there.")
-    if max_shard_size is not None and (to or "sharded-safetensors") != "sharded-safetensors":
-        raise AmbiguousOutputError(
-            f"max_shard_size={max_shard_size!r} was given but the output is {to!r}, a single file or a DCP directory",
-            hint="Drop --max-shard-size, or ask for shards: --to sharded-safetensors with a folder destination.")
+    if to_sharded.asked_for(dst, to, max_shard_size, (".safetensors", ".dcp", *PT_EXTENSIONS)):
+        return "sharded-safetensors"
     if to:
         return to
-    if max_shard_size is not None:
-        if name.endswith((".safetensors", ".dcp", *PT_EXTENSIONS)):
-            raise AmbiguousOutputError(
-                f"max_shard_size={max_shard_size!r} was given but {dst!r} names a single file or a DCP directory",
-                hint="Name a folder without an extension (or pass --to sharded-safetensors) to get shards.")
-        return "sharded-safetensors"
+    name = dst.rstrip("/\\").lower()
     if name.endswith(".safetensors"):
         return "safetensors"
     if name.endswith(".dcp"):

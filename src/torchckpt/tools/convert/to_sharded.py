@@ -23,18 +23,38 @@ import secrets
 import shutil
 from typing import Any, Callable
 
-from ...errors import CheckpointWriteError
+from ...errors import AmbiguousOutputError, CheckpointWriteError
 from ...read import SAFETENSORS_DTYPES, dtype_name, tensor_identity
 from ...storage.atomic import TEMP_MARK, fsync_dir, write_error
 from .byte_io import verify_safetensors
 
-__all__ = ["write_sharded", "shard_size", "check_destination", "INDEX", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = ["write_sharded", "asked_for", "shard_size", "check_destination", "INDEX", "DEFAULT_MAX_SHARD_SIZE"]
 
 INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default for save_pretrained
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _ITEMSIZE = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+
+
+def asked_for(dst: str, to: str | None, max_shard_size: int | str | None, file_extensions: tuple[str, ...]) -> bool:
+    """Whether ``dst``, ``to`` and ``max_shard_size`` ask for sharded output: ``to="sharded-safetensors"``, or
+    ``max_shard_size`` with a folder name without extension. Spellings that could mean two things are refused."""
+    name = dst.rstrip("/\\").lower()
+    if name.endswith(".index.json"):
+        raise AmbiguousOutputError(
+            f"{dst!r} names the index file of a sharded checkpoint, not its folder",
+            hint="Pass the folder the shards go in: torchckpt convert SRC OUT_DIR --to sharded-safetensors "
+                 "(convert(src, 'out_dir', to='sharded-safetensors')); it writes model.safetensors.index.json there.")
+    if max_shard_size is not None and (to or "sharded-safetensors") != "sharded-safetensors":
+        raise AmbiguousOutputError(
+            f"max_shard_size={max_shard_size!r} was given but the output is {to!r}, a single file or a DCP directory",
+            hint="Drop --max-shard-size, or ask for shards: --to sharded-safetensors with a folder destination.")
+    if to is None and max_shard_size is not None and name.endswith(file_extensions):
+        raise AmbiguousOutputError(
+            f"max_shard_size={max_shard_size!r} was given but {dst!r} names a single file or a DCP directory",
+            hint="Name a folder without an extension (or pass --to sharded-safetensors) to get shards.")
+    return to == "sharded-safetensors" or (to is None and max_shard_size is not None)
 
 
 def shard_size(value: int | str | None) -> int:
