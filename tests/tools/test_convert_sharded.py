@@ -159,3 +159,9 @@ def test_full_disk_mid_way_leaves_the_previous_output_and_no_partial_folder(tmp_
     torchckpt.convert(tmp_path / "small.pt", out, to="sharded-safetensors", dtype="float16")
     assert sorted(os.listdir(small_tmpfs)) == ["hf"] and sorted(os.listdir(out)) == sorted([INDEX, "model-00001-of-00001.safetensors"])
     assert all(v.dtype == torch.float16 for v in torchckpt.load(out).values())
+
+
+def test_url_destination_is_refused_before_any_work(tmp_path) -> None:
+    torch.save(_model_sd(layers=1), tmp_path / "m.pt")
+    with pytest.raises(CheckpointWriteError, match="URL"):
+        torchckpt.convert(tmp_path / "m.pt", "s3://bucket/hf", to="sharded-safetensors")

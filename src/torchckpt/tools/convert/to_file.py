@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError
+from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError
 from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
     select, state_dict_of
 from ...read.opener import open_checkpoint
@@ -100,7 +100,8 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
     dst = os.fspath(dst)
     if is_url(dst):
         return _convert_to_url(src, dst, storage_options, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                               policy=policy, trust=trust, allow=allow, progress=progress)
+                               policy=policy, trust=trust, allow=allow, progress=progress,
+                               max_shard_size=max_shard_size)
     to = output_format(dst, to, max_shard_size)
     if to not in ("pt", "safetensors", "sharded-safetensors"):
         raise ValueError(f"to must be 'pt', 'safetensors' or 'sharded-safetensors', not {to!r}")
@@ -156,7 +157,10 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
     try:
         local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])
-        kwargs["to"] = output_format(dst, kwargs.get("to"))
+        kwargs["to"] = output_format(dst, kwargs.get("to"), kwargs.get("max_shard_size"))
+        if kwargs["to"] == "sharded-safetensors":
+            raise CheckpointWriteError(f"sharded safetensors cannot be written to a URL ({dst})", path=dst,
+                                       hint="Convert into a local folder, then upload the folder.")
         report = convert(src, local, storage_options=storage_options, **kwargs)
         with open(local, "rb") as fh, storage.write_whole(dst, storage_options) as out:
             shutil.copyfileobj(fh, out, 8 << 20)
