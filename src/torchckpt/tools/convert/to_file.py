@@ -460,7 +460,7 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         written = stream_safetensors(fh, tensors, metadata, materialize, progress)
     if written.aliases:
         report.changes.append(f"tied tensors stored once ({len(written.aliases)} aliases in the metadata)")
-    return written.size
+    return int(written.size)
 
 
 def stream_safetensors(fh: Any, tensors: list[tuple[str, Any]], metadata: dict[str, str], materialize: Materializer,
