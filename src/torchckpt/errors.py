@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedFormatError",
     "NotACheckpointError",
     "CorruptCheckpointError",
+    "AmbiguousOutputError",
     "TruncatedCheckpointError",
     "LimitExceededError",
     "UnsafeCheckpointError",
@@ -104,6 +105,11 @@ class PartialCheckpointError(UnsupportedFormatError):
                  format: str | None = None):
         super().__init__(reason, path=path, hint=hint, format=format)
         self.folder = folder
+
+
+class AmbiguousOutputError(CheckpointError, ValueError):
+    """A conversion's destination and options do not say one output format (an index file named as the
+    destination, a shard size for a single-file output)."""
 
 
 class CorruptCheckpointError(CheckpointError, ValueError):

@@ -234,3 +234,31 @@ def test_universal_checkpoint_folder(ds_runs: str, config: str, tmp_path) -> Non
         assert torch.equal(ours[k], ref[k]), k
     assert ours["head.weight"] is ours["emb.weight"]
     assert "deepspeed-universal" in str(torchckpt.scan(universal))
+
+
+def test_convert_to_sharded_safetensors(ds_runs: str, tmp_path) -> None:
+    """A DeepSpeed ZeRO-3 folder to Hugging Face's sharded layout: every shard loads with safetensors' own
+    loader, the weight_map covers every stored name, and the folder reads back as zero_to_fp32's result."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = os.path.join(ds_runs, "3-fp32")
+    ref = oracle(folder)
+    out = tmp_path / "hf"
+    sizes = sorted(t.numel() * t.element_size() for t in ref.values())
+    report = torchckpt.convert(folder, str(out), max_shard_size=sizes[-1] + 1)
+    assert report.verified and report.to == "sharded-safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2
+    seen = {}
+    for f in files:
+        seen.update(load_file(str(out / f)))
+    assert set(seen) == set(index["weight_map"])
+    # the tied head is stored once, as transformers stores it, and torchckpt restores the name
+    assert index["metadata"]["torchckpt.aliases"] == {"head.weight": "emb.weight"}
+    back = torchckpt.load(str(out))
+    assert set(back) == set(ref)
+    for k in ref:
+        assert torch.equal(back[k], ref[k]), k

@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Iterable, Mapping
 from ..unpickle.meta import TensorMeta, dtype_name
 from .simple import SAFETENSORS_DTYPES
 
-__all__ = ["write_safetensors", "tensor_bytes", "Written", "CODES"]
+__all__ = ["write_safetensors", "tensor_bytes", "tensor_identity", "Written", "CODES"]
 
 CODES = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}  # "float16" -> "F16"
 _ITEMSIZE = {name: size for name, size in SAFETENSORS_DTYPES.values()}
@@ -33,7 +33,7 @@ class Written:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def _identity(t: Any) -> tuple[Any, ...]:
+def tensor_identity(t: Any) -> tuple[Any, ...]:
     """Two names with the same identity hold the same elements (a tied tensor)."""
     if isinstance(t, TensorMeta):
         return (id(t.storage), t.storage_offset, tuple(t.shape), tuple(t.stride), str(t.dtype))
@@ -76,7 +76,7 @@ def write_safetensors(fh: IO[bytes], tensors: Iterable[tuple[str, Any]], metadat
     order: list[tuple[str, Any]] = []
     offset = 0
     for name, t in tensors:
-        ident = _identity(t)
+        ident = tensor_identity(t)
         if ident in first:
             aliases[name] = first[ident]
             continue

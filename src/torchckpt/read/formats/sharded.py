@@ -82,5 +82,20 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         loaded.notes.extend(f"{shard}: {note}" for note in notes)
     loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
     metadata = index.get("metadata") or {}
+    _restore_aliases(merged, metadata.get("torchckpt.aliases") if isinstance(metadata, dict) else None)
     loaded.details["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     return loaded
+
+
+def _restore_aliases(merged: "OrderedDict[str, Any]", aliases: Any) -> None:
+    """torchckpt's sharded output stores a tied tensor once and records ``{"alias": "stored name"}`` in the
+    index metadata (``torchckpt.aliases``); each alias becomes the stored tensor again."""
+    if aliases is None:
+        return
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CorruptCheckpointError("torchckpt.aliases in the index metadata is not a JSON object of names")
+    for alias, stored in aliases.items():
+        if stored not in merged:
+            raise CorruptCheckpointError(f"torchckpt.aliases entry {alias!r:.60} names {stored!r:.60}, which no "
+                                         "shard holds")
+        merged.setdefault(alias, merged[stored])

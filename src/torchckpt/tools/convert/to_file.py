@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError
+from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError
 from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
     select, state_dict_of
 from ...read.opener import open_checkpoint
@@ -35,6 +35,7 @@ from ...storage import files as storage
 from ...storage.atomic import atomic_write
 from ...storage.remote import is_url
 from ...text import key_text, summary
+from . import to_sharded
 from .byte_io import compare_all, copy_range, same_bits, verify_safetensors
 
 __all__ = ["convert", "ConvertReport"]
@@ -73,7 +74,7 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
             weights_only: bool = False,
             key: str | None = None, policy: Policy | None = None, trust: bool = False,
             allow: Iterable[str] | str | None = None, progress: Progress | None = None,
-            storage_options: Any = None) -> ConvertReport:
+            storage_options: Any = None, max_shard_size: int | str | None = None) -> ConvertReport:
     """Convert ``src`` to ``dst`` and verify it. ``to`` defaults from the extension of ``dst``.
 
     A whole-model pickle (or a Lua ``nn`` tree) becomes its state dict, which ``load_into`` and
@@ -81,7 +82,9 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
     the ``.pt`` state dict, ``torchckpt.classes`` in safetensors).
 
     Args:
-        to: ``"pt"`` or ``"safetensors"``.
+        to: ``"pt"``, ``"safetensors"`` or ``"sharded-safetensors"`` (a folder of shards and
+            ``model.safetensors.index.json``, see :mod:`.to_sharded`).
+        max_shard_size: the most data bytes per shard (``"5GB"`` by default); sharded output only.
         dtype: cast floating-point tensors (``"bfloat16"``, ``"float16"``, ``"float32"``); reported.
         weights_only: write only the state dict (found in a training dict, a whole-model pickle,
             a TorchScript archive or a Lua ``nn`` tree) instead of the whole tree.
@@ -97,10 +100,14 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
     dst = os.fspath(dst)
     if is_url(dst):
         return _convert_to_url(src, dst, storage_options, to=to, dtype=dtype, weights_only=weights_only, key=key,
-                               policy=policy, trust=trust, allow=allow, progress=progress)
-    to = output_format(dst, to)
-    if to not in ("pt", "safetensors"):
-        raise ValueError(f"to must be 'pt' or 'safetensors', not {to!r}")
+                               policy=policy, trust=trust, allow=allow, progress=progress,
+                               max_shard_size=max_shard_size)
+    to = output_format(dst, to, max_shard_size)
+    if to not in ("pt", "safetensors", "sharded-safetensors"):
+        raise ValueError(f"to must be 'pt', 'safetensors' or 'sharded-safetensors', not {to!r}")
+    shard_limit = to_sharded.shard_size(max_shard_size) if to == "sharded-safetensors" else 0
+    if to == "sharded-safetensors":
+        to_sharded.check_destination(dst)
     target_dtype = float_dtype(dtype) if dtype else None
     with open_checkpoint(src, Mode.BUILD, resolve_policy(policy, trust, allow), lazy=True,
                          storage_options=storage_options) as loaded, errors_name_source(loaded.name):
@@ -114,10 +121,13 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
             cast = sum(1 for _, t in tensors if _is_float(t) and dtype_name(t) != dtype_name(target_dtype))
             if cast:
                 changes[f"floating-point tensors cast to {dtype_name(target_dtype)}"] += cast
-        if to == "safetensors" or target_dtype is not None:
+        if to != "pt" or target_dtype is not None:
             check_dense(tensors, source.size, to, target_dtype)
         materialize = Materializer(source, target_dtype)
-        if to == "safetensors":
+        if to == "sharded-safetensors":
+            report.bytes = to_sharded.write_sharded(dst, tensors, materialize, shard_limit, progress, report,
+                                                   stream_safetensors)
+        elif to == "safetensors":
             metadata = {"format": "pt"}
             if classes:
                 metadata["torchckpt.classes"] = json.dumps(classes)
@@ -136,7 +146,8 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
             del final
         report.tensors = len(tensors)
         report.changes[:0] = [f"{what} ({n})" for what, n in changes.items()]
-        _verify(dst, to, tensors, materialize, report)
+        if to != "sharded-safetensors":  # the shards were verified before the folder was published
+            _verify(dst, to, tensors, materialize, report)
     return report
 
 
@@ -146,7 +157,10 @@ def _convert_to_url(src: Any, dst: str, storage_options: Any, **kwargs: Any) -> 
     staging = tempfile.mkdtemp(prefix="torchckpt-convert-")
     try:
         local = os.path.join(staging, dst.rstrip("/").rsplit("/", 1)[-1])
-        kwargs["to"] = output_format(dst, kwargs.get("to"))
+        kwargs["to"] = output_format(dst, kwargs.get("to"), kwargs.get("max_shard_size"))
+        if kwargs["to"] == "sharded-safetensors":
+            raise CheckpointWriteError(f"sharded safetensors cannot be written to a URL ({dst})", path=dst,
+                                       hint="Convert into a local folder, then upload the folder.")
         report = convert(src, local, storage_options=storage_options, **kwargs)
         with open(local, "rb") as fh, storage.write_whole(dst, storage_options) as out:
             shutil.copyfileobj(fh, out, 8 << 20)
@@ -198,7 +212,8 @@ def check_dense(tensors: list[tuple[str, Any]], file_size: int, to: str, target_
         itemsize = _itemsize(t)
         total += (numel - extent) * itemsize
         if total > budget:
-            why = {"safetensors": "safetensors stores every element", "dcp": "a DCP directory stores every element"}.get(
+            why = {"safetensors": "safetensors stores every element",
+                   "sharded-safetensors": "safetensors stores every element", "dcp": "a DCP directory stores every element"}.get(
                 to, "casting copies every element")
             raise LimitExceededError(
                 f"tensor {name} is a view of {extent * itemsize:,} bytes that expands to {numel * itemsize:,} bytes "
@@ -220,13 +235,19 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp
                  "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
 FloatDtype = Literal["float32", "float16", "bfloat16", "float64", "fp32", "float", "single", "fp16", "half", "bf16",
                      "fp64", "double"]
-OutputFormat = Literal["pt", "safetensors", "dcp"]
+OutputFormat = Literal["pt", "safetensors", "sharded-safetensors", "dcp"]
 # destination extensions that mean a torch.save file; anything else needs an explicit ``to``
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".pickle")
 
 
-def output_format(dst: str, to: OutputFormat | None) -> OutputFormat:
-    """``to``, or the format ``dst``'s extension names; an unknown extension is refused (no silent .pt)."""
+def output_format(dst: str, to: OutputFormat | None, max_shard_size: int | str | None = None) -> OutputFormat:
+    """``to``, or the format ``dst``'s extension names; an unknown extension is refused (no silent .pt).
+
+    Sharded safetensors is asked for by ``to="sharded-safetensors"``, or by ``max_shard_size`` with a
+    destination folder that has no extension; a destination naming the index file, or ``max_shard_size``
+    with another format, is refused (:class:`~torchckpt.errors.AmbiguousOutputError`)."""
+    if to_sharded.asked_for(dst, to, max_shard_size, (".safetensors", ".dcp", *PT_EXTENSIONS)):
+        return "sharded-safetensors"
     if to:
         return to
     name = dst.rstrip("/\\").lower()
@@ -237,7 +258,8 @@ def output_format(dst: str, to: OutputFormat | None) -> OutputFormat:
     if name.endswith(PT_EXTENSIONS):
         return "pt"
     raise ValueError(f"cannot tell the output format from {dst!r}: use a .pt/.pth/.bin/.ckpt, .safetensors or .dcp "
-                     "name, or pass to='pt' / 'safetensors' / 'dcp' (--to / --format on the command line)")
+                     "name, or pass to='pt' / 'safetensors' / 'sharded-safetensors' / 'dcp' (--to / --format on the "
+                     "command line)")
 
 
 def float_dtype(name: str) -> Any:
@@ -434,6 +456,17 @@ def _materialize_tree(tree: Any, materialize: Callable[[Any], Any], memo: dict[i
 
 def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict[str, str],
                        materialize: Materializer, progress: Progress | None, report: ConvertReport) -> int:
+    with atomic_write(path) as fh:
+        written = stream_safetensors(fh, tensors, metadata, materialize, progress)
+    if written.aliases:
+        report.changes.append(f"tied tensors stored once ({len(written.aliases)} aliases in the metadata)")
+    return int(written.size)
+
+
+def stream_safetensors(fh: Any, tensors: list[tuple[str, Any]], metadata: dict[str, str], materialize: Materializer,
+                       progress: Progress | None) -> Any:
+    """Write ``tensors`` to ``fh`` with the one safetensors writer: a tensor still on disk in the output dtype
+    is copied file to file, any other is materialized (cast) and released, one at a time."""
     def write_tensor(name: str, t: Any) -> int:
         span = materialize.file_range(t)
         if span is not None and copy_range(materialize.source, fh, *span):
@@ -446,15 +479,11 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
     def refuse(name: str, dtype: str) -> Exception:
         return CorruptCheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
 
-    with atomic_write(path) as fh:
-        written = write_safetensors(fh, tensors, metadata, dtype_of=lambda name, t: _cast_name(dtype_name(t), materialize),
-                                    write_tensor=write_tensor, progress=progress, refuse=refuse)
-    if written.aliases:
-        report.changes.append(f"tied tensors stored once ({len(written.aliases)} aliases in the metadata)")
-    return written.size
+    return write_safetensors(fh, tensors, metadata, dtype_of=lambda name, t: cast_name(dtype_name(t), materialize),
+                             write_tensor=write_tensor, progress=progress, refuse=refuse)
 
 
-def _cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
+def cast_name(dtype: str, materialize: Callable[[Any], Any]) -> str:
     import torch
 
     return dtype_name(materialize(torch.empty(0, dtype=getattr(torch, dtype))))
