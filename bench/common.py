@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+from typing import Any
 from collections import OrderedDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,12 +45,17 @@ def transformer_state_dict(size_mib: int, dtype: str = "float32", device: str = 
     layer_bytes = per_layer * dt.itemsize
     n_layers = max(1, (size_mib * 2**20 - vocab * d * dt.itemsize) // layer_bytes)
     g = torch.Generator().manual_seed(0) if device != "meta" else None
+    # meta: torch.empty, not randn (a meta randn runs torch._refs, which imports torch._dynamo and with it
+    # numpy.random: seconds of imports the measured process of a real program would not have)
+    def randn(*shape: int) -> Any:
+        return torch.randn(*shape, generator=g) if g is not None else torch.empty(*shape)
+
     sd = OrderedDict()
     with torch.device(device):
-        sd["embed.weight"] = torch.randn(vocab, d, generator=g).to(dt)
+        sd["embed.weight"] = randn(vocab, d).to(dt)
         for i in range(int(n_layers)):
             for name in ("q", "k", "v", "o"):
-                sd[f"layers.{i}.attn.{name}.weight"] = torch.randn(d, d, generator=g).to(dt)
+                sd[f"layers.{i}.attn.{name}.weight"] = randn(d, d).to(dt)
                 sd[f"layers.{i}.attn.{name}.bias"] = torch.zeros(d, dtype=dt)
             sd[f"layers.{i}.ln.weight"] = torch.ones(d, dtype=dt)
             sd[f"layers.{i}.ln.bias"] = torch.zeros(d, dtype=dt)

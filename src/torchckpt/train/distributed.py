@@ -393,7 +393,10 @@ def resume_dcp(path: str, meta: Mapping[str, Any], *, model: Any, optimizer: Any
     source_rank = rank if rank < saved_world else 0
     own: dict[str, Any] = {}
     if restore_rng and rank < saved_world:
-        own["rng"] = _compact_rng(get_rng_state())
+        saved_rng = ((saved.get("ranks") or {}).get(str(source_rank)) or {}).get("rng")
+        # the template asks for numpy's state exactly when the checkpoint holds it (it is captured only
+        # when numpy.random was imported at save time)
+        own["rng"] = _compact_rng(get_rng_state(numpy=isinstance(saved_rng, dict) and "numpy" in saved_rng))
     if stateful:
         own["stateful"] = {str(k): _plain_state(v) for k, v in stateful.items()}
     if own:

@@ -15,12 +15,14 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointNotFoundError
-from ..fit.load_into import load_into as _load_into
 from ..read import folder_kind, is_dcp_dir
 from ..read.load import load as _load
 from ..storage import files
 from ..storage.remote import is_url
-from .checkpointer import stores_for
+
+# ``fit.load_into`` (matching, reports) and ``.checkpointer`` (stores, distributed) are imported where
+# they are used: a plain ``torchckpt.load(file)`` needs neither, and importing them took ~0.3-0.5 s of
+# its first call.
 
 __all__ = ["load", "load_into", "latest_committed"]
 
@@ -28,6 +30,8 @@ __all__ = ["load", "load_into", "latest_committed"]
 def latest_committed(directory: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The newest committed checkpoint of a Checkpointer directory (a file, or a ``.dcp`` folder);
     ``None`` when ``directory`` holds no checkpoint of that protocol at all. Nothing is written."""
+    from .checkpointer import stores_for  # lazy: only a directory needs the Checkpointer's listing
+
     kept = stores_for(directory, dict(storage_options) if storage_options else None)
     found = sorted((e for s in kept if s is not None for e in s.entries()), key=lambda e: e.step)
     if not found:
@@ -71,10 +75,19 @@ else:
             result[1].notes.append(note)
         return result
 
-    @functools.wraps(_load_into)
-    def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
-        source, note = _run_directory(source, kwargs.get("storage_options"))
-        report = _load_into(model, source, *args, **kwargs)
-        if note is not None:
-            report.notes.append(note)
-        return report
+    def __getattr__(name: str) -> Any:
+        """``load_into``, built on first use: see the imports above."""
+        if name != "load_into":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from ..fit.load_into import load_into as _load_into
+
+        @functools.wraps(_load_into)
+        def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+            source, note = _run_directory(source, kwargs.get("storage_options"))
+            report = _load_into(model, source, *args, **kwargs)
+            if note is not None:
+                report.notes.append(note)
+            return report
+
+        globals()["load_into"] = load_into
+        return load_into
