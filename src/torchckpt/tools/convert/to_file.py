@@ -117,6 +117,8 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
         if to == "safetensors" or target_dtype is not None:
             check_dense(tensors, source.size, to, target_dtype)
         materialize = Materializer(source, target_dtype)
+        # missing parent directories are created, as `torchckpt.save` and a `.dcp` destination do
+        storage.makedirs(os.path.dirname(os.path.abspath(dst)))
         if to == "safetensors":
             metadata = {"format": "pt"}
             if classes:
