@@ -31,3 +31,44 @@ def test_convert_of_a_missing_source_creates_no_directory(tmp_path):
     with pytest.raises(torchckpt.CheckpointError):
         torchckpt.convert(tmp_path / "absent.pt", tmp_path / "out" / "x.pt")
     assert not (tmp_path / "out").exists()
+
+
+def test_wrong_model_hint_does_not_offer_to_load_nothing(tmp_path):
+    """A checkpoint of another model: the hint said "Pass strict=False to load the 0 tensors that fit"."""
+    path = tmp_path / "conv.pt"
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), path)
+    with pytest.raises(torchckpt.StateDictMismatchError) as info:
+        torchckpt.load_into(torch.nn.LSTM(3, 4), path)
+    hint = info.value.hint
+    assert "0 tensors" not in hint and "check that this checkpoint is for this model" in hint
+    assert "load no tensor" in hint
+
+
+def test_diff_key_missing_in_one_file_names_that_file(tmp_path):
+    """`diff A B --key state_dict` where only B has `state_dict`: the error did not say which file lacked it."""
+    plain, training = tmp_path / "plain.pt", tmp_path / "training.pt"
+    sd = {"w": torch.ones(2)}
+    torch.save(sd, plain)
+    torch.save({"state_dict": sd, "epoch": 1}, training)
+    res = run_cli("diff", training, plain, "--key", "state_dict")
+    assert res.returncode == 3
+    assert f"{plain}: key='state_dict' not found" in res.stderr or "plain.pt: key='state_dict'" in res.stderr
+    assert "training.pt" not in res.stderr
+    assert run_cli("diff", training, training, "--key", "state_dict").returncode == 0
+
+
+def test_every_exit_code_is_documented_in_help_and_readme():
+    """70 (internal error) was returned by the CLI but listed neither in `torchckpt --help` nor the README."""
+    import pathlib
+    import re
+
+    from torchckpt.cli import codes
+
+    values = sorted({v for k, v in vars(codes).items() if k.startswith("EXIT_") and isinstance(v, int)})
+    assert 70 in values and 130 in values
+    helptext = " ".join(run_cli("--help").stdout.split())
+    readme = " ".join((pathlib.Path(__file__).parents[2] / "README.md").read_text().split())
+    section = readme[readme.index("## Command line"):]
+    for value in values:
+        assert re.search(rf"\b{value} [a-z]", helptext), (value, helptext)
+        assert re.search(rf"\b{value} [a-z]", section), value

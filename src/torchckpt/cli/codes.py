@@ -1,8 +1,8 @@
 """Every exit code of the command line, in one place (fickling's convention).
 
 0 ok, 1 findings or differences, 2 usage error, 3 unreadable or unsupported input (a missing path
-included), 4 unsafe checkpoint, 70 internal error (a bug, never a verdict on the file), 130
-interrupted. The tools return records; only the CLI turns them into exit codes.
+included), 4 unsafe checkpoint, 70 internal error (a bug, never a verdict on the file),
+130 interrupted. The tools return records; only the CLI turns them into exit codes.
 """
 
 from __future__ import annotations
