@@ -72,3 +72,19 @@ def test_every_exit_code_is_documented_in_help_and_readme():
     for value in values:
         assert re.search(rf"\b{value} [a-z]", helptext), (value, helptext)
         assert re.search(rf"\b{value} [a-z]", section), value
+
+
+def test_inspect_reads_a_run_directory_like_load(tmp_path):
+    """`torchckpt.load("runs/exp1")` worked; `torchckpt inspect runs/exp1` said "not a checkpoint folder"."""
+    run = tmp_path / "runs" / "exp1"
+    model = torch.nn.Linear(3, 2)
+    with torchckpt.Checkpointer(run, keep_last=2) as ckpt:
+        ckpt.save(1, model=model)
+        ckpt.save(2, model=model)
+    res = run_cli("inspect", run)
+    assert res.returncode == 0, res.stderr
+    assert "ckpt-0000000002.pt" in res.stdout and "model.weight" in res.stdout
+    res = run_cli("inspect", run, "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+    assert any("newest committed checkpoint" in n for n in json.loads(res.stdout)["notes"])
