@@ -88,3 +88,14 @@ def test_inspect_reads_a_run_directory_like_load(tmp_path):
     assert res.returncode == 0, res.stderr
     import json
     assert any("newest committed checkpoint" in n for n in json.loads(res.stdout)["notes"])
+
+
+def test_report_creates_the_output_directory(tmp_path):
+    """`torchckpt report ckpt.pt -o reports/x.html` exited 3, "the directory does not exist"."""
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "x.pt"
+    torch.save({"w": torch.randn(3, 3)}, src)
+    out = tmp_path / "reports" / "x.html"
+    res = run_cli("report", src, "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text().lstrip().lower().startswith("<!doctype html")
