@@ -99,3 +99,28 @@ def test_report_creates_the_output_directory(tmp_path):
     res = run_cli("report", src, "-o", out)
     assert res.returncode == 0, res.stderr
     assert out.read_text().lstrip().lower().startswith("<!doctype html")
+
+
+@pytest.mark.slow
+def test_scan_takes_a_deepspeed_folder_without_r(tmp_path):
+    """The README: "`load_into`, `scan` and `convert` take the folder"; `scan FOLDER` answered "pass -r"
+    for a DeepSpeed run folder, while DCP, Hugging Face and accelerate folders were scanned as they are."""
+    pytest.importorskip("deepspeed")
+    import os
+
+    from dist_launch import free_port
+
+    app = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers", "deepspeed_app.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), app, str(tmp_path), "1-fp32"],
+                          env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "1-fp32"
+    for path in (folder, folder / "global_step3"):
+        res = run_cli("scan", path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{path}: clean (deepspeed" in res.stdout
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run_cli("scan", plain).returncode == 2  # any other directory still needs -r
