@@ -17,6 +17,8 @@ from ._version import __version__
 
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
+    from . import transforms
+    from .fit.equivalence import check_mapping
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import read_checkpoint
@@ -29,13 +31,14 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.inspection import inspect
     from .tools.scanning import scan
     from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
+    from .train.optimizer_map import remap_optimizer_state
     from .train.sampler import ResumableSampler
     from .train.save import save
     from .train.training import TrainingState
 
 __all__ = [
     "load", "load_into", "download", "state_dict_of", "find_state_dicts", "inspect", "scan", "save", "resume",
-    "Checkpointer", "TrainingState", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
+    "Checkpointer", "TrainingState", "remap_optimizer_state", "check_mapping", "KeepLast", "KeepBest", "KeepEvery", "ResumableSampler", "LoadReport",
     "convert", "diff", "report", "Policy", "Budget", "Stub", "stub_to_plain",
     "CheckpointError", "UnsupportedFormatError", "NotACheckpointError", "CorruptCheckpointError",
     "TruncatedCheckpointError", "LimitExceededError", "UnsafeCheckpointError", "WeightsNotFoundError",
@@ -53,8 +56,10 @@ _LAZY = {
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("train.runs", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
+    "check_mapping": ("fit.equivalence", "check_mapping"),
     "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),
+    "remap_optimizer_state": ("train.optimizer_map", "remap_optimizer_state"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
     "KeepLast": ("train.checkpointer", "KeepLast"),
@@ -72,7 +77,14 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("transforms",)  # modules reached as attributes: torchckpt.transforms.InterpolatePosEmbed()
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'torchckpt' has no attribute {name!r}")

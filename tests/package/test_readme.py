@@ -211,6 +211,72 @@ def _accelerate(ns: dict, files) -> None:
     ns["opt"], ns["sched"] = accelerate_app.make_training(ns["model"])
 
 
+ADAPT_MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class ViT(nn.Module):
+        def __init__(self, grid):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 8, 16, 16)
+            self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, 8))
+
+    class Attn(nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            if fused:
+                self.qkv = nn.Linear(8, 24)
+            else:
+                self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    class Block(nn.Module):
+        def __init__(self, fused):
+            super().__init__()
+            self.attn = Attn(fused)
+
+        def forward(self, x):
+            a = self.attn
+            return a.qkv(x) if hasattr(a, "qkv") else torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1)
+
+    class MoE(nn.Module):
+        def __init__(self, stacked):
+            super().__init__()
+            self.moe = nn.Module()
+            if stacked:
+                self.moe.w1 = nn.Parameter(torch.randn(4, 6, 8))
+            else:
+                self.moe.experts = nn.ModuleList(nn.Module() for _ in range(4))
+                for e in self.moe.experts:
+                    e.w1 = nn.Parameter(torch.randn(6, 8))
+''')
+
+
+def _adaptations(ns: dict) -> None:
+    """The models and files of the "adapt the weights" recipes (written in the current directory)."""
+    models: dict = {}
+    exec(ADAPT_MODELS, models)
+    torch.manual_seed(0)
+    torch.save(models["ViT"](14).state_dict(), "vit_224.pt")
+    ns["vit_384"] = models["ViT"](24)
+    gray = build_model()
+    gray.backbone[0] = nn.Conv2d(1, 4, 3)
+    ns["gray_model"] = gray
+    split, fused = models["Block"](False), models["Block"](True)
+    torch.save(split.state_dict(), "split_qkv.pt")
+    torch.save(fused.state_dict(), "fused_qkv.pt")
+    ns["fused_model"], ns["split_model"] = fused, models["Block"](False)
+    opt = torch.optim.Adam(split.parameters())
+    sum(p.sum() for p in split.parameters()).backward()
+    opt.step()
+    import torchckpt
+
+    torchckpt.save("run.pt", model=split, optimizer=opt)
+    ns["fused_opt"] = torch.optim.Adam(fused.parameters())
+    torch.save(models["MoE"](False).state_dict(), "experts.pt")
+    ns["moe_model"] = models["MoE"](True)
+    ns["probe"] = torch.randn(2, 8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_readme_python_block(workdir, index):
@@ -219,6 +285,8 @@ def test_readme_python_block(workdir, index):
         _hugging_face(ns, workdir)
     if "output/checkpoint_3/" in blocks("python")[index]:
         _accelerate(ns, workdir)
+    if any(name in blocks("python")[index] for name in ("vit_224.pt", "fused_opt", "split_qkv.pt")):
+        _adaptations(ns)
     if "lightning" in blocks("python")[index]:
         ns["lightning"] = pytest.importorskip("lightning")
         ns["ModelCheckpoint"] = ns["lightning"].pytorch.callbacks.ModelCheckpoint

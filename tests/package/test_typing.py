@@ -89,6 +89,7 @@ def test_names_for_type_checkers_are_the_names_loaded_at_run_time() -> None:
                 for alias in imp.names:
                     checked[alias.asname or alias.name] = f"{(imp.module or '').lstrip('.')}:{alias.name}"
     lazy = {name: f"{module}:{attr}" for name, (module, attr) in torchckpt._LAZY.items()}
+    lazy.update({name: f":{name}" for name in torchckpt._SUBMODULES})  # `from . import transforms`
     assert checked == lazy
     for name in torchckpt.__all__:
         assert getattr(torchckpt, name) is not None

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from ..errors import AmbiguousCheckpointError
 
-__all__ = ["Alignment", "align_keys", "RenameRules", "strip_compile"]
+__all__ = ["Alignment", "align_keys", "RenameRules", "RenameSpec", "strip_compile"]
 
 RenameRules = Union[Mapping[str, str], Sequence[tuple[str, str]], Callable[[str], str], None]
+# what callers may pass to load_into/resume: the rules above, plus fuse (a tuple of patterns -> one
+# replacement) and split (one pattern -> a list of replacements), which fit/adapt.py turns into transforms
+RenameSpec = Union[Mapping[str, str], Mapping[Any, Any], Sequence[tuple[Any, Any]], Callable[[str], str], None]
 COMPILE = "_orig_mod"
 OUTSIDE = "\0outside:"  # marks a checkpoint key that ``prefix`` left out of the selected part
 WRAPPERS = ("module", "_orig_mod", "model", "net", "network")  # what wraps a whole network's keys

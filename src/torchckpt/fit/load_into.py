@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, get
 
 from ..errors import CheckpointError, StateDictMismatchError, WeightsNotFoundError
 from ..read.opener import open_checkpoint
-from ..read.tensors import dtype_name, to_torch
+from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy
 from ..read import Mode, Stub, TreeMeter
-from .align import RenameRules, align_keys
+from ..transforms import TransformSpec
+from .adapt import Derived, choose, expand, resolve, split_rename, suggest_layouts
+from .align import RenameSpec, align_keys
 from .placement import Placer
-from .report import LoadReport, Mismatch
+from .report import Adapted, LoadReport, Mismatch, Origin
 from .shards import is_sharded, shard_like
 from .tree import TensorMeta, is_module_like, select, shapes
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:  # torch stays lazy: only type checkers import it here
 
 __all__ = ["load_into", "OnMismatch", "DtypeRule"]
 
-OnMismatch = Literal["error", "skip", "copy_overlap"]
+OnMismatch = Literal["error", "skip", "copy_overlap", "adapt"]
 DtypeRule = Literal["model", "error"]
 ON_MISMATCH = get_args(OnMismatch)
 ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"}
@@ -38,10 +40,11 @@ ACTIONS = {"error": "error", "skip": "skipped", "copy_overlap": "copied overlap"
 
 def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] | torch.nn.Module", *,
               strict: bool = True, key: str | None = None, prefix: str | None = None,
-              rename: RenameRules = None, on_mismatch: OnMismatch | None = None, dtype: DtypeRule = "model",
+              rename: RenameSpec = None, on_mismatch: OnMismatch | None = None, dtype: DtypeRule = "model",
               map_location: Any = None, dry_run: bool = False, assign: bool = False, policy: Policy | None = None,
               trust: bool = False, allow: Iterable[str] | str | None = None,
-              storage_options: Mapping[str, Any] | None = None, mmap: bool = False) -> LoadReport:
+              storage_options: Mapping[str, Any] | None = None, mmap: bool = False,
+              transforms: TransformSpec = None) -> LoadReport:
     """Load the weights in ``source`` into ``model`` and report exactly what happened.
 
     Args:
@@ -56,9 +59,13 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
             sub-module of the checkpoint's network (``"backbone."`` is selected and removed; the rest
             of the network is reported as outside the selected part, not as unexpected).
         rename: explicit rules: ``{regex: replacement}``, a list of pairs, or a function of the key.
+            A tuple of patterns mapping to one replacement fuses the matches (concatenated on dim 0 in
+            the tuple's order); one pattern mapping to a list splits the match evenly on dim 0. Fuse and
+            split entries run before the plain rules; the report names each under ``adapted``.
         on_mismatch: a tensor whose shape differs: ``"error"`` (raise listing all; the default when
             ``strict``), ``"skip"`` (keep the model's values; the default when not ``strict``),
-            ``"copy_overlap"`` (copy the overlapping slice).
+            ``"copy_overlap"`` (copy the overlapping slice), ``"adapt"`` (apply the transform of
+            :mod:`torchckpt.transforms` that fits the shapes and the name, or fail naming why none fits).
         dtype: ``"model"`` casts to the model's dtype (reported); ``"error"`` refuses to cast.
         map_location: device for a model built on ``meta`` (default: CPU). Otherwise each tensor goes
             to the device of the parameter it loads into.
@@ -75,6 +82,9 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
             ``load_state_dict(assign=True)``); truncating or rewriting that file in place while the model
             lives then kills the process (SIGBUS). A model with real parameters is always copied into,
             and the file's pages are released as it goes, whatever ``mmap`` says.
+        transforms: adaptations from :mod:`torchckpt.transforms`: a transform or its name
+            (``"interpolate_pos_embed"``, ``"adapt_input_conv"``, ``"mean_resize"``), a list of them,
+            or ``{key: name}``; each runs per tensor while streaming and is named in the report.
 
     Returns:
         A :class:`~torchckpt.fit.report.LoadReport`; ``print(report)`` summarises it.
@@ -90,7 +100,7 @@ def load_into(model: "torch.nn.Module", source: "SourceLike | Mapping[str, Any] 
             report = _plan_and_apply(model, obj, name, fmt, notes, src, strict=strict, key=key, prefix=prefix,
                                      rename=rename, on_mismatch=on_mismatch, dtype=dtype,
                                      map_location=map_location, dry_run=dry_run, assign=assign, mmap=mmap,
-                                     meter=meter)
+                                     transforms=transforms, meter=meter)
         except CheckpointError as exc:
             raise exc.with_path(name)
     if saved_on and report.loaded:
@@ -138,9 +148,9 @@ def _dtype(value: Any) -> Any:
 
 
 def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str], src: Any, *, strict: bool,
-                    key: str | None, prefix: str | None, rename: RenameRules, on_mismatch: str, dtype: str,
+                    key: str | None, prefix: str | None, rename: RenameSpec, on_mismatch: str, dtype: str,
                     map_location: Any, dry_run: bool, assign: bool, mmap: bool = False,
-                    meter: TreeMeter | None = None) -> LoadReport:
+                    transforms: TransformSpec = None, meter: TreeMeter | None = None) -> LoadReport:
     import torch  # lazy: torchckpt imports torch only when tensors are needed
 
     model_sd = model.state_dict(keep_vars=True)
@@ -152,7 +162,13 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
         report.notes.append(f"whole-model pickle read through inert stubs ({candidate.module_class} was not "
                             "imported, no code from the file ran); weights taken from its modules")
     tensors = {k: _as_tensor(v) for k, v in ckpt.items() if hasattr(v, "shape")}
-    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=rename, prefix=prefix)
+    report.checkpoint_shapes = shapes(tensors)
+    keyed, plain = split_rename(rename)
+    rules, more = resolve(transforms)
+    tensors, adapt_notes = expand(tensors, keyed + more, lambda v: tuple(v.shape))
+    report.notes.extend(adapt_notes)
+    first_conv = next((k for k, v in model_sd.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4), None)
+    alignment = align_keys(shapes(tensors), shapes(model_sd), rename=plain, prefix=prefix)
     report.outside = list(alignment.outside)
     by_model = {m: c for c, m in alignment.mapping.items()}
     for c, m in alignment.mapping.items():
@@ -179,23 +195,43 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
             continue
         value = tensors[ckey]
         owner.setdefault(id(target), mkey)
+        origin = _origin(value, ckey)
         if not isinstance(target, torch.Tensor):
             prepared[mkey] = value
             report.loaded.append(mkey)
             continue
         if tuple(value.shape) != tuple(target.shape):
-            if value.numel() == target.numel() and [s for s in value.shape if s != 1] == \
-                    [s for s in target.shape if s != 1]:
+            vshape, tshape = tuple(value.shape), tuple(target.shape)
+            transform, note = None, ""
+            reshape = [s for s in vshape if s != 1] == [s for s in tshape if s != 1]
+            try:
+                if not reshape:
+                    transform, note = choose(mkey, ckey, vshape, tshape, rules, on_mismatch == "adapt", first_conv)
+            except StateDictMismatchError as exc:
+                if not dry_run:
+                    raise
+                transform, note = None, "error: " + exc.reason
+            if reshape:
                 value = ("reshape", value)
-                report.notes.append(f"{mkey}: reshaped {list(tensors[ckey].shape)} -> {list(target.shape)}")
+                origin = Origin("reshape", origin.keys) if origin.op == "copy" else Origin("transform", origin.keys)
+                report.notes.append(f"{mkey}: reshaped {list(vshape)} -> {list(tshape)}")
+            elif transform is not None:
+                value = ("transform", value, transform)
+                report.adapted.append(Adapted(mkey, tuple(origin.keys), transform.name,
+                                              transform.describe(vshape, tshape)))
+                origin = Origin("transform", origin.keys)
             else:
-                action = ACTIONS[on_mismatch]
-                if action == "copied overlap" and value.dim() != target.dim():
+                action = "error" if on_mismatch == "adapt" or note.startswith("error") else ACTIONS[on_mismatch]
+                if action == "copied overlap" and len(vshape) != len(tshape):
                     action = "error"
-                report.mismatched.append(Mismatch(mkey, ckey, tuple(value.shape), tuple(target.shape), action))
+                report.mismatched.append(Mismatch(mkey, ckey, vshape, tshape, action, note))
                 if action == "copied overlap":
                     prepared[mkey] = ("overlap", value)
                 continue
+        if isinstance(tensors[ckey], Derived):
+            d = tensors[ckey]
+            report.adapted.append(Adapted(mkey, tuple(d.parts), d.transform, f"{d.op} -> {list(d.shape)}"))
+        report.origins[mkey] = origin
         vdtype = _dtype(tensors[ckey])
         if vdtype != target.dtype:
             if dtype == "error" and not dry_run:
@@ -204,8 +240,12 @@ def _plan_and_apply(model: Any, obj: Any, name: str, fmt: str, notes: list[str],
             report.cast.append((mkey, dtype_name(vdtype), dtype_name(target.dtype)))
         prepared[mkey] = value
         report.loaded.append(mkey)
-    report.unexpected = [c for c in ckpt if c not in alignment.mapping and hasattr(ckpt[c], "shape")
+    report.unexpected = [c for c in tensors if c not in alignment.mapping
                          and c not in alignment.outside and not (c in model_sd and c in prepared)]
+    if report.missing and report.unexpected:
+        report.notes.extend("would fit with " + hint for hint in suggest_layouts(
+            {k: tuple(model_sd[k].shape) for k in report.missing if hasattr(model_sd[k], "shape")},
+            {c: tuple(tensors[c].shape) for c in report.unexpected}))
     if dry_run:
         return report  # the plan, whatever it says: the caller reads report.ok
     errors = [m for m in report.mismatched if m.action == "error"]
@@ -279,9 +319,14 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
             target = module._parameters.get(name, module._buffers.get(name))
             device = target_device if on_meta or target is None else target.device
             if isinstance(value, tuple) and value[0] == "overlap":
-                value = _overlap(target, to_torch(value[1], src))
+                value = _overlap(target, _read(value[1], src))
+            elif isinstance(value, tuple) and value[0] == "transform":
+                value = placer.place(_transformed(value[2], _read(value[1], src), target, full, src), target, device)
             elif isinstance(value, tuple) and value[0] == "reshape":
-                value = placer.place(value[1], target, device, tuple(target.shape))
+                raw = _read(value[1], src) if isinstance(value[1], Derived) else value[1]
+                value = placer.place(raw, target, device, tuple(target.shape))
+            elif isinstance(value, Derived):
+                value = placer.place(value.materialize(src), target, device)
             elif target is not None and is_sharded(target):
                 value = shard_like(value, target, src)  # FSDP2 / DTensor: this rank reads only its slice
             else:
@@ -321,6 +366,28 @@ def _apply(model: Any, prepared: dict[str, Any], ckpt: dict[str, Any], mapping: 
     for module in model.modules():
         for hook in module._load_state_dict_post_hooks.values():
             hook(module, incompatible)
+
+
+def _transformed(transform: Any, tensor: Any, target: Any, key: str, src: Any) -> Any:
+    try:
+        out = transform(tensor, tuple(target.shape))
+        release(src, tensor)  # read once: drop its file pages now (the output is new memory)
+        return out
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # values torch cannot resample
+        raise StateDictMismatchError(f"{transform.name} failed on {key} ({list(tensor.shape)} -> "
+                                     f"{list(target.shape)}): {type(exc).__name__}: {exc}",
+                                     hint="Leave this key out of transforms= (strict=False skips it).") from None
+
+
+def _read(value: Any, src: Any) -> Any:
+    return value.materialize(src) if isinstance(value, Derived) else to_torch(value, src)
+
+
+def _origin(value: Any, ckey: str) -> Origin:
+    """How a model tensor is made from checkpoint tensors (what the optimizer state can follow)."""
+    if isinstance(value, Derived):
+        return Origin(value.op, list(value.parts), value.dim, value.index, value.pieces)
+    return Origin("copy", [ckey])
 
 
 def _overlap(target: Any, value: Any) -> Any:

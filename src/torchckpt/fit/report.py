@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-__all__ = ["LoadReport", "Mismatch", "group_keys"]
+__all__ = ["LoadReport", "Mismatch", "Adapted", "Origin", "group_keys"]
 
 
 @dataclass
@@ -20,6 +20,30 @@ class Mismatch:
     checkpoint_shape: tuple[int, ...]
     model_shape: tuple[int, ...]
     action: str  # "error" | "skipped" | "copied overlap"
+    note: str = ""  # the transform that would fit (and the argument that applies it), or why none fits
+
+
+@dataclass
+class Adapted:
+    """A model tensor made by a transform of :mod:`torchckpt.transforms`."""
+
+    key: str  # model key
+    checkpoint_keys: tuple[str, ...]
+    transform: str  # its name ("interpolate_pos_embed") or spelling ("Fuse([...], 'qkv.', dim=0)")
+    detail: str  # what it did to the shapes
+
+
+@dataclass
+class Origin:
+    """How a loaded model tensor is made from checkpoint tensors (what optimizer state can follow):
+    ``copy``/``reshape`` of one key, ``cat``/``stack`` of several, ``slice``/``select`` of one, or
+    ``transform`` (resized: its optimizer state starts afresh)."""
+
+    op: str
+    keys: list[str]
+    dim: int = 0
+    index: int = 0
+    pieces: int = 1
 
 
 @dataclass
@@ -48,6 +72,9 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)  # missing but harmless (num_batches_tracked)
     outside: list[str] = field(default_factory=list)  # checkpoint keys outside the part ``prefix`` selected
     notes: list[str] = field(default_factory=list)
+    adapted: list[Adapted] = field(default_factory=list)
+    origins: dict[str, Origin] = field(default_factory=dict, repr=False)  # model key -> how it is made
+    checkpoint_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # in file order
     dry_run: bool = False
     applied: bool = False
 
@@ -84,7 +111,9 @@ class LoadReport:
             "unexpected": self.unexpected, "ignored": self.ignored, "outside": self.outside, "tied": self.tied,
             "mismatched": [{"key": m.key, "checkpoint_key": m.checkpoint_key,
                             "checkpoint_shape": list(m.checkpoint_shape), "model_shape": list(m.model_shape),
-                            "action": m.action} for m in self.mismatched],
+                            "action": m.action, "note": m.note} for m in self.mismatched],
+            "adapted": [{"key": a.key, "checkpoint_keys": list(a.checkpoint_keys), "transform": a.transform,
+                         "detail": a.detail} for a in self.adapted],
             "renamed": [{"checkpoint_key": c, "model_key": k, "rule": r} for c, (k, r) in self.renamed.items()],
             "cast": [{"key": k, "from": a, "to": b} for k, a, b in self.cast],
             "notes": self.notes,
@@ -110,6 +139,12 @@ class LoadReport:
         if self.cast:
             for (a, b), count in Counter((a, b) for _, a, b in self.cast).most_common():
                 lines.append(f"  cast: {count} tensors {a} -> {b}")
+        for adapted in self.adapted[:20]:
+            lines.append(f"  adapted: {adapted.key} <- {', '.join(adapted.checkpoint_keys[:4])}"
+                         f"{', ...' if len(adapted.checkpoint_keys) > 4 else ''} by {adapted.transform} "
+                         f"({adapted.detail})")
+        if len(self.adapted) > 20:
+            lines.append(f"  adapted: ... {len(self.adapted) - 20} more")
         if self.tied:
             lines.append(f"  tied: {len(self.tied)} keys share storage with a loaded key "
                          f"({', '.join(list(self.tied)[:3])}{', ...' if len(self.tied) > 3 else ''})")
@@ -119,6 +154,8 @@ class LoadReport:
             for m in self.mismatched[:20]:
                 lines.append(f"    {m.key:{width}s}  checkpoint {list(m.checkpoint_shape)}  model {list(m.model_shape)}"
                              f"  -> {m.action}")
+                if m.note:
+                    lines.append(f"    {'':{width}s}  {m.note}")
             if len(self.mismatched) > 20:
                 lines.append(f"    ... {len(self.mismatched) - 20} more")
         if self.missing:

@@ -19,10 +19,11 @@ import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
 
 from ..read import deepspeed_kind, is_accelerate_folder
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
+                      UnsupportedFormatError)
 from ..storage.atomic import os_error_in, write_error
 from ..storage import files
 from ..storage.remote import StorageOptions, is_url
@@ -35,6 +36,10 @@ from .snapshot import cpu_snapshot
 from .store import NAME, Entry, FileStore, Store
 from .training import TrainingState, capture
 from .zero import resume_deepspeed
+
+if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
+    from ..fit.align import RenameSpec
+    from ..transforms import TransformSpec
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
            "SkippedCheckpointWarning", "RetentionWarning", "cpu_snapshot"]
@@ -354,8 +359,9 @@ class Checkpointer:
     # ------------------------------------------------------------------ resuming
     def resume(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-               strict: bool = True) -> TrainingState:
-        """Resume from the newest complete checkpoint.
+               strict: bool = True, rename: RenameSpec = None, prefix: str | None = None,
+               transforms: TransformSpec = None) -> TrainingState:
+        """Resume from the newest complete checkpoint (``rename``/``prefix``/``transforms``: see :func:`resume`).
 
         A damaged newer one (truncated, sidecar missing or unreadable, failing its digest or CRCs) is
         skipped with a :class:`SkippedCheckpointWarning`, and ``state.notes`` names each file skipped
@@ -371,7 +377,8 @@ class Checkpointer:
                     self._skip(skipped, name, entry.problem)
                 continue
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                          map_location=map_location, restore_rng=restore_rng, strict=strict)
+                          map_location=map_location, restore_rng=restore_rng, strict=strict,
+                          **_adapting(rename, prefix, transforms, entry.path))
             try:  # verified first; a URL's file downloaded once; a sharded one resharded into the objects' layout
                 state = (entry.store or self._store).resume(entry, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
@@ -395,9 +402,20 @@ class Checkpointer:
                       stacklevel=3)
 
 
+def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
+    """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
+    given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
+    if given and os.path.isdir(path) and (distributed.is_dcp(path) or deepspeed_kind(path)):
+        raise ResumeError(f"{', '.join(given)}= is not supported for a sharded (DCP or DeepSpeed) checkpoint",
+                          path=path,
+                          hint="Convert it to one file first (torchckpt.convert), then resume from that file.")
+    return given
+
+
 def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
            stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True, storage_options: StorageOptions | None = None) -> TrainingState:
+           strict: bool = True, storage_options: StorageOptions | None = None, rename: RenameSpec = None,
+           prefix: str | None = None, transforms: TransformSpec = None) -> TrainingState:
     """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
 
     Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
@@ -412,10 +430,16 @@ def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: An
     moments are gathered from every rank's partition.
     Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
     is downloaded once into a temporary folder, verified, restored, and the download removed.
+
+    When the model's architecture changed since saving, ``rename``, ``prefix`` and ``transforms`` are
+    :func:`torchckpt.load_into`'s (pass ``strict=False`` for new or dropped layers), and the optimizer
+    state follows the same plan (:func:`torchckpt.remap_optimizer_state`): carried through renames,
+    prefixes and fuse/split, afresh for new or resized parameters; ``state.notes`` says which.
     """
     path = os.fspath(path_or_dir)
     kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                  map_location=map_location, restore_rng=restore_rng, strict=strict)
+                  map_location=map_location, restore_rng=restore_rng, strict=strict,
+                  **_adapting(rename, prefix, transforms, path))
     if is_url(path):
         if files.isdir(path, storage_options):
             return Checkpointer(path, storage_options=storage_options).resume(**kwargs)

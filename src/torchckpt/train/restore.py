@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointError, ResumeError
 from ..storage.source import confined_path
+from .optimizer_map import remap_optimizer_state
 from .training import FORMAT, TrainingState, get_rng_state, set_rng_state, verify
+
+if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
+    from ..fit.align import RenameSpec
+    from ..transforms import TransformSpec
 
 __all__ = ["resume_file", "load_payload", "read_payload"]
 
@@ -246,6 +251,19 @@ def _optimizer_defaults() -> dict[str, frozenset[str]]:
     return out
 
 
+def _remap(optimizer: Any, saved: Any, model: Any, state: TrainingState, path: str) -> None:
+    """The optimizer state carried through the load plan (the model's architecture changed)."""
+    try:
+        remap = remap_optimizer_state(saved, optimizer=optimizer, model=model, report=state.report)
+    except ResumeError as exc:
+        exc.path = path
+        raise
+    restore_object(optimizer, remap.state_dict, "optimizer", path)  # checked like any saved state
+    state.optimizer = remap
+    state.notes.append(remap.summary())
+    state.notes.extend(remap.notes)
+
+
 def restore_rng_state(state: TrainingState) -> None:
     before = get_rng_state()
     try:
@@ -261,10 +279,13 @@ def restore_rng_state(state: TrainingState) -> None:
 
 def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
                 stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-                strict: bool = True, verified: bool = False) -> TrainingState:
+                strict: bool = True, verified: bool = False, rename: RenameSpec = None, prefix: str | None = None,
+                transforms: TransformSpec = None) -> TrainingState:
     """Restore a training run from one checkpoint file (see :func:`torchckpt.resume`).
 
     The file is first checked against its sidecar unless the caller did that already (``verified``).
+    With ``rename``/``prefix``/``transforms``, or ``strict=False`` and a model that differs from the
+    checkpoint's, the optimizer state is remapped through the load plan (:mod:`.optimizer_map`).
     """
     path = os.fspath(path)
     if not verified:
@@ -281,7 +302,7 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
     from ..fit.load_into import load_into  # start-up cost: as load above
 
     try:
-        state.report = load_into(model, weights, strict=strict)
+        state.report = load_into(model, weights, strict=strict, rename=rename, prefix=prefix, transforms=transforms)
     except CheckpointError as exc:
         exc.path = path if exc.path in (None, IN_MEMORY) else exc.path
         raise
@@ -291,7 +312,14 @@ def resume_file(path: str, *, model: Any, optimizer: Any = None, scheduler: Any 
         state.extra = _foreign_extra(payload, state.report.weights_path if weights is payload else "model")
         if state.extra:
             state.notes.append(f"kept the other top-level keys in state.extra: {', '.join(map(str, state.extra))}")
-    restore_object(optimizer, payload.get("optimizer", payload.get("optimizer_state_dict")), "optimizer", path)
+    saved_optimizer = payload.get("optimizer", payload.get("optimizer_state_dict"))
+    report = state.report
+    changed = rename is not None or prefix is not None or transforms is not None or bool(
+        report.missing or report.unexpected or report.mismatched or report.adapted)
+    if changed and optimizer is not None and hasattr(optimizer, "param_groups") and saved_optimizer is not None:
+        _remap(optimizer, saved_optimizer, model, state, path)
+    else:
+        restore_object(optimizer, saved_optimizer, "optimizer", path)
     restore_object(scheduler, payload.get("scheduler", payload.get("lr_scheduler")), "scheduler", path)
     restore_object(scaler, payload.get("scaler"), "scaler", path)
     saved_stateful = payload.get("stateful") or {}

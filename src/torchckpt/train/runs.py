@@ -48,7 +48,8 @@ def run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tup
     path = os.fspath(source)
     so = dict(storage_options) if storage_options else None
     if is_url(path):
-        if not files.isdir(path, so) or is_dcp_dir(path, so):
+        # http(s) has no directories: asking fsspec would download the file once more to parse it as a listing
+        if path.split("://", 1)[0].lower() in ("http", "https") or not files.isdir(path, so) or is_dcp_dir(path, so):
             return source, None
     elif not os.path.isdir(path) or is_dcp_dir(path) or folder_kind(path):
         return source, None

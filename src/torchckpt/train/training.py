@@ -53,6 +53,7 @@ class TrainingState:
     extra: Any = None
     rng: dict[str, Any] | None = None
     report: Any = None  # the LoadReport of the model weights
+    optimizer: Any = None  # an OptimizerRemap when the optimizer state was remapped (the model changed)
     notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
