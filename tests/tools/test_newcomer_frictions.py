@@ -124,3 +124,25 @@ def test_scan_takes_a_deepspeed_folder_without_r(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     assert run_cli("scan", plain).returncode == 2  # any other directory still needs -r
+
+
+def test_diff_compares_the_weights_of_quantized_layers(tmp_path):
+    """Two dynamically quantized models with different weights: `diff` said "identical (4 tensors)", exit 0:
+    it compared only the scales and zero points, not the weights inside the layers' packed params."""
+    import warnings
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                                       {torch.nn.Linear}, dtype=torch.qint8)
+        paths.append(tmp_path / f"q{seed}.pt")
+        torch.save(q.state_dict(), paths[-1])
+    report = torchckpt.diff(*paths)
+    assert report.equal is False and report.changed, report.render()
+    assert any("_packed_params" in d.key for d in report.changed)
+    assert torchckpt.diff(paths[0], paths[0]).equal is True
+    res = run_cli("diff", *paths)
+    assert res.returncode == 1, res.stdout

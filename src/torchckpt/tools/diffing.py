@@ -169,7 +169,13 @@ def _compare_plain(report: DiffReport, a: Any, b: Any) -> None:
 
 def _tensors(obj: Any, key: str | None, meter: TreeMeter, name: str) -> dict[str, Any]:
     try:
-        return dict(select(obj, key, meter=meter).state_dict)
+        found: dict[str, Any] = {}
+        for k, v in select(obj, key, meter=meter).state_dict.items():
+            if is_tensor_like(v):
+                found[k] = v
+            else:  # a quantized layer's packed params hold its weight: compare the tensors inside them too
+                found.update((f"{k}.{sub}", t) for sub, t in flatten(v, meter) if sub != "tensor")
+        return found
     except WeightsNotFoundError as exc:
         if key is not None:
             raise exc.with_path(name)  # `--key` found in one file and not the other: say which
