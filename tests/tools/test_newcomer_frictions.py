@@ -146,3 +146,20 @@ def test_diff_compares_the_weights_of_quantized_layers(tmp_path):
     assert torchckpt.diff(paths[0], paths[0]).equal is True
     res = run_cli("diff", *paths)
     assert res.returncode == 1, res.stdout
+
+
+def test_convert_quantized_to_safetensors_says_what_to_do(tmp_path):
+    """The file is fine, the output format cannot hold qint8: the error was CorruptCheckpointError, no hint."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    src = tmp_path / "q.pt"
+    torch.save(q.state_dict(), src)
+    with pytest.raises(torchckpt.UnsupportedFormatError) as info:
+        torchckpt.convert(src, tmp_path / "q.safetensors")
+    assert not isinstance(info.value, torchckpt.CorruptCheckpointError)
+    assert ".pt" in info.value.hint and "qint8" in str(info.value)
+    assert torchckpt.convert(src, tmp_path / "q2.pt").verified  # the hint works

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError
+from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, UnsupportedFormatError
 from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
     select, state_dict_of
 from ...read.opener import open_checkpoint
@@ -446,7 +446,10 @@ def _write_safetensors(path: str, tensors: list[tuple[str, Any]], metadata: dict
         return data.nbytes
 
     def refuse(name: str, dtype: str) -> Exception:
-        return CorruptCheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+        # the file is fine; the output format is what cannot hold it (exit 3 with the way out, not "corrupt")
+        return UnsupportedFormatError(f"tensor {name} has dtype {dtype}, which safetensors cannot store",
+                                      hint="Write a .pt file instead (--format pt keeps it), or cast the model's "
+                                           "tensors to a float dtype before converting.")
 
     with atomic_write(path) as fh:
         written = write_safetensors(fh, tensors, metadata, dtype_of=lambda name, t: _cast_name(dtype_name(t), materialize),
