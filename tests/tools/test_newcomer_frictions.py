@@ -163,3 +163,13 @@ def test_convert_quantized_to_safetensors_says_what_to_do(tmp_path):
     assert not isinstance(info.value, torchckpt.CorruptCheckpointError)
     assert ".pt" in info.value.hint and "qint8" in str(info.value)
     assert torchckpt.convert(src, tmp_path / "q2.pt").verified  # the hint works
+
+
+def test_inspect_names_a_dtype_value_as_load_gives_it(tmp_path):
+    """`inspect` showed the type of a saved torch.dtype as 'torchckpt.read.unpickle.meta.MetaDType'."""
+    path = tmp_path / "d.pt"
+    torch.save({"w": torch.ones(2), "dtype": torch.bfloat16}, path)
+    assert type(torchckpt.load(path)["dtype"]) is torch.dtype
+    row = next(v for v in torchckpt.inspect(path).to_dict()["values"] if v["path"] == "dtype")
+    assert row["type"] == "torch.dtype", row
+    assert "MetaDType" not in run_cli("inspect", path).stdout
