@@ -173,3 +173,18 @@ def test_inspect_names_a_dtype_value_as_load_gives_it(tmp_path):
     row = next(v for v in torchckpt.inspect(path).to_dict()["values"] if v["path"] == "dtype")
     assert row["type"] == "torch.dtype", row
     assert "MetaDType" not in run_cli("inspect", path).stdout
+
+
+def test_convert_of_a_quantized_model_prints_no_torch_warning(tmp_path):
+    """`torchckpt convert q.pt out.pt` printed torch's "TypedStorage is deprecated" UserWarning (its verification)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    src = tmp_path / "q.pt"
+    torch.save(q.state_dict(), src)
+    res = run_cli("convert", src, tmp_path / "out.pt")
+    assert res.returncode == 0, res.stderr
+    assert "TypedStorage" not in res.stderr and "Warning" not in res.stderr, res.stderr

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -474,7 +475,9 @@ def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: Mate
         # torch cannot make a per-channel quantized tensor on "meta": those files are read for real (mapped)
         quantized = any(dtype_name(t).startswith(("qint", "quint")) for _, t in tensors)
         try:  # the promise: plain torch can read it
-            torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
+            with warnings.catch_warnings():  # torch's own rebuild of quantized tensors warns about TypedStorage
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+                torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None
