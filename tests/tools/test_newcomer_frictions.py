@@ -188,3 +188,17 @@ def test_convert_of_a_quantized_model_prints_no_torch_warning(tmp_path):
     res = run_cli("convert", src, tmp_path / "out.pt")
     assert res.returncode == 0, res.stderr
     assert "TypedStorage" not in res.stderr and "Warning" not in res.stderr, res.stderr
+
+
+def test_every_reading_subcommand_documents_its_exit_codes():
+    """inspect and convert --help listed no exit codes (inspect --against exits 1 when the plan does not fit)."""
+    for command in ("inspect", "scan", "convert", "diff", "report"):
+        text = " ".join(run_cli(command, "--help").stdout.split())
+        assert "Exit code" in text and "3 unreadable" in text, (command, text)
+
+
+def test_inspect_refuses_a_negative_max_tensors(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    res = run_cli("inspect", path, "--max-tensors", "-1")
+    assert res.returncode == 2 and "--max-tensors" in res.stderr

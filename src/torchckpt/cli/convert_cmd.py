@@ -31,7 +31,9 @@ def command(src: str, dst: str, to: str | None, dtype: str | None, weights_only:
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
-    A whole-model pickle becomes its state dict (module classes kept as metadata).
+    A whole-model pickle becomes its state dict (module classes kept as metadata). Missing parent
+    directories of DST are created. Exit codes: 0 written and verified, 2 usage, 3 unreadable input
+    or an output that cannot be written, 4 unsafe checkpoint, 130 interrupted (DST left untouched).
     """
     try:
         output_format(dst, cast("OutputFormat | None", to))

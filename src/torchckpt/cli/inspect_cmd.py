@@ -18,7 +18,7 @@ from .storage_opt import storage_option
 @click.command("inspect")
 @checkpoint_paths("file")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-@click.option("--max-tensors", default=60, show_default=True, help="Tensors listed in the table (all in --json).")
+@click.option("--max-tensors", default=60, show_default=True, type=click.IntRange(min=0), help="Tensors listed in the table (all in --json).")
 @click.option("--against", metavar="MODULE:FACTORY",
               help="Import your model factory (e.g. mypkg.models:build) and show the load plan for it.")
 @policy_options
