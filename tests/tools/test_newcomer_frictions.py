@@ -16,6 +16,19 @@ def run_cli(*args, **kw):
                           **kw)
 
 
+def quantized_file(path, seed=0):
+    """A dynamically quantized (qint8) one-layer model's state dict saved at ``path``."""
+    import warnings
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in torch 2.13; still what users have
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
+                                                   dtype=torch.qint8)
+    torch.save(q.state_dict(), path)
+    return path
+
+
 def test_convert_creates_missing_parent_directories(tmp_path):
     """`save` and a `.dcp` destination create missing parents; a file destination did not (exit 3,
     "the directory does not exist"), the one output that refused."""
@@ -129,17 +142,7 @@ def test_scan_takes_a_deepspeed_folder_without_r(tmp_path):
 def test_diff_compares_the_weights_of_quantized_layers(tmp_path):
     """Two dynamically quantized models with different weights: `diff` said "identical (4 tensors)", exit 0:
     it compared only the scales and zero points, not the weights inside the layers' packed params."""
-    import warnings
-
-    paths = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)),
-                                                       {torch.nn.Linear}, dtype=torch.qint8)
-        paths.append(tmp_path / f"q{seed}.pt")
-        torch.save(q.state_dict(), paths[-1])
+    paths = [quantized_file(tmp_path / f"q{seed}.pt", seed) for seed in (0, 1)]
     report = torchckpt.diff(*paths)
     assert report.equal is False and report.changed, report.render()
     assert any("_packed_params" in d.key for d in report.changed)
@@ -150,14 +153,7 @@ def test_diff_compares_the_weights_of_quantized_layers(tmp_path):
 
 def test_convert_quantized_to_safetensors_says_what_to_do(tmp_path):
     """The file is fine, the output format cannot hold qint8: the error was CorruptCheckpointError, no hint."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
-                                                   dtype=torch.qint8)
-    src = tmp_path / "q.pt"
-    torch.save(q.state_dict(), src)
+    src = quantized_file(tmp_path / "q.pt")
     with pytest.raises(torchckpt.UnsupportedFormatError) as info:
         torchckpt.convert(src, tmp_path / "q.safetensors")
     assert not isinstance(info.value, torchckpt.CorruptCheckpointError)
@@ -177,14 +173,7 @@ def test_inspect_names_a_dtype_value_as_load_gives_it(tmp_path):
 
 def test_convert_of_a_quantized_model_prints_no_torch_warning(tmp_path):
     """`torchckpt convert q.pt out.pt` printed torch's "TypedStorage is deprecated" UserWarning (its verification)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)), {torch.nn.Linear},
-                                                   dtype=torch.qint8)
-    src = tmp_path / "q.pt"
-    torch.save(q.state_dict(), src)
+    src = quantized_file(tmp_path / "q.pt")
     res = run_cli("convert", src, tmp_path / "out.pt")
     assert res.returncode == 0, res.stderr
     assert "TypedStorage" not in res.stderr and "Warning" not in res.stderr, res.stderr
