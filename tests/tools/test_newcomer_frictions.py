@@ -191,3 +191,14 @@ def test_inspect_refuses_a_negative_max_tensors(tmp_path):
     torch.save({"w": torch.ones(2)}, path)
     res = run_cli("inspect", path, "--max-tensors", "-1")
     assert res.returncode == 2 and "--max-tensors" in res.stderr
+
+
+def test_diff_of_a_prefix_only_difference_says_values_are_equal(tmp_path):
+    """A DataParallel copy of the same weights read "values differ in 0 tensors; layers changed: none"."""
+    sd = torch.nn.Linear(3, 2).state_dict()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(sd, a)
+    torch.save({"module." + k: v for k, v in sd.items()}, b)
+    text = torchckpt.diff(a, b).render()
+    assert "adding 'module.'" in text and "equal in the 2 tensors compared" in text
+    assert "differ in 0" not in text and "none" not in text

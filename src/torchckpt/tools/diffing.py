@@ -114,9 +114,11 @@ class DiffReport:
             lines.append(f"  shape  {k}: {a} -> {b}")
         for k, dtype_a, dtype_b in self.dtype_changes:
             lines.append(f"  dtype  {k}: {dtype_a} -> {dtype_b}")
-        if self.values_compared:
+        if self.values_compared and not self.changed:
+            lines.append(f"  tensor values: equal in the {self.common} tensors compared")
+        elif self.values_compared:
             lines.append(f"  values differ in {len(self.changed)} tensors; layers changed: "
-                         f"{', '.join(self.changed_layers[:20]) or 'none'}")
+                         f"{', '.join(self.changed_layers[:20])}")
             for d in sorted(self.changed, key=lambda d: -d.max_abs)[:15]:
                 lines.append(f"    {d.key}: max |a-b| {d.max_abs:.3g}, relative {d.max_rel:.3g}")
         for k in self.nonfinite:
