@@ -39,7 +39,9 @@ def command(src: str, dst: str, to: str | None, max_shard_size: str | None, dtyp
     """Convert SRC (any era or format) to DST, reload it and check every tensor.
 
     The output loads with plain torch.load(weights_only=True); every change needed for that is listed.
-    A whole-model pickle becomes its state dict (module classes kept as metadata).
+    A whole-model pickle becomes its state dict (module classes kept as metadata). Missing parent
+    directories of DST are created. Exit codes: 0 written and verified, 2 usage, 3 unreadable input
+    or an output that cannot be written, 4 unsafe checkpoint, 130 interrupted (DST left untouched).
 
     \b
     Sharded safetensors (Hugging Face layout, for from_pretrained):

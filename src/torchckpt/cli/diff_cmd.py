@@ -31,7 +31,7 @@ def command(a: str, b: str, values: bool, atol: float, key: str | None, as_json:
     Exit code 0 when nothing that was compared differs, 1 when something differs. With
     --structure-only, 0 means "same structure and plain values"; the JSON then says "equal": null
     and lists what was compared. A difference only in wrapper prefixes (module., _orig_mod., model.)
-    is reported as such.
+    is reported as such. Exit codes besides: 2 usage, 3 unreadable (a file), 4 unsafe checkpoint.
     """
     out = Output(json_mode=as_json)
     with out.task("comparing") as progress:

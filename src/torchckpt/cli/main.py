@@ -58,7 +58,7 @@ def cli() -> None:
     """Load any PyTorch checkpoint safely, inspect it, and move it between formats.
 
     Exit codes: 0 ok, 1 findings or differences, 2 usage error, 3 unreadable or unsupported
-    input, 4 unsafe checkpoint, 130 interrupted (Ctrl-C).
+    input, 4 unsafe checkpoint, 70 internal error (a bug: please report it), 130 interrupted (Ctrl-C).
     """
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..read import folder_kind, is_dcp_dir
+from ..read import deepspeed_kind, folder_kind, is_dcp_dir
 from ..tools.scanning import scan
 from .args import checkpoint_paths
 from .codes import scan_exit_code
@@ -26,10 +26,13 @@ def command(paths: tuple[str, ...], recursive: bool, strict: bool, as_json: bool
             storage_options: dict[str, Any] | None) -> int:
     """Scan checkpoints with the same parser and policy that `load` uses; nothing is executed.
 
-    Exit codes: 0 clean, 1 findings, 2 usage (a directory without -r), 3 unreadable.
+    A checkpoint folder (torch.distributed.checkpoint, Hugging Face, accelerate, DeepSpeed) is scanned as
+    one checkpoint; any other directory needs -r. Exit codes: 0 clean, 1 findings, 2 usage (a directory
+    without -r), 3 unreadable, 130 interrupted.
     """
     for path in paths:
-        if not recursive and os.path.isdir(path) and not is_dcp_dir(path) and not folder_kind(path):
+        # a checkpoint folder (DCP, Hugging Face, accelerate, DeepSpeed) is one checkpoint, as for `load`
+        if not recursive and os.path.isdir(path) and not (is_dcp_dir(path) or folder_kind(path) or deepspeed_kind(path)):
             raise click.UsageError(f"{path} is a directory: pass -r (--recursive) to scan the files in it, "
                                    f"e.g. torchckpt scan -r {path}")
     out = Output(json_mode=as_json)

@@ -291,7 +291,10 @@ def _misfit_error(report: LoadReport, errors: list[Mismatch], strict: bool) -> S
     what = ("load the {n} tensors that fit and keep the model's values for the rest"
             .format(n=len(report.loaded)))
     hint = f"Pass {', '.join(fix)} to {what}"
-    if report.model_keys and len(report.loaded) * 2 < report.model_keys:
+    if not report.loaded:  # "load the 0 tensors that fit" is no way forward: the file or the names are wrong
+        hint = (f"No tensor fits: check that this checkpoint is for this model, or align names with prefix=/rename= "
+                f"({', '.join(fix)} would succeed but load no tensor)")
+    elif report.model_keys and len(report.loaded) * 2 < report.model_keys:
         hint = (f"Most of the model did not fit: check that this checkpoint is for this model (or align names "
                 f"with prefix=/rename=). {hint}")
     details = report.render().split("\n", 1)[1:]  # the listing, without its summary line (head says it)

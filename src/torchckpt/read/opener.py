@@ -61,7 +61,8 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
     """
     mode = Mode(mode)
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-        raise ValueError(f"workers must be a positive number of threads, not {workers!r}")
+        raise ValueError(f"workers must be a positive number of threads, not {workers!r} "
+                         "(workers=1 reads the shards one after another; None: one per core, at most 8)")
     trace = trace if trace is not None else Trace()
     relocator = Relocator(map_location)
     opts = ReadOptions(relocator=relocator, mmap=mmap, policy=policy or Policy(), mode=mode, trace=trace,

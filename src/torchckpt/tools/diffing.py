@@ -114,9 +114,11 @@ class DiffReport:
             lines.append(f"  shape  {k}: {a} -> {b}")
         for k, dtype_a, dtype_b in self.dtype_changes:
             lines.append(f"  dtype  {k}: {dtype_a} -> {dtype_b}")
-        if self.values_compared:
+        if self.values_compared and not self.changed:
+            lines.append(f"  tensor values: equal in the {self.common} tensors compared")
+        elif self.values_compared:
             lines.append(f"  values differ in {len(self.changed)} tensors; layers changed: "
-                         f"{', '.join(self.changed_layers[:20]) or 'none'}")
+                         f"{', '.join(self.changed_layers[:20])}")
             for d in sorted(self.changed, key=lambda d: -d.max_abs)[:15]:
                 lines.append(f"    {d.key}: max |a-b| {d.max_abs:.3g}, relative {d.max_rel:.3g}")
         for k in self.nonfinite:
@@ -167,12 +169,18 @@ def _compare_plain(report: DiffReport, a: Any, b: Any) -> None:
     report.plain_changed = [(k, pa[k], pb[k]) for k in common if not _same_plain(pa[k], pb[k])]
 
 
-def _tensors(obj: Any, key: str | None, meter: TreeMeter) -> dict[str, Any]:
+def _tensors(obj: Any, key: str | None, meter: TreeMeter, name: str) -> dict[str, Any]:
     try:
-        return dict(select(obj, key, meter=meter).state_dict)
-    except WeightsNotFoundError:
+        found: dict[str, Any] = {}
+        for k, v in select(obj, key, meter=meter).state_dict.items():
+            if is_tensor_like(v):
+                found[k] = v
+            else:  # a quantized layer's packed params hold its weight: compare the tensors inside them too
+                found.update((f"{k}.{sub}", t) for sub, t in flatten(v, meter) if sub != "tensor")
+        return found
+    except WeightsNotFoundError as exc:
         if key is not None:
-            raise
+            raise exc.with_path(name)  # `--key` found in one file and not the other: say which
         return dict(flatten(obj, meter))  # no weights as such: compare every tensor in the tree
 
 
@@ -199,7 +207,7 @@ def diff(a: SourceLike, b: SourceLike, *, values: bool = True, key: str | None =
             open_checkpoint(b, mode, read_policy, lazy=True, storage_options=storage_options) as lb:
         sa, sb = la.reader, lb.reader
         assert sa is not None and sb is not None  # open_checkpoint keeps them open inside the with block
-        ta, tb = _tensors(la.obj, key, la.tree_meter), _tensors(lb.obj, key, lb.tree_meter)
+        ta, tb = _tensors(la.obj, key, la.tree_meter, sa.name), _tensors(lb.obj, key, lb.tree_meter, sb.name)
         report = DiffReport(sa.name, sb.name)
         _compare_plain(report, la.obj, lb.obj)
         shapes_a = {k: tuple(v.shape) for k, v in ta.items() if is_tensor_like(v)}

@@ -251,4 +251,6 @@ def _type_name(value: Any) -> str:
     if isinstance(value, Stub):
         return f"stub {stub_name(value)}"
     t = type(value)
+    if t.__module__.startswith("torchckpt.") and isinstance(getattr(t, "display_type", None), str):
+        return str(getattr(t, "display_type"))  # a structure-only stand-in (a dtype) shows the type load gives
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

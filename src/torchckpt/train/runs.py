@@ -24,7 +24,7 @@ from ..storage.remote import is_url
 # they are used: a plain ``torchckpt.load(file)`` needs neither, and importing them took ~0.3-0.5 s of
 # its first call.
 
-__all__ = ["load", "load_into", "latest_committed"]
+__all__ = ["load", "load_into", "latest_committed", "run_directory"]
 
 
 def latest_committed(directory: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -44,8 +44,9 @@ def latest_committed(directory: str, storage_options: Mapping[str, Any] | None =
     return committed[-1].path
 
 
-def _run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[Any, str | None]:
-    """``(what to read, note)``: a Checkpointer directory becomes its newest committed checkpoint."""
+def run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[Any, str | None]:
+    """``(what to read, note)``: a Checkpointer directory becomes its newest committed checkpoint (``load``,
+    ``load_into`` and ``torchckpt inspect`` read the same one); any other source comes back as it is."""
     if not isinstance(source, (str, os.PathLike)):
         return source, None
     path = os.fspath(source)
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # type checkers see the real signatures (overloads included);
 else:
     @functools.wraps(_load)
     def load(source: Any, *args: Any, **kwargs: Any) -> Any:
-        source, note = _run_directory(source, kwargs.get("storage_options"))
+        source, note = run_directory(source, kwargs.get("storage_options"))
         result = _load(source, *args, **kwargs)
         if note is not None and kwargs.get("return_info"):
             result[1].notes.append(note)
@@ -83,7 +84,7 @@ else:
 
         @functools.wraps(_load_into)
         def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
-            source, note = _run_directory(source, kwargs.get("storage_options"))
+            source, note = run_directory(source, kwargs.get("storage_options"))
             report = _load_into(model, source, *args, **kwargs)
             if note is not None:
                 report.notes.append(note)

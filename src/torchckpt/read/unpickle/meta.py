@@ -27,6 +27,8 @@ _ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": 
 class MetaDType(str):
     """A torch dtype by name (``"float16"``), printable like ``torch.float16``."""
 
+    display_type = "torch.dtype"  # what `inspect` calls its type: the type `load` gives, not this stand-in
+
     @property
     def itemsize(self) -> int:
         return DTYPE_SIZES.get(str(self), 1)

@@ -16,13 +16,15 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError
+from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError, \
+    UnsupportedFormatError
 from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
     select, state_dict_of
 from ...read.opener import open_checkpoint
@@ -124,6 +126,8 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
         if to != "pt" or target_dtype is not None:
             check_dense(tensors, source.size, to, target_dtype)
         materialize = Materializer(source, target_dtype)
+        # missing parent directories are created, as `torchckpt.save` and a `.dcp` destination do
+        storage.makedirs(os.path.dirname(os.path.abspath(dst)))
         if to == "sharded-safetensors":
             report.bytes = to_sharded.write_sharded(dst, tensors, materialize, shard_limit, progress, report,
                                                    stream_safetensors)
@@ -477,7 +481,10 @@ def stream_safetensors(fh: Any, tensors: list[tuple[str, Any]], metadata: dict[s
         return data.nbytes
 
     def refuse(name: str, dtype: str) -> Exception:
-        return CorruptCheckpointError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
+        # the file is fine; the output format is what cannot hold it (exit 3 with the way out, not "corrupt")
+        return UnsupportedFormatError(f"tensor {name} has dtype {dtype}, which safetensors cannot store",
+                                      hint="Write a .pt file instead (--format pt keeps it), or cast the model's "
+                                           "tensors to a float dtype before converting.")
 
     return write_safetensors(fh, tensors, metadata, dtype_of=lambda name, t: cast_name(dtype_name(t), materialize),
                              write_tensor=write_tensor, progress=progress, refuse=refuse)
@@ -498,7 +505,9 @@ def _verify(dst: str, to: str, tensors: list[tuple[str, Any]], materialize: Mate
         # torch cannot make a per-channel quantized tensor on "meta": those files are read for real (mapped)
         quantized = any(dtype_name(t).startswith(("qint", "quint")) for _, t in tensors)
         try:  # the promise: plain torch can read it
-            torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
+            with warnings.catch_warnings():  # torch's own rebuild of quantized tensors warns about TypedStorage
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+                torch.load(dst, weights_only=True, **({"mmap": True} if quantized else {"map_location": "meta"}))
         except Exception as exc:  # noqa: BLE001 - any refusal breaks the promise
             raise CorruptCheckpointError(f"plain torch.load(weights_only=True) refuses the output: {exc}"[:500],
                                          path=dst, hint="Please report this with the source file.") from None

@@ -26,6 +26,7 @@ from ...read.tensors import TensorMeta, dtype_name, release, to_torch
 from ...read import Mode
 from ...read.trust import Policy, resolve_policy
 from ...storage.atomic import atomic_write
+from ...storage.files import makedirs
 from ...storage.remote import is_url
 from ...storage.source import SourceLike
 from ..inspection import InspectReport, inspect
@@ -158,8 +159,9 @@ class CheckpointReport:
         return render_page(self)
 
     def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the page atomically to ``path``; returns the path."""
+        """Write the page atomically to ``path`` (missing parent directories are created); returns the path."""
         page = self.render().encode("utf-8")
+        makedirs(os.path.dirname(os.path.abspath(os.fspath(path))))
         with atomic_write(os.fspath(path)) as fh:
             fh.write(page)
         self.output = os.fspath(path)
