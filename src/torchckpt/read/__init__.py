@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .formats.deepspeed import rank_file_kind
     from .formats.folders import is_accelerate_folder
     from .formats.lua_t7 import LuaFunction, T7Object, t7_state_dict
-    from .formats.safetensors import tensor_bytes, tensor_identity, write_safetensors
+    from .formats.safetensors import split_tied, tensor_bytes, write_safetensors
     from .formats.simple import SAFETENSORS_DTYPES, safetensors_header
     from .load import read_checkpoint, read_zero_optimizer
     from .opener import open_checkpoint
@@ -47,7 +47,7 @@ __all__ = [
     "PackedParams", "FunctionRef", "meta_dtype",
     # formats the layers above must recognise or write
     "is_dcp_dir", "folder_kind", "is_accelerate_folder", "SAFETENSORS_DTYPES", "safetensors_header", "write_safetensors",
-    "tensor_bytes", "tensor_identity", "deepspeed_kind", "rank_file_kind", "read_zero_optimizer",
+    "tensor_bytes", "split_tied", "deepspeed_kind", "rank_file_kind", "read_zero_optimizer",
 ]
 
 _WHERE = {
@@ -64,7 +64,7 @@ _WHERE = {
     "is_dcp_dir": "formats", "folder_kind": "formats", "is_accelerate_folder": "formats.folders",
     "SAFETENSORS_DTYPES": "formats.simple", "safetensors_header": "formats.simple",
     "write_safetensors": "formats.safetensors", "tensor_bytes": "formats.safetensors",
-    "tensor_identity": "formats.safetensors",
+    "split_tied": "formats.safetensors",
     "deepspeed_kind": "formats", "rank_file_kind": "formats.deepspeed", "read_zero_optimizer": "load",
 }
 

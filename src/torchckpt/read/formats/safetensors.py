@@ -53,6 +53,22 @@ def tensor_bytes(value: Any) -> memoryview:
     return memoryview(data.numpy())
 
 
+def split_tied(tensors: Iterable[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """``(stored, aliases)``: the first name of each distinct tensor in order, and every later name of an
+    already stored tensor (tied weights) as ``{alias: stored name}``; safetensors stores each tensor once."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    stored: list[tuple[str, Any]] = []
+    for name, t in tensors:
+        ident = tensor_identity(t)
+        if ident in first:
+            aliases[name] = first[ident]
+        else:
+            first[ident] = name
+            stored.append((name, t))
+    return stored, aliases
+
+
 def write_safetensors(fh: IO[bytes], tensors: Iterable[tuple[str, Any]], metadata: Mapping[str, str], *,
                       dtype_of: Callable[[str, Any], str] | None = None,
                       write_tensor: Callable[[str, Any], int] | None = None,
@@ -70,17 +86,11 @@ def write_safetensors(fh: IO[bytes], tensors: Iterable[tuple[str, Any]], metadat
         progress: ``progress(done, total)`` data bytes after each tensor.
         refuse: the error for a dtype safetensors cannot store.
     """
-    first: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
+    stored, aliases = split_tied(tensors)
     entries: dict[str, Any] = {}
     order: list[tuple[str, Any]] = []
     offset = 0
-    for name, t in tensors:
-        ident = tensor_identity(t)
-        if ident in first:
-            aliases[name] = first[ident]
-            continue
-        first[ident] = name
+    for name, t in stored:
         dtype = dtype_of(name, t) if dtype_of is not None else dtype_name(t.dtype)
         if dtype not in CODES:
             raise refuse(name, dtype)

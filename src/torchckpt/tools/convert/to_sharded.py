@@ -24,7 +24,7 @@ import shutil
 from typing import Any, Callable
 
 from ...errors import AmbiguousOutputError, CheckpointWriteError
-from ...read import SAFETENSORS_DTYPES, dtype_name, tensor_identity
+from ...read import SAFETENSORS_DTYPES, dtype_name, split_tied
 from ...storage.atomic import TEMP_MARK, fsync_dir, write_error
 from .byte_io import verify_safetensors
 
@@ -92,16 +92,10 @@ def _out_bytes(t: Any, target_dtype: Any) -> int:
 def plan_shards(tensors: list[tuple[str, Any]], target_dtype: Any, limit: int
                 ) -> tuple[list[list[tuple[str, Any]]], list[int], dict[str, str]]:
     """The shards (stored tensors in key order), their data bytes, and the tied names ``{alias: stored}``."""
-    first: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
+    stored, aliases = split_tied(tensors)
     shards: list[list[tuple[str, Any]]] = [[]]
     sizes = [0]
-    for name, t in tensors:
-        ident = tensor_identity(t)
-        if ident in first:
-            aliases[name] = first[ident]
-            continue
-        first[ident] = name
+    for name, t in stored:
         nbytes = _out_bytes(t, target_dtype)
         if shards[-1] and sizes[-1] + nbytes > limit:
             shards.append([])
