@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .fit.report import LoadReport
     from .fit.tree import find_state_dicts, state_dict_of
     from .read.load import read_checkpoint
-    from .train.runs import load, load_into
+    from .train.runs import load
+    from .train.runs_load_into import load_into
     from .storage.cache import download
     from .read import Budget, Policy, Stub, stub_to_plain
     from .tools.convert import convert
@@ -55,7 +56,7 @@ _LAZY = {
     "find_state_dicts": ("fit.tree", "find_state_dicts"),
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
-    "load_into": ("train.runs", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
+    "load_into": ("train.runs_load_into", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
     "check_mapping": ("fit.equivalence", "check_mapping"),
     "save": ("train.save", "save"),  # a local path or a URL
     "resume": ("train.checkpointer", "resume"),

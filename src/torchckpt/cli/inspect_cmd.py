@@ -9,6 +9,7 @@ import click
 
 from ..storage.remote import is_url
 from ..tools.inspection import inspect
+from ..train.runs import run_directory
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_FINDINGS, EXIT_OK
 from .output import Output
@@ -36,8 +37,6 @@ def command(file: str, as_json: bool, max_tensors: int, against: str | None, tru
     policy = policy_from(trust, allow)
     note = None
     if os.path.isdir(file) or is_url(file):
-        from ..train.runs import run_directory  # lazy for start-up cost: only a folder can be a run directory
-
         file, note = run_directory(file, storage_options)  # a Checkpointer run directory: its newest checkpoint
     report = inspect(file, policy=policy, storage_options=storage_options)
     if note is not None:

@@ -24,7 +24,7 @@ from ..storage.remote import is_url
 # they are used: a plain ``torchckpt.load(file)`` needs neither, and importing them took ~0.3-0.5 s of
 # its first call.
 
-__all__ = ["load", "load_into", "latest_committed", "run_directory"]
+__all__ = ["load", "latest_committed", "run_directory"]
 
 
 def latest_committed(directory: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -64,8 +64,7 @@ def run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tup
                    f"{os.path.basename(latest.rstrip('/'))}"
 
 
-if TYPE_CHECKING:  # type checkers see the real signatures (overloads included); the wrappers only add a directory
-    from ..fit.load_into import load_into as load_into
+if TYPE_CHECKING:  # type checkers see the real signature (overloads included); the wrapper only adds a directory
     from ..read.load import load as load
 else:
     @functools.wraps(_load)
@@ -75,20 +74,3 @@ else:
         if note is not None and kwargs.get("return_info"):
             result[1].notes.append(note)
         return result
-
-    def __getattr__(name: str) -> Any:
-        """``load_into``, built on first use: see the imports above."""
-        if name != "load_into":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from ..fit.load_into import load_into as _load_into
-
-        @functools.wraps(_load_into)
-        def load_into(model: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
-            source, note = run_directory(source, kwargs.get("storage_options"))
-            report = _load_into(model, source, *args, **kwargs)
-            if note is not None:
-                report.notes.append(note)
-            return report
-
-        globals()["load_into"] = load_into
-        return load_into
