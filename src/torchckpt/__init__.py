@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from . import transforms
     from .fit.equivalence import check_mapping
     from .fit.report import LoadReport
-    from .fit.tree import find_state_dicts, state_dict_of
+    from .fit.select import find_state_dicts
+    from .fit.tree import state_dict_of
     from .read.load import read_checkpoint
     from .train.runs import load
     from .train.runs_load_into import load_into
@@ -53,7 +54,7 @@ _LAZY = {
     "download": ("storage.cache", "download"),
     "read_checkpoint": ("read.load", "read_checkpoint"),
     "state_dict_of": ("fit.tree", "state_dict_of"),
-    "find_state_dicts": ("fit.tree", "find_state_dicts"),
+    "find_state_dicts": ("fit.select", "find_state_dicts"),
     "inspect": ("tools.inspection", "inspect"),
     "scan": ("tools.scanning", "scan"),
     "load_into": ("train.runs_load_into", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..fit.load_into import load_into
-from ..fit.tree import find_state_dicts
+from ..fit.select import find_state_dicts
 from ..read.load import load
 from ..tools.convert import convert
 from ..tools.inspection import inspect as inspect_file

@@ -24,7 +24,8 @@ from .placement import Placer
 from .plan import LoadOptions, Opened, Plan, Step
 from .report import Adapted, LoadReport, Mismatch, Origin
 from .shards import is_sharded, shard_like
-from .tree import TensorMeta, is_module_like, select, shapes
+from .select import select, shapes
+from .tree import TensorMeta, is_module_like
 
 if TYPE_CHECKING:  # torch stays lazy: only type checkers import it here
     import torch

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Mapping
 from ..fit.align import align_keys
 from ..errors import WeightsNotFoundError
 from ..fit.report import group_keys
-from ..fit.tree import LEAF_TYPES, children_of, flatten, is_module_like, is_tensor_like, select, walk
+from ..fit.select import select
+from ..fit.tree import LEAF_TYPES, children_of, flatten, is_module_like, is_tensor_like, walk
 from ..read.opener import open_checkpoint
 from ..read.tensors import dtype_name, release, to_torch
 from ..read.trust import Policy, resolve_policy

@@ -13,8 +13,9 @@ from typing import Any, Collection, Iterable, Mapping, Sequence
 from ..errors import CheckpointError
 from ..read.load import read_checkpoint
 from ..storage.source import SourceLike
-from ..fit.tree import children_of, find_state_dicts, is_module_like, is_optimizer_state, is_tensor_like, \
-    state_dict_of, state_tensors, walk
+from ..fit.select import find_state_dicts
+from ..fit.tree import children_of, is_module_like, is_optimizer_state, is_tensor_like, state_dict_of, state_tensors, \
+    walk
 from ..read.tensors import dtype_name
 from ..read.trust import Policy, resolve_policy
 from ..read import Stub, TreeMeter, Verdict, stub_name

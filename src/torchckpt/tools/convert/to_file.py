@@ -25,8 +25,9 @@ import numpy as np
 
 from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError, \
     UnsupportedFormatError
-from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, lookup, module_classes, \
-    select, state_dict_of
+from ...fit.select import lookup, select
+from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, module_classes, \
+    state_dict_of
 from ...read.opener import open_checkpoint
 from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, TreeMeter, is_stub_class, stub_name, \
     stub_to_plain, tensor_bytes, write_safetensors
