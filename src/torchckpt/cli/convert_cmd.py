@@ -8,7 +8,7 @@ from typing import Any, cast
 import click
 
 from ..tools.convert import convert
-from ..tools.convert.to_file import DTYPE_ALIASES, FloatDtype, OutputFormat, output_format
+from ..tools.convert.options import DTYPE_ALIASES, FloatDtype, OutputFormat, output_format
 from ..tools.convert.to_sharded import shard_size
 from .args import checkpoint_paths, policy_from, policy_options
 from .codes import EXIT_OK

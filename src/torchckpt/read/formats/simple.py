@@ -246,7 +246,7 @@ def _npy(data: Any, what: str, src: Source, opts: ReadOptions) -> Any:
 
 def _npy_objects(np: Any, blob: bytes, what: str, src: Source, opts: ReadOptions) -> Any:
     """An object array of a .npy: numpy's header parser for the header, then the pickle that follows it
-    (``np.save(allow_pickle=True)`` writes ``pickle.dump(array)``) through the one safe unpickler."""
+    (``np.save`` with pickling allowed writes ``pickle.dump(array)``) through the one safe unpickler."""
     f = io.BytesIO(blob)
     try:
         version = np.lib.format.read_magic(f)  # numpy's own header parser (literal_eval), versions 1 and 2

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 from ...read import Policy, resolve_policy
 from .to_dcp import convert_to_dcp
 from ...storage.source import SourceLike
-from .to_file import ConvertReport, FloatDtype, OutputFormat, Progress, output_format
+from .options import FloatDtype, OutputFormat, output_format
+from .to_file import ConvertReport, Progress
 from .to_file import convert as convert_file
 
 __all__ = ["convert", "ConvertReport"]

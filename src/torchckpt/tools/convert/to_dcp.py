@@ -24,8 +24,8 @@ from ...fit.tree import expanded_size, flatten, is_tensor_like
 from ...read.opener import open_checkpoint
 from ...read.trust import Policy
 from ...read import Mode
-from .to_file import ConvertReport, FloatDtype, Materializer, Progress, check_dense, errors_name_source, float_dtype, \
-    part_to_write
+from .options import FloatDtype, float_dtype
+from .to_file import ConvertReport, Materializer, Progress, check_dense, errors_name_source, part_to_write
 from .byte_io import same_bits
 
 __all__ = ["convert_to_dcp"]
