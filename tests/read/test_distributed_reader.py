@@ -92,6 +92,18 @@ def test_every_dtype_of_a_chunked_tensor_is_exact(two_rank_dcp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_every_pool_size_rebuilds_the_chunked_tensors(two_rank_dcp, workers):
+    """Each rank's data file is one part of the read (``workers=``); the chunks of a tensor come from both
+    files and are copied into one tensor by the threads that read them."""
+    out = torchckpt.load(two_rank_dcp, workers=workers)
+    for key, want in full_tensors().items():
+        assert same_bits(out[key], want), key
+    assert torch.equal(out["optim"]["state"]["w"]["exp_avg"], full_tensors()["fp32"])
+    assert sorted(p.name for p in two_rank_dcp.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
 def test_lists_and_tuples_come_back_as_saved(two_rank_dcp):
     out = torchckpt.load(two_rank_dcp)
     groups = out["optim"]["param_groups"]
@@ -147,5 +159,6 @@ def test_damaged_chunk_layouts_are_refused(tmp_path, two_rank_dcp, damage, messa
             meta.planner_data["optim.param_groups.1.lr"] = ("optim", "param_groups", 3, "lr")
 
     _rewrite_metadata(path, change)
-    with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
-        torchckpt.load(path)
+    for workers in (1, 2):
+        with pytest.raises(torchckpt.CorruptCheckpointError, match=message):
+            torchckpt.load(path, workers=workers)

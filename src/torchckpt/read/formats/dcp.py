@@ -22,6 +22,7 @@ from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, dty
 from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
 from .base import Checkpoint, ReadOptions, run_pickle
+from .parallel import read_parts
 
 __all__ = ["read_dcp", "is_dcp_dir", "DcpTensor"]
 
@@ -87,17 +88,20 @@ def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoin
         if not isinstance(fqn, str):
             raise CorruptCheckpointError(f"DCP metadata: storage index names {fqn!r:.60}, not a key")
         where[(fqn, _ints(ia.get("offset"), f"offset of {fqn}"))] = _attrs(info, "a storage record")
-    flat: OrderedDict[str, Any] = OrderedDict()
     reader = _Files(directory, opts)
     try:
-        for fqn, md in described.items():
+        entries: list[tuple[str, Any, list[tuple[Any, Any]]]] = []  # (fqn, tensor or None, [(record, offsets)])
+        for fqn, md in described.items():  # every entry and data file is checked before any data is read
             kind = stub_name(md) if isinstance(md, Stub) else type(md).__name__
             if kind.endswith("BytesStorageMetadata"):
-                flat[fqn] = reader.item(where.get((fqn, ())), fqn)
+                info = where.get((fqn, ()))
+                reader.source(info, fqn)
+                entries.append((fqn, None, [(info, None)]))
             elif kind.endswith("TensorStorageMetadata"):
-                flat[fqn] = _tensor(reader, fqn, _attrs(md, fqn), where, opts, lazy)
+                entries.append((fqn, *_tensor(reader, fqn, _attrs(md, fqn), where, opts)))
             else:
                 raise UnsupportedFormatError(f"DCP entry {fqn!r:.100} of kind {kind:.100}")
+        flat = _read_entries(reader, entries, opts, lazy)
     finally:
         reader.close()
     loaded = Checkpoint(tree=_nest(flat, planner), format="dcp", description="torch.distributed.checkpoint directory")
@@ -139,12 +143,20 @@ class _Files:
                                          f"{rel} ({src.size} bytes)")
         return src, offset, length
 
-    def item(self, info: dict[str, Any] | None, fqn: str) -> Any:
+    def item(self, info: dict[str, Any] | None, fqn: str, opts: ReadOptions | None = None) -> Any:
+        """The value stored at ``info`` (a small ``torch.save`` stream), read with ``opts`` (default: the
+        directory's), whose trace records the byte range."""
+        opts = opts or self.opts
         src, offset, length = self.source(info, fqn)
-        self.opts.trace.ranges.append((src.name, offset, length))
-        assert self.opts.read_child is not None, "the opener passes the format dispatcher"
+        opts.trace.ranges.append((src.name, offset, length))
+        assert opts.read_child is not None, "the opener passes the format dispatcher"
         with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
-            return self.opts.read_child(item, self.opts).tree
+            return opts.read_child(item, opts).tree
+
+    def rel(self, info: dict[str, Any] | None) -> str:
+        """The data file of a storage record already checked by :meth:`source`."""
+        assert info is not None
+        return str(info["relative_path"])
 
     def length(self, info: dict[str, Any] | None, fqn: str) -> int:
         return self.source(info, fqn)[2]
@@ -168,8 +180,9 @@ def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
 
 
 def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]],
-            opts: ReadOptions, lazy: bool = False) -> Any:
-    """The full tensor ``fqn`` with the dtype and shape the metadata declares (or a lazy :class:`DcpTensor`).
+            opts: ReadOptions) -> tuple[Any, list[tuple[Any, Any]]]:
+    """The tensor ``fqn`` with the dtype and shape the metadata declares, not read yet (a :class:`DcpTensor`,
+    or a TensorMeta for a structure-only read), and the storage records of its chunks with their offsets.
 
     The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
     and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
@@ -184,13 +197,55 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
         raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
                                  f"hold {stored}")
+    records = [(info, offsets) for info, (offsets, _) in zip(infos, chunks)]
     if opts.meta:
-        if opts.mode is Mode.RECORD:  # scan runs the same streams load reads
-            for info in infos:
-                reader.item(info, fqn)
-        return TensorMeta(size, _contiguous(size), meta_dtype(name))
-    lazy_tensor = DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts)
-    return lazy_tensor if lazy else lazy_tensor.assemble(reader)
+        return TensorMeta(size, _contiguous(size), meta_dtype(name)), records
+    return DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts), records
+
+
+def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, Any]]]], opts: ReadOptions,
+                  lazy: bool) -> "OrderedDict[str, Any]":
+    """The values of the checked ``entries`` ``(fqn, tensor or None for a bytes item, [(storage record,
+    chunk offsets)])``, read data file by data file (the files side by side on ``opts.workers`` threads,
+    :func:`read_parts`), in the metadata's order.
+
+    A tensor stored as one chunk is that chunk's tensor; one in several chunks is allocated once and
+    each chunk is copied into its place by the thread that read it (the chunks tile it: checked).
+    Lazy (build mode) and structure-only tensors read nothing, except that ``scan`` (record mode) runs
+    every stream ``load`` reads.
+    """
+    build = [value for _, value, _ in entries if isinstance(value, DcpTensor)] if not lazy else []
+    read_tensors = bool(build) or opts.mode is Mode.RECORD
+    files: dict[str, list[tuple[str, Any, Any, Any]]] = {}  # data file -> (fqn, tensor, record, offsets)
+    for fqn, value, records in entries:
+        if value is None or read_tensors:
+            for info, offsets in records:
+                files.setdefault(reader.rel(info), []).append((fqn, value, info, offsets))
+    flat: OrderedDict[str, Any] = OrderedDict((fqn, value) for fqn, value, _ in entries)
+    whole = {t.fqn: t.allocate() for t in build}  # None: one chunk is the whole tensor
+
+    def read_file(rel: str, part_opts: ReadOptions) -> list[tuple[str, Any]]:
+        done: list[tuple[str, Any]] = []
+        for fqn, tensor, info, offsets in files[rel]:
+            value = reader.item(info, fqn, part_opts)
+            if tensor is None:
+                done.append((fqn, value))
+            elif isinstance(tensor, DcpTensor) and not lazy:
+                chunk = tensor.check_chunk(value, offsets, rel)
+                target = whole[fqn]
+                if target is None:
+                    done.append((fqn, chunk))
+                else:  # chunks are disjoint: threads fill their own places
+                    target[tensor.place(offsets, tuple(chunk.shape))] = chunk
+            # else: scan runs (and records) the streams load reads
+        return done
+
+    for values in read_parts(opts, list(files), read_file):
+        flat.update(values)
+    for fqn, target in whole.items():
+        if target is not None:
+            flat[fqn] = target
+    return flat
 
 
 def _contiguous(size: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -245,14 +300,34 @@ class DcpTensor(TensorMeta):
         return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
 
     def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
+        info = self.where.get((self.fqn, offsets))
+        return self.check_chunk(reader.item(info, self.fqn), offsets, reader.rel(info))
+
+    def check_chunk(self, part: Any, offsets: tuple[Any, ...], rel: str) -> Any:
+        """``part``, the value read for the chunk at ``offsets`` (in data file ``rel``), if it is a tensor
+        of the declared dtype and the chunk's size."""
         import torch  # lazy: only building tensors needs torch
 
-        part = reader.item(self.where.get((self.fqn, offsets)), self.fqn)
+        sizes = next(s for o, s in self.chunks if o == offsets)
         if not isinstance(part, torch.Tensor) or part.dtype != self.full_dtype or tuple(part.shape) != sizes:
             got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
-            raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} holds {got}, "
-                                         f"the metadata declares {self.full_dtype} {list(sizes)}")
+            raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} in {rel!r:.120} holds "
+                                         f"{got}, the metadata declares {self.full_dtype} {list(sizes)}",
+                                         path=join(self.directory, rel))
         return part
+
+    def allocate(self) -> Any:
+        """The whole tensor, uninitialised, for its chunks to be copied into; None when one chunk is the
+        whole tensor (then that chunk's tensor is the value: no copy)."""
+        import torch  # lazy: only building tensors needs torch
+
+        if any(o == tuple(0 for _ in self.shape) and s == tuple(self.shape) for o, s in self.chunks):
+            return None
+        return torch.empty(tuple(self.shape), dtype=self.full_dtype)
+
+    def place(self, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> tuple[slice, ...]:
+        """Where the chunk at ``offsets`` of ``sizes`` goes in the whole tensor."""
+        return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
 def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
