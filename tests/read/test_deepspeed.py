@@ -66,6 +66,32 @@ def test_load_is_zero_to_fp32_bit_for_bit(ds_runs: str, config: str) -> None:
     assert_bitwise(torchckpt.load(os.path.join(folder, "global_step3")), ours)
 
 
+@pytest.mark.parametrize("config", ["2-fp32", "3-bf16"])
+def test_rank_files_are_read_side_by_side(ds_runs: str, config: str, tmp_path) -> None:
+    """The rank files are the parts of one read (``workers=``): every pool size gives the same tensors and
+    the same trace, and a damaged rank file is a typed error naming that file whatever the pool size."""
+    from torchckpt.read.opener import open_checkpoint
+
+    folder = os.path.join(ds_runs, config)
+    one = torchckpt.load(folder, workers=1)
+    for workers in (2, 4, None):
+        assert_bitwise(torchckpt.load(folder, workers=workers), one)
+    traces = []
+    for workers in (1, 4):
+        with open_checkpoint(folder, "build", workers=workers) as ckpt:
+            traces.append([(s.source, s.member, s.offset, s.complete) for s in ckpt.trace.streams])
+    assert traces[0] == traces[1] and len({s[0] for s in traces[0]}) == (4 if config.startswith("3") else 3)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    victim = damaged / "global_step3" / next(n for n in sorted(os.listdir(damaged / "global_step3"))
+                                             if n.startswith(("zero_pp_rank_1", "bf16_zero_pp_rank_1")) and "optim" in n)
+    victim.write_bytes(victim.read_bytes()[:4000])
+    for workers in (1, 4):
+        with pytest.raises(CheckpointError) as info:
+            torchckpt.load(str(damaged), workers=workers)
+        assert victim.name in str(info.value), str(info.value)
+
+
 def test_stage0_is_the_module(ds_runs: str) -> None:
     folder = os.path.join(ds_runs, "0-fp32")
     ours = torchckpt.load(folder)
@@ -232,6 +258,9 @@ def test_universal_checkpoint_folder(ds_runs: str, config: str, tmp_path) -> Non
     assert info.format == "deepspeed-universal" and sorted(ours) == sorted(ref)
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+    for workers in (1, 4):  # the model states and zero/<name>/fp32.pt files are the parts of one read
+        again = torchckpt.load(universal, workers=workers)
+        assert list(again) == list(ours) and all(torch.equal(again[k], ours[k]) for k in ours)
     assert ours["head.weight"] is ours["emb.weight"]
     assert "deepspeed-universal" in str(torchckpt.scan(universal))
 

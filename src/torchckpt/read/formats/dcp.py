@@ -18,7 +18,7 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExce
     RemoteNotFoundError, UnsupportedFormatError
 from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source, confined_path
-from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, dtype_name, meta_dtype
+from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, contiguous_stride, dtype_name, meta_dtype
 from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
 from .base import Checkpoint, ReadOptions, run_pickle
@@ -199,7 +199,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
                                  f"hold {stored}")
     records = [(info, offsets) for info, (offsets, _) in zip(infos, chunks)]
     if opts.meta:
-        return TensorMeta(size, _contiguous(size), meta_dtype(name)), records
+        return TensorMeta(size, contiguous_stride(size), meta_dtype(name)), records
     return DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts), records
 
 
@@ -248,10 +248,6 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
     return flat
 
 
-def _contiguous(size: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(math.prod(size[i + 1:]) for i in range(len(size)))
-
-
 class DcpTensor(TensorMeta):
     """A tensor of a DCP directory, not read yet: shape and dtype, and where its chunks are."""
 
@@ -260,7 +256,7 @@ class DcpTensor(TensorMeta):
     def __init__(self, directory: str, fqn: str, size: tuple[Any, ...], dtype: Any, chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]],
                  where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]], opts: ReadOptions) -> None:
         name = meta_dtype(dtype_name(dtype))
-        super().__init__(size, _contiguous(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
+        super().__init__(size, contiguous_stride(size), name, storage=MetaStorage(name, math.prod(size) * name.itemsize))
         self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
         self.full_dtype = dtype
 

@@ -22,6 +22,7 @@ moments the same way for :func:`torchckpt.resume`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections import OrderedDict
@@ -31,9 +32,10 @@ from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointErr
 from ...storage.source import Source, confined_path
 from ..devices import Relocator
 from ..sniff import sniff
-from ..unpickle.meta import MetaStorage, TensorMeta, dtype_name, meta_dtype
+from ..unpickle.meta import MetaStorage, TensorMeta, contiguous_stride, dtype_name, meta_dtype
 from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
+from .parallel import read_parts
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
 
 __all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state",
@@ -190,15 +192,25 @@ class _Ranks:
         self.globals: list[Any] = []
         self.notes: list[str] = []
 
-    def read(self, name: str) -> Any:
-        assert self.opts.read_child is not None, "the opener passes the format dispatcher"
+    def read(self, names: list[str]) -> list[Any]:
+        """The trees of the rank files ``names``, read side by side (:func:`read_parts`, ``workers=``)."""
+        trees = []
+        for name, (src, part) in zip(names, read_parts(self.opts, names, self._read_one)):
+            self.sources[name] = src
+            self.globals.extend(part.globals)
+            self.notes.extend(f"{name}: {n}" for n in part.notes)
+            trees.append(part.tree)
+        return trees
+
+    def _read_one(self, name: str, opts: ReadOptions) -> tuple[Source, Checkpoint]:
+        assert opts.read_child is not None, "the opener passes the format dispatcher"
         src = Source(confined_path(self.step_dir, name, what="file", checkpoint=self.step_dir),
                      name=os.path.join(self.step_dir, name))
-        self.sources[name] = src
-        part = self.opts.read_child(src, self.opts)
-        self.globals.extend(part.globals)
-        self.notes.extend(f"{name}: {n}" for n in part.notes)
-        return part.tree
+        try:
+            return src, opts.read_child(src, opts)
+        except BaseException:
+            src.close()
+            raise
 
     def release(self, name: str, view: Any) -> None:
         src = self.sources.get(name)
@@ -218,7 +230,7 @@ class ZeroTensor(TensorMeta):
 
     def __init__(self, plan: ParamPlan, slices: list[list[Any]], ranks: _Ranks, names: list[str]) -> None:
         fp32 = meta_dtype("float32")  # its own storage: tensors are told apart (and tied ones found) by storage
-        super().__init__(plan.shape, _stride(plan.shape), fp32, storage=MetaStorage(fp32, plan.numel * fp32.itemsize))
+        super().__init__(plan.shape, contiguous_stride(plan.shape), fp32, storage=MetaStorage(fp32, plan.numel * fp32.itemsize))
         self.plan, self.slices, self.ranks, self.names = plan, slices, ranks, names
 
     def materialize(self, source: Any = None) -> Any:
@@ -227,17 +239,6 @@ class ZeroTensor(TensorMeta):
 
         return gather(self.plan, lambda r, g: self.slices[r][g], torch.float32,
                       lambda r, view: self.ranks.release(self.names[r], view))
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(_prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 @dataclasses.dataclass
@@ -266,13 +267,13 @@ def parse_step(step_dir: str, opts: ReadOptions) -> ZeroLayout:
     # parameter out of them and gives the pages back (the caller never holds memory mapping them).
     inner = dataclasses.replace(opts, mmap=True, relocator=Relocator("cpu")) if not opts.meta else opts
     ranks = _Ranks(step_dir, inner)
-    model_states = [ranks.read(files.model[r]) for r in sorted(files.model)]
+    trees = ranks.read(names)  # model states, then optimizer partitions, rank by rank
+    model_states, optim_trees = trees[:len(files.model)], trees[len(files.model):]
     first = model_states[0]
     for r, ms in enumerate(model_states):
         if not isinstance(ms, dict) or "buffer_names" not in ms or "module" not in ms:
             raise CorruptCheckpointError(f"{files.model[r]} holds no DeepSpeed model states (module, buffer_names)",
                                          path=step_dir)
-    optim_trees = [ranks.read(files.optim[r]) for r in sorted(files.optim)]
     optim = [_get(t, "optimizer_state_dict", "ZeRO optimizer state", files.optim[r]) for r, t in enumerate(optim_trees)]
     optim_names = [files.optim[r] for r in sorted(files.optim)]
     if files.stage3 and not optim:
@@ -354,7 +355,7 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
     slices = layout.slices(key)
     for plan in layout.plans:
         if opts.meta:
-            out[plan.name] = TensorMeta(plan.shape, _stride(plan.shape), meta_dtype("float32"))
+            out[plan.name] = TensorMeta(plan.shape, contiguous_stride(plan.shape), meta_dtype("float32"))
             continue
         tensor = ZeroTensor(plan, slices, layout.ranks, layout.optim_names)
         out[plan.name] = tensor if lazy else tensor.materialize()
@@ -367,12 +368,12 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
 def frozen_param(frags: list[Any], shape: tuple[int, ...], stage3: bool, opts: ReadOptions) -> Any:
     """A frozen parameter from the model states' fragments (whole in stages 0-2, one slice per rank in stage 3)."""
     if opts.meta:
-        return TensorMeta(shape, _stride(shape), frags[0].dtype)
+        return TensorMeta(shape, contiguous_stride(shape), frags[0].dtype)
     import torch  # lazy: only building tensors needs torch
 
     if not stage3:
         return frags[0].detach().clone()
-    return torch.cat([f.detach().reshape(-1) for f in frags]).narrow(0, 0, _prod(shape)).view(shape).clone()
+    return torch.cat([f.detach().reshape(-1) for f in frags]).narrow(0, 0, math.prod(shape)).view(shape).clone()
 
 
 def _dtype_of(layout: ZeroLayout) -> str:

@@ -10,14 +10,16 @@ and every name must stay inside the folder.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any
 
 from ...errors import CorruptCheckpointError
 from ...storage.source import Source, confined_path
-from ..unpickle.meta import TensorMeta
+from ..unpickle.meta import TensorMeta, contiguous_stride
 from .base import Checkpoint, ReadOptions
+from .parallel import read_parts
 from .deepspeed import MODEL_FILE, buffer_fp32, frozen_param, shape_of
 
 __all__ = ["is_universal", "read_universal"]
@@ -32,18 +34,23 @@ def is_universal(path: str) -> bool:
     return "zero" in names and os.path.isdir(os.path.join(path, "zero")) and any(MODEL_FILE.match(n) for n in names)
 
 
-def _read(directory: str, rel: str, opts: ReadOptions) -> Any:
-    assert opts.read_child is not None, "the opener passes the format dispatcher"
-    path = confined_path(directory, rel, what="file", checkpoint=directory)
-    with Source(path, name=os.path.join(directory, rel)) as src:
-        return opts.read_child(src, opts).tree
+def _read(directory: str, rels: list[str], opts: ReadOptions) -> list[Any]:
+    """The trees of the files ``rels``, read side by side (:func:`read_parts`, ``workers=``)."""
+    paths = {rel: confined_path(directory, rel, what="file", checkpoint=directory) for rel in rels}  # all before any read
+
+    def read_one(rel: str, part_opts: ReadOptions) -> Any:
+        assert part_opts.read_child is not None, "the opener passes the format dispatcher"
+        with Source(paths[rel], name=os.path.join(directory, rel)) as src:
+            return part_opts.read_child(src, part_opts).tree
+
+    return list(read_parts(opts, rels, read_one))
 
 
 def read_universal(directory: str, opts: ReadOptions) -> Checkpoint:
     """Read a universal-checkpoint folder as the fp32 state dict (see the module docstring)."""
     models = sorted((n for n in os.listdir(directory) if MODEL_FILE.match(n)),
                     key=lambda n: int(MODEL_FILE.match(n).group(1) or 0))  # type: ignore[union-attr]
-    states = [_read(directory, m, opts) for m in models]
+    states = _read(directory, models, opts)
     first = states[0]
     if not all(isinstance(s, dict) and isinstance(s.get("module"), dict) for s in states):
         raise CorruptCheckpointError("the model-state files hold no DeepSpeed model states (module)", path=directory)
@@ -56,13 +63,19 @@ def read_universal(directory: str, opts: ReadOptions) -> Checkpoint:
     shapes = {k: v for group in first.get("param_shapes") or [] for k, v in group.items()}
     tree: OrderedDict[str, Any] = OrderedDict()
     shared = first.get("shared_params") or {}
+    names, earlier = [], set()  # the parameters the loop below reads from zero/: not buffers, not tied to an earlier name
+    for name in first["module"]:
+        if name not in buffers and not (name in shared and shared[name] in earlier) and name in params:
+            names.append(name)
+        earlier.add(name)
+    saved = dict(zip(names, _read(directory, [os.path.join("zero", n, "fp32.pt") for n in names], opts)))
     for name, value in first["module"].items():
         if name in buffers:
             tree[name] = buffer_fp32(value)
         elif name in shared and shared[name] in tree:
             tree[name] = tree[shared[name]]  # tied: the same tensor, as in the ZeRO folder
         elif name in params:
-            tree[name] = _param(directory, name, shapes.get(name), opts)
+            tree[name] = _param(directory, name, saved[name], shapes.get(name))
         elif name in frozen:  # ZeRO-3's universal folders leave frozen parameters in the model states
             frags = [s.get("frozen_param_fragments", {}).get(name) for s in states]
             if any(f is None for f in frags):
@@ -79,24 +92,17 @@ def read_universal(directory: str, opts: ReadOptions) -> Checkpoint:
                                             "deepspeed.ds_version": str(first.get("ds_version"))}})
 
 
-def _param(directory: str, name: str, shape: Any, opts: ReadOptions) -> Any:
-    """``zero/<name>/fp32.pt``: ``{"param": tensor}`` (stages 1/2) or the flat tensor (stage 3), in its shape."""
-    saved = _read(directory, os.path.join("zero", name, "fp32.pt"), opts)
+def _param(directory: str, name: str, saved: Any, shape: Any) -> Any:
+    """What ``zero/<name>/fp32.pt`` holds (``{"param": tensor}`` (stages 1/2) or the flat tensor (stage 3)), in
+    its shape."""
     value: Any = saved.get("param") if isinstance(saved, dict) else saved
     if not hasattr(value, "shape"):
         raise CorruptCheckpointError(f"zero/{name}/fp32.pt holds no tensor", path=directory)
     if shape is not None and tuple(value.shape) != shape_of(shape, name):
         want = shape_of(shape, name)
-        if value.numel() != _prod(want):
+        if value.numel() != math.prod(want):
             raise CorruptCheckpointError(f"zero/{name}/fp32.pt holds {list(value.shape)}, the parameter is {list(want)}",
                                          path=directory)
-        value = TensorMeta(want, tuple(_prod(want[i + 1:]) for i in range(len(want))), value.dtype) \
+        value = TensorMeta(want, contiguous_stride(want), value.dtype) \
             if isinstance(value, TensorMeta) else value.reshape(want)
     return value
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 
-__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "dtype_name"]
+__all__ = ["TensorMeta", "MetaStorage", "DTYPE_SIZES", "check_view", "check_shape", "layout_name", "dtype_name",
+           "contiguous_stride"]
 
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -116,6 +117,11 @@ class TensorMeta:
 
     def __repr__(self) -> str:
         return f"TensorMeta(shape={list(self.shape)}, dtype={self.dtype!r})"
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of ``shape``."""
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 def check_int(value: Any, what: str) -> int:
