@@ -1,11 +1,13 @@
 """Benchmark: consolidate a DeepSpeed ZeRO-2 and ZeRO-3 folder (2 ranks) into an fp32 state dict.
 
-    python bench/bench_deepspeed.py [--size-mib 512] [--repeats 3] [--dir DIR]
+    python bench/bench_deepspeed.py [--size-mib 512] [--repeats 3] [--dir DIR] [--workers "1 2"]
 
 The folders are written by DeepSpeed itself (tests/deepspeed_app.py, torchrun on CPU/gloo; needs
 ``pip install deepspeed``). Baseline: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (what
 ``zero_to_fp32`` runs) on the same folder. Goal (issue 28): peak RSS <= 0.5x of it at <= 1.2x its time.
-Each case runs in fresh processes (page cache warm for both: the folder is read once before timing).
+Each case runs in fresh processes (page cache warm for both: the folder is read once before timing), the
+cases alternated. ``torchckpt.load`` reads the rank files side by side (``workers=``): each pool size is a row,
+the first the one compared with the baseline.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import subprocess
 import sys
 import tempfile
 
-from common import bench_args, measure, print_table
+from common import bench_args, measure_alternated, print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-APP = os.path.join(HERE, os.pardir, "tests", "deepspeed_app.py")
+APP = os.path.join(HERE, os.pardir, "tests", "helpers", "deepspeed_app.py")
 
 OURS = """
     import time, torchckpt
     base = reset_peak()
     t0 = time.perf_counter()
-    sd = torchckpt.load({folder!r})
+    sd = torchckpt.load({folder!r}, workers={workers})
     result = time.perf_counter() - t0
     assert len(sd)
 """
@@ -41,7 +43,9 @@ THEIRS = """
 
 
 def main() -> None:
-    args = bench_args(__doc__, size_mib=512)
+    args = bench_args(__doc__, size_mib=512, extra=lambda ap: ap.add_argument(
+        "--workers", default="1 2", help="pool sizes of torchckpt.load (the first is compared with zero_to_fp32)"))
+    pools = [int(w) for w in args.workers.split()]
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-ds-", dir=args.dir)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", DS_APP_BIG_MIB=str(args.size_mib))
     try:
@@ -53,10 +57,19 @@ def main() -> None:
         for config in ("2-fp32", "3-fp32"):
             run = os.path.join(folder, config)
             size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(run) for f in fs) / 2**20
-            theirs = measure(THEIRS.format(folder=run), args.repeats)
-            ours = measure(OURS.format(folder=run), args.repeats)
+            for dirpath, _, names in os.walk(run):  # warm the page cache
+                for name in names:
+                    with open(os.path.join(dirpath, name), "rb") as fh:
+                        while fh.read(64 << 20):
+                            pass
+            codes = {"theirs": THEIRS.format(folder=run)}
+            codes.update({f"workers={w}": OURS.format(folder=run, workers=w) for w in pools})
+            res = measure_alternated(codes, args.repeats)
+            theirs, first = res["theirs"], res[f"workers={pools[0]}"]
             rows += [(f"ZeRO-{config[0]}: zero_to_fp32 ({size:.0f} MiB folder)", theirs, None),
-                     (f"ZeRO-{config[0]}: torchckpt.load", ours, theirs)]
+                     (f"ZeRO-{config[0]}: torchckpt.load(workers={pools[0]})", first, theirs)]
+            rows += [(f"ZeRO-{config[0]}: torchckpt.load(workers={w}) vs workers={pools[0]}", res[f"workers={w}"], first)
+                     for w in pools[1:]]
         print_table(f"DeepSpeed consolidation, {args.size_mib} MiB of fp32 weights, 2 ranks, medians of "
                     f"{args.repeats} fresh processes", rows, size_mib=args.size_mib)
     finally:

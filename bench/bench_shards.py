@@ -1,13 +1,19 @@
-"""Benchmark: a sharded checkpoint (an index over N safetensors shards, as save_pretrained writes it) read by
-1 and by 2+ threads (``torchckpt.load(index, workers=W, mmap=False)``), warm page cache.
+"""Benchmark: checkpoints of N parts read by 1 and by 2+ threads (``torchckpt.load(path, workers=W,
+mmap=False)``), warm page cache: an index over N safetensors shards (as save_pretrained writes it) and a
+torch.distributed.checkpoint directory of the same state dict in N data files (``__0_<i>.distcp``).
 
-    python bench/bench_shards.py [--size-mib 1024] [--shards 8] [--repeats 5] [--workers "1 2"]
+    python bench/bench_shards.py [--size-mib 1024] [--shards 8] [--repeats 5] [--workers "1 2"] [--no-dcp]
 
 Target (issue 27): 2 threads at least 1.6x faster than 1 thread on 8 shards with a warm page cache, at
 the same peak memory. Also in the same run: what a user writes without torchckpt (safetensors'
-``load_file`` over the shards, one after another), and the index mapped (``mmap=True``: nothing is read
-until used). Each case is a fresh process; runs alternate between the cases; the files are read once
-before the first run so the page cache is warm. Medians, peak RSS above the process before the load.
+``load_file`` over the shards, one after another; DCP's own ``dcp.load`` into tensors allocated from the
+metadata), and the index mapped (``mmap=True``: nothing is read until used). Each case is a fresh process;
+runs alternate between the cases; the files are read once before the first run so the page cache is
+warm. Medians, peak RSS above the process before the load.
+
+Threads can only be faster when the machine has a free core: before and after the cases, two processes
+spinning in pure Python for a moment measure the cores this run could get (their CPU seconds / wall
+seconds: 2.0 on an idle 2-core machine); the "cpu s" column is what the read itself used.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
 from common import bench_args, measure_alternated, print_table, transformer_state_dict
 
@@ -42,17 +51,45 @@ def write_shards(folder: str, size_mib: int, n: int) -> str:
     return index
 
 
+def write_dcp(folder: str, size_mib: int, n: int) -> str:
+    """The same state dict as a DCP directory with ``n`` data files (one process, ``n`` writer threads)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.join(folder, "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(transformer_state_dict(size_mib), storage_writer=dcp.FileSystemWriter(path, thread_count=n))
+    return path
+
+
+SPIN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+
+
+def free_cores(n: int = 2) -> float:
+    """CPU seconds / wall seconds of ``n`` processes spinning 0.5 CPU seconds each: the cores free now."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
+    for p in procs:
+        p.wait()
+    return 0.5 * n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     args = bench_args(__doc__, extra=lambda ap: (
         ap.add_argument("--shards", type=int, default=8),
-        ap.add_argument("--workers", default="1 2", help="pool sizes to compare (the first is the baseline)")))
+        ap.add_argument("--workers", default="1 2", help="pool sizes to compare (the first is the baseline)"),
+        ap.add_argument("--no-dcp", action="store_true", help="only the safetensors index")))
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-shards-", dir=args.dir)
     try:
         index = write_shards(folder, args.size_mib, args.shards)
-        for name in os.listdir(folder):  # warm the page cache
-            with open(os.path.join(folder, name), "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+        dcp_dir = None if args.no_dcp else write_dcp(folder, args.size_mib, args.shards)
+        for dirpath, _, names in os.walk(folder):  # warm the page cache
+            for name in names:
+                with open(os.path.join(dirpath, name), "rb") as fh:
+                    while fh.read(64 << 20):
+                        pass
         pools = [int(w) for w in args.workers.split()]
         codes = {f"workers={w}": f"""
 import torchckpt.read.formats.simple, torchckpt.read.formats.sharded, torchckpt.read.opener  # imports are not the load
@@ -60,7 +97,7 @@ base = reset_peak()
 t0 = time.perf_counter()
 sd = torchckpt.load({index!r}, workers={w}, mmap=False)
 result = time.perf_counter() - t0
-assert len(sd) > 100
+assert len(sd) > 10
 """ for w in pools}
         codes["safetensors.load_file per shard"] = f"""
 import json, safetensors.torch
@@ -80,11 +117,35 @@ t0 = time.perf_counter()
 sd = torchckpt.load({index!r}, mmap=True)
 result = time.perf_counter() - t0
 """
+        if dcp_dir is not None:
+            codes.update({f"dcp workers={w}": f"""
+import torchckpt.read.formats.dcp, torchckpt.read.opener
+base = reset_peak()
+t0 = time.perf_counter()
+sd = torchckpt.load({dcp_dir!r}, workers={w}, mmap=False)
+result = time.perf_counter() - t0
+assert len(sd) > 10
+""" for w in pools})
+            codes["dcp.load"] = f"""
+import warnings
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+warnings.simplefilter("ignore")
+base = reset_peak()
+t0 = time.perf_counter()
+meta = dcp.FileSystemReader({dcp_dir!r}).read_metadata()
+sd = {{k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+      if isinstance(m, TensorStorageMetadata)}}
+dcp.load(sd, checkpoint_id={dcp_dir!r})
+result = time.perf_counter() - t0
+"""
+        before = free_cores()
         res = measure_alternated(codes, args.repeats)
+        after = free_cores()
         first = f"workers={pools[0]}"
-        print(f"{args.shards} safetensors shards, ~{args.size_mib} MiB in all, warm page cache; medians of "
+        print(f"{args.shards} parts, ~{args.size_mib} MiB in all, warm page cache; medians of "
               f"{args.repeats} alternated fresh processes; load average {os.getloadavg()[0]:.1f}; "
-              f"{len(os.sched_getaffinity(0))} cores")
+              f"{len(os.sched_getaffinity(0))} cores, free cores measured before/after: {before:.2f}/{after:.2f}")
         print_table("sharded load (mmap=False: every byte read into the process's memory)",
                     [(f"torchckpt.load(index, workers={pools[0]})          [baseline]", res[first], None)]
                     + [(f"torchckpt.load(index, workers={w})", res[f"workers={w}"], res[first]) for w in pools[1:]]
@@ -92,6 +153,19 @@ result = time.perf_counter() - t0
                         res[first]),
                        ("torchckpt.load(index, mmap=True) (not read yet)", res["mmap=True (nothing read yet)"],
                         res[first])], size_mib=args.size_mib)
+        if dcp_dir is not None:
+            base = res[f"dcp workers={pools[0]}"]
+            print_table(f"DCP directory ({args.shards} data files), mmap=False",
+                        [(f"torchckpt.load(dcp, workers={pools[0]})            [baseline]", base, None)]
+                        + [(f"torchckpt.load(dcp, workers={w})", res[f"dcp workers={w}"], base) for w in pools[1:]]
+                        + [("dcp.load into tensors allocated from .metadata", res["dcp.load"], base)],
+                        size_mib=args.size_mib)
+        for w in pools[1:]:
+            for label, key in (("index", "workers="), ("dcp", "dcp workers=")):
+                one, many = res.get(f"{key}{pools[0]}", {}), res.get(f"{key}{w}", {})
+                if "seconds" in one and "seconds" in many and many.get("cpu"):
+                    print(f"{label}: {w} threads {one['seconds'] / many['seconds']:.2f}x faster than {pools[0]}; "
+                          f"the read used {many['cpu'] / many['seconds']:.2f} cores on average (cpu s / wall s)")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
