@@ -28,8 +28,8 @@ from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
 from ..train import exit_guard
-from ..train.checkpointer import cpu_snapshot
 from ..train.restore import load_payload
+from ..train.snapshot import start_snapshot, write_overlapped
 from ..train.training import FORMAT, discard, verify, write_payload
 
 try:
@@ -72,9 +72,15 @@ class TorchckptIO(CheckpointIO):
             write_payload(path, checkpoint)
             return
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
-        snapshot = cpu_snapshot(checkpoint, self._buffers)
-        self._pending = self._pool().submit(write_payload, path, snapshot)
+        snapshot, copies = start_snapshot(checkpoint, self._buffers)
+        self._pending = self._pool().submit(write_overlapped, lambda c: write_payload(path, snapshot, copies=c), copies)
         exit_guard.track(self._pending, f"the background save of {path}", _typed)
+        try:
+            copies.run()  # the writer writes what is copied meanwhile
+        except BaseException:  # interrupted: the writer gives up and publishes nothing of it
+            exit_guard.settled(self._pending)
+            self._pending = None
+            raise
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a checkpoint and its sidecar (queued behind pending writes with ``async_save``)."""

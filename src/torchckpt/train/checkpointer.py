@@ -32,7 +32,7 @@ from .dcp_store import DcpStore
 from .fsspec_store import FsspecStore, resume_url
 from .local_store import LocalStore
 from .restore import resume_file
-from .snapshot import cpu_snapshot
+from .snapshot import Copies, start_snapshot, write_overlapped
 from .store import NAME, Entry, FileStore, Store
 from .training import TrainingState, capture
 from .zero import resume_deepspeed
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resum
     from ..transforms import TransformSpec
 
 __all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
-           "SkippedCheckpointWarning", "RetentionWarning", "cpu_snapshot"]
+           "SkippedCheckpointWarning", "RetentionWarning"]
 
 
 class SkippedCheckpointWarning(UserWarning):
@@ -241,8 +241,15 @@ class Checkpointer:
             self._commit(path, payload)
             return path
         ready: list[Any] = []
-        snapshot = cpu_snapshot(payload, self._buffers, ready)
-        self._submit(f"the background save of {path}", self._commit, path, snapshot, ready)
+        snapshot, copies = start_snapshot(payload, self._buffers, ready)
+        self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
+        try:
+            copies.run()  # the writer writes what is copied meanwhile (see train/snapshot.py)
+        except BaseException:  # interrupted (Ctrl-C): the writer gives up and publishes nothing of it
+            with self._lock:
+                abandoned, self._pending = self._pending, None
+            exit_guard.settled(abandoned)
+            raise
         return path
 
     def _submit(self, what: str, fn: Any, *args: Any) -> None:
@@ -270,7 +277,7 @@ class Checkpointer:
         self._submit(f"the background save of {path}", finish_and_keep)
         return path
 
-    def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = ()) -> None:
+    def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = (), copies: Copies | None = None) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
         try:
@@ -278,7 +285,10 @@ class Checkpointer:
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            self._store.write(path, payload, self.weights_format)
+            if copies is None:
+                self._store.write(path, payload, self.weights_format)
+            else:
+                write_overlapped(lambda c: self._store.write(path, payload, self.weights_format, c), copies)
         except BaseException:
             with contextlib.suppress(Exception):  # the write's own error is the one to report
                 self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer

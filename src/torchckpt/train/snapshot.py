@@ -8,16 +8,28 @@ snapshot and in the file, as they would in a synchronous save. Each CPU storage 
 allocations; fresh ones are ordinary pages, see :func:`_new_buffer`). ``memmove`` releases the GIL and does not go through torch's intra-op thread pool: waking
 that pool from sleep costs tens of milliseconds on a busy machine, far more than copying a few MiB.
 
+For an async save the copies of CPU storages overlap the write (:func:`start_snapshot`): the caller's
+thread copies them, in the order ``torch.save`` writes them and in chunks, while the writer's thread
+already writes those that are done (and copies chunks itself while it waits for one). A write of a storage's bytes waits until that storage is copied, and every write
+returns only once the next storage is copied as well (torch computes a record's CRC-32 before it
+writes the record, just after the previous write returned). The writer checks afterwards that every
+storage went out in that order after its copy; if not (a torch that writes records differently), the
+file is discarded and written again from the complete snapshot, so nothing unfinished is ever committed.
+``save()`` returns when the copies are done, as before; the whole save costs about the larger of the
+copy and the write instead of their sum.
+
 CUDA tensors go to pinned buffers with asynchronous copies; one event per device tells the writer when
 they have landed. Other devices and tensor kinds (quantized, sparse, conjugate views) are copied by torch.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
-from typing import Any
+import threading
+from typing import Any, Callable
 
-__all__ = ["cpu_snapshot"]
+__all__ = ["cpu_snapshot", "start_snapshot", "Copies", "SnapshotInterrupted", "write_overlapped"]
 
 _memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
@@ -36,7 +48,169 @@ def _new_buffer(nbytes: int) -> Any:
     return torch.UntypedStorage(nbytes)
 
 
+class SnapshotInterrupted(Exception):
+    """The caller's copy of an async snapshot was interrupted (e.g. Ctrl-C in ``save()``): nothing is written."""
+
+
+class _OutOfOrder(Exception):
+    """A storage was written before (or without) the wait for its copy: the file is written again."""
+
+
+class Copies:
+    """The CPU storage copies of a snapshot, in the order the pickler meets the storages: made by :meth:`run`
+    on the caller's thread, and by the writer too while it waits for one (:meth:`wait`), in chunks."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, jobs: list[tuple[int, int, int]]) -> None:
+        self._jobs = jobs  # (destination, source, nbytes), in order
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+        self._starts = [jobs[i][0] for i in order]
+        self._index = order
+        self._chunks = [(i, dst + at, src + at, min(self.CHUNK, nbytes - at))
+                        for i, (dst, src, nbytes) in enumerate(jobs) for at in range(0, nbytes, self.CHUNK)]
+        self._left = [0] * len(jobs)  # chunks of each job not yet copied
+        for i, *_ in self._chunks:
+            self._left[i] += 1
+        self._taken = 0  # chunks handed out
+        self._done = 0  # jobs complete, counted from the first
+        self._aborted = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _copy_one(self) -> bool:
+        """Copy the next chunk nobody took (call with the lock held; released while copying)."""
+        if self._taken >= len(self._chunks) or self._aborted:
+            return False
+        job, dst, src, nbytes = self._chunks[self._taken]
+        self._taken += 1
+        self._cond.release()
+        try:
+            _memmove(dst, src, nbytes)  # releases the GIL: both threads copy at once
+        finally:
+            self._cond.acquire()
+        self._left[job] -= 1
+        while self._done < len(self._jobs) and not self._left[self._done]:
+            self._done += 1
+        self._cond.notify_all()
+        return True
+
+    def run(self) -> None:
+        """Copy every storage (caller's thread); returns when the snapshot is complete. Interrupted, the
+        writer is told to give up, and the interruption is re-raised."""
+        try:
+            with self._cond:
+                while self._copy_one():
+                    pass
+                while self._done < len(self._jobs):  # a chunk the writer took is still being copied
+                    self._cond.wait()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """The snapshot will not be completed: writers waiting for it give up (:class:`SnapshotInterrupted`)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def wait(self, count: int | None = None) -> bool:
+        """Until the first ``count`` copies (all by default) are done, copying chunks meanwhile; False when
+        the copying was interrupted."""
+        count = len(self._jobs) if count is None else min(count, len(self._jobs))
+        with self._cond:
+            while self._done < count and not self._aborted:
+                if not self._copy_one():
+                    self._cond.wait()
+            return not self._aborted
+
+    def wait_all(self) -> None:
+        if not self.wait():
+            raise SnapshotInterrupted("the snapshot was interrupted before it was complete")
+
+    def job_at(self, address: int, nbytes: int) -> int | None:
+        """The copy whose destination holds ``[address, address + nbytes)``, if any."""
+        k = bisect.bisect_right(self._starts, address) - 1
+        if k < 0:
+            return None
+        i = self._index[k]
+        dst, _, size = self._jobs[i]
+        return i if address + nbytes <= dst + size else None
+
+    def guard(self, fh: Any) -> "_GuardedFile":
+        return _GuardedFile(fh, self)
+
+
+class _GuardedFile:
+    """``fh`` whose writes wait for the copies they need (see the module's docstring); :meth:`check` after."""
+
+    def __init__(self, fh: Any, copies: Copies) -> None:
+        self._fh = fh
+        self._copies = copies
+        self._seen = 0  # storages written so far, in order
+        self._ensured = 0  # copies known complete when the last write returned
+        self._order_broken = False
+        self._interrupted = False
+        self._address = _buffer_address()
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        if self._interrupted:
+            return n  # nothing of this file is kept: finish quickly
+        if self._seen < len(self._copies) and n:
+            job = self._copies.job_at(self._address(data), n)
+            if job is not None:
+                if job != self._seen or job >= self._ensured:
+                    self._order_broken = True
+                self._seen += 1
+        written = self._fh.write(data)
+        # torch computes the next record's CRC as soon as this returns: its storage must be copied by then
+        if not self._copies.wait(self._seen + 1):
+            self._interrupted = True
+        self._ensured = self._seen + 1
+        return written
+
+    def check(self) -> None:
+        """After the write: raise if it must not be committed (interrupted, or written out of order)."""
+        if self._interrupted or not self._copies.wait():
+            raise SnapshotInterrupted("the snapshot was interrupted before it was complete")
+        if self._order_broken or self._seen != len(self._copies):
+            raise _OutOfOrder(f"{self._seen} of {len(self._copies)} storages were written in the order of the copies")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def _buffer_address() -> Callable[[Any], int]:
+    """The address of the first byte of a buffer (torch hands its writer read-only memoryviews)."""
+    import numpy as np  # lazy: only async saves need it, and torch has imported it by then
+
+    def address(data: Any) -> int:
+        return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+
+    return address
+
+
+def write_overlapped(write: Callable[["Copies | None"], None], copies: Copies) -> None:
+    """``write(copies)``: a write whose file writes wait through ``copies.guard``; if it wrote out of order
+    (its file is discarded), again with the complete snapshot, unguarded."""
+    try:
+        write(copies)
+    except _OutOfOrder:
+        copies.wait_all()
+        write(None)
+
+
 def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> Any:
+    """Deep copy of ``obj`` with every tensor's data copied to CPU memory (see :func:`start_snapshot`)."""
+    out, copies = start_snapshot(obj, buffers, ready)
+    copies.run()
+    return out
+
+
+def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> tuple[Any, Copies]:
     """Deep copy of ``obj`` with every tensor's data copied to CPU memory (the blocking part of an async save).
 
     Containers (dict, OrderedDict, list, tuple) are rebuilt, other values are kept as they are.
@@ -46,12 +220,15 @@ def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = No
 
     For CUDA tensors one event per device is appended to ``ready`` (the writer waits for it; later work
     on the same stream is ordered after the copies); without ``ready`` the copies are waited for here.
+    The CPU storages are not copied yet: ``Copies.run()`` copies them (the snapshot is complete when it
+    returns), in the order in which they first appear in ``obj``.
     """
     import torch  # lazy: torchckpt does not import torch until tensors are involved
 
     memo: dict[int, Any] = {}  # id(tensor) -> its copy
     storages: dict[tuple[int, int], Any] = {}  # (data_ptr, size) of a source CPU storage -> its buffer
     devices: set[Any] = set()
+    jobs: list[tuple[int, int, int]] = []
 
     def tensor(src: Any, where: str) -> Any:
         if src.device.type == "cpu" and type(src) is torch.Tensor and src.layout == torch.strided \
@@ -65,7 +242,7 @@ def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = No
                 buf = buffers.get(where)
                 if not isinstance(buf, torch.UntypedStorage) or buf.nbytes() != nbytes:
                     buf = buffers[where] = _new_buffer(nbytes)
-                _memmove(buf.data_ptr(), ptr, nbytes)
+                jobs.append((buf.data_ptr(), ptr, nbytes))
                 storages[ptr, nbytes] = buf
             return torch.empty(0, dtype=src.dtype).set_(buf, src.storage_offset(), src.size(), src.stride())
         buf = buffers.get(where)
@@ -106,4 +283,4 @@ def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = No
             event.synchronize()
         else:
             ready.append(event)
-    return out
+    return out, Copies(jobs)
