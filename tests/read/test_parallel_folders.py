@@ -138,3 +138,32 @@ def test_scan_and_inspect_of_a_multi_file_directory(folder):
     assert torchckpt.scan(folder, recursive=True).status == "clean"
     report = torchckpt.inspect(folder)
     assert report.format == "dcp" and "model.layer3.w" in {t.key for t in report.tensors}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_after_a_failed_part_the_parts_not_started_never_run(workers):
+    """read_parts itself: the first part fails at once while the others take a while; the error comes out
+    as raised, and of 40 parts only those already running when it came were started."""
+    import threading
+    import time
+
+    from torchckpt.errors import CorruptCheckpointError
+    from torchckpt.read.formats.base import ReadOptions
+    from torchckpt.read.formats.parallel import read_parts
+
+    started, lock = [], threading.Lock()
+
+    def read_one(part, opts):
+        with lock:
+            started.append(part)
+        if part == 0:
+            raise CorruptCheckpointError("part 0 is damaged", path="part-0.bin")
+        time.sleep(0.05)
+        return part
+
+    with pytest.raises(CorruptCheckpointError, match="part 0 is damaged"):
+        list(read_parts(ReadOptions(workers=workers), list(range(40)), read_one))
+    settled = list(started)
+    time.sleep(0.2)
+    assert started == settled  # nothing starts after the error came out
+    assert len(started) <= (1 if workers == 1 else 2 * workers), started
