@@ -353,12 +353,11 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
         out[name] = frozen_param(frags, shape_of(shape, f"frozen {name!r:.60}"), layout.stage == 3, opts)
     key = "fp32_flat_groups" if layout.stage == 3 else "single_partition_of_fp32_groups"
     slices = layout.slices(key)
-    for plan in layout.plans:
-        if opts.meta:
-            out[plan.name] = TensorMeta(plan.shape, contiguous_stride(plan.shape), meta_dtype("float32"))
-            continue
-        tensor = ZeroTensor(plan, slices, layout.ranks, layout.optim_names)
-        out[plan.name] = tensor if lazy else tensor.materialize()
+    tensors: list[Any] = [TensorMeta(plan.shape, contiguous_stride(plan.shape), meta_dtype("float32")) if opts.meta
+                          else ZeroTensor(plan, slices, layout.ranks, layout.optim_names) for plan in layout.plans]
+    if not (opts.meta or lazy):  # gathered side by side (copies from the mapped files, without the GIL)
+        tensors = list(read_parts(opts, tensors, lambda tensor, _: tensor.materialize(None)))
+    out.update((plan.name, tensor) for plan, tensor in zip(layout.plans, tensors))
     for alias, target in (first.get("shared_params") or {}).items():
         if target in out:
             out[str(alias)] = out[target]
