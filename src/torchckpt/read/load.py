@@ -79,9 +79,10 @@ def load(source: SourceLike, *, map_location: MapLocation = "cpu", mmap: bool = 
             sha256 (the hex digest or a prefix of at least 8 digits; ``check_hash=True`` takes the
             prefix from a torch.hub style name ``model-<hex>.pt``) before reading it; a cached copy
             is re-hashed and reused when it still matches. See :func:`torchckpt.download`.
-        workers: threads that read the shards of a sharded checkpoint (an index file, a folder) side by
-            side; the default is one per core, at most 8; ``workers=1`` reads them one after another.
-            The work budget bounds all shards together; an error names the shard.
+        workers: threads that read the parts of a checkpoint side by side (the shards of an index file
+            or folder, the data files of a DCP directory, the rank files of a DeepSpeed folder); the
+            default is one per core, at most 8; ``workers=1`` reads them one after another. The work
+            budget bounds all parts together; an error names the part's file.
         return_info: return ``(obj, info)`` where ``info`` is a :class:`~torchckpt.read.formats.Checkpoint`
             with the detected format, its evidence and every automatic fix applied.
 

@@ -53,8 +53,9 @@ def open_checkpoint(source: SourceLike, mode: Mode | str = Mode.BUILD, policy: P
         trace: collect the trace here (``scan`` keeps what was recorded even when the read fails).
         storage_options: options for a URL's fsspec filesystem, also used for the files it names
             (shards, DCP data files). URLs are read by byte ranges.
-        workers: threads that read the shards of a sharded checkpoint side by side (default: one per
-            core, at most 8; a ``structure`` or ``record`` read uses one); 1 reads them one by one.
+        workers: threads that read the parts of a checkpoint side by side: the shards of an index, the
+            data files of a DCP directory, the rank files of a DeepSpeed folder (default: one per core,
+            at most 8; a ``structure`` or ``record`` read uses one); 1 reads them one by one.
 
     Yields the :class:`Checkpoint`; its ``reader`` stays open inside the ``with`` block.
     Raises :class:`~torchckpt.errors.CheckpointError` subclasses naming the file.
