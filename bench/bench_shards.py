@@ -76,6 +76,19 @@ def free_cores(n: int = 2) -> float:
     return 0.5 * n / (time.perf_counter() - t0)
 
 
+def load_code(path: str, workers: int) -> str:
+    """A measured ``torchckpt.load(path, workers=...)`` that reads every byte."""
+    return f"""
+import torchckpt.read.formats.simple, torchckpt.read.formats.sharded, torchckpt.read.formats.dcp
+import torchckpt.read.opener  # imports are not the load
+base = reset_peak()
+t0 = time.perf_counter()
+sd = torchckpt.load({path!r}, workers={workers}, mmap=False)
+result = time.perf_counter() - t0
+assert len(sd) > 10
+"""
+
+
 def main() -> None:
     args = bench_args(__doc__, extra=lambda ap: (
         ap.add_argument("--shards", type=int, default=8),
@@ -91,14 +104,7 @@ def main() -> None:
                     while fh.read(64 << 20):
                         pass
         pools = [int(w) for w in args.workers.split()]
-        codes = {f"workers={w}": f"""
-import torchckpt.read.formats.simple, torchckpt.read.formats.sharded, torchckpt.read.opener  # imports are not the load
-base = reset_peak()
-t0 = time.perf_counter()
-sd = torchckpt.load({index!r}, workers={w}, mmap=False)
-result = time.perf_counter() - t0
-assert len(sd) > 10
-""" for w in pools}
+        codes = {f"workers={w}": load_code(index, w) for w in pools}
         codes["safetensors.load_file per shard"] = f"""
 import json, safetensors.torch
 base = reset_peak()
@@ -118,14 +124,7 @@ sd = torchckpt.load({index!r}, mmap=True)
 result = time.perf_counter() - t0
 """
         if dcp_dir is not None:
-            codes.update({f"dcp workers={w}": f"""
-import torchckpt.read.formats.dcp, torchckpt.read.opener
-base = reset_peak()
-t0 = time.perf_counter()
-sd = torchckpt.load({dcp_dir!r}, workers={w}, mmap=False)
-result = time.perf_counter() - t0
-assert len(sd) > 10
-""" for w in pools})
+            codes.update({f"dcp workers={w}": load_code(dcp_dir, w) for w in pools})
             codes["dcp.load"] = f"""
 import warnings
 import torch.distributed.checkpoint as dcp

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt.errors import CheckpointError, LimitExceededError
+from torchckpt.errors import CheckpointError
 from torchckpt.read.opener import open_checkpoint
+
+from test_parallel_shards import fits, least
 
 
 def state() -> dict:
@@ -113,25 +115,9 @@ def test_the_budget_bounds_all_data_files_together(folder):
     """The smallest step budget that reads the directory is the same for every pool size: the steps of the
     items read on other threads are charged to the one budget."""
 
-    def fits(steps, workers):
-        policy = torchckpt.Policy(budget=torchckpt.Budget(steps=steps, amplification=0))
-        try:
-            torchckpt.load(folder, policy=policy, workers=workers)
-            return True
-        except LimitExceededError:
-            return False
-
-    def least(workers):
-        low, high = 0, 1 << 20
-        assert fits(high, workers)
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (low, mid) if fits(mid, workers) else (mid, high)
-        return high
-
-    whole = {workers: least(workers) for workers in (1, 2, 4)}
+    whole = {workers: least(folder, workers) for workers in (1, 2, 4)}
     assert whole[1] == whole[2] == whole[4], whole
-    assert not fits(whole[1] - 1, 4)
+    assert not fits(folder, whole[1] - 1, 4)
 
 
 def test_scan_and_inspect_of_a_multi_file_directory(folder):

@@ -85,28 +85,31 @@ def test_a_shard_missing_the_tensors_the_index_puts_there_names_it(tmp_path, wor
         torchckpt.load(index, workers=workers)
 
 
+def fits(path, steps, workers):
+    """Whether ``path`` loads within a budget of ``steps`` VM steps."""
+    policy = torchckpt.Policy(budget=torchckpt.Budget(steps=steps, amplification=0))
+    try:
+        torchckpt.load(path, policy=policy, workers=workers)
+        return True
+    except LimitExceededError:
+        return False
+
+
+def least(path, workers):
+    """The smallest step budget that loads ``path`` (bisection)."""
+    low, high = 0, 1 << 20
+    assert fits(path, high, workers)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(path, mid, workers) else (mid, high)
+    return high
+
+
 def test_the_budget_bounds_all_shards_together(tmp_path):
     """The smallest step budget that reads the whole index is the same for every pool size, and it is the
     sum over the shards (far above what one shard needs): parallel parts are charged to the one budget."""
     index, _ = write_sharded(tmp_path, fmt="bin", per_shard=20, extra_items=50)
     one = tmp_path / "model-00001-of-00008.bin"
-
-    def fits(path, steps, workers):
-        policy = torchckpt.Policy(budget=torchckpt.Budget(steps=steps, amplification=0))
-        try:
-            torchckpt.load(path, policy=policy, workers=workers)
-            return True
-        except LimitExceededError:
-            return False
-
-    def least(path, workers):
-        low, high = 0, 1 << 20
-        assert fits(path, high, workers)
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (low, mid) if fits(path, mid, workers) else (mid, high)
-        return high
-
     single = least(one, 1)
     whole = {workers: least(index, workers) for workers in (1, 2, 8)}
     assert whole[1] == whole[2] == whole[8], whole
