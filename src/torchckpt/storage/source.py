@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import sys
 from typing import IO, Any, Union
 
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
@@ -283,16 +282,14 @@ class Source:
         import torch
 
         storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        self.read_into(storage, offset, nbytes, fresh=True)
+        self.read_into(storage, offset, nbytes)
         return storage
 
-    def read_into(self, target: Any, offset: int, nbytes: int, fresh: bool = False) -> None:
+    def read_into(self, target: Any, offset: int, nbytes: int) -> None:
         """Copy ``[offset, offset+nbytes)`` into an existing ``UntypedStorage`` on any device.
 
         Local files are read with pread straight into the destination: the data never passes
-        through a mapping, so it does not count twice in the process's memory. ``fresh``: the
-        destination was just allocated (its pages are faulted in, piece by piece, before each pread:
-        :func:`prefault`).
+        through a mapping, so it does not count twice in the process's memory.
         """
         import numpy as np
         import torch
@@ -317,9 +314,7 @@ class Source:
             fd = self._descriptor()
             done = 0
             while done < nbytes:
-                chunk = min(nbytes - done, PREFAULT_STEP if fresh else 1 << 28)
-                if fresh:
-                    prefault(view[done:].ctypes.data, chunk)
+                chunk = min(nbytes - done, 1 << 28)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
@@ -356,39 +351,6 @@ class Source:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-PREFAULT_MIN = 1 << 20  # smaller reads fault few pages
-PREFAULT_STEP = 8 << 20  # faulted in and read piece by piece: the zeroed pages are still in the cache when
-# the copy comes, and another thread's allocation (mmap, which waits for madvise) waits for one piece at most
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_madvise: Any = None  # libc's madvise, False where unavailable
-
-
-def prefault(address: int, nbytes: int) -> None:
-    """Map the pages of fresh memory ``[address, address+nbytes)`` before a ``pread`` fills it.
-
-    A ``pread`` into fresh memory takes one page fault per 4 KiB page inside the copy; faulting them in
-    with one ``madvise(MADV_POPULATE_WRITE)`` first is less system time for the whole read (measured: 8
-    shards, 512 MiB, fresh processes, medians 0.35 -> 0.33 s on a loaded machine, 0.33 -> 0.25 s in one
-    process). Semantically a no-op (the range is written next anyway); skipped on other systems, older
-    kernels and small reads.
-    """
-    global _madvise
-    if nbytes < PREFAULT_MIN or _madvise is False:
-        return
-    if _madvise is None:
-        if not sys.platform.startswith("linux"):
-            _madvise = False
-            return
-        import ctypes  # lazy: only large local reads on Linux need it
-
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-        _madvise = fn
-    start, end = (address + 4095) & ~4095, (address + nbytes) & ~4095  # whole pages inside the range
-    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        _madvise = False  # EINVAL: a kernel without it; never asked again
 
 
 def _seekable(f: Any) -> bool:
