@@ -29,7 +29,7 @@ from typing import Any, Mapping
 from ..errors import CheckpointWriteError, ResumeError
 from ..train import exit_guard
 from ..train.restore import load_payload
-from ..train.snapshot import start_snapshot, write_overlapped
+from ..train.snapshot import Copies, start_snapshot
 from ..train.training import FORMAT, discard, verify, write_payload
 
 try:
@@ -73,10 +73,10 @@ class TorchckptIO(CheckpointIO):
             return
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
         snapshot, copies = start_snapshot(checkpoint, self._buffers)
-        self._pending = self._pool().submit(write_overlapped, lambda c: write_payload(path, snapshot, copies=c), copies)
+        self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
         exit_guard.track(self._pending, f"the background save of {path}", _typed)
         try:
-            copies.run()  # the writer writes what is copied meanwhile
+            copies.run()  # the writer's thread copies chunks too
         except BaseException:  # interrupted: the writer gives up and publishes nothing of it
             exit_guard.settled(self._pending)
             self._pending = None
@@ -146,6 +146,11 @@ def _typed(exc: BaseException) -> BaseException:
     if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
         return CheckpointWriteError(f"background save failed: {exc}")
     return exc
+
+
+def _write_when_copied(copies: Copies, path: str, snapshot: dict[str, Any]) -> None:
+    copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if the save was interrupted
+    write_payload(path, snapshot)
 
 
 def _remove_after(previous: Future[Any], path: str) -> None:

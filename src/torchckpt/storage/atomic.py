@@ -334,9 +334,9 @@ def _load_sync_file_range() -> Any:
         return None
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the process's own symbols include libc's; ctypes.util.find_library would run ldconfig (~2 ms per import)
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
         fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         return fn

@@ -32,7 +32,7 @@ from .dcp_store import DcpStore
 from .fsspec_store import FsspecStore, resume_url
 from .local_store import LocalStore
 from .restore import resume_file
-from .snapshot import Copies, start_snapshot, write_overlapped
+from .snapshot import Copies, start_snapshot
 from .store import NAME, Entry, FileStore, Store
 from .training import TrainingState, capture
 from .zero import resume_deepspeed
@@ -244,7 +244,7 @@ class Checkpointer:
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
         self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
         try:
-            copies.run()  # the writer writes what is copied meanwhile (see train/snapshot.py)
+            copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
         except BaseException:  # interrupted (Ctrl-C): the writer gives up and publishes nothing of it
             with self._lock:
                 abandoned, self._pending = self._pending, None
@@ -280,15 +280,14 @@ class Checkpointer:
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = (), copies: Copies | None = None) -> None:
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
+        if copies is not None:
+            copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if save() was interrupted
         try:
             self._store.begin(path)
         except OSError as exc:
             raise write_error(path, exc) from None
         try:
-            if copies is None:
-                self._store.write(path, payload, self.weights_format)
-            else:
-                write_overlapped(lambda c: self._store.write(path, payload, self.weights_format, c), copies)
+            self._store.write(path, payload, self.weights_format)
         except BaseException:
             with contextlib.suppress(Exception):  # the write's own error is the one to report
                 self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer

@@ -32,7 +32,6 @@ from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
 from . import sidecar
-from .snapshot import Copies
 from .training import TrainingState, data_files, verify, write_data
 
 __all__ = ["FsspecStore", "upload", "downloaded", "resume_url"]
@@ -125,9 +124,7 @@ class FsspecStore:
         to abort incomplete multipart uploads); staging folders of dead local writers go at each upload."""
         return []
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str, copies: Copies | None = None) -> None:
-        if copies is not None:
-            copies.wait_all()  # the upload is the long part; the local staging write is not overlapped
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
         upload(path, payload, weights_format, self.options)
 
     # ------------------------------------------------------------------ resuming

@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import CheckpointWriteError, CorruptCheckpointError
 from ..storage.atomic import clean_temp_files, fsync_dir, write_error
 from . import sidecar
-from .snapshot import Copies
 from .restore import resume_file
 from .store import LOCK_NAME, Entry, commit_problem, file_name, marker_path, step_of
 from .training import TrainingState, discard, verify, write_payload
@@ -77,8 +76,8 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             os.remove(marker_path(path))
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str, copies: Copies | None = None) -> None:
-        write_payload(path, payload, weights_format, copies)
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
+        write_payload(path, payload, weights_format)
 
     def delete(self, path: str) -> None:
         """Remove a committed checkpoint: marker first, then the sidecar (it stops being a checkpoint), data, marker.

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping, Protocol
 
 from . import sidecar
-from .snapshot import Copies
 from .training import FORMAT, TrainingState
 
 __all__ = ["Store", "FileStore", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
@@ -142,10 +141,9 @@ class FileStore(Store, Protocol):
     def begin(self, path: str) -> None:
         """Write the intent marker of ``path`` before any of its files changes (raises OSError)."""
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str, copies: Copies | None = None) -> None:
+    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
         """Write ``payload`` to ``path`` and commit it (sidecar last); if anything fails, no file of it
-        stays under its final name. ``copies``: ``payload`` is an async snapshot still being copied;
-        wait for it (``copies.wait_all()``) or write through ``copies.guard`` (see train/snapshot.py)."""
+        stays under its final name."""
 
     def end(self, path: str) -> None:
         """The step begun on ``path`` is complete (committed or every file removed): drop its marker."""

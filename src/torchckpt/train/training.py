@@ -37,7 +37,6 @@ from ..storage.atomic import AtomicFiles, file_sha256
 from .. import read  # the face is lazy: the readers load when a safetensors file is first written
 from ..storage.reclaim import remove_file
 from . import sidecar
-from .snapshot import Copies
 
 __all__ = ["write_payload", "write_data", "discard", "TrainingState", "capture", "verify"]
 
@@ -200,8 +199,7 @@ def plain_number(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- write / read
-def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt",
-                  copies: Copies | None = None) -> dict[str, Any]:
+def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
     """Write payload and its sidecar (the commit record) atomically and durably. Returns the sidecar document.
 
     The data file(s) and the sidecar are written under temp names and renamed with the sidecar last,
@@ -212,13 +210,12 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
     directory (one disk flush, not two): a power loss before the save returns can leave it incomplete
     under its names, which its sidecar's size and digest refuse (a Checkpointer then resumes the previous
     one; a kill leaves it complete). The save returns only once everything is durable. If anything cannot
-    be written, no file of this checkpoint stays under its final name. ``copies``: the payload is an async
-    snapshot still being copied (:func:`~torchckpt.train.snapshot.start_snapshot`); writes wait for it.
+    be written, no file of this checkpoint stays under its final name.
     """
     path = os.fspath(path)
     try:
         with AtomicFiles(os.path.dirname(os.path.abspath(path))) as group:
-            meta = write_data(path, payload, weights_format, group=group, copies=copies)
+            meta = write_data(path, payload, weights_format, group=group)
             sidecar.write_into(group, path, meta)
             group.publish(remove_first=[sidecar.path_of(path)], verified=True)  # the sidecar checks the data
     except CheckpointWriteError as exc:
@@ -264,7 +261,7 @@ def _mib(n: int) -> str:
 
 
 def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
-               group: AtomicFiles | None = None, copies: Copies | None = None) -> dict[str, Any]:
+               group: AtomicFiles | None = None) -> dict[str, Any]:
     """Write the data file(s) of a checkpoint; returns the sidecar document (not yet written).
 
     Without ``group`` the files are published atomically and durably here; with one, they are only
@@ -275,14 +272,11 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
     path = os.fspath(path)
     if group is None:
         with AtomicFiles(os.path.dirname(os.path.abspath(path))) as own:
-            meta = write_data(path, payload, weights_format, group=own, copies=copies)
+            meta = write_data(path, payload, weights_format, group=own)
             own.publish()
         return meta
     digest: dict[str, Any] = {}
     files = [os.path.basename(path)]
-    if copies is not None and weights_format != "pt":
-        copies.wait_all()  # the safetensors writer hashes as it goes: only torch.save's writes are guarded
-        copies = None
     if weights_format == "safetensors" and "model" in payload:
         weights_path = path + ".safetensors"
         with group.write(weights_path) as fh:
@@ -292,12 +286,7 @@ def write_data(path: str, payload: dict[str, Any], weights_format: str = "pt",
     elif weights_format != "pt":
         raise ValueError(f"weights_format must be 'pt' or 'safetensors', not {weights_format!r}")
     with group.write(path) as fh:
-        if copies is None:
-            torch.save(payload, fh)
-        else:
-            guarded = copies.guard(fh)
-            torch.save(payload, guarded)
-            guarded.check()  # raises before anything is published if this file must not be committed
+        torch.save(payload, fh)
     written = group.temps[os.path.abspath(path)]  # read back before publishing: the digest goes in the sidecar
     meta = {"format": FORMAT, "file": os.path.basename(path), "files": files, "content_sha256": zip_digest(written),
             "size": os.path.getsize(written), "epoch": payload.get("epoch"), "step": payload.get("step"),
