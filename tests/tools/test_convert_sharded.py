@@ -165,3 +165,25 @@ def test_url_destination_is_refused_before_any_work(tmp_path) -> None:
     torch.save(_model_sd(layers=1), tmp_path / "m.pt")
     with pytest.raises(CheckpointWriteError, match="URL"):
         torchckpt.convert(tmp_path / "m.pt", "s3://bucket/hf", to="sharded-safetensors")
+
+
+def test_values_that_are_not_tensors_are_named_as_left_out(tmp_path) -> None:
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7, "config": {"lr": 0.1},
+                "extra": {"nested": [torch.zeros(2), "label", {"k": 1}]}}, tmp_path / "train.pt")
+    report = torchckpt.convert(tmp_path / "train.pt", tmp_path / "hf", to="sharded-safetensors")
+    assert report.verified and report.tensors == 9
+    (left_out,) = [c for c in report.changes if "not tensors left out" in c]
+    for path in ("step", "config", "optimizer.param_groups", "extra.nested.1", "extra.nested.2"):
+        assert path in left_out, path
+    assert "optimizer.state" not in left_out and "model" not in left_out.split("(")[1]  # those hold tensors
+    assert left_out.endswith("(5)")
+    # only tensors: nothing is said to be left out
+    torch.save(_model_sd(), tmp_path / "m.pt")
+    plain = torchckpt.convert(tmp_path / "m.pt", tmp_path / "hf2", to="sharded-safetensors")
+    assert not [c for c in plain.changes if "left out" in c]
+    weights = torchckpt.convert(tmp_path / "train.pt", tmp_path / "hf3", to="sharded-safetensors", weights_only=True)
+    assert not [c for c in weights.changes if "left out" in c] and weights.tensors == 2

@@ -23,7 +23,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, cast
 from ..errors import CheckpointWriteError
 from .reclaim import drain, free_later, remove_file, replace_file
 
-__all__ = ["atomic_write", "AtomicFiles", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
+__all__ = ["atomic_write", "process_alive", "AtomicFiles", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
            "os_error_in", "TEMP_MARK"]
 
 TEMP_MARK = ".tmp-"
@@ -378,20 +378,21 @@ def clean_temp_files(directory: str, *, only_dead: bool = True, is_ours: Callabl
         if not name.startswith(".") or TEMP_MARK not in name or not is_ours(name):
             continue
         pid_text = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-        if only_dead and pid_text.isdigit() and _alive(int(pid_text)):
+        if only_dead and pid_text.isdigit() and process_alive(int(pid_text)):
             continue
         _remove_quietly(os.path.join(directory, name))
         removed.append(name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (ours, or someone else's we may not signal)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except OSError:
+        return True  # exists, owned by someone else
     return True

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from ..errors import CorruptCheckpointError
 from ..storage import files
+from ..storage.atomic import process_alive
 from ..storage.remote import StorageOptions, join
 from . import store
 from .restore import resume_file
@@ -181,18 +182,8 @@ def _clean_stale_staging() -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(root):
             pid = name[len(STAGING):].split("-", 1)[0] if name.startswith(STAGING) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _renamed(state: TrainingState, local: str, url: str) -> None:

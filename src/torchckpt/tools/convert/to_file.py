@@ -26,7 +26,7 @@ import numpy as np
 from ...errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, LimitExceededError, \
     UnsupportedFormatError
 from ...fit.select import lookup, select
-from ...fit.tree import TensorMeta, expanded_size, flatten, is_module_like, is_tensor_like, module_classes, \
+from ...fit.tree import TensorMeta, flatten, is_module_like, is_tensor_like, module_classes, \
     state_dict_of
 from ...read.opener import open_checkpoint
 from ...read import FunctionRef, LuaFunction, Mode, PackedParams, Stub, T7Object, TreeMeter, is_stub_class, stub_name, \
@@ -37,8 +37,9 @@ from ...read.trust import Policy, resolve_policy
 from ...storage import files as storage
 from ...storage.atomic import atomic_write
 from ...storage.remote import is_url
-from ...text import key_text, summary
+from ...text import summary
 from . import to_sharded
+from .outline import outline, plain_paths
 from .options import FloatDtype, OutputFormat, float_dtype, output_format
 from .byte_io import compare_all, copy_range, same_bits, verify_safetensors
 
@@ -131,6 +132,11 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
         # missing parent directories are created, as `torchckpt.save` and a `.dcp` destination do
         storage.makedirs(os.path.dirname(os.path.abspath(dst)))
         if to == "sharded-safetensors":
+            left_out = plain_paths(outline(tree, loaded.tree_meter, expanded=False))
+            if left_out:  # an index and its shards hold tensors only: say what the folder does not have
+                shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+                changes[f"values that are not tensors left out ({shown}): a sharded-safetensors folder holds "
+                        "tensors only; convert to .pt or .safetensors to keep them"] += len(left_out)
             report.bytes = to_sharded.write_sharded(dst, tensors, materialize, shard_limit, progress, report,
                                                    stream_safetensors)
         elif to == "safetensors":
@@ -138,7 +144,7 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
             if classes:
                 metadata["torchckpt.classes"] = json.dumps(classes)
             elif not weights_only and key is None:
-                metadata["torchckpt.tree"] = json.dumps(_skeleton(tree, loaded.tree_meter, expanded=False))
+                metadata["torchckpt.tree"] = json.dumps(outline(tree, loaded.tree_meter, expanded=False))
             report.bytes = _write_safetensors(dst, tensors, metadata, materialize, progress, report)
         else:
             final = _materialize_tree(tree, materialize, {})
@@ -323,31 +329,6 @@ def _key(k: Any, changes: Counter[str]) -> Any:
         return k
     changes["non-scalar dict keys -> repr strings"] += 1
     return summary(k, 4096)
-
-
-def _skeleton(tree: Any, meter: TreeMeter, expanded: bool = True) -> Any:
-    """The JSON outline of the tree (tensors as markers) kept in safetensors metadata. JSON cannot
-    share a value, so a value shared under many paths is written under each: its expanded size is
-    counted first (each shared value once) and charged to ``meter`` before anything is built."""
-    if not expanded:
-        meter.visit(n=expanded_size(tree, _skeleton_children))
-    if is_tensor_like(tree):
-        return {"__tensor__": True}
-    if isinstance(tree, dict):
-        return {key_text(k): _skeleton(v, meter) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple, set)):
-        return [_skeleton(v, meter) for v in tree]
-    if isinstance(tree, str) or tree is None or isinstance(tree, (bool, float)):
-        return tree
-    if isinstance(tree, int):
-        return tree if tree.bit_length() < 1000 else key_text(tree)
-    return summary(tree, 4096)
-
-
-def _skeleton_children(tree: Any) -> Any:
-    if is_tensor_like(tree) or not isinstance(tree, (dict, list, tuple, set)):
-        return ()
-    return tree.values() if isinstance(tree, dict) else tree
 
 
 def _is_float(t: Any) -> bool:
