@@ -182,7 +182,8 @@ def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
 def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any, tuple[Any, ...]], dict[str, Any]],
             opts: ReadOptions) -> tuple[Any, list[tuple[Any, Any]]]:
     """The tensor ``fqn`` with the dtype and shape the metadata declares, not read yet (a :class:`DcpTensor`,
-    or a TensorMeta for a structure-only read), and the storage records of its chunks with their offsets.
+    or a TensorMeta for a structure-only read), and the storage records of its chunks with the chunks
+    (``(offsets, sizes)``).
 
     The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
     and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
@@ -197,7 +198,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
         raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
                                  f"hold {stored}")
-    records = [(info, offsets) for info, (offsets, _) in zip(infos, chunks)]
+    records = list(zip(infos, chunks))
     if opts.meta:
         return TensorMeta(size, contiguous_stride(size), meta_dtype(name)), records
     return DcpTensor(reader.directory, fqn, size, dtype, chunks, where, opts), records
@@ -206,7 +207,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
 def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, Any]]]], opts: ReadOptions,
                   lazy: bool) -> "OrderedDict[str, Any]":
     """The values of the checked ``entries`` ``(fqn, tensor or None for a bytes item, [(storage record,
-    chunk offsets)])``, read data file by data file (the files side by side on ``opts.workers`` threads,
+    chunk (offsets, sizes) or None)])``, read data file by data file (the files side by side on ``opts.workers`` threads,
     :func:`read_parts`), in the metadata's order.
 
     A tensor stored as one chunk is that chunk's tensor; one in several chunks is allocated once and
@@ -216,27 +217,27 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
     """
     build = [value for _, value, _ in entries if isinstance(value, DcpTensor)] if not lazy else []
     read_tensors = bool(build) or opts.mode is Mode.RECORD
-    files: dict[str, list[tuple[str, Any, Any, Any]]] = {}  # data file -> (fqn, tensor, record, offsets)
+    files: dict[str, list[tuple[str, Any, Any, Any]]] = {}  # data file -> (fqn, tensor, record, chunk)
     for fqn, value, records in entries:
         if value is None or read_tensors:
-            for info, offsets in records:
-                files.setdefault(reader.rel(info), []).append((fqn, value, info, offsets))
+            for info, chunk in records:
+                files.setdefault(reader.rel(info), []).append((fqn, value, info, chunk))
     flat: OrderedDict[str, Any] = OrderedDict((fqn, value) for fqn, value, _ in entries)
     whole = {t.fqn: t.allocate() for t in build}  # None: one chunk is the whole tensor
 
     def read_file(rel: str, part_opts: ReadOptions) -> list[tuple[str, Any]]:
         done: list[tuple[str, Any]] = []
-        for fqn, tensor, info, offsets in files[rel]:
+        for fqn, tensor, info, chunk in files[rel]:
             value = reader.item(info, fqn, part_opts)
             if tensor is None:
                 done.append((fqn, value))
             elif isinstance(tensor, DcpTensor) and not lazy:
-                chunk = tensor.check_chunk(value, offsets, rel)
+                part = tensor.check_chunk(value, chunk, rel)
                 target = whole[fqn]
                 if target is None:
-                    done.append((fqn, chunk))
+                    done.append((fqn, part))
                 else:  # chunks are disjoint: threads fill their own places
-                    target[tensor.place(offsets, tuple(chunk.shape))] = chunk
+                    target[tuple(slice(o, o + n) for o, n in zip(*chunk))] = part
             # else: scan runs (and records) the streams load reads
         return done
 
@@ -297,14 +298,14 @@ class DcpTensor(TensorMeta):
 
     def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
         info = self.where.get((self.fqn, offsets))
-        return self.check_chunk(reader.item(info, self.fqn), offsets, reader.rel(info))
+        return self.check_chunk(reader.item(info, self.fqn), (offsets, sizes), reader.rel(info))
 
-    def check_chunk(self, part: Any, offsets: tuple[Any, ...], rel: str) -> Any:
-        """``part``, the value read for the chunk at ``offsets`` (in data file ``rel``), if it is a tensor
-        of the declared dtype and the chunk's size."""
+    def check_chunk(self, part: Any, chunk: tuple[tuple[Any, ...], tuple[Any, ...]], rel: str) -> Any:
+        """``part``, the value read for ``chunk`` ``(offsets, sizes)`` (in data file ``rel``), if it is a
+        tensor of the declared dtype and the chunk's sizes."""
         import torch  # lazy: only building tensors needs torch
 
-        sizes = next(s for o, s in self.chunks if o == offsets)
+        offsets, sizes = chunk
         if not isinstance(part, torch.Tensor) or part.dtype != self.full_dtype or tuple(part.shape) != sizes:
             got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
             raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} in {rel!r:.120} holds "
@@ -320,10 +321,6 @@ class DcpTensor(TensorMeta):
         if any(o == tuple(0 for _ in self.shape) and s == tuple(self.shape) for o, s in self.chunks):
             return None
         return torch.empty(tuple(self.shape), dtype=self.full_dtype)
-
-    def place(self, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> tuple[slice, ...]:
-        """Where the chunk at ``offsets`` of ``sizes`` goes in the whole tensor."""
-        return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
 def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
