@@ -56,7 +56,7 @@ def test_with_both_threads_copying_the_snapshot_is_complete_when_run_returns():
     assert not torch.equal(_flat(snapshot)["embed"], state["model"]["embed"])  # a copy, not the source
 
 
-@pytest.mark.parametrize("copied_first", [0, 1, 3])
+@pytest.mark.parametrize("copied_first", [0, 1])  # 2 and 3 share the last chunk with 4: complete
 def test_an_interrupted_copy_wakes_the_writer_with_a_typed_error(copied_first):
     snapshot, copies = start_snapshot(_state(), {})
     assert copies.wait(copied_first)  # part of the snapshot was copied when Ctrl-C came
@@ -69,7 +69,7 @@ def test_an_interrupted_copy_wakes_the_writer_with_a_typed_error(copied_first):
             errors.append(exc)
 
     thread = threading.Thread(target=writer)
-    copies.abort()  # what run() does when it is interrupted
+    assert copies.abort()  # what run() does when it is interrupted
     thread.start()
     thread.join(60)
     assert len(errors) == 1 and not copies.wait()

@@ -73,13 +73,15 @@ class TorchckptIO(CheckpointIO):
             return
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
         snapshot, copies = start_snapshot(checkpoint, self._buffers)
-        self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
-        exit_guard.track(self._pending, f"the background save of {path}", _typed)
         try:
+            self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
+            exit_guard.track(self._pending, f"the background save of {path}", _typed)
             copies.run()  # the writer's thread copies chunks too
         except BaseException:  # interrupted: the writer gives up and publishes nothing of it
-            exit_guard.settled(self._pending)
-            self._pending = None
+            if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
+                exit_guard.settled(self._pending)
+                self._pending = None
+                self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
 
     def remove_checkpoint(self, path: Any) -> None:

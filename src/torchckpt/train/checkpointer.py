@@ -122,7 +122,10 @@ class Checkpointer:
         every_n_steps: ``save`` writes only when ``step % every_n_steps == 0`` (or ``force=True``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
         async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
-            returns; writing happens in one background thread (never two writes at once). Errors
+            returns; writing happens in one background thread (never two writes at once). Tensors,
+            containers, numpy arrays, sets and bytearrays are copied; objects of your own classes in
+            ``extra`` are pickled by that thread when it reaches them (do not change them before ``wait()``,
+            or pass a copy). Errors
             surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
             ``close()``: if the program ends first, torchckpt waits for the write (at most
             ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
@@ -242,13 +245,15 @@ class Checkpointer:
             return path
         ready: list[Any] = []
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
-        self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
         try:
+            self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
             copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
         except BaseException:  # interrupted (Ctrl-C): the writer gives up and publishes nothing of it
-            with self._lock:
-                abandoned, self._pending = self._pending, None
-            exit_guard.settled(abandoned)
+            if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
+                with self._lock:
+                    abandoned, self._pending = self._pending, None
+                exit_guard.settled(abandoned)
+                self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
         return path
 

@@ -21,9 +21,10 @@ they have landed. Other devices and tensor kinds (quantized, sparse, conjugate v
 
 from __future__ import annotations
 
+import copy as _copy
 import ctypes
 import threading
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["cpu_snapshot", "start_snapshot", "Copies", "SnapshotInterrupted"]
 
@@ -56,11 +57,20 @@ class Copies:
 
     def __init__(self, jobs: list[tuple[int, int, int]]) -> None:
         self._jobs = jobs  # (destination, source, nbytes)
-        self._chunks = [(i, dst + at, src + at, min(self.CHUNK, nbytes - at))
-                        for i, (dst, src, nbytes) in enumerate(jobs) for at in range(0, nbytes, self.CHUNK)]
-        self._left = [0] * len(jobs)  # chunks of each job not yet copied
-        for i, *_ in self._chunks:
-            self._left[i] += 1
+        # chunks of at most CHUNK bytes: a large storage in several, consecutive small ones together (one
+        # lock round trip per chunk, not per storage: a state of 100k tiny tensors would pay it 100k times)
+        self._chunks: list[list[tuple[int, int, int, int]]] = []  # [(job, destination, source, nbytes)]
+        self._left = [0] * len(jobs)  # chunks holding a piece of each job not yet copied
+        filled = self.CHUNK
+        for i, (dst, src, nbytes) in enumerate(jobs):
+            for at in range(0, nbytes, self.CHUNK):
+                piece = min(self.CHUNK, nbytes - at)
+                if filled + piece > self.CHUNK:
+                    self._chunks.append([])
+                    filled = 0
+                self._chunks[-1].append((i, dst + at, src + at, piece))
+                filled += piece
+                self._left[i] += 1
         self._taken = 0  # chunks handed out
         self._done = 0  # jobs complete, counted from the first
         self._aborted = False
@@ -73,14 +83,16 @@ class Copies:
         """Copy the next chunk nobody took (call with the lock held; released while copying)."""
         if self._taken >= len(self._chunks) or self._aborted:
             return False
-        job, dst, src, nbytes = self._chunks[self._taken]
+        chunk = self._chunks[self._taken]
         self._taken += 1
         self._cond.release()
         try:
-            _memmove(dst, src, nbytes)  # releases the GIL: both threads copy at once
+            for _, dst, src, nbytes in chunk:
+                _memmove(dst, src, nbytes)  # releases the GIL: both threads copy at once
         finally:
             self._cond.acquire()
-        self._left[job] -= 1
+        for job, *_ in chunk:
+            self._left[job] -= 1
         while self._done < len(self._jobs) and not self._left[self._done]:
             self._done += 1
         self._cond.notify_all()
@@ -99,11 +111,15 @@ class Copies:
             self.abort()
             raise
 
-    def abort(self) -> None:
-        """The snapshot will not be completed: writers waiting for it give up (:class:`SnapshotInterrupted`)."""
+    def abort(self) -> bool:
+        """The snapshot will not be completed: writers waiting for it give up (:class:`SnapshotInterrupted`).
+        False when it was already complete (then a writer may be writing it, and it stays valid)."""
         with self._cond:
+            if self._done >= len(self._jobs):
+                return False
             self._aborted = True
             self._cond.notify_all()
+            return True
 
     def wait(self, count: int | None = None) -> bool:
         """Until the first ``count`` copies (all by default) are done, copying chunks meanwhile; False when
@@ -130,7 +146,9 @@ def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = No
 def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> tuple[Any, Copies]:
     """Deep copy of ``obj`` with every tensor's data copied to CPU memory (the blocking part of an async save).
 
-    Containers (dict, OrderedDict, list, tuple) are rebuilt, other values are kept as they are.
+    Containers (dicts, lists, tuples and their subclasses: OrderedDict, defaultdict, namedtuple) are
+    rebuilt, shared ones stay shared; numpy arrays, sets and bytearrays are copied; other values are kept
+    as they are (objects of the caller's own classes: the writer pickles them later).
     Storages are copied into ``buffers`` (keyed by the place in ``obj`` of the first tensor that uses
     them) when a buffer of the right size exists, and new buffers are put there. The caller guarantees
     that no write is still reading the buffers.
@@ -143,9 +161,34 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     import torch  # lazy: torchckpt does not import torch until tensors are involved
 
     memo: dict[int, Any] = {}  # id(tensor) -> its copy
+    containers: dict[int, Any] = {}  # id(container or other value) -> its copy
     storages: dict[tuple[int, int], Any] = {}  # (data_ptr, size) of a source CPU storage -> its buffer
     devices: set[Any] = set()
     jobs: list[tuple[int, int, int]] = []
+
+    claimed: set[int] = set()  # ids of the buffers this snapshot copies into
+
+    def reuse(where: str, fits: Callable[[Any], bool]) -> tuple[str, Any]:
+        """The buffer kept under ``where`` (or a free variant of the name) if it fits and this snapshot has not
+        used it yet: two places can spell one name ({"a.b": x} and {"a": {"b": y}}; {0: x} and {"0": y})."""
+        name, n = where, 0
+        while True:
+            buf = buffers.get(name)
+            if buf is None or (id(buf) not in claimed and fits(buf)):
+                break
+            if id(buf) not in claimed:  # the wrong size: replaced below
+                buf = None
+                break
+            n += 1
+            name = f"{where}#{n}"
+        if buf is not None:
+            claimed.add(id(buf))
+        return name, buf
+
+    def keep(name: str, buf: Any) -> Any:
+        buffers[name] = buf
+        claimed.add(id(buf))
+        return buf
 
     def tensor(src: Any, where: str) -> Any:
         if src.device.type == "cpu" and type(src) is torch.Tensor and src.layout == torch.strided \
@@ -156,24 +199,22 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 return torch.empty_strided(src.size(), src.stride(), dtype=src.dtype)
             buf = storages.get((ptr, nbytes))
             if buf is None:
-                buf = buffers.get(where)
-                if not isinstance(buf, torch.UntypedStorage) or buf.nbytes() != nbytes:
-                    buf = buffers[where] = _new_buffer(nbytes)
+                name, buf = reuse(where, lambda b: isinstance(b, torch.UntypedStorage) and b.nbytes() == nbytes)
+                if buf is None:
+                    buf = keep(name, _new_buffer(nbytes))
                 jobs.append((buf.data_ptr(), ptr, nbytes))
                 storages[ptr, nbytes] = buf
             return torch.empty(0, dtype=src.dtype).set_(buf, src.storage_offset(), src.size(), src.stride())
-        buf = buffers.get(where)
         if src.is_cuda:
             devices.add(src.device)
-        if isinstance(buf, torch.Tensor) and buf.shape == src.shape and buf.dtype == src.dtype \
-                and src.is_contiguous() and (buf.is_pinned() or not src.is_cuda):
+        name, buf = reuse(where, lambda b: isinstance(b, torch.Tensor) and b.shape == src.shape and b.dtype == src.dtype
+                          and src.is_contiguous() and (b.is_pinned() or not src.is_cuda))
+        if buf is not None:
             return buf.copy_(src, non_blocking=src.is_cuda)
         if src.is_cuda:
-            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-            buffers[where] = buf.copy_(src, non_blocking=True)
-            return buf
-        buffers[where] = copied = src.to("cpu", copy=True)
-        return copied
+            buf = keep(name, torch.empty(src.shape, dtype=src.dtype, pin_memory=True))
+            return buf.copy_(src, non_blocking=True)
+        return keep(name, src.to("cpu", copy=True))
 
     def copy(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
@@ -181,17 +222,39 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             if key not in memo:
                 memo[key] = tensor(value.detach(), where)
             return memo[key]
+        if id(value) in containers:  # shared (or cyclic) containers stay shared, as pickle keeps them
+            return containers[id(value)]
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
-            items = ((k, v if type(v) in _PLAIN else copy(v, f"{where}.{k}")) for k, v in value.items())
-            return {k: v for k, v in items} if type(value) is dict else type(value)(items)
+            out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
+            containers[id(value)] = out
+            for k, v in value.items():
+                out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
+            return out
         if isinstance(value, list):
-            return [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            out = [] if type(value) is list else _copy.copy(value)
+            containers[id(value)] = out
+            out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return out
         if isinstance(value, tuple):
             if _PLAIN.issuperset(map(type, value)):  # immutable all the way down: nothing to copy
                 return value
-            return tuple(v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value))
-        return value
+            items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            make: Any = getattr(type(value), "_make", None)  # a namedtuple stays one
+            made = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
+            containers[id(value)] = made
+            return made
+        # mutable data (a numpy array, a set, a bytearray) may change after save() returns: copied. Objects
+        # of other classes are pickled by the writer as they are then (copying them here would run their
+        # own __reduce__ or __deepcopy__ on the caller's thread, however slow): see Checkpointer.save
+        if type(value) in (set, bytearray):
+            made = type(value)(value)  # a set's elements are hashable: immutable
+        elif type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
+            made = value.copy()
+        else:
+            return value
+        containers[id(value)] = made
+        return made
 
     out = copy(obj, "")
     for device in devices:
