@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from contextlib import closing
 from typing import Any
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExceededError, RemoteAuthError, \
@@ -130,6 +131,8 @@ class _Files:
             path = confined_path(self.directory, rel, what="DCP data file", checkpoint=self.directory)
             missing = CorruptCheckpointError(f"DCP data file {rel!r:.120} named by .metadata is missing")
             if not is_url(path) and not os.path.isfile(path):
+                if os.path.exists(path):  # a directory, a FIFO, a device: never opened (a FIFO would block)
+                    raise CorruptCheckpointError(f"DCP data file {rel!r:.120} named by .metadata is not a regular file")
                 raise missing
             try:
                 self.files[rel] = Source(path, name=join(self.directory, rel), storage_options=self.opts.storage_options)
@@ -241,8 +244,9 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
             # else: scan runs (and records) the streams load reads
         return done
 
-    for values in read_parts(opts, list(files), read_file):
-        flat.update(values)
+    with closing(read_parts(opts, list(files), read_file)) as results:  # closed on any error: the pool stops
+        for values in results:
+            flat.update(values)
     for fqn, target in whole.items():
         if target is not None:
             flat[fqn] = target

@@ -26,6 +26,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from contextlib import closing
 from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
@@ -195,11 +196,12 @@ class _Ranks:
     def read(self, names: list[str]) -> list[Any]:
         """The trees of the rank files ``names``, read side by side (:func:`read_parts`, ``workers=``)."""
         trees = []
-        for name, (src, part) in zip(names, read_parts(self.opts, names, self._read_one)):
-            self.sources[name] = src
-            self.globals.extend(part.globals)
-            self.notes.extend(f"{name}: {n}" for n in part.notes)
-            trees.append(part.tree)
+        with closing(read_parts(self.opts, names, self._read_one)) as results:  # closed on any error: the pool stops
+            for name, (src, part) in zip(names, results):
+                self.sources[name] = src
+                self.globals.extend(part.globals)
+                self.notes.extend(f"{name}: {n}" for n in part.notes)
+                trees.append(part.tree)
         return trees
 
     def _read_one(self, name: str, opts: ReadOptions) -> tuple[Source, Checkpoint]:

@@ -7,15 +7,19 @@ its own :class:`Trace` and budget :class:`Meter`; as the parts complete, in orde
 appended to the read's trace and their work is charged to the read's meter, so the trace is the one
 a sequential read makes and the one :class:`Budget` still bounds the whole read (a part in flight is
 bounded by its own meter). An error from a part is raised as it is (typed, naming the part's file);
-the parts not yet started are cancelled.
+the parts not yet started are cancelled. A part that goes over the budget (alone, or with the parts
+before it) is read again on the read's own meter, so the error is the one a sequential read raises.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Sequence, TypeVar
+
+from ...errors import LimitExceededError
 
 from ..unpickle.budget import Meter
 from .base import ReadOptions, Trace
@@ -41,13 +45,15 @@ def workers_for(opts: ReadOptions, parts: int) -> int:
     return max(1, min(wanted, parts))
 
 
-def read_parts(opts: ReadOptions, parts: Sequence[T], read_one: Callable[[T, ReadOptions], R]) -> Iterator[R]:
+def read_parts(opts: ReadOptions, parts: Sequence[T], read_one: Callable[[T, ReadOptions], R]) -> Generator[R, None, None]:
     """``read_one(part, part_opts)`` for every part, results in the order of ``parts``.
 
     With one worker the parts are read one after another with ``opts`` itself. Otherwise each runs on
     the pool with a copy of ``opts`` that has its own trace and meter, merged into ``opts`` when its
     turn comes. A generator: results are produced as they are consumed, and closing it early (or an
-    error) cancels the parts not yet started and waits for those running.
+    error) cancels the parts not yet started and waits for those running. Consume it in
+    ``with contextlib.closing(read_parts(...))``: an exception in the caller's loop (Ctrl-C) does not close
+    a generator, and its pool would go on reading every part while the traceback lives.
     """
     workers = workers_for(opts, len(parts))
     if workers == 1:
@@ -65,16 +71,39 @@ def read_parts(opts: ReadOptions, parts: Sequence[T], read_one: Callable[[T, Rea
         for part in parts:
             part_opts = dataclasses.replace(opts, trace=Trace(), meter=Meter(meter.budget))
             jobs.append((pool.submit(run, part, part_opts), part_opts))
-        for future, part_opts in jobs:
+        for part, (future, part_opts) in zip(parts, jobs):
+            assert part_opts.meter is not None
             try:
                 result = future.result()
-            finally:  # what a failed part read is recorded too (scan reports it)
+            except LimitExceededError:
+                result = _OVER
+            except BaseException:  # what a failed part read is recorded too (scan reports it)
                 _merge_trace(opts.trace, part_opts.trace)
-            assert part_opts.meter is not None
+                raise
+            if result is _OVER or not _fits(meter, part_opts.meter):
+                # over the one budget, alone or with the parts before it: read again on the read's own meter,
+                # which stops it where a sequential read stops, with the same error (its item, its numbers)
+                yield read_one(part, opts)
+                continue
+            _merge_trace(opts.trace, part_opts.trace)
             meter.absorb(part_opts.meter)  # the whole read stays within the one budget
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_OVER: Any = object()  # a part that went over the budget on its own
+
+
+def _fits(meter: Meter, part: Meter) -> bool:
+    """Whether ``meter`` can absorb ``part`` within its budget (neither is changed)."""
+    trial = copy.copy(meter)
+    trial.inflated = dict(meter.inflated)
+    try:
+        trial.absorb(part)
+    except LimitExceededError:
+        return False
+    return True
 
 
 def _merge_trace(trace: Trace, done: Trace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from contextlib import closing
 from typing import Any
 
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -77,9 +78,10 @@ def read_sharded_index(src: Source, opts: ReadOptions) -> Checkpoint | None:
         return {key: tensors[key] for key in wanted[shard]}, part.notes
 
     # the shards are read side by side (opts.workers threads), merged in the index's order
-    for shard, (tensors, notes) in zip(shards, read_parts(opts, shards, read_shard)):
-        merged.update(tensors)
-        loaded.notes.extend(f"{shard}: {note}" for note in notes)
+    with closing(read_parts(opts, shards, read_shard)) as results:  # closed on any error: the pool stops
+        for shard, (tensors, notes) in zip(shards, results):
+            merged.update(tensors)
+            loaded.notes.extend(f"{shard}: {note}" for note in notes)
     loaded.evidence.append(f"JSON index with a weight_map over {len(shards)} shard files")
     metadata = index.get("metadata") or {}
     _restore_aliases(merged, metadata.get("torchckpt.aliases") if isinstance(metadata, dict) else None)
