@@ -187,3 +187,17 @@ def test_values_that_are_not_tensors_are_named_as_left_out(tmp_path) -> None:
     assert not [c for c in plain.changes if "left out" in c]
     weights = torchckpt.convert(tmp_path / "train.pt", tmp_path / "hf3", to="sharded-safetensors", weights_only=True)
     assert not [c for c in weights.changes if "left out" in c] and weights.tensors == 2
+
+
+def test_values_left_out_are_named_in_a_bounded_message(tmp_path):
+    """A value left out under 30 levels of 64 KiB keys has a 2 MB dotted path: the report names it clipped,
+    its control characters escaped, instead of carrying megabytes (and raw ESC) into every message."""
+    name = "n" * (1 << 16)
+    tree: dict = {"w": torch.zeros(1), "left\x1b]0;TITLE\x07": 3}
+    for _ in range(30):
+        tree = {name: tree}
+    torch.save(tree, tmp_path / "deep.pt")
+    report = torchckpt.convert(tmp_path / "deep.pt", tmp_path / "hf", to="sharded-safetensors")
+    (left_out,) = [c for c in report.changes if "not tensors left out" in c]
+    assert len(left_out) < 1000 and "\x1b" not in left_out
+    assert left_out.endswith("(1)")

@@ -37,7 +37,7 @@ from ...read.trust import Policy, resolve_policy
 from ...storage import files as storage
 from ...storage.atomic import atomic_write
 from ...storage.remote import is_url
-from ...text import summary
+from ...text import clip, summary
 from . import to_sharded
 from .outline import outline, plain_paths
 from .options import FloatDtype, OutputFormat, float_dtype, output_format
@@ -134,7 +134,7 @@ def convert(src: Any, dst: str, *, to: OutputFormat | None = None, dtype: FloatD
         if to == "sharded-safetensors":
             left_out = plain_paths(outline(tree, loaded.tree_meter, expanded=False))
             if left_out:  # an index and its shards hold tensors only: say what the folder does not have
-                shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+                shown = ", ".join(clip(p) for p in left_out[:5]) + (", ..." if len(left_out) > 5 else "")  # a path may be MBs
                 changes[f"values that are not tensors left out ({shown}): a sharded-safetensors folder holds "
                         "tensors only; convert to .pt or .safetensors to keep them"] += len(left_out)
             report.bytes = to_sharded.write_sharded(dst, tensors, materialize, shard_limit, progress, report,
