@@ -130,17 +130,20 @@ class TorchckptIO(CheckpointIO):
         return self._executor
 
     def _wait(self) -> None:
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
-        exit_guard.settled(pending)
-        try:
+        try:  # interrupted here (Ctrl-C), the write stays pending: waited for and reported later
             pending.result()
         except OSError as exc:
             typed = _typed(exc)
             if typed is exc:
                 raise
             raise typed from exc
+        finally:
+            if pending.done():  # its result or error reached the caller now
+                self._pending = None
+                exit_guard.settled(pending)
 
 
 def _typed(exc: BaseException) -> BaseException:

@@ -334,16 +334,22 @@ class Checkpointer:
 
     def _raise_pending(self, block: bool = True) -> None:
         with self._lock:
-            pending, self._pending = self._pending, None
+            pending = self._pending
         if pending is None:
             return
-        exit_guard.settled(pending)
-        try:
-            pending.result() if block else None
+        error: Exception | None = None
+        try:  # interrupted here (Ctrl-C), the write stays pending: the next save still waits for it, and
+            pending.result() if block else None  # its failure is still reported
         except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
-            typed = self._typed(exc)
-            if typed is exc:
-                raise
+            error = exc
+        with self._lock:
+            if self._pending is pending:
+                self._pending = None
+        exit_guard.settled(pending)
+        if error is not None:
+            typed = self._typed(error)
+            if typed is error:
+                raise error
             raise typed from None
 
     def _typed(self, exc: BaseException) -> BaseException:

@@ -144,7 +144,12 @@ class DirectoryLock:
             raise write_error(self.path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            self._fd = fd  # at once: interrupted later (Ctrl-C), release() still drops the lock
+        except BaseException as exc:
+            if not isinstance(exc, OSError):  # interrupted: neither the descriptor nor the lock stays behind
+                if self._fd is None:
+                    os.close(fd)
+                raise
             holder = _read_holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -159,7 +164,6 @@ class DirectoryLock:
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except OSError:  # a full disk: the save that follows reports it
             pass
-        self._fd = fd
 
     def try_acquire(self) -> bool:
         try:

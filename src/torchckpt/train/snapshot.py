@@ -205,6 +205,8 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 jobs.append((buf.data_ptr(), ptr, nbytes))
                 storages[ptr, nbytes] = buf
             return torch.empty(0, dtype=src.dtype).set_(buf, src.storage_offset(), src.size(), src.stride())
+        if src.device.type == "meta":  # no data to copy (and .to("cpu") cannot): its shape, as torch.save keeps it
+            return torch.empty_strided(src.size(), src.stride(), dtype=src.dtype, device="meta")
         if src.is_cuda:
             devices.add(src.device)
         name, buf = reuse(where, lambda b: isinstance(b, torch.Tensor) and b.shape == src.shape and b.dtype == src.dtype
