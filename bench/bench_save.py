@@ -19,7 +19,8 @@ from common import bench_args, measure_alternated, print_table
 
 # --cases: a named set or a comma-separated list of case names
 CASE_SETS = {"all": ["plain", "plain_fsync", "ours", "plain_overwrite", "ours_overwrite", "ckpt_sync", "ckpt_async_total",
-                     "plain_retention", "ckpt_sync_steady", "ckpt_async", "ckpt_async_steady", "dcp_async"],
+                     "plain_retention", "ckpt_sync_steady", "ckpt_async", "ckpt_async_steady", "dcp_async",
+                     "dcp_async_total"],
              "core": ["plain_fsync", "ours", "ckpt_sync", "ckpt_async_total"]}
 
 
@@ -123,6 +124,13 @@ ck.save(2, model=model)
 result = time.perf_counter() - t0
 ck.close()
 """,
+        "dcp_async_total": """
+import torch.distributed.checkpoint as dcp, warnings
+warnings.simplefilter("ignore")
+t0 = time.perf_counter()
+dcp.async_save(model.state_dict(), checkpoint_id=os.path.join(folder, "dcp1")).result()  # first save, + wait
+result = time.perf_counter() - t0
+""",
         "dcp_async": """
 import torch.distributed.checkpoint as dcp, warnings
 warnings.simplefilter("ignore")
@@ -154,6 +162,7 @@ fut.result()
         ("torchckpt.save, overwriting the file (vs baseline 2)", "ours_overwrite", "plain_overwrite"),
         ("Checkpointer.save, sync", "ckpt_sync", "plain_fsync"),
         ("Checkpointer.save, async, save + wait (total)", "ckpt_async_total", "plain_fsync"),
+        ("dcp.async_save + result(), first save (total)", "dcp_async_total", "plain_fsync"),
         ("torch.save + fsync, then remove the previous [baseline 3]", "plain_retention", None),
         ("Checkpointer.save, sync, later saves + retention (vs 3)", "ckpt_sync_steady", "plain_retention"),
     ]))
