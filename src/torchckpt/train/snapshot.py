@@ -199,9 +199,13 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 return torch.empty_strided(src.size(), src.stride(), dtype=src.dtype)
             buf = storages.get((ptr, nbytes))
             if buf is None:
-                name, buf = reuse(where, lambda b: isinstance(b, torch.UntypedStorage) and b.nbytes() == nbytes)
-                if buf is None:
-                    buf = keep(name, _new_buffer(nbytes))
+                buf = buffers.get(where)
+                if isinstance(buf, torch.UntypedStorage) and buf.nbytes() == nbytes and id(buf) not in claimed:
+                    claimed.add(id(buf))  # the common case, without building a test (100k tiny tensors)
+                else:
+                    name, buf = reuse(where, lambda b: isinstance(b, torch.UntypedStorage) and b.nbytes() == nbytes)
+                    if buf is None:
+                        buf = keep(name, _new_buffer(nbytes))
                 jobs.append((buf.data_ptr(), ptr, nbytes))
                 storages[ptr, nbytes] = buf
             return torch.empty(0, dtype=src.dtype).set_(buf, src.storage_offset(), src.size(), src.stride())
