@@ -198,3 +198,31 @@ def test_ctrl_c_anywhere_in_a_first_save_leaves_the_directory_writable(tmp_path)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_lightning_plugin_ctrl_c_while_waiting_keeps_the_previous_write_pending(tmp_path):
+    pytest.importorskip("lightning")
+    from torchckpt.integrations.lightning import TorchckptIO
+
+    FailsWhenOpened.opened.clear()
+    io = TorchckptIO(async_save=True)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    try:
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "held": FailsWhenOpened()}, tmp_path / "a.ckpt")
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "b.ckpt")  # waits for a.ckpt
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        FailsWhenOpened.opened.set()
+        with pytest.raises(CheckpointWriteError):
+            io.teardown()  # a.ckpt's failure is reported, not lost
+    finally:
+        FailsWhenOpened.opened.set()
+    assert not (tmp_path / "a.ckpt").exists()
