@@ -10,13 +10,11 @@ A run folder holds ``latest`` (the tag, e.g. ``global_step300``) and one folder 
 * ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (stages 1-3): rank r's slice of the fp32
   master weights of every group and the optimizer state (Adam moments) aligned with it.
 
-``load`` gives what DeepSpeed's ``zero_to_fp32`` gives, bit for bit: buffers (floating ones in fp32),
-frozen parameters, the trainable parameters gathered from every rank's fp32 slice, and tied names as
-the same tensor. Every file goes through the safe unpickler (DeepSpeed's classes become inert stubs;
-DeepSpeed is never imported) and must lie inside the folder. Consolidation copies one parameter at a
-time from the mapped rank files and gives each page back once read (:mod:`.zero`); with ``lazy`` each
-parameter is a :class:`ZeroTensor` read on ``materialize()``. :func:`optimizer_state` gathers the Adam
-moments the same way for :func:`torchckpt.resume`.
+``load`` gives what DeepSpeed's ``zero_to_fp32`` gives, bit for bit: buffers (floating ones in fp32), frozen
+parameters, the trainable ones gathered from every rank's fp32 slice, tied names as the same tensor. Every file goes through the safe unpickler (DeepSpeed's classes become inert stubs,
+DeepSpeed is never imported) and lies inside the folder. Consolidation copies parameters from the mapped
+rank files on the read_parts pool, giving pages back once read (:mod:`.zero`); ``lazy``: each is a
+:class:`ZeroTensor`. :func:`optimizer_state` gathers the Adam moments for :func:`torchckpt.resume`.
 """
 
 from __future__ import annotations

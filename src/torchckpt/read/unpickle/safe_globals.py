@@ -1,12 +1,11 @@
 """What allowlisted globals become, and the object protocol (NEWOBJ, BUILD, APPENDS, SETITEMS) over them.
 
-Every allowlisted global resolves to a :class:`SafeCallable` (or a class :class:`Marker`, or a plain
-constant such as ``torch.float16``), never to the real class or function: calling it (REDUCE), NEWOBJ-ing
-it and BUILD-ing what it made go only through validating constructors (:mod:`.constructors`,
-:mod:`.numpy_values`, :mod:`.torch_rebuild`). Values, not mutation: a BUILD makes a *new* value from the
-validated state and the VM puts it where the old one was; a class, type, function or module is never
-BUILD-ed (refused as unsafe) and no real ``__setstate__`` runs unless the caller trusted the class.
-torch and numpy are imported only when a pickle actually needs them.
+Every allowlisted global resolves to a :class:`SafeCallable`, a class :class:`Marker` or a constant
+(``torch.float16``), never to the real class or function: REDUCE, NEWOBJ and BUILD go only through
+validating constructors (:mod:`.constructors`, :mod:`.numpy_values`, :mod:`.torch_rebuild`). Values, not
+mutation: a BUILD makes a *new* value from the validated state, put where the old one was; a class, type,
+function or module is never BUILD-ed (unsafe), no real ``__setstate__`` runs unless the caller trusted
+the class. torch and numpy are imported only when a pickle needs them.
 """
 
 from __future__ import annotations
