@@ -25,9 +25,15 @@ CASE_SETS = {"all": ["plain", "plain_fsync", "ours", "plain_overwrite", "ours_ov
 
 
 def main() -> None:
-    args = bench_args(__doc__, extra=lambda ap: ap.add_argument(
-        "--cases", default="all", help="'all', 'core' (the issue-27 rows: baseline, save, sync and async "
-                                       "Checkpointer) or a comma-separated list of case names"))
+    def extra(ap):
+        ap.add_argument("--cases", default="all", help="'all', 'core' (the issue-27 rows: baseline, save, sync and "
+                                                       "async Checkpointer) or a comma-separated list of case names")
+        ap.add_argument("--prewarm", type=float, default=0.0, metavar="X",
+                        help="before timing, every case's process touches and frees X times the model's size: on a "
+                             "VM with free page reporting, memory the host took back costs a host fault per page "
+                             "on first touch, and which case meets it depends on its place in the rotation")
+
+    args = bench_args(__doc__, extra=extra)
     folder = tempfile.mkdtemp(prefix="torchckpt-bench-", dir=args.dir)
     # Cases alternate (plain, ours, plain, ours, ...) in fresh processes, each starting after os.sync().
     setup = f"""
@@ -39,6 +45,9 @@ opt = None
 folder = {folder!r}
 shutil.rmtree(folder, ignore_errors=True)
 os.makedirs(folder)
+if {args.prewarm}:  # touched and given back: the timed code's fresh pages are warm ones, for every case alike
+    warm = torch.ones(int({args.prewarm} * {args.size_mib}) << 18)
+    del warm
 os.sync()  # every case starts without dirty pages left by the previous one
 base = reset_peak()  # peak RSS is measured above the process with its model
 
@@ -149,7 +158,7 @@ fut.result()
     res = measure_alternated({name: setup + codes[name] for name in chosen}, args.repeats)
     r = args.repeats
     print(f"model of ~{args.size_mib} MiB; medians of {r} alternated fresh processes; threads: "
-          f"{args.threads or 'default'}; load average {os.getloadavg()[0]:.1f}")
+          f"{args.threads or 'default'}; load average {os.getloadavg()[0]:.1f}; prewarm {args.prewarm:g}x")
 
     def rows(table: list[tuple[str, str, str | None]]) -> list[tuple[str, dict, dict | None]]:
         return [(label, res[name], res.get(base) if base else None) for label, name, base in table if name in res]
