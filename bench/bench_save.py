@@ -40,7 +40,7 @@ def main() -> None:
 from common import transformer_state_dict, model_like
 import os, shutil
 model = model_like(transformer_state_dict({args.size_mib}, device="meta"))
-import torchckpt.train.checkpointer, torchckpt.read.formats.torch_zip  # imports are not the save
+import torchckpt.train.checkpointer, torchckpt.train.save, torchckpt.read.formats.torch_zip  # imports are not the save
 opt = None
 folder = {folder!r}
 shutil.rmtree(folder, ignore_errors=True)
@@ -166,7 +166,7 @@ fut.result()
     print_table("durable save", rows([
         ("torch.save(obj, path) (not durable)", "plain", "plain_fsync"),
         ("torch.save + fsync                             [baseline]", "plain_fsync", None),
-        ("torchckpt.save (temp, writeback, fsync, rename, sidecar)", "ours", "plain_fsync"),
+        ("torchckpt.save (temp, fsync, rename, sidecar)", "ours", "plain_fsync"),
         ("torch.save + fsync, overwriting the file   [baseline 2]", "plain_overwrite", None),
         ("torchckpt.save, overwriting the file (vs baseline 2)", "ours_overwrite", "plain_overwrite"),
         ("Checkpointer.save, sync", "ckpt_sync", "plain_fsync"),

@@ -46,7 +46,7 @@ def copy_range(source: Any, fh: Any, offset: int, nbytes: int) -> bool:
         os.close(src_fd)
     fh.seek(pos + done if done == nbytes else pos)  # a short copy is redone through memory (which reports why)
     if done == nbytes and hasattr(fh, "appended"):
-        fh.appended(nbytes)  # an AtomicFiles file starts disk writeback as it grows: the final fsync has less left
+        fh.appended(nbytes)  # an AtomicFiles file counts the bytes it holds (named in a failed write's error)
     return done == nbytes
 
 
