@@ -127,6 +127,7 @@ class TorchckptIO(CheckpointIO):
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-lightning-save")
+            self._executor.submit(int).result()  # the thread starts here (see Checkpointer.__init__)
         return self._executor
 
     def _wait(self) -> None:

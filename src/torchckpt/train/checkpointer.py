@@ -171,6 +171,8 @@ class Checkpointer:
         if keep_every_n_steps:
             self.policies.append(KeepEvery(keep_every_n_steps))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
+        if self._executor is not None:  # its thread starts now, not inside save(): a Ctrl-C that lands in
+            self._executor.submit(int).result()  # Thread.start() can leave a thread that never runs nor ends
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
