@@ -317,11 +317,8 @@ _META: dict[str, Callable[[], Any]] = {}
 
 
 def resolve(module: str, name: str, verdict: Verdict, policy: Policy, mode: Mode = Mode.BUILD) -> Any:
-    """The object a GLOBAL pushes, for a global the policy did not block.
-
-    In STRUCTURE and RECORD modes torch is never imported (tensors become TensorMeta), and in RECORD
-    mode nothing is imported for real whatever the policy says.
-    """
+    """The object a GLOBAL pushes, for a global the policy did not block. STRUCTURE and RECORD modes never
+    import torch (tensors become TensorMeta); RECORD mode imports nothing for real whatever the policy says."""
     cmod, cname = canonical_global(module, name)
     if verdict is Verdict.ALLOWED:
         key = ALLOWLIST.get((module, name)) or ALLOWLIST.get((cmod, cname))
