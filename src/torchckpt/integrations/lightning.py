@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 from ..errors import CheckpointWriteError, ResumeError
+from ..storage import interrupts
 from ..train import exit_guard
 from ..train.restore import load_payload
 from ..train.snapshot import Copies, start_snapshot
@@ -74,24 +75,27 @@ class TorchckptIO(CheckpointIO):
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
         snapshot, copies = start_snapshot(checkpoint, self._buffers)
         try:
-            self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
-            exit_guard.track(self._pending, f"the background save of {path}", _typed)
+            with interrupts.deferred():  # Ctrl-C waits until the write is handed over and tracked
+                self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
+                exit_guard.track(self._pending, f"the background save of {path}", _typed)
             copies.run()  # the writer's thread copies chunks too
         except BaseException:  # interrupted: the writer gives up and publishes nothing of it
-            if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
-                exit_guard.settled(self._pending)
-                self._pending = None
-                self._buffers = {}  # the abandoned writer may still be copying a chunk into these
+            with interrupts.deferred():
+                if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
+                    exit_guard.settled(self._pending)
+                    self._pending = None
+                    self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a checkpoint and its sidecar (queued behind pending writes with ``async_save``)."""
         path = os.fspath(path)
         if self.async_save and self._pending is not None:
-            previous = self._pending
-            self._pending = self._pool().submit(_remove_after, previous, path)
-            exit_guard.settled(previous)  # the removal waits for it and carries its outcome
-            exit_guard.track(self._pending, f"the background save before removing {path}", _typed)
+            with interrupts.deferred():
+                previous = self._pending
+                self._pending = self._pool().submit(_remove_after, previous, path)
+                exit_guard.settled(previous)  # the removal waits for it and carries its outcome
+                exit_guard.track(self._pending, f"the background save before removing {path}", _typed)
             return
         discard(path)
 
@@ -120,31 +124,36 @@ class TorchckptIO(CheckpointIO):
         try:
             self._wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            if self._executor is not None and self._pending is None:  # else interrupted (Ctrl-C) while a
+                with interrupts.deferred():  # write goes on: teardown() again, or the program's end, waits for it
+                    self._executor.shutdown(wait=True)
+                    self._executor = None
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-lightning-save")
-            self._executor.submit(int).result()  # the thread starts here (see Checkpointer.__init__)
+            with interrupts.deferred():  # the thread starts here, whole (see Checkpointer.__init__)
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-lightning-save")
+                self._executor.submit(int).result()
         return self._executor
 
     def _wait(self) -> None:
         pending = self._pending
         if pending is None:
             return
+        error: Exception | None = None
         try:  # interrupted here (Ctrl-C), the write stays pending: waited for and reported later
-            pending.result()
-        except OSError as exc:
-            typed = _typed(exc)
-            if typed is exc:
-                raise
-            raise typed from exc
-        finally:
-            if pending.done():  # its result or error reached the caller now
-                self._pending = None
-                exit_guard.settled(pending)
+            interrupts.result(pending)
+        except Exception as exc:  # noqa: BLE001 - its outcome reached the caller: raised below
+            error = exc
+        with interrupts.deferred():  # a Ctrl-C here comes after the outcome (a failure is the interrupt's context)
+            self._pending = None
+            exit_guard.settled(pending)
+            if isinstance(error, OSError):
+                typed = _typed(error)
+                if typed is not error:
+                    raise typed from error
+            if error is not None:
+                raise error
 
 
 def _typed(exc: BaseException) -> BaseException:

@@ -21,6 +21,7 @@ import threading
 from typing import IO, Any, Callable, Iterable, Iterator, cast
 
 from ..errors import CheckpointWriteError
+from . import interrupts
 from .reclaim import drain, free_later, remove_file, replace_file
 
 __all__ = ["atomic_write", "process_alive", "AtomicFiles", "fsync_dir", "clean_temp_files", "file_sha256", "write_error",
@@ -184,12 +185,13 @@ class AtomicFiles:
                                        hint="Create it first (os.makedirs) or fix the path.")
         drain()  # the space of files removed or replaced before is free again before anything is written
         tmp = _temp_path(path)
-        try:
-            fh = open(tmp, "wb")
-        except OSError as exc:
-            raise write_error(path, exc) from None
-        staged = _Staged(path, tmp, fh, _Counted(fh))
-        self._files.append(staged)
+        with interrupts.deferred():  # recorded as soon as it exists: the temp file of an interrupted save is removed
+            try:
+                fh = open(tmp, "wb")
+            except OSError as exc:
+                raise write_error(path, exc) from None
+            staged = _Staged(path, tmp, fh, _Counted(fh))
+            self._files.append(staged)
         try:
             yield cast(IO[bytes], staged.out)  # duck-typed: write() is wrapped, everything else delegates
             fh.flush()
@@ -198,6 +200,9 @@ class AtomicFiles:
             raise
         except BaseException as exc:
             self._abort()
+            stop = interrupts.interruption_in(exc)
+            if stop is not None and stop is not exc:  # Ctrl-C inside a write torch.save made: it reports
+                raise stop from None  # "RuntimeError: unexpected pos"; the user pressed Ctrl-C
             cause = os_error_in(exc) if isinstance(exc, Exception) else None
             if cause is None:
                 raise
@@ -213,6 +218,10 @@ class AtomicFiles:
         then leave names whose content is not (all) on disk, which the commit record's check refuses;
         a kill (the kernel keeps what was written) leaves the complete files.
         """
+        with interrupts.deferred():  # a Ctrl-C waits for the commit (or its undoing) to be complete
+            self._publish(remove_first, verified)
+
+    def _publish(self, remove_first: Iterable[str], verified: bool) -> None:
         if not self._files:
             return
         files, primary = self._files, self._files[0]
@@ -260,12 +269,13 @@ class AtomicFiles:
 
     def _abort(self) -> None:
         """Remove every temp file, and every file already renamed (new data without the files after it)."""
-        self._free_replaced()
-        for f in reversed(self._files):
-            with contextlib.suppress(OSError):
-                f.fh.close()
-            _remove_quietly(f.path if f.renamed else f.temp)
-        self._files = []
+        with interrupts.deferred():  # a second Ctrl-C does not leave half of them behind
+            self._free_replaced()
+            for f in reversed(self._files):
+                with contextlib.suppress(OSError):
+                    f.fh.close()
+                _remove_quietly(f.path if f.renamed else f.temp)
+            self._files = []
 
 
 def _fsync_all(fds: list[int], directory: str | None = None) -> None:

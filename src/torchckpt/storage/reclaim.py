@@ -19,6 +19,8 @@ import os
 import stat
 import threading
 
+from . import interrupts
+
 __all__ = ["remove_file", "replace_file", "free_later", "drain"]
 
 # below this, freeing is cheap: not worth a descriptor and a thread switch
@@ -36,7 +38,7 @@ class _Closer:
         self._thread: threading.Thread | None = None
 
     def add(self, fd: int) -> None:
-        with self._cond:
+        with interrupts.deferred(), self._cond:  # a Ctrl-C inside Thread.start() could leave no thread running
             self._queue.append(fd)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="torchckpt-reclaim", daemon=True)
@@ -44,9 +46,7 @@ class _Closer:
             self._cond.notify_all()
 
     def drain(self) -> None:
-        with self._cond:
-            while self._queue or self._closing is not None:
-                self._cond.wait()
+        interrupts.wait_for(self._cond, lambda: not self._queue and self._closing is None)
 
     def _run(self) -> None:
         while True:
@@ -105,15 +105,16 @@ def _hold(path: str) -> int | None:
 
 def remove_file(path: str) -> None:
     """``os.remove(path)`` (same errors), leaving the freeing of a large file's content to a background thread."""
-    fd = _hold(path)
-    try:
-        os.remove(path)
-    except BaseException:
+    with interrupts.deferred():  # the descriptor held is handed over, never leaked by a Ctrl-C
+        fd = _hold(path)
+        try:
+            os.remove(path)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         if fd is not None:
-            os.close(fd)
-        raise
-    if fd is not None:
-        _closer.add(fd)
+            _closer.add(fd)
 
 
 def replace_file(source: str, target: str) -> int | None:
@@ -122,14 +123,15 @@ def replace_file(source: str, target: str) -> int | None:
     The caller hands it over once its commit is durable, so that freeing the old content (which journals
     the freed blocks) does not compete with the directory fsync that makes the new name durable.
     """
-    fd = _hold(target)
-    try:
-        os.replace(source, target)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    return fd
+    with interrupts.deferred():  # the caller's section receives the descriptor (a Ctrl-C cannot drop it on the way)
+        fd = _hold(target)
+        try:
+            os.replace(source, target)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        return fd
 
 
 def free_later(fd: int | None) -> None:

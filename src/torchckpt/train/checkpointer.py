@@ -25,7 +25,7 @@ from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
 from ..storage.atomic import os_error_in, write_error
-from ..storage import files
+from ..storage import files, interrupts
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, exit_guard
 from .dcp_store import DcpStore
@@ -171,19 +171,22 @@ class Checkpointer:
         if keep_every_n_steps:
             self.policies.append(KeepEvery(keep_every_n_steps))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
-        if self._executor is not None:  # its thread starts now, not inside save(): a Ctrl-C that lands in
-            self._executor.submit(int).result()  # Thread.start() can leave a thread that never runs nor ends
+        if self._executor is not None:  # its thread starts now, not inside save(), and with Ctrl-C deferred
+            with interrupts.deferred():  # (one that lands in Thread.start() can leave a thread that never ends)
+                self._executor.submit(int).result()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._lock = threading.Lock()
         self._writer = self._store.lock()
         self.removed_temp: list[str] = []
         self.reclaimed: list[str] = []
-        if distributed.is_committer() and self._writer.try_acquire():  # nobody writes: finish what killed writers left
-            try:
-                self._tidy()
-            finally:
-                self._writer.release()
+        if distributed.is_committer():  # nobody writes: finish what killed writers left
+            with interrupts.deferred():
+                if self._writer.try_acquire():
+                    try:
+                        self._tidy()
+                    finally:
+                        self._writer.release()
 
     def _tidy(self) -> None:
         self.removed_temp = [name for s in self._stores for name in s.remove_temp_files()]
@@ -237,8 +240,9 @@ class Checkpointer:
                               step=step, metrics=metrics, extra=extra, stateful=stateful)
         self._raise_pending()
         if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
-            self._writer.acquire()
-            self._tidy()
+            with interrupts.deferred():  # Ctrl-C waits for the lock's bookkeeping (see storage/interrupts.py)
+                self._writer.acquire()
+                self._tidy()
         if sharded:
             return self._save_sharded(step, state, epoch=epoch, metrics=metrics)
         path = self.path_for(step)
@@ -251,18 +255,19 @@ class Checkpointer:
             self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
             copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
         except BaseException:  # interrupted (Ctrl-C): the writer gives up and publishes nothing of it
-            if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
-                with self._lock:
-                    abandoned, self._pending = self._pending, None
-                exit_guard.settled(abandoned)
-                self._buffers = {}  # the abandoned writer may still be copying a chunk into these
+            with interrupts.deferred():
+                if copies.abort():  # else the snapshot was complete: it is written, and reported like any save
+                    with self._lock:
+                        abandoned, self._pending = self._pending, None
+                    exit_guard.settled(abandoned)
+                    self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
         return path
 
     def _submit(self, what: str, fn: Any, *args: Any) -> None:
         """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
         assert self._executor is not None
-        with self._lock:
+        with interrupts.deferred(), self._lock:  # submit() takes the executor's locks: Ctrl-C waits
             self._pending = self._executor.submit(fn, *args)
             exit_guard.track(self._pending, what, self._typed)
 
@@ -273,7 +278,8 @@ class Checkpointer:
         path, finish = self._sharded.save(step, state, epoch=epoch, metrics=metrics,
                                           async_save=self._executor is not None)
         if finish is None:
-            self._after_commit(path, "apply retention", self._apply_retention)
+            with interrupts.deferred():
+                self._after_commit(path, "apply retention", self._apply_retention)
             return path
         done = finish
 
@@ -290,18 +296,20 @@ class Checkpointer:
         if copies is not None:
             copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if save() was interrupted
         try:
-            self._store.begin(path)
-        except OSError as exc:
-            raise write_error(path, exc) from None
-        try:
-            self._store.write(path, payload, self.weights_format)
+            with interrupts.deferred():  # (on the caller's thread in a synchronous save; see storage/interrupts.py)
+                try:
+                    self._store.begin(path)
+                except OSError as exc:
+                    raise write_error(path, exc) from None
+            self._store.write(path, payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
         except BaseException:
-            with contextlib.suppress(Exception):  # the write's own error is the one to report
+            with interrupts.deferred(), contextlib.suppress(Exception):  # the write's own error is the one to report
                 self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
             raise
         # Committed: what fails from here on is housekeeping, a warning, never a failed save.
-        self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
-        self._after_commit(path, "apply retention", self._apply_retention)
+        with interrupts.deferred():
+            self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
+            self._after_commit(path, "apply retention", self._apply_retention)
 
     @staticmethod
     def _after_commit(path: str, what: str, step: Any) -> None:
@@ -341,18 +349,19 @@ class Checkpointer:
             return
         error: Exception | None = None
         try:  # interrupted here (Ctrl-C), the write stays pending: the next save still waits for it, and
-            pending.result() if block else None  # its failure is still reported
+            interrupts.result(pending) if block else None  # its failure is still reported
         except Exception as exc:  # noqa: BLE001 - a file-system failure deep inside a serializer
             error = exc
-        with self._lock:
-            if self._pending is pending:
-                self._pending = None
-        exit_guard.settled(pending)
-        if error is not None:
-            typed = self._typed(error)
-            if typed is error:
-                raise error
-            raise typed from None
+        with interrupts.deferred():  # a Ctrl-C here comes after the outcome (a failure is the interrupt's context)
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+            exit_guard.settled(pending)
+            if error is not None:
+                typed = self._typed(error)
+                if typed is error:
+                    raise error
+                raise typed from None
 
     def _typed(self, exc: BaseException) -> BaseException:
         """The error a background write's exception is reported as (a write error when the file system failed)."""
@@ -362,15 +371,21 @@ class Checkpointer:
         return exc if cause is None else write_error(self.directory, cause)
 
     def close(self) -> None:
-        """Finish pending writes, stop the background thread and release the directory."""
+        """Finish pending writes, stop the background thread and release the directory.
+
+        Interrupted (Ctrl-C) while it waits for a background write, that write goes on and keeps the
+        directory: call ``close()`` again, or let the program end (it waits for the write, see
+        :mod:`~torchckpt.train.exit_guard`)."""
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            if self._sharded is not None:
-                self._sharded.close()
-            self._writer.release()
+            if self._pending is None:  # else still being written: joining the thread would not stop at Ctrl-C
+                with interrupts.deferred():  # the thread is idle: stopping it and dropping the lock are quick
+                    if self._executor is not None:
+                        self._executor.shutdown(wait=True)
+                    if self._sharded is not None:
+                        self._sharded.close()
+                    self._writer.release()
 
     def __enter__(self) -> "Checkpointer":
         return self

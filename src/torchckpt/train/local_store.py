@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
+from ..storage import interrupts
 from ..storage.atomic import clean_temp_files, fsync_dir, write_error
 from . import sidecar
 from .restore import resume_file
@@ -136,6 +137,10 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         """Take the lock or raise CheckpointWriteError naming the process that holds it."""
+        with interrupts.deferred():  # a Ctrl-C waits until the lock is taken and recorded, or not taken
+            self._acquire()
+
+    def _acquire(self) -> None:
         if self._fd is not None:
             return
         try:
@@ -173,12 +178,16 @@ class DirectoryLock:
         return True
 
     def release(self) -> None:
+        with interrupts.deferred():  # never forgotten but still open (the lock held until the process ends)
+            self._drop()
+
+    def _drop(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the flock
 
     def __del__(self) -> None:
-        self.release()
+        self._drop()  # (no signal handlers swapped inside a finalizer)
 
 
 def _read_holder(fd: int) -> str:

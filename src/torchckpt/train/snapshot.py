@@ -26,6 +26,8 @@ import ctypes
 import threading
 from typing import Any, Callable
 
+from ..storage import interrupts
+
 __all__ = ["cpu_snapshot", "start_snapshot", "Copies", "SnapshotInterrupted"]
 
 _memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
@@ -100,21 +102,26 @@ class Copies:
 
     def run(self) -> None:
         """Copy every storage (caller's thread); returns when the snapshot is complete. Interrupted, the
-        writer is told to give up, and the interruption is re-raised."""
-        try:
-            with self._cond:
-                while self._copy_one():
-                    pass
-                while self._done < len(self._jobs):  # a chunk the writer took is still being copied
-                    self._cond.wait()
-        except BaseException:
-            self.abort()
-            raise
+        writer is told to give up, and the interruption is re-raised.
+
+        Ctrl-C stops the copy between two chunks (:mod:`~torchckpt.storage.interrupts`), never while this
+        thread releases or takes the lock or waits on the condition (where CPython can leave it unowned)."""
+        with interrupts.deferred() as section:
+            try:
+                with self._cond:
+                    while self._copy_one():
+                        section.poll()
+                    while self._done < len(self._jobs):  # a chunk the writer took is still being copied
+                        section.poll()
+                        self._cond.wait(interrupts.SLICE if section.active else None)
+            except BaseException:
+                self.abort()
+                raise
 
     def abort(self) -> bool:
         """The snapshot will not be completed: writers waiting for it give up (:class:`SnapshotInterrupted`).
         False when it was already complete (then a writer may be writing it, and it stays valid)."""
-        with self._cond:
+        with interrupts.deferred(), self._cond:
             if self._done >= len(self._jobs):
                 return False
             self._aborted = True
