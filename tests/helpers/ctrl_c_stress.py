@@ -1,17 +1,19 @@
 """Ctrl-C (a real SIGINT) at many points of a save, a wait and a close; every run in a child process under a
 hard timeout. Used by tests/train/test_ctrl_c_bookkeeping.py (bounded) and by hand (long):
 
-    python3 tests/helpers/ctrl_c_stress.py runs 20 [--points 180] [--mode timer|trace] [--timeout 300]
+    python3 tests/helpers/ctrl_c_stress.py runs 20 [--mode timer|trace] [--points N] [--timeout 300]
 
 Two ways to pick the points (``--mode``):
 
-* ``trace``: deterministic. A trace function counts the lines the main thread runs in CPython's
-  threading, concurrent.futures and signal modules and in torchckpt's bookkeeping modules, and sends
-  SIGINT (``os.kill``) at the N-th, for every N (``--every`` k: every k-th) until the operation ends
-  first. This lands exactly in ``Condition.wait``, ``Thread.start``, ``ThreadPoolExecutor.submit`` and
-  between any two lines of the directory lock, the hand-off to the writer, the publish and retention.
-* ``timer``: real timing. ``setitimer`` fires SIGALRM after a delay spread over the measured duration of
-  the operation, and its handler sends SIGINT: it lands wherever the process is then.
+* ``trace``: deterministic. A trace function counts the points where CPython can raise a signal's
+  KeyboardInterrupt (after a call, at a function's start, at a loop's jump back, in a blocking call) that
+  the main thread passes in CPython's threading, concurrent.futures and signal modules and in torchckpt's
+  bookkeeping modules, and sends SIGINT (``os.kill``) at the N-th: at every point of each operation
+  (``--points 0``), or at ``--points`` points evenly spread over it (the run's seed shifts them). This lands exactly in ``Condition.wait``, ``Thread.start``, ``ThreadPoolExecutor.submit`` and
+  anywhere in the directory lock, the hand-off to the writer, the publish and retention.
+* ``timer``: real timing. ``setitimer`` fires SIGALRM after a random delay within the measured duration
+  of the operation, and its handler sends SIGINT: it lands wherever the process is then (``--points``
+  operations in all, the kinds in turn).
 
 After every interrupted operation the child checks: no exception but KeyboardInterrupt came out (a
 ``RuntimeError("release unlocked lock")`` from CPython is a failure); the previous checkpoint is still
@@ -27,6 +29,7 @@ Kinds of operation (all by default): ``file`` (torchckpt.save over an existing f
 from __future__ import annotations
 
 import argparse
+import dis
 import faulthandler
 import os
 import random
@@ -44,11 +47,18 @@ KINDS = ("file", "sync", "async", "wait", "close")
 
 
 # --------------------------------------------------------------------------- the child
-def _model() -> Any:
+_WIDTH = 768  # 4 layers of 768x768: ~9 MiB, an async snapshot is copied in a few chunks (trace mode: 256, faster)
+_models: dict[tuple[int, int], Any] = {}
+
+
+def _model(copy: int = 0) -> Any:
+    """The model saved (``copy`` 0) or one to resume into (1); made once per process."""
     import torch
 
-    torch.manual_seed(0)  # ~9 MiB: an async snapshot is copied in a few chunks
-    return torch.nn.Sequential(*[torch.nn.Linear(768, 768) for _ in range(4)])
+    if (_WIDTH, copy) not in _models:
+        torch.manual_seed(copy)
+        _models[_WIDTH, copy] = torch.nn.Sequential(*[torch.nn.Linear(_WIDTH, _WIDTH) for _ in range(4)])
+    return _models[_WIDTH, copy]
 
 
 def _traced_files() -> set[str]:
@@ -61,14 +71,42 @@ def _traced_files() -> set[str]:
     files = set()
     for name in names:
         try:
-            files.add(os.path.abspath(importlib.import_module(name).__file__ or ""))
+            files.add(importlib.import_module(name).__file__ or "")
         except ImportError:  # (an older torchckpt, to see these points fail there)
             pass
     return files
 
 
+def _points(code: Any, cache: dict[Any, frozenset[int]] = {}) -> frozenset[int]:  # noqa: B006 - a cache
+    """Offsets in ``code`` before which CPython 3.11 can raise a signal's KeyboardInterrupt: after a call
+    returns (its eval-breaker check), at a function's start, at a loop's jump back, and a blocking call or
+    ``with`` acquisition raising it (an interrupted lock wait), except the call of a ``with``'s ``__exit__``
+    (between three ``LOAD_CONST None`` and it there is no check: a line trace would stop there, falsely)."""
+    found = cache.get(code)
+    if found is None:
+        ins = list(dis.get_instructions(code))
+        points: set[int] = set()
+        for i, x in enumerate(ins):
+            after = ins[i + 1].offset if i + 1 < len(ins) else None
+            if x.opname in ("CALL", "CALL_FUNCTION_EX"):
+                exiting = i >= 4 and [y.opname for y in ins[i - 4:i]] == ["LOAD_CONST"] * 3 + ["PRECALL"] \
+                    and all(y.argval is None for y in ins[i - 4:i - 1])
+                if not exiting:
+                    points.add(x.offset)
+                if after is not None:
+                    points.add(after)
+            elif x.opname == "BEFORE_WITH":
+                points.add(x.offset)
+            elif x.opname == "RESUME" and (x.arg or 0) < 2 and after is not None:
+                points.add(after)
+            elif x.opname == "JUMP_BACKWARD":
+                points.add(x.argval)
+        found = cache[code] = frozenset(points)
+    return found
+
+
 class _Trace:
-    """Send SIGINT at the N-th line the main thread runs in the traced files (see the module)."""
+    """Send SIGINT at the N-th interrupt point (:func:`_points`) the main thread reaches in the traced files."""
 
     files: set[str] = set()
 
@@ -82,22 +120,23 @@ class _Trace:
         sys.settrace(None)
 
     def _call(self, frame: Any, event: str, arg: Any) -> Any:
-        if self.fired or os.path.abspath(frame.f_code.co_filename) not in self.files:
+        if self.fired or frame.f_code.co_filename not in self.files:
             return None
-        return self._line(frame, event, arg)
+        frame.f_trace_opcodes, frame.f_trace_lines = True, False
+        return self._opcode
 
-    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+    def _opcode(self, frame: Any, event: str, arg: Any) -> Any:
         if self.fired:
             return None
-        if event == "line":
-            if self.seen == self.n:
+        if event == "opcode" and frame.f_lasti in _points(frame.f_code):
+            if self.seen == self.n:  # (never for n = -1: only counts)
                 self.fired = True
                 sys.settrace(None)
                 os.kill(os.getpid(), signal.SIGINT)  # raised here (into the traced frame), unless deferred
                 time.sleep(0)
                 return None
             self.seen += 1
-        return self._line
+        return self._opcode
 
 
 class _Timer:
@@ -153,11 +192,11 @@ def scenario(kind: str, directory: Path, trigger: Any) -> bool:
         path = str(directory / "m.pt")
         torchckpt.save(path, model=model, step=1)
         hit = _interrupted(lambda: torchckpt.save(path, model=model, step=2), trigger)
-        state = torchckpt.resume(path, model=_model())  # verified against its sidecar: complete, old or new
+        state = torchckpt.resume(path, model=_model(1))  # verified against its sidecar: complete, old or new
         assert state.step in (1, 2) and (state.step == 2 or hit), (hit, state.step)
         _no_temp_files(directory)
         torchckpt.save(path, model=model, step=3)
-        assert torchckpt.resume(path, model=_model()).step == 3
+        assert torchckpt.resume(path, model=_model(1)).step == 3
         return hit
     ck = Checkpointer(str(directory), async_save=kind != "sync", keep_last=5)
     ck.save(1, model=model)
@@ -181,59 +220,77 @@ def scenario(kind: str, directory: Path, trigger: Any) -> bool:
     _no_temp_files(directory)
     with Checkpointer(str(directory), keep_last=5) as again:  # the lock was released, not leaked
         again.save(4, model=model)
-    assert torchckpt.resume(str(directory), model=_model()).step == 4
+    assert torchckpt.resume(str(directory), model=_model(1)).step == 4
     return hit
 
 
+def _one(kind: str, directory: Path, trigger: Any, args: argparse.Namespace, failures: list[str]) -> bool:
+    """:func:`scenario` under faulthandler's timeout; with ``--keep-going`` a failure is listed, not raised."""
+    faulthandler.dump_traceback_later(args.step_timeout, exit=True)
+    try:
+        return scenario(kind, directory, trigger)
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt out of a check is a failure too
+        if not args.keep_going or isinstance(exc, SystemExit):
+            raise
+        failures.append(f"{kind} point {getattr(trigger, 'n', '?')}: {type(exc).__name__}: {exc}")
+        print(f"FAIL {failures[-1]}", flush=True)
+        return True
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def child(args: argparse.Namespace) -> None:
+    global _WIDTH
     root = Path(args.dir)
     rng = random.Random(args.seed)
     kinds = args.kinds.split(",")
     faulthandler.enable()
     hits = total = 0
+    failures: list[str] = []
     if args.mode == "trace":
+        _WIDTH = 256
         _Trace.files = _traced_files()
         for kind in kinds:
-            n = 0
-            while True:
+            counter = _Trace(-1)  # counts the points of the operation, uninterrupted
+            _one(kind, root / f"{kind}-count", counter, args, failures)
+            count = counter.seen
+            every = max(1, -(-count // args.points)) if args.points else 1
+            tried = 0
+            for n in range(args.seed % every, count, every):
                 trace = _Trace(n)
-                faulthandler.dump_traceback_later(args.step_timeout, exit=True)
-                hit = scenario(kind, root / f"{kind}-{n}", trace)
-                faulthandler.cancel_dump_traceback_later()
-                shutil.rmtree(root / f"{kind}-{n}", ignore_errors=True)
+                hit = _one(kind, root / f"{kind}-{n}", trace, args, failures)
                 if not trace.fired:
-                    break  # the operation ended before the N-th line: every point was tried
+                    break  # the operation ended sooner than when counted
                 hits += hit
-                total += 1
-                n += args.every
-            print(f"{kind}: {n // args.every} points (every {args.every} of {n} lines)", flush=True)
+                tried += 1
+            print(f"{kind}: SIGINT at {tried} of its {count} points (every {every})", flush=True)
+            total += tried
     else:
         durations = {}
         for kind in kinds:  # how long the operation takes, uninterrupted (the timer's delays spread over it)
             timer = _Timer(3600)
-            scenario(kind, root / f"{kind}-calibrate", timer)
+            _one(kind, root / f"{kind}-calibrate", timer, args, failures)
             durations[kind] = timer.elapsed
-            shutil.rmtree(root / f"{kind}-calibrate", ignore_errors=True)
         print("durations (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in durations.items()), flush=True)
         for i in range(args.points):
             kind = kinds[i % len(kinds)]
             delay = rng.uniform(0, durations[kind] * 1.1)
-            faulthandler.dump_traceback_later(args.step_timeout, exit=True)
-            hits += scenario(kind, root / f"{kind}-{i}", _Timer(delay))
-            faulthandler.cancel_dump_traceback_later()
-            shutil.rmtree(root / f"{kind}-{i}", ignore_errors=True)
+            hits += _one(kind, root / f"{kind}-{i}", _Timer(delay), args, failures)
             total += 1
+    if failures:
+        print(f"failed: {len(failures)} of {total} points", flush=True)
+        sys.exit(1)
     print(f"ok: {total} points, {hits} interrupted", flush=True)
     faulthandler.dump_traceback_later(args.step_timeout, exit=True)  # a hang at interpreter exit is shown too
 
 
 # --------------------------------------------------------------------------- the runner
-def run_child(mode: str, directory: str, *, seed: int = 0, points: int = 180, every: int = 1,
-              kinds: str = ",".join(KINDS), timeout: float = 300,
-              env: dict[str, str] | None = None) -> tuple[int | None, str]:
+def run_child(mode: str, directory: str, *, seed: int = 0, points: int = 180, kinds: str = ",".join(KINDS),
+              timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """One child process; returns (exit code or None when it hung and was killed, its output)."""
     cmd = [sys.executable, os.path.abspath(__file__), "child", "--mode", mode, "--seed", str(seed), "--points",
-           str(points), "--every", str(every), "--kinds", kinds, "--step-timeout", str(max(10, int(timeout / 2))),
+           str(points), "--kinds", kinds, "--step-timeout", str(max(10, int(timeout / 2))),
            directory]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -260,20 +317,23 @@ def _gdb_stacks(pid: int) -> str:
 
 
 def runs(args: argparse.Namespace) -> None:
-    failed = hung = 0
+    failed = hung = points = 0
     for r in range(args.runs):
         directory = tempfile.mkdtemp(prefix="ctrl-c-stress-", dir=args.dir)
         start = time.monotonic()
-        code, out = run_child(args.mode, directory, seed=r, points=args.points, every=args.every, kinds=args.kinds,
+        code, out = run_child(args.mode, directory, seed=r, points=args.points, kinds=args.kinds,
                               timeout=args.timeout)
         shutil.rmtree(directory, ignore_errors=True)
         last = out.strip().splitlines()[-1] if out.strip() else ""
         print(f"run {r}: exit {code} in {time.monotonic() - start:.1f} s: {last}", flush=True)
+        if last.startswith("ok: "):
+            points += int(last.split()[1])
         if code != 0:
             failed += 1
             hung += code is None
             print(out[-6000:], flush=True)
-    print(f"{args.runs} runs, {failed} failed, {hung} hung")
+    print(f"{args.runs} runs ({args.mode}), {points} interrupt points in the runs that passed, {failed} failed, "
+          f"{hung} hung")
     sys.exit(1 if failed else 0)
 
 
@@ -284,7 +344,6 @@ def main() -> None:
         p = sub.add_parser(name)
         p.add_argument("--mode", choices=("timer", "trace"), default="timer")
         p.add_argument("--points", type=int, default=180)
-        p.add_argument("--every", type=int, default=1)
         p.add_argument("--kinds", default=",".join(KINDS))
         if name == "runs":
             p.add_argument("count", type=int, nargs="?", default=20)
@@ -293,6 +352,7 @@ def main() -> None:
         else:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--step-timeout", type=int, default=60)
+            p.add_argument("--keep-going", action="store_true", help="list failures and go on (to survey old code)")
             p.add_argument("dir")
     args = parser.parse_args()
     if args.command == "runs":

@@ -124,7 +124,7 @@ def result(future: "Future[T]") -> T:
                 break
             except TimeoutError:
                 continue
-    return future.result()
+        return future.result()  # (in the section too: Condition.__enter__/__exit__ are Python code)
 
 
 def wait_for(cond: threading.Condition, predicate: Callable[[], bool]) -> None:
