@@ -88,3 +88,39 @@ def test_piped_output_is_the_rendered_text(small_files):
 
     _, res = modules_after(CLI, "inspect", str(small_files["zip"]))
     assert res.stdout == torchckpt.inspect(small_files["zip"]).render(60) + "\n"
+
+
+# The reader modules of torchckpt.read.formats, and which of them a load of each small file may import.
+READERS = ("torch_zip", "torch_legacy", "simple", "safetensors", "sharded", "dcp", "parallel", "deepspeed", "zero",
+           "ds_universal", "folders", "lua_t7", "torchscript_v1")
+NEEDED = {"zip": {"torch_zip"}, "legacy": {"torch_zip", "torch_legacy"}, "safetensors": {"torch_zip", "simple"}}
+LOAD = """
+import json, sys
+import torch
+import torchckpt
+obj = torchckpt.load(sys.argv[1])
+assert {"fc.bias", "fc.weight"} <= set(obj), obj
+sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in sys.modules if m.startswith(("torchckpt.", "safetensors"))))
+                     + "\\n")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_loading_a_small_file_imports_only_its_own_reader(small_files, kind):
+    """A plain torch zip load does not pay for the DeepSpeed, DCP, Lua, TorchScript or safetensors readers, the
+    shard pool, the matcher or the Checkpointer (each is imported when its kind of file or folder is read)."""
+    import importlib.util
+
+    assert all(importlib.util.find_spec(f"torchckpt.read.formats.{r}") for r in READERS)  # the names are real
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", LOAD, str(small_files[kind])], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("MODULES "))
+    imported = set(json.loads(line[len("MODULES "):]))
+    readers = {m.rsplit(".", 1)[1] for m in imported if m.startswith("torchckpt.read.formats.")} & set(READERS)
+    assert readers == NEEDED[kind], (kind, sorted(readers))
+    assert "safetensors" not in imported  # the library: our reader parses the header itself
+    assert not {m for m in imported if m.startswith(("torchckpt.fit.", "torchckpt.tools.", "torchckpt.cli."))}
+    assert "torchckpt.train.checkpointer" not in imported
