@@ -4,13 +4,16 @@ against a bare ``python3 -c "import json, zipfile, struct"`` in the same run.
     python bench/bench_startup.py [--repeats 9] [--baseline-src /path/to/old/src]
 
 Goals (issue 27): ``import torchckpt`` at most 3x the bare interpreter, ``inspect``, ``scan`` of a small file
-and ``--help`` at most 4x. A second table times the first ``torchckpt.load`` of a 4 MiB zip file in a process that
-has imported torch, against the first ``torch.load(weights_only=True)`` (goal: within ~10 ms), and the second
-call of each (what is left once every module is imported). Every case is a fresh process; the cases run in turn (case 1, 2, ..., case 1, 2,
-...) so a change in machine load hits all of them alike; medians of wall time, peak RSS of each child
-(``wait4``'s ru_maxrss). The src tree (and ``--baseline-src``, e.g. ``git archive main src | tar -x -C
-/tmp/old``) is byte-compiled first, as an installed package is. The modules each case imported are
+and ``--help`` at most 4x. Every case is a fresh process; the cases run in turn (case 1, 2, ..., case 1, 2, ...)
+so a change in machine load hits all of them alike; medians of wall time, peak RSS of each child (``wait4``'s
+ru_maxrss). The src tree (and ``--baseline-src``, e.g. ``git archive main src | tar -x -C /tmp/old``) is
+byte-compiled first, as an installed package is. The modules each case imported are
 checked too: a cold start that pulls in torch, numpy, rich or click where it need not is listed.
+
+A second table times the first ``torchckpt.load`` of a 3 MiB zip state dict (bench_load's ``--size-mib 4``) in
+a fresh process that has imported torch, as a training script has, against the first
+``torch.load(weights_only=True)`` (goal: within ~10 ms), and the second call of each (once every module is
+imported), runs alternated, medians of at least 10 processes.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ print(*(x for run in runs for x in run))
 
 
 def write_small_files(folder: str) -> dict[str, str]:
-    """A small zip state dict (torch.save), a small safetensors file, a small legacy file and a 4 MiB zip
+    """A small zip state dict (torch.save), a small safetensors file, a small legacy file and a 3 MiB zip
     state dict (bench/common.py's transformer layout).
 
     Written by a child process: this one stays small, so its children's peak RSS (which counts from the

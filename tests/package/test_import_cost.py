@@ -100,7 +100,8 @@ import torch
 import torchckpt
 obj = torchckpt.load(sys.argv[1])
 assert {"fc.bias", "fc.weight"} <= set(obj), obj
-sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in sys.modules if m.startswith(("torchckpt.", "safetensors"))))
+sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in sys.modules
+                                                   if m.startswith(("torchckpt.", "safetensors", "decimal", "fractions"))))
                      + "\\n")
 """
 
@@ -124,3 +125,35 @@ def test_loading_a_small_file_imports_only_its_own_reader(small_files, kind):
     assert "safetensors" not in imported  # the library: our reader parses the header itself
     assert not {m for m in imported if m.startswith(("torchckpt.fit.", "torchckpt.tools.", "torchckpt.cli."))}
     assert "torchckpt.train.checkpointer" not in imported
+    assert not imported & {"decimal", "fractions"}  # ~3 ms of import: only a pickle that names one pays
+
+
+EXACT = """
+import json, sys
+import torchckpt
+values = [torchckpt.load(bytes.fromhex(h)) for h in sys.argv[1:]]
+sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in ("decimal", "fractions") if m in sys.modules)) + "\\n")
+print(json.dumps([[type(v).__name__, str(v)] for v in values]))
+"""
+
+
+@pytest.mark.slow
+def test_decimal_and_fraction_are_imported_when_a_pickle_names_them():
+    """They load as before in a process that has not imported them: int(Decimal), float(Fraction) and
+    copyreg._reconstructor(Decimal, Decimal, text) first, before any Decimal or Fraction was built."""
+    import decimal
+    import fractions
+    import pickle
+
+    programs = [b"\x80\x02cbuiltins\nint\ncdecimal\nDecimal\nX\x03\x00\x00\x0042.\x85R\x85R.",
+                b"\x80\x02cbuiltins\nfloat\ncfractions\nFraction\nK\x01K\x04\x86R\x85R.",
+                b"\x80\x02ccopyreg\n_reconstructor\ncdecimal\nDecimal\ncdecimal\nDecimal\nX\x03\x00\x00\x001.5\x87R.",
+                pickle.dumps({"lr": decimal.Decimal("-7.5e3"), "f": fractions.Fraction(3, 7)}, protocol=0)]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", EXACT, *(p.hex() for p in programs)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [["int", "42"], ["float", "0.25"], ["Decimal", "1.5"],
+                                      ["dict", "{'lr': Decimal('-7.5E+3'), 'f': Fraction(3, 7)}"]]
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("MODULES "))
+    assert json.loads(line[len("MODULES "):]) == ["decimal", "fractions"]
