@@ -22,6 +22,7 @@ they have landed. Other devices and tensor kinds (quantized, sparse, conjugate v
 from __future__ import annotations
 
 import copy as _copy
+import copyreg
 import ctypes
 import threading
 from typing import Any, Callable
@@ -30,6 +31,8 @@ __all__ = ["cpu_snapshot", "start_snapshot", "Copies", "SnapshotInterrupted"]
 
 _memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_ATOMIC = frozenset({complex, range, type})  # immutable: kept as they are, like _PLAIN (a frozenset may hold
+# objects of the caller's classes: deep-copied)
 
 
 def _new_buffer(nbytes: int) -> Any:
@@ -43,6 +46,36 @@ def _new_buffer(nbytes: int) -> Any:
     import torch
 
     return torch.UntypedStorage(nbytes)
+
+
+_NEWOBJ = (copyreg.__newobj__, copyreg.__newobj_ex__)  # type: ignore[attr-defined]
+_PROTOCOL = 2  # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL)
+
+
+def _reduce(value: Any) -> Any:
+    """What pickle calls to save ``value`` (copyreg's table first, then ``__reduce_ex__``)."""
+    registered = copyreg.dispatch_table.get(type(value))
+    return registered(value) if registered is not None else value.__reduce_ex__(_PROTOCOL)
+
+
+class _Reduced:
+    """An object of the caller's class as pickle took it at ``save()`` time: its reduce value, with arguments
+    and state copied like the rest of the snapshot. The writer's pickler writes exactly that value."""
+
+    __slots__ = ("size", "reduced")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.reduced: tuple[Any, ...] = ()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        func, args, state, items, pairs, setter = self.reduced
+        # list and dict items are iterators in a reduce value: fresh ones on every call
+        full = (func, args, state, None if items is None else iter(items), None if pairs is None else iter(pairs), setter)
+        return full[:self.size]
+
+    def __repr__(self) -> str:
+        return f"<snapshot of a {getattr(self.reduced[0], '__qualname__', 'reduced')} object>"
 
 
 class SnapshotInterrupted(Exception):
@@ -147,8 +180,14 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     """Deep copy of ``obj`` with every tensor's data copied to CPU memory (the blocking part of an async save).
 
     Containers (dicts, lists, tuples and their subclasses: OrderedDict, defaultdict, namedtuple) are
-    rebuilt, shared ones stay shared; numpy arrays, sets and bytearrays are copied; other values are kept
-    as they are (objects of the caller's own classes: the writer pickles them later).
+    rebuilt, shared ones stay shared; numpy arrays, sets and bytearrays are copied. An object of another
+    class (an argparse.Namespace, a dataclass, a config object) is taken as pickle takes it, here on the
+    caller's thread, so that a change made after ``save()`` returns never reaches the file: its
+    ``__reduce_ex__`` is called now and, when that names the class's plain constructor (``__newobj__``:
+    most classes), the object is deep-copied (``copy.deepcopy``, sharing the tensors and containers
+    copied before it); otherwise its reduce value is kept, with arguments and state copied, and the writer
+    pickles exactly that (the reconstructor it names is never called). An object that pickle could not
+    take is kept as it is: the writer's pickling raises the error, as a synchronous save would.
     Storages are copied into ``buffers`` (keyed by the place in ``obj`` of the first tensor that uses
     them) when a buffer of the right size exists, and new buffers are put there. The caller guarantees
     that no write is still reading the buffers.
@@ -160,8 +199,9 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     """
     import torch  # lazy: torchckpt does not import torch until tensors are involved
 
-    memo: dict[int, Any] = {}  # id(tensor) -> its copy
-    containers: dict[int, Any] = {}  # id(container or other value) -> its copy
+    # id(tensor, container or other value) -> its copy; also copy.deepcopy's memo, so that an object deep-copied
+    # below shares the tensors and containers copied before it (and they share what it copied)
+    memo: dict[int, Any] = {}
     storages: dict[tuple[int, int], Any] = {}  # (data_ptr, size) of a source CPU storage -> its buffer
     devices: set[Any] = set()
     jobs: list[tuple[int, int, int]] = []
@@ -228,18 +268,18 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             if key not in memo:
                 memo[key] = tensor(value.detach(), where)
             return memo[key]
-        if id(value) in containers:  # shared (or cyclic) containers stay shared, as pickle keeps them
-            return containers[id(value)]
+        if id(value) in memo:  # shared (or cyclic) containers stay shared, as pickle keeps them
+            return memo[id(value)]
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
             out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
-            containers[id(value)] = out
+            memo[id(value)] = out
             for k, v in value.items():
                 out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
             return out
         if isinstance(value, list):
             out = [] if type(value) is list else _copy.copy(value)
-            containers[id(value)] = out
+            memo[id(value)] = out
             out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return out
         if isinstance(value, tuple):
@@ -247,19 +287,41 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 return value
             items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             make: Any = getattr(type(value), "_make", None)  # a namedtuple stays one
-            made = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
-            containers[id(value)] = made
-            return made
-        # mutable data (a numpy array, a set, a bytearray) may change after save() returns: copied. Objects
-        # of other classes are pickled by the writer as they are then (copying them here would run their
-        # own __reduce__ or __deepcopy__ on the caller's thread, however slow): see Checkpointer.save
+            built = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
+            memo[id(value)] = built
+            return built
+        # mutable data (a numpy array, a set, a bytearray, an object of the caller's class) may change after
+        # save() returns: copied now, as pickle would have seen it now
+        if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type):
+            return value
+        made: Any
         if type(value) in (set, bytearray):
             made = type(value)(value)  # a set's elements are hashable: immutable
         elif type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
             made = value.copy()
+        elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+            return value  # pickled by torch as a storage record (rare outside tensors): kept as it is
         else:
-            return value
-        containers[id(value)] = made
+            try:
+                reduced = _reduce(value)
+            except Exception:  # noqa: BLE001 - pickle cannot take it either: the writer raises that error
+                return value
+            if isinstance(reduced, str) or not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
+                return value  # pickled by its global name (a function, a singleton) or refused later by pickle
+            if reduced[0] in _NEWOBJ:
+                try:
+                    made = _copy.deepcopy(value, memo)  # constructs with cls.__new__ and the copied state
+                except Exception:  # noqa: BLE001 - not copyable: pickled as it is, later
+                    return value
+            else:
+                made = _Reduced(len(reduced))
+                memo[id(value)] = made  # before its parts: they may refer back to it
+                func, args, state, listed, pairs, setter = (*reduced, None, None, None, None)[:6]
+                made.reduced = (func, copy(args, f"{where}.args"), copy(state, f"{where}.state"),
+                                None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)],
+                                None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs],
+                                setter)
+        memo[id(value)] = made
         return made
 
     out = copy(obj, "")
