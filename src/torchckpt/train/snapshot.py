@@ -48,7 +48,7 @@ def _new_buffer(nbytes: int) -> Any:
     return torch.UntypedStorage(nbytes)
 
 
-_NEWOBJ = (copyreg.__newobj__, copyreg.__newobj_ex__)  # type: ignore[attr-defined]
+_NEWOBJ = (getattr(copyreg, "__newobj__"), getattr(copyreg, "__newobj_ex__"))  # pickle's "new instance, then state"
 _PROTOCOL = 2  # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL)
 
 
@@ -56,6 +56,36 @@ def _reduce(value: Any) -> Any:
     """What pickle calls to save ``value`` (copyreg's table first, then ``__reduce_ex__``)."""
     registered = copyreg.dispatch_table.get(type(value))
     return registered(value) if registered is not None else value.__reduce_ex__(_PROTOCOL)
+
+
+def _new(func: Any, args: Any) -> Any:
+    """``cls.__new__`` as a ``__newobj__`` / ``__newobj_ex__`` reduce value names it (what pickle.load calls)."""
+    if func is _NEWOBJ[0]:
+        return args[0].__new__(args[0], *args[1:])
+    cls, more, kwargs = args
+    return cls.__new__(cls, *more, **kwargs)
+
+
+def _build(made: Any, state: Any, listed: Any, pairs: Any, setter: Any) -> None:
+    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS); as for
+    ``copy.deepcopy``, no code of the class runs but its ``__setstate__``."""
+    if state is not None:
+        if setter is not None:
+            setter(made, state)
+        elif hasattr(made, "__setstate__"):
+            made.__setstate__(state)
+        else:
+            slots = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slots = state
+            if state:
+                made.__dict__.update(state)
+            for name, item in (slots or {}).items():
+                setattr(made, name, item)
+    for item in listed or ():
+        made.append(item)
+    for key, item in pairs or ():
+        made[key] = item
 
 
 class _Reduced:
@@ -266,7 +296,10 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         if isinstance(value, torch.Tensor):
             key = id(value)
             if key not in memo:
-                memo[key] = tensor(value.detach(), where)
+                copied = tensor(value.detach(), where)
+                if type(value) is torch.nn.Parameter:  # a module's own parameters (a module in ``extra``)
+                    copied = torch.nn.Parameter(copied, requires_grad=value.requires_grad)
+                memo[key] = copied
             return memo[key]
         if id(value) in memo:  # shared (or cyclic) containers stay shared, as pickle keeps them
             return memo[id(value)]
@@ -308,19 +341,23 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 return value
             if isinstance(reduced, str) or not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
                 return value  # pickled by its global name (a function, a singleton) or refused later by pickle
-            if reduced[0] in _NEWOBJ:
-                try:
-                    made = _copy.deepcopy(value, memo)  # constructs with cls.__new__ and the copied state
-                except Exception:  # noqa: BLE001 - not copyable: pickled as it is, later
-                    return value
-            else:
-                made = _Reduced(len(reduced))
-                memo[id(value)] = made  # before its parts: they may refer back to it
-                func, args, state, listed, pairs, setter = (*reduced, None, None, None, None)[:6]
-                made.reduced = (func, copy(args, f"{where}.args"), copy(state, f"{where}.state"),
-                                None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)],
-                                None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs],
-                                setter)
+            func, args, state, listed, pairs, setter = (*reduced, None, None, None, None)[:6]
+            try:
+                if func in _NEWOBJ:  # a plain class: rebuilt as pickle.load would (cls.__new__, then the state)
+                    made = memo[id(value)] = _new(func, copy(args, f"{where}.args"))  # before its state: cycles
+                else:  # the writer pickles this reduce value; its reconstructor is never called
+                    made = memo[id(value)] = _Reduced(len(reduced))
+                    args = copy(args, f"{where}.args")
+                state = copy(state, f"{where}.state")
+                listed = None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)]
+                pairs = None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs]
+                if isinstance(made, _Reduced):
+                    made.reduced = (func, args, state, listed, pairs, setter)
+                else:
+                    _build(made, state, listed, pairs, setter)
+            except Exception:  # noqa: BLE001 - pickled as it is, later (an error then is the save's error)
+                memo[id(value)] = value
+                return value
         memo[id(value)] = made
         return made
 
