@@ -3,8 +3,15 @@ was called, whatever the caller changes afterwards, and the containers as they w
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import pickle
 import errno
 import signal
 import threading
@@ -281,3 +288,51 @@ def test_lightning_plugin_ctrl_c_while_waiting_keeps_the_previous_write_pending(
     finally:
         FailsWhenOpened.opened.set()
     assert not (tmp_path / "a.ckpt").exists()
+
+
+class Slotted:
+    __slots__ = ("a", "b")
+
+    def __init__(self) -> None:
+        self.a, self.b = [1], {"k": 2}
+
+
+class OwnState:
+    def __init__(self) -> None:
+        self.items = [3, 4]
+
+    def __getstate__(self):
+        return {"items": list(self.items), "version": 2}
+
+    def __setstate__(self, state):
+        self.items = state["items"]
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    name: str
+    sizes: tuple
+
+
+def test_a_snapshot_pickles_to_the_bytes_the_original_pickles_to():
+    """Whatever an object of the caller's class becomes in the snapshot (rebuilt, or its reduce value kept),
+    pickle writes the same stream for it as for the original at that moment: the file is the sync save's."""
+    values = {"namespace": argparse.Namespace(lr=0.1, layers=[1, 2]), "hp": Hparams(0.1, [1], None),
+              "deque": collections.deque([1, [2]], maxlen=5), "partial": functools.partial(max, 1, key=abs),
+              "when": datetime.datetime(2026, 12, 7, 20, 0), "fraction": fractions.Fraction(1, 3),
+              "decimal": decimal.Decimal("1.5"), "slotted": Slotted(), "own": OwnState(), "color": Color.RED,
+              "frozen": Frozen("x", (1, 2)), "made": Made([5]), "np_scalar": np.float32(2.5),
+              "device": torch.device("cpu"), "dtype": torch.bfloat16, "counter": collections.Counter("abca"),
+              "frozenset": frozenset({1, 2}), "complex": 1 + 2j, "function": len, "type": dict}
+    values["same_twice"] = values["namespace"]
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    for key in values:
+        assert pickle.dumps(snapshot[key], protocol=2) == pickle.dumps(values[key], protocol=2), key
+    assert pickle.dumps(snapshot, protocol=2) == pickle.dumps(values, protocol=2)
+    values["namespace"].layers.append(3)  # the snapshot is not the live object
+    assert snapshot["namespace"].layers == [1, 2] and snapshot["same_twice"] is snapshot["namespace"]

@@ -232,6 +232,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     # id(tensor, container or other value) -> its copy; also copy.deepcopy's memo, so that an object deep-copied
     # below shares the tensors and containers copied before it (and they share what it copied)
     memo: dict[int, Any] = {}
+    alive: list[Any] = []  # values made during the walk whose ids are memo keys (see the reduce branch)
     storages: dict[tuple[int, int], Any] = {}  # (data_ptr, size) of a source CPU storage -> its buffer
     devices: set[Any] = set()
     jobs: list[tuple[int, int, int]] = []
@@ -342,6 +343,11 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             if isinstance(reduced, str) or not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
                 return value  # pickled by its global name (a function, a singleton) or refused later by pickle
             func, args, state, listed, pairs, setter = (*reduced, None, None, None, None)[:6]
+            listed = None if listed is None else list(listed)
+            pairs = None if pairs is None else list(pairs)
+            # the memo is keyed by id(): what __reduce_ex__ made (its tuples, a __getstate__ dict, items) must
+            # outlive the snapshot, or a later temporary could reuse an id and be taken for it
+            alive.append((reduced, listed, pairs))
             try:
                 if func in _NEWOBJ:  # a plain class: rebuilt as pickle.load would (cls.__new__, then the state)
                     made = memo[id(value)] = _new(func, copy(args, f"{where}.args"))  # before its state: cycles
