@@ -73,7 +73,8 @@ def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
     if kind == TORCHSCRIPT and sniffed.details.get("model_json"):
         return read_torchscript_v1(src, opts, sniffed.details["prefix"])
     if kind in (TORCH_ZIP, TORCHSCRIPT):
-        return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT)
+        return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT,
+                              archive=sniffed.take_archive())
     if kind in _READERS:
         return _READERS[kind](src, opts)
     if kind == "json" and (src.path is not None or src.url is not None):

@@ -153,7 +153,7 @@ class _Files:
         src, offset, length = self.source(info, fqn)
         opts.trace.ranges.append((src.name, offset, length))
         assert opts.read_child is not None, "the opener passes the format dispatcher"
-        with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
+        with src.window(offset, length, name=f"{src.name}[{fqn}]") as item:  # read in place: no copy of the item
             return opts.read_child(item, opts).tree
 
     def rel(self, info: dict[str, Any] | None) -> str:

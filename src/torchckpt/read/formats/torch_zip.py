@@ -167,10 +167,13 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: R
 
 
 
-def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False) -> Checkpoint:
+def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False,
+                   archive: zipfile.ZipFile | None = None) -> Checkpoint:
+    """Read a PyTorch zip (or TorchScript) archive; ``archive``: its directory already parsed from ``src``
+    (by sniff), closed here."""
     kind = TORCHSCRIPT if torchscript else TORCH_ZIP
     loaded = Checkpoint(format=kind, description=DESCRIPTIONS[kind])
-    zf = open_zip(src)
+    zf = archive if archive is not None else open_zip(src)
     try:
         if opts.mode is Mode.RECORD:
             check_zip(src, zf, opts, loaded_members=_loaded_members(prefix, torchscript))
