@@ -138,6 +138,10 @@ class _ZipStorages:
         if self.mapped:
             self.offsets[info.filename] = (offset, nbytes)
             return self.opts.mapped_storage(self.src, offset, nbytes)
+        target = self.opts.into(nbytes) if self.opts.into is not None else None
+        if target is not None:  # read straight into its place (a DCP chunk inside its whole tensor)
+            self.src.read_into(target, offset, nbytes)
+            return target
         return self.src.read_into_storage(offset, nbytes)
 
 

@@ -114,6 +114,7 @@ def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
     keep: list[Any] = [root]  # ids stay valid while we hold the objects
     stack: list[list[Any]] = [[root, first, 0]]
     steps = 0
+    scalars = _SCALAR_SET
     while stack:
         frame = stack[-1]
         children, i = frame[1], frame[2]
@@ -121,6 +122,8 @@ def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
             frame[2] = i + 1
             child = children[i]
             steps += 1
+            if type(child) in scalars:  # a leaf (what _children says at once), the most common child
+                continue
             cid = id(child)
             if cid in height or cid in on_path:
                 continue
