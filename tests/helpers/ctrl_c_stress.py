@@ -321,7 +321,7 @@ def runs(args: argparse.Namespace) -> None:
     for r in range(args.runs):
         directory = tempfile.mkdtemp(prefix="ctrl-c-stress-", dir=args.dir)
         start = time.monotonic()
-        code, out = run_child(args.mode, directory, seed=r, points=args.points, kinds=args.kinds,
+        code, out = run_child(args.mode, directory, seed=args.first_seed + r, points=args.points, kinds=args.kinds,
                               timeout=args.timeout)
         shutil.rmtree(directory, ignore_errors=True)
         last = out.strip().splitlines()[-1] if out.strip() else ""
@@ -349,6 +349,7 @@ def main() -> None:
             p.add_argument("count", type=int, nargs="?", default=20)
             p.add_argument("--timeout", type=float, default=300)
             p.add_argument("--dir", default=None)
+            p.add_argument("--first-seed", type=int, default=0)
         else:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--step-timeout", type=int, default=60)
