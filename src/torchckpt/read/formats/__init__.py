@@ -98,7 +98,8 @@ def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
         reader = _imported("torchscript_v1", "read_torchscript_v1")
         return reader(src, opts, sniffed.details["prefix"])
     if kind in (TORCH_ZIP, TORCHSCRIPT):
-        return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT)
+        return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT,
+                              archive=sniffed.take_archive())
     if kind in _READERS:
         reader = _imported(*_READERS[kind])
         return reader(src, opts)
