@@ -7,7 +7,9 @@ torch.distributed.checkpoint directory of the same state dict in N data files (`
 Target (issue 27): 2 threads at least 1.6x faster than 1 thread on 8 shards with a warm page cache, at
 the same peak memory. Also in the same run: what a user writes without torchckpt (safetensors'
 ``load_file`` over the shards, one after another; DCP's own ``dcp.load`` into tensors allocated from the
-metadata), and the index mapped (``mmap=True``: nothing is read until used). Each case is a fresh process;
+metadata), the index mapped (``mmap=True``: nothing is read until used), and the DCP data files read by
+``os.preadv`` into fresh tensors with no parsing at all (the I/O alone: how much 2 threads can gain at most
+on this machine). Each case is a fresh process;
 runs alternate between the cases; the files are read once before the first run so the page cache is
 warm. Medians, peak RSS above the process before the load.
 
@@ -89,6 +91,34 @@ assert len(sd) > 10
 """
 
 
+def io_code(folder: str, workers: int) -> str:
+    """The I/O alone, the ceiling for any reader: every data file of ``folder`` read with ``os.preadv`` into
+    fresh 4 MiB tensors by ``workers`` threads (files split between them), no parsing."""
+    return f"""
+import threading
+folder = {folder!r}
+files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.distcp'))
+def read(paths, keep):
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        size, off = os.fstat(fd).st_size, 0
+        while off < size:
+            t = torch.empty(min(4 << 20, size - off), dtype=torch.uint8)
+            off += os.preadv(fd, [t.numpy()], off)
+            keep.append(t)
+        os.close(fd)
+keep = []
+threads = [threading.Thread(target=read, args=(files[i::{workers}], keep)) for i in range({workers})]
+base = reset_peak()
+t0 = time.perf_counter()
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+result = time.perf_counter() - t0
+"""
+
+
 def main() -> None:
     args = bench_args(__doc__, extra=lambda ap: (
         ap.add_argument("--shards", type=int, default=8),
@@ -125,6 +155,7 @@ result = time.perf_counter() - t0
 """
         if dcp_dir is not None:
             codes.update({f"dcp workers={w}": load_code(dcp_dir, w) for w in pools})
+            codes.update({f"io workers={w}": io_code(dcp_dir, w) for w in pools})
             codes["dcp.load"] = f"""
 import warnings
 import torch.distributed.checkpoint as dcp
@@ -157,10 +188,11 @@ result = time.perf_counter() - t0
             print_table(f"DCP directory ({args.shards} data files), mmap=False",
                         [(f"torchckpt.load(dcp, workers={pools[0]})            [baseline]", base, None)]
                         + [(f"torchckpt.load(dcp, workers={w})", res[f"dcp workers={w}"], base) for w in pools[1:]]
-                        + [("dcp.load into tensors allocated from .metadata", res["dcp.load"], base)],
-                        size_mib=args.size_mib)
+                        + [("dcp.load into tensors allocated from .metadata", res["dcp.load"], base)]
+                        + [(f"I/O alone: preadv of the data files, {w} thread(s), no parsing", res[f"io workers={w}"],
+                            base) for w in pools], size_mib=args.size_mib)
         for w in pools[1:]:
-            for label, key in (("index", "workers="), ("dcp", "dcp workers=")):
+            for label, key in (("index", "workers="), ("dcp", "dcp workers="), ("I/O alone (the ceiling)", "io workers=")):
                 one, many = res.get(f"{key}{pools[0]}", {}), res.get(f"{key}{w}", {})
                 if "seconds" in one and "seconds" in many and many.get("cpu"):
                     print(f"{label}: {w} threads {one['seconds'] / many['seconds']:.2f}x faster than {pools[0]}; "

@@ -80,6 +80,8 @@ CHILD_PRELUDE = textwrap.dedent("""
     def cpu_s():  # user + system CPU seconds of this process (all threads): robust on a loaded machine
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
+    def sys_s():  # the kernel's share: page faults on fresh memory, copies into the page cache
+        return resource.getrusage(resource.RUSAGE_SELF).ru_stime
     def reset_peak():
         # Peak := current RSS (Linux clear_refs 5), so whatever the setup built and freed (a state dict to
         # make the model from, the model's own construction) does not count; returns the current RSS.
@@ -96,10 +98,11 @@ CHILD_PRELUDE = textwrap.dedent("""
 
 def _child_script(code: str) -> str:
     # CPU seconds are taken over the same span as ``result``: the snippet's own start and end lines.
-    code = textwrap.dedent(code).replace("t0 = time.perf_counter()\n", "t0 = time.perf_counter(); cpu0 = cpu_s()\n")
-    code = code.replace("result = time.perf_counter() - t0\n", "result = time.perf_counter() - t0; cpu = cpu_s() - cpu0\n")
+    code = textwrap.dedent(code).replace("t0 = time.perf_counter()\n", "t0 = time.perf_counter(); cpu0 = cpu_s(); sys0 = sys_s()\n")
+    code = code.replace("result = time.perf_counter() - t0\n", "result = time.perf_counter() - t0; cpu = cpu_s() - cpu0; sys_cpu = sys_s() - sys0\n")
     return CHILD_PRELUDE.format(here=HERE) + code + textwrap.dedent("""
-        print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base, "cpu": globals().get("cpu")}))
+        print(json.dumps({"seconds": result, "peak_mib": rss_mib() - base, "cpu": globals().get("cpu"),
+                          "sys": globals().get("sys_cpu")}))
     """)
 
 
@@ -118,6 +121,8 @@ def _summary(outs: list[dict]) -> dict:
            "runs": len(outs)}
     if all(o.get("cpu") is not None for o in outs):
         res["cpu"] = statistics.median(o["cpu"] for o in outs)
+    if all(o.get("sys") is not None for o in outs):
+        res["sys"] = statistics.median(o["sys"] for o in outs)
     return res
 
 
@@ -154,7 +159,8 @@ def measure_alternated(codes: dict[str, str], repeats: int = 5) -> dict[str, dic
 def print_table(title: str, rows: list[tuple[str, dict, dict | None]], size_mib: float | None = None) -> None:
     """rows: (label, result, baseline result or None). With ``size_mib`` the peak is also shown as a multiple."""
     print(f"\n{title}")
-    print(f"{'case':60s} {'median s':>9s} {'ratio':>7s} {'cpu s':>7s} {'cpu x':>6s} {'peak MiB':>9s} {'x size':>7s}")
+    print(f"{'case':60s} {'median s':>9s} {'ratio':>7s} {'cpu s':>7s} {'cpu x':>6s} {'sys s':>6s} {'peak MiB':>9s} "
+          f"{'x size':>7s}")
     for label, res, base in rows:
         if "error" in res:
             print(f"{label:60s} {'error: ' + res['error'][:60]}")
@@ -163,8 +169,9 @@ def print_table(title: str, rows: list[tuple[str, dict, dict | None]], size_mib:
         cpu = f"{res['cpu']:.3f}" if "cpu" in res else "-"
         cpu_ratio = f"{res['cpu'] / base['cpu']:.2f}x" if base and base.get("cpu") and "cpu" in res else "-"
         times = f"{res['peak_mib'] / size_mib:.2f}x" if size_mib and res["peak_mib"] == res["peak_mib"] else ""
-        print(f"{label:60s} {res['seconds']:9.3f} {ratio:>7s} {cpu:>7s} {cpu_ratio:>6s} {res['peak_mib']:9.0f} "
-              f"{times:>7s}")
+        kernel = f"{res['sys']:.3f}" if "sys" in res else "-"
+        print(f"{label:60s} {res['seconds']:9.3f} {ratio:>7s} {cpu:>7s} {cpu_ratio:>6s} {kernel:>6s} "
+              f"{res['peak_mib']:9.0f} {times:>7s}")
 
 
 def model_like(state_dict):

@@ -3,7 +3,15 @@ was called, whatever the caller changes afterwards, and the containers as they w
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import pickle
 import errno
 import signal
 import threading
@@ -20,15 +28,20 @@ from torchckpt.train.snapshot import Copies, start_snapshot
 Pair = collections.namedtuple("Pair", "first second")
 
 
-class Gate:
-    """Holds the background writer's pickler until the test opens it (the caller's thread passes)."""
+class Gate(torch.Tensor):
+    """A tensor that holds the background writer's pickler until the test opens it. The snapshot copies it
+    as a tensor (its class kept), so its ``__reduce_ex__`` runs only in the writer's thread, not in save()."""
 
     opened = threading.Event()
 
-    def __reduce__(self):
+    def __reduce_ex__(self, protocol):
         if threading.current_thread() is not threading.main_thread():
             assert Gate.opened.wait(60)
-        return (Gate, ())
+        return super().__reduce_ex__(protocol)
+
+
+def gate() -> Gate:
+    return torch.zeros(1).as_subclass(Gate)
 
 
 def _save(directory, extra, *, async_save, mutate=None):
@@ -62,7 +75,7 @@ def test_two_places_spelling_the_same_name_in_one_snapshot_buffers():
 
 def test_values_that_are_not_tensors_changed_after_save_returns_are_not_written(tmp_path):
     arr, raw, seen = np.zeros(3), bytearray(b"abc"), {1}
-    extra = {"gate": Gate(), "arr": arr, "raw": raw, "seen": seen}
+    extra = {"gate": gate(), "arr": arr, "raw": raw, "seen": seen}
     Gate.opened.clear()
 
     def mutate() -> None:  # while the writer is held before it pickles these
@@ -75,6 +88,80 @@ def test_values_that_are_not_tensors_changed_after_save_returns_are_not_written(
     assert got["arr"].tolist() == [0.0, 0.0, 0.0]
     assert bytes(got["raw"]) == b"abc"
     assert set(got["seen"]) == {1}
+
+
+@dataclasses.dataclass
+class Hparams:  # an object of the caller's own class, as people put in ``extra``
+    lr: float
+    layers: list
+    table: torch.Tensor
+
+
+def test_objects_of_the_callers_classes_changed_after_save_returns_are_not_written(tmp_path):
+    weight = torch.ones(3)
+    extra = {"gate": gate(), "hp": Hparams(0.1, [1, 2], weight), "weight": weight}
+    Gate.opened.clear()
+
+    def mutate() -> None:  # while the writer is held before it pickles the object (it pickled it then)
+        extra["hp"].lr = 9.0
+        extra["hp"].layers.append(3)
+        weight.fill_(5)
+        Gate.opened.set()
+
+    got = _save(tmp_path / "async", extra, async_save=True, mutate=mutate)
+    state = got["hp"].stub_state  # a class torchckpt does not import loads as a placeholder holding its state
+    assert state["lr"] == 0.1 and state["layers"] == [1, 2] and torch.equal(state["table"], torch.ones(3))
+    # the tensor the object shares with the rest of the state is one storage in the file, as in a sync save
+    assert state["table"].untyped_storage().data_ptr() == got["weight"].untyped_storage().data_ptr()
+    sync = _save(tmp_path / "sync", {"hp": Hparams(0.1, [1], weight), "weight": weight}, async_save=False)
+    assert sync["hp"].stub_state["table"].untyped_storage().data_ptr() == sync["weight"].untyped_storage().data_ptr()
+
+
+class Made:
+    """Pickles as a call of ``make`` (its own reduce value), which a snapshot must never call."""
+
+    calls = 0
+
+    def __init__(self, sizes: list) -> None:
+        self.sizes = sizes
+
+    def __reduce__(self):
+        return (make, (self.sizes,), {"note": list(self.sizes)})
+
+
+def make(sizes):
+    Made.calls += 1
+    return Made(sizes)
+
+
+def test_an_object_with_its_own_reduce_value_is_taken_at_save_time_and_not_rebuilt(tmp_path):
+    made = Made([1, 2])
+    extra = {"gate": gate(), "made": made, "again": made}
+    Gate.opened.clear()
+
+    def mutate() -> None:
+        made.sizes.append(3)
+        Gate.opened.set()
+
+    Made.calls = 0
+    got = _save(tmp_path, extra, async_save=True, mutate=mutate)
+    assert Made.calls == 0  # the reconstructor is named in the file, never called by the save
+    assert got["made"].stub_args == ([1, 2],) and got["made"].stub_state == {"note": [1, 2]}
+    assert got["made"] is got["again"]  # one object, pickled once, as a sync save writes it
+
+
+def test_a_module_in_extra_is_saved_as_it_was_when_save_returned(tmp_path):
+    ema = torch.nn.Linear(2, 2)  # an EMA copy of the model, passed whole: once pickled later with live weights
+    want = ema.weight.detach().clone()
+    Gate.opened.clear()
+
+    def mutate() -> None:  # the optimizer step after save() returned, while the writer is held
+        with torch.no_grad():
+            ema.weight.fill_(7)
+        Gate.opened.set()
+
+    got = _save(tmp_path, {"gate": gate(), "ema": ema}, async_save=True, mutate=mutate)["ema"]
+    assert type(got.weight) is torch.nn.Parameter and torch.equal(got.weight, want)
 
 
 def test_async_keeps_the_containers_a_sync_save_keeps(tmp_path):
@@ -130,16 +217,21 @@ def test_a_snapshot_complete_when_the_caller_is_interrupted_is_still_written():
     assert not incomplete.abort()  # nothing to copy: complete at once
 
 
-class FailsWhenOpened:
-    """Holds the background writer's pickler until the test opens it, then fails like a full disk."""
+class FailsWhenOpened(torch.Tensor):
+    """A tensor (copied by save() with its class kept) whose pickling holds the background writer until the
+    test opens it, then fails like a full disk."""
 
     opened = threading.Event()
 
-    def __reduce__(self):
+    def __reduce_ex__(self, protocol):
         if threading.current_thread() is threading.main_thread():
-            return (FailsWhenOpened, ())
+            return super().__reduce_ex__(protocol)
         assert FailsWhenOpened.opened.wait(60)
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def fails_when_opened() -> FailsWhenOpened:
+    return torch.zeros(1).as_subclass(FailsWhenOpened)
 
 
 def test_ctrl_c_while_save_waits_for_the_previous_write_keeps_that_write_pending(tmp_path):
@@ -148,7 +240,7 @@ def test_ctrl_c_while_save_waits_for_the_previous_write_keeps_that_write_pending
     FailsWhenOpened.opened.clear()
     ck = Checkpointer(str(tmp_path), async_save=True)
     try:
-        ck.save(1, extra={"held": FailsWhenOpened()})  # returns; the writer waits in the pickler
+        ck.save(1, extra={"held": fails_when_opened()})  # returns; the writer waits in the pickler
 
         def interrupt(*_):
             raise KeyboardInterrupt
@@ -181,7 +273,7 @@ def test_lightning_plugin_ctrl_c_while_waiting_keeps_the_previous_write_pending(
         raise KeyboardInterrupt
 
     try:
-        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "held": FailsWhenOpened()}, tmp_path / "a.ckpt")
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "held": fails_when_opened()}, tmp_path / "a.ckpt")
         previous = signal.signal(signal.SIGALRM, interrupt)
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.3)
@@ -196,3 +288,51 @@ def test_lightning_plugin_ctrl_c_while_waiting_keeps_the_previous_write_pending(
     finally:
         FailsWhenOpened.opened.set()
     assert not (tmp_path / "a.ckpt").exists()
+
+
+class Slotted:
+    __slots__ = ("a", "b")
+
+    def __init__(self) -> None:
+        self.a, self.b = [1], {"k": 2}
+
+
+class OwnState:
+    def __init__(self) -> None:
+        self.items = [3, 4]
+
+    def __getstate__(self):
+        return {"items": list(self.items), "version": 2}
+
+    def __setstate__(self, state):
+        self.items = state["items"]
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    name: str
+    sizes: tuple
+
+
+def test_a_snapshot_pickles_to_the_bytes_the_original_pickles_to():
+    """Whatever an object of the caller's class becomes in the snapshot (rebuilt, or its reduce value kept),
+    pickle writes the same stream for it as for the original at that moment: the file is the sync save's."""
+    values = {"namespace": argparse.Namespace(lr=0.1, layers=[1, 2]), "hp": Hparams(0.1, [1], None),
+              "deque": collections.deque([1, [2]], maxlen=5), "partial": functools.partial(max, 1, key=abs),
+              "when": datetime.datetime(2026, 12, 7, 20, 0), "fraction": fractions.Fraction(1, 3),
+              "decimal": decimal.Decimal("1.5"), "slotted": Slotted(), "own": OwnState(), "color": Color.RED,
+              "frozen": Frozen("x", (1, 2)), "made": Made([5]), "np_scalar": np.float32(2.5),
+              "device": torch.device("cpu"), "dtype": torch.bfloat16, "counter": collections.Counter("abca"),
+              "frozenset": frozenset({1, 2}), "complex": 1 + 2j, "function": len, "type": dict}
+    values["same_twice"] = values["namespace"]
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    for key in values:
+        assert pickle.dumps(snapshot[key], protocol=2) == pickle.dumps(values[key], protocol=2), key
+    assert pickle.dumps(snapshot, protocol=2) == pickle.dumps(values, protocol=2)
+    values["namespace"].layers.append(3)  # the snapshot is not the live object
+    assert snapshot["namespace"].layers == [1, 2] and snapshot["same_twice"] is snapshot["namespace"]

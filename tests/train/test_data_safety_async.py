@@ -22,27 +22,29 @@ from test_checkpointer_faults import _mounted_tmpfs
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
-class _SlowNoisyExtra:
-    """Pickled by the background writer: takes a while and draws from Python's global ``random`` meanwhile
-    (what botocore's retry jitter does in an upload thread). It pickles as an empty dict."""
+class _SlowNoisyExtra(torch.Tensor):
+    """A tensor pickled by the background writer (the snapshot copies it as a tensor, its class kept): takes a
+    while and draws from Python's global ``random`` meanwhile (what botocore's retry jitter does in an upload
+    thread)."""
 
-    def __init__(self) -> None:
-        self.started = threading.Event()
+    started = threading.Event()
 
-    def __reduce__(self):  # runs inside torch.save, in the writer thread
-        self.started.set()
-        for _ in range(20):
-            random.random()
-            time.sleep(0.02)
-        return (dict, ())
+    def __reduce_ex__(self, protocol):  # runs inside torch.save, in the writer thread
+        if threading.current_thread() is not threading.main_thread():
+            _SlowNoisyExtra.started.set()
+            for _ in range(20):
+                random.random()
+                time.sleep(0.02)
+        return super().__reduce_ex__(protocol)
 
 
 def test_rng_is_captured_when_save_is_called_not_after_waiting_for_the_previous_write(tmp_path):
     model = torch.nn.Linear(8, 8)
-    noisy = _SlowNoisyExtra()
+    noisy = torch.zeros(1).as_subclass(_SlowNoisyExtra)
+    _SlowNoisyExtra.started.clear()
     with torchckpt.Checkpointer(tmp_path / "run", async_save=True, keep_last=None) as ckpt:
         ckpt.save(1, model=model, extra=noisy)
-        assert noisy.started.wait(30)  # the first write is under way (and slow)
+        assert _SlowNoisyExtra.started.wait(30)  # the first write is under way (and slow)
         random.seed(1234)
         torch.manual_seed(99)
         at_save = (random.getstate(), torch.get_rng_state().clone())
@@ -111,11 +113,13 @@ def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
     """A write that never finishes (its extra state blocks forever) does not hold the exit forever."""
     script = textwrap.dedent("""
         import sys, threading, torch, torchckpt
-        class Hangs:
-            def __reduce__(self):
-                threading.Event().wait()  # forever
+        class Hangs(torch.Tensor):  # copied by save() as a tensor, its class kept: pickled by the writer only
+            def __reduce_ex__(self, protocol):
+                if threading.current_thread() is not threading.main_thread():
+                    threading.Event().wait()  # forever
+                return super().__reduce_ex__(protocol)
         ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
-        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=Hangs())
+        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=torch.zeros(1).as_subclass(Hangs))
         print("the script ended", flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="2")

@@ -50,6 +50,13 @@ class Sniffed:
     kind: str
     evidence: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # a PyTorch zip's directory as sniff parsed it, for the reader to take (:meth:`take_archive`): parsed once
+    archive: zipfile.ZipFile | None = field(default=None, repr=False, compare=False)
+
+    def take_archive(self) -> zipfile.ZipFile | None:
+        """The open archive sniff parsed, now the caller's to close (None when there is none, or it was taken)."""
+        archive, self.archive = self.archive, None
+        return archive
 
     @property
     def description(self) -> str:
@@ -101,13 +108,22 @@ def _legacy_with_other_protocol(head: bytes) -> bool:
 
 def _sniff_zip(src: Source) -> Sniffed:
     try:
-        with zipfile.ZipFile(src.open()) as zf:
-            names = zf.namelist()
-            first = min((i.header_offset for i in zf.infolist()), default=0)
+        zf = zipfile.ZipFile(src.open())  # on the source's own file: nothing to close but the archive
+        names = zf.namelist()
+        first = min((i.header_offset for i in zf.infolist()), default=0)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError,
             UnicodeDecodeError, OverflowError) as exc:  # ValueError covers UnicodeDecodeError of member names
         return Sniffed("bad-zip", [f"starts like a zip archive but its directory is unreadable ({exc})"],
                        {"size": src.size})
+    sniffed = _zip_kind(src, names, first)
+    if sniffed.kind in (TORCH_ZIP, TORCHSCRIPT):
+        sniffed.archive = zf
+    else:
+        zf.close()
+    return sniffed
+
+
+def _zip_kind(src: Source, names: list[str], first: int) -> Sniffed:
     # an archive right after another whole one (its end record just before): the layout of a DCP shard
     if first >= 22 and src.read_at(0, 4) == b"PK\x03\x04" and src.read_at(first - 22, 4) == b"PK\x05\x06":
         return Sniffed(DCP_SHARD, [f"zip archives back to back (the last starts at byte {first}): the layout of "

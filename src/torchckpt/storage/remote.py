@@ -12,13 +12,13 @@ import contextlib
 import io
 import os
 import socket
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import (CheckpointError, RemoteAuthError, RemoteConnectionRefusedError, RemoteNotFoundError,
                       RemoteStorageError, RemoteUnreachableError, TruncatedCheckpointError)
 
 __all__ = ["is_url", "strip_file_scheme", "filesystem", "remote_errors", "RemoteFile", "join", "StorageOptions",
-           "remote_listing"]
+           "remote_listing", "ranged_reader"]
 
 StorageOptions = Mapping[str, Any]
 
@@ -243,12 +243,18 @@ class RemoteFile:
 
     def reader(self, buffer_size: int = 64 << 10) -> io.BufferedReader:
         """A seekable binary file over ranged reads (each refill moves at most ``buffer_size`` bytes)."""
-        return io.BufferedReader(_RangeRaw(self), buffer_size=buffer_size)
+        return ranged_reader(self.read_range, self.size, buffer_size)
+
+
+def ranged_reader(read_range: Callable[[int, int], bytes], size: int, buffer_size: int = 64 << 10) -> io.BufferedReader:
+    """A seekable binary file of ``size`` bytes over ``read_range(start, end)`` (a remote object, or a byte
+    range of a local file): each refill reads at most ``buffer_size`` bytes."""
+    return io.BufferedReader(_RangeRaw(read_range, size), buffer_size=buffer_size)
 
 
 class _RangeRaw(io.RawIOBase):
-    def __init__(self, remote: RemoteFile) -> None:
-        self.remote = remote
+    def __init__(self, read_range: Callable[[int, int], bytes], size: int) -> None:
+        self.read_range, self.size = read_range, size
         self.pos = 0
 
     def readable(self) -> bool:
@@ -261,13 +267,13 @@ class _RangeRaw(io.RawIOBase):
         return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.remote.size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
         self.pos = max(0, base + offset)
         return self.pos
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        data = self.remote.read_range(self.pos, self.pos + len(view))
+        data = self.read_range(self.pos, self.pos + len(view))
         view[:len(data)] = data
         self.pos += len(data)
         return len(data)

@@ -16,7 +16,7 @@ import sys
 from typing import IO, Any, Union
 
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
-from .remote import RemoteFile, StorageOptions, is_url, join, strip_file_scheme
+from .remote import RemoteFile, StorageOptions, is_url, join, ranged_reader, strip_file_scheme
 
 __all__ = ["Source", "SourceLike", "confined_path"]
 
@@ -197,6 +197,24 @@ class Source:
             return self._file
         return io.BytesIO(self.buffer())
 
+    def window(self, offset: int, length: int, name: str | None = None) -> "Source":
+        """The bytes ``[offset, offset+length)`` of this source as a source of their own (one item of a DCP data
+        file), checked against this source's size first. For a local file nothing is read until the reader
+        asks: its reads (and :meth:`read_into`, straight into a tensor) go to this file at an offset, so a
+        large item is never held as bytes. Other sources give the range read whole, as bytes. The window
+        does not own this source: close it first, and do not use it after this source is closed. A range of
+        at most :data:`WHOLE_WINDOW` bytes is read whole at once (one ``pread``: parsing it costs no more calls)."""
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or offset + length > self.size:
+            raise TruncatedCheckpointError(f"bytes {offset!r:.30}..+{length!r:.30} lie outside the file "
+                                           f"({self.size} bytes)", path=self.name, actual_size=self.size)
+        if self.path is None or isinstance(self, _Window) or length <= WHOLE_WINDOW:
+            data = self.read_at(offset, length)
+            if len(data) != length:
+                raise TruncatedCheckpointError(f"the file ended while reading bytes {offset}..+{length}",
+                                               path=self.name, expected_size=offset + length, actual_size=self.size)
+            return Source(data, name=name)
+        return _Window(self, offset, length, name or f"{self.name}[{offset}:{offset + length}]")
+
     @property
     def bytes_read(self) -> int:
         """Bytes moved from remote storage so far (0 for local sources)."""
@@ -303,6 +321,7 @@ class Source:
         import numpy as np
         import torch
 
+        self._check_range(offset, nbytes)
         if nbytes == 0:
             return
         if target.device.type != "cpu":
@@ -338,6 +357,11 @@ class Source:
         else:
             view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
 
+    def _check_range(self, offset: int, nbytes: int) -> None:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise TruncatedCheckpointError(f"bytes {offset}..+{nbytes} lie outside these {self.size} bytes",
+                                           expected_size=offset + nbytes, actual_size=self.size)
+
     def close(self) -> None:
         """Close what this source opened. A mapping that tensors view stays known (not unmapped), so the
         pages of a closed shard can still be released or copied while its parent read is open."""
@@ -363,6 +387,44 @@ class Source:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+WHOLE_WINDOW = 64 << 10
+
+
+class _Window(Source):
+    """:meth:`Source.window` of a local file: every read goes to the parent's descriptor at an offset."""
+
+    def __init__(self, parent: Source, start: int, length: int, name: str) -> None:  # no super(): nothing to open
+        self._owned, self.path, self.url, self.storage_options = [], None, None, parent.storage_options
+        self._remote, self._mmap, self._fd, self._exported, self._map_base = None, None, None, False, None
+        self._bytes, self._file, self.mapped_children = None, None, []
+        self._parent, self._start, self.name, self.size = parent, start, name, length
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        n = min(n, self.size - offset)
+        return self._parent.read_at(self._start + offset, n) if n > 0 and offset >= 0 else b""
+
+    def head(self, n: int) -> bytes:
+        return self.read_at(0, n)
+
+    def buffer(self) -> Any:
+        if self._bytes is None:
+            self._bytes = self.read_at(0, self.size)
+        return self._bytes
+
+    def open(self) -> IO[bytes]:
+        reader = ranged_reader(lambda start, end: self.read_at(start, end - start), self.size, 8 << 10)
+        self._owned.append(reader)
+        return reader
+
+    @property
+    def folder(self) -> str:
+        return self._parent.folder
+
+    def read_into(self, target: Any, offset: int, nbytes: int, *, prefault: bool = False) -> None:
+        self._check_range(offset, nbytes)
+        self._parent.read_into(target, self._start + offset, nbytes, prefault=prefault)
 
 
 PREFAULT_PIECE = 8 << 20  # another thread's mmap()/munmap() waits for one piece at most

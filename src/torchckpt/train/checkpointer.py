@@ -122,10 +122,9 @@ class Checkpointer:
         every_n_steps: ``save`` writes only when ``step % every_n_steps == 0`` (or ``force=True``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
         async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
-            returns; writing happens in one background thread (never two writes at once). Tensors,
-            containers, numpy arrays, sets and bytearrays are copied; objects of your own classes in
-            ``extra`` are pickled by that thread when it reaches them (do not change them before ``wait()``,
-            or pass a copy). Errors
+            returns; writing happens in one background thread (never two writes at once). Everything
+            is taken then: tensors copied into reused buffers, objects of your own classes in ``extra`` as
+            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). Errors
             surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
             ``close()``: if the program ends first, torchckpt waits for the write (at most
             ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and

@@ -22,6 +22,7 @@ they have landed. Other devices and tensor kinds (quantized, sparse, conjugate v
 from __future__ import annotations
 
 import copy as _copy
+import copyreg
 import ctypes
 import threading
 from typing import Any, Callable
@@ -30,6 +31,8 @@ __all__ = ["cpu_snapshot", "start_snapshot", "Copies", "SnapshotInterrupted"]
 
 _memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_ATOMIC = frozenset({complex, range, type})  # immutable: kept as they are, like _PLAIN (a frozenset may hold
+# objects of the caller's classes: deep-copied)
 
 
 def _new_buffer(nbytes: int) -> Any:
@@ -43,6 +46,66 @@ def _new_buffer(nbytes: int) -> Any:
     import torch
 
     return torch.UntypedStorage(nbytes)
+
+
+_NEWOBJ = (getattr(copyreg, "__newobj__"), getattr(copyreg, "__newobj_ex__"))  # pickle's "new instance, then state"
+_PROTOCOL = 2  # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL)
+
+
+def _reduce(value: Any) -> Any:
+    """What pickle calls to save ``value`` (copyreg's table first, then ``__reduce_ex__``)."""
+    registered = copyreg.dispatch_table.get(type(value))
+    return registered(value) if registered is not None else value.__reduce_ex__(_PROTOCOL)
+
+
+def _new(func: Any, args: Any) -> Any:
+    """``cls.__new__`` as a ``__newobj__`` / ``__newobj_ex__`` reduce value names it (what pickle.load calls)."""
+    if func is _NEWOBJ[0]:
+        return args[0].__new__(args[0], *args[1:])
+    cls, more, kwargs = args
+    return cls.__new__(cls, *more, **kwargs)
+
+
+def _build(made: Any, state: Any, listed: Any, pairs: Any, setter: Any) -> None:
+    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS); as for
+    ``copy.deepcopy``, no code of the class runs but its ``__setstate__``."""
+    if state is not None:
+        if setter is not None:
+            setter(made, state)
+        elif hasattr(made, "__setstate__"):
+            made.__setstate__(state)
+        else:
+            slots = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slots = state
+            if state:
+                made.__dict__.update(state)
+            for name, item in (slots or {}).items():
+                setattr(made, name, item)
+    for item in listed or ():
+        made.append(item)
+    for key, item in pairs or ():
+        made[key] = item
+
+
+class _Reduced:
+    """An object of the caller's class as pickle took it at ``save()`` time: its reduce value, with arguments
+    and state copied like the rest of the snapshot. The writer's pickler writes exactly that value."""
+
+    __slots__ = ("size", "reduced")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.reduced: tuple[Any, ...] = ()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        func, args, state, items, pairs, setter = self.reduced
+        # list and dict items are iterators in a reduce value: fresh ones on every call
+        full = (func, args, state, None if items is None else iter(items), None if pairs is None else iter(pairs), setter)
+        return full[:self.size]
+
+    def __repr__(self) -> str:
+        return f"<snapshot of a {getattr(self.reduced[0], '__qualname__', 'reduced')} object>"
 
 
 class SnapshotInterrupted(Exception):
@@ -147,8 +210,14 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     """Deep copy of ``obj`` with every tensor's data copied to CPU memory (the blocking part of an async save).
 
     Containers (dicts, lists, tuples and their subclasses: OrderedDict, defaultdict, namedtuple) are
-    rebuilt, shared ones stay shared; numpy arrays, sets and bytearrays are copied; other values are kept
-    as they are (objects of the caller's own classes: the writer pickles them later).
+    rebuilt, shared ones stay shared; numpy arrays, sets and bytearrays are copied. An object of another
+    class (an argparse.Namespace, a dataclass, a config object) is taken as pickle takes it, here on the
+    caller's thread, so that a change made after ``save()`` returns never reaches the file: its
+    ``__reduce_ex__`` is called now and, when that names the class's plain constructor (``__newobj__``:
+    most classes), the object is deep-copied (``copy.deepcopy``, sharing the tensors and containers
+    copied before it); otherwise its reduce value is kept, with arguments and state copied, and the writer
+    pickles exactly that (the reconstructor it names is never called). An object that pickle could not
+    take is kept as it is: the writer's pickling raises the error, as a synchronous save would.
     Storages are copied into ``buffers`` (keyed by the place in ``obj`` of the first tensor that uses
     them) when a buffer of the right size exists, and new buffers are put there. The caller guarantees
     that no write is still reading the buffers.
@@ -160,8 +229,10 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     """
     import torch  # lazy: torchckpt does not import torch until tensors are involved
 
-    memo: dict[int, Any] = {}  # id(tensor) -> its copy
-    containers: dict[int, Any] = {}  # id(container or other value) -> its copy
+    # id(tensor, container or other value) -> its copy; also copy.deepcopy's memo, so that an object deep-copied
+    # below shares the tensors and containers copied before it (and they share what it copied)
+    memo: dict[int, Any] = {}
+    alive: list[Any] = []  # values made during the walk whose ids are memo keys (see the reduce branch)
     storages: dict[tuple[int, int], Any] = {}  # (data_ptr, size) of a source CPU storage -> its buffer
     devices: set[Any] = set()
     jobs: list[tuple[int, int, int]] = []
@@ -226,20 +297,23 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         if isinstance(value, torch.Tensor):
             key = id(value)
             if key not in memo:
-                memo[key] = tensor(value.detach(), where)
+                copied = tensor(value.detach(), where)
+                if type(value) is torch.nn.Parameter:  # a module's own parameters (a module in ``extra``)
+                    copied = torch.nn.Parameter(copied, requires_grad=value.requires_grad)
+                memo[key] = copied
             return memo[key]
-        if id(value) in containers:  # shared (or cyclic) containers stay shared, as pickle keeps them
-            return containers[id(value)]
+        if id(value) in memo:  # shared (or cyclic) containers stay shared, as pickle keeps them
+            return memo[id(value)]
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
             out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
-            containers[id(value)] = out
+            memo[id(value)] = out
             for k, v in value.items():
                 out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
             return out
         if isinstance(value, list):
             out = [] if type(value) is list else _copy.copy(value)
-            containers[id(value)] = out
+            memo[id(value)] = out
             out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return out
         if isinstance(value, tuple):
@@ -247,19 +321,50 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 return value
             items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             make: Any = getattr(type(value), "_make", None)  # a namedtuple stays one
-            made = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
-            containers[id(value)] = made
-            return made
-        # mutable data (a numpy array, a set, a bytearray) may change after save() returns: copied. Objects
-        # of other classes are pickled by the writer as they are then (copying them here would run their
-        # own __reduce__ or __deepcopy__ on the caller's thread, however slow): see Checkpointer.save
+            built = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
+            memo[id(value)] = built
+            return built
+        # mutable data (a numpy array, a set, a bytearray, an object of the caller's class) may change after
+        # save() returns: copied now, as pickle would have seen it now
+        if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type):
+            return value
+        made: Any
         if type(value) in (set, bytearray):
             made = type(value)(value)  # a set's elements are hashable: immutable
         elif type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
             made = value.copy()
+        elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+            return value  # pickled by torch as a storage record (rare outside tensors): kept as it is
         else:
-            return value
-        containers[id(value)] = made
+            try:
+                reduced = _reduce(value)
+            except Exception:  # noqa: BLE001 - pickle cannot take it either: the writer raises that error
+                return value
+            if isinstance(reduced, str) or not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
+                return value  # pickled by its global name (a function, a singleton) or refused later by pickle
+            func, args, state, listed, pairs, setter = (*reduced, None, None, None, None)[:6]
+            listed = None if listed is None else list(listed)
+            pairs = None if pairs is None else list(pairs)
+            # the memo is keyed by id(): what __reduce_ex__ made (its tuples, a __getstate__ dict, items) must
+            # outlive the snapshot, or a later temporary could reuse an id and be taken for it
+            alive.append((reduced, listed, pairs))
+            try:
+                if func in _NEWOBJ:  # a plain class: rebuilt as pickle.load would (cls.__new__, then the state)
+                    made = memo[id(value)] = _new(func, copy(args, f"{where}.args"))  # before its state: cycles
+                else:  # the writer pickles this reduce value; its reconstructor is never called
+                    made = memo[id(value)] = _Reduced(len(reduced))
+                    args = copy(args, f"{where}.args")
+                state = copy(state, f"{where}.state")
+                listed = None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)]
+                pairs = None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs]
+                if isinstance(made, _Reduced):
+                    made.reduced = (func, args, state, listed, pairs, setter)
+                else:
+                    _build(made, state, listed, pairs, setter)
+            except Exception:  # noqa: BLE001 - pickled as it is, later (an error then is the save's error)
+                memo[id(value)] = value
+                return value
+        memo[id(value)] = made
         return made
 
     out = copy(obj, "")

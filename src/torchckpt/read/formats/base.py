@@ -80,6 +80,9 @@ class ReadOptions:
     meter: Meter | None = None  # the policy's budget, charged by every stream and member of this read
     workers: int | None = None  # threads reading the parts of a sharded checkpoint (None: parallel.default_workers)
     mapped: list[Source] = field(default_factory=list)  # every source a tensor of this read maps
+    # where a storage read from a file goes instead of new memory: given its byte count, a CPU UntypedStorage
+    # to read it into (a DCP chunk's place in its whole tensor) or None (new memory)
+    into: Callable[[int], Any] | None = None
 
     def mapped_storage(self, src: Source, offset: int, nbytes: int) -> Any:
         """``src.mapped_storage(offset, nbytes)``, remembering ``src``: the opener hands every mapped source

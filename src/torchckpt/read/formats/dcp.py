@@ -9,6 +9,7 @@ Nothing from the directory is executed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import OrderedDict
@@ -153,7 +154,7 @@ class _Files:
         src, offset, length = self.source(info, fqn)
         opts.trace.ranges.append((src.name, offset, length))
         assert opts.read_child is not None, "the opener passes the format dispatcher"
-        with Source(src.read_at(offset, length), name=f"{src.name}[{fqn}]") as item:
+        with src.window(offset, length, name=f"{src.name}[{fqn}]") as item:  # read in place: no copy of the item
             return opts.read_child(item, opts).tree
 
     def rel(self, info: dict[str, Any] | None) -> str:
@@ -230,17 +231,20 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
 
     def read_file(rel: str, part_opts: ReadOptions) -> list[tuple[str, Any]]:
         done: list[tuple[str, Any]] = []
+        part_opts.budget_meter()  # made now: the options of each chunk below share it
         for fqn, tensor, info, chunk in files[rel]:
-            value = reader.item(info, fqn, part_opts)
+            target = whole.get(fqn) if isinstance(tensor, DcpTensor) and not lazy else None
+            place = target[tuple(slice(o, o + n) for o, n in zip(*chunk))] if target is not None else None
+            into = _into(place) if place is not None else None
+            value = reader.item(info, fqn, part_opts if into is None else dataclasses.replace(part_opts, into=into))
             if tensor is None:
                 done.append((fqn, value))
             elif isinstance(tensor, DcpTensor) and not lazy:
                 part = tensor.check_chunk(value, chunk, rel)
-                target = whole[fqn]
-                if target is None:
+                if place is None:
                     done.append((fqn, part))
                 else:  # chunks are disjoint: threads fill their own places
-                    target[tuple(slice(o, o + n) for o, n in zip(*chunk))] = part
+                    _fill(place, part)
             # else: scan runs (and records) the streams load reads
         return done
 
@@ -251,6 +255,34 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
         if target is not None:
             flat[fqn] = target
     return flat
+
+
+def _into(place: Any) -> Any:
+    """For ``ReadOptions.into``: the memory of ``place`` (a chunk's region of its whole tensor) for the first
+    storage of exactly its size, when the region is one contiguous run; None otherwise (new memory)."""
+    if not place.is_contiguous():
+        return None
+    nbytes = place.numel() * place.element_size()
+    start = place.storage_offset() * place.element_size()
+    free = [True]
+
+    def into(size: int) -> Any:
+        if size != nbytes or not free[0]:
+            return None
+        free[0] = False  # one storage only: a second one of the same size must not overwrite the first
+        return place.untyped_storage()[start:start + nbytes]  # a view: reading into it fills the whole tensor
+
+    return into
+
+
+def _fill(place: Any, part: Any) -> None:
+    """Copy the chunk ``part`` into ``place``, unless it was read there already (``ReadOptions.into``)."""
+    if part.data_ptr() == place.data_ptr() and part.stride() == place.stride():
+        return
+    lo, size = part.untyped_storage().data_ptr(), part.untyped_storage().nbytes()
+    if lo < place.data_ptr() + place.numel() * place.element_size() and place.data_ptr() < lo + size:
+        part = part.clone()  # its storage was read into the place, in another layout: copy it out first
+    place.copy_(part)
 
 
 class DcpTensor(TensorMeta):

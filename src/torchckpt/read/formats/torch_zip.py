@@ -138,6 +138,10 @@ class _ZipStorages:
         if self.mapped:
             self.offsets[info.filename] = (offset, nbytes)
             return self.opts.mapped_storage(self.src, offset, nbytes)
+        target = self.opts.into(nbytes) if self.opts.into is not None else None
+        if target is not None:  # read straight into its place (a DCP chunk inside its whole tensor)
+            self.src.read_into(target, offset, nbytes)
+            return target
         return self.src.read_into_storage(offset, nbytes)
 
 
@@ -167,10 +171,13 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Source, opts: R
 
 
 
-def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False) -> Checkpoint:
+def read_torch_zip(src: Source, opts: ReadOptions, prefix: str, *, torchscript: bool = False,
+                   archive: zipfile.ZipFile | None = None) -> Checkpoint:
+    """Read a PyTorch zip (or TorchScript) archive; ``archive``: its directory already parsed from ``src``
+    (by sniff), closed here."""
     kind = TORCHSCRIPT if torchscript else TORCH_ZIP
     loaded = Checkpoint(format=kind, description=DESCRIPTIONS[kind])
-    zf = open_zip(src)
+    zf = archive if archive is not None else open_zip(src)
     try:
         if opts.mode is Mode.RECORD:
             check_zip(src, zf, opts, loaded_members=_loaded_members(prefix, torchscript))

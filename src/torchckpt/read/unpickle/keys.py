@@ -112,26 +112,28 @@ def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
     height: dict[int, int] = {}
     on_path = {id(root)}
     keep: list[Any] = [root]  # ids stay valid while we hold the objects
-    stack: list[list[Any]] = [[root, first, 0]]
-    steps = 0
+    scalars = _SCALAR_SET
+    # a step per reference: every child of every container walked (scalars counted, not visited)
+    steps = len(first)
+    stack: list[list[Any]] = [[root, [c for c in first if type(c) not in scalars], 0]]
     while stack:
         frame = stack[-1]
         children, i = frame[1], frame[2]
         if i < len(children):
             frame[2] = i + 1
             child = children[i]
-            steps += 1
             cid = id(child)
             if cid in height or cid in on_path:
                 continue
             grand = _children(child, leaf_types)
             if grand is None:
                 continue
+            steps += len(grand)
             on_path.add(cid)
             keep.append(child)
             if len(stack) >= limit:
                 meter.depth(len(stack) + 1)
-            stack.append([child, grand, 0])
+            stack.append([child, [c for c in grand if type(c) not in scalars], 0])
             continue
         stack.pop()
         oid = id(frame[0])

@@ -22,6 +22,7 @@ The policy is an immutable value passed to the unpickler; there is no global swi
 from __future__ import annotations
 
 import enum
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -243,6 +244,26 @@ def _classify_one(module: str, name: str) -> Verdict:
     return Verdict.UNKNOWN
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the text; the parts of a read ask about the same few
+def _verdict(module: str, name: str) -> Verdict:
+    """:meth:`Policy.classify` of two plain strings."""
+    if _has_dunder_component(module, name) and (module, name) not in ALLOWLIST:
+        return Verdict.DANGEROUS
+    if any(_module_blocked(part) for part in name.split(".")[:-1]):
+        return Verdict.DANGEROUS  # ("pathlib", "os.system"): a blocked module reached as an attribute
+    verdicts = {_classify_one(module, n) for n in _name_prefixes(name)}
+    verdicts.add(_classify_one(*canonical_global(module, name)))
+    parts = name.split(".")
+    for i in range(1, len(parts)):  # ("torch", "storage._load_from_bytes") is torch.storage._load_from_bytes
+        verdicts.add(_classify_one(".".join([module, *parts[:i]]), ".".join(parts[i:])))
+        verdicts.add(_classify_one(".".join([module, *parts[:i]]), parts[i]))
+    if Verdict.DANGEROUS in verdicts:
+        return Verdict.DANGEROUS
+    if "." in name:  # attribute chains: only exact allowlist entries are allowed
+        return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
+    return _classify_one(*canonical_global(module, name))
+
+
 _TORCH_DTYPE_NAMES = frozenset("""
 float32 float float64 double float16 half bfloat16 complex32 complex64 cfloat complex128 cdouble uint8 int8
 int16 short int32 int int64 long bool qint8 quint8 qint32 quint4x2 quint2x4 float8_e4m3fn float8_e5m2
@@ -303,21 +324,7 @@ class Policy:
         """Verdict for a global as written in the pickle (Python 2 spellings included)."""
         if not isinstance(module, str) or not isinstance(name, str):
             return Verdict.DANGEROUS
-        if _has_dunder_component(module, name) and (module, name) not in ALLOWLIST:
-            return Verdict.DANGEROUS
-        if any(_module_blocked(part) for part in name.split(".")[:-1]):
-            return Verdict.DANGEROUS  # ("pathlib", "os.system"): a blocked module reached as an attribute
-        verdicts = {_classify_one(module, n) for n in _name_prefixes(name)}
-        verdicts.add(_classify_one(*canonical_global(module, name)))
-        parts = name.split(".")
-        for i in range(1, len(parts)):  # ("torch", "storage._load_from_bytes") is torch.storage._load_from_bytes
-            verdicts.add(_classify_one(".".join([module, *parts[:i]]), ".".join(parts[i:])))
-            verdicts.add(_classify_one(".".join([module, *parts[:i]]), parts[i]))
-        if Verdict.DANGEROUS in verdicts:
-            return Verdict.DANGEROUS
-        if "." in name:  # attribute chains: only exact allowlist entries are allowed
-            return Verdict.ALLOWED if (module, name) in ALLOWLIST else Verdict.UNKNOWN
-        return _classify_one(*canonical_global(module, name))
+        return _verdict(str.__str__(module), str.__str__(name))  # plain str: the text is what is judged and cached
 
     def classify_object(self, obj: object) -> Verdict:
         """Verdict for an object imported for real, by where it says it was defined (``__module__`` and
