@@ -60,6 +60,7 @@ with torch.device({device!r}):
 del shapes
 import safetensors.torch, torchckpt.fit.load_into, torchckpt.read.formats.torch_zip  # imports are not the load
 import torchckpt.read.formats.torch_legacy, torchckpt.read.formats.simple, torchckpt.read.unpickle.machine
+torchckpt.load_into  # the facade imports the module behind it on first use (train.runs_load_into)
 base = reset_peak()  # the model exists (allocated, or on meta)
 t0 = time.perf_counter()
 {expr}
