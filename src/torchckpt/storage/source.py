@@ -316,7 +316,7 @@ class Source:
         ``madvise(MADV_POPULATE_WRITE)`` before its pread, instead of one page fault per 4 KiB inside
         the copy (about a fifth less system time). Only for a caller that reads on one thread: the
         madvise holds the process's ``mmap_lock`` while it faults, so another thread's allocation
-        waits for the piece, and a pool of reader threads serialises (measured; see :func:`prefault`).
+        waits for the piece, and a pool of reader threads serialises (measured; see ``_prefault``).
         """
         import numpy as np
         import torch
@@ -457,7 +457,7 @@ def _prefault(address: int, nbytes: int) -> None:
     page = mmap.PAGESIZE
     start, end = -(-address // page) * page, (address + nbytes) // page * page  # whole pages inside
     if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        _madvise = False  # EINVAL: a kernel without it; never asked again
+        _madvise = False  # refused (EINVAL before Linux 5.14): plain faults from now on, never asked again
 
 
 def _seekable(f: Any) -> bool:
