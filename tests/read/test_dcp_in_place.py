@@ -18,6 +18,7 @@ import torch
 
 import torchckpt
 from torchckpt.errors import CheckpointError, TruncatedCheckpointError
+from torchckpt.read.opener import open_checkpoint
 from torchckpt.storage.source import Source
 
 MIB = 2**20
@@ -169,6 +170,11 @@ def test_chunks_fill_their_whole_tensor(tmp_path, layout, workers):
     whole = _chunked(tmp_path / "ckpt", first, second, offsets)
     got = torchckpt.load(tmp_path / "ckpt", workers=workers)
     assert got["note"] == "x" * 100 and torch.equal(got["w"], whole)
+    with open_checkpoint(tmp_path / "ckpt", "build", lazy=True, workers=workers) as ckpt:  # load_into's way
+        lazy = ckpt.tree["w"]
+        assert torch.equal(lazy.materialize(), whole)
+        (r, c), (h, w) = ((1, 4), (2, 3)) if layout == "columns" else ((2, 1), (2, 3))  # parts of both chunks
+        assert torch.equal(lazy.read_region((r, c), (h, w)), whole[r:r + h, c:c + w])
 
 
 CHUNKED_CHILD = textwrap.dedent("""
