@@ -4,7 +4,8 @@
 #
 #   bench/run_issue14.sh [--repeats 5] [--dir /tmp] [--sizes "5 1024"] [--big] [--only "save convert"]
 #
-# Rows -> scripts: cold start (import, inspect, scan of a small file) -> bench_startup.py (once, not per
+# Rows -> scripts: cold start (import, inspect, scan of a small file, --help; the first torchckpt.load vs the
+# first torch.load in a process that imported torch) -> bench_startup.py (once, not per
 # size); load_into meta/safetensors/zip -> bench_load_into.py; torchckpt.save, sync and async
 # Checkpointer.save (issue 27: also at 64 and 512 MiB and 2 GiB with --cases core) -> bench_save.py;
 # diff --values -> bench_diff.py; convert legacy -> bench_convert.py; 8 shards read by 1 and 2 threads

@@ -88,3 +88,72 @@ def test_piped_output_is_the_rendered_text(small_files):
 
     _, res = modules_after(CLI, "inspect", str(small_files["zip"]))
     assert res.stdout == torchckpt.inspect(small_files["zip"]).render(60) + "\n"
+
+
+# The reader modules of torchckpt.read.formats, and which of them a load of each small file may import.
+READERS = ("torch_zip", "torch_legacy", "simple", "safetensors", "sharded", "dcp", "parallel", "deepspeed", "zero",
+           "ds_universal", "folders", "lua_t7", "torchscript_v1")
+NEEDED = {"zip": {"torch_zip"}, "legacy": {"torch_zip", "torch_legacy"}, "safetensors": {"torch_zip", "simple"}}
+LOAD = """
+import json, sys
+import torch
+import torchckpt
+obj = torchckpt.load(sys.argv[1])
+assert {"fc.bias", "fc.weight"} <= set(obj), obj
+sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in sys.modules
+                                                   if m.startswith(("torchckpt.", "safetensors", "decimal", "fractions"))))
+                     + "\\n")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_loading_a_small_file_imports_only_its_own_reader(small_files, kind):
+    """A plain torch zip load does not pay for the DeepSpeed, DCP, Lua, TorchScript or safetensors readers, the
+    shard pool, the matcher or the Checkpointer (each is imported when its kind of file or folder is read)."""
+    import importlib.util
+
+    assert all(importlib.util.find_spec(f"torchckpt.read.formats.{r}") for r in READERS)  # the names are real
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", LOAD, str(small_files[kind])], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("MODULES "))
+    imported = set(json.loads(line[len("MODULES "):]))
+    readers = {m.rsplit(".", 1)[1] for m in imported if m.startswith("torchckpt.read.formats.")} & set(READERS)
+    assert readers == NEEDED[kind], (kind, sorted(readers))
+    assert "safetensors" not in imported  # the library: our reader parses the header itself
+    assert not {m for m in imported if m.startswith(("torchckpt.fit.", "torchckpt.tools.", "torchckpt.cli."))}
+    assert "torchckpt.train.checkpointer" not in imported
+    assert not imported & {"decimal", "fractions"}  # ~3 ms of import: only a pickle that names one pays
+
+
+EXACT = """
+import json, sys
+import torchckpt
+values = [torchckpt.load(bytes.fromhex(h)) for h in sys.argv[1:]]
+sys.__stderr__.write("MODULES " + json.dumps(sorted(m for m in ("decimal", "fractions") if m in sys.modules)) + "\\n")
+print(json.dumps([[type(v).__name__, str(v)] for v in values]))
+"""
+
+
+@pytest.mark.slow
+def test_decimal_and_fraction_are_imported_when_a_pickle_names_them():
+    """They load as before in a process that has not imported them: int(Decimal), float(Fraction) and
+    copyreg._reconstructor(Decimal, Decimal, text) first, before any Decimal or Fraction was built."""
+    import decimal
+    import fractions
+    import pickle
+
+    programs = [b"\x80\x02cbuiltins\nint\ncdecimal\nDecimal\nX\x03\x00\x00\x0042.\x85R\x85R.",
+                b"\x80\x02cbuiltins\nfloat\ncfractions\nFraction\nK\x01K\x04\x86R\x85R.",
+                b"\x80\x02ccopyreg\n_reconstructor\ncdecimal\nDecimal\ncdecimal\nDecimal\nX\x03\x00\x00\x001.5\x87R.",
+                pickle.dumps({"lr": decimal.Decimal("-7.5e3"), "f": fractions.Fraction(3, 7)}, protocol=0)]
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", EXACT, *(p.hex() for p in programs)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [["int", "42"], ["float", "0.25"], ["Decimal", "1.5"],
+                                      ["dict", "{'lr': Decimal('-7.5E+3'), 'f': Fraction(3, 7)}"]]
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("MODULES "))
+    assert json.loads(line[len("MODULES "):]) == ["decimal", "fractions"]

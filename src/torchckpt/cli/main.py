@@ -19,11 +19,22 @@ from ..errors import CheckpointError
 from .codes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_code_for
 from .output import Output
 
-# Subcommand -> its module (``cli/<module>.py`` defines ``command``). A command's module is imported only
-# when that command runs (or --help lists them all): `inspect` must not pay for `convert`'s numpy and
-# torch.distributed imports. The order is the order of the --help listing.
-_COMMANDS = {"inspect": "inspect_cmd", "tour": "tour_cmd", "scan": "scan_cmd", "convert": "convert_cmd",
-             "diff": "diff_cmd", "report": "report_cmd"}
+# Subcommand -> (its module, its summary). A command's module (``cli/<module>.py`` defines ``command``) is
+# imported only when that command runs: `inspect` must not pay for `convert`'s numpy and torch.distributed
+# imports, and --help (or no arguments) lists the summaries from here and imports none of them. Each summary
+# is the first sentence of its command's docstring, which click would show (tests/package/test_cli_help.py
+# keeps them equal). The order is the order of the --help listing.
+_COMMANDS = {
+    "inspect": ("inspect_cmd", "Show what a checkpoint holds: format with evidence, values, tensors, totals, classes."),
+    "tour": ("tour_cmd", "Generate sample checkpoints of every kind, then load and inspect each one."),
+    "scan": ("scan_cmd", "Scan checkpoints with the same parser and policy that `load` uses; nothing is executed."),
+    "convert": ("convert_cmd", "Convert SRC (any era or format) to DST, reload it and check every tensor."),
+    "diff": ("diff_cmd", "Compare two checkpoints: keys, shapes, dtypes, plain values (epoch, lr, config) and "
+                         "tensor values."),
+    "report": ("report_cmd", "Write one HTML file showing what CHECKPOINT holds: format, safety verdict, totals, "
+                             "a treemap of the bytes, per-tensor statistics and health warnings, and optionally a "
+                             "load plan and a diff."),
+}
 
 
 class _Failed(Exception):
@@ -39,11 +50,19 @@ class _Group(click.Group):
         return list(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        module = _COMMANDS.get(cmd_name)
-        if module is None:
+        if cmd_name not in _COMMANDS:
             return None
-        command: click.Command = importlib.import_module(f".{module}", __package__).command
+        command: click.Command = importlib.import_module(f".{_COMMANDS[cmd_name][0]}", __package__).command
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The listing of --help from the summaries in ``_COMMANDS``, shortened as click shortens a command's
+        own help (a stand-in ``click.Command`` per row): no subcommand module is imported."""
+        limit = formatter.width - 6 - max(map(len, _COMMANDS))
+        rows = [(name, click.Command(name, help=summary).get_short_help_str(limit))
+                for name, (_, summary) in _COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ imports them on first use
     from .formats import Checkpoint, Trace, deepspeed_kind, folder_kind, is_dcp_dir
-    from .formats.deepspeed import rank_file_kind
+    from .formats.deepspeed_names import rank_file_kind
     from .formats.folders import is_accelerate_folder
     from .formats.lua_t7 import LuaFunction, T7Object, t7_state_dict
     from .formats.safetensors import split_tied, tensor_bytes, write_safetensors
@@ -65,7 +65,7 @@ _WHERE = {
     "SAFETENSORS_DTYPES": "formats.simple", "safetensors_header": "formats.simple",
     "write_safetensors": "formats.safetensors", "tensor_bytes": "formats.safetensors",
     "split_tied": "formats.safetensors",
-    "deepspeed_kind": "formats", "rank_file_kind": "formats.deepspeed", "read_zero_optimizer": "load",
+    "deepspeed_kind": "formats", "rank_file_kind": "formats.deepspeed_names", "read_zero_optimizer": "load",
 }
 
 

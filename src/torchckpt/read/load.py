@@ -8,8 +8,7 @@ from typing import Any, Iterable, Literal, Mapping, overload
 from ..storage.cache import download
 from ..storage.source import SourceLike
 from .devices import MapLocation
-from .formats import Checkpoint, ReadOptions, read
-from .formats.deepspeed import optimizer_state
+from .formats import Checkpoint, ReadOptions, optimizer_state, read
 from .opener import open_checkpoint
 from .trust import Policy, resolve_policy
 from .unpickle.mode import Mode

@@ -25,7 +25,7 @@ from ..text import clip, escape_terminal
 from .devices import MapLocation, Relocator
 from .formats import Checkpoint, ReadOptions, Trace, deepspeed_kind, folder_kind, is_dcp_dir, read, read_dcp, \
     read_deepspeed, read_folder, read_universal
-from .formats.deepspeed import rank_file_note
+from .formats.deepspeed_names import rank_file_note
 from .sniff import TORCH_LEGACY, sniff
 from .unpickle.budget import TreeMeter
 from .unpickle.mode import Mode

@@ -7,11 +7,12 @@ Post-processing common to every format: Python 2 byte strings left in the tree a
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import struct
 import tarfile
 import zipfile
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, LimitExceededError, NotACheckpointError, TruncatedCheckpointError, \
     PartialCheckpointError, UnsupportedFormatError
@@ -21,18 +22,39 @@ from ..sniff import DCP_SHARD, LUA_T7, NUMPY, PICKLE, SAFETENSORS, TORCH_LEGACY,
 from ..unpickle.mode import Mode
 from ..unpickle.py2 import decode_py2_text
 from .base import Check, Checkpoint, Loaded, ReadOptions, Trace
-from .dcp import is_dcp_dir, read_dcp
-from .deepspeed import deepspeed_kind, read_deepspeed
-from .ds_universal import read_universal
-from .folders import folder_kind, read_folder
-from .lua_t7 import read_t7
-from .sharded import read_sharded_index
-from .simple import read_numpy, read_pickle, read_safetensors
-from .torch_legacy import read_torch_legacy, read_torch_tar
+from .deepspeed_names import deepspeed_kind
 from .torch_zip import check_zip, expected_zip_size, open_zip, read_torch_zip
-from .torchscript_v1 import read_torchscript_v1
 
-__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "deepspeed_kind", "read_deepspeed", "read_universal", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
+__all__ = ["read", "read_dcp", "is_dcp_dir", "read_folder", "folder_kind", "deepspeed_kind", "read_deepspeed", "read_universal",
+           "optimizer_state", "ReadOptions", "Checkpoint", "Loaded", "Trace", "diagnose"]
+
+
+def _imported(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def _on_first_call(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when it is first called."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _imported(module, name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+# Start-up: every reader but torch_zip's is imported when a file or folder of its kind is first read, so that
+# loading a torch zip file imports no other reader (tests/package/test_import_cost.py). The folder readers come
+# as functions that import their module on their first call; type checkers see the real ones.
+if TYPE_CHECKING:
+    from .dcp import is_dcp_dir, read_dcp
+    from .deepspeed import optimizer_state, read_deepspeed
+    from .ds_universal import read_universal
+    from .folders import folder_kind, read_folder
+else:
+    is_dcp_dir, read_dcp = _on_first_call("dcp", "is_dcp_dir"), _on_first_call("dcp", "read_dcp")
+    read_deepspeed, optimizer_state = _on_first_call("deepspeed", "read_deepspeed"), \
+        _on_first_call("deepspeed", "optimizer_state")
+    read_universal = _on_first_call("ds_universal", "read_universal")
+    folder_kind, read_folder = _on_first_call("folders", "folder_kind"), _on_first_call("folders", "read_folder")
 
 
 def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Checkpoint:
@@ -62,23 +84,28 @@ def read(src: Source, opts: ReadOptions, sniffed: Sniffed | None = None) -> Chec
                                      f"({type(exc).__name__}: {exc})", path=src.name) from None
 
 
-# The formats whose reader needs nothing from the sniff but the source.
-_READERS: dict[str, Callable[[Source, ReadOptions], Checkpoint]] = {
-    TORCH_LEGACY: read_torch_legacy, TORCH_TAR: read_torch_tar, SAFETENSORS: read_safetensors, PICKLE: read_pickle,
-    NUMPY: read_numpy, LUA_T7: read_t7}
+# The formats whose reader needs nothing from the sniff but the source: kind -> (module, reader), imported on use.
+_READERS: dict[str, tuple[str, str]] = {
+    TORCH_LEGACY: ("torch_legacy", "read_torch_legacy"), TORCH_TAR: ("torch_legacy", "read_torch_tar"),
+    SAFETENSORS: ("simple", "read_safetensors"), PICKLE: ("simple", "read_pickle"), NUMPY: ("simple", "read_numpy"),
+    LUA_T7: ("lua_t7", "read_t7")}
 
 
 def _dispatch(src: Source, opts: ReadOptions, sniffed: Sniffed) -> Checkpoint:
     kind = sniffed.kind
+    reader: Callable[..., Checkpoint]
     if kind == TORCHSCRIPT and sniffed.details.get("model_json"):
-        return read_torchscript_v1(src, opts, sniffed.details["prefix"])
+        reader = _imported("torchscript_v1", "read_torchscript_v1")
+        return reader(src, opts, sniffed.details["prefix"])
     if kind in (TORCH_ZIP, TORCHSCRIPT):
         return read_torch_zip(src, opts, sniffed.details["prefix"], torchscript=kind == TORCHSCRIPT,
                               archive=sniffed.take_archive())
     if kind in _READERS:
-        return _READERS[kind](src, opts)
+        reader = _imported(*_READERS[kind])
+        return reader(src, opts)
     if kind == "json" and (src.path is not None or src.url is not None):
-        loaded = read_sharded_index(src, opts)
+        index_reader: Callable[[Source, ReadOptions], Checkpoint | None] = _imported("sharded", "read_sharded_index")
+        loaded = index_reader(src, opts)
         if loaded is not None:
             return loaded
     if opts.mode is Mode.RECORD:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections import OrderedDict
 from contextlib import closing
 from typing import Any, Callable
@@ -34,51 +33,19 @@ from ..sniff import sniff
 from ..unpickle.meta import MetaStorage, TensorMeta, contiguous_stride, dtype_name, meta_dtype
 from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
+from .deepspeed_names import MODEL_FILE, OPTIM_FILE, STEP_DIR, deepspeed_kind, list_names
 from .parallel import read_parts
 from .zero import ParamPlan, gather, plan_stage2, plan_stage3
 
-__all__ = ["deepspeed_kind", "read_deepspeed", "rank_file_kind", "rank_file_note", "ZeroTensor", "optimizer_state",
-           "step_folder", "buffer_fp32", "frozen_param", "shape_of"
-           "MODEL_FILE", "OPTIM_FILE"]
+__all__ = ["read_deepspeed", "ZeroTensor", "optimizer_state", "step_folder", "buffer_fp32", "frozen_param", "shape_of"]
 
-MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-OPTIM_FILE = re.compile(r"^(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_STEP_DIR = re.compile(r"^global_step\d+$")
 MAX_TAG = 4096
-
-
-def rank_file_kind(name: str) -> str | None:
-    """``"model"`` / ``"optimizer"`` for the base name of one DeepSpeed rank file, else None."""
-    base = os.path.basename(name)
-    return "model" if MODEL_FILE.match(base) else "optimizer" if OPTIM_FILE.match(base) else None
-
-
-def _listing(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
-
-
-def deepspeed_kind(path: str) -> str | None:
-    """``"run"`` (``latest`` or ``global_step*`` folders with rank files), ``"step"`` (rank files),
-    ``"universal"`` (``zero/`` beside model states: ``ds_to_universal``'s output) or None."""
-    names = _listing(path)
-    if "zero" in names and os.path.isdir(os.path.join(path, "zero")) and any(MODEL_FILE.match(n) for n in names):
-        return "universal"
-    if any(rank_file_kind(n) for n in names):
-        return "step"
-    if "latest" in names and os.path.isfile(os.path.join(path, "latest")):
-        return "run"
-    if any(_STEP_DIR.match(n) and any(rank_file_kind(m) for m in _listing(os.path.join(path, n))) for n in names):
-        return "run"
-    return None
 
 
 def _tag(directory: str) -> str:
     """The step folder a run folder's ``latest`` names (confined to the run folder)."""
     latest = os.path.join(directory, "latest")
-    steps = [n for n in _listing(directory) if _STEP_DIR.match(n)]
+    steps = [n for n in list_names(directory) if STEP_DIR.match(n)]
     if not os.path.isfile(latest):
         raise CorruptCheckpointError(f"DeepSpeed run folder without a 'latest' file; it holds {len(steps)} step "
                                      f"folders ({', '.join(steps[-5:]) or 'none'})", path=directory,
@@ -113,7 +80,7 @@ class _Files:
 
 
 def _files(step_dir: str) -> _Files:
-    names = _listing(step_dir)
+    names = list_names(step_dir)
     model: dict[int, str] = {}
     optim: dict[int, str] = {}
     for name in names:
@@ -482,19 +449,3 @@ def _slot(state: Any, group: int, slot: str, size: int, file: str) -> Any:
         raise CorruptCheckpointError(f"{file}: optimizer state {slot!r} of group {group} is missing or shorter "
                                      f"than its fp32 partition ({size})")
     return value.detach()[:size]
-
-
-def rank_file_note(path: str) -> dict[str, str] | None:
-    """For one rank file of a DeepSpeed folder: ``{"kind", "folder", "note"}`` saying where its weights live."""
-    kind = rank_file_kind(path)
-    if kind is None:
-        return None
-    step_dir = os.path.dirname(os.path.abspath(path))
-    parent = os.path.dirname(step_dir)
-    folder = parent if os.path.isfile(os.path.join(parent, "latest")) else step_dir
-    stage3 = os.path.basename(path).startswith("zero_pp_rank_") and kind == "model"
-    what = ("one rank's ZeRO-3 model states (its parameters are empty)" if stage3 else
-            "one rank's slice of the ZeRO optimizer state" if kind == "optimizer" else
-            "DeepSpeed's model states (the module in its training dtype)")
-    return {"kind": "partial" if stage3 or kind == "optimizer" else kind, "folder": folder,
-            "note": f"this file is {what}; the consolidated fp32 weights live in the DeepSpeed folder: load {folder}"}

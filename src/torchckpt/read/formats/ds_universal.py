@@ -20,7 +20,8 @@ from ...storage.source import Source, confined_path
 from ..unpickle.meta import TensorMeta, contiguous_stride
 from .base import Checkpoint, ReadOptions
 from .parallel import read_parts
-from .deepspeed import MODEL_FILE, buffer_fp32, frozen_param, shape_of
+from .deepspeed import buffer_fp32, frozen_param, shape_of
+from .deepspeed_names import MODEL_FILE
 
 __all__ = ["is_universal", "read_universal"]
 

@@ -13,20 +13,22 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import decimal
-import fractions
 import pathlib
 import re
 import sys
 import types
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import CorruptCheckpointError
 from .meta import MetaDevice, MetaDType
 from .stubs import Stub
 
-__all__ = ["CONSTRUCTORS"]
+if TYPE_CHECKING:  # at run time imported by the Decimal and Fraction constructors (see _exact_numbers)
+    import decimal
+    import fractions
+
+__all__ = ["CONSTRUCTORS", "LAZY_CONSTRUCTORS"]
 
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
 _MATERIAL = (list, tuple, dict, set, frozenset, str, bytes, bytearray)
@@ -124,6 +126,17 @@ def _check_decimal(u: Any, value: decimal.Decimal, what: str) -> decimal.Decimal
     return value
 
 
+def _instance_of(value: Any, module: str, name: str) -> bool:
+    """``isinstance(value, module.name)`` without importing ``module``: no instance exists before it is imported."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, name))
+
+
+def _exact(value: Any) -> bool:
+    """A ``decimal.Decimal`` or a ``fractions.Fraction``."""
+    return _instance_of(value, "decimal", "Decimal") or _instance_of(value, "fractions", "Fraction")
+
+
 def _check_int_value(u: Any, value: int, what: str) -> int:
     if value.bit_length() > u.meter.budget.digits * 3.33 + 4:
         u.meter.digits(int(value.bit_length() / 3.32), what)
@@ -146,9 +159,9 @@ def _int(u: Any, x: Any = 0, base: Any = None) -> int:
         return int(text)
     if type(x) in (int, bool, float):
         return int(x)
-    if isinstance(x, decimal.Decimal):
+    if _instance_of(x, "decimal", "Decimal"):
         return int(_check_decimal(u, x, "int(Decimal)"))
-    if isinstance(x, fractions.Fraction):
+    if _instance_of(x, "fractions", "Fraction"):
         return int(x)
     raise _bad(f"int() of a {type(x).__name__}")
 
@@ -156,7 +169,7 @@ def _int(u: Any, x: Any = 0, base: Any = None) -> int:
 def _float(u: Any, x: Any = 0.0) -> float:
     if isinstance(x, (str, bytes, bytearray)):
         return float(_check_number_text(u, x, "float() literal"))
-    if type(x) in (int, bool, float) or isinstance(x, (decimal.Decimal, fractions.Fraction)):
+    if type(x) in (int, bool, float) or _exact(x):
         return float(x)
     raise _bad(f"float() of a {type(x).__name__}")
 
@@ -215,6 +228,8 @@ def _bytes_like(kind: type) -> Any:
 
 
 def _decimal(u: Any, value: Any = "0", context: Any = None) -> decimal.Decimal:
+    import decimal  # start-up: see _exact_numbers
+
     if isinstance(value, str):
         _check_number_text(u, value, "Decimal")
         return _check_decimal(u, decimal.Decimal(value), "Decimal")
@@ -231,6 +246,8 @@ def _decimal(u: Any, value: Any = "0", context: Any = None) -> decimal.Decimal:
 
 
 def _fraction(u: Any, numerator: Any = 0, denominator: Any = None) -> fractions.Fraction:
+    import fractions  # start-up: see _exact_numbers
+
     if isinstance(numerator, str) and denominator is None:
         _check_number_text(u, numerator, "Fraction")
         return fractions.Fraction(numerator)
@@ -240,7 +257,7 @@ def _fraction(u: Any, numerator: Any = 0, denominator: Any = None) -> fractions.
                 _check_int_value(u, part, "Fraction")
         elif type(part) is float or isinstance(part, fractions.Fraction):
             pass
-        elif isinstance(part, decimal.Decimal):
+        elif _instance_of(part, "decimal", "Decimal"):
             _check_decimal(u, part, "Fraction")
         else:
             raise _bad(f"Fraction of a {type(part).__name__}")
@@ -397,8 +414,6 @@ CONSTRUCTORS: dict[str, tuple[Any, bool, Any, Any]] = {
     "time": (_dt(datetime.time), True, None, datetime.time),
     "timedelta": (_dt(datetime.timedelta), True, None, datetime.timedelta),
     "timezone": (_timezone, True, None, datetime.timezone),
-    "decimal": (_decimal, True, None, decimal.Decimal),
-    "fraction": (_fraction, True, None, fractions.Fraction),
     "uuid": (_uuid, True, finish_uuid, uuid.UUID),
     **{f"path_{n}": (_path(n), True, None, _PATHS[n]) for n in _PATHS},
     "builtin_bytes": (_bytes_like(bytes), True, None, bytes),
@@ -410,4 +425,22 @@ CONSTRUCTORS: dict[str, tuple[Any, bool, Any, Any]] = {
     "builtin_range": (_range, False, None, range), "builtin_object": (_object, True, None, object),
 }
 CONSTRUCTORS = {k: (_no_stand_ins(fn), newobj, finish, target) for k, (fn, newobj, finish, target) in CONSTRUCTORS.items()}
+
+
+def _exact_numbers(kind: str) -> Callable[[], tuple[Any, bool, Any, Any]]:
+    """The entry of ``decimal.Decimal`` or ``fractions.Fraction``, made when a pickle first names one. Start-up:
+    ``decimal`` takes ~3 ms to import (more than any module of the pickle VM) and checkpoints rarely hold one, so
+    no load pays for it until then."""
+    def entry() -> tuple[Any, bool, Any, Any]:
+        import decimal
+        import fractions
+
+        if kind == "decimal":
+            return _no_stand_ins(_decimal), True, None, decimal.Decimal
+        return _no_stand_ins(_fraction), True, None, fractions.Fraction
+    return entry
+
+
+# name -> the entry of CONSTRUCTORS' form, made on first use
+LAZY_CONSTRUCTORS = {"decimal": _exact_numbers("decimal"), "fraction": _exact_numbers("fraction")}
 CONSTANTS = {"builtin_NotImplemented": NotImplemented, "builtin_Ellipsis": Ellipsis}

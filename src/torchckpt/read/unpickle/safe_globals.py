@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ...errors import CorruptCheckpointError
 from . import meta
-from .constructors import CONSTANTS, CONSTRUCTORS
+from .constructors import CONSTANTS, CONSTRUCTORS, LAZY_CONSTRUCTORS
 from .meta import DTYPE_SIZES, MetaDevice, MetaSize, MetaStorage, TensorMeta, check_int, const, meta_dtype
 from .numpy_values import (finish_array, finish_dtype, finish_random, np_dtype, np_frombuffer, np_reconstruct,
                            np_scalar, random_ctor)
@@ -198,13 +198,13 @@ def _copyreg_newobj_ex(u: Any, cls: Any = None, args: Any = (), kwargs: Any = No
     return u.new_object(cls, args, kwargs if kwargs is not None else {})
 
 
-def _np_ndarray_marker(name: str) -> Callable[[], Any]:
-    return lambda: Marker(name, None)
-
-
 def _safe(name: str, fn: Callable[..., Any], newobj: bool = False, finish: Any = None,
           target: Any = None) -> Callable[[], SafeCallable]:
     return lambda: SafeCallable(name, fn, newobj, finish, target)
+
+
+def _safe_later(name: str, entry: Callable[[], tuple[Any, bool, Any, Any]]) -> Callable[[], SafeCallable]:
+    return lambda: SafeCallable(name, *entry())  # an entry made on first use (constructors.LAZY_CONSTRUCTORS)
 
 
 # Factories: each returns what a GLOBAL opcode pushes for an allowlisted name (BUILD mode).
@@ -242,10 +242,10 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "np_reconstruct": _safe("numpy.core.multiarray._reconstruct", np_reconstruct, finish=finish_array),
     "np_scalar": _safe("numpy.core.multiarray.scalar", np_scalar),
     "np_frombuffer": _safe("numpy.core.numeric._frombuffer", np_frombuffer, finish=finish_array),
-    "np_ndarray": _np_ndarray_marker("numpy.ndarray"),
-    "np_matrix": _np_ndarray_marker("numpy.matrix"),
-    "np_recarray": _np_ndarray_marker("numpy.recarray"),
-    "np_memmap": _np_ndarray_marker("numpy.memmap"),
+    "np_ndarray": lambda: Marker("numpy.ndarray", None),
+    "np_matrix": lambda: Marker("numpy.matrix", None),
+    "np_recarray": lambda: Marker("numpy.recarray", None),
+    "np_memmap": lambda: Marker("numpy.memmap", None),
     "np_dtype": _safe("numpy.dtype", np_dtype, finish=finish_dtype),
     "np_randomstate_ctor": _safe("numpy.random._pickle.__randomstate_ctor", random_ctor("randomstate"),
                                  finish=finish_random),
@@ -256,6 +256,7 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "copyreg_newobj": _safe("copyreg.__newobj__", _copyreg_newobj),
     "copyreg_newobj_ex": _safe("copyreg.__newobj_ex__", _copyreg_newobj_ex),
     **{key: _safe(key, fn, newobj, finish, target) for key, (fn, newobj, finish, target) in CONSTRUCTORS.items()},
+    **{key: _safe_later(key, entry) for key, entry in LAZY_CONSTRUCTORS.items()},
     **{key: const(value) for key, value in CONSTANTS.items()},
 }
 
