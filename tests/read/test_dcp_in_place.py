@@ -18,6 +18,7 @@ import torch
 
 import torchckpt
 from torchckpt.errors import CheckpointError, TruncatedCheckpointError
+from torchckpt.read.opener import open_checkpoint
 from torchckpt.storage.source import Source
 
 MIB = 2**20
@@ -169,6 +170,11 @@ def test_chunks_fill_their_whole_tensor(tmp_path, layout, workers):
     whole = _chunked(tmp_path / "ckpt", first, second, offsets)
     got = torchckpt.load(tmp_path / "ckpt", workers=workers)
     assert got["note"] == "x" * 100 and torch.equal(got["w"], whole)
+    with open_checkpoint(tmp_path / "ckpt", "build", lazy=True, workers=workers) as ckpt:  # load_into's way
+        lazy = ckpt.tree["w"]
+        assert torch.equal(lazy.materialize(), whole)
+        (r, c), (h, w) = ((1, 4), (2, 3)) if layout == "columns" else ((2, 1), (2, 3))  # parts of both chunks
+        assert torch.equal(lazy.read_region((r, c), (h, w)), whole[r:r + h, c:c + w])
 
 
 CHUNKED_CHILD = textwrap.dedent("""
@@ -203,3 +209,20 @@ def test_chunks_are_read_into_their_whole_tensor_without_a_copy(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["sum"] == float(first.sum() + second.sum())
     assert out["peak_extra"] <= BIG + 8 * MIB, f"{out['peak_extra'] / BIG:.2f}x the tensor"
+
+
+def test_chunks_read_in_place_are_charged_to_the_one_budget(tmp_path):
+    """The smallest step budget that loads a chunked tensor is the same for 1 and 2 workers, and the error
+    just below it names the same data file and item: reading a chunk into its place shares the read's meter."""
+    from test_parallel_shards import least
+
+    _chunked(tmp_path / "ckpt", torch.ones(3, 5), torch.zeros(3, 5), [3, 0])
+    need = {workers: least(tmp_path / "ckpt", workers) for workers in (1, 2)}
+    assert need[1] == need[2], need
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(CheckpointError) as info:
+            torchckpt.load(tmp_path / "ckpt", workers=workers,
+                           policy=torchckpt.Policy(budget=torchckpt.Budget(steps=need[1] - 1, amplification=0)))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]

@@ -322,19 +322,27 @@ class DcpTensor(TensorMeta):
             hi = [min(a + n, c + m) for a, n, c, m in zip(offsets, sizes, chunk_offsets, chunk_sizes)]
             if any(h <= lo_ for lo_, h in zip(lo, hi)) and math.prod(sizes):
                 continue
-            part = self._part(reader, chunk_offsets, chunk_sizes)
             if chunk_offsets == offsets and chunk_sizes == sizes:
-                return part  # the region is exactly one chunk: no copy
+                return self._part(reader, chunk_offsets, chunk_sizes)  # the region is exactly one chunk: no copy
             if out is None:
                 out = torch.empty(sizes, dtype=self.full_dtype)
-            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = \
-                part[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk_offsets))]
-            del part
+            place = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+            if lo == list(chunk_offsets) and hi == [c + m for c, m in zip(chunk_offsets, chunk_sizes)]:
+                _fill(place, self._part(reader, chunk_offsets, chunk_sizes, _into(place)))  # read into its place
+            else:
+                part = self._part(reader, chunk_offsets, chunk_sizes)
+                place.copy_(part[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk_offsets))])
+                del part
         return out if out is not None else torch.empty(sizes, dtype=self.full_dtype)
 
-    def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
+    def _part(self, reader: _Files, offsets: tuple[Any, ...], sizes: tuple[Any, ...], into: Any = None) -> Any:
+        """The chunk at ``offsets``, checked; ``into``: where its storage may be read (``ReadOptions.into``)."""
         info = self.where.get((self.fqn, offsets))
-        return self.check_chunk(reader.item(info, self.fqn), (offsets, sizes), reader.rel(info))
+        opts = None
+        if into is not None:
+            self.opts.budget_meter()  # made now: shared by the copy of the options
+            opts = dataclasses.replace(self.opts, into=into)
+        return self.check_chunk(reader.item(info, self.fqn, opts), (offsets, sizes), reader.rel(info))
 
     def check_chunk(self, part: Any, chunk: tuple[tuple[Any, ...], tuple[Any, ...]], rel: str) -> Any:
         """``part``, the value read for ``chunk`` ``(offsets, sizes)`` (in data file ``rel``), if it is a
