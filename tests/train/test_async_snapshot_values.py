@@ -336,3 +336,20 @@ def test_a_snapshot_pickles_to_the_bytes_the_original_pickles_to():
     assert pickle.dumps(snapshot, protocol=2) == pickle.dumps(values, protocol=2)
     values["namespace"].layers.append(3)  # the snapshot is not the live object
     assert snapshot["namespace"].layers == [1, 2] and snapshot["same_twice"] is snapshot["namespace"]
+
+
+class ClaimsDict:
+    """Reports dict as its class, as an async snapshot's stand-in reports the original's (pickle checks it)."""
+
+    @property
+    def __class__(self):
+        return dict
+
+
+def test_the_disk_full_size_estimate_walks_a_dag_once_and_skips_stand_ins():
+    from torchckpt.train.training import _payload_nbytes
+
+    shared: list = [torch.ones(256)]  # 1 KiB
+    for _ in range(64):  # 2^64 paths to the tensor: walked once each
+        shared = [shared, shared]
+    assert _payload_nbytes({"a": shared, "b": ClaimsDict(), "c": (torch.zeros(2),)}) == 1024 + 8
