@@ -203,3 +203,12 @@ def test_chunks_are_read_into_their_whole_tensor_without_a_copy(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["sum"] == float(first.sum() + second.sum())
     assert out["peak_extra"] <= BIG + 8 * MIB, f"{out['peak_extra'] / BIG:.2f}x the tensor"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_zero_size_chunk_beside_the_whole_tensor_does_not_replace_it(tmp_path, workers):
+    """One chunk is the whole tensor and another is empty (a rank that holds no rows of it): the value is the
+    whole chunk. The empty chunk's tensor, read after it, once became the value (shape [0, 5], no error)."""
+    whole = _chunked(tmp_path / "ckpt", torch.randn(6, 5), torch.empty(0, 5), [6, 0])
+    got = torchckpt.load(tmp_path / "ckpt", workers=workers)
+    assert got["w"].shape == (6, 5) and torch.equal(got["w"], whole)

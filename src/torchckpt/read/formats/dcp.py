@@ -242,7 +242,8 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
             elif isinstance(tensor, DcpTensor) and not lazy:
                 part = tensor.check_chunk(value, chunk, rel)
                 if place is None:
-                    done.append((fqn, part))
+                    if chunk[1] == tuple(tensor.shape):  # the whole tensor; not an empty chunk beside it
+                        done.append((fqn, part))
                 else:  # chunks are disjoint: threads fill their own places
                     _fill(place, part)
             # else: scan runs (and records) the streams load reads
