@@ -371,15 +371,35 @@ def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...]
 
 
 def _check_tiling(fqn: str, size: tuple[Any, ...], chunks: list[tuple[tuple[Any, ...], tuple[Any, ...]]]) -> None:
-    """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element."""
+    """Chunks in bounds (checked by :func:`_chunk`), pairwise disjoint, and covering every element.
+
+    Disjointness by a sweep along the dimension with the most distinct chunk offsets: a chunk is compared
+    only with the chunks whose range on that dimension it meets (one, for the row chunks of N ranks: N log N,
+    not the N^2/2 pairs that took 1.1 s per tensor for 1024 ranks and 16 s for 4096). A layout that needs
+    more than :data:`MAX_CHUNK_PAIRS` comparisons is refused rather than checked for minutes.
+    """
     covered = sum(math.prod(s) for _, s in chunks)
     if covered != math.prod(size):
         raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} cover {covered} of {math.prod(size)} elements")
     nonempty = [c for c in chunks if math.prod(c[1])]
-    for i, (oa, sa) in enumerate(nonempty):
-        for ob, sb in nonempty[i + 1:]:
+    if len(nonempty) < 2 or not size:
+        return
+    axis = max(range(len(size)), key=lambda d: len({o[d] for o, _ in nonempty}))
+    active: list[tuple[int, tuple[Any, ...], tuple[Any, ...]]] = []  # (end on axis, offsets, sizes)
+    pairs = 0
+    for oa, sa in sorted(nonempty, key=lambda c: c[0][axis]):
+        active = [c for c in active if c[0] > oa[axis]]  # the chunks this one meets on the axis
+        pairs += len(active)
+        if pairs > MAX_CHUNK_PAIRS:
+            raise LimitExceededError(f"DCP entry {fqn!r:.100}: its {len(nonempty)} chunks need more than "
+                                     f"{MAX_CHUNK_PAIRS} comparisons to check that they do not overlap")
+        for _, ob, sb in active:
             if all(a < b + m and b < a + n for a, n, b, m in zip(oa, sa, ob, sb)):
-                raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} at {list(oa)} and {list(ob)} overlap")
+                raise CorruptCheckpointError(f"DCP chunks of {fqn!r:.100} at {list(ob)} and {list(oa)} overlap")
+        active.append((oa[axis] + sa[axis], oa, sa))
+
+
+MAX_CHUNK_PAIRS = 1 << 22  # ~4 s of Python; a grid of 4096 chunks (64 x 64) needs 64 x 4096
 
 
 def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:
