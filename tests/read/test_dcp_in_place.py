@@ -5,6 +5,7 @@ data file and the item, and no read leaves the item's range."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -246,3 +247,30 @@ def test_thousands_of_row_chunks_are_checked_in_linear_time(tmp_path):
     _rewrite_metadata(path, overlap)
     with pytest.raises(CheckpointError, match="overlap"):
         torchckpt.load(path)
+
+
+@pytest.mark.parametrize("stored", ["int32", "swapped", "dict"])
+def test_scan_refuses_the_chunk_load_refuses(tmp_path, stored):
+    """A chunk whose item holds another dtype (of the same size: it would fit its place byte for byte), another
+    shape, or no tensor: load refuses it, naming the data file and the chunk, and so does scan (it reported the
+    folder clean: scan read the item but never checked it)."""
+    from torchckpt.tools.scanning import scan
+
+    path = tmp_path / "ckpt"
+    second = torch.randn(3, 5)
+    _chunked(path, torch.randn(3, 5), second, [3, 0])
+    value = {"int32": second.view(torch.int32), "swapped": torch.randn(5, 3), "dict": {"w": second}}[stored]
+    item = io.BytesIO()
+    torch.save(value, item)
+
+    def change(meta):  # the chunk's item replaced by one holding `value`, appended to its data file
+        info = next(info for index, info in meta.storage_data.items() if index.fqn == "w" and index.offset[0] == 3)
+        with open(path / info.relative_path, "ab") as fh:
+            info.offset, info.length = fh.tell(), len(item.getvalue())
+            fh.write(item.getvalue())
+
+    _rewrite_metadata(path, change)
+    with pytest.raises(CheckpointError, match=r"chunk of 'w' at \[3, 0\] in '.*distcp' holds") as loaded:
+        torchckpt.load(path)
+    (report,) = scan([str(path)]).files
+    assert report.status == "unreadable" and report.error in str(loaded.value)

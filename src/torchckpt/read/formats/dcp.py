@@ -246,7 +246,8 @@ def _read_entries(reader: _Files, entries: list[tuple[str, Any, list[tuple[Any, 
                         done.append((fqn, part))
                 else:  # chunks are disjoint: threads fill their own places
                     _fill(place, part)
-            # else: scan runs (and records) the streams load reads
+            else:  # scan runs (and records) the streams load reads, and refuses the chunks load refuses
+                _check_chunk(value, isinstance(value, TensorMeta), fqn, dtype_name(tensor), chunk, rel, reader.directory)
         return done
 
     with closing(read_parts(opts, list(files), read_file)) as results:  # closed on any error: the pool stops
@@ -342,12 +343,8 @@ class DcpTensor(TensorMeta):
         tensor of the declared dtype and the chunk's sizes."""
         import torch  # lazy: only building tensors needs torch
 
-        offsets, sizes = chunk
-        if not isinstance(part, torch.Tensor) or part.dtype != self.full_dtype or tuple(part.shape) != sizes:
-            got = f"{part.dtype} {list(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
-            raise CorruptCheckpointError(f"DCP chunk of {self.fqn!r:.100} at {list(offsets)} in {rel!r:.120} holds "
-                                         f"{got}, the metadata declares {self.full_dtype} {list(sizes)}",
-                                         path=join(self.directory, rel))
+        _check_chunk(part, isinstance(part, torch.Tensor), self.fqn, dtype_name(self.full_dtype), chunk, rel,
+                     self.directory)
         return part
 
     def allocate(self) -> Any:
@@ -358,6 +355,17 @@ class DcpTensor(TensorMeta):
         if any(o == tuple(0 for _ in self.shape) and s == tuple(self.shape) for o, s in self.chunks):
             return None
         return torch.empty(tuple(self.shape), dtype=self.full_dtype)
+
+
+def _check_chunk(part: Any, is_tensor: bool, fqn: str, declared: str, chunk: tuple[tuple[Any, ...], tuple[Any, ...]],
+                 rel: str, directory: str) -> None:
+    """``part``, the value read for ``chunk`` ``(offsets, sizes)`` of ``fqn`` from data file ``rel`` (a tensor, or a
+    TensorMeta in a structure-only read: scan refuses what load refuses), has the ``declared`` dtype and the sizes."""
+    offsets, sizes = chunk
+    if not is_tensor or dtype_name(part) != declared or tuple(part.shape) != tuple(sizes):
+        got = f"{dtype_name(part)} {list(part.shape)}" if is_tensor else type(part).__name__
+        raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {list(offsets)} in {rel!r:.120} holds {got}, "
+                                     f"the metadata declares {declared} {list(sizes)}", path=join(directory, rel))
 
 
 def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
