@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copyreg
 import dataclasses
 import datetime
 import decimal
@@ -336,3 +337,58 @@ def test_a_snapshot_pickles_to_the_bytes_the_original_pickles_to():
     assert pickle.dumps(snapshot, protocol=2) == pickle.dumps(values, protocol=2)
     values["namespace"].layers.append(3)  # the snapshot is not the live object
     assert snapshot["namespace"].layers == [1, 2] and snapshot["same_twice"] is snapshot["namespace"]
+
+
+class NeedsArgs:
+    """``__new__`` needs an argument that pickle (no ``__getnewargs__``) does not give: pickle.dumps writes it,
+    only loading it would fail."""
+
+    def __new__(cls, size):
+        return super().__new__(cls)
+
+    def __init__(self, size) -> None:
+        self.sizes = [size]
+
+
+class Reconnects:
+    """Drops its connection when pickled and opens a new one in ``__setstate__`` (a logger, a client): a save
+    must not open one. Its ``__setstate__`` is not the inverse of ``__getstate__`` byte for byte."""
+
+    opened = 0
+
+    def __init__(self) -> None:
+        self.url, self.connection = "tcp://x", object()
+
+    def __getstate__(self):
+        return {"url": self.url}
+
+    def __setstate__(self, state):
+        Reconnects.opened += 1
+        self.__dict__.update(state, connection=object(), restored=True)
+
+
+def test_objects_whose_class_code_would_run_are_pickled_as_at_save_time_without_running_it():
+    """A ``__new__`` that needs arguments (the object was kept live: a change after save() reached the file) and
+    a ``__setstate__`` (it ran in save(), and the rebuilt object pickled to other bytes) are kept as their reduce
+    values: the same bytes as the original at save() time, no code of the class run."""
+    values = {"needs_args": NeedsArgs(3), "reconnects": Reconnects()}
+    want = {key: pickle.dumps(value, protocol=2) for key, value in values.items()}
+    Reconnects.opened = 0
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    values["needs_args"].sizes.append(4)  # after save() returned
+    assert Reconnects.opened == 0
+    for key in values:
+        assert pickle.dumps(snapshot[key], protocol=2) == want[key], key
+
+
+class WrongClass:
+    def __reduce_ex__(self, protocol):
+        return (copyreg.__newobj__, (dict,), None)  # pickle refuses: __newobj__ of another class
+
+
+def test_an_async_save_refuses_the_reduce_value_a_sync_save_refuses(tmp_path):
+    with pytest.raises(pickle.PicklingError, match="wrong class"):
+        _save(tmp_path / "sync", {"w": WrongClass()}, async_save=False)
+    with pytest.raises(pickle.PicklingError, match="wrong class"):  # async wrote {} for it
+        _save(tmp_path / "async", {"w": WrongClass()}, async_save=True)

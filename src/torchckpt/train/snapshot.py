@@ -66,37 +66,45 @@ def _new(func: Any, args: Any) -> Any:
     return cls.__new__(cls, *more, **kwargs)
 
 
-def _build(made: Any, state: Any, listed: Any, pairs: Any, setter: Any) -> None:
-    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS); as for
-    ``copy.deepcopy``, no code of the class runs but its ``__setstate__``."""
+def _build(made: Any, state: Any, listed: Any, pairs: Any) -> None:
+    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS) for a class with no
+    ``__setstate__`` (one with it, or with a state setter, is kept as its reduce value: see :func:`_rebuilds`)."""
     if state is not None:
-        if setter is not None:
-            setter(made, state)
-        elif hasattr(made, "__setstate__"):
-            made.__setstate__(state)
-        else:
-            slots = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slots = state
-            if state:
-                made.__dict__.update(state)
-            for name, item in (slots or {}).items():
-                setattr(made, name, item)
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        if state:
+            made.__dict__.update(state)
+        for name, item in (slots or {}).items():
+            setattr(made, name, item)
     for item in listed or ():
         made.append(item)
     for key, item in pairs or ():
         made[key] = item
 
 
+def _rebuilds(value: Any, args: Any, setter: Any) -> bool:
+    """Whether an object pickled as ``__newobj__`` is rebuilt (a new instance holding the copied state): only when
+    no code of its class would run (no ``__setstate__``, no state setter; pickle itself never calls them when it
+    saves) and ``__newobj__`` names its own class (else pickle refuses it, and so must the async save)."""
+    return setter is None and getattr(type(value), "__setstate__", None) is None and isinstance(args, tuple) \
+        and bool(args) and args[0] is value.__class__
+
+
 class _Reduced:
     """An object of the caller's class as pickle took it at ``save()`` time: its reduce value, with arguments
     and state copied like the rest of the snapshot. The writer's pickler writes exactly that value."""
 
-    __slots__ = ("size", "reduced")
+    __slots__ = ("size", "reduced", "cls")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cls: Any = None) -> None:
         self.size = size
         self.reduced: tuple[Any, ...] = ()
+        self.cls = cls  # for a __newobj__ value: the original's class
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> Any:  # pickle writes a __newobj__ value only for an object of its class
+        return self.cls if self.cls is not None else _Reduced
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         func, args, state, items, pairs, setter = self.reduced
@@ -214,9 +222,11 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     class (an argparse.Namespace, a dataclass, a config object) is taken as pickle takes it, here on the
     caller's thread, so that a change made after ``save()`` returns never reaches the file: its
     ``__reduce_ex__`` is called now and, when that names the class's plain constructor (``__newobj__``:
-    most classes), the object is deep-copied (``copy.deepcopy``, sharing the tensors and containers
-    copied before it); otherwise its reduce value is kept, with arguments and state copied, and the writer
-    pickles exactly that (the reconstructor it names is never called). An object that pickle could not
+    most classes) and no code of the class would run, a new instance gets a copy of its state (sharing the
+    tensors and containers copied before it), as ``pickle.load`` would build it; otherwise (a
+    ``__setstate__``, a ``__new__`` that needs arguments, another reconstructor) its reduce value is kept,
+    with arguments and state copied, and the writer pickles exactly that (no reconstructor, ``__new__`` or
+    ``__setstate__`` of the class runs: a sync save runs none either). An object that pickle could not
     take is kept as it is: the writer's pickling raises the error, as a synchronous save would.
     Storages are copied into ``buffers`` (keyed by the place in ``obj`` of the first tensor that uses
     them) when a buffer of the right size exists, and new buffers are put there. The caller guarantees
@@ -349,18 +359,24 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             # outlive the snapshot, or a later temporary could reuse an id and be taken for it
             alive.append((reduced, listed, pairs))
             try:
-                if func in _NEWOBJ:  # a plain class: rebuilt as pickle.load would (cls.__new__, then the state)
-                    made = memo[id(value)] = _new(func, copy(args, f"{where}.args"))  # before its state: cycles
-                else:  # the writer pickles this reduce value; its reconstructor is never called
-                    made = memo[id(value)] = _Reduced(len(reduced))
-                    args = copy(args, f"{where}.args")
+                # a plain class is rebuilt as pickle.load would (cls.__new__, then the state); otherwise the writer
+                # pickles this reduce value, and its reconstructor is never called
+                rebuild = func in _NEWOBJ and _rebuilds(value, args, setter)
+                if not rebuild:
+                    made = memo[id(value)] = _Reduced(len(reduced), value.__class__ if func in _NEWOBJ else None)
+                args = copy(args, f"{where}.args")
+                if rebuild:  # before its state (cycles)
+                    try:
+                        made = memo[id(value)] = _new(func, args)
+                    except Exception:  # noqa: BLE001 - a __new__ needing arguments pickle does not give: kept as reduced
+                        made = memo[id(value)] = _Reduced(len(reduced), value.__class__)
                 state = copy(state, f"{where}.state")
                 listed = None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)]
                 pairs = None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs]
                 if isinstance(made, _Reduced):
                     made.reduced = (func, args, state, listed, pairs, setter)
                 else:
-                    _build(made, state, listed, pairs, setter)
+                    _build(made, state, listed, pairs)
             except Exception:  # noqa: BLE001 - pickled as it is, later (an error then is the save's error)
                 memo[id(value)] = value
                 return value
