@@ -326,21 +326,22 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             memo[id(value)] = out
             out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return out
-        if isinstance(value, tuple):
+        make: Any = getattr(type(value), "_make", None) if isinstance(value, tuple) else None  # a namedtuple's
+        if isinstance(value, tuple) and (_PLAIN.issuperset(map(type, value)) or type(value) is tuple or make):
             if _PLAIN.issuperset(map(type, value)):  # immutable all the way down: nothing to copy
                 return value
             items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
-            make: Any = getattr(type(value), "_make", None)  # a namedtuple stays one
-            built = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
+            built = make(items) if make is not None else tuple(items)
             memo[id(value)] = built
             return built
+        # (another tuple subclass, whose __new__ may take the elements as arguments, is taken as pickle takes it)
         # mutable data (a numpy array, a set, a bytearray, an object of the caller's class) may change after
         # save() returns: copied now, as pickle would have seen it now
         if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type):
             return value
         made: Any
-        if type(value) in (set, bytearray):
-            made = type(value)(value)  # a set's elements are hashable: immutable
+        if type(value) is bytearray or type(value) is set and _PLAIN.issuperset(map(type, value)):
+            made = type(value)(value)  # (a set of objects of the caller's classes is taken as pickle takes it)
         elif type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
             made = value.copy()
         elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
