@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt.errors import CheckpointError, TruncatedCheckpointError
+from torchckpt.errors import CheckpointError, LimitExceededError, TruncatedCheckpointError
 from torchckpt.storage.source import Source
 
 MIB = 2**20
@@ -219,18 +219,18 @@ def test_a_zero_size_chunk_beside_the_whole_tensor_does_not_replace_it(tmp_path,
 def test_thousands_of_row_chunks_are_checked_in_linear_time(tmp_path):
     """4096 row chunks of one tensor (4096 ranks of an FSDP save): checking that they do not overlap compared
     every pair (16 s per tensor; a folder of hundreds of such tensors took hours). Each chunk is the one item a
-    real DCP save wrote (a [1, 8] tensor), so the tensor is that row 4096 times."""
+    real DCP save wrote (a [1, 2] tensor), so the tensor is that row 4096 times."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-    rows, row = 4096, torch.randn(1, 8)
+    rows, row = 4096, torch.randn(1, 2)  # 4096 x 8 bytes: within the 64 KiB a tensor may exceed its distinct items by
     path = tmp_path / "ckpt"
     _save(path, {"a": row})
 
     def change(meta):
         md = meta.state_dict_metadata.pop("a")
         info = meta.storage_data.pop(next(iter(meta.storage_data)))
-        meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([rows, 8]),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 8])) for i in range(rows)])
+        meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([rows, 2]),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 2])) for i in range(rows)])
         meta.storage_data.update({MetadataIndex("w", torch.Size([i, 0])): info for i in range(rows)})
         meta.planner_data.clear()
 
@@ -238,11 +238,11 @@ def test_thousands_of_row_chunks_are_checked_in_linear_time(tmp_path):
     start = time.perf_counter()
     info = torchckpt.inspect(path)  # the structure (and the chunk check) only: no item is read
     assert time.perf_counter() - start < 2  # ~0.03 s; the pairwise check alone took 16 s
-    assert [list(t.shape) for t in info.tensors] == [[rows, 8]]
-    assert torch.equal(torchckpt.load(path)["w"], row.expand(rows, 8))
+    assert [list(t.shape) for t in info.tensors] == [[rows, 2]]
+    assert torch.equal(torchckpt.load(path)["w"], row.expand(rows, 2))
 
     def overlap(meta):  # the last chunk moved onto the first: the element count still adds up
-        meta.state_dict_metadata["w"].chunks[-1] = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([1, 8]))
+        meta.state_dict_metadata["w"].chunks[-1] = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([1, 2]))
 
     _rewrite_metadata(path, overlap)
     with pytest.raises(CheckpointError, match="overlap"):
@@ -274,3 +274,30 @@ def test_scan_refuses_the_chunk_load_refuses(tmp_path, stored):
         torchckpt.load(path)
     (report,) = scan([str(path)]).files
     assert report.status == "unreadable" and report.error in str(loaded.value)
+
+
+@pytest.mark.parametrize("shared_by", ["chunks", "tensors"])
+def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folder(tmp_path, shared_by):
+    """64 chunks (or 64 tensors) naming the same 256 KiB item: a 256 KiB folder declared 16 MiB of tensors, and load
+    allocated and filled them all (1 MiB x 24000 chunks: 24 GiB from a 1 MiB folder). A byte range backs one place."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    count, row = 64, torch.randn(1, 65536)
+    path = tmp_path / "ckpt"
+    _save(path, {"a": row})
+
+    def change(meta):
+        md = meta.state_dict_metadata.pop("a")
+        info = meta.storage_data.pop(next(iter(meta.storage_data)))
+        meta.planner_data.clear()
+        if shared_by == "chunks":
+            meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([count, 65536]),
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 65536])) for i in range(count)])
+            meta.storage_data.update({MetadataIndex("w", torch.Size([i, 0])): info for i in range(count)})
+        else:
+            meta.state_dict_metadata.update({f"w{i}": md for i in range(count)})
+            meta.storage_data.update({MetadataIndex(f"w{i}", torch.Size([0, 0])): info for i in range(count)})
+
+    _rewrite_metadata(path, change)
+    with pytest.raises(LimitExceededError, match="declares"):
+        torchckpt.load(path)

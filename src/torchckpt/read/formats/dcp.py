@@ -118,6 +118,7 @@ class _Files:
     def __init__(self, directory: str, opts: ReadOptions) -> None:
         self.directory, self.opts = directory, opts
         self.files: dict[str, Source] = {}
+        self.counted: set[tuple[str, int, int]] = set()  # byte ranges a tensor's size was checked against
 
     def source(self, info: dict[str, Any] | None, fqn: str) -> tuple[Source, int, int]:
         if info is None:
@@ -162,8 +163,17 @@ class _Files:
         assert info is not None
         return str(info["relative_path"])
 
-    def length(self, info: dict[str, Any] | None, fqn: str) -> int:
-        return self.source(info, fqn)[2]
+    def stored(self, infos: list[dict[str, Any] | None], fqn: str) -> int:
+        """Bytes of the data files that ``infos`` (the records of one tensor's chunks) name and no tensor checked
+        before named: a range named twice (by two chunks, or two tensors) holds its bytes once, so it cannot
+        back more than one place (4096 chunks naming one 1 MiB item declared a 4 GiB tensor)."""
+        total = 0
+        for info in infos:
+            src, offset, length = self.source(info, fqn)
+            if (src.name, offset, length) not in self.counted:
+                self.counted.add((src.name, offset, length))
+                total += length
+        return total
 
     def close(self) -> None:
         for f in self.files.values():
@@ -197,7 +207,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
     _check_tiling(fqn, size, chunks)
     infos = [where.get((fqn, offsets)) for offsets, _ in chunks]
-    stored = sum(reader.length(info, fqn) for info in infos)
+    stored = reader.stored(infos, fqn)
     nbytes = math.prod(size) * DTYPE_SIZES[name]
     if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
         raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
