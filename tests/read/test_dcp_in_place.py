@@ -276,13 +276,14 @@ def test_scan_refuses_the_chunk_load_refuses(tmp_path, stored):
     assert report.status == "unreadable" and report.error in str(loaded.value)
 
 
-@pytest.mark.parametrize("shared_by", ["chunks", "tensors"])
-def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folder(tmp_path, shared_by):
+@pytest.mark.parametrize("shared_by, columns", [("chunks", 65536), ("tensors", 65536), ("tensors", 4096)])
+def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folder(tmp_path, shared_by, columns):
     """64 chunks (or 64 tensors) naming the same 256 KiB item: a 256 KiB folder declared 16 MiB of tensors, and load
-    allocated and filled them all (1 MiB x 24000 chunks: 24 GiB from a 1 MiB folder). A byte range backs one place."""
+    allocated and filled them all (1 MiB x 24000 chunks: 24 GiB from a 1 MiB folder). A byte range backs one place,
+    and a tensor of 16 KiB whose item another tensor holds is refused too (64 KiB allowed per .metadata entry)."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-    count, row = 64, torch.randn(1, 65536)
+    count, row = 64, torch.randn(1, columns)
     path = tmp_path / "ckpt"
     _save(path, {"a": row})
 
@@ -291,8 +292,8 @@ def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folde
         info = meta.storage_data.pop(next(iter(meta.storage_data)))
         meta.planner_data.clear()
         if shared_by == "chunks":
-            meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([count, 65536]),
-                chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 65536])) for i in range(count)])
+            meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([count, columns]),
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, columns])) for i in range(count)])
             meta.storage_data.update({MetadataIndex("w", torch.Size([i, 0])): info for i in range(count)})
         else:
             meta.state_dict_metadata.update({f"w{i}": md for i in range(count)})

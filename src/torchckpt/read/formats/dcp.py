@@ -209,7 +209,9 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     infos = [where.get((fqn, offsets)) for offsets, _ in chunks]
     stored = reader.stored(infos, fqn)
     nbytes = math.prod(size) * DTYPE_SIZES[name]
-    if nbytes > stored + (1 << 16):  # the chunks' streams hold the data; a full tensor cannot be larger
+    # the chunks' streams hold the data; a full tensor cannot be larger (a 64 KiB allowance per tensor with a
+    # range of its own: none for one whose ranges other tensors named, or 64 KiB per entry of .metadata)
+    if nbytes > stored + (1 << 16 if stored else 0):
         raise LimitExceededError(f"DCP entry {fqn!r:.100} declares {nbytes} bytes ({list(size)}) but its chunks "
                                  f"hold {stored}")
     records = list(zip(infos, chunks))
