@@ -422,3 +422,22 @@ def test_tuple_subclasses_and_sets_of_objects_are_taken_at_save_time():
     values["span"][0].append(3)
     for key in values:
         assert pickle.dumps(snapshot[key], protocol=2) == want[key], key
+
+
+class Pair2(tuple):
+    """A tuple subclass that pickle cannot rebuild by its ``__new__`` (no ``__getnewargs__``): kept as its reduce value."""
+
+    def __new__(cls, first, second):
+        return super().__new__(cls, (first, second))
+
+
+def test_the_disk_full_estimate_walks_a_snapshot_holding_a_reduce_value():
+    """The size a disk-full error quotes is summed over the snapshot; an object kept as its reduce value reports its
+    original's class (a tuple subclass here) for pickle's sake, and summing iterated it (TypeError instead of the
+    disk-full error)."""
+    from torchckpt.train.training import _payload_nbytes
+
+    snapshot, copies = start_snapshot({"pair": Pair2([torch.ones(2)], 2), "w": torch.ones(8)}, {})
+    copies.run()
+    assert isinstance(snapshot["pair"], tuple)  # what pickle checks
+    assert _payload_nbytes(snapshot) == 32

@@ -251,8 +251,8 @@ def _payload_nbytes(payload: Any) -> int:
                 total += value.numel() * value.element_size()
         elif isinstance(value, Mapping):
             stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
+        elif issubclass(type(value), (list, tuple)):  # not isinstance: an async snapshot's object kept as its reduce
+            stack.extend(value)  # value reports its original's class (a tuple subclass), and is not iterable
     return total
 
 
