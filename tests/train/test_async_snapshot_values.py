@@ -441,3 +441,27 @@ def test_the_disk_full_estimate_walks_a_snapshot_holding_a_reduce_value():
     copies.run()
     assert isinstance(snapshot["pair"], tuple)  # what pickle checks
     assert _payload_nbytes(snapshot) == 32
+
+
+def test_tensors_and_objects_as_dict_keys_are_copied_and_shared_as_pickle_keeps_them():
+    """An optimizer's ``state`` is keyed by its Parameters, which its ``param_groups`` list too. Keys were kept as
+    the live objects while the lists got copies: the file held each parameter twice, its state keyed by tensors
+    that are not its parameters (a pickled optimizer came back with its state detached), with values written
+    after save() returned."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tag = Tag()
+    values = {"state": opt.state, "groups": opt.param_groups, "by_tag": collections.OrderedDict([(tag, 1)])}
+    want = model.weight.detach().clone()
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    with torch.no_grad():
+        model.weight.fill_(7)  # the next optimizer step, after save() returned
+    tag.names.append("b")
+    keys = list(snapshot["state"])
+    assert keys[0] is snapshot["groups"][0]["params"][0] and len(keys) == 2  # one object, as in the original
+    assert torch.equal(keys[0], want) and type(keys[0]) is torch.nn.Parameter
+    (key,) = snapshot["by_tag"]
+    assert key.names == ["a"]

@@ -317,9 +317,15 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
             out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
+            if type(value) is not dict and not all(type(k) in _PLAIN for k in value):
+                out.clear()  # refilled in order below, with copied keys
             memo[id(value)] = out
-            for k, v in value.items():
-                out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
+            for i, (k, v) in enumerate(value.items()):
+                if type(k) in _PLAIN:
+                    out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
+                else:  # a tensor or an object as a key (an optimizer's state): copied, shared with its other places
+                    name = f"{where}.<{i}>"  # as pickle keeps it (str() of a tensor would format its values)
+                    out[copy(k, f"{name}.key")] = v if type(v) in _PLAIN else copy(v, name)
             return out
         if isinstance(value, list):
             out = [] if type(value) is list else _copy.copy(value)
