@@ -311,8 +311,8 @@ class DcpTensor(TensorMeta):
         self.directory, self.fqn, self.chunks, self.where, self.opts = directory, fqn, chunks, where, opts
         self.full_dtype = dtype
 
-    def materialize(self, source: Any = None) -> Any:
-        """The whole tensor (``source`` is unused: the chunks name their own files)."""
+    def materialize(self, source: Any = None, *, prefault: bool = False) -> Any:
+        """The whole tensor (``source`` and ``prefault`` are unused: the chunks name their own files)."""
         return self.read_region(tuple(0 for _ in self.shape), tuple(self.shape))
 
     def read_region(self, offsets: tuple[Any, ...], sizes: tuple[Any, ...]) -> Any:
