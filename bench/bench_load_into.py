@@ -1,10 +1,10 @@
 """Benchmark: torchckpt.load_into against what a user would write, for every format and model device.
 
-    python bench/bench_load_into.py [--size-mib 1024] [--repeats 5] [--threads 1]
+    python bench/bench_load_into.py [--size-mib 1024] [--repeats 5] [--threads 1] [--groups "meta safetensors"]
 
-Every case runs in a fresh process. Peak RSS is measured from the moment the model exists (built on
-the CPU, or on ``meta``) until the load is done, so "x size" is the extra memory as a multiple of the
-checkpoint: ~0 when tensors are copied into an allocated model and their file pages released, ~1 for a
+Every case runs in a fresh process, and the runs of each baseline alternate with those of its cases. Peak
+RSS is measured from the moment the model exists (built on the CPU, or on ``meta``) until the load is
+done, so "x size" is the extra memory as a multiple of the checkpoint: ~0 when tensors are copied into an allocated model and their file pages released, ~1 for a
 model placed from ``meta`` (the model itself). Rows on ``meta`` touch every page of every parameter
 after loading (mapped data is read lazily; the time includes reading it once).
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
-from common import bench_args, measure, print_table, transformer_state_dict
+from common import bench_args, measure_alternated, print_table, transformer_state_dict
 
 TOUCH = """
 for p in model.parameters():  # read every page once (4 KiB = 1024 fp32 values)
@@ -29,7 +30,11 @@ for p in model.parameters():  # read every page once (4 KiB = 1024 fp32 values)
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    def extra(ap):  # noqa: ANN001
+        ap.add_argument("--groups", default="zip legacy meta mmap safetensors",
+                        help="which baselines and their cases to run (space separated)")
+
+    args = bench_args(__doc__, extra=extra)
     import torch
     from safetensors.torch import save_file
 
@@ -55,6 +60,7 @@ with torch.device({device!r}):
 del shapes
 import safetensors.torch, torchckpt.fit.load_into, torchckpt.read.formats.torch_zip  # imports are not the load
 import torchckpt.read.formats.torch_legacy, torchckpt.read.formats.simple, torchckpt.read.unpickle.machine
+torchckpt.load_into  # the facade imports the module behind it on first use (train.runs_load_into)
 base = reset_peak()  # the model exists (allocated, or on meta)
 t0 = time.perf_counter()
 {expr}
@@ -63,37 +69,41 @@ result = time.perf_counter() - t0
 assert float(model.get_submodule("layers.0.attn.q").weight.abs().sum()) > 0
 """
 
-    r, f = args.repeats, files
-    m = lambda expr, device="cpu", touch=False: measure(case(expr, device, touch), r)  # noqa: E731
-    rows = [
-        ("zip: model.load_state_dict(torch.load(f, mmap=True)) [base]",
-         m(f"model.load_state_dict(torch.load({f['zip']!r}, mmap=True, weights_only=True))")),
-        ("zip: torchckpt.load_into(model, f)", m(f"torchckpt.load_into(model, {f['zip']!r})")),
-        ("zip: model.load_state_dict(torch.load(f))", m(f"model.load_state_dict(torch.load({f['zip']!r}))")),
-        ("legacy: model.load_state_dict(torch.load(f))   [base]",
-         m(f"model.load_state_dict(torch.load({f['legacy']!r}))")),
-        ("legacy: torchckpt.load_into(model, f)", m(f"torchckpt.load_into(model, {f['legacy']!r})")),
-        ("meta: load_state_dict(torch.load(f), assign)  [base]",
-         m(f"model.load_state_dict(torch.load({f['zip']!r}, weights_only=True), assign=True)", "meta", True)),
-        ("meta: torchckpt.load_into(meta_model, zip)", m(f"torchckpt.load_into(model, {f['zip']!r})", "meta", True)),
-        ("mmap: load_state_dict(torch.load(mmap), assign) [base]",
-         m(f"model.load_state_dict(torch.load({f['zip']!r}, mmap=True, weights_only=True), assign=True)",
-           "meta", True)),
-        ("mmap: torchckpt.load_into(meta_model, zip, mmap=True)",
-         m(f"torchckpt.load_into(model, {f['zip']!r}, mmap=True)", "meta", True)),
-        ("meta: torchckpt.load_into(meta_model, legacy)",
-         m(f"torchckpt.load_into(model, {f['legacy']!r})", "meta", True)),
-        ("meta: torchckpt.load_into(meta_model, safetensors)",
-         m(f"torchckpt.load_into(model, {f['st']!r})", "meta", True)),
-        ("safetensors: safetensors.torch.load_model(model, f) [base]",
-         m(f"import safetensors.torch; safetensors.torch.load_model(model, {f['st']!r})")),
-        ("safetensors: torchckpt.load_into(model, f)", m(f"torchckpt.load_into(model, {f['st']!r})")),
-    ]
-    bases = {"zip": rows[0][1], "legacy": rows[3][1], "meta": rows[5][1], "mmap": rows[7][1],
-             "safetensors": rows[11][1]}
-    print_table("load a checkpoint into a model (peak: above the process with its model)",
-                [(label, res, None if "[base]" in label else bases[label.split(":")[0]]) for label, res in rows],
-                size_mib)
+    f = files
+    # Each baseline and its cases alternate (base, a, b, base, a, b, ...): on a shared or VM machine, load and
+    # the host taking free memory back change over minutes, and cases timed in blocks met different machines.
+    groups = {
+        "zip": [("zip: model.load_state_dict(torch.load(f, mmap=True)) [base]",
+                 f"model.load_state_dict(torch.load({f['zip']!r}, mmap=True, weights_only=True))", "cpu"),
+                ("zip: torchckpt.load_into(model, f)", f"torchckpt.load_into(model, {f['zip']!r})", "cpu"),
+                ("zip: model.load_state_dict(torch.load(f))", f"model.load_state_dict(torch.load({f['zip']!r}))", "cpu")],
+        "legacy": [("legacy: model.load_state_dict(torch.load(f))   [base]",
+                    f"model.load_state_dict(torch.load({f['legacy']!r}))", "cpu"),
+                   ("legacy: torchckpt.load_into(model, f)", f"torchckpt.load_into(model, {f['legacy']!r})", "cpu")],
+        "meta": [("meta: load_state_dict(torch.load(f), assign)  [base]",
+                  f"model.load_state_dict(torch.load({f['zip']!r}, weights_only=True), assign=True)", "meta"),
+                 ("meta: torchckpt.load_into(meta_model, zip)", f"torchckpt.load_into(model, {f['zip']!r})", "meta"),
+                 ("meta: torchckpt.load_into(meta_model, legacy)", f"torchckpt.load_into(model, {f['legacy']!r})", "meta"),
+                 ("meta: torchckpt.load_into(meta_model, safetensors)", f"torchckpt.load_into(model, {f['st']!r})",
+                  "meta")],
+        "mmap": [("mmap: load_state_dict(torch.load(mmap), assign) [base]",
+                  f"model.load_state_dict(torch.load({f['zip']!r}, mmap=True, weights_only=True), assign=True)", "meta"),
+                 ("mmap: torchckpt.load_into(meta_model, zip, mmap=True)",
+                  f"torchckpt.load_into(model, {f['zip']!r}, mmap=True)", "meta")],
+        "safetensors": [("safetensors: safetensors.torch.load_model(model, f) [base]",
+                         f"import safetensors.torch; safetensors.torch.load_model(model, {f['st']!r})", "cpu"),
+                        ("safetensors: torchckpt.load_into(model, f)", f"torchckpt.load_into(model, {f['st']!r})", "cpu")],
+    }
+    table = []
+    for group, cases in groups.items():
+        if group not in args.groups.split():
+            continue
+        print(f"  {group}:", file=sys.stderr, flush=True)
+        res = measure_alternated({label: case(expr, device, device == "meta") for label, expr, device in cases},
+                                 args.repeats)
+        base = res[cases[0][0]]
+        table += [(label, res[label], None if "[base]" in label else base) for label, _, _ in cases]
+    print_table("load a checkpoint into a model (peak: above the process with its model)", table, size_mib)
     shutil.rmtree(folder, ignore_errors=True)
 
 

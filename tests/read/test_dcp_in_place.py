@@ -5,19 +5,22 @@ data file and the item, and no read leaves the item's range."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
 import torch
 
 import torchckpt
-from torchckpt.errors import CheckpointError, TruncatedCheckpointError
+from torchckpt.errors import CheckpointError, LimitExceededError, TruncatedCheckpointError
+from torchckpt.read.opener import open_checkpoint
 from torchckpt.storage.source import Source
 
 MIB = 2**20
@@ -169,6 +172,11 @@ def test_chunks_fill_their_whole_tensor(tmp_path, layout, workers):
     whole = _chunked(tmp_path / "ckpt", first, second, offsets)
     got = torchckpt.load(tmp_path / "ckpt", workers=workers)
     assert got["note"] == "x" * 100 and torch.equal(got["w"], whole)
+    with open_checkpoint(tmp_path / "ckpt", "build", lazy=True, workers=workers) as ckpt:  # load_into's way
+        lazy = ckpt.tree["w"]
+        assert torch.equal(lazy.materialize(), whole)
+        (r, c), (h, w) = ((1, 4), (2, 3)) if layout == "columns" else ((2, 1), (2, 3))  # parts of both chunks
+        assert torch.equal(lazy.read_region((r, c), (h, w)), whole[r:r + h, c:c + w])
 
 
 CHUNKED_CHILD = textwrap.dedent("""
@@ -203,3 +211,117 @@ def test_chunks_are_read_into_their_whole_tensor_without_a_copy(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["sum"] == float(first.sum() + second.sum())
     assert out["peak_extra"] <= BIG + 8 * MIB, f"{out['peak_extra'] / BIG:.2f}x the tensor"
+
+
+def test_chunks_read_in_place_are_charged_to_the_one_budget(tmp_path):
+    """The smallest step budget that loads a chunked tensor is the same for 1 and 2 workers, and the error
+    just below it names the same data file and item: reading a chunk into its place shares the read's meter."""
+    from test_parallel_shards import least
+
+    _chunked(tmp_path / "ckpt", torch.ones(3, 5), torch.zeros(3, 5), [3, 0])
+    need = {workers: least(tmp_path / "ckpt", workers) for workers in (1, 2)}
+    assert need[1] == need[2], need
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(CheckpointError) as info:
+            torchckpt.load(tmp_path / "ckpt", workers=workers,
+                           policy=torchckpt.Policy(budget=torchckpt.Budget(steps=need[1] - 1, amplification=0)))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_zero_size_chunk_beside_the_whole_tensor_does_not_replace_it(tmp_path, workers):
+    """One chunk is the whole tensor and another is empty (a rank that holds no rows of it): the value is the
+    whole chunk. The empty chunk's tensor, read after it, once became the value (shape [0, 5], no error)."""
+    whole = _chunked(tmp_path / "ckpt", torch.randn(6, 5), torch.empty(0, 5), [6, 0])
+    got = torchckpt.load(tmp_path / "ckpt", workers=workers)
+    assert got["w"].shape == (6, 5) and torch.equal(got["w"], whole)
+
+
+def test_thousands_of_row_chunks_are_checked_in_linear_time(tmp_path):
+    """4096 row chunks of one tensor (4096 ranks of an FSDP save): checking that they do not overlap compared
+    every pair (16 s per tensor; a folder of hundreds of such tensors took hours). Each chunk is the one item a
+    real DCP save wrote (a [1, 2] tensor), so the tensor is that row 4096 times."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    rows, row = 4096, torch.randn(1, 2)  # 4096 x 8 bytes: within the 64 KiB a tensor may exceed its distinct items by
+    path = tmp_path / "ckpt"
+    _save(path, {"a": row})
+
+    def change(meta):
+        md = meta.state_dict_metadata.pop("a")
+        info = meta.storage_data.pop(next(iter(meta.storage_data)))
+        meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([rows, 2]),
+            chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, 2])) for i in range(rows)])
+        meta.storage_data.update({MetadataIndex("w", torch.Size([i, 0])): info for i in range(rows)})
+        meta.planner_data.clear()
+
+    _rewrite_metadata(path, change)
+    start = time.perf_counter()
+    info = torchckpt.inspect(path)  # the structure (and the chunk check) only: no item is read
+    assert time.perf_counter() - start < 2  # ~0.03 s; the pairwise check alone took 16 s
+    assert [list(t.shape) for t in info.tensors] == [[rows, 2]]
+    assert torch.equal(torchckpt.load(path)["w"], row.expand(rows, 2))
+
+    def overlap(meta):  # the last chunk moved onto the first: the element count still adds up
+        meta.state_dict_metadata["w"].chunks[-1] = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([1, 2]))
+
+    _rewrite_metadata(path, overlap)
+    with pytest.raises(CheckpointError, match="overlap"):
+        torchckpt.load(path)
+
+
+@pytest.mark.parametrize("stored", ["int32", "swapped", "dict"])
+def test_scan_refuses_the_chunk_load_refuses(tmp_path, stored):
+    """A chunk whose item holds another dtype (of the same size: it would fit its place byte for byte), another
+    shape, or no tensor: load refuses it, naming the data file and the chunk, and so does scan (it reported the
+    folder clean: scan read the item but never checked it)."""
+    from torchckpt.tools.scanning import scan
+
+    path = tmp_path / "ckpt"
+    second = torch.randn(3, 5)
+    _chunked(path, torch.randn(3, 5), second, [3, 0])
+    value = {"int32": second.view(torch.int32), "swapped": torch.randn(5, 3), "dict": {"w": second}}[stored]
+    item = io.BytesIO()
+    torch.save(value, item)
+
+    def change(meta):  # the chunk's item replaced by one holding `value`, appended to its data file
+        info = next(info for index, info in meta.storage_data.items() if index.fqn == "w" and index.offset[0] == 3)
+        with open(path / info.relative_path, "ab") as fh:
+            info.offset, info.length = fh.tell(), len(item.getvalue())
+            fh.write(item.getvalue())
+
+    _rewrite_metadata(path, change)
+    with pytest.raises(CheckpointError, match=r"chunk of 'w' at \[3, 0\] in '.*distcp' holds") as loaded:
+        torchckpt.load(path)
+    (report,) = scan([str(path)]).files
+    assert report.status == "unreadable" and report.error in str(loaded.value)
+
+
+@pytest.mark.parametrize("shared_by, columns", [("chunks", 65536), ("tensors", 65536), ("tensors", 4096)])
+def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folder(tmp_path, shared_by, columns):
+    """64 chunks (or 64 tensors) naming the same 256 KiB item: a 256 KiB folder declared 16 MiB of tensors, and load
+    allocated and filled them all (1 MiB x 24000 chunks: 24 GiB from a 1 MiB folder). A byte range backs one place,
+    and a tensor of 16 KiB whose item another tensor holds is refused too (64 KiB allowed per .metadata entry)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    count, row = 64, torch.randn(1, columns)
+    path = tmp_path / "ckpt"
+    _save(path, {"a": row})
+
+    def change(meta):
+        md = meta.state_dict_metadata.pop("a")
+        info = meta.storage_data.pop(next(iter(meta.storage_data)))
+        meta.planner_data.clear()
+        if shared_by == "chunks":
+            meta.state_dict_metadata["w"] = TensorStorageMetadata(properties=md.properties, size=torch.Size([count, columns]),
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([i, 0]), sizes=torch.Size([1, columns])) for i in range(count)])
+            meta.storage_data.update({MetadataIndex("w", torch.Size([i, 0])): info for i in range(count)})
+        else:
+            meta.state_dict_metadata.update({f"w{i}": md for i in range(count)})
+            meta.storage_data.update({MetadataIndex(f"w{i}", torch.Size([0, 0])): info for i in range(count)})
+
+    _rewrite_metadata(path, change)
+    with pytest.raises(LimitExceededError, match="declares"):
+        torchckpt.load(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copyreg
 import dataclasses
 import datetime
 import decimal
@@ -338,3 +339,148 @@ def test_a_snapshot_pickles_to_the_bytes_the_original_pickles_to():
     assert pickle.dumps(snapshot, protocol=2) == pickle.dumps(values, protocol=2)
     values["namespace"].layers.append(3)  # the snapshot is not the live object
     assert snapshot["namespace"].layers == [1, 2] and snapshot["same_twice"] is snapshot["namespace"]
+
+
+class ClaimsDict:
+    """Reports dict as its class, as an async snapshot's stand-in reports the original's (pickle checks it)."""
+
+    @property
+    def __class__(self):
+        return dict
+
+
+def test_the_disk_full_size_estimate_walks_a_dag_once_and_skips_stand_ins():
+    from torchckpt.train.training import _payload_nbytes
+
+    shared: list = [torch.ones(256)]  # 1 KiB
+    for _ in range(64):  # 2^64 paths to the tensor: walked once each
+        shared = [shared, shared]
+    assert _payload_nbytes({"a": shared, "b": ClaimsDict(), "c": (torch.zeros(2),)}) == 1024 + 8
+
+
+class NeedsArgs:
+    """``__new__`` needs an argument that pickle (no ``__getnewargs__``) does not give: pickle.dumps writes it,
+    only loading it would fail."""
+
+    def __new__(cls, size):
+        return super().__new__(cls)
+
+    def __init__(self, size) -> None:
+        self.sizes = [size]
+
+
+class Reconnects:
+    """Drops its connection when pickled and opens a new one in ``__setstate__`` (a logger, a client): a save
+    must not open one. Its ``__setstate__`` is not the inverse of ``__getstate__`` byte for byte."""
+
+    opened = 0
+
+    def __init__(self) -> None:
+        self.url, self.connection = "tcp://x", object()
+
+    def __getstate__(self):
+        return {"url": self.url}
+
+    def __setstate__(self, state):
+        Reconnects.opened += 1
+        self.__dict__.update(state, connection=object(), restored=True)
+
+
+def test_objects_whose_class_code_would_run_are_pickled_as_at_save_time_without_running_it():
+    """A ``__new__`` that needs arguments (the object was kept live: a change after save() reached the file) and
+    a ``__setstate__`` (it ran in save(), and the rebuilt object pickled to other bytes) are kept as their reduce
+    values: the same bytes as the original at save() time, no code of the class run."""
+    values = {"needs_args": NeedsArgs(3), "reconnects": Reconnects()}
+    want = {key: pickle.dumps(value, protocol=2) for key, value in values.items()}
+    Reconnects.opened = 0
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    values["needs_args"].sizes.append(4)  # after save() returned
+    assert Reconnects.opened == 0
+    for key in values:
+        assert pickle.dumps(snapshot[key], protocol=2) == want[key], key
+
+
+class WrongClass:
+    def __reduce_ex__(self, protocol):
+        return (copyreg.__newobj__, (dict,), None)  # pickle refuses: __newobj__ of another class
+
+
+def test_an_async_save_refuses_the_reduce_value_a_sync_save_refuses(tmp_path):
+    with pytest.raises(pickle.PicklingError, match="wrong class"):
+        _save(tmp_path / "sync", {"w": WrongClass()}, async_save=False)
+    with pytest.raises(pickle.PicklingError, match="wrong class"):  # async wrote {} for it
+        _save(tmp_path / "async", {"w": WrongClass()}, async_save=True)
+
+
+class Span(tuple):
+    """A tuple subclass whose ``__new__`` takes its elements as arguments (not a namedtuple)."""
+
+    def __new__(cls, start, stop):
+        return super().__new__(cls, (start, stop))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+
+class Tag:
+    def __init__(self) -> None:
+        self.names = ["a"]
+
+
+def test_tuple_subclasses_and_sets_of_objects_are_taken_at_save_time():
+    """A tuple subclass holding a list made save() raise a raw TypeError (rebuilt as ``Span(items)``; a sync save
+    writes it); a set holding an object of the caller's class kept the live object (a change after save()
+    returned reached the file)."""
+    tag = Tag()
+    values = {"span": Span([1], 2), "tags": {tag}}
+    want = {key: pickle.dumps(value, protocol=2) for key, value in values.items()}
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    tag.names.append("b")
+    values["span"][0].append(3)
+    for key in values:
+        assert pickle.dumps(snapshot[key], protocol=2) == want[key], key
+
+
+class Pair2(tuple):
+    """A tuple subclass that pickle cannot rebuild by its ``__new__`` (no ``__getnewargs__``): kept as its reduce value."""
+
+    def __new__(cls, first, second):
+        return super().__new__(cls, (first, second))
+
+
+def test_the_disk_full_estimate_walks_a_snapshot_holding_a_reduce_value():
+    """The size a disk-full error quotes is summed over the snapshot; an object kept as its reduce value reports its
+    original's class (a tuple subclass here) for pickle's sake, and summing iterated it (TypeError instead of the
+    disk-full error)."""
+    from torchckpt.train.training import _payload_nbytes
+
+    snapshot, copies = start_snapshot({"pair": Pair2([torch.ones(2)], 2), "w": torch.ones(8)}, {})
+    copies.run()
+    assert isinstance(snapshot["pair"], tuple)  # what pickle checks
+    assert _payload_nbytes(snapshot) == 32
+
+
+def test_tensors_and_objects_as_dict_keys_are_copied_and_shared_as_pickle_keeps_them():
+    """An optimizer's ``state`` is keyed by its Parameters, which its ``param_groups`` list too. Keys were kept as
+    the live objects while the lists got copies: the file held each parameter twice, its state keyed by tensors
+    that are not its parameters (a pickled optimizer came back with its state detached), with values written
+    after save() returned."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tag = Tag()
+    values = {"state": opt.state, "groups": opt.param_groups, "by_tag": collections.OrderedDict([(tag, 1)])}
+    want = model.weight.detach().clone()
+    snapshot, copies = start_snapshot(values, {})
+    copies.run()
+    with torch.no_grad():
+        model.weight.fill_(7)  # the next optimizer step, after save() returned
+    tag.names.append("b")
+    keys = list(snapshot["state"])
+    assert keys[0] is snapshot["groups"][0]["params"][0] and len(keys) == 2  # one object, as in the original
+    assert torch.equal(keys[0], want) and type(keys[0]) is torch.nn.Parameter
+    (key,) = snapshot["by_tag"]
+    assert key.names == ["a"]

@@ -51,7 +51,9 @@ class Placer:
         if isinstance(value, TensorMeta) and device.type == "cuda" and self.src is not None:
             out = self._upload_meta(value, device)
         else:
-            if isinstance(value, TensorMeta):
+            if type(value) is TensorMeta:  # a legacy stream's tensor: read here, one at a time (prefaulted)
+                value = value.materialize(self.src, prefault=True)
+            elif isinstance(value, TensorMeta):  # DCP, DeepSpeed: lazy tensors that read their own files
                 value = value.materialize(self.src)
             if not isinstance(value, torch.Tensor):
                 return value

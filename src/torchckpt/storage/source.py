@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import sys
 from typing import IO, Any, Union
 
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
@@ -281,7 +282,9 @@ class Source:
         """A copy of ``tensor`` (a contiguous CPU view of this read's file mapping) in the process's own
         memory, read with ``pread`` straight into the new tensor, never through the mapped pages; None if
         ``tensor`` does not map the file. What a caller keeps must not alias the file: a later
-        ``torch.save`` to the same path truncates it under a mapping (SIGBUS, a 0-byte file)."""
+        ``torch.save`` to the same path truncates it under a mapping (SIGBUS, a 0-byte file). The new
+        memory is prefaulted piece by piece (see :meth:`read_into`): the one caller, ``load_into``'s
+        placement, reads one tensor at a time on one thread."""
         import torch
 
         nbytes = tensor.numel() * tensor.element_size()
@@ -292,22 +295,28 @@ class Source:
         if not tensor.is_contiguous():
             return tensor.clone(memory_format=torch.contiguous_format)
         out = torch.empty(tensor.shape, dtype=tensor.dtype)
-        owner.read_into(out.untyped_storage(), tensor.data_ptr() - owner._map_base, nbytes)
+        owner.read_into(out.untyped_storage(), tensor.data_ptr() - owner._map_base, nbytes, prefault=True)
         return out
 
-    def read_into_storage(self, offset: int, nbytes: int) -> Any:
-        """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned)."""
+    def read_into_storage(self, offset: int, nbytes: int, *, prefault: bool = False) -> Any:
+        """A new CPU ``UntypedStorage`` holding a copy of ``[offset, offset+nbytes)`` (64-byte aligned);
+        ``prefault`` as in :meth:`read_into`."""
         import torch
 
         storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-        self.read_into(storage, offset, nbytes)
+        self.read_into(storage, offset, nbytes, prefault=prefault)
         return storage
 
-    def read_into(self, target: Any, offset: int, nbytes: int) -> None:
+    def read_into(self, target: Any, offset: int, nbytes: int, *, prefault: bool = False) -> None:
         """Copy ``[offset, offset+nbytes)`` into an existing ``UntypedStorage`` on any device.
 
         Local files are read with pread straight into the destination: the data never passes
-        through a mapping, so it does not count twice in the process's memory.
+        through a mapping, so it does not count twice in the process's memory. ``prefault`` (fresh
+        memory, a local file): each 8 MiB piece of the destination is mapped with one
+        ``madvise(MADV_POPULATE_WRITE)`` before its pread, instead of one page fault per 4 KiB inside
+        the copy (about a fifth less system time). Only for a caller that reads on one thread: the
+        madvise holds the process's ``mmap_lock`` while it faults, so another thread's allocation
+        waits for the piece, and a pool of reader threads serialises (measured; see ``_prefault``).
         """
         import numpy as np
         import torch
@@ -331,9 +340,12 @@ class Source:
                 view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
         elif self.path is not None:
             fd = self._descriptor()
+            address = target.data_ptr() if prefault else 0
             done = 0
             while done < nbytes:
-                chunk = min(nbytes - done, 1 << 28)
+                chunk = min(nbytes - done, PREFAULT_PIECE if prefault else 1 << 28)
+                if prefault:
+                    _prefault(address + done, chunk)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
@@ -410,9 +422,42 @@ class _Window(Source):
     def folder(self) -> str:
         return self._parent.folder
 
-    def read_into(self, target: Any, offset: int, nbytes: int) -> None:
+    def read_into(self, target: Any, offset: int, nbytes: int, *, prefault: bool = False) -> None:
         self._check_range(offset, nbytes)
-        self._parent.read_into(target, self._start + offset, nbytes)
+        self._parent.read_into(target, self._start + offset, nbytes, prefault=prefault)
+
+
+PREFAULT_PIECE = 8 << 20  # another thread's mmap()/munmap() waits for one piece at most
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_madvise: Any = None  # libc's madvise; False where unavailable
+
+
+def _prefault(address: int, nbytes: int) -> None:
+    """Map the whole pages of fresh memory ``[address, address+nbytes)`` before a ``pread`` fills them.
+
+    A ``pread`` into fresh memory takes one page fault per 4 KiB page inside the copy; one
+    ``madvise(MADV_POPULATE_WRITE)`` first maps them in a loop (meta-model load of 1 GiB, fresh
+    processes: system time 0.66 -> 0.53 s). Semantically a no-op (the range is written next anyway);
+    skipped for less than 1 MiB, on other systems and on kernels without it. Sequential callers only
+    (:meth:`Source.read_into`): in a pool of reader threads, each madvise holding ``mmap_lock`` made
+    the others' allocations wait and the threads serialised (commit 1ed1894).
+    """
+    global _madvise
+    if nbytes < 1 << 20 or _madvise is False:
+        return
+    if _madvise is None:
+        if not sys.platform.startswith("linux"):
+            _madvise = False
+            return
+        import ctypes  # lazy: only large local reads on Linux need it
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        _madvise = fn
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page  # whole pages inside
+    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        _madvise = False  # refused (EINVAL before Linux 5.14): plain faults from now on, never asked again
 
 
 def _seekable(f: Any) -> bool:

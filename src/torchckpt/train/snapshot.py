@@ -68,37 +68,45 @@ def _new(func: Any, args: Any) -> Any:
     return cls.__new__(cls, *more, **kwargs)
 
 
-def _build(made: Any, state: Any, listed: Any, pairs: Any, setter: Any) -> None:
-    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS); as for
-    ``copy.deepcopy``, no code of the class runs but its ``__setstate__``."""
+def _build(made: Any, state: Any, listed: Any, pairs: Any) -> None:
+    """Give ``made`` its state and items as ``pickle.load`` does (BUILD, APPENDS, SETITEMS) for a class with no
+    ``__setstate__`` (one with it, or with a state setter, is kept as its reduce value: see :func:`_rebuilds`)."""
     if state is not None:
-        if setter is not None:
-            setter(made, state)
-        elif hasattr(made, "__setstate__"):
-            made.__setstate__(state)
-        else:
-            slots = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slots = state
-            if state:
-                made.__dict__.update(state)
-            for name, item in (slots or {}).items():
-                setattr(made, name, item)
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        if state:
+            made.__dict__.update(state)
+        for name, item in (slots or {}).items():
+            setattr(made, name, item)
     for item in listed or ():
         made.append(item)
     for key, item in pairs or ():
         made[key] = item
 
 
+def _rebuilds(value: Any, args: Any, setter: Any) -> bool:
+    """Whether an object pickled as ``__newobj__`` is rebuilt (a new instance holding the copied state): only when
+    no code of its class would run (no ``__setstate__``, no state setter; pickle itself never calls them when it
+    saves) and ``__newobj__`` names its own class (else pickle refuses it, and so must the async save)."""
+    return setter is None and getattr(type(value), "__setstate__", None) is None and isinstance(args, tuple) \
+        and bool(args) and args[0] is value.__class__
+
+
 class _Reduced:
     """An object of the caller's class as pickle took it at ``save()`` time: its reduce value, with arguments
     and state copied like the rest of the snapshot. The writer's pickler writes exactly that value."""
 
-    __slots__ = ("size", "reduced")
+    __slots__ = ("size", "reduced", "cls")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, cls: Any = None) -> None:
         self.size = size
         self.reduced: tuple[Any, ...] = ()
+        self.cls = cls  # for a __newobj__ value: the original's class
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> Any:  # pickle writes a __newobj__ value only for an object of its class
+        return self.cls if self.cls is not None else _Reduced
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         func, args, state, items, pairs, setter = self.reduced
@@ -221,9 +229,11 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     class (an argparse.Namespace, a dataclass, a config object) is taken as pickle takes it, here on the
     caller's thread, so that a change made after ``save()`` returns never reaches the file: its
     ``__reduce_ex__`` is called now and, when that names the class's plain constructor (``__newobj__``:
-    most classes), the object is deep-copied (``copy.deepcopy``, sharing the tensors and containers
-    copied before it); otherwise its reduce value is kept, with arguments and state copied, and the writer
-    pickles exactly that (the reconstructor it names is never called). An object that pickle could not
+    most classes) and no code of the class would run, a new instance gets a copy of its state (sharing the
+    tensors and containers copied before it), as ``pickle.load`` would build it; otherwise (a
+    ``__setstate__``, a ``__new__`` that needs arguments, another reconstructor) its reduce value is kept,
+    with arguments and state copied, and the writer pickles exactly that (no reconstructor, ``__new__`` or
+    ``__setstate__`` of the class runs: a sync save runs none either). An object that pickle could not
     take is kept as it is: the writer's pickling raises the error, as a synchronous save would.
     Storages are copied into ``buffers`` (keyed by the place in ``obj`` of the first tensor that uses
     them) when a buffer of the right size exists, and new buffers are put there. The caller guarantees
@@ -314,30 +324,37 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
             out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
+            if type(value) is not dict and not all(type(k) in _PLAIN for k in value):
+                out.clear()  # refilled in order below, with copied keys
             memo[id(value)] = out
-            for k, v in value.items():
-                out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
+            for i, (k, v) in enumerate(value.items()):
+                if type(k) in _PLAIN:
+                    out[k] = v if type(v) in _PLAIN else copy(v, f"{where}.{k}")
+                else:  # a tensor or an object as a key (an optimizer's state): copied, shared with its other places
+                    name = f"{where}.<{i}>"  # as pickle keeps it (str() of a tensor would format its values)
+                    out[copy(k, f"{name}.key")] = v if type(v) in _PLAIN else copy(v, name)
             return out
         if isinstance(value, list):
             out = [] if type(value) is list else _copy.copy(value)
             memo[id(value)] = out
             out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return out
-        if isinstance(value, tuple):
+        make: Any = getattr(type(value), "_make", None) if isinstance(value, tuple) else None  # a namedtuple's
+        if isinstance(value, tuple) and (_PLAIN.issuperset(map(type, value)) or type(value) is tuple or make):
             if _PLAIN.issuperset(map(type, value)):  # immutable all the way down: nothing to copy
                 return value
             items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
-            make: Any = getattr(type(value), "_make", None)  # a namedtuple stays one
-            built = make(items) if make is not None else tuple(items) if type(value) is tuple else type(value)(items)
+            built = make(items) if make is not None else tuple(items)
             memo[id(value)] = built
             return built
+        # (another tuple subclass, whose __new__ may take the elements as arguments, is taken as pickle takes it)
         # mutable data (a numpy array, a set, a bytearray, an object of the caller's class) may change after
         # save() returns: copied now, as pickle would have seen it now
         if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type):
             return value
         made: Any
-        if type(value) in (set, bytearray):
-            made = type(value)(value)  # a set's elements are hashable: immutable
+        if type(value) is bytearray or type(value) is set and _PLAIN.issuperset(map(type, value)):
+            made = type(value)(value)  # (a set of objects of the caller's classes is taken as pickle takes it)
         elif type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
             made = value.copy()
         elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
@@ -356,18 +373,24 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             # outlive the snapshot, or a later temporary could reuse an id and be taken for it
             alive.append((reduced, listed, pairs))
             try:
-                if func in _NEWOBJ:  # a plain class: rebuilt as pickle.load would (cls.__new__, then the state)
-                    made = memo[id(value)] = _new(func, copy(args, f"{where}.args"))  # before its state: cycles
-                else:  # the writer pickles this reduce value; its reconstructor is never called
-                    made = memo[id(value)] = _Reduced(len(reduced))
-                    args = copy(args, f"{where}.args")
+                # a plain class is rebuilt as pickle.load would (cls.__new__, then the state); otherwise the writer
+                # pickles this reduce value, and its reconstructor is never called
+                rebuild = func in _NEWOBJ and _rebuilds(value, args, setter)
+                if not rebuild:
+                    made = memo[id(value)] = _Reduced(len(reduced), value.__class__ if func in _NEWOBJ else None)
+                args = copy(args, f"{where}.args")
+                if rebuild:  # before its state (cycles)
+                    try:
+                        made = memo[id(value)] = _new(func, args)
+                    except Exception:  # noqa: BLE001 - a __new__ needing arguments pickle does not give: kept as reduced
+                        made = memo[id(value)] = _Reduced(len(reduced), value.__class__)
                 state = copy(state, f"{where}.state")
                 listed = None if listed is None else [copy(v, f"{where}[{i}]") for i, v in enumerate(listed)]
                 pairs = None if pairs is None else [(k, copy(v, f"{where}.{k}")) for k, v in pairs]
                 if isinstance(made, _Reduced):
                     made.reduced = (func, args, state, listed, pairs, setter)
                 else:
-                    _build(made, state, listed, pairs, setter)
+                    _build(made, state, listed, pairs)
             except Exception:  # noqa: BLE001 - pickled as it is, later (an error then is the save's error)
                 memo[id(value)] = value
                 return value

@@ -245,13 +245,15 @@ def _payload_nbytes(payload: Any) -> int:
     stack = [payload]
     while stack:
         value = stack.pop()
+        if id(value) in seen:  # each shared tensor or container once (a DAG is not walked 2^depth times)
+            continue
+        seen.add(id(value))
         if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-        elif isinstance(value, Mapping):
+            total += value.numel() * value.element_size()
+        # by type(), not isinstance(): an async snapshot's stand-in for an object reports the original's class
+        elif issubclass(type(value), Mapping):
             stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
+        elif issubclass(type(value), (list, tuple)):
             stack.extend(value)
     return total
 

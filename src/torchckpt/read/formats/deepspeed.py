@@ -200,8 +200,8 @@ class ZeroTensor(TensorMeta):
         super().__init__(plan.shape, contiguous_stride(plan.shape), fp32, storage=MetaStorage(fp32, plan.numel * fp32.itemsize))
         self.plan, self.slices, self.ranks, self.names = plan, slices, ranks, names
 
-    def materialize(self, source: Any = None) -> Any:
-        """The parameter as a new fp32 tensor (``source`` is unused: the rank files are held open)."""
+    def materialize(self, source: Any = None, *, prefault: bool = False) -> Any:
+        """The parameter as a new fp32 tensor (``source`` and ``prefault`` are unused: the rank files are held open)."""
         import torch  # lazy: only building tensors needs torch
 
         return gather(self.plan, lambda r, g: self.slices[r][g], torch.float32,

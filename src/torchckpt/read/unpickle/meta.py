@@ -99,8 +99,9 @@ class TensorMeta:
 
         return getattr(torch, str(self.dtype))
 
-    def materialize(self, source: Any) -> Any:
-        """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor."""
+    def materialize(self, source: Any, *, prefault: bool = False) -> Any:
+        """Read this tensor's bytes from ``source`` (a :class:`~torchckpt.storage.source.Source`) into a CPU tensor
+        (``prefault``: see ``Source.read_into``; only for a caller that reads on one thread)."""
         import torch
 
         offset = self.storage.data_offset() if self.storage is not None else None
@@ -111,7 +112,7 @@ class TensorMeta:
             return torch.empty(self.shape, dtype=self.torch_dtype())
         extent = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
         start = offset + self.storage_offset * item
-        raw = source.read_into_storage(start, extent * item)
+        raw = source.read_into_storage(start, extent * item, prefault=prefault)
         flat = torch.empty(0, dtype=self.torch_dtype()).set_(raw, 0, (extent,), (1,))
         return flat.as_strided(self.shape, self.stride)
 

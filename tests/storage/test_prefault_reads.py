@@ -1,0 +1,85 @@
+"""Reads into fresh memory that is prefaulted piece by piece (``Source.read_into(prefault=True)``, issue 27).
+
+The meta-model load reads each tensor with ``pread`` into new memory and maps that memory first with
+``madvise(MADV_POPULATE_WRITE)`` in 8 MiB pieces. These tests check that the bytes are exact across piece
+boundaries and unaligned ranges, that a kernel refusing the advice leaves the read exact, and that a
+model on ``meta`` gets exact values from every format when its tensors span several pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import torchckpt
+from torchckpt.storage import source as source_module
+from torchckpt.storage.source import PREFAULT_PIECE, Source
+
+SIZE = 2 * PREFAULT_PIECE + 12_345  # three pieces, the last one short
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    data = os.urandom(SIZE)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.mark.parametrize("offset,nbytes", [(0, SIZE), (7, SIZE - 20), (4096, PREFAULT_PIECE), (3, 2 * PREFAULT_PIECE + 1)])
+def test_prefaulted_read_is_exact(data_file, offset, nbytes):
+    path, data = data_file
+    with Source(path) as src:
+        storage = src.read_into_storage(offset, nbytes, prefault=True)
+        plain = src.read_into_storage(offset, nbytes)
+    got = bytes(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+    assert got == data[offset:offset + nbytes]
+    assert bytes(torch.empty(0, dtype=torch.uint8).set_(plain).numpy()) == got
+
+
+def test_prefaulted_read_into_an_unaligned_destination(data_file):
+    """The destination need not start on a page: only whole pages inside it are populated."""
+    path, data = data_file
+    buf = bytearray(SIZE + 100)
+    target = torch.frombuffer(memoryview(buf)[37:], dtype=torch.uint8).untyped_storage()  # starts at byte 37
+    assert target.data_ptr() % 4096 != 0
+    with Source(path) as src:
+        src.read_into(target, 5, SIZE - 5, prefault=True)
+    assert bytes(buf[37:37 + SIZE - 5]) == data[5:]
+    assert not any(buf[:37]) and not any(buf[37 + SIZE - 5:])  # nothing written outside the range
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice values are Linux's")
+def test_a_kernel_that_refuses_the_advice_still_reads_exactly(data_file, monkeypatch):
+    path, data = data_file
+    monkeypatch.setattr(source_module, "_madvise", None)
+    monkeypatch.setattr(source_module, "_MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL, as on Linux < 5.14
+    with Source(path) as src:
+        storage = src.read_into_storage(0, SIZE, prefault=True)
+    assert source_module._madvise is False  # asked once, never again
+    assert bytes(torch.empty(0, dtype=torch.uint8).set_(storage).numpy()) == data
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+def test_meta_model_gets_exact_values_across_pieces(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"big.weight": torch.randn(3 * PREFAULT_PIECE // 4 // 1000 + 1, 1000, generator=g),  # > 3 pieces
+          "small.weight": torch.randn(3, 5, generator=g)}
+    path = str(tmp_path / {"zip": "m.pt", "legacy": "m.pth", "safetensors": "m.safetensors"}[fmt])
+    if fmt == "safetensors":
+        save_file(sd, path)
+    else:
+        torch.save(sd, path, _use_new_zipfile_serialization=fmt == "zip")
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"big": torch.nn.Linear(1000, sd["big.weight"].shape[0], bias=False),
+                                     "small": torch.nn.Linear(5, 3, bias=False)})
+    report = torchckpt.load_into(model, path)
+    assert report.ok and sorted(report.loaded) == ["big.weight", "small.weight"]
+    for name, tensor in sd.items():
+        param = model.get_parameter(name)
+        assert param.device.type == "cpu" and torch.equal(param, tensor)
