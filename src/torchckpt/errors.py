@@ -75,7 +75,8 @@ class CheckpointError(Exception):
         """The message, safe to print: the reason and path often quote the file (a key, a member name, a
         value), so control characters (ESC ...) are shown escaped wherever it is printed (a traceback, a
         warning, a log); ``reason``/``path`` and :meth:`to_dict` keep the exact text."""
-        head = f"{self.path}: {self.reason}" if self.path else self.reason
+        # the path is one line: a newline in it (a file or key name from the file) is shown escaped too
+        head = f"{escape_terminal(self.path, keep_newlines=False)}: {self.reason}" if self.path else self.reason
         return escape_terminal(f"{head}\n{self.hint}" if self.hint else head)
 
     def to_dict(self) -> dict[str, Any]:

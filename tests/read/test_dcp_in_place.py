@@ -325,3 +325,21 @@ def test_one_item_named_many_times_cannot_declare_a_tensor_larger_than_the_folde
     _rewrite_metadata(path, change)
     with pytest.raises(LimitExceededError, match="declares"):
         torchckpt.load(path)
+
+
+def test_a_key_with_a_newline_and_esc_is_shown_escaped_in_an_items_error(tmp_path):
+    """The item's name in an error (data file[key]) is one line: a key holding a newline and ESC (a forged
+    log line, a terminal command) is shown escaped, whatever prints the error."""
+    key = "w\nOK: all tensors verified\x1b[2J"
+    path = tmp_path / "ckpt"
+    _save(path, {key: torch.ones(4)}, threads=1)
+    meta = pickle.loads((path / ".metadata").read_bytes())
+    info = _record(meta, key)
+    with open(path / info.relative_path, "r+b") as fh:  # the item's zip no longer starts where it is said to
+        fh.seek(info.offset)
+        fh.write(b"JUNK")
+    with pytest.raises(CheckpointError) as caught:
+        torchckpt.load(path)
+    shown = str(caught.value)
+    assert "\x1b" not in shown and "\nOK: all tensors verified" not in shown, shown
+    assert "\\x0aOK: all tensors verified" in shown or "\\nOK: all tensors verified" in shown, shown

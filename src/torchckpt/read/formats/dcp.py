@@ -20,6 +20,7 @@ from ...errors import CheckpointNotFoundError, CorruptCheckpointError, LimitExce
     RemoteNotFoundError, UnsupportedFormatError
 from ...storage.remote import filesystem, is_url, join, remote_errors
 from ...storage.source import Source, confined_path
+from ...text import clip
 from ..unpickle.meta import DTYPE_SIZES, MetaDType, MetaStorage, TensorMeta, contiguous_stride, dtype_name, meta_dtype
 from ..unpickle.mode import Mode
 from ..unpickle.stubs import Stub, stub_name
@@ -89,7 +90,7 @@ def read_dcp(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoin
         fqn = ia.get("fqn")
         if not isinstance(fqn, str):
             raise CorruptCheckpointError(f"DCP metadata: storage index names {fqn!r:.60}, not a key")
-        where[(fqn, _ints(ia.get("offset"), f"offset of {fqn}"))] = _attrs(info, "a storage record")
+        where[(fqn, _ints(ia.get("offset"), f"offset of {clip(fqn, 100)}"))] = _attrs(info, "a storage record")
     reader = _Files(directory, opts)
     try:
         entries: list[tuple[str, Any, list[tuple[Any, Any]]]] = []  # (fqn, tensor or None, [(record, offsets)])
@@ -155,7 +156,7 @@ class _Files:
         src, offset, length = self.source(info, fqn)
         opts.trace.ranges.append((src.name, offset, length))
         assert opts.read_child is not None, "the opener passes the format dispatcher"
-        with src.window(offset, length, name=f"{src.name}[{fqn}]") as item:  # read in place: no copy of the item
+        with src.window(offset, length, name=f"{src.name}[{clip(fqn, 100)}]") as item:  # read in place: no copy of the item
             return opts.read_child(item, opts).tree
 
     def rel(self, info: dict[str, Any] | None) -> str:
@@ -183,7 +184,7 @@ class _Files:
 def _dtype(props: Any, fqn: str) -> tuple[Any, str]:
     """The dtype recorded in ``TensorProperties`` and its name. Its state is a tuple ``(dtype, layout,
     requires_grad, memory_format, pin_memory)`` (newer torch) or a dict (older)."""
-    attrs = _attrs(props, f"{fqn} properties")
+    attrs = _attrs(props, f"{clip(fqn, 100)} properties")
     state = props.__dict__.get("stub_state")
     dtype = state[0] if not attrs and isinstance(state, tuple) and state else attrs.get("dtype")
     name = dtype_name(dtype) if isinstance(dtype, MetaDType) or \
@@ -202,7 +203,7 @@ def _tensor(reader: _Files, fqn: str, md: dict[str, Any], where: dict[tuple[Any,
     The chunks must tile the tensor exactly (in bounds, pairwise disjoint, element counts adding up),
     and each chunk must have the declared dtype: nothing is cast and no element is left uninitialised.
     """
-    size = _ints(md.get("size"), f"size of {fqn}")
+    size = _ints(md.get("size"), f"size of {clip(fqn, 100)}")
     dtype, name = _dtype(md.get("properties"), fqn)
     chunks = [_chunk(c, fqn, size) for c in md.get("chunks") or []]
     _check_tiling(fqn, size, chunks)
@@ -389,9 +390,9 @@ def _check_chunk(part: Any, is_tensor: bool, fqn: str, declared: str, chunk: tup
 
 
 def _chunk(chunk: Any, fqn: str, size: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    attrs = _attrs(chunk, f"{fqn} chunk")
-    offsets = _ints(attrs.get("offsets"), f"{fqn} chunk offsets")
-    sizes = _ints(attrs.get("sizes"), f"{fqn} chunk sizes")
+    attrs = _attrs(chunk, f"{clip(fqn, 100)} chunk")
+    offsets = _ints(attrs.get("offsets"), f"{clip(fqn, 100)} chunk offsets")
+    sizes = _ints(attrs.get("sizes"), f"{clip(fqn, 100)} chunk sizes")
     if len(offsets) != len(size) or len(sizes) != len(size) or any(o + s > n for o, s, n in zip(offsets, sizes, size)):
         raise CorruptCheckpointError(f"DCP chunk of {fqn!r:.100} at {list(offsets)} size {list(sizes)} "
                                      f"does not fit {list(size)}")
@@ -452,7 +453,7 @@ def _nest(flat: "OrderedDict[str, Any]", planner: dict[str, Any]) -> Any:
         _slot(node, path[-1], value, fqn, lists, leaf=True)
     for seq, fqn in lists:
         if any(v is _HOLE for v in seq):
-            raise CorruptCheckpointError(f"DCP planner data leaves a gap in the list holding {fqn}")
+            raise CorruptCheckpointError(f"DCP planner data leaves a gap in the list holding {clip(fqn, 100)}")
     return root
 
 
@@ -475,7 +476,7 @@ def _slot(node: Any, key: Any, default: Any, fqn: str, lists: list[Any], leaf: b
             node[key] = default
         current = node[key]
     else:
-        raise CorruptCheckpointError(f"DCP planner path of {fqn} mixes list indices and keys at {key!r}")
+        raise CorruptCheckpointError(f"DCP planner path of {clip(fqn, 100)} mixes list indices and keys at {key!r}")
     if not leaf and type(current) is not type(default):
-        raise CorruptCheckpointError(f"DCP planner paths disagree about the container at {key!r} (in {fqn})")
+        raise CorruptCheckpointError(f"DCP planner paths disagree about the container at {key!r} (in {clip(fqn, 100)})")
     return current
