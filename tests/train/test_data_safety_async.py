@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -128,4 +129,38 @@ def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
     assert "the script ended" in proc.stdout
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "still being written 2 s after the program ended" in proc.stderr
+    assert torchckpt.Checkpointer(tmp_path / "run").latest() is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_program_waits_at_exit_ends_it_and_says_what_is_lost(tmp_path):
+    """Ctrl-C while the program waits at exit for a background write: the wait stops (status 130, the write
+    named as not committed). It once landed inside CPython's Condition.wait, was reported as the write's
+    own failure, and the interpreter then joined the writer thread forever."""
+    script = textwrap.dedent("""
+        import sys, threading, torch, torchckpt
+        class Hangs(torch.Tensor):  # pickled by the writer only: the write never finishes
+            def __reduce_ex__(self, protocol):
+                if threading.current_thread() is not threading.main_thread():
+                    threading.Event().wait()
+                return super().__reduce_ex__(protocol)
+        ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
+        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=torch.zeros(1).as_subclass(Hangs))
+        print("the script ended", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="600")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "the script ended"
+        time.sleep(1.0)  # now in the exit wait
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted while waiting at exit for the background save" in err and "not committed" in err, err
+    assert "Traceback" not in err, err
     assert torchckpt.Checkpointer(tmp_path / "run").latest() is None

@@ -12,7 +12,8 @@ with writes nobody waited for (the script just ends, ``sys.exit``, an uncaught e
 3. the exit status becomes :data:`EXIT_CODE` (1), so a job scheduler sees the failure: torchckpt's
    ``atexit`` handler (registered with the first background save, so handlers registered later run
    before it) shuts ``logging`` down, flushes stdout and stderr and calls ``os._exit(1)``. A write
-   still hanging ends the process the same way at step 2, at once.
+   still hanging ends the process the same way at step 2, at once; Ctrl-C during the wait ends it
+   with status 130, the writes not committed (said on stderr).
 
 A write that succeeded changes nothing: its checkpoint is committed before the process ends.
 """
@@ -28,9 +29,12 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from ..storage import interrupts
+
 __all__ = ["track", "settled", "EXIT_CODE"]
 
 EXIT_CODE = 1
+INTERRUPTED_CODE = 130  # Ctrl-C while waiting at exit (the shell's 128 + SIGINT)
 _TIMEOUT_ENV = "TORCHCKPT_EXIT_TIMEOUT"
 
 _lock = threading.Lock()
@@ -91,7 +95,15 @@ def _drain() -> None:
     hung = False
     for future, what, typed in items:
         try:
-            future.result(timeout=max(0.0, deadline - time.monotonic()))
+            if not _wait(future, deadline):
+                raise concurrent.futures.TimeoutError
+            future.result(timeout=0)
+        except KeyboardInterrupt:  # Ctrl-C while the program waits at exit: stop waiting, say what is lost
+            print(f"torchckpt: interrupted while waiting at exit for {what}; it is not committed and the "
+                  "previous checkpoint stays the latest (a later Checkpointer on the directory removes what it "
+                  "left).", file=sys.stderr)
+            _flush()
+            os._exit(INTERRUPTED_CODE)
         except concurrent.futures.TimeoutError:
             hung = True
             print(f"torchckpt: {what} was still being written {limit:g} s after the program ended "
@@ -106,6 +118,23 @@ def _drain() -> None:
     if hung:
         _flush()
         os._exit(EXIT_CODE)
+
+
+def _wait(future: "Future[Any]", deadline: float) -> bool:
+    """Until ``future`` is done (True) or ``deadline`` passes (False). On the main thread the wait runs in
+    deferred slices: Ctrl-C stops it between two, never inside CPython's ``Condition.wait`` (which could
+    leave the future's lock held, and the interpreter's own join of the writer thread would hang)."""
+    with interrupts.deferred() as section:
+        while True:
+            section.poll()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return future.done()
+            try:
+                future.exception(min(interrupts.SLICE, left) if section.active else left)
+                return True
+            except concurrent.futures.TimeoutError:
+                continue
 
 
 def _exit_status() -> None:
