@@ -164,3 +164,50 @@ def test_wait_for_stops_at_ctrl_c_with_the_condition_released():
     flag = []
     threading.Timer(0.05, lambda: (flag.append(1), cond.acquire(), cond.notify_all(), cond.release())).start()
     interrupts.wait_for(cond, lambda: bool(flag))
+
+
+def test_a_sigterm_handler_runs_after_the_section_once_even_if_ctrl_c_came_first():
+    """A job scheduler's SIGTERM (a Python handler: it may save or exit) waits for the section like Ctrl-C;
+    with both recorded, both are delivered in order at its end, the handler even though Ctrl-C raised."""
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred() as section:
+                ctrl_c()
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+                assert calls == []  # held back with the Ctrl-C
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [signal.SIGTERM]
+
+
+def test_a_handler_that_saves_is_not_run_inside_the_section_it_interrupted():
+    """Lightning's SLURM requeue handler saves a checkpoint on SIGUSR1: run inside a save's bookkeeping it would
+    re-enter that save. It runs once the section ends, and the restored handler is the program's."""
+    inside = []
+    depth = []
+
+    def handler(signum, frame):
+        depth.append(interrupts._depth)  # 0: no section is running when it runs
+        inside.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with interrupts.deferred() as section:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)
+            spin()
+            section.poll()  # Ctrl-C only: the SIGUSR1 handler waits for the end
+            assert inside == []
+        assert inside == [signal.SIGUSR1] and depth == [0]
+        assert signal.getsignal(signal.SIGUSR1) is handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_signals_left_to_the_system_are_not_touched():
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with interrupts.deferred():
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a plain SIGTERM still ends the process

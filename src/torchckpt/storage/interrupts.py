@@ -14,6 +14,12 @@ the program stops as promptly as the section is short. Sections nest; in other t
 (signal handlers run only on the main thread). A second Ctrl-C during the same section is delivered at
 once: the way out of a section stuck on a hung file system.
 
+The other :data:`SIGNALS` a program handles in Python (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2: what job
+schedulers send before stopping a job) wait the same way, for the end of the outermost section: a handler
+that raises (``sys.exit``) would leave the same half-done state, and one that saves a checkpoint (Lightning
+requeues on SIGUSR1) would re-enter the save it interrupted. Signals left to the system (SIG_DFL) are not
+touched: a plain SIGTERM still ends the process at once.
+
 Long parts (copying a snapshot, writing data) stay interruptible: they run outside sections, or call
 :meth:`Deferred.poll` at points where stopping is safe. :func:`result` and :func:`wait_for` wait for
 another thread that way: Ctrl-C stops the wait within :data:`SLICE` seconds, never inside
@@ -30,51 +36,80 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 if TYPE_CHECKING:  # (concurrent.futures imports logging: not paid by a cold `torchckpt inspect`)
     from concurrent.futures import Future
 
-__all__ = ["deferred", "Deferred", "result", "wait_for", "interruption_in", "SLICE"]
+__all__ = ["deferred", "Deferred", "result", "wait_for", "interruption_in", "SLICE", "SIGNALS"]
 
 SLICE = 0.05  # seconds a deferred wait blocks before it looks for a recorded Ctrl-C
 
 T = TypeVar("T")
 _Handler = Callable[[int, "FrameType | None"], Any]
 
+# The signals a section holds back when the program handles them in Python: Ctrl-C, and what job schedulers
+# send before they stop a job (SLURM: SIGTERM, SIGUSR1 with --signal; Lightning's requeue handler saves a
+# checkpoint on SIGUSR1: run inside a save's bookkeeping it would re-enter the save, whose lock is taken).
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                if hasattr(signal, name))
+
 # Main thread only (the only thread that runs Python signal handlers or may call signal.signal).
 _depth = 0  # sections entered and not left
-_saved: _Handler | None = None  # the SIGINT handler the outermost section replaced
-_box: list[tuple[int, FrameType | None]] = []  # SIGINTs recorded during the outermost section (a new list each time)
+_saved: dict[int, _Handler] = {}  # the handlers the outermost section replaced, by signal
+_box: list[tuple[int, FrameType | None]] = []  # signals recorded during the outermost section (a new list each time)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
-    """The SIGINT handler while a section runs: remember the signal; deliver a second one at once."""
+    """The handler while a section runs: remember the signal; deliver a second one of a kind at once."""
     _box.append((signum, frame))
-    if len(_box) > 1 and _depth and _saved is not None:  # (not while the last section restores the handler)
-        del _box[:]
-        _saved(signum, frame)
+    handler = _saved.get(signum)
+    if signum == signal.SIGINT and _depth and handler is not None and sum(n == signum for n, _ in _box) > 1:
+        _box[:] = [item for item in _box if item[0] != signum]  # (not while the last section restores)
+        handler(signum, frame)
+
+
+def _deliver(saved: dict[int, _Handler], box: list[tuple[int, FrameType | None]]) -> None:
+    """Call the saved handler of every recorded signal, in order; each runs even if an earlier one raised
+    (a SIGTERM handler that only sets a flag must still run after a KeyboardInterrupt)."""
+    items, box[:] = list(box), []
+    for i, (signum, frame) in enumerate(items):
+        try:
+            saved[signum](signum, frame)
+        except BaseException:
+            _deliver(saved, items[i + 1:])
+            raise
 
 
 class Deferred:
-    """A section during which SIGINT waits (see the module); use through :func:`deferred`."""
+    """A section during which the :data:`SIGNALS` the program handles wait (see the module); use through
+    :func:`deferred`."""
 
     __slots__ = ("active", "_outer")
 
     def __init__(self) -> None:
-        self.active = False  # SIGINT is being recorded for this section (main thread, Python-level handler)
+        self.active = False  # signals are being recorded for this section (main thread, Python-level handlers)
         self._outer = False  # this section installed the recording handler (it is not nested in another)
 
     def __enter__(self) -> "Deferred":
         global _depth, _saved, _box
         if threading.current_thread() is not threading.main_thread():
             return self
-        if _depth:  # nested: the outermost section's handler records for both
+        if _depth:  # nested: the outermost section's handlers record for both
             _depth += 1
             self.active = True
             return self
-        current = signal.getsignal(signal.SIGINT)
-        if not callable(current) or current is _record:  # SIG_DFL, SIG_IGN, a C-level handler: nothing to defer
+        saved: dict[int, _Handler] = {}
+        for signum in SIGNALS:  # SIG_DFL, SIG_IGN, a C-level handler: nothing to defer for that signal
+            current = signal.getsignal(signum)
+            if callable(current) and current is not _record:
+                saved[signum] = current
+        if not saved:
             return self
-        _saved, _box = current, []
+        _saved, _box = saved, []
+        installed = []
         try:
-            signal.signal(signal.SIGINT, _record)  # from here a SIGINT is recorded, not raised
+            for signum in saved:
+                signal.signal(signum, _record)  # from here this signal is recorded, not handled
+                installed.append(signum)
         except ValueError:  # not the main interpreter
+            for signum in installed:
+                signal.signal(signum, saved[signum])
             return self
         _depth = 1
         self.active = self._outer = True
@@ -90,22 +125,20 @@ class Deferred:
             return
         _depth = 0
         saved, box = _saved, _box
-        assert saved is not None
-        signal.signal(signal.SIGINT, saved)  # from here a SIGINT goes to the saved handler directly
-        if box:
-            signum, frame = box[0]
-            del box[:]
-            saved(signum, frame)  # KeyboardInterrupt (default handler), as if it arrived now
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)  # from here a signal goes to its own handler directly
+        _deliver(saved, box)  # KeyboardInterrupt (default SIGINT handler), as if it arrived now
 
     def poll(self) -> None:
-        """Deliver a SIGINT recorded so far now (raises KeyboardInterrupt with the default handler).
+        """Deliver a Ctrl-C recorded so far now (raises KeyboardInterrupt with the default handler).
 
         Call it where stopping is safe: no lock held that a ``with`` block does not release, nothing
-        half recorded. In a nested section it does nothing: the enclosing section is not to be stopped."""
-        if self._outer and self.active and _box and _saved is not None:
-            signum, frame = _box[0]
-            del _box[:]
-            _saved(signum, frame)
+        half recorded. In a nested section it does nothing: the enclosing section is not to be stopped.
+        Other signals wait for the section's end: their handlers may do anything (save a checkpoint)."""
+        if self._outer and self.active and any(n == signal.SIGINT for n, _ in _box):
+            first = next(item for item in _box if item[0] == signal.SIGINT)
+            _box.remove(first)
+            _deliver(_saved, [first])
 
 
 def deferred() -> Deferred:
