@@ -61,11 +61,19 @@ def test_cli_truncated_empty_and_missing_files_exit_3(tmp_path, net):
 
 @pytest.mark.slow
 def test_a_broken_command_fails_loudly():
-    code = ("import sys; sys.modules['torchckpt.cli.diff_cmd'] = None\n"
-            "from torchckpt.cli.main import main\n"
-            "sys.exit(main(['--help']))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode != 0 and "diff_cmd" in res.stderr  # not a help text without `diff`
+    """--help lists every command from the command table (it imports none of them): `diff` stays listed
+    when its module cannot be imported, and running it fails loudly, naming the module."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = ("import sys; sys.modules['torchckpt.cli.diff_cmd'] = None\n"
+                "from torchckpt.cli.main import main\n"
+                f"sys.exit(main({list(args)!r}))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    listing = run("--help")
+    assert listing.returncode == 0 and "  diff " in listing.stdout, listing.stderr  # not a help text without `diff`
+    for args in (("diff", "--help"), ("diff", "a.pt", "b.pt")):
+        res = run(*args)
+        assert res.returncode != 0 and "diff_cmd" in res.stderr, (args, res.stdout, res.stderr[-2000:])
 
 
 # -- 3. a prefix chooses the scope ----------------------------------------------------------------
