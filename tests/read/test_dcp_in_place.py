@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt.errors import CheckpointError, LimitExceededError, TruncatedCheckpointError
+from torchckpt.errors import CheckpointError, LimitExceededError, TruncatedCheckpointError, UnsupportedFormatError
 from torchckpt.read.opener import open_checkpoint
 from torchckpt.storage.source import Source
 
@@ -343,3 +343,21 @@ def test_a_key_with_a_newline_and_esc_is_shown_escaped_in_an_items_error(tmp_pat
     shown = str(caught.value)
     assert "\x1b" not in shown and "\nOK: all tensors verified" not in shown, shown
     assert "\\x0aOK: all tensors verified" in shown or "\\nOK: all tensors verified" in shown, shown
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_item_whose_range_holds_no_torch_save_stream_is_named_as_a_dcp_entry(tmp_path, workers):
+    """.metadata pointing 40 bytes into an item (damaged, or from another save): the error names the entry, its
+    byte range and data file, and says what to do inside a folder (not "expected a PyTorch file")."""
+    path = tmp_path / "ckpt"
+    _save(path, {"w": torch.ones(4), "v": torch.zeros(3)}, threads=1)
+
+    def shift(meta):
+        _record(meta, "w").offset += 40
+
+    _rewrite_metadata(path, shift)
+    with pytest.raises(UnsupportedFormatError) as caught:
+        torchckpt.load(path, workers=workers)
+    shown = str(caught.value)
+    assert "DCP entry 'w': bytes 40..+" in shown and "do not hold a torch.save stream" in shown, shown
+    assert "Expected a PyTorch" not in shown and ".metadata does not match its data files" in shown, shown

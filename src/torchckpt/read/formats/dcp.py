@@ -157,7 +157,15 @@ class _Files:
         opts.trace.ranges.append((src.name, offset, length))
         assert opts.read_child is not None, "the opener passes the format dispatcher"
         with src.window(offset, length, name=f"{src.name}[{clip(fqn, 100)}]") as item:  # read in place: no copy of the item
-            return opts.read_child(item, opts).tree
+            try:
+                return opts.read_child(item, opts).tree
+            except UnsupportedFormatError as exc:  # the file-level hint ("expected a PyTorch file") misleads here
+                raise UnsupportedFormatError(
+                    f"DCP entry {fqn!r:.100}: bytes {offset}..+{length} of {self.rel(info)} do not hold a torch.save "
+                    f"stream ({exc.reason})", path=item.name,
+                    hint="The .metadata does not match its data files (damaged, or files of different saves: copy "
+                         "the whole folder again), or the folder uses a storage layout torchckpt cannot read yet "
+                         "(load it with torch.distributed.checkpoint and save it again).") from None
 
     def rel(self, info: dict[str, Any] | None) -> str:
         """The data file of a storage record already checked by :meth:`source`."""
