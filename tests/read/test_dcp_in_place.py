@@ -47,13 +47,15 @@ def _record(meta, fqn: str):
     return next(info for index, info in meta.storage_data.items() if index.fqn == fqn)
 
 
-CHILD = textwrap.dedent("""
+# A fresh process loads the folder twice with 2 workers and reports the peak RSS of the second load above
+# the process before it (the first imports every lazily imported module and makes every cache).
+PEAK_PRELUDE = textwrap.dedent("""
     import json, sys, torch, torchckpt
     import torchckpt.read.opener, torchckpt.read.formats.dcp, torchckpt.read.formats.torch_zip  # imports are not the load
     def status(field):
         with open('/proc/self/status') as fh:
             return next(int(l.split()[1]) for l in fh if l.startswith(field)) * 1024
-    torchckpt.load(sys.argv[1], workers=2, mmap=False)  # every lazily imported module imported, every cache made
+    torchckpt.load(sys.argv[1], workers=2, mmap=False)
     try:
         with open('/proc/self/clear_refs', 'w') as fh:
             fh.write('5')  # peak RSS := current RSS
@@ -61,6 +63,8 @@ CHILD = textwrap.dedent("""
         pass
     base = status('VmRSS')
     sd = torchckpt.load(sys.argv[1], workers=2, mmap=False)
+""")
+CHILD = PEAK_PRELUDE + textwrap.dedent("""
     print(json.dumps({"peak_extra": status('VmHWM') - base, "sum": float(sd["big"].double().sum()),
                       "small": sd["small"].tolist()}))
 """)
@@ -179,20 +183,7 @@ def test_chunks_fill_their_whole_tensor(tmp_path, layout, workers):
         assert torch.equal(lazy.read_region((r, c), (h, w)), whole[r:r + h, c:c + w])
 
 
-CHUNKED_CHILD = textwrap.dedent("""
-    import json, sys, torch, torchckpt
-    import torchckpt.read.opener, torchckpt.read.formats.dcp, torchckpt.read.formats.torch_zip  # imports are not the load
-    def status(field):
-        with open('/proc/self/status') as fh:
-            return next(int(l.split()[1]) for l in fh if l.startswith(field)) * 1024
-    torchckpt.load(sys.argv[1], workers=2, mmap=False)
-    try:
-        with open('/proc/self/clear_refs', 'w') as fh:
-            fh.write('5')  # peak RSS := current RSS
-    except OSError:
-        pass
-    base = status('VmRSS')
-    sd = torchckpt.load(sys.argv[1], workers=2, mmap=False)
+CHUNKED_CHILD = PEAK_PRELUDE + textwrap.dedent("""
     print(json.dumps({"peak_extra": status('VmHWM') - base, "sum": float(sd["w"].double().sum())}))
 """)
 
