@@ -19,7 +19,7 @@ import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
@@ -32,8 +32,8 @@ from .dcp_store import DcpStore
 from .fsspec_store import FsspecStore, resume_url
 from .local_store import LocalStore
 from .restore import resume_file
-from .snapshot import Copies, start_snapshot
-from .store import NAME, Entry, FileStore, Store
+from .snapshot import Copies, Warming, start_snapshot, warming
+from .store import NAME, Entry, FileStore, Staging, Store
 from .training import TrainingState, capture
 from .zero import resume_deepspeed
 
@@ -175,6 +175,7 @@ class Checkpointer:
                 self._executor.submit(int).result()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
+        self._warming: Warming | None = None  # their pages being mapped in the writer's thread (see _write_through)
         self._lock = threading.Lock()
         self._writer = self._store.lock()
         self.removed_temp: list[str] = []
@@ -248,8 +249,12 @@ class Checkpointer:
         if self._executor is None:
             self._commit(path, payload)
             return path
+        self._cool()  # a save is coming: the writer's thread stops warming buffers (it never changes them)
         ready: list[Any] = []
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
+        if copies.write_through and isinstance(self._store, LocalStore):
+            self._write_through(path, payload, copies)
+            return path
         try:
             self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
             copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
@@ -262,6 +267,40 @@ class Checkpointer:
                     self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
         return path
+
+    def _write_through(self, path: str, payload: dict[str, Any], copies: Copies) -> None:
+        """An async save whose snapshot would go into fresh memory only (the first one): the file is its snapshot.
+
+        The files are written here, on the caller's thread, exactly as a synchronous save writes them (same
+        bytes, temp names, digest, sidecar; Ctrl-C or a full disk raise here and leave nothing), so the page
+        cache holds the state of the moment and nothing is copied; the writer's thread makes them durable and
+        visible (fsync, rename, sidecar last, marker, retention), reported like any background write. Fresh
+        snapshot buffers cost a page fault per page (a host fault on a VM with free page reporting: the first
+        async save took 1.4-2.7x a sync save); their pages are mapped afterwards, in the writer's thread
+        (:class:`~.snapshot.Warming`), for the next save, which copies into them as usual."""
+
+        self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
+                                                                staged))
+        self._warm(copies.fresh)
+
+    def _warm(self, buffers: list[Any]) -> None:
+        """Map the pages of ``buffers`` in the writer's thread, after the write queued before; nobody waits for it."""
+        with interrupts.deferred():  # submit() takes the executor's locks: Ctrl-C waits
+            warm = warming(buffers)
+            if warm is None or self._executor is None:
+                return
+            try:
+                self._executor.submit(warm.run)
+            except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
+                warm.cancel()
+                warm.run()
+                return
+            self._warming = warm
+
+    def _cool(self) -> None:
+        warm, self._warming = self._warming, None
+        if warm is not None:
+            warm.cancel()
 
     def _submit(self, what: str, fn: Any, *args: Any) -> None:
         """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
@@ -290,25 +329,59 @@ class Checkpointer:
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = (), copies: Copies | None = None) -> None:
+        """Write and publish the checkpoint at ``path``: on the caller's thread for a sync save, in the writer's
+        thread for an async one (after its snapshot is complete)."""
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
         if copies is not None:
             copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if save() was interrupted
+        self._write(path, payload)
+
+    def _write(self, path: str, payload: dict[str, Any], hand_off: Callable[[Staging], None] | None = None) -> None:
+        """A save's two phases (:class:`~.store.Staging`): its intent marker and files under temp names, then the
+        commit, or (``hand_off``, a write-through) the staged files handed to the writer's thread, which commits
+        them. If anything fails before the commit or the hand-off (Ctrl-C included), nothing of it stays."""
+        staged: Staging | None = None
+        owned = True  # this call removes what it staged if it fails (until the hand-off)
         try:
             with interrupts.deferred():  # (on the caller's thread in a synchronous save; see storage/interrupts.py)
                 try:
                     self._store.begin(path)
                 except OSError as exc:
                     raise write_error(path, exc) from None
-            self._store.write(path, payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+                staged = self._store.stage(path)
+            staged.write(payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+            if hand_off is None:
+                self._publish(path, staged)
+            else:
+                with interrupts.deferred():  # a Ctrl-C from here on comes after the hand-off: the write commits
+                    hand_off(staged)
+                    owned = False
         except BaseException:
-            with interrupts.deferred(), contextlib.suppress(Exception):  # the write's own error is the one to report
-                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            if owned:
+                self._abandon(path, staged)
+            raise
+
+    def _publish(self, path: str, staged: Staging) -> None:
+        """Commit what ``staged`` holds (fsync, rename, sidecar last), then drop the marker and apply retention."""
+        try:
+            staged.publish()  # (deferred: a Ctrl-C waits for the commit or its undoing)
+        except BaseException:
+            self._abandon(path, staged)
             raise
         # Committed: what fails from here on is housekeeping, a warning, never a failed save.
         with interrupts.deferred():
             self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
             self._after_commit(path, "apply retention", self._apply_retention)
+
+    def _abandon(self, path: str, staged: Staging | None) -> None:
+        """Remove what a save staged, then its marker (it will not be committed)."""
+        with interrupts.deferred():
+            if staged is not None:
+                with contextlib.suppress(Exception):
+                    staged.abort()
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # a marker left is reclaimed by the next writer
 
     @staticmethod
     def _after_commit(path: str, what: str, step: Any) -> None:
@@ -375,6 +448,7 @@ class Checkpointer:
         Interrupted (Ctrl-C) while it waits for a background write, that write goes on and keeps the
         directory: call ``close()`` again, or let the program end (it waits for the write, see
         :mod:`~torchckpt.train.exit_guard`)."""
+        self._cool()  # (the writer's thread is joined below: it stops warming buffers nobody will use)
         try:
             self.wait()
         finally:
