@@ -19,7 +19,8 @@ from common import bench_args, measure_alternated, print_table
 
 # --cases: a named set or a comma-separated list of case names
 CASE_SETS = {"all": ["plain", "plain_fsync", "ours", "plain_overwrite", "ours_overwrite", "ckpt_sync", "ckpt_async_total",
-                     "plain_retention", "ckpt_sync_steady", "ckpt_async", "ckpt_async_steady", "dcp_async",
+                     "plain_retention", "ckpt_sync_steady", "ckpt_async", "ckpt_async_steady", "ckpt_async_second",
+                     "ckpt_async_third", "dcp_async",
                      "dcp_async_total"],
              "core": ["plain_fsync", "ours", "ckpt_sync", "ckpt_async_total"],
              # the same four at the third save of a process: the steady state of a training run (see LATER)
@@ -69,6 +70,15 @@ if {args.prewarm}:  # touched and given back: the timed code's fresh pages are w
     del warm
 os.sync()  # every case starts without dirty pages left by the previous one
 base = reset_peak()  # peak RSS is measured above the process with its model
+
+
+GAP = 2.0  # seconds of training between two saves (ckpt_async_second)
+
+
+def train(seconds):  # stands for the training steps between two saves: one core busy with matrix products
+    x, end = torch.randn(256, 256), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        x = torch.tanh(x @ x)
 
 
 def save_fsync(name):  # the baseline a user has: torch.save, then fsync ("wb" truncates an existing file)
@@ -146,9 +156,30 @@ ck.close()
         "ckpt_async_steady": """
 ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
 ck.save(1, model=model)
-ck.wait()  # training continues; the next save comes after the previous write finished
+ck.wait()  # the next save comes at once: the buffers the first save left are still being warmed
 t0 = time.perf_counter()
 ck.save(2, model=model)
+result = time.perf_counter() - t0
+ck.close()
+""",
+        "ckpt_async_second": """
+ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
+ck.save(1, model=model)
+ck.wait()
+train(GAP)  # training continues (one core busy) while the writer's thread warms the snapshot buffers
+t0 = time.perf_counter()
+ck.save(2, model=model)
+result = time.perf_counter() - t0
+ck.close()
+""",
+        "ckpt_async_third": """
+ck = torchckpt.Checkpointer(os.path.join(folder, "async"), keep_last=1, async_save=True)
+for i in (1, 2):
+    ck.save(i, model=model)
+    ck.wait()
+os.sync()
+t0 = time.perf_counter()
+ck.save(3, model=model)
 result = time.perf_counter() - t0
 ck.close()
 """,
@@ -209,7 +240,9 @@ fut.result()
     print_table("async save: time the training loop is blocked", rows([
         ("Checkpointer.save, sync                        [baseline]", "ckpt_sync", None),
         ("Checkpointer.save, async, first save (blocking part)", "ckpt_async", "ckpt_sync"),
-        ("Checkpointer.save, async, later saves (blocking part)", "ckpt_async_steady", "ckpt_sync"),
+        ("Checkpointer.save, async, 2nd save right after wait() (blocking)", "ckpt_async_steady", "ckpt_sync"),
+        ("Checkpointer.save, async, 2nd save after 2 s of training (blocking)", "ckpt_async_second", "ckpt_sync"),
+        ("Checkpointer.save, async, 3rd save (blocking part)", "ckpt_async_third", "ckpt_sync"),
         ("dcp.async_save, later saves (blocking part)", "dcp_async", "ckpt_sync"),
     ]))
     import shutil
