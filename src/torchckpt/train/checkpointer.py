@@ -124,8 +124,12 @@ class Checkpointer:
         async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
             returns; writing happens in one background thread (never two writes at once). Everything
             is taken then: tensors copied into reused buffers, objects of your own classes in ``extra`` as
-            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). Errors
-            surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
+            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). The
+            first save of a local directory with CPU tensors only has no buffers to reuse: it writes the
+            file in ``save()`` (about half a synchronous save) and only makes it durable (fsync, rename,
+            sidecar) in the background; its buffers are prepared in the background for the next save.
+            Errors of the background part surface on the next ``save``, on ``wait()`` or on ``close()``
+            (a failure to write the file itself raises from ``save()``, as in a synchronous save). Use a ``with`` block or call
             ``close()``: if the program ends first, torchckpt waits for the write (at most
             ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
             makes the exit status 1 (see :mod:`torchckpt.train.exit_guard`).

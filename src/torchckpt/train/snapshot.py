@@ -15,6 +15,16 @@ when the copies are done, as before, sooner when a core is free. The write does 
 earlier design wrote each storage as soon as it was copied, and on a 2-core machine the write competing
 for memory bandwidth made the blocking part twice as long for a few percent off the total.
 
+The first async save of a Checkpointer has no buffers yet: every one would be fresh memory, which costs a
+page fault per 4 KiB page when first written (on a VM that gives freed memory back to its host, a host
+fault: 6-13 us each), and the first async save took 1.4-2.7x a synchronous save, its blocking part 0.3x
+(512 MiB). Such a snapshot (:attr:`Copies.write_through`: CPU tensors only, no kept buffer fits) is not
+copied: the Checkpointer writes the file on the caller's thread, as a synchronous save does, and the page
+cache holds the state of the moment; only the durable part (fsync, rename, sidecar) runs in the writer's
+thread. The walk still lays out the buffers (allocated, not touched), and :class:`Warming` maps their pages
+in the writer's thread afterwards, so the next save copies into warm memory; a save, ``close()`` or the
+exit cancels it, nobody waits for it.
+
 CUDA tensors go to pinned buffers with asynchronous copies; one event per device tells the writer when
 they have landed. Other devices and tensor kinds (quantized, sparse, conjugate views) are copied by torch.
 """
