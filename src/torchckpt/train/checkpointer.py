@@ -179,7 +179,7 @@ class Checkpointer:
                 self._executor.submit(int).result()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
-        self._warming: Warming | None = None  # their pages being mapped in the writer's thread (see _write_through)
+        self._warming: Warming | None = None  # their pages being mapped in the background (see _write_through)
         self._lock = threading.Lock()
         self._writer = self._store.lock()
         self.removed_temp: list[str] = []
@@ -253,7 +253,7 @@ class Checkpointer:
         if self._executor is None:
             self._commit(path, payload)
             return path
-        self._cool()  # a save is coming: the writer's thread stops warming buffers (it never changes them)
+        self._cool()  # a save is coming: the warming stops (its last piece may overlap the copy: it never changes them)
         ready: list[Any] = []
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
         if copies.write_through and isinstance(self._store, LocalStore):
@@ -280,21 +280,23 @@ class Checkpointer:
         cache holds the state of the moment and nothing is copied; the writer's thread makes them durable and
         visible (fsync, rename, sidecar last, marker, retention), reported like any background write. Fresh
         snapshot buffers cost a page fault per page (a host fault on a VM with free page reporting: the first
-        async save took 1.4-2.7x a sync save); their pages are mapped afterwards, in the writer's thread
-        (:class:`~.snapshot.Warming`), for the next save, which copies into them as usual."""
+        async save took 1.4-2.7x a sync save); their pages are mapped meanwhile in a thread of their own
+        (:class:`~.snapshot.Warming`, while the writer waits for the disk), for the next save, which copies into
+        them as usual."""
 
         self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
                                                                 staged))
         self._warm(copies.fresh)
 
     def _warm(self, buffers: list[Any]) -> None:
-        """Map the pages of ``buffers`` in the writer's thread, after the write queued before; nobody waits for it."""
-        with interrupts.deferred():  # submit() takes the executor's locks: Ctrl-C waits
+        """Map the pages of ``buffers`` in a thread of its own; nobody waits for it (a save or close() cancels it, the
+        exit too, see :func:`~.snapshot.warming`)."""
+        with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
             warm = warming(buffers)
-            if warm is None or self._executor is None:
+            if warm is None:
                 return
             try:
-                self._executor.submit(warm.run)
+                threading.Thread(target=warm.run, name="torchckpt-warm").start()
             except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
                 warm.cancel()
                 warm.run()
@@ -452,7 +454,7 @@ class Checkpointer:
         Interrupted (Ctrl-C) while it waits for a background write, that write goes on and keeps the
         directory: call ``close()`` again, or let the program end (it waits for the write, see
         :mod:`~torchckpt.train.exit_guard`)."""
-        self._cool()  # (the writer's thread is joined below: it stops warming buffers nobody will use)
+        self._cool()  # buffers nobody will use: the warming stops (not waited for)
         try:
             self.wait()
         finally:
