@@ -150,6 +150,7 @@ def test_ctrl_c_inside_the_write_through_leaves_nothing_and_the_next_save_works(
     assert _listing(run) == [".torchckpt.lock", "ckpt-0000000002.pt", "ckpt-0000000002.pt.meta.json"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_in_the_write_through_raises_from_save(tmp_path):
     """Without a small file system to mount: a file-size limit, in a child process, is the real fault."""
     script = textwrap.dedent("""
