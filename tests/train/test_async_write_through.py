@@ -238,3 +238,43 @@ def test_a_durable_part_that_fails_after_the_script_ended_is_reported_at_exit(tm
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
     assert "CheckpointWriteError" in proc.stderr and "without wait() or close()" in proc.stderr, proc.stderr
     assert _listing(tmp_path / "run") == [".torchckpt.lock", "ckpt-0000000001.pt"]
+
+
+@pytest.mark.slow
+def test_a_process_forked_while_the_durable_part_runs_exits_at_once(tmp_path):
+    """A DataLoader worker or multiprocessing.Process forked right after save() (the durable part still running)
+    has no writer thread: at its exit it waited TORCHCKPT_EXIT_TIMEOUT s (600) for the parent's write, which never
+    completes there, then exited with status 1. The parent's write is the parent's to wait for."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp, sys, time, torch, torchckpt
+        from torchckpt.train import exit_guard
+
+        def child():
+            print("child saw pending:", exit_guard._pending and not all(f.done() for f, _, _ in
+                  exit_guard._pending.values()), flush=True)
+
+        if __name__ == "__main__":
+            ck = torchckpt.Checkpointer(sys.argv[1], async_save=True)
+            ck.save(1, model=torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(8)]))  # 128 MiB
+            pending = not ck._pending.done()
+            started = time.monotonic()
+            proc = mp.get_context("fork").Process(target=child)
+            proc.start()
+            proc.join(60)
+            print("forked while pending:", pending, flush=True)
+            print("child exit", proc.exitcode, round(time.monotonic() - started, 1), flush=True)
+            if proc.is_alive():
+                proc.kill()
+            ck.close()
+    """)
+    path = tmp_path / "probe.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path), str(tmp_path / "run")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="30"),
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "forked while pending: True" not in proc.stdout:
+        pytest.skip("the durable part ended before the fork (a very fast disk): nothing to test")
+    code, took = proc.stdout.split("child exit ")[1].split()
+    assert code == "0" and float(took) < 20, proc.stdout + proc.stderr[-2000:]
+    assert [c.step for c in torchckpt.Checkpointer(tmp_path / "run").checkpoints()] == [1]

@@ -76,6 +76,20 @@ def _install() -> None:
         atexit.register(_drain)
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker, a multiprocessing.Process) has none of its parent's writer threads: the
+    writes tracked here are the parent's, never complete in the child, and are not the child's to wait for or report
+    (its exit ran Python's thread shutdown, so it waited TORCHCKPT_EXIT_TIMEOUT s for them, then exited with 1)."""
+    global _lock, _failed
+    _lock = threading.Lock()  # (another thread may have held it at the fork)
+    _pending.clear()
+    _failed = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _timeout() -> float:
     try:
         return max(0.0, float(os.environ.get(_TIMEOUT_ENV, "600")))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -70,6 +71,17 @@ def warming(buffers: list[Any]) -> Warming | None:
                 return None
             _exit_hook.append(True)
     return Warming(buffers)
+
+
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's warming threads (and the lock may have been held at the fork)."""
+    global _warming_lock
+    _warming_lock = threading.Lock()
+    _warmings.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _cancel_all() -> None:
