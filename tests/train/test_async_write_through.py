@@ -278,3 +278,43 @@ def test_a_process_forked_while_the_durable_part_runs_exits_at_once(tmp_path):
     code, took = proc.stdout.split("child exit ")[1].split()
     assert code == "0" and float(took) < 20, proc.stdout + proc.stderr[-2000:]
     assert [c.step for c in torchckpt.Checkpointer(tmp_path / "run").checkpoints()] == [1]
+
+
+class _CountsItsPickling:
+    """An object whose pickling has an effect (a counter of saves, a config that records when it was written)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __reduce__(self):
+        self.n += 1
+        return (dict, ({"pickled": self.n},))
+
+
+def test_an_objects_reduce_runs_once_as_in_a_sync_save(tmp_path):
+    """The write-through decided after a walk that called every object's __reduce_ex__, then pickled the payload:
+    each ran twice, and the file held what the second call returned (a sync save's holds the first's)."""
+    for kind in ("sync", "async"):
+        counted = _CountsItsPickling()
+        with torchckpt.Checkpointer(tmp_path / kind, async_save=kind == "async", keep_last=None) as ck:
+            ck.save(1, model=_model(), extra={"c": counted})
+            assert counted.n == 1, kind
+            ck.save(2, model=_model(128), extra={"c": counted})  # every kept buffer the wrong size
+            ck.wait()
+            assert counted.n == 2, kind
+        for step in (1, 2):
+            assert torchckpt.load(ck.path_for(step))["extra"] == {"c": {"pickled": step}}, (kind, step)
+    assert _records(tmp_path / "sync" / "ckpt-0000000001.pt") == _records(tmp_path / "async" / "ckpt-0000000001.pt")
+
+
+def test_the_layout_walk_runs_no_code_and_copies_nothing():
+    counted = _CountsItsPickling()
+    arr = __import__("numpy").arange(4)
+    state = {"w": torch.randn(300, 300), "obj": counted, "arr": arr, "q": torch.randn(8).to_sparse(
+        ), "od": __import__("collections").OrderedDict(b=torch.randn(300))}
+    buffers: dict = {}
+    out, laid = start_snapshot(state, buffers, layout=True)
+    assert laid.write_through and len(laid.fresh) == 2 and counted.n == 0 and laid.objects == 0
+    assert out["obj"] is counted and out["arr"] is arr and len(buffers) == 2  # (none made for the sparse one)
+    _, full = start_snapshot(state, buffers)  # the snapshot that follows reuses the buffers laid out
+    assert full.reused == 2 and not full.fresh and counted.n == 1 and full.objects == 1

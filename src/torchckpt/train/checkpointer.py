@@ -201,8 +201,14 @@ class Checkpointer:
             return path
         self._cool()  # a save is coming: the warming stops (its last piece may overlap the copy: it never changes them)
         ready: list[Any] = []
+        local = isinstance(self._store, LocalStore)
+        if local and not self._buffers:  # the first save: decided before any object's __reduce_ex__ runs (once,
+            laid = start_snapshot(payload, self._buffers, layout=True)[1]  # in the write, as in a sync save)
+            if laid.write_through:
+                self._write_through(path, payload, laid)
+                return path
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
-        if copies.write_through and isinstance(self._store, LocalStore):
+        if copies.write_through and not copies.objects and local:  # (every kept buffer the wrong size)
             self._write_through(path, payload, copies)
             return path
         try:

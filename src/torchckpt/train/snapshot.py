@@ -166,6 +166,7 @@ class Copies:
         self.fresh: list[Any] = []
         self.reused = 0
         self.elsewhere = False
+        self.objects = 0  # objects whose __reduce_ex__ the walk called (a write-through would call it again)
 
     @property
     def write_through(self) -> bool:
@@ -247,7 +248,8 @@ def cpu_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = No
     return out
 
 
-def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None) -> tuple[Any, Copies]:
+def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = None, *,
+                   layout: bool = False) -> tuple[Any, Copies]:
     """Deep copy of ``obj`` with every tensor's data copied to CPU memory (the blocking part of an async save).
 
     Containers (dicts, lists, tuples and their subclasses: OrderedDict, defaultdict, namedtuple) are
@@ -269,6 +271,11 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     on the same stream is ordered after the copies); without ``ready`` the copies are waited for here.
     The CPU storages are not copied yet: ``Copies.run()`` copies them (the snapshot is complete when it
     returns), in the order in which they first appear in ``obj``.
+
+    ``layout``: only the buffers of the CPU storages in ``obj``'s containers are laid out (kept in ``buffers``,
+    not touched), to decide :attr:`Copies.write_through` before anything is taken: no code of an object runs
+    (its ``__reduce_ex__`` would run again when the file is written, and a sync save runs it once), nothing is
+    copied, and the copy returned is not a snapshot (objects and other tensors are the originals).
     """
     import torch  # lazy: torchckpt does not import torch until tensors are involved
 
@@ -284,6 +291,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     fresh: list[Any] = []  # CPU storage buffers made for this snapshot (none of the kept ones fitted)
     reused = 0  # kept buffers this snapshot copies into
     elsewhere = False  # a tensor on a device (CUDA ...): copied to CPU by torch
+    objects = 0  # objects of other classes taken as pickle takes them (their __reduce_ex__ ran)
 
     def reuse(where: str, fits: Callable[[Any], bool]) -> tuple[str, Any]:
         """The buffer kept under ``where`` (or a free variant of the name) if it fits and this snapshot has not
@@ -331,6 +339,9 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                 jobs.append((buf.data_ptr(), ptr, nbytes))
                 storages[ptr, nbytes] = buf
             return torch.empty(0, dtype=src.dtype).set_(buf, src.storage_offset(), src.size(), src.stride())
+        if layout:  # nothing is copied
+            elsewhere = elsewhere or src.device.type not in ("cpu", "meta")
+            return src
         if src.device.type == "meta":  # no data to copy (and .to("cpu") cannot): its shape, as torch.save keeps it
             return torch.empty_strided(src.size(), src.stride(), dtype=src.dtype, device="meta")
         if src.is_cuda:
@@ -347,6 +358,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         return keep(name, src.to("cpu", copy=True))
 
     def copy(value: Any, where: str) -> Any:
+        nonlocal objects
         if isinstance(value, torch.Tensor):
             key = id(value)
             if key not in memo:
@@ -359,8 +371,9 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             return memo[id(value)]
         # plain values are kept without building their place's name (the RNG state holds 625 ints)
         if isinstance(value, dict):
-            out: Any = {} if type(value) is dict else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
-            if type(value) is not dict and not all(type(k) in _PLAIN for k in value):
+            plain = type(value) is dict or layout
+            out: Any = {} if plain else _copy.copy(value)  # keeps an OrderedDict's order, a defaultdict's factory
+            if not plain and not all(type(k) in _PLAIN for k in value):
                 out.clear()  # refilled in order below, with copied keys
             memo[id(value)] = out
             for i, (k, v) in enumerate(value.items()):
@@ -371,7 +384,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
                     out[copy(k, f"{name}.key")] = v if type(v) in _PLAIN else copy(v, name)
             return out
         if isinstance(value, list):
-            out = [] if type(value) is list else _copy.copy(value)
+            out = [] if type(value) is list or layout else _copy.copy(value)
             memo[id(value)] = out
             out[:] = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
             return out
@@ -380,13 +393,13 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
             if _PLAIN.issuperset(map(type, value)):  # immutable all the way down: nothing to copy
                 return value
             items = [v if type(v) in _PLAIN else copy(v, f"{where}[{i}]") for i, v in enumerate(value)]
-            built = make(items) if make is not None else tuple(items)
+            built = make(items) if make is not None and not layout else tuple(items)
             memo[id(value)] = built
             return built
         # (another tuple subclass, whose __new__ may take the elements as arguments, is taken as pickle takes it)
         # mutable data (a numpy array, a set, a bytearray, an object of the caller's class) may change after
         # save() returns: copied now, as pickle would have seen it now
-        if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type):
+        if type(value) in _PLAIN or type(value) in _ATOMIC or isinstance(value, type) or layout:
             return value
         made: Any
         if type(value) is bytearray or type(value) is set and _PLAIN.issuperset(map(type, value)):
@@ -396,6 +409,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         elif isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
             return value  # pickled by torch as a storage record (rare outside tensors): kept as it is
         else:
+            objects += 1
             try:
                 reduced = _reduce(value)
             except Exception:  # noqa: BLE001 - pickle cannot take it either: the writer raises that error
@@ -441,5 +455,5 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         else:
             ready.append(event)
     copies = Copies(jobs)
-    copies.fresh, copies.reused, copies.elsewhere = fresh, reused, elsewhere
+    copies.fresh, copies.reused, copies.elsewhere, copies.objects = fresh, reused, elsewhere, objects
     return out, copies
