@@ -318,7 +318,7 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
     def tensor(src: Any, where: str) -> Any:
         nonlocal reused, elsewhere
         if src.device.type == "cpu" and type(src) is torch.Tensor and src.layout == torch.strided \
-                and not (src.is_quantized or src.is_conj() or src.is_neg()):
+                and not (src.is_quantized or src.is_conj() or src.is_neg() or src.is_nested):
             storage = src.untyped_storage()
             nbytes, ptr = storage.nbytes(), storage.data_ptr()
             if nbytes == 0:
@@ -342,6 +342,9 @@ def start_snapshot(obj: Any, buffers: dict[str, Any], ready: list[Any] | None = 
         if layout:  # nothing is copied
             elsewhere = elsewhere or src.device.type not in ("cpu", "meta")
             return src
+        if src.is_nested:  # strided, but no sizes to lay a buffer out by (and .shape raises): a copy by torch
+            elsewhere = elsewhere or src.device.type != "cpu"
+            return src.to("cpu", copy=True)
         if src.device.type == "meta":  # no data to copy (and .to("cpu") cannot): its shape, as torch.save keeps it
             return torch.empty_strided(src.size(), src.stride(), dtype=src.dtype, device="meta")
         if src.is_cuda:
