@@ -334,3 +334,22 @@ def test_a_nested_tensor_is_saved_async_as_a_sync_save_saves_it(tmp_path):
             ck.wait()
             saved = torch.load(ck.path_for(step), weights_only=True)["extra"]["nested"]
             assert saved.is_nested and all(torch.equal(a, b) for a, b in zip(saved.unbind(), expected)), step
+
+
+def test_an_async_checkpointer_saves_again_after_close_as_a_sync_one_does(tmp_path):
+    """save() after close() wrote the whole file (write-through), then raised RuntimeError('cannot schedule new
+    futures after shutdown') and kept the directory's lock: no other writer, even in this process, could save."""
+    run = tmp_path / "run"
+    for async_save in (False, True):
+        ck = torchckpt.Checkpointer(run, async_save=async_save, keep_last=None)
+        ck.save(1, model=_model())
+        ck.close()
+        ck.save(2, model=_model())  # the lock is taken again, and a writer's thread started
+        ck.close()
+        with torchckpt.Checkpointer(run) as other:  # released by close()
+            other.save(3, model=_model())
+        assert [c.step for c in torchckpt.Checkpointer(run).checkpoints()] == [1, 2, 3], async_save
+        assert _listing(run).count(".torchckpt.lock") == 1 and not [n for n in _listing(run) if ".tmp-" in n]
+        for name in _listing(run):
+            if name.startswith("ckpt-"):
+                os.remove(run / name)

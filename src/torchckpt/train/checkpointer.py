@@ -119,10 +119,10 @@ class Checkpointer:
             self.policies.append(KeepBest(keep_best, monitor or "", mode))
         if keep_every_n_steps:
             self.policies.append(KeepEvery(keep_every_n_steps))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save") if async_save else None
-        if self._executor is not None:  # its thread starts now, not inside save(), and with Ctrl-C deferred
-            with interrupts.deferred():  # (one that lands in Thread.start() can leave a thread that never ends)
-                self._executor.submit(int).result()
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopped = False  # close() stopped the writer's thread: the next save starts a new one
+        if async_save:
+            self._start_writer()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
         self._warming: Warming | None = None  # their pages being mapped in the background (see _write_through)
@@ -137,6 +137,12 @@ class Checkpointer:
                         self._tidy()
                     finally:
                         self._writer.release()
+
+    def _start_writer(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchckpt-save")
+        self._stopped = False
+        with interrupts.deferred():  # its thread starts now, not inside a save's hand-off, with Ctrl-C deferred
+            self._executor.submit(int).result()  # (one that lands in Thread.start() can leave a thread that never ends)
 
     def _tidy(self) -> None:
         self.removed_temp = [name for s in self._stores for name in s.remove_temp_files()]
@@ -189,6 +195,8 @@ class Checkpointer:
             payload = capture(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
                               step=step, metrics=metrics, extra=extra, stateful=stateful)
         self._raise_pending()
+        if self._stopped:  # saving again after close(), as a synchronous Checkpointer can (it raised RuntimeError
+            self._start_writer()  # 'cannot schedule new futures' after writing the file, and kept the directory locked)
         if not self._writer.held and distributed.is_committer():  # one lock per run: rank 0 holds it
             with interrupts.deferred():  # Ctrl-C waits for the lock's bookkeeping (see storage/interrupts.py)
                 self._writer.acquire()
@@ -414,6 +422,7 @@ class Checkpointer:
                 with interrupts.deferred():  # the thread is idle: stopping it and dropping the lock are quick
                     if self._executor is not None:
                         self._executor.shutdown(wait=True)
+                        self._stopped = True
                     if self._sharded is not None:
                         self._sharded.close()
                     self._writer.release()
