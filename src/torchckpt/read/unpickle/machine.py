@@ -203,6 +203,20 @@ class Unpickler:
                 elif op == 0x4B:  # BININT1
                     stack.append(data[self.pos])
                     self.pos += 1
+                elif op == 0x6A:  # LONG_BINGET (every memo index past 255)
+                    pos = self.pos
+                    if pos + 4 > end:
+                        self._take(4)
+                    idx = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24
+                    self.pos = pos + 4
+                    value = memo[idx] if idx < len(memo) else MISSING
+                    if value is MISSING:
+                        raise self._error(f"GET of the unused memo slot {idx}", self.pos)
+                    stack.append(value)
+                elif op == 0x85:  # TUPLE1
+                    stack[-1] = (stack[-1],)
+                elif op == 0x29:  # EMPTY_TUPLE
+                    stack.append(())
                 elif op == 0x28:  # MARK
                     if len(metastack) >= max_nesting:
                         raise self.policy.budget.exceeded("depth", len(metastack) + 1, max_nesting,
