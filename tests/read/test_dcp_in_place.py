@@ -136,29 +136,6 @@ def test_a_window_reads_only_its_range(tmp_path, length):
                 src.window(offset, length)
 
 
-def test_a_large_window_serves_its_head_and_tail_from_one_read_each(tmp_path):
-    """A large window reads its first and last 64 KiB once each and answers the parser's small reads there
-    (a DCP item: two preads, not about ten); reads across the blocks' edges and in the middle give the file's
-    bytes, and a file cut short after the window was made is a typed error, not short data."""
-    data = bytes(range(251)) * 4096  # ~1 MiB, a period that does not divide the block size
-    (tmp_path / "f.bin").write_bytes(data)
-    start, length = 1000, 600_000
-    want = data[start:start + length]
-    block = 64 << 10
-    with Source(str(tmp_path / "f.bin")) as src:
-        with src.window(start, length) as item:
-            for offset, n in ((0, 30), (block - 5, 10), (block, 7), (300_000, 5000), (length - block - 3, 9),
-                              (length - block, block), (length - 22, 22), (length - 22, 100), (0, length)):
-                assert item.read_at(offset, n) == want[offset:offset + n], (offset, n)
-            fh = item.open()
-            fh.seek(-22, os.SEEK_END)
-            assert fh.read() == want[-22:]
-        with src.window(start, length) as item:
-            os.truncate(tmp_path / "f.bin", start + length - 100)
-            with pytest.raises(TruncatedCheckpointError):
-                item.read_at(length - 22, 22)  # the tail block is read now: 100 bytes are missing
-
-
 def _chunked(path, first, second, offsets) -> torch.Tensor:
     """A DCP directory whose tensor ``w`` is stored in two chunks, as ranks of a sharded save write it: two
     tensors saved by DCP (``a``, ``b``), then .metadata made to name them as the chunks of ``w`` at

@@ -18,7 +18,7 @@ from typing import IO, Any, Union
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .remote import RemoteFile, StorageOptions, is_url, join, ranged_reader, strip_file_scheme
 
-__all__ = ["Source", "SourceLike", "confined_path"]
+__all__ = ["Source", "SourceLike", "confined_path", "prefault_pages"]
 
 SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
 
@@ -316,7 +316,7 @@ class Source:
         ``madvise(MADV_POPULATE_WRITE)`` before its pread, instead of one page fault per 4 KiB inside
         the copy (about a fifth less system time). Only for a caller that reads on one thread: the
         madvise holds the process's ``mmap_lock`` while it faults, so another thread's allocation
-        waits for the piece, and a pool of reader threads serialises (measured; see ``_prefault``).
+        waits for the piece, and a pool of reader threads serialises (measured; see ``prefault_pages``).
         """
         import numpy as np
         import torch
@@ -345,7 +345,7 @@ class Source:
             while done < nbytes:
                 chunk = min(nbytes - done, PREFAULT_PIECE if prefault else 1 << 28)
                 if prefault:
-                    _prefault(address + done, chunk)
+                    prefault_pages(address + done, chunk)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
@@ -393,47 +393,17 @@ WHOLE_WINDOW = 64 << 10
 
 
 class _Window(Source):
-    """:meth:`Source.window` of a local file: every read goes to the parent's descriptor at an offset.
-
-    The window's first and last :data:`WHOLE_WINDOW` bytes are each read once, on first use, and the small
-    reads a parser makes there are served from them: a zip stream's headers, pickle and central directory
-    lie around its large storages, so parsing a DCP item costs two ``pread`` calls instead of about ten
-    (each one a Python call that releases and takes back the GIL, a hand-over to the other reader threads).
-    The blocks are this window's own bytes: nothing is shared with another item or file.
-    """
+    """:meth:`Source.window` of a local file: every read goes to the parent's descriptor at an offset."""
 
     def __init__(self, parent: Source, start: int, length: int, name: str) -> None:  # no super(): nothing to open
         self._owned, self.path, self.url, self.storage_options = [], None, None, parent.storage_options
         self._remote, self._mmap, self._fd, self._exported, self._map_base = None, None, None, False, None
         self._bytes, self._file, self.mapped_children = None, None, []
         self._parent, self._start, self.name, self.size = parent, start, name, length
-        self._head: bytes | None = None  # [0, len(_head))
-        self._tail: bytes | None = None  # [size - len(_tail), size)
 
     def read_at(self, offset: int, n: int) -> bytes:
         n = min(n, self.size - offset)
-        if n <= 0 or offset < 0:
-            return b""
-        end = offset + n
-        block = min(self.size, WHOLE_WINDOW)
-        if end <= block:
-            if self._head is None:
-                self._head = self._block(0, block)
-            return self._head[offset:end]
-        if offset >= self.size - block:
-            if self._tail is None:
-                self._tail = self._block(self.size - block, block)
-            base = self.size - len(self._tail)
-            return self._tail[offset - base:end - base]
-        return self._parent.read_at(self._start + offset, n)
-
-    def _block(self, offset: int, n: int) -> bytes:
-        data = self._parent.read_at(self._start + offset, n)
-        if len(data) != n:  # the file shrank since the window was checked against its size
-            raise TruncatedCheckpointError(f"the file ended while reading bytes {self._start + offset}..+{n}",
-                                           path=self._parent.name, expected_size=self._start + offset + n,
-                                           actual_size=self._start + offset + len(data))
-        return data
+        return self._parent.read_at(self._start + offset, n) if n > 0 and offset >= 0 else b""
 
     def head(self, n: int) -> bytes:
         return self.read_at(0, n)
@@ -462,23 +432,27 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _madvise: Any = None  # libc's madvise; False where unavailable
 
 
-def _prefault(address: int, nbytes: int) -> None:
-    """Map the whole pages of fresh memory ``[address, address+nbytes)`` before a ``pread`` fills them.
+def prefault_pages(address: int, nbytes: int) -> bool:
+    """Map the whole pages of fresh memory ``[address, address+nbytes)`` before something writes them.
 
     A ``pread`` into fresh memory takes one page fault per 4 KiB page inside the copy; one
     ``madvise(MADV_POPULATE_WRITE)`` first maps them in a loop (meta-model load of 1 GiB, fresh
-    processes: system time 0.66 -> 0.53 s). Semantically a no-op (the range is written next anyway);
-    skipped for less than 1 MiB, on other systems and on kernels without it. Sequential callers only
-    (:meth:`Source.read_into`): in a pool of reader threads, each madvise holding ``mmap_lock`` made
-    the others' allocations wait and the threads serialised (commit 1ed1894).
+    processes: system time 0.66 -> 0.53 s). Semantically a no-op: it never changes the content, so another
+    thread may write the range meanwhile (an async save's snapshot buffers are mapped this way in the
+    writer's thread, see :class:`torchckpt.train.snapshot.Warming`). Skipped for less than 1 MiB, on other
+    systems and on kernels without it (then False, and never asked again). Not from a pool of reader
+    threads (:meth:`Source.read_into` uses it on one thread): each madvise holds ``mmap_lock``, the
+    others' allocations waited and the threads serialised (commit 1ed1894).
     """
     global _madvise
-    if nbytes < 1 << 20 or _madvise is False:
-        return
+    if _madvise is False:
+        return False
+    if nbytes < 1 << 20:
+        return True
     if _madvise is None:
         if not sys.platform.startswith("linux"):
             _madvise = False
-            return
+            return False
         import ctypes  # lazy: only large local reads on Linux need it
 
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -488,6 +462,8 @@ def _prefault(address: int, nbytes: int) -> None:
     start, end = -(-address // page) * page, (address + nbytes) // page * page  # whole pages inside
     if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
         _madvise = False  # refused (EINVAL before Linux 5.14): plain faults from now on, never asked again
+        return False
+    return True
 
 
 def _seekable(f: Any) -> bool:
