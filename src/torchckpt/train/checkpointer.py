@@ -19,7 +19,7 @@ import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from ..read import deepspeed_kind, is_accelerate_folder
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
@@ -32,8 +32,8 @@ from .dcp_store import DcpStore
 from .fsspec_store import FsspecStore, resume_url
 from .local_store import LocalStore
 from .restore import resume_file
-from .snapshot import Copies, start_snapshot
-from .store import NAME, Entry, FileStore, Store
+from .snapshot import Copies, Warming, start_snapshot, warming
+from .store import NAME, Entry, FileStore, Staging, Store
 from .training import TrainingState, capture
 from .zero import resume_deepspeed
 
@@ -124,8 +124,12 @@ class Checkpointer:
         async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
             returns; writing happens in one background thread (never two writes at once). Everything
             is taken then: tensors copied into reused buffers, objects of your own classes in ``extra`` as
-            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). Errors
-            surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
+            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). The
+            first save of a local directory with CPU tensors only has no buffers to reuse: it writes the
+            file in ``save()`` (about half a synchronous save) and only makes it durable (fsync, rename,
+            sidecar) in the background; its buffers are prepared in the background for the next save.
+            Errors of the background part surface on the next ``save``, on ``wait()`` or on ``close()``
+            (a failure to write the file itself raises from ``save()``, as in a synchronous save). Use a ``with`` block or call
             ``close()``: if the program ends first, torchckpt waits for the write (at most
             ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
             makes the exit status 1 (see :mod:`torchckpt.train.exit_guard`).
@@ -175,6 +179,7 @@ class Checkpointer:
                 self._executor.submit(int).result()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
+        self._warming: Warming | None = None  # their pages being mapped in the background (see _write_through)
         self._lock = threading.Lock()
         self._writer = self._store.lock()
         self.removed_temp: list[str] = []
@@ -248,8 +253,12 @@ class Checkpointer:
         if self._executor is None:
             self._commit(path, payload)
             return path
+        self._cool()  # a save is coming: the warming stops (its last piece may overlap the copy: it never changes them)
         ready: list[Any] = []
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
+        if copies.write_through and isinstance(self._store, LocalStore):
+            self._write_through(path, payload, copies)
+            return path
         try:
             self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
             copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
@@ -262,6 +271,42 @@ class Checkpointer:
                     self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
         return path
+
+    def _write_through(self, path: str, payload: dict[str, Any], copies: Copies) -> None:
+        """An async save whose snapshot would go into fresh memory only (the first one): the file is its snapshot.
+
+        The files are written here, on the caller's thread, exactly as a synchronous save writes them (same
+        bytes, temp names, digest, sidecar; Ctrl-C or a full disk raise here and leave nothing), so the page
+        cache holds the state of the moment and nothing is copied; the writer's thread makes them durable and
+        visible (fsync, rename, sidecar last, marker, retention), reported like any background write. Fresh
+        snapshot buffers cost a page fault per page (a host fault on a VM with free page reporting: the first
+        async save took 1.4-2.7x a sync save); their pages are mapped meanwhile in a thread of their own
+        (:class:`~.snapshot.Warming`, while the writer waits for the disk), for the next save, which copies into
+        them as usual."""
+
+        self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
+                                                                staged))
+        self._warm(copies.fresh)
+
+    def _warm(self, buffers: list[Any]) -> None:
+        """Map the pages of ``buffers`` in a thread of its own; nobody waits for it (a save or close() cancels it, the
+        exit too, see :func:`~.snapshot.warming`)."""
+        with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
+            warm = warming(buffers)
+            if warm is None:
+                return
+            try:
+                threading.Thread(target=warm.run, name="torchckpt-warm").start()
+            except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
+                warm.cancel()
+                warm.run()
+                return
+            self._warming = warm
+
+    def _cool(self) -> None:
+        warm, self._warming = self._warming, None
+        if warm is not None:
+            warm.cancel()
 
     def _submit(self, what: str, fn: Any, *args: Any) -> None:
         """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
@@ -290,25 +335,59 @@ class Checkpointer:
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = (), copies: Copies | None = None) -> None:
+        """Write and publish the checkpoint at ``path``: on the caller's thread for a sync save, in the writer's
+        thread for an async one (after its snapshot is complete)."""
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
         if copies is not None:
             copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if save() was interrupted
+        self._write(path, payload)
+
+    def _write(self, path: str, payload: dict[str, Any], hand_off: Callable[[Staging], None] | None = None) -> None:
+        """A save's two phases (:class:`~.store.Staging`): its intent marker and files under temp names, then the
+        commit, or (``hand_off``, a write-through) the staged files handed to the writer's thread, which commits
+        them. If anything fails before the commit or the hand-off (Ctrl-C included), nothing of it stays."""
+        staged: Staging | None = None
+        owned = True  # this call removes what it staged if it fails (until the hand-off)
         try:
             with interrupts.deferred():  # (on the caller's thread in a synchronous save; see storage/interrupts.py)
                 try:
                     self._store.begin(path)
                 except OSError as exc:
                     raise write_error(path, exc) from None
-            self._store.write(path, payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+                staged = self._store.stage(path)
+            staged.write(payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+            if hand_off is None:
+                self._publish(path, staged)
+            else:
+                with interrupts.deferred():  # a Ctrl-C from here on comes after the hand-off: the write commits
+                    hand_off(staged)
+                    owned = False
         except BaseException:
-            with interrupts.deferred(), contextlib.suppress(Exception):  # the write's own error is the one to report
-                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            if owned:
+                self._abandon(path, staged)
+            raise
+
+    def _publish(self, path: str, staged: Staging) -> None:
+        """Commit what ``staged`` holds (fsync, rename, sidecar last), then drop the marker and apply retention."""
+        try:
+            staged.publish()  # (deferred: a Ctrl-C waits for the commit or its undoing)
+        except BaseException:
+            self._abandon(path, staged)
             raise
         # Committed: what fails from here on is housekeeping, a warning, never a failed save.
         with interrupts.deferred():
             self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
             self._after_commit(path, "apply retention", self._apply_retention)
+
+    def _abandon(self, path: str, staged: Staging | None) -> None:
+        """Remove what a save staged, then its marker (it will not be committed)."""
+        with interrupts.deferred():
+            if staged is not None:
+                with contextlib.suppress(Exception):
+                    staged.abort()
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # a marker left is reclaimed by the next writer
 
     @staticmethod
     def _after_commit(path: str, what: str, step: Any) -> None:
@@ -375,6 +454,7 @@ class Checkpointer:
         Interrupted (Ctrl-C) while it waits for a background write, that write goes on and keeps the
         directory: call ``close()`` again, or let the program end (it waits for the write, see
         :mod:`~torchckpt.train.exit_guard`)."""
+        self._cool()  # buffers nobody will use: the warming stops (not waited for)
         try:
             self.wait()
         finally:
