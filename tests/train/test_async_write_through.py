@@ -16,7 +16,8 @@ import torch
 
 import torchckpt
 from torchckpt.errors import CheckpointWriteError
-from torchckpt.train.snapshot import Warming, start_snapshot
+from torchckpt.train.snapshot import start_snapshot
+from torchckpt.train.warming import Warming
 
 from test_ctrl_c_bookkeeping import interrupt_at_call
 

@@ -439,7 +439,7 @@ def prefault_pages(address: int, nbytes: int) -> bool:
     ``madvise(MADV_POPULATE_WRITE)`` first maps them in a loop (meta-model load of 1 GiB, fresh
     processes: system time 0.66 -> 0.53 s). Semantically a no-op: it never changes the content, so another
     thread may write the range meanwhile (an async save's snapshot buffers are mapped this way in the
-    writer's thread, see :class:`torchckpt.train.snapshot.Warming`). Skipped for less than 1 MiB, on other
+    writer's thread, see :class:`torchckpt.train.warming.Warming`). Skipped for less than 1 MiB, on other
     systems and on kernels without it (then False, and never asked again). Not from a pool of reader
     threads (:meth:`Source.read_into` uses it on one thread): each madvise holds ``mmap_lock``, the
     others' allocations waited and the threads serialised (commit 1ed1894).

@@ -7,8 +7,8 @@ save or retention pass are reclaimed by the next writer (the protocol is :mod:`.
 writer per directory: a second one, in any process, gets a clear error. Old checkpoints are
 deleted only after the new one is committed, and only checkpoints this protocol wrote.
 
-Retention is a set of tiny pure policies (:class:`KeepLast`, :class:`KeepBest`, :class:`KeepEvery`):
-each one names the steps it wants kept, and a checkpoint survives if any policy keeps it.
+Retention is a set of tiny pure policies (:mod:`.retention`). :func:`torchckpt.resume` (any checkpoint,
+not only a directory of them) is in :mod:`.resume`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import os
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..read import deepspeed_kind, is_accelerate_folder
+from ..read import deepspeed_kind
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
 from ..storage.atomic import os_error_in, write_error
@@ -29,20 +28,20 @@ from ..storage import files, interrupts
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, exit_guard
 from .dcp_store import DcpStore
-from .fsspec_store import FsspecStore, resume_url
+from .fsspec_store import FsspecStore
 from .local_store import LocalStore
-from .restore import resume_file
-from .snapshot import Copies, Warming, start_snapshot, warming
+from .retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy, info_of
+from .snapshot import Copies, start_snapshot
+from .warming import Warming, warming
 from .store import NAME, Entry, FileStore, Staging, Store
 from .training import TrainingState, capture
-from .zero import resume_deepspeed
 
 if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
     from ..fit.align import RenameSpec
     from ..transforms import TransformSpec
 
-__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
-           "SkippedCheckpointWarning", "RetentionWarning"]
+__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy",
+           "SkippedCheckpointWarning", "RetentionWarning", "stores_for", "adapting_options"]
 
 
 class SkippedCheckpointWarning(UserWarning):
@@ -52,65 +51,12 @@ class SkippedCheckpointWarning(UserWarning):
 class RetentionWarning(UserWarning):
     """A checkpoint was saved, but an old one that retention would remove could not be removed."""
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint. Usable wherever a path is (``torchckpt.load(ckpt.latest())``)."""
-
-    step: int
-    path: str
-    metrics: Mapping[str, Any]
-    meta: Mapping[str, Any]
-
-    def __fspath__(self) -> str:
-        return self.path
-
-    def __str__(self) -> str:
-        return self.path
-
-
 def stores_for(directory: str, storage_options: StorageOptions | None = None) -> tuple[FileStore, DcpStore | None]:
     """The stores of a Checkpointer directory: its file store (a local directory or a URL prefix) and, on a
     local directory, the sharded (DCP) checkpoints beside it."""
     if is_url(directory):
         return FsspecStore(directory, storage_options), None
     return LocalStore(directory), DcpStore(directory)
-
-
-def _info(entry: Entry) -> CheckpointInfo:
-    return CheckpointInfo(entry.step, entry.path, (entry.meta or {}).get("metrics") or {}, entry.meta or {})
-
-
-class RetentionPolicy(Protocol):
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        """Steps to keep among ``checkpoints`` (sorted by step)."""
-
-
-@dataclass(frozen=True)
-class KeepLast:
-    n: int
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        return {c.step for c in checkpoints[-self.n:]} if self.n > 0 else set()
-
-
-@dataclass(frozen=True)
-class KeepBest:
-    n: int
-    monitor: str
-    mode: str = "min"
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        scored = [c for c in checkpoints if isinstance(c.metrics.get(self.monitor), (int, float))]
-        scored.sort(key=lambda c: c.metrics[self.monitor], reverse=self.mode == "max")
-        return {c.step for c in scored[: self.n]}
-
-
-@dataclass(frozen=True)
-class KeepEvery:
-    every_n_steps: int
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        return {c.step for c in checkpoints if c.step % self.every_n_steps == 0}
 
 
 class Checkpointer:
@@ -202,7 +148,7 @@ class Checkpointer:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        return [_info(e) for e in self._entries() if e.problem is None]
+        return [info_of(e) for e in self._entries() if e.problem is None]
 
     def _entries(self) -> list[Entry]:
         """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
@@ -281,7 +227,7 @@ class Checkpointer:
         visible (fsync, rename, sidecar last, marker, retention), reported like any background write. Fresh
         snapshot buffers cost a page fault per page (a host fault on a VM with free page reporting: the first
         async save took 1.4-2.7x a sync save); their pages are mapped meanwhile in a thread of their own
-        (:class:`~.snapshot.Warming`, while the writer waits for the disk), for the next save, which copies into
+        (:class:`~.warming.Warming`, while the writer waits for the disk), for the next save, which copies into
         them as usual."""
 
         self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
@@ -290,7 +236,7 @@ class Checkpointer:
 
     def _warm(self, buffers: list[Any]) -> None:
         """Map the pages of ``buffers`` in a thread of its own; nobody waits for it (a save or close() cancels it, the
-        exit too, see :func:`~.snapshot.warming`)."""
+        exit too, see :func:`~.warming.warming`)."""
         with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
             warm = warming(buffers)
             if warm is None:
@@ -400,7 +346,7 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         committed = [e for e in self._entries() if e.problem is None]
-        found = [_info(e) for e in committed]
+        found = [info_of(e) for e in committed]
         if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
@@ -494,7 +440,7 @@ class Checkpointer:
                 continue
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                           map_location=map_location, restore_rng=restore_rng, strict=strict,
-                          **_adapting(rename, prefix, transforms, entry.path))
+                          **adapting_options(rename, prefix, transforms, entry.path))
             try:  # verified first; a URL's file downloaded once; a sharded one resharded into the objects' layout
                 state = (entry.store or self._store).resume(entry, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
@@ -518,7 +464,7 @@ class Checkpointer:
                       stacklevel=3)
 
 
-def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
+def adapting_options(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
     """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
     given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
     if given and os.path.isdir(path) and (distributed.is_dcp(path) or deepspeed_kind(path)):
@@ -526,45 +472,3 @@ def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec,
                           path=path,
                           hint="Convert it to one file first (torchckpt.convert), then resume from that file.")
     return given
-
-
-def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-           stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True, storage_options: StorageOptions | None = None, rename: RenameSpec = None,
-           prefix: str | None = None, transforms: TransformSpec = None) -> TrainingState:
-    """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
-
-    Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
-    model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
-    scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
-    the optimizer's parameter groups or type do not fit. A file that does not match its sidecar is
-    refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
-    Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
-    ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
-    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0). A DeepSpeed ZeRO
-    folder (run or step folder) resumes into a plain model and optimizer: the fp32 weights and the Adam
-    moments are gathered from every rank's partition.
-    Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
-    is downloaded once into a temporary folder, verified, restored, and the download removed.
-
-    When the model's architecture changed since saving, ``rename``, ``prefix`` and ``transforms`` are
-    :func:`torchckpt.load_into`'s (pass ``strict=False`` for new or dropped layers), and the optimizer
-    state follows the same plan (:func:`torchckpt.remap_optimizer_state`): carried through renames,
-    prefixes and fuse/split, afresh for new or resized parameters; ``state.notes`` says which.
-    """
-    path = os.fspath(path_or_dir)
-    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                  map_location=map_location, restore_rng=restore_rng, strict=strict,
-                  **_adapting(rename, prefix, transforms, path))
-    if is_url(path):
-        if files.isdir(path, storage_options):
-            return Checkpointer(path, storage_options=storage_options).resume(**kwargs)
-        return resume_url(path, storage_options, **kwargs)
-    if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
-        state: TrainingState = distributed.resume_one(path, **kwargs)
-        return state
-    if os.path.isdir(path) and deepspeed_kind(path):  # a DeepSpeed run or step folder: gathered into plain PyTorch
-        return resume_deepspeed(path, **kwargs)
-    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
-        return Checkpointer(path).resume(**kwargs)
-    return resume_file(path, **kwargs)
