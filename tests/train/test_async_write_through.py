@@ -353,3 +353,23 @@ def test_an_async_checkpointer_saves_again_after_close_as_a_sync_one_does(tmp_pa
         for name in _listing(run):
             if name.startswith("ckpt-"):
                 os.remove(run / name)
+
+
+class _RefusesPickling:
+    def __reduce__(self):
+        raise TypeError("this object cannot be pickled")
+
+
+def test_after_a_first_save_that_failed_the_next_one_writes_through_again(tmp_path):
+    """A first save whose write failed (here an object pickle refuses; Ctrl-C or a full disk alike) kept the buffers
+    it had laid out, untouched and never warmed: the next save took them for reusable ones and copied the whole
+    state into cold memory on the caller's thread (the slow first save the write-through avoids)."""
+    model = _model(512, 8)
+    with torchckpt.Checkpointer(tmp_path / "run", async_save=True) as ck:
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            ck.save(1, model=model, extra={"bad": _RefusesPickling()})
+        assert not ck._buffers
+        ck.save(2, model=model)
+        assert ck._warming is not None  # written through, its buffers being warmed
+        ck.wait()
+    assert _listing(tmp_path / "run") == [".torchckpt.lock", "ckpt-0000000002.pt", "ckpt-0000000002.pt.meta.json"]

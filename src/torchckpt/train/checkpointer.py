@@ -211,7 +211,11 @@ class Checkpointer:
         ready: list[Any] = []
         local = isinstance(self._store, LocalStore)
         if local and not self._buffers:  # the first save: decided before any object's __reduce_ex__ runs (once,
-            laid = start_snapshot(payload, self._buffers, layout=True)[1]  # in the write, as in a sync save)
+            try:  # in the write, as in a sync save)
+                laid = start_snapshot(payload, self._buffers, layout=True)[1]
+            except BaseException:
+                self._buffers = {}  # laid out, never touched: the next save is a first one again
+                raise
             if laid.write_through:
                 self._write_through(path, payload, laid)
                 return path
@@ -244,8 +248,14 @@ class Checkpointer:
         (:class:`~.warming.Warming`, while the writer waits for the disk), for the next save, which copies into
         them as usual."""
 
-        self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
-                                                                staged))
+        try:
+            self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish,
+                                                                    path, staged))
+        except BaseException:  # nothing written (Ctrl-C, a full disk, an object pickle refuses): its buffers were
+            with interrupts.deferred():  # never touched nor warmed; kept, the next save would copy into cold memory
+                fresh = {id(b) for b in copies.fresh}  # instead of writing through
+                self._buffers = {name: b for name, b in self._buffers.items() if id(b) not in fresh}
+            raise
         self._warm(copies.fresh)
 
     def _warm(self, buffers: list[Any]) -> None:
