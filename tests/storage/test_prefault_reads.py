@@ -83,3 +83,46 @@ def test_meta_model_gets_exact_values_across_pieces(tmp_path, fmt):
     for name, tensor in sd.items():
         param = model.get_parameter(name)
         assert param.device.type == "cpu" and torch.equal(param, tensor)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+def test_a_range_the_kernel_refuses_does_not_turn_prefaulting_off_for_good():
+    """Any failure of one madvise (ENOMEM for memory the process does not map, or under memory pressure; EINTR)
+    set prefaulting off for the rest of the process (every later load and every async save's warming); only an
+    unknown advice (EINVAL, Linux < 5.14) means the kernel cannot do it."""
+    import ctypes
+    import mmap as _mmap
+
+    from torchckpt.storage.source import prefault_pages
+
+    size = 16 << 20
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    def fresh_pages() -> int:  # anonymous memory nothing has touched (a heap chunk may be resident already)
+        at = libc.mmap(None, size, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
+        assert at not in (None, ctypes.c_void_p(-1).value)
+        return at
+
+    def resident() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _mmap.PAGESIZE
+
+    probe = fresh_pages()
+    try:
+        if not prefault_pages(probe, size):
+            pytest.skip("no MADV_POPULATE_WRITE on this kernel")
+    finally:
+        libc.munmap(probe, size)
+    gone = fresh_pages()
+    assert libc.munmap(gone, size) == 0  # a range nobody maps
+    assert prefault_pages(gone, size) is False  # refused: ENOMEM
+    fresh = fresh_pages()
+    try:
+        before = resident()
+        assert prefault_pages(fresh, size) is True  # still asked
+        assert resident() - before > size // 2  # and mapped
+    finally:
+        libc.munmap(fresh, size)

@@ -9,6 +9,7 @@ header costs kilobytes, whatever the size of the object; only :meth:`Source.buff
 
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -461,8 +462,11 @@ def prefault_pages(address: int, nbytes: int) -> bool:
     page = mmap.PAGESIZE
     start, end = -(-address // page) * page, (address + nbytes) // page * page  # whole pages inside
     if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        _madvise = False  # refused (EINVAL before Linux 5.14): plain faults from now on, never asked again
-        return False
+        import ctypes
+
+        if ctypes.get_errno() == errno.EINVAL:  # unknown advice (before Linux 5.14): plain faults from now on
+            _madvise = False
+        return False  # (ENOMEM under memory pressure, EINTR ...: this range only; the next call asks again)
     return True
 
 
