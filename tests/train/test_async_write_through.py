@@ -373,3 +373,37 @@ def test_after_a_first_save_that_failed_the_next_one_writes_through_again(tmp_pa
         assert ck._warming is not None  # written through, its buffers being warmed
         ck.wait()
     assert _listing(tmp_path / "run") == [".torchckpt.lock", "ckpt-0000000002.pt", "ckpt-0000000002.pt.meta.json"]
+
+
+@pytest.mark.slow
+def test_a_forked_child_does_not_keep_the_directory_locked_after_close(tmp_path):
+    """The writer's flock belongs to the open file, and a forked child (a persistent DataLoader worker) kept its
+    copy open: after close() the directory stayed locked while the child lived, and the next Checkpointer, even in
+    the same process, got 'another writer holds this checkpoint directory'."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp, sys, time, torch, torchckpt
+
+        def worker(gate):
+            gate.wait(60)
+
+        if __name__ == "__main__":
+            ck = torchckpt.Checkpointer(sys.argv[1], async_save=True)
+            ck.save(1, model=torch.nn.Linear(64, 64))
+            gate = mp.get_context("fork").Event()
+            proc = mp.get_context("fork").Process(target=worker, args=(gate,))
+            proc.start()
+            ck.close()
+            try:
+                with torchckpt.Checkpointer(sys.argv[1]) as other:
+                    other.save(2, model=torch.nn.Linear(64, 64))
+                print("next writer saved", flush=True)
+            finally:
+                gate.set()
+                proc.join(60)
+    """)
+    path = tmp_path / "probe.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path), str(tmp_path / "run")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1"), timeout=180)
+    assert proc.returncode == 0 and "next writer saved" in proc.stdout, proc.stderr[-3000:]
+    assert [c.step for c in torchckpt.Checkpointer(tmp_path / "run").checkpoints()] == [1, 2]

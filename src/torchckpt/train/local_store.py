@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import socket
+import weakref
 from typing import Any
 
 from ..errors import CheckpointWriteError, CorruptCheckpointError
@@ -131,6 +132,7 @@ class DirectoryLock:
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, LOCK_NAME)
         self._fd: int | None = None
+        _locks.add(self)
 
     @property
     def held(self) -> bool:
@@ -189,6 +191,21 @@ class DirectoryLock:
 
     def __del__(self) -> None:
         self._drop()  # (no signal handlers swapped inside a finalizer)
+
+
+_locks: "weakref.WeakSet[DirectoryLock]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) does not write: it drops its copies of the lock descriptors. The flock
+    belongs to the open file, which the child's copy kept open: after the parent's close() the directory stayed
+    locked for as long as the child lived, and a new Checkpointer got 'another writer holds this directory'."""
+    for lock in list(_locks):
+        lock._drop()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _read_holder(fd: int) -> str:
