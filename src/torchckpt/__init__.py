@@ -32,7 +32,9 @@ if TYPE_CHECKING:  # the real names for type checkers; at run time __getattr__ i
     from .tools.report import report
     from .tools.inspection import inspect
     from .tools.scanning import scan
-    from .train.checkpointer import Checkpointer, KeepBest, KeepEvery, KeepLast, resume
+    from .train.checkpointer import Checkpointer
+    from .train.retention import KeepBest, KeepEvery, KeepLast
+    from .train.resume import resume
     from .train.optimizer_map import remap_optimizer_state
     from .train.sampler import ResumableSampler
     from .train.save import save
@@ -60,13 +62,13 @@ _LAZY = {
     "load_into": ("train.runs_load_into", "load_into"),  # fit.load_into.load_into, plus a Checkpointer run directory
     "check_mapping": ("fit.equivalence", "check_mapping"),
     "save": ("train.save", "save"),  # a local path or a URL
-    "resume": ("train.checkpointer", "resume"),
+    "resume": ("train.resume", "resume"),
     "remap_optimizer_state": ("train.optimizer_map", "remap_optimizer_state"),
     "TrainingState": ("train.training", "TrainingState"),
     "Checkpointer": ("train.checkpointer", "Checkpointer"),
-    "KeepLast": ("train.checkpointer", "KeepLast"),
-    "KeepBest": ("train.checkpointer", "KeepBest"),
-    "KeepEvery": ("train.checkpointer", "KeepEvery"),
+    "KeepLast": ("train.retention", "KeepLast"),
+    "KeepBest": ("train.retention", "KeepBest"),
+    "KeepEvery": ("train.retention", "KeepEvery"),
     "ResumableSampler": ("train.sampler", "ResumableSampler"),
     "LoadReport": ("fit.report", "LoadReport"),
     "convert": ("tools.convert", "convert"),  # .pt / .safetensors or a DCP directory

@@ -42,8 +42,13 @@ def diskfull(directory: str, fsize: str | None) -> None:
     results = {"checkpointer": _outcome(lambda: ckpt.save(2, model=big)),
                "save": _outcome(lambda: torchckpt.save(os.path.join(directory, "single.pt"), model=big))}
     with torchckpt.Checkpointer(os.path.join(directory, "async"), async_save=True) as background:
-        background.save(1, model=big)
-        results["async"] = _outcome(background.wait)
+        # the first async save writes the file on this thread (the error comes out of save()); a later one
+        # copies a snapshot (small's buffers reused) and fails in the writer's thread (out of wait())
+        results["async"] = _outcome(lambda: (background.save(1, model=big), background.wait()))
+        background.save(2, model=small)
+        background.wait()
+        background.save(3, model=small, extra=big.weight)
+        results["async_later"] = _outcome(background.wait)
     print(json.dumps(results), flush=True)
 
 

@@ -109,7 +109,7 @@ def test_a_range_past_the_end_of_its_data_file_is_refused_before_reading(tmp_pat
     assert "'w'" in str(info.value)
 
 
-@pytest.mark.parametrize("length", [50, 100_000], ids=["read-whole", "in-place"])
+@pytest.mark.parametrize("length", [50, 100_000, 200_000], ids=["read-whole", "in-place", "in-place-long"])
 def test_a_window_reads_only_its_range(tmp_path, length):
     """``Source.window``: reads are clipped to the range, reading into a tensor past it is a typed error, and a
     window that does not fit its file is refused before anything is read (a small range is read whole at

@@ -53,7 +53,7 @@ def test_disk_full_is_a_write_error_and_keeps_the_previous_checkpoint(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         outcomes = json.loads(res.stdout.splitlines()[-1])
         why = "the disk is full" if mounted else "file-size limit"
-        for where in ("checkpointer", "save", "async"):
+        for where in ("checkpointer", "save", "async", "async_later"):
             got = outcomes[where]
             assert got["is_write_error"], (where, got)
             assert why in got["message"] and "needs about 4.0 MiB" in got["message"], (where, got)

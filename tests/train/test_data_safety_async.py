@@ -44,7 +44,9 @@ def test_rng_is_captured_when_save_is_called_not_after_waiting_for_the_previous_
     noisy = torch.zeros(1).as_subclass(_SlowNoisyExtra)
     _SlowNoisyExtra.started.clear()
     with torchckpt.Checkpointer(tmp_path / "run", async_save=True, keep_last=None) as ckpt:
-        ckpt.save(1, model=model, extra=noisy)
+        ckpt.save(0, model=model, extra=noisy)  # the first save writes through (on this thread)
+        ckpt.wait()
+        ckpt.save(1, model=model, extra=noisy)  # a snapshot: `noisy` is pickled by the writer
         assert _SlowNoisyExtra.started.wait(30)  # the first write is under way (and slow)
         random.seed(1234)
         torch.manual_seed(99)
@@ -74,7 +76,8 @@ ENDS = textwrap.dedent("""
         ckpt = torchckpt.Checkpointer(os.path.join(directory, "run"), async_save=True, keep_last=None)
         ckpt.save(1, model=small)
         ckpt.wait()
-        ckpt.save(2, model=big)  # cannot fit; nobody waits, nobody closes
+        ckpt.save(2, model=small, extra=big.weight)  # a snapshot (small's buffers reused) that cannot fit; nobody
+        # waits, nobody closes
     elif kind == "lightning":
         from torchckpt.integrations.lightning import TorchckptIO
         io = TorchckptIO(async_save=True)
@@ -120,7 +123,10 @@ def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
                     threading.Event().wait()  # forever
                 return super().__reduce_ex__(protocol)
         ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
-        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=torch.zeros(1).as_subclass(Hangs))
+        model = torch.nn.Linear(4, 4)
+        ckpt.save(1, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # writes through on this thread
+        ckpt.wait()
+        ckpt.save(2, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # a snapshot: pickled by the writer
         print("the script ended", flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="2")
@@ -129,7 +135,7 @@ def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
     assert "the script ended" in proc.stdout
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "still being written 2 s after the program ended" in proc.stderr
-    assert torchckpt.Checkpointer(tmp_path / "run").latest() is None
+    assert torchckpt.Checkpointer(tmp_path / "run").latest().step == 1
 
 
 @pytest.mark.slow
@@ -145,7 +151,10 @@ def test_ctrl_c_while_the_program_waits_at_exit_ends_it_and_says_what_is_lost(tm
                     threading.Event().wait()
                 return super().__reduce_ex__(protocol)
         ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
-        ckpt.save(1, model=torch.nn.Linear(4, 4), extra=torch.zeros(1).as_subclass(Hangs))
+        model = torch.nn.Linear(4, 4)
+        ckpt.save(1, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # writes through on this thread
+        ckpt.wait()
+        ckpt.save(2, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # a snapshot: pickled by the writer
         print("the script ended", flush=True)
     """)
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="600")
@@ -163,4 +172,4 @@ def test_ctrl_c_while_the_program_waits_at_exit_ends_it_and_says_what_is_lost(tm
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted while waiting at exit for the background save" in err and "not committed" in err, err
     assert "Traceback" not in err, err
-    assert torchckpt.Checkpointer(tmp_path / "run").latest() is None
+    assert torchckpt.Checkpointer(tmp_path / "run").latest().step == 1

@@ -31,7 +31,7 @@ from ..tools.convert import convert
 from ..tools.inspection import inspect as inspect_file
 from ..tools.scanning import scan
 from ..train import sidecar
-from ..train.checkpointer import resume
+from ..train.resume import resume
 from ..train.save import save
 from .samples import saved_on_device, write_py2_legacy
 

@@ -257,6 +257,12 @@ class AtomicFiles:
             raise write_error(primary.path, cause, written=primary.out.written) from None
         self._free_replaced()  # the commit is durable: old content is freed in the background from now
 
+    def abort(self) -> None:
+        """Remove every file written so far, unless published (what leaving the ``with`` block without
+        ``publish`` does): for a caller that publishes later, from another thread (an async save's write-through)."""
+        if not self._published:
+            self._abort()
+
     def _rename(self) -> None:
         for f in self._files:
             f.replaced = replace_file(f.temp, f.path)

@@ -18,7 +18,7 @@ from typing import IO, Any, Union
 from ..errors import CheckpointNotFoundError, NotACheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from .remote import RemoteFile, StorageOptions, is_url, join, ranged_reader, strip_file_scheme
 
-__all__ = ["Source", "SourceLike", "confined_path"]
+__all__ = ["Source", "SourceLike", "confined_path", "prefault_pages"]
 
 SourceLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes]]
 
@@ -326,7 +326,7 @@ class Source:
         ``madvise(MADV_POPULATE_WRITE)`` before its pread, instead of one page fault per 4 KiB inside
         the copy (about a fifth less system time). Only for a caller that reads on one thread: the
         madvise holds the process's ``mmap_lock`` while it faults, so another thread's allocation
-        waits for the piece, and a pool of reader threads serialises (measured; see ``_prefault``).
+        waits for the piece, and a pool of reader threads serialises (measured; see ``prefault_pages``).
         """
         import numpy as np
         import torch
@@ -355,7 +355,7 @@ class Source:
             while done < nbytes:
                 chunk = min(nbytes - done, PREFAULT_PIECE if prefault else 1 << 28)
                 if prefault:
-                    _prefault(address + done, chunk)
+                    prefault_pages(address + done, chunk)
                 got = os.preadv(fd, [view[done:done + chunk]], offset + done)
                 if got <= 0:
                     raise TruncatedCheckpointError(f"file ended at byte {offset + done} while reading "
@@ -466,23 +466,27 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _madvise: Any = None  # libc's madvise; False where unavailable
 
 
-def _prefault(address: int, nbytes: int) -> None:
-    """Map the whole pages of fresh memory ``[address, address+nbytes)`` before a ``pread`` fills them.
+def prefault_pages(address: int, nbytes: int) -> bool:
+    """Map the whole pages of fresh memory ``[address, address+nbytes)`` before something writes them.
 
     A ``pread`` into fresh memory takes one page fault per 4 KiB page inside the copy; one
     ``madvise(MADV_POPULATE_WRITE)`` first maps them in a loop (meta-model load of 1 GiB, fresh
-    processes: system time 0.66 -> 0.53 s). Semantically a no-op (the range is written next anyway);
-    skipped for less than 1 MiB, on other systems and on kernels without it. Sequential callers only
-    (:meth:`Source.read_into`): in a pool of reader threads, each madvise holding ``mmap_lock`` made
-    the others' allocations wait and the threads serialised (commit 1ed1894).
+    processes: system time 0.66 -> 0.53 s). Semantically a no-op: it never changes the content, so another
+    thread may write the range meanwhile (an async save's snapshot buffers are mapped this way in the
+    writer's thread, see :class:`torchckpt.train.warming.Warming`). Skipped for less than 1 MiB, on other
+    systems and on kernels without it (then False, and never asked again). Not from a pool of reader
+    threads (:meth:`Source.read_into` uses it on one thread): each madvise holds ``mmap_lock``, the
+    others' allocations waited and the threads serialised (commit 1ed1894).
     """
     global _madvise
-    if nbytes < 1 << 20 or _madvise is False:
-        return
+    if _madvise is False:
+        return False
+    if nbytes < 1 << 20:
+        return True
     if _madvise is None:
         if not sys.platform.startswith("linux"):
             _madvise = False
-            return
+            return False
         import ctypes  # lazy: only large local reads on Linux need it
 
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -492,6 +496,8 @@ def _prefault(address: int, nbytes: int) -> None:
     start, end = -(-address // page) * page, (address + nbytes) // page * page  # whole pages inside
     if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
         _madvise = False  # refused (EINVAL before Linux 5.14): plain faults from now on, never asked again
+        return False
+    return True
 
 
 def _seekable(f: Any) -> bool:

@@ -7,8 +7,8 @@ save or retention pass are reclaimed by the next writer (the protocol is :mod:`.
 writer per directory: a second one, in any process, gets a clear error. Old checkpoints are
 deleted only after the new one is committed, and only checkpoints this protocol wrote.
 
-Retention is a set of tiny pure policies (:class:`KeepLast`, :class:`KeepBest`, :class:`KeepEvery`):
-each one names the steps it wants kept, and a checkpoint survives if any policy keeps it.
+Retention is a set of tiny pure policies (:mod:`.retention`). :func:`torchckpt.resume` (any checkpoint,
+not only a directory of them) is in :mod:`.resume`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import os
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..read import deepspeed_kind, is_accelerate_folder
+from ..read import deepspeed_kind
 from ..errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ResumeError,
                       UnsupportedFormatError)
 from ..storage.atomic import os_error_in, write_error
@@ -29,20 +28,20 @@ from ..storage import files, interrupts
 from ..storage.remote import StorageOptions, is_url
 from . import distributed, exit_guard
 from .dcp_store import DcpStore
-from .fsspec_store import FsspecStore, resume_url
+from .fsspec_store import FsspecStore
 from .local_store import LocalStore
-from .restore import resume_file
+from .retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy, info_of
 from .snapshot import Copies, start_snapshot
-from .store import NAME, Entry, FileStore, Store
+from .warming import Warming, warming
+from .store import NAME, Entry, FileStore, Staging, Store
 from .training import TrainingState, capture
-from .zero import resume_deepspeed
 
 if TYPE_CHECKING:  # names for type checkers only: fit/ is imported when a resume runs
     from ..fit.align import RenameSpec
     from ..transforms import TransformSpec
 
-__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy", "resume",
-           "SkippedCheckpointWarning", "RetentionWarning"]
+__all__ = ["Checkpointer", "CheckpointInfo", "KeepLast", "KeepBest", "KeepEvery", "RetentionPolicy",
+           "SkippedCheckpointWarning", "RetentionWarning", "stores_for", "adapting_options"]
 
 
 class SkippedCheckpointWarning(UserWarning):
@@ -52,65 +51,12 @@ class SkippedCheckpointWarning(UserWarning):
 class RetentionWarning(UserWarning):
     """A checkpoint was saved, but an old one that retention would remove could not be removed."""
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint. Usable wherever a path is (``torchckpt.load(ckpt.latest())``)."""
-
-    step: int
-    path: str
-    metrics: Mapping[str, Any]
-    meta: Mapping[str, Any]
-
-    def __fspath__(self) -> str:
-        return self.path
-
-    def __str__(self) -> str:
-        return self.path
-
-
 def stores_for(directory: str, storage_options: StorageOptions | None = None) -> tuple[FileStore, DcpStore | None]:
     """The stores of a Checkpointer directory: its file store (a local directory or a URL prefix) and, on a
     local directory, the sharded (DCP) checkpoints beside it."""
     if is_url(directory):
         return FsspecStore(directory, storage_options), None
     return LocalStore(directory), DcpStore(directory)
-
-
-def _info(entry: Entry) -> CheckpointInfo:
-    return CheckpointInfo(entry.step, entry.path, (entry.meta or {}).get("metrics") or {}, entry.meta or {})
-
-
-class RetentionPolicy(Protocol):
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        """Steps to keep among ``checkpoints`` (sorted by step)."""
-
-
-@dataclass(frozen=True)
-class KeepLast:
-    n: int
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        return {c.step for c in checkpoints[-self.n:]} if self.n > 0 else set()
-
-
-@dataclass(frozen=True)
-class KeepBest:
-    n: int
-    monitor: str
-    mode: str = "min"
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        scored = [c for c in checkpoints if isinstance(c.metrics.get(self.monitor), (int, float))]
-        scored.sort(key=lambda c: c.metrics[self.monitor], reverse=self.mode == "max")
-        return {c.step for c in scored[: self.n]}
-
-
-@dataclass(frozen=True)
-class KeepEvery:
-    every_n_steps: int
-
-    def keep(self, checkpoints: list[CheckpointInfo]) -> set[int]:
-        return {c.step for c in checkpoints if c.step % self.every_n_steps == 0}
 
 
 class Checkpointer:
@@ -124,8 +70,12 @@ class Checkpointer:
         async_save: ``save`` captures the state (RNGs included) and copies it to CPU memory, then
             returns; writing happens in one background thread (never two writes at once). Everything
             is taken then: tensors copied into reused buffers, objects of your own classes in ``extra`` as
-            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). Errors
-            surface on the next ``save``, on ``wait()`` or on ``close()``. Use a ``with`` block or call
+            pickle takes them (their ``__reduce_ex__`` runs in ``save()``; see :mod:`.snapshot`). The
+            first save of a local directory with CPU tensors only has no buffers to reuse: it writes the
+            file in ``save()`` (about half a synchronous save) and only makes it durable (fsync, rename,
+            sidecar) in the background; its buffers are prepared in the background for the next save.
+            Errors of the background part surface on the next ``save``, on ``wait()`` or on ``close()``
+            (a failure to write the file itself raises from ``save()``, as in a synchronous save). Use a ``with`` block or call
             ``close()``: if the program ends first, torchckpt waits for the write (at most
             ``TORCHCKPT_EXIT_TIMEOUT`` s, default 600), prints a failure's typed error to stderr and
             makes the exit status 1 (see :mod:`torchckpt.train.exit_guard`).
@@ -175,6 +125,7 @@ class Checkpointer:
                 self._executor.submit(int).result()
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}  # async snapshot buffers, reused across saves
+        self._warming: Warming | None = None  # their pages being mapped in the background (see _write_through)
         self._lock = threading.Lock()
         self._writer = self._store.lock()
         self.removed_temp: list[str] = []
@@ -197,7 +148,7 @@ class Checkpointer:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints (sidecar present and consistent with the file size), oldest first."""
-        return [_info(e) for e in self._entries() if e.problem is None]
+        return [info_of(e) for e in self._entries() if e.problem is None]
 
     def _entries(self) -> list[Entry]:
         """Checkpoint files and (local) sharded DCP checkpoint directories, oldest first."""
@@ -248,8 +199,12 @@ class Checkpointer:
         if self._executor is None:
             self._commit(path, payload)
             return path
+        self._cool()  # a save is coming: the warming stops (its last piece may overlap the copy: it never changes them)
         ready: list[Any] = []
         snapshot, copies = start_snapshot(payload, self._buffers, ready)
+        if copies.write_through and isinstance(self._store, LocalStore):
+            self._write_through(path, payload, copies)
+            return path
         try:
             self._submit(f"the background save of {path}", self._commit, path, snapshot, ready, copies)
             copies.run()  # the writer's thread copies chunks too (see train/snapshot.py)
@@ -262,6 +217,42 @@ class Checkpointer:
                     self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
         return path
+
+    def _write_through(self, path: str, payload: dict[str, Any], copies: Copies) -> None:
+        """An async save whose snapshot would go into fresh memory only (the first one): the file is its snapshot.
+
+        The files are written here, on the caller's thread, exactly as a synchronous save writes them (same
+        bytes, temp names, digest, sidecar; Ctrl-C or a full disk raise here and leave nothing), so the page
+        cache holds the state of the moment and nothing is copied; the writer's thread makes them durable and
+        visible (fsync, rename, sidecar last, marker, retention), reported like any background write. Fresh
+        snapshot buffers cost a page fault per page (a host fault on a VM with free page reporting: the first
+        async save took 1.4-2.7x a sync save); their pages are mapped meanwhile in a thread of their own
+        (:class:`~.warming.Warming`, while the writer waits for the disk), for the next save, which copies into
+        them as usual."""
+
+        self._write(path, payload, lambda staged: self._submit(f"the background save of {path}", self._publish, path,
+                                                                staged))
+        self._warm(copies.fresh)
+
+    def _warm(self, buffers: list[Any]) -> None:
+        """Map the pages of ``buffers`` in a thread of its own; nobody waits for it (a save or close() cancels it, the
+        exit too, see :func:`~.warming.warming`)."""
+        with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
+            warm = warming(buffers)
+            if warm is None:
+                return
+            try:
+                threading.Thread(target=warm.run, name="torchckpt-warm").start()
+            except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
+                warm.cancel()
+                warm.run()
+                return
+            self._warming = warm
+
+    def _cool(self) -> None:
+        warm, self._warming = self._warming, None
+        if warm is not None:
+            warm.cancel()
 
     def _submit(self, what: str, fn: Any, *args: Any) -> None:
         """Start a background write; it is reported at exit if nobody waits for it (see exit_guard)."""
@@ -290,25 +281,59 @@ class Checkpointer:
         return path
 
     def _commit(self, path: str, payload: dict[str, Any], ready: Iterable[Any] = (), copies: Copies | None = None) -> None:
+        """Write and publish the checkpoint at ``path``: on the caller's thread for a sync save, in the writer's
+        thread for an async one (after its snapshot is complete)."""
         for event in ready:  # device-to-host copies of an async snapshot, still in flight when save() returned
             event.synchronize()
         if copies is not None:
             copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if save() was interrupted
+        self._write(path, payload)
+
+    def _write(self, path: str, payload: dict[str, Any], hand_off: Callable[[Staging], None] | None = None) -> None:
+        """A save's two phases (:class:`~.store.Staging`): its intent marker and files under temp names, then the
+        commit, or (``hand_off``, a write-through) the staged files handed to the writer's thread, which commits
+        them. If anything fails before the commit or the hand-off (Ctrl-C included), nothing of it stays."""
+        staged: Staging | None = None
+        owned = True  # this call removes what it staged if it fails (until the hand-off)
         try:
             with interrupts.deferred():  # (on the caller's thread in a synchronous save; see storage/interrupts.py)
                 try:
                     self._store.begin(path)
                 except OSError as exc:
                     raise write_error(path, exc) from None
-            self._store.write(path, payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+                staged = self._store.stage(path)
+            staged.write(payload, self.weights_format)  # Ctrl-C stops the writing, not its commit
+            if hand_off is None:
+                self._publish(path, staged)
+            else:
+                with interrupts.deferred():  # a Ctrl-C from here on comes after the hand-off: the write commits
+                    hand_off(staged)
+                    owned = False
         except BaseException:
-            with interrupts.deferred(), contextlib.suppress(Exception):  # the write's own error is the one to report
-                self._store.end(path)  # every file of it removed; a marker left is reclaimed by the next writer
+            if owned:
+                self._abandon(path, staged)
+            raise
+
+    def _publish(self, path: str, staged: Staging) -> None:
+        """Commit what ``staged`` holds (fsync, rename, sidecar last), then drop the marker and apply retention."""
+        try:
+            staged.publish()  # (deferred: a Ctrl-C waits for the commit or its undoing)
+        except BaseException:
+            self._abandon(path, staged)
             raise
         # Committed: what fails from here on is housekeeping, a warning, never a failed save.
         with interrupts.deferred():
             self._after_commit(path, "remove its .uncommitted marker", lambda: self._store.end(path))
             self._after_commit(path, "apply retention", self._apply_retention)
+
+    def _abandon(self, path: str, staged: Staging | None) -> None:
+        """Remove what a save staged, then its marker (it will not be committed)."""
+        with interrupts.deferred():
+            if staged is not None:
+                with contextlib.suppress(Exception):
+                    staged.abort()
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                self._store.end(path)  # a marker left is reclaimed by the next writer
 
     @staticmethod
     def _after_commit(path: str, what: str, step: Any) -> None:
@@ -321,7 +346,7 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         committed = [e for e in self._entries() if e.problem is None]
-        found = [_info(e) for e in committed]
+        found = [info_of(e) for e in committed]
         if not self.policies or not found or not distributed.is_committer():
             return
         keep: set[int] = {found[-1].step}
@@ -375,6 +400,7 @@ class Checkpointer:
         Interrupted (Ctrl-C) while it waits for a background write, that write goes on and keeps the
         directory: call ``close()`` again, or let the program end (it waits for the write, see
         :mod:`~torchckpt.train.exit_guard`)."""
+        self._cool()  # buffers nobody will use: the warming stops (not waited for)
         try:
             self.wait()
         finally:
@@ -414,7 +440,7 @@ class Checkpointer:
                 continue
             kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
                           map_location=map_location, restore_rng=restore_rng, strict=strict,
-                          **_adapting(rename, prefix, transforms, entry.path))
+                          **adapting_options(rename, prefix, transforms, entry.path))
             try:  # verified first; a URL's file downloaded once; a sharded one resharded into the objects' layout
                 state = (entry.store or self._store).resume(entry, **kwargs)
             except (CorruptCheckpointError, UnsupportedFormatError, CheckpointNotFoundError) as exc:
@@ -438,7 +464,7 @@ class Checkpointer:
                       stacklevel=3)
 
 
-def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
+def adapting_options(rename: RenameSpec, prefix: str | None, transforms: TransformSpec, path: str) -> dict[str, Any]:
     """resume's load_into options, only when given (sharded DCP checkpoints restore through torch's DCP)."""
     given = {k: v for k, v in (("rename", rename), ("prefix", prefix), ("transforms", transforms)) if v is not None}
     if given and os.path.isdir(path) and (distributed.is_dcp(path) or deepspeed_kind(path)):
@@ -446,45 +472,3 @@ def _adapting(rename: RenameSpec, prefix: str | None, transforms: TransformSpec,
                           path=path,
                           hint="Convert it to one file first (torchckpt.convert), then resume from that file.")
     return given
-
-
-def resume(path_or_dir: str, *, model: Any, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
-           stateful: Mapping[str, Any] | None = None, map_location: Any = None, restore_rng: bool = True,
-           strict: bool = True, storage_options: StorageOptions | None = None, rename: RenameSpec = None,
-           prefix: str | None = None, transforms: TransformSpec = None) -> TrainingState:
-    """Restore a training run from a checkpoint file, or from the newest complete one in a directory.
-
-    Restores the model (through ``load_into``, so DataParallel-saved weights resume into a plain
-    model and the reverse), optimizer (its state moved to the parameters' devices), scheduler,
-    scaler, ``stateful`` objects and, unless ``restore_rng=False``, every RNG. Refuses clearly when
-    the optimizer's parameter groups or type do not fit. A file that does not match its sidecar is
-    refused; in a directory, the newest complete checkpoint is used (see :meth:`Checkpointer.resume`).
-    Top-level keys of a hand-written training dict that resume does not restore (``best_prec1``,
-    ``arch`` ...) are kept in ``state.extra``. An accelerate ``save_state`` folder is restored as one
-    checkpoint (model, optimizer, scheduler, scaler and the RNG states of process 0). A DeepSpeed ZeRO
-    folder (run or step folder) resumes into a plain model and optimizer: the fp32 weights and the Adam
-    moments are gathered from every rank's partition.
-    Files and directories may be URLs (``storage_options`` for their filesystem): a remote checkpoint
-    is downloaded once into a temporary folder, verified, restored, and the download removed.
-
-    When the model's architecture changed since saving, ``rename``, ``prefix`` and ``transforms`` are
-    :func:`torchckpt.load_into`'s (pass ``strict=False`` for new or dropped layers), and the optimizer
-    state follows the same plan (:func:`torchckpt.remap_optimizer_state`): carried through renames,
-    prefixes and fuse/split, afresh for new or resized parameters; ``state.notes`` says which.
-    """
-    path = os.fspath(path_or_dir)
-    kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stateful=stateful,
-                  map_location=map_location, restore_rng=restore_rng, strict=strict,
-                  **_adapting(rename, prefix, transforms, path))
-    if is_url(path):
-        if files.isdir(path, storage_options):
-            return Checkpointer(path, storage_options=storage_options).resume(**kwargs)
-        return resume_url(path, storage_options, **kwargs)
-    if os.path.isdir(path) and distributed.is_dcp(path):  # one sharded checkpoint, not a directory of them
-        state: TrainingState = distributed.resume_one(path, **kwargs)
-        return state
-    if os.path.isdir(path) and deepspeed_kind(path):  # a DeepSpeed run or step folder: gathered into plain PyTorch
-        return resume_deepspeed(path, **kwargs)
-    if os.path.isdir(path) and not is_accelerate_folder(path):  # accelerate folders load as one payload
-        return Checkpointer(path).resume(**kwargs)
-    return resume_file(path, **kwargs)

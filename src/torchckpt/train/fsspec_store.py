@@ -35,7 +35,7 @@ from .restore import resume_file
 from . import sidecar
 from .training import TrainingState, data_files, verify, write_data
 
-__all__ = ["FsspecStore", "upload", "downloaded", "resume_url"]
+__all__ = ["FsspecStore", "upload", "StagedUpload", "downloaded", "resume_url"]
 
 STAGING = "torchckpt-upload-"  # + pid: a local folder a writer stages one checkpoint in before uploading it
 
@@ -125,8 +125,8 @@ class FsspecStore:
         to abort incomplete multipart uploads); staging folders of dead local writers go at each upload."""
         return []
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        upload(path, payload, weights_format, self.options)
+    def stage(self, path: str) -> "StagedUpload":
+        return StagedUpload(path, self.options)
 
     # ------------------------------------------------------------------ resuming
     def resume(self, entry: store.Entry, **objects: Any) -> TrainingState:
@@ -142,26 +142,60 @@ def upload(path: str, payload: dict[str, Any], weights_format: str = "pt",
            storage_options: StorageOptions | None = None) -> dict[str, Any]:
     """Write one checkpoint's files to a local staging folder, upload each whole, then the sidecar; returns
     the sidecar. If anything fails, none of its files stays under its final name."""
-    options = dict(storage_options or {})
-    _clean_stale_staging()
-    staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
+    staged = StagedUpload(path, storage_options)
     try:
-        local = os.path.join(staging, os.path.basename(path.rstrip("/")))
-        meta = write_data(local, payload, weights_format)
+        staged.write(payload, weights_format)
+        staged.publish()
+    finally:
+        staged.abort()
+    return staged.meta
+
+
+class StagedUpload:
+    """One upload of the checkpoint at ``path`` in two phases (:class:`~torchckpt.train.store.Staging`): its files
+    written to a local staging folder (:meth:`write`), then uploaded (:meth:`publish`)."""
+
+    def __init__(self, path: str, storage_options: StorageOptions | None = None) -> None:
+        self.path, self.options = path, dict(storage_options or {})
+        self.meta: dict[str, Any] = {}
+        self.staging: str | None = None
+
+    def write(self, payload: dict[str, Any], weights_format: str = "pt") -> None:
+        """Write the checkpoint's files into a new local staging folder (the writer of local checkpoints)."""
+        _clean_stale_staging()
+        self.staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-")
+        try:
+            self.meta = write_data(os.path.join(self.staging, os.path.basename(self.path.rstrip("/"))), payload,
+                                   weights_format)
+        except BaseException:
+            self.abort()
+            raise
+
+    def publish(self) -> None:
+        """Upload each file whole, then the sidecar (the commit record); on failure none of them stays under its
+        final name. The staging folder is removed either way."""
+        path, options = self.path, self.options
+        assert self.staging is not None, "write() first"
         try:
             files.remove(sidecar.path_of(path), options)  # a re-save of a step: the old record goes first
-            for name in meta.get("files") or [os.path.basename(local)]:
-                with open(os.path.join(staging, name), "rb") as src, \
+            for name in self.meta.get("files") or [os.path.basename(path.rstrip("/"))]:
+                with open(os.path.join(self.staging, name), "rb") as src, \
                         files.write_whole(join(path.rsplit("/", 1)[0], name), options) as dst:
                     shutil.copyfileobj(src, dst, 8 << 20)
-            sidecar.write(path, meta, options)  # the commit record, last
+            sidecar.write(path, self.meta, options)  # the commit record, last
         except BaseException:
             with contextlib.suppress(Exception):
                 _discard(path, options)  # data without its sidecar must not stay under the final name
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return meta
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the staging folder (nothing is uploaded before publish, and publish removes what it uploaded
+        when it fails)."""
+        staging, self.staging = self.staging, None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _discard(path: str, options: StorageOptions) -> None:

@@ -20,7 +20,7 @@ from ..storage.atomic import clean_temp_files, fsync_dir, write_error
 from . import sidecar
 from .restore import resume_file
 from .store import LOCK_NAME, Entry, commit_problem, file_name, marker_path, step_of
-from .training import TrainingState, discard, verify, write_payload
+from .training import StagedPayload, TrainingState, discard, verify
 
 __all__ = ["LocalStore", "DirectoryLock"]
 
@@ -77,8 +77,9 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             os.remove(marker_path(path))
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        write_payload(path, payload, weights_format)
+    def stage(self, path: str) -> StagedPayload:
+        """A save of ``path``: its files under temp names beside it; ``publish`` fsyncs and renames them, the sidecar last."""
+        return StagedPayload(path)
 
     def delete(self, path: str) -> None:
         """Remove a committed checkpoint: marker first, then the sidecar (it stops being a checkpoint), data, marker.

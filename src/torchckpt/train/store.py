@@ -29,7 +29,7 @@ from typing import Any, Callable, Collection, Mapping, Protocol
 from . import sidecar
 from .training import FORMAT, TrainingState
 
-__all__ = ["Store", "FileStore", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
+__all__ = ["Store", "FileStore", "Staging", "WriterLock", "Entry", "NAME", "LOCK_NAME", "MARKER_SUFFIX", "file_name",
            "marker_path", "commit_problem", "step_of"]
 
 NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -132,6 +132,23 @@ class Store(Protocol):
         """Verify the committed ``entry`` and restore ``objects`` from it (``resume_file``'s arguments)."""
 
 
+class Staging(Protocol):
+    """One save of a single-file checkpoint in two phases (:meth:`FileStore.stage`): :meth:`write` puts its
+    files where nobody sees them yet (temp names, a staging folder), :meth:`publish` commits them. A sync save
+    runs both on its caller's thread; an async save's write-through publishes in the writer's thread (see
+    :mod:`.checkpointer`). Made before anything is written: its owner can always :meth:`abort` it."""
+
+    def write(self, payload: dict[str, Any], weights_format: str) -> None:
+        """Write ``payload``'s files, not yet visible; if anything fails (Ctrl-C included), nothing of it stays."""
+
+    def publish(self) -> None:
+        """Commit it: its files durable (or uploaded) under their final names, the sidecar last; if anything
+        fails, no file of it stays under its final name."""
+
+    def abort(self) -> None:
+        """Remove every file of it (nothing once published)."""
+
+
 class FileStore(Store, Protocol):
     """A store of single-file checkpoints (``ckpt-<step>.pt`` and their sidecars)."""
 
@@ -141,9 +158,8 @@ class FileStore(Store, Protocol):
     def begin(self, path: str) -> None:
         """Write the intent marker of ``path`` before any of its files changes (raises OSError)."""
 
-    def write(self, path: str, payload: dict[str, Any], weights_format: str) -> None:
-        """Write ``payload`` to ``path`` and commit it (sidecar last); if anything fails, no file of it
-        stays under its final name."""
+    def stage(self, path: str) -> Staging:
+        """A new save of ``path`` (nothing written yet; call after :meth:`begin`)."""
 
     def end(self, path: str) -> None:
         """The step begun on ``path`` is complete (committed or every file removed): drop its marker."""

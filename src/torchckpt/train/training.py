@@ -38,7 +38,7 @@ from .. import read  # the face is lazy: the readers load when a safetensors fil
 from ..storage.reclaim import remove_file
 from . import sidecar
 
-__all__ = ["write_payload", "write_data", "discard", "TrainingState", "capture", "verify"]
+__all__ = ["write_payload", "StagedPayload", "write_data", "discard", "TrainingState", "capture", "verify"]
 
 FORMAT = "torchckpt.training/1"
 
@@ -202,8 +202,8 @@ def plain_number(value: Any) -> Any:
 def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt") -> dict[str, Any]:
     """Write payload and its sidecar (the commit record) atomically and durably. Returns the sidecar document.
 
-    The data file(s) and the sidecar are written under temp names and renamed with the sidecar last,
-    after the old sidecar (when overwriting) is removed (:class:`~torchckpt.storage.atomic.AtomicFiles`).
+    The data file(s) and the sidecar are written under temp names (:meth:`StagedPayload.write`) and renamed
+    with the sidecar last, after the old sidecar (when overwriting) is removed (:meth:`StagedPayload.publish`).
     Overwriting, every file is durable before it replaces anything: a crash at any moment leaves the old
     files, or old or new data without a sidecar (complete, unverified), or the new checkpoint; never new
     data beside the old sidecar. A new checkpoint is renamed first and fsynced together with its
@@ -212,17 +212,53 @@ def write_payload(path: str, payload: dict[str, Any], weights_format: str = "pt"
     one; a kill leaves it complete). The save returns only once everything is durable. If anything cannot
     be written, no file of this checkpoint stays under its final name.
     """
-    path = os.fspath(path)
+    staged = StagedPayload(path)
     try:
-        with AtomicFiles(os.path.dirname(os.path.abspath(path))) as group:
-            meta = write_data(path, payload, weights_format, group=group)
-            sidecar.write_into(group, path, meta)
-            group.publish(remove_first=[sidecar.path_of(path)], verified=True)  # the sidecar checks the data
-    except CheckpointWriteError as exc:
-        if getattr(exc, "errno", None) == errno.ENOSPC:
-            exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
-        raise
-    return meta
+        staged.write(payload, weights_format)
+        staged.publish()
+    finally:
+        staged.abort()  # (nothing once published; on a failure its files are removed already)
+    return staged.meta
+
+
+class StagedPayload:
+    """One save of the checkpoint at ``path`` in two phases (:class:`~torchckpt.train.store.Staging`):
+    :meth:`write` puts its data file(s) and sidecar under temp names beside it (neither durable nor visible),
+    :meth:`publish` commits them, :meth:`abort` removes them. Made before anything is written, so that its
+    owner can always remove what an interrupted write left. An async save's write-through publishes it in the
+    writer's thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        self.meta: dict[str, Any] = {}
+        self._group = AtomicFiles(os.path.dirname(os.path.abspath(self.path)))
+
+    def write(self, payload: dict[str, Any], weights_format: str = "pt") -> None:
+        """Write the files under temp names and stage the sidecar; if anything fails (Ctrl-C included, which stops
+        the writing), nothing of it stays."""
+        try:
+            self.meta = write_data(self.path, payload, weights_format, group=self._group)
+            sidecar.write_into(self._group, self.path, self.meta)
+        except BaseException as exc:
+            self._group.abort()
+            if isinstance(exc, CheckpointWriteError) and getattr(exc, "errno", None) == errno.ENOSPC:
+                exc.reason += f"; this checkpoint needs about {_mib(_payload_nbytes(payload))} for its tensors alone"
+            raise
+
+    def publish(self) -> None:
+        """fsync, rename (the sidecar last, the old sidecar removed first), fsync the directory; on failure no
+        file of it stays under its final name (:meth:`AtomicFiles.publish`)."""
+        try:
+            self._group.publish(remove_first=[sidecar.path_of(self.path)], verified=True)  # the sidecar checks the data
+        except CheckpointWriteError as exc:
+            if getattr(exc, "errno", None) == errno.ENOSPC:
+                size = int(self.meta.get("size") or 0) + int(self.meta.get("weights_size") or 0)
+                exc.reason += f"; this checkpoint needs about {_mib(size)}"
+            raise
+
+    def abort(self) -> None:
+        """Remove every file of it (nothing once published)."""
+        self._group.abort()
 
 
 def data_files(path: str) -> list[str]:

@@ -129,11 +129,15 @@ def graph_depth(meter: Meter, root: Any, leaf_types: tuple[Any, ...]) -> None:
             if grand is None:
                 continue
             steps += len(grand)
-            on_path.add(cid)
             keep.append(child)
             if len(stack) >= limit:
                 meter.depth(len(stack) + 1)
-            stack.append([child, [c for c in grand if type(c) not in scalars], 0])
+            inner = [c for c in grand if type(c) not in scalars]
+            if not inner:  # a container of scalars (most of them): height 1, no frame of its own
+                height[cid] = 1
+                continue
+            on_path.add(cid)
+            stack.append([child, inner, 0])
             continue
         stack.pop()
         oid = id(frame[0])
@@ -162,6 +166,10 @@ def _children(obj: Any, leaf_types: tuple[Any, ...]) -> Any:
         return None
     if t is list or t is tuple:
         seq: Any = obj
+    elif t is dict:  # no __dict__ to add (the walk of a stub meets one per stub: its empty kwargs)
+        if not obj:
+            return ()
+        seq = [*obj.keys(), *obj.values()]
     elif isinstance(obj, dict):
         d = getattr(obj, "__dict__", None)
         seq = [*obj.keys(), *obj.values()]

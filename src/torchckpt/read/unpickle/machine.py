@@ -169,13 +169,18 @@ class Unpickler:
                             fresh[id(value)][2].append(idx)
                     else:
                         self.memo_put(idx)
-                elif op == 0x72:  # LONG_BINPUT (every memo index past 255)
+                elif op == 0x72 or op == 0x6A:  # LONG_BINPUT, LONG_BINGET (every memo index past 255)
                     pos = self.pos
                     if pos + 4 > end:
                         self._take(4)
                     idx = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16 | data[pos + 3] << 24
                     self.pos = pos + 4
-                    if idx == len(memo):
+                    if op == 0x6A:
+                        value = memo[idx] if idx < len(memo) else MISSING
+                        if value is MISSING:
+                            raise self._error(f"GET of the unused memo slot {idx}", self.pos)
+                        stack.append(value)
+                    elif idx == len(memo):
                         value = stack[-1]
                         memo.append(value)
                         if fresh and id(value) in fresh:
@@ -203,6 +208,10 @@ class Unpickler:
                 elif op == 0x4B:  # BININT1
                     stack.append(data[self.pos])
                     self.pos += 1
+                elif op == 0x85:  # TUPLE1
+                    stack[-1] = (stack[-1],)
+                elif op == 0x29:  # EMPTY_TUPLE
+                    stack.append(())
                 elif op == 0x28:  # MARK
                     if len(metastack) >= max_nesting:
                         raise self.policy.budget.exceeded("depth", len(metastack) + 1, max_nesting,
