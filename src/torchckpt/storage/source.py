@@ -275,11 +275,8 @@ class Source:
         """Where the bytes of ``tensor`` start in this file if it is a contiguous CPU view of this source's own
         mapping (then ``pread`` can copy them without touching the mapped pages); None otherwise."""
         nbytes = tensor.numel() * tensor.element_size()
-        if tensor.device.type != "cpu" or not nbytes or not tensor.is_contiguous() or self._owner(
-                tensor.data_ptr(), nbytes) is not self:
-            return None
-        assert self._map_base is not None
-        return int(tensor.data_ptr() - self._map_base)
+        mine = tensor.device.type == "cpu" and nbytes and tensor.is_contiguous() and self._owner(tensor.data_ptr(), nbytes) is self
+        return int(tensor.data_ptr() - self._map_base) if mine and self._map_base is not None else None
 
     def release_pointer(self, pointer: int, nbytes: int) -> None:
         """:meth:`release` for a mapped storage given by its data pointer (no-op if not ours)."""
@@ -368,11 +365,9 @@ class Source:
             view[:] = np.frombuffer(self.read_at(offset, nbytes), dtype=np.uint8)
 
     def read_into_views(self, offset: int, views: list[Any]) -> None:
-        """Copy the bytes of this local file from ``offset`` on into ``views`` (writable contiguous CPU buffers:
-        numpy slices of tensors) one after another, with ``preadv``: one call for up to :data:`IOV_MAX` views,
-        the GIL released once for all of them (a thread that takes it back per piece waits for another
-        thread's switch interval each time). For ranges :meth:`mapped_offset` found."""
-        assert self.path is not None and self._bytes is None, "a local file"
+        """The bytes of this local file from ``offset`` on into ``views`` (writable contiguous buffers, one after
+        another) by ``preadv``: the GIL released once per :data:`IOV_MAX` views, not once per piece."""
+        assert self.path is not None and self._bytes is None, "a local file (see mapped_offset)"
         views = [v for v in views if memoryview(v).nbytes]
         sizes = [memoryview(v).nbytes for v in views]
         self._check_range(offset, sum(sizes))

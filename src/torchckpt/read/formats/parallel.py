@@ -1,5 +1,5 @@
 """Reading the parts of one checkpoint (the shards an index lists, the data files of a DCP directory, the
-rank files of a DeepSpeed folder and the parameters consolidated from them) with a bounded pool of threads.
+files of a DeepSpeed universal folder) with a bounded pool of threads.
 
 Reading a part is mostly ``pread`` into tensor storages (or a ranged download), which releases the
 GIL, so parts read side by side use every core (and overlap remote latency). Each part is read with
