@@ -1,10 +1,12 @@
-"""Benchmark: consolidate a DeepSpeed ZeRO-2 and ZeRO-3 folder (2 ranks) into an fp32 state dict.
+"""Benchmark: consolidate a DeepSpeed ZeRO-2 and ZeRO-3 folder (N ranks) into an fp32 state dict.
 
-    python bench/bench_deepspeed.py [--size-mib 512] [--repeats 3] [--dir DIR] [--workers "1 2"]
+    python bench/bench_deepspeed.py [--size-mib 256] [--ranks 2] [--repeats 3] [--workers "1 2"] [--keep DIR]
 
-The folders are written by DeepSpeed itself (tests/deepspeed_app.py, torchrun on CPU/gloo; needs
-``pip install deepspeed``). Baseline: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (what
-``zero_to_fp32`` runs) on the same folder. Goal (issue 28): peak RSS <= 0.5x of it at <= 1.2x its time.
+The folders are written by DeepSpeed itself (tests/helpers/deepspeed_app.py, torchrun on CPU/gloo, ``--ranks``
+processes; needs ``pip install deepspeed``). ``--keep DIR`` writes them there once and reuses them in later
+runs (write them under ``flock -s``, then time under ``flock -x``: ``--generate-only`` stops after writing).
+Baseline: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (what ``zero_to_fp32`` runs) on the same
+folder. Goal (issue 28): peak RSS <= 0.5x of it at <= 1.2x its time; (issue 27) 2 workers >= 1.6x of 1.
 Each case runs in fresh processes (page cache warm for both: the folder is read once before timing), the
 cases alternated. ``torchckpt.load`` reads the rank files side by side (``workers=``): each pool size is a row,
 the first the one compared with the baseline.
@@ -18,13 +20,16 @@ import subprocess
 import sys
 import tempfile
 
+from bench_shards import free_cores
 from common import bench_args, measure_alternated, print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APP = os.path.join(HERE, os.pardir, "tests", "helpers", "deepspeed_app.py")
+CONFIGS = ("2-fp32", "3-fp32")
 
 OURS = """
     import time, torchckpt
+    import torchckpt.read.opener, torchckpt.read.formats.deepspeed, torchckpt.read.formats.torch_zip  # not the load
     base = reset_peak()
     t0 = time.perf_counter()
     sd = torchckpt.load({folder!r}, workers={workers})
@@ -42,19 +47,35 @@ THEIRS = """
 """
 
 
+def generate(folder: str, size_mib: int, ranks: int) -> None:
+    """DeepSpeed writes ``folder/<config>`` for every config missing there (torchrun, ``ranks`` processes)."""
+    missing = [c for c in CONFIGS if not os.path.isfile(os.path.join(folder, c, "latest"))]
+    if not missing:
+        return
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", DS_APP_BIG_MIB=str(size_mib))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                    "127.0.0.1", "--master_port", "29571", APP, folder, *missing], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+
+
 def main() -> None:
-    args = bench_args(__doc__, size_mib=512, extra=lambda ap: ap.add_argument(
-        "--workers", default="1 2", help="pool sizes of torchckpt.load (the first is compared with zero_to_fp32)"))
+    args = bench_args(__doc__, size_mib=256, extra=lambda ap: (
+        ap.add_argument("--workers", default="1 2", help="pool sizes of torchckpt.load (the first is compared "
+                                                         "with zero_to_fp32)"),
+        ap.add_argument("--ranks", type=int, default=2, help="data-parallel ranks DeepSpeed writes (torchrun)"),
+        ap.add_argument("--keep", default=None, help="write the folders here once and reuse them (not deleted)"),
+        ap.add_argument("--generate-only", action="store_true", help="write the folders (--keep) and stop")))
     pools = [int(w) for w in args.workers.split()]
-    folder = tempfile.mkdtemp(prefix="torchckpt-bench-ds-", dir=args.dir)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", DS_APP_BIG_MIB=str(args.size_mib))
+    folder = args.keep or tempfile.mkdtemp(prefix="torchckpt-bench-ds-", dir=args.dir)
     try:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", "29571", APP, folder, "2-fp32", "3-fp32"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        os.makedirs(folder, exist_ok=True)
+        generate(folder, args.size_mib, args.ranks)
+        if args.generate_only:
+            return
         os.environ["DS_ACCELERATOR"] = "cpu"  # for the baseline's children
         rows = []
-        for config in ("2-fp32", "3-fp32"):
+        before = free_cores()
+        for config in CONFIGS:
             run = os.path.join(folder, config)
             size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(run) for f in fs) / 2**20
             for dirpath, _, names in os.walk(run):  # warm the page cache
@@ -70,10 +91,14 @@ def main() -> None:
                      (f"ZeRO-{config[0]}: torchckpt.load(workers={pools[0]})", first, theirs)]
             rows += [(f"ZeRO-{config[0]}: torchckpt.load(workers={w}) vs workers={pools[0]}", res[f"workers={w}"], first)
                      for w in pools[1:]]
-        print_table(f"DeepSpeed consolidation, {args.size_mib} MiB of fp32 weights, 2 ranks, medians of "
-                    f"{args.repeats} fresh processes", rows, size_mib=args.size_mib)
+        after = free_cores()
+        print(f"load average {os.getloadavg()[0]:.1f}; {len(os.sched_getaffinity(0))} cores, free cores measured "
+              f"before/after: {before:.2f}/{after:.2f}")
+        print_table(f"DeepSpeed consolidation, {args.size_mib} MiB of fp32 weights, {args.ranks} ranks, medians of "
+                    f"{args.repeats} alternated fresh processes, warm page cache", rows, size_mib=args.size_mib)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ hang: its Python stacks (faulthandler) and, with gdb, every thread's stack are p
 
 Kinds of operation (all by default): ``file`` (torchckpt.save over an existing file), ``sync`` and
 ``async`` (Checkpointer.save), ``first`` (the first save of an async Checkpointer: written through on the
-caller's thread), ``wait`` and ``close`` (an async Checkpointer waiting for its write).
+caller's thread), ``wait`` and ``close`` (an async Checkpointer waiting for its write). By hand only:
+``lightning`` (the first save of Lightning's ``TorchckptIO(async_save=True)``, written through the same way).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def _model(copy: int = 0) -> Any:
     return _models[_WIDTH, copy]
 
 
-def _traced_files() -> set[str]:
+def _traced_files(kinds: list[str]) -> set[str]:
     import importlib
 
-    names = ("threading", "signal", "concurrent.futures._base", "concurrent.futures.thread", "torchckpt.storage.atomic",
+    plugin = ("torchckpt.integrations.lightning", "torchckpt.train.training", "torchckpt.train.warming") \
+        if "lightning" in kinds else ()
+    names = (*plugin, "threading", "signal", "concurrent.futures._base", "concurrent.futures.thread", "torchckpt.storage.atomic",
              "torchckpt.storage.interrupts", "torchckpt.storage.reclaim", "torchckpt.train.checkpointer",
              "torchckpt.train.exit_guard", "torchckpt.train.local_store", "torchckpt.train.snapshot",
              "torchckpt.train.store")
@@ -199,6 +202,8 @@ def scenario(kind: str, directory: Path, trigger: Any) -> bool:
         torchckpt.save(path, model=model, step=3)
         assert torchckpt.resume(path, model=_model(1)).step == 3
         return hit
+    if kind == "lightning":
+        return _lightning_first(directory, trigger)
     ck = Checkpointer(str(directory), async_save=kind != "sync", keep_last=5)
     if kind == "first":  # the first async save: written through on this thread, committed by the writer
         hit = _interrupted(lambda: ck.save(1, model=model), trigger)
@@ -233,6 +238,27 @@ def scenario(kind: str, directory: Path, trigger: Any) -> bool:
     return hit
 
 
+def _lightning_first(directory: Path, trigger: Any) -> bool:
+    """Lightning's first async save, interrupted: its file complete (verified) or absent, the next saves work."""
+    from torchckpt.integrations.lightning import TorchckptIO
+    from torchckpt.train.training import verify
+
+    model = _model()
+    io = TorchckptIO(async_save=True)
+    first, second = str(directory / "a.ckpt"), str(directory / "b.ckpt")
+    hit = _interrupted(lambda: io.save_checkpoint({"state_dict": model.state_dict()}, first), trigger)
+    io.save_checkpoint({"state_dict": model.state_dict()}, second)  # waits for the first, if handed over
+    io.teardown()
+    io.teardown()
+    names = sorted(os.listdir(directory))
+    assert names in (["a.ckpt", "a.ckpt.meta.json", "b.ckpt", "b.ckpt.meta.json"], ["b.ckpt", "b.ckpt.meta.json"]) \
+        and (len(names) == 4 or hit), (hit, names)
+    for path in (first, second)[4 - len(names) >> 1:]:
+        verify(path)
+        assert os.path.exists(path + ".meta.json")
+    return hit
+
+
 def _one(kind: str, directory: Path, trigger: Any, args: argparse.Namespace, failures: list[str]) -> bool:
     """:func:`scenario` under faulthandler's timeout; with ``--keep-going`` a failure is listed, not raised."""
     faulthandler.dump_traceback_later(args.step_timeout, exit=True)
@@ -259,7 +285,7 @@ def child(args: argparse.Namespace) -> None:
     failures: list[str] = []
     if args.mode == "trace":
         _WIDTH = 256
-        _Trace.files = _traced_files()
+        _Trace.files = _traced_files(kinds)
         for kind in kinds:
             counter = _Trace(-1)  # counts the points of the operation, uninterrupted
             _one(kind, root / f"{kind}-count", counter, args, failures)

@@ -281,6 +281,7 @@ def test_lightning_plugin_ctrl_c_while_waiting_keeps_the_previous_write_pending(
         os.kill(os.getpid(), signal.SIGINT)
 
     try:
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "first.ckpt")  # writes through
         io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "held": fails_when_opened()}, tmp_path / "a.ckpt")
         previous = signal.signal(signal.SIGALRM, interrupt)
         try:

@@ -81,7 +81,9 @@ ENDS = textwrap.dedent("""
     elif kind == "lightning":
         from torchckpt.integrations.lightning import TorchckptIO
         io = TorchckptIO(async_save=True)
-        io.save_checkpoint({"state_dict": big.state_dict()}, os.path.join(directory, "last.ckpt"))
+        io.save_checkpoint({"state_dict": small.state_dict()}, os.path.join(directory, "first.ckpt"))  # writes through
+        io.save_checkpoint({"state_dict": small.state_dict(), "big": big.weight},  # a snapshot that cannot fit
+                           os.path.join(directory, "last.ckpt"))
     elif kind == "fits":
         ckpt = torchckpt.Checkpointer(os.path.join(directory, "run"), async_save=True, keep_last=None)
         ckpt.save(1, model=small)  # fits; the program ends while it may still be writing

@@ -165,3 +165,122 @@ def test_unsafe_damaged_and_foreign_files_are_refused(tmp_path):
         io.load_checkpoint(weights)
     io.remove_checkpoint(good)
     assert not os.path.exists(good) and not os.path.exists(good + ".meta.json")
+
+
+# --------------------------------------------------------------- async_save: the first save writes through
+def _checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> dict:
+    return {"pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": step,
+            "state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "loops": {"note": "x"}}
+
+
+def _assert_same(got, expected, where="") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected), where
+        for k in expected:
+            _assert_same(got[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_same(g, e, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
+def _trained(width: int = 256, layers: int = 4) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_the_first_async_save_writes_what_a_sync_save_writes(tmp_path):
+    from torchckpt.integrations.lightning import TorchckptIO
+
+    model, opt = _trained()
+    sync, io = TorchckptIO(), TorchckptIO(async_save=True)
+    sync.save_checkpoint(_checkpoint(model, opt, 3), tmp_path / "sync.ckpt")
+    try:
+        io.save_checkpoint(_checkpoint(model, opt, 3), tmp_path / "async.ckpt")
+        assert io._warming is not None  # written through: its buffers are warmed for the next save
+        assert io._buffers and all(b.nbytes() for b in io._buffers.values())
+    finally:
+        io.teardown()
+    assert io._warming is None and sorted(os.listdir(tmp_path)) == [
+        "async.ckpt", "async.ckpt.meta.json", "sync.ckpt", "sync.ckpt.meta.json"]  # no temp file left
+    for name in ("sync.ckpt", "async.ckpt"):
+        verify(str(tmp_path / name))  # size, digest and every CRC against its sidecar
+    _assert_same(io.load_checkpoint(tmp_path / "async.ckpt"), sync.load_checkpoint(tmp_path / "sync.ckpt"))
+
+
+def test_a_change_right_after_an_async_save_returns_never_reaches_the_file(tmp_path):
+    """The first save is written before save_checkpoint returns; the next ones copy into its (warmed) buffers."""
+    from torchckpt.integrations.lightning import TorchckptIO
+
+    model, opt = _trained(512, 8)  # 8 MiB: buffers large enough to be warmed
+    io = TorchckptIO(async_save=True)
+    try:
+        for step in (1, 2, 3):
+            expected = copy.deepcopy(_checkpoint(model, opt, step))
+            io.save_checkpoint(_checkpoint(model, opt, step), tmp_path / f"{step}.ckpt")
+            warm = io._warming
+            with torch.no_grad():  # the next training step, while the writer may still be writing
+                for p in model.parameters():
+                    p.mul_(-3).add_(1)
+                    opt.state[p]["exp_avg"].add_(7)
+            assert (warm is not None) == (step == 1)  # only the first save writes through
+            io._wait()
+            _assert_same(io.load_checkpoint(tmp_path / f"{step}.ckpt"), expected, str(step))
+            if step == 1:
+                assert warm.done.wait(60)  # warmed before the second save
+    finally:
+        io.teardown()
+
+
+def test_a_failure_of_the_durable_part_is_raised_by_the_next_save_and_leaves_nothing(tmp_path):
+    """The first async save's file is written in save_checkpoint; its rename, in the background, fails (a
+    directory holds the name): the next save raises it, typed, as for any failed background write."""
+    from torchckpt.errors import CheckpointWriteError
+    from torchckpt.integrations.lightning import TorchckptIO
+
+    (tmp_path / "a.ckpt").mkdir()
+    (tmp_path / "a.ckpt" / "keep").write_text("not ours")
+    model, opt = _trained()
+    io = TorchckptIO(async_save=True)
+    try:
+        io.save_checkpoint(_checkpoint(model, opt, 1), tmp_path / "a.ckpt")  # returns: the write succeeded
+        with pytest.raises(CheckpointWriteError, match="a.ckpt"):
+            io.save_checkpoint(_checkpoint(model, opt, 2), tmp_path / "b.ckpt")
+        assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]  # no temp file or sidecar; b.ckpt was not started
+        io.save_checkpoint(_checkpoint(model, opt, 2), tmp_path / "b.ckpt")  # the next save works
+    finally:
+        io.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt", "b.ckpt", "b.ckpt.meta.json"]
+    verify(str(tmp_path / "b.ckpt"))
+    io.save_checkpoint(_checkpoint(model, opt, 3), tmp_path / "a.ckpt")  # teardown reports it too
+    with pytest.raises(CheckpointWriteError, match="a.ckpt"):
+        io.teardown()
+
+
+def test_ctrl_c_inside_the_first_async_save_leaves_nothing(tmp_path):
+    """A real SIGINT inside torch.save's writes on the training thread: nothing published, no temp file."""
+    from test_ctrl_c_bookkeeping import interrupt_at_call
+    from torchckpt.integrations.lightning import TorchckptIO
+
+    model, opt = _trained()
+    io = TorchckptIO(async_save=True)
+    try:
+        sys.settrace(interrupt_at_call("_Counted.write", os.path.join("storage", "atomic.py"), call=3))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                io.save_checkpoint(_checkpoint(model, opt, 1), tmp_path / "a.ckpt")
+        finally:
+            sys.settrace(None)
+        assert os.listdir(tmp_path) == [] and io._pending is None
+        io.save_checkpoint(_checkpoint(model, opt, 2), tmp_path / "b.ckpt")
+    finally:
+        io.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["b.ckpt", "b.ckpt.meta.json"]

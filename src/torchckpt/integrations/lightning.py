@@ -8,7 +8,10 @@
 - **Saving** is atomic and durable (temp file, fsync, rename, fsync of the directory), followed by
   the sidecar with a content digest, as :func:`torchckpt.save` does.
 - **async_save=True** copies the tensors to CPU memory on the training thread and writes in one
-  background thread (one write at a time; removals are queued behind the writes). A failed write
+  background thread (one write at a time; removals are queued behind the writes). The first save,
+  with CPU tensors only, has no buffers to copy into: it writes the file on the training thread, as
+  a sync save does, and only makes it durable (fsync, rename, sidecar) in the background, while the
+  buffers for the next save are prepared (as a :class:`~torchckpt.Checkpointer` does). A failed write
   is raised on the next save, on load, or at the end of ``fit``; if the program ends first, its
   typed error is printed to stderr and the exit status becomes 1 (:mod:`torchckpt.train.exit_guard`).
 - **Retention** stays with Lightning's ``ModelCheckpoint`` (``save_top_k``, ``every_n_train_steps``);
@@ -31,7 +34,8 @@ from ..storage import interrupts
 from ..train import exit_guard
 from ..train.restore import load_payload
 from ..train.snapshot import Copies, start_snapshot
-from ..train.training import FORMAT, discard, verify, write_payload
+from ..train.training import FORMAT, StagedPayload, discard, verify, write_payload
+from ..train.warming import Warming, start_warming
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -61,6 +65,7 @@ class TorchckptIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[Any] | None = None
         self._buffers: dict[str, Any] = {}
+        self._warming: Warming | None = None
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -73,7 +78,11 @@ class TorchckptIO(CheckpointIO):
             write_payload(path, checkpoint)
             return
         self._wait()  # one write at a time: the buffers of the previous snapshot are free again
+        self._cool()  # a save is coming: the warming stops (it never changes the buffers)
         snapshot, copies = start_snapshot(checkpoint, self._buffers)
+        if copies.write_through:
+            self._write_through(path, checkpoint, copies)
+            return
         try:
             with interrupts.deferred():  # Ctrl-C waits until the write is handed over and tracked
                 self._pending = self._pool().submit(_write_when_copied, copies, path, snapshot)
@@ -86,6 +95,30 @@ class TorchckptIO(CheckpointIO):
                     self._pending = None
                     self._buffers = {}  # the abandoned writer may still be copying a chunk into these
             raise
+
+    def _write_through(self, path: str, checkpoint: dict[str, Any], copies: Copies) -> None:
+        """The first save (only fresh buffers): the file is its snapshot (see Checkpointer._write_through).
+        Written here under temp names, as a sync save writes it (Ctrl-C or a full disk raise here and leave
+        nothing); the background thread makes it durable and visible, and reports its failure as any write."""
+        staged = StagedPayload(path)
+        owned = True  # this call removes what it staged if it fails (until the hand-off)
+        try:
+            staged.write(checkpoint)  # Ctrl-C stops the writing
+            with interrupts.deferred():  # a Ctrl-C from here on comes after the hand-off: the write commits
+                self._pending = self._pool().submit(_publish, staged)
+                exit_guard.track(self._pending, f"the background save of {path}", _typed)
+                owned = False
+        except BaseException:
+            if owned:
+                staged.abort()
+            raise
+        with interrupts.deferred():  # the warming started is the one cancelled next
+            self._warming = start_warming(copies.fresh)
+
+    def _cool(self) -> None:
+        warm, self._warming = self._warming, None
+        if warm is not None:
+            warm.cancel()
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a checkpoint and its sidecar (queued behind pending writes with ``async_save``)."""
@@ -121,6 +154,7 @@ class TorchckptIO(CheckpointIO):
     # ------------------------------------------------------------------ background writes
     def teardown(self) -> None:
         """Finish pending writes (raising their error) and stop the background thread."""
+        self._cool()  # buffers nobody will use: the warming stops (not waited for)
         try:
             self._wait()
         finally:
@@ -166,6 +200,13 @@ def _typed(exc: BaseException) -> BaseException:
 def _write_when_copied(copies: Copies, path: str, snapshot: dict[str, Any]) -> None:
     copies.wait_all()  # helps the caller copy; SnapshotInterrupted (nothing written) if the save was interrupted
     write_payload(path, snapshot)
+
+
+def _publish(staged: StagedPayload) -> None:
+    try:
+        staged.publish()
+    finally:
+        staged.abort()  # (nothing once published; on a failure its files are removed already)
 
 
 def _remove_after(previous: Future[Any], path: str) -> None:

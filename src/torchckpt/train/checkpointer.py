@@ -32,7 +32,7 @@ from .fsspec_store import FsspecStore
 from .local_store import LocalStore
 from .retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy, info_of
 from .snapshot import Copies, start_snapshot
-from .warming import Warming, warming
+from .warming import Warming, start_warming
 from .store import NAME, Entry, FileStore, Staging, Store
 from .training import TrainingState, capture
 
@@ -260,18 +260,9 @@ class Checkpointer:
 
     def _warm(self, buffers: list[Any]) -> None:
         """Map the pages of ``buffers`` in a thread of its own; nobody waits for it (a save or close() cancels it, the
-        exit too, see :func:`~.warming.warming`)."""
-        with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
-            warm = warming(buffers)
-            if warm is None:
-                return
-            try:
-                threading.Thread(target=warm.run, name="torchckpt-warm").start()
-            except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
-                warm.cancel()
-                warm.run()
-                return
-            self._warming = warm
+        exit too, see :func:`~.warming.start_warming`)."""
+        with interrupts.deferred():  # the warming started is the one cancelled next
+            self._warming = start_warming(buffers)
 
     def _cool(self) -> None:
         warm, self._warming = self._warming, None

@@ -15,7 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import CheckpointNotFoundError
-from ..read import folder_kind, is_dcp_dir
+from ..read import deepspeed_kind, folder_kind, is_dcp_dir
 from ..read.load import load as _load
 from ..storage import files
 from ..storage.remote import is_url
@@ -55,7 +55,8 @@ def run_directory(source: Any, storage_options: Mapping[str, Any] | None) -> tup
         # http(s) has no directories: asking fsspec would download the file once more to parse it as a listing
         if path.split("://", 1)[0].lower() in ("http", "https") or not files.isdir(path, so) or is_dcp_dir(path, so):
             return source, None
-    elif not os.path.isdir(path) or is_dcp_dir(path) or folder_kind(path):
+    elif not os.path.isdir(path) or is_dcp_dir(path) or folder_kind(path) or deepspeed_kind(path):
+        # (a DeepSpeed folder: not asking the Checkpointer's listing saves importing it, ~50 ms)
         return source, None
     latest = latest_committed(path, storage_options)
     if latest is None:

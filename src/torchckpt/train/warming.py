@@ -7,9 +7,10 @@ import os
 import threading
 from typing import Any
 
+from ..storage import interrupts
 from ..storage.source import prefault_pages
 
-__all__ = ["Warming", "warming"]
+__all__ = ["Warming", "warming", "start_warming"]
 
 
 class Warming:
@@ -88,3 +89,20 @@ def _cancel_all() -> None:
     with _warming_lock:
         for w in _warmings:
             w.cancel()
+
+
+def start_warming(buffers: list[Any]) -> Warming | None:
+    """Map the pages of ``buffers`` in a thread of its own (a write-through save's untouched snapshot buffers: a
+    Checkpointer's and the Lightning plugin's); nobody waits for it. Returns it, to :meth:`~Warming.cancel` at the
+    next save or close, or None when the interpreter is exiting (no warming started)."""
+    with interrupts.deferred():  # (a Ctrl-C inside Thread.start() can leave a thread that never runs)
+        warm = warming(buffers)
+        if warm is None:
+            return None
+        try:
+            threading.Thread(target=warm.run, name="torchckpt-warm").start()
+        except RuntimeError:  # the interpreter is shutting down: no warming (run() now ends it at once)
+            warm.cancel()
+            warm.run()
+            return None
+        return warm

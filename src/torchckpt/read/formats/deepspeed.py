@@ -11,10 +11,11 @@ A run folder holds ``latest`` (the tag, e.g. ``global_step300``) and one folder 
   master weights of every group and the optimizer state (Adam moments) aligned with it.
 
 ``load`` gives what DeepSpeed's ``zero_to_fp32`` gives, bit for bit: buffers (floating ones in fp32), frozen
-parameters, the trainable ones gathered from every rank's fp32 slice, tied names as the same tensor. Every file goes through the safe unpickler (DeepSpeed's classes become inert stubs,
-DeepSpeed is never imported) and lies inside the folder. Consolidation copies parameters from the mapped
-rank files on the read_parts pool, giving pages back once read (:mod:`.zero`); ``lazy``: each is a
-:class:`ZeroTensor`. :func:`optimizer_state` gathers the Adam moments for :func:`torchckpt.resume`.
+parameters, the trainable ones gathered from every rank's fp32 slice, tied names as the same tensor. Every
+file goes through the safe unpickler (DeepSpeed's classes become inert stubs, DeepSpeed is never imported)
+and lies inside the folder. The files are parsed one by one while each parsed rank's slices are read
+(``pread``) into the full tensors on a pool of ``workers`` threads (:class:`.zero.RankCopies`); ``lazy``:
+each is a :class:`ZeroTensor`. :func:`optimizer_state` gathers the Adam moments for :func:`torchckpt.resume`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import dataclasses
 import math
 import os
 from collections import OrderedDict
-from contextlib import closing
 from typing import Any, Callable
 
 from ...errors import CheckpointError, CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
@@ -34,8 +34,8 @@ from ..unpickle.meta import MetaStorage, TensorMeta, contiguous_stride, dtype_na
 from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
 from .deepspeed_names import MODEL_FILE, OPTIM_FILE, STEP_DIR, deepspeed_kind, list_names
-from .parallel import read_parts
-from .zero import ParamPlan, gather, plan_stage2, plan_stage3
+from .parallel import collector_paused
+from .zero import ParamPlan, RankCopies, gather, plan_stage2, plan_stage3
 
 __all__ = ["read_deepspeed", "ZeroTensor", "optimizer_state", "step_folder", "buffer_fp32", "frozen_param", "shape_of"]
 
@@ -158,16 +158,13 @@ class _Ranks:
         self.globals: list[Any] = []
         self.notes: list[str] = []
 
-    def read(self, names: list[str]) -> list[Any]:
-        """The trees of the rank files ``names``, read side by side (:func:`read_parts`, ``workers=``)."""
-        trees = []
-        with closing(read_parts(self.opts, names, self._read_one)) as results:  # closed on any error: the pool stops
-            for name, (src, part) in zip(names, results):
-                self.sources[name] = src
-                self.globals.extend(part.globals)
-                self.notes.extend(f"{name}: {n}" for n in part.notes)
-                trees.append(part.tree)
-        return trees
+    def read(self, name: str) -> Any:
+        """The tree of the rank file ``name``, parsed in this thread (the VM holds the GIL; copies run meanwhile)."""
+        src, part = self._read_one(name, self.opts)
+        self.sources[name] = src
+        self.globals.extend(part.globals)
+        self.notes.extend(f"{name}: {n}" for n in part.notes)
+        return part.tree
 
     def _read_one(self, name: str, opts: ReadOptions) -> tuple[Source, Checkpoint]:
         assert opts.read_child is not None, "the opener passes the format dispatcher"
@@ -220,29 +217,53 @@ class ZeroLayout:
     optim_names: list[str]
     plans: list[ParamPlan]
     ranks: _Ranks
+    copies: RankCopies | None = None  # the parameters being copied as the files were parsed (a full load)
 
     def slices(self, key: str) -> list[list[Any]]:
         return [list(_get(o, key, "fp32 partitions", self.optim_names[r])) for r, o in enumerate(self.optim)]
 
 
-def parse_step(step_dir: str, opts: ReadOptions) -> ZeroLayout:
-    """Read every rank file of a step folder (build: mapped, structure: shapes only) and plan the gathering."""
+def parse_step(step_dir: str, opts: ReadOptions, copy: bool = False) -> ZeroLayout:
+    """Read every rank file of a step folder (build: mapped, structure: shapes only) and plan the gathering:
+    rank 0's model states, the optimizer partitions rank by rank, the other model states. ``copy``: each rank's
+    fp32 slices are copied into the full tensors while the next file is parsed (``layout.copies``)."""
     files = _files(step_dir)
-    names = [files.model[r] for r in sorted(files.model)] + [files.optim[r] for r in sorted(files.optim)]
-    _lfs_check(step_dir, names)
-    # Rank files are read mapped and on the CPU whatever the caller asked: consolidation copies each
-    # parameter out of them and gives the pages back (the caller never holds memory mapping them).
+    models = [files.model[r] for r in sorted(files.model)]
+    optim_names = [files.optim[r] for r in sorted(files.optim)]
+    # Rank files are read mapped, on the CPU: consolidation copies out of them (never kept by the caller)
     inner = dataclasses.replace(opts, mmap=True, relocator=Relocator("cpu")) if not opts.meta else opts
     ranks = _Ranks(step_dir, inner)
-    trees = ranks.read(names)  # model states, then optimizer partitions, rank by rank
-    model_states, optim_trees = trees[:len(files.model)], trees[len(files.model):]
-    first = model_states[0]
+    copies = RankCopies(opts, len(optim_names)) if copy and optim_names else None
+    try:
+        with collector_paused():
+            return _parse(step_dir, files, models, optim_names, ranks, copies)
+    except BaseException as exc:
+        if copies is not None:
+            copies.close()
+        ranks.close()
+        if isinstance(exc, NotACheckpointError):
+            _lfs_check(step_dir, models + optim_names)  # a clone without `git lfs pull`: one error says so
+        raise
+
+
+def _parse(step_dir: str, files: _Files, models: list[str], optim_names: list[str], ranks: _Ranks,
+           copies: RankCopies | None) -> ZeroLayout:
+    first = ranks.read(models[0])
+    _model_states(first, models[0], step_dir)
+    shapes = [OrderedDict((str(k), shape_of(v, f"param_shapes[{k!r:.60}]")) for k, v in g.items())
+              for g in _get(first, "param_shapes", "parameter shapes", models[0]) or []]
+    optim = []
+    for r, name in enumerate(optim_names):
+        optim.append(_get(ranks.read(name), "optimizer_state_dict", "ZeRO optimizer state", name))
+        early = _early(optim, shapes) if copies is not None else None
+        if copies is not None and early is not None:
+            planner, slices, counts = early
+            if r == 0:
+                copies.begin(planner, shapes, counts)
+            copies.add(r, slices, counts, ranks.sources[name])
+    model_states = [first] + [ranks.read(name) for name in models[1:]]
     for r, ms in enumerate(model_states):
-        if not isinstance(ms, dict) or "buffer_names" not in ms or "module" not in ms:
-            raise CorruptCheckpointError(f"{files.model[r]} holds no DeepSpeed model states (module, buffer_names)",
-                                         path=step_dir)
-    optim = [_get(t, "optimizer_state_dict", "ZeRO optimizer state", files.optim[r]) for r, t in enumerate(optim_trees)]
-    optim_names = [files.optim[r] for r in sorted(files.optim)]
+        _model_states(ms, models[r], step_dir)
     if files.stage3 and not optim:
         raise CorruptCheckpointError(
             f"ZeRO-3 step folder without its optimizer partitions: the weights live flattened in "
@@ -265,8 +286,6 @@ def parse_step(step_dir: str, opts: ReadOptions) -> ZeroLayout:
     if stage == 3 and len(model_states) != world:
         raise CorruptCheckpointError(f"{len(model_states)} model-state files but {world} optimizer partitions",
                                      path=step_dir)
-    shapes = [OrderedDict((str(k), shape_of(v, f"param_shapes[{k!r:.60}]")) for k, v in g.items())
-              for g in _get(first, "param_shapes", "parameter shapes", files.model[0]) or []]
     plans: list[ParamPlan] = []
     if optim:
         key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
@@ -275,8 +294,34 @@ def parse_step(step_dir: str, opts: ReadOptions) -> ZeroLayout:
             raise CorruptCheckpointError(f"the fp32 partitions do not have one entry per parameter group "
                                          f"({len(shapes)})", path=step_dir)
         sizes = [[_numel(t, optim_names[r]) for t in p] for r, p in enumerate(parts)]
+        if stage == 3:  # every rank's slices have rank 0's sizes: name the first file that differs
+            other = next((r for r in range(world) if sizes[r] != sizes[0]), None)
+            if other is not None:
+                raise CorruptCheckpointError(f"ZeRO-3 partitions differ in size between ranks: rank {other} holds "
+                                             f"{sizes[other][:8]}, rank 0 {sizes[0][:8]}",
+                                             path=os.path.join(step_dir, optim_names[other]))
         plans = (plan_stage3 if stage == 3 else plan_stage2)(shapes, sizes)
-    return ZeroLayout(step_dir, stage, world, model_states, optim, optim_names, plans, ranks)
+    return ZeroLayout(step_dir, stage, world, model_states, optim, optim_names, plans, ranks, copies)
+
+
+def _model_states(ms: Any, name: str, step_dir: str) -> None:
+    if not isinstance(ms, dict) or "buffer_names" not in ms or "module" not in ms:
+        raise CorruptCheckpointError(f"{name} holds no DeepSpeed model states (module, buffer_names)", path=step_dir)
+
+
+def _early(optim: list[Any], shapes: list["OrderedDict[str, tuple[int, ...]]"]) -> tuple[Any, list[Any], list[int]] | None:
+    """``(planner, slices, sizes)`` of the last optimizer file parsed, to copy it early; None when anything is
+    off (the checks once every file is parsed raise, in load and scan alike)."""
+    if not (isinstance(optim[0], dict) and isinstance(optim[-1], dict)):
+        return None
+    try:
+        stage = _stage_of(optim[0].get("zero_stage"))
+        parts = optim[-1].get("fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups")
+        if stage == 0 or not isinstance(parts, list) or len(parts) != len(shapes):
+            return None
+        return plan_stage3 if stage == 3 else plan_stage2, parts, [_numel(t, "") for t in parts]
+    except CheckpointError:
+        return None
 
 
 def _numel(t: Any, file: str) -> int:
@@ -320,10 +365,11 @@ def consolidate(layout: ZeroLayout, opts: ReadOptions, lazy: bool = False) -> "O
         out[name] = frozen_param(frags, shape_of(shape, f"frozen {name!r:.60}"), layout.stage == 3, opts)
     key = "fp32_flat_groups" if layout.stage == 3 else "single_partition_of_fp32_groups"
     slices = layout.slices(key)
-    tensors: list[Any] = [TensorMeta(plan.shape, contiguous_stride(plan.shape), meta_dtype("float32")) if opts.meta
-                          else ZeroTensor(plan, slices, layout.ranks, layout.optim_names) for plan in layout.plans]
-    if not (opts.meta or lazy):  # gathered side by side (copies from the mapped files, without the GIL)
-        tensors = list(read_parts(opts, tensors, lambda tensor, _: tensor.materialize(None)))
+    if layout.copies is not None and not (opts.meta or lazy):  # read by the ranks' copies (parse_step)
+        tensors = layout.copies.finish(layout.plans, slices, [layout.ranks.sources[n] for n in layout.optim_names])
+    else:
+        tensors = [TensorMeta(plan.shape, contiguous_stride(plan.shape), meta_dtype("float32")) if opts.meta
+                   else ZeroTensor(plan, slices, layout.ranks, layout.optim_names) for plan in layout.plans]
     out.update((plan.name, tensor) for plan, tensor in zip(layout.plans, tensors))
     for alias, target in (first.get("shared_params") or {}).items():
         if target in out:
@@ -361,12 +407,15 @@ def step_folder(directory: str) -> tuple[str, str | None]:
 def read_deepspeed(directory: str, opts: ReadOptions, lazy: bool = False) -> Checkpoint:
     """Read a DeepSpeed run folder (``latest``) or step folder as the consolidated fp32 state dict."""
     step_dir, tag = step_folder(directory)
-    layout = parse_step(step_dir, opts)
+    layout = parse_step(step_dir, opts, copy=not (opts.meta or lazy))
     try:
         tree = consolidate(layout, opts, lazy=lazy and not opts.meta)
-    except CheckpointError as exc:
+    except BaseException as exc:  # Ctrl-C too: the files are closed, the copies stopped
         layout.ranks.close()
-        raise exc.with_path(step_dir)
+        raise exc.with_path(step_dir) if isinstance(exc, CheckpointError) else exc
+    finally:
+        if layout.copies is not None:
+            layout.copies.close()
     first = layout.model_states[0]
     step = first.get("global_steps")
     ckpt = Checkpoint(tree=tree, format="deepspeed",

@@ -11,6 +11,10 @@ than the output tensor (the slices are mapped from the files and their pages giv
 * stage 3: every parameter is split on its own into ``ceil(numel / world)`` elements per rank
   (padded); a rank's groups, one after the other, hold its pieces of the parameters in order.
 
+A load (:class:`RankCopies`) fills the full tensors rank by rank: each rank's pieces are read with
+``pread`` from its file straight into their places (no mapped page touched, no intermediate tensor), on a
+pool of threads, while the next rank file is being parsed.
+
 The plan and its checks are those DeepSpeed's own ``zero_to_fp32`` applies, so the result is the
 same, bit for bit; nothing here imports DeepSpeed.
 """
@@ -18,12 +22,16 @@ same, bit for bit; nothing here imports DeepSpeed.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ...errors import CorruptCheckpointError
+from ...errors import CheckpointError, CorruptCheckpointError
+from ...storage.source import Source
+from .base import ReadOptions
+from .parallel import workers_for
 
-__all__ = ["Piece", "ParamPlan", "plan_stage2", "plan_stage3", "gather"]
+__all__ = ["Piece", "ParamPlan", "plan_stage2", "plan_stage3", "gather", "RankCopies"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +159,145 @@ def gather(plan: ParamPlan, slices: Callable[[int, int], Any], dtype: Any,
         if release is not None:
             release(p.rank, view)
     return out.view(plan.shape)
+
+
+Planner = Callable[[Sequence[dict[str, tuple[int, ...]]], Sequence[Sequence[int]]], list[ParamPlan]]
+
+
+def _by_rank(plans: Sequence[ParamPlan], world: int) -> list[list[tuple[int, Piece]]]:
+    """The pieces of every rank, with the index of the parameter each goes to, in plan order."""
+    ranks: list[list[tuple[int, Piece]]] = [[] for _ in range(world)]
+    for i, plan in enumerate(plans):
+        for p in plan.pieces:
+            ranks[p.rank].append((i, p))
+    return ranks
+
+
+@dataclass
+class _Rank:
+    parts: list[Any]  # the rank's flat fp32 slice of each group (views of its mapped file)
+    source: Source
+    pieces: list[tuple[int, Piece]] | None = None  # what was copied (submitted), if anything yet
+    job: Future[None] | None = None
+
+
+class RankCopies:
+    """The trainable parameters of a ZeRO step folder, filled rank by rank as the ranks' optimizer files are
+    parsed (``begin`` after rank 0's, ``add`` after each one's, ``finish`` once the real plan is known).
+
+    Each rank's pieces are read from its file with ``pread`` straight into their places in the full tensors,
+    on ``workers_for(opts, world)`` threads (one: in the calling thread), so copies overlap the parsing of the
+    next file (the GIL is released while reading). Copies start early from the plan that assumes every rank's
+    slices have rank 0's sizes (DeepSpeed's layout; a stage-2 last rank is shorter and waits for ``finish``);
+    ``finish`` plans from the real sizes with every check, and copies again any rank whose pieces differ from
+    what was copied, so the result depends only on the real plan.
+    """
+
+    def __init__(self, opts: ReadOptions, world: int) -> None:
+        self.world = world
+        self.workers = workers_for(opts, world)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="torchckpt-zero") if self.workers > 1 else None
+        self.ranks: dict[int, _Rank] = {}
+        self.outs: list[Any] | None = None
+        self.arrays: list[Any] | None = None
+        self.guess: list[list[tuple[int, Piece]]] | None = None
+        self.sizes0: list[int] | None = None
+
+    def begin(self, planner: Planner, shapes: Sequence[dict[str, tuple[int, ...]]], sizes0: list[int]) -> None:
+        """Rank 0 is parsed: plan as if every rank's slices had its sizes (nothing copied if that fails)."""
+        try:
+            plans = planner(shapes, [sizes0] * self.world)
+        except CorruptCheckpointError:
+            return  # the real plan decides, once every rank is parsed
+        self.sizes0, self.guess = sizes0, _by_rank(plans, self.world)
+        self._allocate(plans)
+
+    def add(self, rank: int, parts: list[Any], sizes: list[int], source: Source) -> None:
+        """Rank ``rank``'s optimizer file is parsed: copy its pieces now if the early plan holds for it."""
+        entry = self.ranks[rank] = _Rank(parts, source)
+        if self.guess is not None and sizes == self.sizes0 and self._problem(entry, self.guess[rank]) is None:
+            self._submit(rank, self.guess[rank])
+
+    def finish(self, plans: Sequence[ParamPlan], parts: Sequence[list[Any]], sources: Sequence[Source]) -> list[Any]:
+        """Every rank parsed and ``plans`` made from the real sizes (``parts[rank][group]``: the slices, of the
+        files ``sources``): the parameters, every piece copied."""
+        real = _by_rank(plans, self.world)
+        for r in range(self.world):
+            if r not in self.ranks:
+                self.ranks[r] = _Rank(list(parts[r]), sources[r])
+        if self.outs is None:
+            self._allocate(plans)
+        again = [r for r in range(self.world) if self.ranks[r].pieces != real[r]]
+        if any(self.ranks[r].job is not None for r in again):
+            self._wait()  # a rank copied from the wrong plan: nothing may still be writing where it is copied again
+        for r in again:
+            problem = self._problem(self.ranks[r], real[r])
+            if problem is not None:
+                raise CorruptCheckpointError(problem, path=self.ranks[r].source.name)
+            self._submit(r, real[r])
+        self._wait()
+        assert self.outs is not None
+        return [out.view(plan.shape) for out, plan in zip(self.outs, plans)]
+
+    def close(self) -> None:
+        """Stop the pool: copies not started are cancelled, running ones waited for (an error or Ctrl-C)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _allocate(self, plans: Sequence[ParamPlan]) -> None:
+        import torch  # lazy: only building tensors needs torch
+
+        self.outs = [torch.empty(plan.numel, dtype=torch.float32) for plan in plans]
+        self.arrays = [out.numpy() for out in self.outs]  # where the copies write (numpy slices: cheap views)
+
+    def _problem(self, entry: _Rank, pieces: list[tuple[int, Piece]]) -> str | None:
+        """What is wrong with copying ``pieces`` from the rank's slices (each must lie inside a float32 slice)."""
+        import torch  # lazy: only building tensors needs torch
+
+        for i, p in pieces:
+            part = entry.parts[p.group]
+            if p.start + p.length > part.numel() or part.dtype != torch.float32:
+                return (f"ZeRO partition of rank {p.rank}, group {p.group} has {part.numel()} {part.dtype} elements; "
+                        f"parameter {i} needs up to {p.start + p.length} torch.float32")
+        return None
+
+    def _submit(self, rank: int, pieces: list[tuple[int, Piece]]) -> None:
+        entry = self.ranks[rank]
+        entry.pieces = pieces
+        if self.pool is None:
+            self._copy(entry, pieces)
+        else:
+            entry.job = self.pool.submit(self._copy, entry, pieces)
+
+    def _wait(self) -> None:
+        for entry in self.ranks.values():
+            if entry.job is not None:
+                entry.job.result()  # a failed copy raises here, typed and naming its file
+
+    def _copy(self, entry: _Rank, pieces: list[tuple[int, Piece]]) -> None:
+        """Read the rank's pieces into their places: one ``preadv`` per run of pieces that follow each other in
+        the file (all of a group's, except around a stage-3 parameter's padding)."""
+        assert self.arrays is not None
+        offsets = [entry.source.mapped_offset(part) for part in entry.parts]
+        runs: list[tuple[int, list[Any]]] = []  # (file offset, the destinations of the bytes from there on)
+        end = -1
+        try:
+            for i, p in pieces:
+                dst, offset = self.arrays[i][p.out:p.out + p.length], offsets[p.group]
+                if offset is None:  # not a view of the file (a compressed member, a strided view): copy it
+                    dst[:] = entry.parts[p.group].detach()[p.start:p.start + p.length].numpy()
+                    continue
+                start = offset + p.start * 4
+                if start == end:
+                    runs[-1][1].append(dst)
+                else:
+                    runs.append((start, [dst]))
+                end = start + p.length * 4
+            for start, views in runs:
+                entry.source.read_into_views(start, views)
+        except CheckpointError as exc:
+            raise exc.with_path(entry.source.name)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"reading the fp32 partition of rank {pieces[0][1].rank} failed: "
+                                         f"{exc.strerror or exc}", path=entry.source.name) from None
