@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import torchckpt
-from torchckpt.storage import source as source_module
-from torchckpt.storage.source import PREFAULT_PIECE, Source
+from torchckpt.storage import prefault as prefault_module
+from torchckpt.storage.prefault import PREFAULT_PIECE
+from torchckpt.storage.source import Source
 
 SIZE = 2 * PREFAULT_PIECE + 12_345  # three pieces, the last one short
 
@@ -55,11 +56,11 @@ def test_prefaulted_read_into_an_unaligned_destination(data_file):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice values are Linux's")
 def test_a_kernel_that_refuses_the_advice_still_reads_exactly(data_file, monkeypatch):
     path, data = data_file
-    monkeypatch.setattr(source_module, "_madvise", None)
-    monkeypatch.setattr(source_module, "_MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL, as on Linux < 5.14
+    monkeypatch.setattr(prefault_module, "_madvise", None)
+    monkeypatch.setattr(prefault_module, "_MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL, as on Linux < 5.14
     with Source(path) as src:
         storage = src.read_into_storage(0, SIZE, prefault=True)
-    assert source_module._madvise is False  # asked once, never again
+    assert prefault_module._madvise is False  # asked once, never again
     assert bytes(torch.empty(0, dtype=torch.uint8).set_(storage).numpy()) == data
 
 
@@ -93,7 +94,7 @@ def test_a_range_the_kernel_refuses_does_not_turn_prefaulting_off_for_good():
     import ctypes
     import mmap as _mmap
 
-    from torchckpt.storage.source import prefault_pages
+    from torchckpt.storage.prefault import prefault_pages
 
     size = 16 << 20
     libc = ctypes.CDLL(None, use_errno=True)

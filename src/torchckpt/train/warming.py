@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from ..storage import interrupts
-from ..storage.source import prefault_pages
+from ..storage.prefault import prefault_pages
 
 __all__ = ["Warming", "warming", "start_warming"]
 
@@ -21,7 +21,7 @@ class Warming:
     Fresh memory costs a page fault per 4 KiB page when first written (on a VM that gives freed memory back
     to its host, a host fault: 6-13 us each, 512 MiB in ~1 s); in the copy of a snapshot those faults are
     the caller's time. Here they are taken by ``madvise(MADV_POPULATE_WRITE)``
-    (:func:`~torchckpt.storage.source.prefault_pages`), piece by piece, which never changes the content: a save
+    (:func:`~torchckpt.storage.prefault.prefault_pages`), piece by piece, which never changes the content: a save
     may copy into the same buffers meanwhile. :meth:`cancel` stops it before its next piece; a save, a
     ``close()`` and the interpreter's exit cancel it, and none of them waits for it. Where the kernel has no
     ``MADV_POPULATE_WRITE`` (Linux < 5.14) nothing is mapped ahead, and the next save's copy takes the faults.
