@@ -114,23 +114,28 @@ def test_a_background_save_is_not_lost_when_the_script_just_ends(tmp_path, kind)
             assert [c.step for c in torchckpt.Checkpointer(tmp_path / "small" / "run").checkpoints()] == [1]
 
 
+# A script whose second save (a snapshot, pickled by the writer thread) never finishes: the first save writes
+# through on the main thread, so the hanging object must be in a later save to reach the writer.
+HANGING_WRITE = textwrap.dedent("""
+    import sys, threading, torch, torchckpt
+    class Hangs(torch.Tensor):  # copied by save() as a tensor, its class kept: pickled by the writer only
+        def __reduce_ex__(self, protocol):
+            if threading.current_thread() is not threading.main_thread():
+                threading.Event().wait()  # forever
+            return super().__reduce_ex__(protocol)
+    ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
+    model = torch.nn.Linear(4, 4)
+    ckpt.save(1, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # writes through on this thread
+    ckpt.wait()
+    ckpt.save(2, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # a snapshot: pickled by the writer
+    print("the script ended", flush=True)
+""")
+
+
 @pytest.mark.slow
 def test_a_background_save_that_hangs_at_exit_is_bounded_and_reported(tmp_path):
     """A write that never finishes (its extra state blocks forever) does not hold the exit forever."""
-    script = textwrap.dedent("""
-        import sys, threading, torch, torchckpt
-        class Hangs(torch.Tensor):  # copied by save() as a tensor, its class kept: pickled by the writer only
-            def __reduce_ex__(self, protocol):
-                if threading.current_thread() is not threading.main_thread():
-                    threading.Event().wait()  # forever
-                return super().__reduce_ex__(protocol)
-        ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
-        model = torch.nn.Linear(4, 4)
-        ckpt.save(1, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # writes through on this thread
-        ckpt.wait()
-        ckpt.save(2, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # a snapshot: pickled by the writer
-        print("the script ended", flush=True)
-    """)
+    script = HANGING_WRITE
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="2")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
                           env=env, timeout=120)
@@ -145,20 +150,7 @@ def test_ctrl_c_while_the_program_waits_at_exit_ends_it_and_says_what_is_lost(tm
     """Ctrl-C while the program waits at exit for a background write: the wait stops (status 130, the write
     named as not committed). It once landed inside CPython's Condition.wait, was reported as the write's
     own failure, and the interpreter then joined the writer thread forever."""
-    script = textwrap.dedent("""
-        import sys, threading, torch, torchckpt
-        class Hangs(torch.Tensor):  # pickled by the writer only: the write never finishes
-            def __reduce_ex__(self, protocol):
-                if threading.current_thread() is not threading.main_thread():
-                    threading.Event().wait()
-                return super().__reduce_ex__(protocol)
-        ckpt = torchckpt.Checkpointer(sys.argv[1], async_save=True)
-        model = torch.nn.Linear(4, 4)
-        ckpt.save(1, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # writes through on this thread
-        ckpt.wait()
-        ckpt.save(2, model=model, extra=torch.zeros(1).as_subclass(Hangs))  # a snapshot: pickled by the writer
-        print("the script ended", flush=True)
-    """)
+    script = HANGING_WRITE
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", TORCHCKPT_EXIT_TIMEOUT="600")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
