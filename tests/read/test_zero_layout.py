@@ -204,3 +204,23 @@ def test_an_error_in_the_copies_stops_the_pool(tmp_path) -> None:
             deepspeed._Ranks.read = original
         assert "zero_pp_rank_2_mp_rank_00_optim_states.pt" in str(info.value), str(info.value)
         assert threading.active_count() == before
+
+
+def test_a_large_rank_0_beside_many_tiny_rank_files_allocates_no_more_than_the_files_hold(tmp_path):
+    """The early plan guesses every rank's slices have rank 0's sizes: 4000 rank files, rank 0 holding 16 MiB
+    and the others nothing, guessed 64 GB of parameters (a raw allocator RuntimeError, or that much memory
+    promised). The guess is dropped when it exceeds the bytes of the files; the real plan names the problem."""
+    world, per = 4000, 4 << 20
+    step = tmp_path / "global_step1"
+    step.mkdir()
+    shapes = [OrderedDict([("w", torch.Size([per * world]))])]
+    torch.save({"module": OrderedDict(w=torch.empty(0)), "buffer_names": [], "param_shapes": shapes,
+                "frozen_param_shapes": {}, "shared_params": {}, "global_steps": 1, "ds_version": "0.19.8",
+                "ds_config": {"zero_optimization": {"stage": 2}}}, step / "mp_rank_00_model_states.pt")
+    for r in range(world):
+        part = torch.zeros(per if r == 0 else 0)
+        optim = {"zero_stage": 2, "partition_count": [world], "single_partition_of_fp32_groups": [part],
+                 "base_optimizer_state": {"state": {}, "param_groups": [{"lr": 0.1}]}}
+        torch.save({"optimizer_state_dict": optim, "ds_config": {}}, optim_file(step, r))
+    with pytest.raises(CorruptCheckpointError, match="partitions hold 4194304 elements, fewer than"):
+        torchckpt.load(str(step), workers=2)  # (was: the allocator's "can't allocate 67108864000 bytes")

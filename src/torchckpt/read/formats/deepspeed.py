@@ -35,7 +35,7 @@ from ..unpickle.stubs import Stub
 from .base import Checkpoint, ReadOptions
 from .deepspeed_names import MODEL_FILE, OPTIM_FILE, STEP_DIR, deepspeed_kind, list_names
 from .parallel import collector_paused
-from .zero import ParamPlan, RankCopies, gather, plan_stage2, plan_stage3
+from .zero import ParamPlan, RankCopies, files_size, gather, plan_stage2, plan_stage3
 
 __all__ = ["read_deepspeed", "ZeroTensor", "optimizer_state", "step_folder", "buffer_fp32", "frozen_param", "shape_of"]
 
@@ -233,7 +233,7 @@ def parse_step(step_dir: str, opts: ReadOptions, copy: bool = False) -> ZeroLayo
     # Rank files are read mapped, on the CPU: consolidation copies out of them (never kept by the caller)
     inner = dataclasses.replace(opts, mmap=True, relocator=Relocator("cpu")) if not opts.meta else opts
     ranks = _Ranks(step_dir, inner)
-    copies = RankCopies(opts, len(optim_names)) if copy and optim_names else None
+    copies = RankCopies(opts, len(optim_names), files_size(step_dir, optim_names)) if copy and optim_names else None
     try:
         with collector_paused():
             return _parse(step_dir, files, models, optim_names, ranks, copies)

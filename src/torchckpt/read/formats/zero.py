@@ -22,16 +22,17 @@ same, bit for bit; nothing here imports DeepSpeed.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ...errors import CheckpointError, CorruptCheckpointError
-from ...storage.source import Source
+from ...storage.source import Source, confined_path
 from .base import ReadOptions
 from .parallel import workers_for
 
-__all__ = ["Piece", "ParamPlan", "plan_stage2", "plan_stage3", "gather", "RankCopies"]
+__all__ = ["Piece", "ParamPlan", "plan_stage2", "plan_stage3", "gather", "RankCopies", "files_size"]
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ class RankCopies:
     what was copied, so the result depends only on the real plan.
     """
 
-    def __init__(self, opts: ReadOptions, world: int) -> None:
+    def __init__(self, opts: ReadOptions, world: int, room: int) -> None:
         self.world = world
+        self.room = room  # bytes of the ranks' optimizer files: fp32 slices they could hold, at most
         self.workers = workers_for(opts, world)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="torchckpt-zero") if self.workers > 1 else None
         self.ranks: dict[int, _Rank] = {}
@@ -209,6 +211,10 @@ class RankCopies:
             plans = planner(shapes, [sizes0] * self.world)
         except CorruptCheckpointError:
             return  # the real plan decides, once every rank is parsed
+        if 4 * sum(plan.numel for plan in plans) > self.room:
+            # the guess is rank 0's sizes times the number of rank files: a large rank 0 beside many tiny files
+            # must not allocate more than the files could hold (the real plan, from real slices, is bounded)
+            return
         self.sizes0, self.guess = sizes0, _by_rank(plans, self.world)
         self._allocate(plans)
 
@@ -301,3 +307,12 @@ class RankCopies:
         except OSError as exc:
             raise CorruptCheckpointError(f"reading the fp32 partition of rank {pieces[0][1].rank} failed: "
                                          f"{exc.strerror or exc}", path=entry.source.name) from None
+
+
+def files_size(directory: str, names: Sequence[str]) -> int:
+    """The bytes of the files ``names`` in ``directory`` together; 0 if one cannot be measured."""
+    try:
+        return sum(os.stat(confined_path(directory, name, what="file", checkpoint=directory)).st_size
+                   for name in names)
+    except (OSError, CheckpointError):
+        return 0
