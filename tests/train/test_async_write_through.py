@@ -210,12 +210,13 @@ def test_which_snapshots_write_through():
 
 def test_warming_maps_pages_without_changing_them_and_stops_when_cancelled():
     size = 64 << 20
-    buf = torch.UntypedStorage(size)
-    view = torch.empty(0, dtype=torch.uint8).set_(buf)
+    region = mmap.mmap(-1, size)  # fresh anonymous memory of its own (an allocator may hand out resident pages)
+    view = torch.frombuffer(region, dtype=torch.uint8)
+    buf = view.untyped_storage()
     view[:1 << 20].fill_(7)  # a save copied part of it already
     cancelled = Warming([buf])
     cancelled.cancel()
-    cancelled.run()  # (64 MiB: a fresh mapping of its own, only the first MiB mapped so far)
+    cancelled.run()  # (only the first MiB is mapped so far)
     assert cancelled.done.is_set() and _resident_fraction([buf]) < 0.1  # stopped before its first piece
     warm = Warming([buf])
     warm.run()
